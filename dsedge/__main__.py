@@ -1,0 +1,3 @@
+from dsedge.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,185 @@
+"""`dsedge` command line: a thin layer over the Python API. Only this module prints.
+
+Exit codes (stable): 0 ok, 1 internal error, 2 usage, 3 bad input, 4 a check failed, 130 interrupted.
+With ``--json`` exactly one JSON object goes to stdout, also on failure: ``{"ok": false, "error": {...}}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+from dsedge import __version__
+from dsedge.errors import DsedgeError
+
+EXIT_OK, EXIT_INTERNAL, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+DESCRIPTION = """\
+dsedge: make DeepSeek-family checkpoints (V2, V2-Lite, V3, R1 and the R1-Distill Qwen/Llama models)
+run fast and small on one card or an edge device.
+
+  dsedge inspect CKPT                  what a checkpoint holds (architecture, routing, parameters, dtypes)
+  dsedge plan MODEL --target T         will it fit the device, at which precision, how fast can it decode
+  dsedge targets                       the built-in device profiles
+"""
+
+EPILOG = """\
+examples:
+  dsedge plan deepseek-r1 --target gpu-24g        # a published model by short name, no weights needed
+  dsedge plan ./DeepSeek-V2-Lite --target arm-sbc-8g --context 2048
+  dsedge inspect ./DeepSeek-V2-Lite --json
+
+exit codes: 0 ok, 1 internal error, 2 usage, 3 bad input, 4 a check failed, 130 interrupted.
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "handler", None):
+        parser.print_help()
+        return EXIT_USAGE
+    try:
+        result = args.handler(args)
+    except DsedgeError as exc:
+        return _fail(args, exc.to_json(), f"error: {exc.message}", exc.exit_code)
+    except KeyboardInterrupt:
+        return _fail(args, {"type": "KeyboardInterrupt", "message": "interrupted"}, "interrupted", EXIT_INTERRUPTED)
+    except Exception as exc:  # noqa: BLE001 — the last line of defence: report, never a bare traceback
+        detail = traceback.format_exc() if os.environ.get("DSEDGE_DEBUG") else None
+        text = (f"internal error: {type(exc).__name__}: {exc}\n"
+                "  (set DSEDGE_DEBUG=1 for the traceback; please report it)")
+        return _fail(args, {"type": type(exc).__name__, "message": str(exc), "traceback": detail},
+                     detail or text, EXIT_INTERNAL)
+    if args.json:
+        print(json.dumps({"ok": True, **result.to_json()}, default=_json_default))
+    else:
+        args.render(result)
+    return EXIT_OK
+
+
+def _fail(args: argparse.Namespace, error: dict[str, Any], text: str, code: int) -> int:
+    if getattr(args, "json", False):
+        print(json.dumps({"ok": False, "error": error | {"exit_code": code}}, default=_json_default))
+    else:
+        print(text, file=sys.stderr)
+    return code
+
+
+def _json_default(obj: Any) -> Any:
+    if hasattr(obj, "to_json"):
+        return obj.to_json()
+    if isinstance(obj, (set, tuple)):
+        return list(obj)
+    return str(obj)
+
+
+# --- parser -------------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dsedge", description=DESCRIPTION, epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"dsedge {__version__}")
+    sub = parser.add_subparsers(title="commands", metavar="COMMAND")
+    for register in (_add_inspect, _add_plan, _add_targets):
+        register(sub)
+    return parser
+
+
+def _command(sub, name: str, help_text: str, description: str, handler: Callable, render: Callable):
+    cmd = sub.add_parser(name, help=help_text, description=description,
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
+    cmd.add_argument("--json", action="store_true", help="print one JSON object on stdout (also on failure)")
+    cmd.add_argument("-q", "--quiet", action="store_true", help="no progress messages on stderr")
+    cmd.set_defaults(handler=handler, render=render)
+    return cmd
+
+
+def _add_inspect(sub) -> None:
+    cmd = _command(sub, "inspect", "describe a checkpoint directory",
+                   "Describe a Hugging Face checkpoint directory: architecture and routing variant, parameter\n"
+                   "counts (total, active per token, per component), on-disk dtypes and bytes, whether the MTP\n"
+                   "layer is stored, and whether a tokenizer and chat template are present. Reads only\n"
+                   "config.json and the safetensors headers, and checks every tensor's name, shape and dtype.",
+                   _run_inspect, _render_inspect)
+    cmd.add_argument("checkpoint", help="checkpoint directory (config.json + *.safetensors)")
+    cmd.add_argument("--no-validate", action="store_true", help="skip checking tensors against config.json")
+
+
+def _add_plan(sub) -> None:
+    cmd = _command(sub, "plan", "will a model fit a device, and how fast can it decode",
+                   "From config.json alone (no weights needed): weight bytes at bf16 / int8 / int4 / int4-experts,\n"
+                   "KV-cache bytes per token and at the context length (latent MLA cache vs a naive per-head\n"
+                   "cache), whether it fits the target's memory budget, how many routed experts can stay\n"
+                   "resident otherwise, and an upper bound on decode tokens/s from memory bandwidth.",
+                   _run_plan, _render_plan)
+    cmd.add_argument("model", help="checkpoint directory, config.json path, or a published name: "
+                                   "deepseek-v3, deepseek-r1, deepseek-v2, deepseek-v2-lite, r1-distill-qwen-1.5b, "
+                                   "r1-distill-qwen-7b, r1-distill-llama-8b")
+    cmd.add_argument("-t", "--target",
+                     help="device target: a built-in name (see `dsedge targets`) or a .toml/.json file")
+    cmd.add_argument("--context", type=int, help="context length in tokens (default: the target's max_context)")
+
+
+def _add_targets(sub) -> None:
+    cmd = _command(sub, "targets", "list the built-in device targets",
+                   "List the built-in device profiles, or show one in full. A target file of your own (same\n"
+                   "fields, TOML or JSON) is accepted anywhere a target name is.", _run_targets, _render_targets)
+    cmd.add_argument("name", nargs="?", help="show one target (a built-in name or a file path)")
+
+
+# --- handlers -----------------------------------------------------------------------------------
+
+def _run_inspect(args):
+    from dsedge.inspection import inspect_checkpoint
+
+    return inspect_checkpoint(args.checkpoint, validate=not args.no_validate)
+
+
+def _run_plan(args):
+    from dsedge.planning import plan
+
+    return plan(args.model, target=args.target, context=args.context)
+
+
+class _TargetList:
+    def __init__(self, targets):
+        self.targets = targets
+
+    def to_json(self):
+        return {"targets": [t.to_json() | {"name": t.name} for t in self.targets]}
+
+
+def _run_targets(args):
+    from dsedge.targets import list_targets, load_target
+
+    return _TargetList([load_target(args.name)] if args.name else list_targets())
+
+
+# --- rendering ----------------------------------------------------------------------------------
+
+def _render_inspect(r) -> None:
+    from dsedge.render import render_inspect
+
+    print(render_inspect(r))
+
+
+def _render_plan(r) -> None:
+    from dsedge.render import render_plan
+
+    print(render_plan(r))
+
+
+def _render_targets(r) -> None:
+    from dsedge.render import render_targets
+
+    print(render_targets(r.targets))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,54 @@
+"""Exception hierarchy. The CLI maps each class to a stable exit code (DESIGN.md §9)."""
+
+from __future__ import annotations
+
+
+class DsedgeError(Exception):
+    """Base of every error dsedge raises on purpose.
+
+    ``what`` says what failed, ``where`` names the file/tensor/layer, ``hint`` what to do.
+    """
+
+    exit_code = 1
+    kind = "error"
+
+    def __init__(self, what: str, *, where: str | None = None, hint: str | None = None):
+        self.what = what
+        self.where = where
+        self.hint = hint
+        super().__init__(self.message)
+
+    @property
+    def message(self) -> str:
+        text = self.what
+        if self.where:
+            text = f"{text} [{self.where}]"
+        if self.hint:
+            text = f"{text}\n  hint: {self.hint}"
+        return text
+
+    def to_json(self) -> dict:
+        return {"type": type(self).__name__, "kind": self.kind, "message": self.what,
+                "where": self.where, "hint": self.hint, "exit_code": self.exit_code}
+
+
+class UserError(DsedgeError):
+    """Bad input from the user: a file, a config, an argument. Exit code 3."""
+
+    exit_code = 3
+    kind = "bad_input"
+
+
+class CheckpointError(UserError):
+    """A checkpoint directory is missing files, corrupt, or does not match its config."""
+
+
+class ConfigError(UserError):
+    """A config.json (or target file) is invalid or describes an unsupported model."""
+
+
+class CheckFailed(DsedgeError):
+    """A quality or resource check failed (tolerance, budget, recall). Exit code 4."""
+
+    exit_code = 4
+    kind = "check_failed"

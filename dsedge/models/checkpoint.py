@@ -1,0 +1,300 @@
+"""Streamed reading of Hugging Face safetensors checkpoints (single file or sharded).
+
+Only headers are read up front; each tensor's bytes are read on demand with a plain positioned read
+into a fresh buffer. We do not memory-map shards (safetensors' ``safe_open`` does): mapped pages of
+every shard touched stay in the process's resident set, while a read holds only the tensors the caller
+keeps, so peak memory follows one decoder layer, not the model. Pickle files are never loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from dsedge.errors import CheckpointError
+from dsedge.models.fp8 import scale_grid
+from dsedge.models.memory import return_large_frees_to_os
+from dsedge.models.registry import load_spec
+from dsedge.models.safetensors_file import TensorInfo, read_header
+from dsedge.models.spec import ModelSpec, TensorSpec
+
+if TYPE_CHECKING:  # torch is imported on first read, so listing/validating works without it
+    import torch
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+FLOAT_DTYPES = {"F32", "F16", "BF16"}
+FP8_DTYPE = "F8_E4M3"
+SCALE_SUFFIX = "_scale_inv"  # weight_scale_inv next to each FP8 weight
+IGNORED = re.compile(r".*\.rotary_emb\.inv_freq$")  # buffers some old exports saved; recomputed anyway
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
+
+
+
+def torch_dtype(safetensors_dtype: str) -> torch.dtype:
+    import torch
+
+    return {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+            "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64,
+            "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+            "BOOL": torch.bool}[safetensors_dtype]
+
+
+@dataclass(frozen=True)
+class ValidationReport:
+    tensors_checked: int
+    fp8_tensors: int
+    has_mtp: bool
+
+
+class Checkpoint:
+    """A checkpoint directory: its spec, its tensors' locations, and streamed reads of them."""
+
+    def __init__(self, path: str | Path, spec: ModelSpec | None = None):
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise CheckpointError("checkpoint directory not found", where=str(self.path),
+                                  hint="pass a directory holding config.json and *.safetensors")
+        self.spec = spec or load_spec(self.path)
+        self.files = _shard_files(self.path)
+        self.tensors: dict[str, TensorInfo] = _read_headers(self.path, self.files)
+
+    # --- what is there ----------------------------------------------------------------------------
+    @property
+    def has_mtp(self) -> bool:
+        first_mtp = f"model.layers.{self.spec.num_hidden_layers}."
+        return any(name.startswith(first_mtp) for name in self.tensors)
+
+    @property
+    def is_fp8(self) -> bool:
+        return any(t.dtype == FP8_DTYPE for t in self.tensors.values())
+
+    def bytes_by_dtype(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for t in self.tensors.values():
+            out[t.dtype] = out.get(t.dtype, 0) + t.nbytes
+        return out
+
+    def layer_names(self, layer: int) -> list[str]:
+        """Tensor names of one decoder (or MTP) layer, FP8 scales excluded, in on-disk order."""
+        prefix = f"model.layers.{layer}."
+        return [n for n in self._ordered(self.tensors) if n.startswith(prefix) and not _is_scale(n)]
+
+    def non_layer_names(self) -> list[str]:
+        return [n for n in self._ordered(self.tensors) if not _LAYER.match(n) and not _is_scale(n)]
+
+    # --- reading ------------------------------------------------------------------------------------
+    def read_raw(self, name: str) -> torch.Tensor:
+        """A tensor exactly as stored (dtype included)."""
+        import torch
+
+        return_large_frees_to_os()
+        info = self._info(name)
+        raw = torch.empty(info.nbytes, dtype=torch.uint8)  # read straight into the tensor: no copy, no memset
+        with open(info.file, "rb") as f:
+            f.seek(info.offset)
+            got = f.readinto(raw.numpy()) if info.nbytes else 0
+        if got != info.nbytes:
+            raise CheckpointError(f"read {got} of {info.nbytes} bytes", where=f"{info.file}: {name}",
+                                  hint="the file changed or is truncated; copy it again")
+        return raw.view(torch_dtype(info.dtype)).reshape(info.shape)
+
+    def read(self, name: str, dtype: torch.dtype | None = None, *, check_finite: bool = True) -> torch.Tensor:
+        """A tensor in ``dtype`` (default float32), FP8 blocks dequantized; NaN/Inf weights are refused."""
+        import torch
+
+        from dsedge.models.fp8 import dequantize_fp8_blocks
+
+        dtype = dtype or torch.float32
+        info = self._info(name)
+        tensor = self.read_raw(name)
+        if info.dtype == FP8_DTYPE:
+            block = self._block(name)  # checks the scale exists before reading it
+            tensor = dequantize_fp8_blocks(tensor, self.read_raw(name + SCALE_SUFFIX), block,
+                                           where=f"{info.file}: {name}")
+        tensor = tensor.to(dtype)
+        if check_finite and tensor.is_floating_point():
+            _check_finite(tensor, info)
+        return tensor
+
+    def read_many(self, names: Iterable[str], dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        return {n: self.read(n, dtype) for n in names}
+
+    def read_layer(self, layer: int, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        """One decoder layer's tensors — the unit compress and export stream by."""
+        return self.read_many(self.layer_names(layer), dtype)
+
+    def iter_layers(self, dtype: torch.dtype | None = None, *, include_mtp: bool = False,
+                    ) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
+        """Decoder layers in order, one at a time; the MTP layer(s) only when asked for."""
+        layers = list(range(self.spec.num_hidden_layers))
+        if include_mtp and self.has_mtp:
+            layers += self.spec.mtp_layers
+        for layer in layers:
+            yield layer, self.read_layer(layer, dtype)
+
+    def iter_tensors(self, dtype: torch.dtype | None = None, *, include_mtp: bool = False,
+                     ) -> Iterator[tuple[str, torch.Tensor]]:
+        """Every tensor (FP8 dequantized, scales folded in), in file order so reads stay sequential."""
+        for name in self._ordered(self.tensors):
+            if _is_scale(name) or (not include_mtp and self._is_mtp(name)):
+                continue
+            yield name, self.read(name, dtype)
+
+    def state_dict(self, dtype: torch.dtype | None = None, *, include_mtp: bool = False):
+        """The whole model in memory — for tiny models and tests only."""
+        return dict(self.iter_tensors(dtype, include_mtp=include_mtp))
+
+    # --- validation ---------------------------------------------------------------------------------
+    def validate(self) -> ValidationReport:
+        """Check every tensor's name, shape and dtype against the spec; raise listing what is wrong."""
+        expected = {t.name: t for t in self.spec.expected_tensors(include_mtp=self.has_mtp)}
+        problems = [p for name, t in expected.items() for p in self._check_expected(name, t)]
+        problems += [f"unexpected tensor {n} ({self.tensors[n].file.name})" for n in self.tensors
+                     if n not in expected and not IGNORED.match(n) and not self._is_paired_scale(n)]
+        if problems:
+            listed = "\n    ".join(problems[:12]) + (f"\n    ... and {len(problems) - 12} more"
+                                                       if len(problems) > 12 else "")
+            raise CheckpointError(f"checkpoint does not match its config.json ({len(problems)} problems):"
+                                  f"\n    {listed}", where=str(self.path),
+                                  hint="check that config.json belongs to these weights and that no "
+                                       "shard is missing or from another model")
+        fp8 = sum(1 for t in self.tensors.values() if t.dtype == FP8_DTYPE)
+        return ValidationReport(len(expected), fp8, self.has_mtp)
+
+    def _check_expected(self, name: str, t: TensorSpec) -> list[str]:
+        info = self.tensors.get(name)
+        if info is None:
+            return [f"missing tensor {name} (expected shape {list(t.shape)})"]
+        if info.shape != t.shape:
+            return [f"{name}: shape {list(info.shape)} in {info.file.name}, expected {list(t.shape)}"]
+        if info.dtype == FP8_DTYPE and t.linear:
+            return self._check_fp8(name, info)
+        if info.dtype not in FLOAT_DTYPES:
+            return [f"{name}: dtype {info.dtype} in {info.file.name}, expected one of "
+                    f"{sorted(FLOAT_DTYPES)}" + (" or F8_E4M3" if t.linear else "")]
+        return []
+
+    def _check_fp8(self, name: str, info: TensorInfo) -> list[str]:
+        scale = self.tensors.get(name + SCALE_SUFFIX)
+        if scale is None:
+            return [f"{name}: FP8 weight in {info.file.name} without its {name + SCALE_SUFFIX}"]
+        if self.spec.fp8_block_size is None:
+            return [f"{name}: FP8 weight but config.json has no quantization_config.weight_block_size"]
+        grid = scale_grid(info.shape, self.spec.fp8_block_size)
+        if scale.shape != grid or scale.dtype not in FLOAT_DTYPES:
+            return [f"{scale.name}: {scale.dtype}{list(scale.shape)}, expected a float scale of shape {list(grid)}"]
+        return []
+
+    # --- helpers ------------------------------------------------------------------------------------
+    def _info(self, name: str) -> TensorInfo:
+        try:
+            return self.tensors[name]
+        except KeyError:
+            raise CheckpointError(f"tensor {name} not in checkpoint", where=str(self.path)) from None
+
+    def _block(self, name: str) -> tuple[int, int]:
+        if self.spec.fp8_block_size is None:
+            raise CheckpointError(f"{name} is FP8 but config.json has no quantization_config",
+                                  where=str(self.path / "config.json"),
+                                  hint="add the checkpoint's original quantization_config (weight_block_size)")
+        if name + SCALE_SUFFIX not in self.tensors:
+            raise CheckpointError(f"FP8 weight {name} has no {name + SCALE_SUFFIX}",
+                                  where=str(self.tensors[name].file),
+                                  hint="the shard holding the scales is missing or from another export")
+        return self.spec.fp8_block_size
+
+    def _is_mtp(self, name: str) -> bool:
+        m = _LAYER.match(name)
+        return bool(m) and int(m.group(1)) >= self.spec.num_hidden_layers
+
+    def _is_paired_scale(self, name: str) -> bool:
+        if not _is_scale(name):
+            return False
+        weight = self.tensors.get(name[: -len(SCALE_SUFFIX)])
+        return weight is not None and weight.dtype == FP8_DTYPE
+
+    @staticmethod
+    def _ordered(tensors: dict[str, TensorInfo]) -> list[str]:
+        return sorted(tensors, key=lambda n: (str(tensors[n].file), tensors[n].offset))
+
+
+def _is_scale(name: str) -> bool:
+    return name.endswith(SCALE_SUFFIX)
+
+
+def _check_finite(tensor: torch.Tensor, info: TensorInfo) -> None:
+    import torch
+
+    # Fast path, one read pass: NaN or Inf anywhere makes the sum non-finite. Only a non-finite sum
+    # (or a finite-value overflow, rare) pays for the exact element-wise check.
+    if torch.isfinite(tensor.sum(dtype=torch.float32)):
+        return
+    bad = ~torch.isfinite(tensor)
+    count = int(bad.sum())
+    if count:
+        first = [int(i) for i in torch.nonzero(bad)[0]]
+        raise CheckpointError(f"tensor {info.name} has {count} NaN/Inf values (first at index {first})",
+                              where=str(info.file),
+                              hint="the weights are corrupt (a bad conversion or a damaged download)")
+
+
+def _shard_files(path: Path) -> list[Path]:
+    """The safetensors files of a checkpoint, from the index when there is one."""
+    index = path / INDEX_FILE
+    if index.is_file():
+        return sorted({path / f for f in _read_index(index).values()})
+    if (path / SINGLE_FILE).is_file():
+        return [path / SINGLE_FILE]
+    files = sorted(path.glob("*.safetensors"))
+    if files:
+        return files
+    pickles = sorted(p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+    hint = ("dsedge never loads pickle files (they can run code); convert them to safetensors first"
+            if pickles else "pass a Hugging Face checkpoint directory with *.safetensors weights")
+    raise CheckpointError("no safetensors weights found" + (f" (found {', '.join(pickles)})" if pickles else ""),
+                          where=str(path), hint=hint)
+
+
+def _read_index(index: Path) -> dict[str, str]:
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"invalid index file ({exc})", where=str(index),
+                              hint="it must be JSON with a 'weight_map' of tensor name → shard file") from exc
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise CheckpointError("'weight_map' must map tensor names to file names", where=str(index))
+    for name, file in weight_map.items():
+        if Path(file).name != file:  # a shard name with a directory part could point outside the checkpoint
+            raise CheckpointError(f"shard path {file!r} for {name} is not a plain file name", where=str(index))
+    return weight_map
+
+
+def _read_headers(path: Path, files: list[Path]) -> dict[str, TensorInfo]:
+    index = path / INDEX_FILE
+    weight_map = _read_index(index) if index.is_file() else None
+    missing = [f for f in files if not f.is_file()]
+    if missing and weight_map is not None:
+        held = [n for n, f in weight_map.items() if path / f == missing[0]]
+        raise CheckpointError(f"shard {missing[0].name} is missing ({len(missing)} of {len(files)} shards "
+                              f"missing); it should hold {len(held)} tensors, e.g. {held[0]}",
+                              where=str(path), hint="copy the missing shard(s) listed in " + INDEX_FILE)
+    tensors: dict[str, TensorInfo] = {}
+    for f in files:
+        tensors.update(read_header(f))
+    if weight_map is not None:
+        _check_index_agrees(weight_map, tensors, path)
+    return tensors
+
+
+def _check_index_agrees(weight_map: dict[str, str], tensors: dict[str, TensorInfo], path: Path) -> None:
+    for name, file in weight_map.items():
+        info = tensors.get(name)
+        if info is None or info.file.name != file:
+            found = f"found in {info.file.name}" if info else "not found in any shard"
+            raise CheckpointError(f"{INDEX_FILE} places {name} in {file}, but it is {found}",
+                                  where=str(path), hint="the index and shards come from different exports")

@@ -1,0 +1,27 @@
+"""Shared fixtures: tiny random checkpoints, each distinct one built once per test session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """Factory ``tiny_checkpoint(variant, **kwargs) -> Path`` over ``dsedge.testing.tiny.write_checkpoint``.
+
+    Each distinct (variant, kwargs) is written once per session; treat the directory as read-only.
+    """
+    from dsedge.testing.tiny import write_checkpoint
+
+    built: dict[tuple, Path] = {}
+
+    def build(variant: str, **kwargs) -> Path:
+        key = (variant, tuple(sorted(kwargs.items())))
+        if key not in built:
+            label = "-".join([variant, *(f"{name}={value}" for name, value in key[1])])
+            built[key] = write_checkpoint(tmp_path_factory.mktemp(label), variant, **kwargs)
+        return built[key]
+
+    return build
