@@ -1,0 +1,131 @@
+"""Attention subgraphs with an explicit cache: absorbed MLA (DeepSeek) and GQA (Qwen2/Llama).
+
+Both attend over [past | new] without concatenating the cache: scores against the past and the new
+tokens are computed separately and only the small score matrices are concatenated, so a decode step
+never copies the cache inside the graph. The graph returns only the new tokens' cache entries; the
+runtime writes them into its preallocated buffers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from dsedge.export.graph import MS_DOMAIN, GraphBuilder
+from dsedge.models.spec import ModelSpec
+
+NEG = float(np.finfo(np.float32).min)  # masked score: finite, so a fully masked (padding) row stays NaN-free
+INT_MAX = np.iinfo(np.int64).max
+
+
+@dataclass(frozen=True)
+class Positional:
+    """Per-call tensors every layer shares."""
+
+    cos_heads: str  # [B, 1, T, r/2] for per-head q (and GQA k)
+    sin_heads: str
+    cos_tokens: str  # [B, T, r/2] for DeepSeek's single shared k_pe
+    sin_tokens: str
+    allowed: str  # bool [B, 1, T, S+T]: causal and not padding
+    past_len: str  # int64 [1]
+
+
+def rotate(g: GraphBuilder, x: str, cos: str, sin: str, dim: int) -> str:
+    """Rotate-half RoPE: halves a, b → (a·cos − b·sin, b·cos + a·sin).
+
+    DeepSeek rotates interleaved pairs (2i, 2i+1); the exporter permutes those weight rows into halves
+    first, which makes the same rotation exact for it too (dot products are permutation-invariant).
+    """
+    a, b = g.slice_last(x, 0, dim // 2), g.slice_last(x, dim // 2, dim)
+    first = g.op("Sub", g.op("Mul", a, cos), g.op("Mul", b, sin))
+    second = g.op("Add", g.op("Mul", b, cos), g.op("Mul", a, sin))
+    return g.op("Concat", first, second, axis=-1)
+
+
+def interleaved_to_halves(dim: int) -> np.ndarray:
+    """Row permutation taking (x0, x1, x2, x3, …) to (x0, x2, …, x1, x3, …)."""
+    return np.concatenate([np.arange(0, dim, 2), np.arange(1, dim, 2)])
+
+
+def attend(g: GraphBuilder, q: str, past: str, new: str, values: tuple[str, str] | None, pos: Positional,
+           scale: float, allowed: str) -> str:
+    """softmax(q·[past|new]ᵀ·scale, masked) · [past|new] values, without concatenating the cache."""
+    s_past = g.op("FusedMatMul", q, past, domain=MS_DOMAIN, transB=1, alpha=scale)
+    s_new = g.op("FusedMatMul", q, new, domain=MS_DOMAIN, transB=1, alpha=scale)
+    scores = g.op("Where", allowed, g.op("Concat", s_past, s_new, axis=-1), g.const(NEG, np.float32))
+    prob = g.op("Softmax", scores, axis=-1)
+    last = g.const([-1])
+    p_past = g.op("Slice", prob, g.const([0]), pos.past_len, last)
+    p_new = g.op("Slice", prob, pos.past_len, g.const([INT_MAX]), last)
+    v_past, v_new = values or (past, new)
+    return g.op("Add", g.op("MatMul", p_past, v_past), g.op("MatMul", p_new, v_new))
+
+
+def mla_attention(g: GraphBuilder, spec: ModelSpec, w: dict[str, np.ndarray], prefix: str, h: str, past: str,
+                  pos: Positional) -> tuple[str, str]:
+    """Absorbed MLA (DeepSeek-V2 paper, appendix C). Cache per token: [norm(c_kv) | rotated k_pe]."""
+    mla, heads = spec.mla, spec.num_attention_heads
+    nope, rope, kv, v, qk = (mla.qk_nope_head_dim, mla.qk_rope_head_dim, mla.kv_lora_rank, mla.v_head_dim,
+                             mla.qk_head_dim)
+    q = _mla_query(g, spec, w, prefix, h)  # [B, T, H·qk]
+    q = g.op("Transpose", g.op("Reshape", q, g.const([0, 0, heads, qk])), perm=[0, 2, 1, 3])  # [B, H, T, qk]
+    q_pe = rotate(g, g.slice_last(q, nope, qk), pos.cos_heads, pos.sin_heads, rope)
+
+    kv_a = w[prefix + "kv_a_proj_with_mqa.weight"].copy()
+    kv_a[kv:] = kv_a[kv:][interleaved_to_halves(rope)]
+    compressed = g.linear(h, kv_a, prefix + "kv_a_proj_with_mqa")  # [B, T, kv + rope]
+    latent = g.rms_norm(g.slice_last(compressed, 0, kv), w[prefix + "kv_a_layernorm.weight"],
+                        prefix + "kv_a_layernorm", spec.rms_norm_eps)
+    k_pe = rotate(g, g.slice_last(compressed, kv, kv + rope), pos.cos_tokens, pos.sin_tokens, rope)
+    new = g.op("Concat", latent, k_pe, axis=-1)  # [B, T, kv + rope]: what the cache keeps
+
+    kv_b = w[prefix + "kv_b_proj.weight"].reshape(heads, nope + v, kv)
+    w_uk, w_uv = kv_b[:, :nope, :], kv_b[:, nope:, :]  # [H, nope, kv], [H, v, kv]
+    q_absorbed = g.op("MatMul", g.slice_last(q, 0, nope), g.weight(prefix + "w_uk", np.ascontiguousarray(w_uk)))
+    q_full = g.op("Concat", q_absorbed, q_pe, axis=-1)  # [B, H, T, kv + rope]
+    axis1 = g.const([1])
+    mixed = attend(g, q_full, g.op("Unsqueeze", past, axis1), g.op("Unsqueeze", new, axis1), None, pos,
+                   spec.softmax_scale, pos.allowed)  # [B, H, T, kv + rope]
+    w_uv_t = g.weight(prefix + "w_uv_t", np.ascontiguousarray(w_uv.transpose(0, 2, 1)))  # [H, kv, v]
+    out = g.op("MatMul", g.slice_last(mixed, 0, kv), w_uv_t)  # [B, H, T, v]
+    out = g.op("Reshape", g.op("Transpose", out, perm=[0, 2, 1, 3]), g.const([0, 0, heads * v]))
+    return g.linear(out, w[prefix + "o_proj.weight"], prefix + "o_proj"), new
+
+
+def _mla_query(g: GraphBuilder, spec: ModelSpec, w: dict[str, np.ndarray], prefix: str, h: str) -> str:
+    mla, heads = spec.mla, spec.num_attention_heads
+    name = "q_proj" if mla.q_lora_rank is None else "q_b_proj"
+    weight = w[prefix + name + ".weight"].reshape(heads, mla.qk_head_dim, -1).copy()
+    weight[:, mla.qk_nope_head_dim:] = weight[:, mla.qk_nope_head_dim:][:, interleaved_to_halves(mla.qk_rope_head_dim)]
+    weight = weight.reshape(heads * mla.qk_head_dim, -1)
+    if mla.q_lora_rank is None:
+        return g.linear(h, weight, prefix + name)
+    q_a = g.linear(h, w[prefix + "q_a_proj.weight"], prefix + "q_a_proj")
+    q_a = g.rms_norm(q_a, w[prefix + "q_a_layernorm.weight"], prefix + "q_a_layernorm", spec.rms_norm_eps)
+    return g.linear(q_a, weight, prefix + name)
+
+
+def gqa_attention(g: GraphBuilder, spec: ModelSpec, w: dict[str, np.ndarray], prefix: str, h: str,
+                  past_k: str, past_v: str, pos: Positional) -> tuple[str, str, str]:
+    """Grouped-query attention; queries grouped per KV head so the cache is never repeated."""
+    heads, kv_heads, d = spec.num_attention_heads, spec.num_key_value_heads, spec.head_dim
+    group = heads // kv_heads
+
+    def project(name: str, n: int) -> str:
+        y = g.linear(h, w[f"{prefix}{name}.weight"], prefix + name, w.get(f"{prefix}{name}.bias"))
+        return g.op("Transpose", g.op("Reshape", y, g.const([0, 0, n, d])), perm=[0, 2, 1, 3])  # [B, n, T, d]
+
+    q = rotate(g, project("q_proj", heads), pos.cos_heads, pos.sin_heads, d)
+    k = rotate(g, project("k_proj", kv_heads), pos.cos_heads, pos.sin_heads, d)
+    v = project("v_proj", kv_heads)
+    q5 = g.op("Reshape", q, g.const([0, kv_heads, group, -1, d]))  # [B, KV, G, T, d]
+    axis2 = g.const([2])
+    keys = (g.op("Unsqueeze", past_k, axis2), g.op("Unsqueeze", k, axis2))
+    values = (g.op("Unsqueeze", past_v, axis2), g.op("Unsqueeze", v, axis2))
+    allowed = g.op("Unsqueeze", pos.allowed, g.const([1]))  # [B, 1, 1, T, S+T]
+    out = attend(g, q5, *keys, values, pos, spec.softmax_scale, allowed)  # [B, KV, G, T, d]
+    out = g.op("Reshape", out, g.const([0, heads, -1, d]))
+    out = g.op("Reshape", g.op("Transpose", out, perm=[0, 2, 1, 3]), g.const([0, 0, heads * d]))
+    o_bias = w.get(prefix + "o_proj.bias")
+    return g.linear(out, w[prefix + "o_proj.weight"], prefix + "o_proj", o_bias), k, v

@@ -1,0 +1,114 @@
+"""Whole-model decoder graph: embeddings → layers (MLA+MoE or GQA+MLP) → norm → logits, with cache I/O.
+
+One graph serves prefill and decode (dynamic query length T and cache length S, S may be 0).
+Inputs: ``input_ids`` [B, T], ``position_ids`` [B, T], ``attention_mask`` [B, S+T] (1 = token, 0 = left
+padding), and per layer ``past.{i}.latent`` [B, S, kv_lora + rope] (DeepSeek) or ``past.{i}.key`` /
+``past.{i}.value`` [B, KV, S, d] (dense). Outputs: ``logits`` [B, T, V] and the new tokens' cache entries
+``present.{i}.*`` (T positions only).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+
+from dsedge.export.attention import Positional, gqa_attention, mla_attention
+from dsedge.export.graph import FLOAT, INT64, GraphBuilder
+from dsedge.export.moe import moe_block
+from dsedge.models.rope import cos_sin_tables, rope_dim
+from dsedge.models.spec import ModelSpec
+
+WeightsFn = Callable[[int | None], dict[str, np.ndarray]]  # layer index (None: non-layer tensors) → weights
+
+
+@dataclass(frozen=True)
+class CacheSpec:
+    """The cache the graph reads and returns, per layer."""
+
+    kind: str  # "mla_latent" | "kv"
+    names: tuple[str, ...]  # per-layer tensor suffixes: ("latent",) or ("key", "value")
+    shape: tuple[str | int, ...]  # with symbolic batch "B" and length "S"
+
+    def to_json(self) -> dict:
+        return {"kind": self.kind, "tensors": list(self.names), "shape": list(self.shape),
+                "input": "past.{layer}.{tensor}", "output": "present.{layer}.{tensor}"}
+
+
+def cache_spec(spec: ModelSpec) -> CacheSpec:
+    if spec.mla is not None:
+        return CacheSpec("mla_latent", ("latent",), ("B", "S", spec.mla.latent_cache_width))
+    return CacheSpec("kv", ("key", "value"), ("B", spec.num_key_value_heads, "S", spec.head_dim))
+
+
+def build_decoder(spec: ModelSpec, weights: WeightsFn, *, max_positions: int, name: str = "decoder") -> onnx.ModelProto:
+    """The full decoder as one ONNX graph; ``weights(i)`` streams one layer's float32 tensors at a time."""
+    g = GraphBuilder(name)
+    cache = cache_spec(spec)
+    input_ids = g.input("input_ids", INT64, ["B", "T"])
+    position_ids = g.input("position_ids", INT64, ["B", "T"])
+    mask = g.input("attention_mask", INT64, ["B", "S_plus_T"])
+    pasts = [[g.input(f"past.{i}.{t}", FLOAT, cache.shape) for t in cache.names]
+             for i in range(spec.num_hidden_layers)]
+    top = weights(None)
+    x = g.op("Gather", g.weight("model.embed_tokens.weight", top["model.embed_tokens.weight"]), input_ids, axis=0)
+    pos = _positional(g, spec, position_ids, mask, pasts[0][0], cache, max_positions)
+    for i in range(spec.num_hidden_layers):
+        x, presents = _layer(g, spec, weights(i), i, x, pasts[i], pos)
+        for t, value in zip(cache.names, presents, strict=True):
+            g.output(value, f"present.{i}.{t}", FLOAT, [s if s != "S" else "T" for s in cache.shape])
+    x = g.rms_norm(x, top["model.norm.weight"], "model.norm", spec.rms_norm_eps)
+    head = top["model.embed_tokens.weight"] if spec.tie_word_embeddings else top["lm_head.weight"]
+    g.output(g.linear(x, head, "lm_head"), "logits", FLOAT, ["B", "T", spec.vocab_size])
+    return g.model()
+
+
+def _positional(g: GraphBuilder, spec: ModelSpec, position_ids: str, mask: str, past0: str, cache: CacheSpec,
+                max_positions: int) -> Positional:
+    cos, sin = cos_sin_tables(spec, max_positions)
+    cos_t = g.op("Gather", g.weight("rope.cos", cos), position_ids, axis=0)  # [B, T, r/2]
+    sin_t = g.op("Gather", g.weight("rope.sin", sin), position_ids, axis=0)
+    axis1 = g.const([1])
+    past_len = g.shape_dim(past0, cache.shape.index("S"))
+    return Positional(cos_heads=g.op("Unsqueeze", cos_t, axis1), sin_heads=g.op("Unsqueeze", sin_t, axis1),
+                      cos_tokens=cos_t, sin_tokens=sin_t, allowed=_allowed(g, position_ids, mask, past_len),
+                      past_len=past_len)
+
+
+def _allowed(g: GraphBuilder, position_ids: str, mask: str, past_len: str) -> str:
+    """bool [B, 1, T, S+T]: key j is visible to query t if j ≤ S + t (causal) and j is not padding."""
+    scalar = g.const([])  # shape [] for Reshape to a scalar
+    new_len = g.shape_dim(position_ids, 1)
+    total = g.op("Add", past_len, new_len)
+    zero, one = g.const(0), g.const(1)
+    keys = g.op("Range", zero, g.op("Reshape", total, scalar), one)  # [S+T]
+    queries = g.op("Add", g.op("Range", zero, g.op("Reshape", new_len, scalar), one), past_len)  # [T]
+    causal = g.op("LessOrEqual", g.op("Unsqueeze", keys, g.const([0])), g.op("Unsqueeze", queries, g.const([1])))
+    not_pad = g.op("Unsqueeze", g.op("Cast", mask, to=9), g.const([1, 2]))  # [B, 1, 1, S+T]
+    return g.op("And", g.op("Unsqueeze", causal, g.const([0, 1])), not_pad)
+
+
+def _layer(g: GraphBuilder, spec: ModelSpec, w: dict[str, np.ndarray], i: int, x: str, past: list[str],
+           pos: Positional) -> tuple[str, list[str]]:
+    p = f"model.layers.{i}."
+    h = g.rms_norm(x, w[p + "input_layernorm.weight"], p + "input_layernorm", spec.rms_norm_eps)
+    if spec.mla is not None:
+        attn, new = mla_attention(g, spec, w, p + "self_attn.", h, past[0], pos)
+        presents = [new]
+    else:
+        attn, k, v = gqa_attention(g, spec, w, p + "self_attn.", h, past[0], past[1], pos)
+        presents = [k, v]
+    x = g.op("Add", x, attn)
+    h = g.rms_norm(x, w[p + "post_attention_layernorm.weight"], p + "post_attention_layernorm", spec.rms_norm_eps)
+    if spec.is_moe_layer(i):
+        mlp = moe_block(g, spec, w, p + "mlp.", h)
+    else:
+        m = p + "mlp."
+        mlp = g.swiglu_mlp(h, w[m + "gate_proj.weight"], w[m + "up_proj.weight"], w[m + "down_proj.weight"], m[:-1])
+    return g.op("Add", x, mlp), presents
+
+
+def rope_table_dim(spec: ModelSpec) -> int:
+    return rope_dim(spec) // 2

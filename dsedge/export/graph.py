@@ -1,0 +1,106 @@
+"""A small ONNX graph builder: named values, initializers from numpy, one call per node.
+
+We build graphs directly instead of tracing PyTorch: routing must stay data-dependent (a trace freezes
+it), quantized weights must go in as quantized operators, and expert partitions are separate graphs —
+all easier to state op by op (the approach onnxruntime-genai's model builder takes too).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+OPSET = 21
+MS_DOMAIN = "com.microsoft"
+FLOAT = TensorProto.FLOAT
+FLOAT16 = TensorProto.FLOAT16
+INT64 = TensorProto.INT64
+
+Dim = int | str | None
+
+
+class GraphBuilder:
+    """Accumulates nodes, inputs, outputs and initializers; ``model()`` returns a checked ModelProto."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.nodes: list[onnx.NodeProto] = []
+        self.inputs: list[onnx.ValueInfoProto] = []
+        self.outputs: list[onnx.ValueInfoProto] = []
+        self.initializers: list[onnx.TensorProto] = []
+        self._const_cache: dict[tuple, str] = {}
+        self._count = 0
+
+    def fresh(self, hint: str) -> str:
+        self._count += 1
+        return f"{hint}_{self._count}"
+
+    def input(self, name: str, elem_type: int, shape: Sequence[Dim]) -> str:
+        self.inputs.append(helper.make_tensor_value_info(name, elem_type, list(shape)))
+        return name
+
+    def output(self, value: str, name: str, elem_type: int, shape: Sequence[Dim]) -> str:
+        self.op("Identity", value, out=name)
+        self.outputs.append(helper.make_tensor_value_info(name, elem_type, list(shape)))
+        return name
+
+    def weight(self, name: str, array: np.ndarray) -> str:
+        """A named initializer (weights: kept under a readable name for partitioning and debugging)."""
+        # np.ascontiguousarray would turn a 0-d scalar into shape (1,); keep scalars scalar.
+        array = array if array.flags.c_contiguous else np.ascontiguousarray(array)
+        self.initializers.append(numpy_helper.from_array(array, name))
+        return name
+
+    def const(self, value, dtype=np.int64) -> str:
+        """A small constant, deduplicated by value."""
+        array = np.asarray(value, dtype=dtype)
+        key = (array.dtype.str, array.shape, array.tobytes())
+        if key not in self._const_cache:
+            self._const_cache[key] = self.weight(self.fresh("const"), array)
+        return self._const_cache[key]
+
+    def op(self, op_type: str, *inputs: str | None, out: str | None = None, outputs: int = 1,
+           domain: str = "", **attrs) -> str | list[str]:
+        names = [out] if out else [self.fresh(op_type.lower()) for _ in range(outputs)]
+        self.nodes.append(helper.make_node(op_type, [i or "" for i in inputs], names, domain=domain or None,
+                                           name=self.fresh(f"n_{op_type}"), **attrs))
+        return names[0] if outputs == 1 else names
+
+    def model(self) -> onnx.ModelProto:
+        graph = helper.make_graph(self.nodes, self.name, self.inputs, self.outputs, self.initializers)
+        opsets = [helper.make_opsetid("", OPSET), helper.make_opsetid(MS_DOMAIN, 1)]
+        model = helper.make_model(graph, opset_imports=opsets, producer_name="dsedge")
+        model.ir_version = 10
+        return model
+
+    # --- composite helpers used by every architecture ------------------------------------------
+    def linear(self, x: str, weight: np.ndarray, name: str, bias: np.ndarray | None = None) -> str:
+        """x @ Wᵀ (+ b); W is stored transposed [in, out] so MatMul reads it row-major."""
+        y = self.op("MatMul", x, self.weight(name, np.ascontiguousarray(weight.T)))
+        if bias is not None:
+            y = self.op("Add", y, self.weight(name + ".bias", bias))
+        return y
+
+    def rms_norm(self, x: str, weight: np.ndarray, name: str, eps: float) -> str:
+        """RMSNorm as the reference computes it: x · rsqrt(mean(x²) + eps) · w."""
+        var = self.op("ReduceMean", self.op("Mul", x, x), self.const([-1]), keepdims=1)
+        inv = self.op("Reciprocal", self.op("Sqrt", self.op("Add", var, self.const(eps, np.float32))))
+        return self.op("Mul", self.op("Mul", x, inv), self.weight(name, weight))
+
+    def silu(self, x: str) -> str:
+        return self.op("Mul", x, self.op("Sigmoid", x))
+
+    def swiglu_mlp(self, x: str, gate: np.ndarray, up: np.ndarray, down: np.ndarray, name: str) -> str:
+        hidden = self.op("Mul", self.silu(self.linear(x, gate, name + ".gate_proj")),
+                         self.linear(x, up, name + ".up_proj"))
+        return self.linear(hidden, down, name + ".down_proj")
+
+    def slice_last(self, x: str, start: int, end: int) -> str:
+        return self.op("Slice", x, self.const([start]), self.const([end]), self.const([-1]))
+
+    def shape_dim(self, x: str, axis: int) -> str:
+        """A 1-element int64 tensor holding x.shape[axis]."""
+        return self.op("Shape", x, start=axis, end=axis + 1)

@@ -1,0 +1,104 @@
+"""DeepSeek MoE: exact routing for every variant, and sparse expert dispatch.
+
+Routing follows DeepSeek's reference code (deepseek-ai/DeepSeek-V3 ``inference/model.py`` Gate and the
+V2 checkpoints' ``MoEGate``):
+- greedy (V2-Lite): softmax, top-k.
+- group_limited_greedy (V2): softmax; a group's score is its max; keep ``topk_group`` groups; top-k.
+- noaux_tc (V3/R1): sigmoid; selection on score + e_score_correction_bias; a group's score is the sum of
+  its top-2 biased scores; other groups masked with −inf; weights are the *unbiased* sigmoid scores.
+Then optional renormalisation (honoured for V2 too, though V2's reference ignores the flag; every
+released V2 config sets it false) and × routed_scaling_factor.
+
+Dispatch: each expert gathers the rows routed to it (NonZero → Gather), runs its SwiGLU MLP and
+scatter-adds the weighted result. Only routed rows are computed, and nothing about routing is fixed at
+export time.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from dsedge.export.graph import GraphBuilder
+from dsedge.models.spec import ModelSpec, MoESpec
+
+NEG_INF = float("-inf")
+
+
+def route(g: GraphBuilder, moe: MoESpec, logits: str, bias: np.ndarray | None, prefix: str) -> tuple[str, str]:
+    """Router logits [N, E] → (expert indices [N, k] int64, aggregation weights [N, k])."""
+    k = g.const([moe.num_experts_per_tok])
+    if moe.routing == "noaux_tc":
+        scores = g.op("Sigmoid", logits)
+        choice = g.op("Add", scores, g.weight(prefix + "e_score_correction_bias", bias.astype(np.float32)))
+        choice = _limit_groups(g, moe, choice, group_score="top2_sum")
+        _, idx = g.op("TopK", choice, k, outputs=2, axis=-1)
+        weights = g.op("GatherElements", scores, idx, axis=1)
+    else:
+        scores = g.op("Softmax", logits, axis=-1)
+        if moe.routing == "group_limited_greedy":
+            scores = _limit_groups(g, moe, scores, group_score="max")
+        weights, idx = g.op("TopK", scores, k, outputs=2, axis=-1)
+    if moe.norm_topk_prob and moe.num_experts_per_tok > 1:
+        total = g.op("ReduceSum", weights, g.const([-1]), keepdims=1)
+        weights = g.op("Div", weights, g.op("Add", total, g.const(1e-20, np.float32)))
+    if moe.routed_scaling_factor != 1.0:
+        weights = g.op("Mul", weights, g.const(moe.routed_scaling_factor, np.float32))
+    return idx, weights
+
+
+def _limit_groups(g: GraphBuilder, moe: MoESpec, scores: str, group_score: str) -> str:
+    """Mask (−inf) every expert outside the ``topk_group`` best groups."""
+    if moe.n_group <= 1:
+        return scores
+    per_group = moe.n_routed_experts // moe.n_group
+    grouped = g.op("Reshape", scores, g.const([0, moe.n_group, per_group]))  # [N, G, E/G]
+    if group_score == "max":
+        group_scores = g.op("ReduceMax", grouped, g.const([-1]), keepdims=0)
+    else:
+        top2, _ = g.op("TopK", grouped, g.const([2]), outputs=2, axis=-1)
+        group_scores = g.op("ReduceSum", top2, g.const([-1]), keepdims=0)
+    _, best = g.op("TopK", group_scores, g.const([moe.topk_group]), outputs=2, axis=-1)  # [N, topk_group]
+    chosen = g.op("ReduceSum", g.op("OneHot", best, g.const(moe.n_group), g.const([0.0, 1.0], np.float32), axis=-1),
+                  g.const([1]), keepdims=0)  # [N, G] 0/1
+    mask = g.op("Expand", g.op("Unsqueeze", chosen, g.const([-1])), g.const([1, 1, per_group]))
+    mask = g.op("Cast", g.op("Reshape", mask, g.op("Shape", scores)), to=9)  # bool [N, E]
+    return g.op("Where", mask, scores, g.const(NEG_INF, np.float32))
+
+
+def moe_block(g: GraphBuilder, spec: ModelSpec, w: dict[str, np.ndarray], prefix: str, h: str) -> str:
+    """Shared experts + routed experts for hidden states h [B, T, H]."""
+    moe = spec.moe
+    flat = g.op("Reshape", h, g.const([-1, spec.hidden_size]))  # [N, H]
+    logits = g.linear(flat, w[prefix + "gate.weight"], prefix + "gate")  # router kept in fp32
+    idx, weights = route(g, moe, logits, w.get(prefix + "gate.e_score_correction_bias"), prefix + "gate.")
+    out = dispatch_experts(g, moe, w, prefix, flat, idx, weights)
+    if moe.n_shared_experts:
+        shared = prefix + "shared_experts."
+        out = g.op("Add", out, g.swiglu_mlp(flat, w[shared + "gate_proj.weight"], w[shared + "up_proj.weight"],
+                                            w[shared + "down_proj.weight"], shared[:-1]))
+    return g.op("Reshape", out, g.op("Shape", h))
+
+
+def dense_routing_weights(g: GraphBuilder, n_experts: int, idx: str, weights: str) -> tuple[str, str]:
+    """[N, k] choices → selection mask [N, E] (0/1) and aggregation weights [N, E] (0 where not chosen)."""
+    one_hot = g.op("OneHot", idx, g.const(n_experts), g.const([0.0, 1.0], np.float32), axis=-1)  # [N, k, E]
+    selected = g.op("ReduceSum", one_hot, g.const([1]), keepdims=0)
+    dense = g.op("ReduceSum", g.op("Mul", one_hot, g.op("Unsqueeze", weights, g.const([-1]))), g.const([1]),
+                 keepdims=0)
+    return selected, dense
+
+
+def dispatch_experts(g: GraphBuilder, moe: MoESpec, w: dict[str, np.ndarray], prefix: str, flat: str, idx: str,
+                     weights: str) -> str:
+    """Σ over chosen experts of weight · expert(x), computing each expert on its routed rows only."""
+    selected, dense = dense_routing_weights(g, moe.n_routed_experts, idx, weights)
+    acc = g.op("Mul", flat, g.const(0.0, np.float32))  # zeros [N, H]
+    for e in range(moe.n_routed_experts):
+        p = f"{prefix}experts.{e}."
+        rows = g.op("Reshape", g.op("NonZero", g.op("Gather", selected, g.const(e), axis=1)), g.const([-1]))
+        x_e = g.op("Gather", flat, rows, axis=0)  # [n_e, H]
+        y_e = g.swiglu_mlp(x_e, w[p + "gate_proj.weight"], w[p + "up_proj.weight"], w[p + "down_proj.weight"], p[:-1])
+        w_e = g.op("Gather", g.op("Gather", dense, g.const(e), axis=1), rows, axis=0)  # [n_e]
+        y_e = g.op("Mul", y_e, g.op("Unsqueeze", w_e, g.const([-1])))
+        acc = g.op("ScatterND", acc, g.op("Unsqueeze", rows, g.const([-1])), y_e, reduction="add")
+    return acc
