@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+from collections.abc import Iterable
 from pathlib import Path
 
 BOS_TOKEN = "<｜begin▁of▁sentence｜>"
@@ -152,18 +153,30 @@ Good tests are small, fast, and clear. Good names say what a thing holds. Good c
 @functools.lru_cache(maxsize=1)
 def tokenizer_json() -> str:
     """The trained tokenizer serialized as ``tokenizer.json`` text (trained once per process)."""
+    tokenizer = train_deepseek_bpe(TRAINING_TEXT.splitlines(keepends=True), BPE_VOCAB_SIZE)
+    _check_trained(tokenizer)
+    return tokenizer.to_str(pretty=True)
+
+
+def train_deepseek_bpe(texts: Iterable[str], bpe_vocab_size: int):
+    """A byte-level BPE ``tokenizers.Tokenizer`` laid out like DeepSeek's, trained on ``texts``.
+
+    bos/eos get ids 0/1, then the 256 byte symbols and the merges up to ``bpe_vocab_size``; the chat
+    tokens (``CHAT_TOKENS``) follow as added, non-special tokens; encoding prepends bos. Training is
+    deterministic for a given ``texts`` order. Shared by the test fixtures and the demo models.
+    """
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=BPE_VOCAB_SIZE,
+        vocab_size=bpe_vocab_size,
         special_tokens=[BOS_TOKEN, EOS_TOKEN],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # every byte encodable: no unk token
         show_progress=False,
     )
-    tokenizer.train_from_iterator(TRAINING_TEXT.splitlines(keepends=True), trainer)
+    tokenizer.train_from_iterator(texts, trainer)
     tokenizer.add_tokens([AddedToken(text, normalized=False, special=False) for text in CHAT_TOKENS])
     # DeepSeek tokenizers prepend bos (add_bos_token: true) and append nothing.
     tokenizer.post_processor = processors.TemplateProcessing(
@@ -171,8 +184,7 @@ def tokenizer_json() -> str:
         pair=f"{BOS_TOKEN} $A {BOS_TOKEN} $B",
         special_tokens=[(BOS_TOKEN, BOS_ID)],
     )
-    _check_trained(tokenizer)
-    return tokenizer.to_str(pretty=True)
+    return tokenizer
 
 
 def _check_trained(tokenizer) -> None:
@@ -183,7 +195,7 @@ def _check_trained(tokenizer) -> None:
         raise RuntimeError("tiny tokenizer: bos/eos did not get ids 0/1")
 
 
-def tokenizer_config(chat_template: str | None = None) -> dict:
+def tokenizer_config(chat_template: str | None = None, *, model_max_length: int = 16384) -> dict:
     """``tokenizer_config.json`` laid out like DeepSeek-R1's, with a class transformers 5 loads cleanly.
 
     R1 says ``LlamaTokenizerFast``; transformers 5 then warns that the tokenizer.json is ByteLevel and
@@ -198,7 +210,7 @@ def tokenizer_config(chat_template: str | None = None) -> dict:
         "clean_up_tokenization_spaces": False,
         "eos_token": {**special, "content": EOS_TOKEN},
         "legacy": True,
-        "model_max_length": 16384,
+        "model_max_length": model_max_length,
         "pad_token": {**special, "content": EOS_TOKEN},
         "sp_model_kwargs": {},
         "unk_token": None,
@@ -212,8 +224,15 @@ def write_tokenizer(out_dir, *, chat_template: str | None = None) -> None:
 
     ``chat_template`` defaults to the DeepSeek-R1 template.
     """
+    write_tokenizer_files(out_dir, tokenizer_json(), chat_template=chat_template)
+
+
+def write_tokenizer_files(out_dir, tokenizer_json_text: str, *, chat_template: str | None = None,
+                          model_max_length: int = 16384) -> None:
+    """Write a given ``tokenizer.json`` text plus a DeepSeek-R1-style ``tokenizer_config.json``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "tokenizer.json").write_text(tokenizer_json(), encoding="utf-8")
-    config_text = json.dumps(tokenizer_config(chat_template), ensure_ascii=False, indent=2) + "\n"
+    (out / "tokenizer.json").write_text(tokenizer_json_text, encoding="utf-8")
+    config = tokenizer_config(chat_template, model_max_length=model_max_length)
+    config_text = json.dumps(config, ensure_ascii=False, indent=2) + "\n"
     (out / "tokenizer_config.json").write_text(config_text, encoding="utf-8")

@@ -1,0 +1,193 @@
+"""`dsedge export`: checkpoint → validated ONNX bundle, written to a temporary directory and renamed."""
+
+from __future__ import annotations
+
+import logging
+import resource
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import onnx
+
+from dsedge import __version__
+from dsedge.errors import UserError
+from dsedge.export.decoder import build_decoder, cache_spec
+from dsedge.export.validate import raise_on_failure, validate_engine
+from dsedge.manifest import write_manifest
+from dsedge.models.checkpoint import Checkpoint
+from dsedge.models.params import count_params
+from dsedge.targets import load_target
+
+log = logging.getLogger(__name__)
+
+LAYOUTS = ("monolithic",)
+DTYPES = ("fp32",)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
+                   "chat_template.jinja")
+DEFAULT_MAX_CONTEXT = 4096
+GRAPH_DIR = "graphs"
+
+
+@dataclass(frozen=True)
+class ExportReport:
+    output: str
+    layout: str
+    dtype: str
+    max_context: int
+    graphs: list[dict[str, Any]]
+    bundle_bytes: int
+    elapsed_s: float
+    peak_rss_bytes: int
+    validation: list[dict[str, Any]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def export_bundle(checkpoint: str | Path, output: str | Path, *, target=None, layout: str = "monolithic",
+                  dtype: str = "fp32", max_context: int | None = None, overwrite: bool = False,
+                  validate: bool = True) -> ExportReport:
+    """Export a checkpoint to an ONNX bundle (manifest + graphs + tokenizer), validated against the reference.
+
+    The bundle appears at ``output`` only when complete and validated; a failure leaves nothing behind.
+    """
+    started = time.perf_counter()
+    _check_choice("layout", layout, LAYOUTS)
+    _check_choice("dtype", dtype, DTYPES)
+    out = Path(output)
+    if out.exists() and not overwrite:
+        raise UserError(f"output {out} already exists", where=str(out), hint="pass --overwrite to replace it")
+    ckpt = Checkpoint(checkpoint)
+    ckpt.validate()
+    tgt = load_target(target) if target is not None else None
+    context = _max_context(ckpt, tgt, max_context)
+    tmp = _temp_dir(out)
+    try:
+        graphs = _write_graphs(ckpt, tmp, context)
+        _copy_tokenizer(ckpt.path, tmp)
+        manifest = _manifest(ckpt, tgt, layout, dtype, context, graphs)
+        write_manifest(tmp, manifest)
+        checks = _validate(ckpt, tmp, dtype) if validate else []
+        manifest["validation"] = {"dtype": dtype, "checks": [c.to_json() for c in checks], "passed": bool(checks)}
+        write_manifest(tmp, manifest)
+        _replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+    return ExportReport(str(out), layout, dtype, context, graphs, size, round(time.perf_counter() - started, 2),
+                        _peak_rss(), [c.to_json() for c in checks], manifest["notes"])
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise UserError(f"unsupported {name} {value!r}", where=f"--{name}", hint=f"choose one of: {', '.join(choices)}")
+
+
+def _max_context(ckpt: Checkpoint, tgt, requested: int | None) -> int:
+    limit = ckpt.spec.max_position_embeddings
+    context = requested or (tgt.max_context if tgt else DEFAULT_MAX_CONTEXT)
+    if context < 1:
+        raise UserError(f"--max-context must be ≥ 1, got {context}", where="--max-context")
+    return min(context, limit)
+
+
+def _temp_dir(out: Path) -> Path:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.partial-{int(time.time() * 1000)}"
+    tmp.mkdir()
+    return tmp
+
+
+def _replace(tmp: Path, out: Path) -> None:
+    """Move the finished bundle into place; an existing one (with --overwrite) goes only after that works."""
+    old = None
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{int(time.time() * 1000)}"
+        out.rename(old)
+    tmp.rename(out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _layer_weights(ckpt: Checkpoint):
+    def weights(layer: int | None):
+        names = ckpt.non_layer_names() if layer is None else ckpt.layer_names(layer)
+        if layer is not None:
+            log.info("export: layer %d/%d", layer + 1, ckpt.spec.num_hidden_layers)
+        return {n: ckpt.read(n).numpy() for n in names}
+
+    return weights
+
+
+def _write_graphs(ckpt: Checkpoint, root: Path, context: int) -> list[dict[str, Any]]:
+    (root / GRAPH_DIR).mkdir()
+    model = build_decoder(ckpt.spec, _layer_weights(ckpt), max_positions=context)
+    rel = f"{GRAPH_DIR}/decoder.onnx"
+    onnx.save_model(model, root / rel, save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="decoder.onnx.data", size_threshold=1024)
+    return [{"name": "decoder", "kind": "decoder", "file": rel, "data_files": [rel + ".data"],
+             "inputs": [i.name for i in model.graph.input], "outputs": [o.name for o in model.graph.output]}]
+
+
+def _copy_tokenizer(src: Path, root: Path) -> list[str]:
+    (root / "tokenizer").mkdir()
+    copied = []
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file():
+            shutil.copyfile(src / name, root / "tokenizer" / name)
+            copied.append(f"tokenizer/{name}")
+    return copied
+
+
+def _manifest(ckpt: Checkpoint, tgt, layout: str, dtype: str, context: int, graphs: list[dict]) -> dict[str, Any]:
+    spec = ckpt.spec
+    notes = []
+    if spec.num_mtp_layers:
+        notes.append("the MTP (multi-token prediction) layer is not exported yet; decoding is one token per step")
+    return {
+        "dsedge_version": __version__,
+        "created_unix": int(time.time()),
+        "source_checkpoint": str(ckpt.path),
+        "model": {**spec.to_json(), "params": count_params(spec).to_json()},
+        "quantization": {"method": "none", "dtype": dtype, "source_fp8": ckpt.is_fp8},
+        "target": tgt.to_json() | {"name": tgt.name} if tgt else None,
+        "layout": layout,
+        "max_context": context,
+        "cache": cache_spec(spec).to_json(),
+        "graphs": graphs,
+        "tokenizer": _tokenizer_info(ckpt.path, spec),
+        "mtp": {"in_checkpoint": ckpt.has_mtp, "exported": False},
+        "notes": notes,
+    }
+
+
+def _tokenizer_info(src: Path, spec) -> dict[str, Any]:
+    import json
+
+    info: dict[str, Any] = {"dir": "tokenizer", "bos_token_id": spec.bos_token_id, "eos_token_id": spec.eos_token_id}
+    config = src / "tokenizer_config.json"
+    if config.is_file():
+        info["chat_template"] = json.loads(config.read_text(encoding="utf-8")).get("chat_template")
+    generation = src / "generation_config.json"
+    if generation.is_file():
+        info["generation_defaults"] = json.loads(generation.read_text(encoding="utf-8"))
+    return info
+
+
+def _validate(ckpt: Checkpoint, root: Path, dtype: str):
+    from dsedge.export.reference import reference_model
+    from dsedge.runtime import load_bundle
+
+    log.info("export: validating against the PyTorch reference")
+    checks = validate_engine(load_bundle(root), reference_model(ckpt), dtype=dtype)
+    raise_on_failure(checks, "decoder")
+    return checks
+
+
+def _peak_rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

@@ -1,0 +1,112 @@
+"""The generation engine over a bundle (onnxruntime + numpy; never torch)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from dsedge.errors import UserError
+from dsedge.manifest import Manifest
+from dsedge.runtime.bundle import verified_graph_path
+from dsedge.runtime.cache import CacheBuffers
+
+
+@dataclass(frozen=True)
+class SessionConfig:
+    providers: tuple[str, ...] = ("CPUExecutionProvider",)
+    threads: int | None = None
+
+
+def make_session(path: Path, config: SessionConfig) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    if config.threads:
+        options.intra_op_num_threads = config.threads
+    available = set(ort.get_available_providers())
+    providers = [p for p in config.providers if p in available] or ["CPUExecutionProvider"]
+    return ort.InferenceSession(str(path), sess_options=options, providers=providers)
+
+
+def left_padded(sequences: list[list[int]], pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Token ids [B, T] padded on the left, and the attention mask (1 = token)."""
+    width = max(len(s) for s in sequences)
+    ids = np.full((len(sequences), width), pad_id, dtype=np.int64)
+    mask = np.zeros((len(sequences), width), dtype=np.int64)
+    for row, seq in enumerate(sequences):
+        if seq:
+            ids[row, width - len(seq):] = seq
+            mask[row, width - len(seq):] = 1
+    return ids, mask
+
+
+def positions_from_mask(mask: np.ndarray, new_tokens: int) -> np.ndarray:
+    """Position ids of the last ``new_tokens`` columns: count of real tokens before each (pads → 0)."""
+    return np.maximum(np.cumsum(mask, axis=1) - 1, 0)[:, -new_tokens:].astype(np.int64)
+
+
+class Engine:
+    """Runs a bundle's decoder graph with a preallocated cache."""
+
+    def __init__(self, manifest: Manifest, session_config: SessionConfig):
+        self.manifest = manifest
+        self.spec = manifest.data["model"]
+        self.cache_layout = manifest.data["cache"]
+        self.max_context = int(manifest.data["max_context"])
+        graph = next(g for g in manifest.data["graphs"] if g["kind"] == "decoder")
+        self.session = make_session(verified_graph_path(manifest, graph), session_config)
+        self.output_names = [o.name for o in self.session.get_outputs()]
+
+    @property
+    def layers(self) -> int:
+        return int(self.spec["num_hidden_layers"])
+
+    def new_cache(self, batch: int = 1, max_len: int | None = None) -> CacheBuffers:
+        return CacheBuffers(self.cache_layout, self.layers, batch, max_len or self.max_context)
+
+    def forward(self, input_ids: np.ndarray, mask: np.ndarray, cache: CacheBuffers) -> np.ndarray:
+        """Run new tokens [B, T] (mask covers cache + new) and append their cache entries; logits [B, T, V]."""
+        new_tokens = input_ids.shape[1]
+        cache.check_room(new_tokens)
+        feeds = {"input_ids": input_ids.astype(np.int64), "attention_mask": mask.astype(np.int64),
+                 "position_ids": positions_from_mask(mask, new_tokens), **cache.past()}
+        outputs = dict(zip(self.output_names, self.session.run(self.output_names, feeds), strict=True))
+        cache.append(outputs, new_tokens)
+        return outputs["logits"]
+
+    def logits(self, token_ids: list[int]) -> np.ndarray:
+        """Logits [T, vocab] of a whole sequence in one prefill pass."""
+        self._check_tokens(token_ids)
+        ids = np.asarray([token_ids], dtype=np.int64)
+        return self.forward(ids, np.ones_like(ids), self.new_cache(max_len=len(token_ids)))[0]
+
+    def greedy(self, token_ids: list[int], n: int) -> list[int]:
+        """n greedy tokens: prefill, then one token at a time through the cache."""
+        return self.greedy_batch([token_ids], n)[0]
+
+    def greedy_batch(self, prompts: list[list[int]], n: int) -> list[list[int]]:
+        """Greedy continuations of several prompts at once (left padding)."""
+        for p in prompts:
+            self._check_tokens(p)
+        ids, mask = left_padded(prompts)
+        cache = self.new_cache(batch=len(prompts), max_len=ids.shape[1] + n)
+        logits = self.forward(ids, mask, cache)
+        out: list[list[int]] = [[] for _ in prompts]
+        for step in range(n):
+            next_ids = logits[:, -1].argmax(-1)
+            for row, token in enumerate(next_ids):
+                out[row].append(int(token))
+            if step == n - 1:
+                break
+            mask = np.concatenate([mask, np.ones((len(prompts), 1), np.int64)], axis=1)
+            logits = self.forward(next_ids[:, None].astype(np.int64), mask, cache)
+        return out
+
+    def _check_tokens(self, token_ids: list[int]) -> None:
+        vocab = int(self.spec["vocab_size"])
+        if not token_ids:
+            raise UserError("empty prompt", where="token_ids", hint="pass at least one token")
+        bad = [t for t in token_ids if not 0 <= int(t) < vocab]
+        if bad:
+            raise UserError(f"token id {bad[0]} outside the vocabulary (size {vocab})", where="token_ids")
