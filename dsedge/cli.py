@@ -26,6 +26,7 @@ run fast and small on one card or an edge device.
   dsedge inspect CKPT                  what a checkpoint holds (architecture, routing, parameters, dtypes)
   dsedge plan MODEL --target T         will it fit the device, at which precision, how fast can it decode
   dsedge targets                       the built-in device profiles
+  dsedge export CKPT -o BUNDLE         ONNX bundle (latent MLA cache, exact routing), validated vs PyTorch
 """
 
 EPILOG = """\
@@ -33,6 +34,7 @@ examples:
   dsedge plan deepseek-r1 --target gpu-24g        # a published model by short name, no weights needed
   dsedge plan ./DeepSeek-V2-Lite --target arm-sbc-8g --context 2048
   dsedge inspect ./DeepSeek-V2-Lite --json
+  dsedge export ./DeepSeek-V2-Lite -o v2lite.bundle --target x86-cpu-16g --max-context 4096
 
 exit codes: 0 ok, 1 internal error, 2 usage, 3 bad input, 4 a check failed, 130 interrupted.
 """
@@ -44,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "handler", None):
         parser.print_help()
         return EXIT_USAGE
+    _setup_logging(getattr(args, "quiet", False) or getattr(args, "json", False))
     try:
         result = args.handler(args)
     except DsedgeError as exc:
@@ -61,6 +64,17 @@ def main(argv: list[str] | None = None) -> int:
     else:
         args.render(result)
     return EXIT_OK
+
+
+def _setup_logging(quiet: bool) -> None:
+    """Progress goes to stderr (results to stdout), silenced by -q."""
+    import logging
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    root = logging.getLogger("dsedge")
+    root.handlers[:] = [handler]
+    root.setLevel(logging.WARNING if quiet else logging.INFO)
 
 
 def _fail(args: argparse.Namespace, error: dict[str, Any], text: str, code: int) -> int:
@@ -86,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"dsedge {__version__}")
     sub = parser.add_subparsers(title="commands", metavar="COMMAND")
-    for register in (_add_inspect, _add_plan, _add_targets):
+    for register in (_add_inspect, _add_plan, _add_targets, _add_export):
         register(sub)
     return parser
 
@@ -133,6 +147,26 @@ def _add_targets(sub) -> None:
     cmd.add_argument("name", nargs="?", help="show one target (a built-in name or a file path)")
 
 
+def _add_export(sub) -> None:
+    cmd = _command(sub, "export", "export a checkpoint to a validated ONNX bundle",
+                   "Export a checkpoint to an ONNX bundle: one decoder graph for prefill and decode with explicit\n"
+                   "cache inputs/outputs (DeepSeek: the absorbed MLA latent cache, kv_lora + rope values per token\n"
+                   "per layer), exact DeepSeek routing, routed experts computed only on their tokens, plus the\n"
+                   "tokenizer, chat template and a manifest with every file's sha256. The bundle is checked in\n"
+                   "onnxruntime against the PyTorch reference (prefill logits, 16 greedy tokens, decode through\n"
+                   "the cache, batch 2 with left padding); a miss fails with exit code 4 and writes nothing.",
+                   _run_export, _render_export)
+    cmd.add_argument("checkpoint", help="checkpoint directory (config.json + *.safetensors)")
+    cmd.add_argument("-o", "--output", required=True, help="bundle directory to write")
+    cmd.add_argument("-t", "--target", help="device target (name or file): sets the default max context")
+    cmd.add_argument("--layout", default="monolithic", choices=["monolithic"], help="graph layout (default monolithic)")
+    cmd.add_argument("--dtype", default="fp32", choices=["fp32"], help="activation/weight dtype (default fp32)")
+    cmd.add_argument("--max-context", type=int, help="longest prompt + generation the bundle serves (default: "
+                                                     "the target's max_context, else 4096)")
+    cmd.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    cmd.add_argument("--no-validate", action="store_true", help="skip the check against the PyTorch reference")
+
+
 # --- handlers -----------------------------------------------------------------------------------
 
 def _run_inspect(args):
@@ -161,6 +195,13 @@ def _run_targets(args):
     return _TargetList([load_target(args.name)] if args.name else list_targets())
 
 
+def _run_export(args):
+    from dsedge.export.bundle import export_bundle
+
+    return export_bundle(args.checkpoint, args.output, target=args.target, layout=args.layout, dtype=args.dtype,
+                         max_context=args.max_context, overwrite=args.overwrite, validate=not args.no_validate)
+
+
 # --- rendering ----------------------------------------------------------------------------------
 
 def _render_inspect(r) -> None:
@@ -173,6 +214,12 @@ def _render_plan(r) -> None:
     from dsedge.render import render_plan
 
     print(render_plan(r))
+
+
+def _render_export(r) -> None:
+    from dsedge.render import render_export
+
+    print(render_export(r))
 
 
 def _render_targets(r) -> None:

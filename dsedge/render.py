@@ -139,3 +139,17 @@ def render_targets(targets) -> str:
              ",".join(p.replace("ExecutionProvider", "") for p in t.execution_providers),
              ",".join(t.precisions), t.default_recipe, t.description] for t in targets]
     return _table(rows, ["name", "kind", "budget", "bandwidth", "providers", "precisions", "recipe", "description"])
+
+
+def render_export(r) -> str:
+    lines = [f"bundle        {r.output} ({r.layout}, {r.dtype}, max context {r.max_context})",
+             f"size          {human_bytes(r.bundle_bytes)} in {len(r.graphs)} graph(s)",
+             f"time          {r.elapsed_s:.1f} s, peak RSS {human_bytes(r.peak_rss_bytes)}"]
+    for c in r.validation:
+        err = ("identical" if c["max_abs_err"] is None
+               else f"max abs err {c['max_abs_err']:.2e} ≤ {c['tolerance']:g}")
+        lines.append(f"validated     {c['name']:22s} {'ok' if c['passed'] else 'FAILED'}  {err}")
+    if not r.validation:
+        lines.append("validated     skipped (--no-validate)")
+    lines += [f"note          {n}" for n in r.notes]
+    return "\n".join(lines)

@@ -63,6 +63,11 @@ class Engine:
         return int(self.spec["num_hidden_layers"])
 
     def new_cache(self, batch: int = 1, max_len: int | None = None) -> CacheBuffers:
+        """Buffers for ``max_len`` positions (≤ the bundle's max context, which sizes its RoPE tables)."""
+        if max_len is not None and max_len > self.max_context:
+            raise UserError(f"{max_len} tokens (prompt + new) exceed the bundle's max context of {self.max_context}",
+                            where="kv cache",
+                            hint="shorten the prompt or max_new_tokens, or re-export with a larger --max-context")
         return CacheBuffers(self.cache_layout, self.layers, batch, max_len or self.max_context)
 
     def forward(self, input_ids: np.ndarray, mask: np.ndarray, cache: CacheBuffers) -> np.ndarray:
