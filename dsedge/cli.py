@@ -159,7 +159,12 @@ def _add_export(sub) -> None:
     cmd.add_argument("checkpoint", help="checkpoint directory (config.json + *.safetensors)")
     cmd.add_argument("-o", "--output", required=True, help="bundle directory to write")
     cmd.add_argument("-t", "--target", help="device target (name or file): sets the default max context")
-    cmd.add_argument("--layout", default="monolithic", choices=["monolithic"], help="graph layout (default monolithic)")
+    cmd.add_argument("--layout", default="monolithic", choices=["monolithic", "partitioned"],
+                     help="monolithic: one graph. partitioned: a trunk (one graph per layer) plus routed experts in "
+                          "their own partitions and data files, placed resident or on demand for the target's "
+                          "memory budget (default monolithic)")
+    cmd.add_argument("--experts-per-partition", type=int,
+                     help="routed experts per partition (default: sized to 1/64 of the target's budget, else 64 MiB)")
     cmd.add_argument("--dtype", default="fp32", choices=["fp32"], help="activation/weight dtype (default fp32)")
     cmd.add_argument("--max-context", type=int, help="longest prompt + generation the bundle serves (default: "
                                                      "the target's max_context, else 4096)")
@@ -199,7 +204,8 @@ def _run_export(args):
     from dsedge.export.bundle import export_bundle
 
     return export_bundle(args.checkpoint, args.output, target=args.target, layout=args.layout, dtype=args.dtype,
-                         max_context=args.max_context, overwrite=args.overwrite, validate=not args.no_validate)
+                         max_context=args.max_context, overwrite=args.overwrite, validate=not args.no_validate,
+                         experts_per_partition=args.experts_per_partition)
 
 
 # --- rendering ----------------------------------------------------------------------------------

@@ -207,3 +207,82 @@ def test_runtime_import_is_torch_free(bundles):
             "assert not heavy, heavy")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip().startswith("[")
+
+
+# --- partitioned layout -------------------------------------------------------------------------
+
+PARTITIONED_CASES = [("v2_lite", {}), ("v2", {}), ("v3", {"fp8": True, "mtp": True}), ("llama", {})]
+
+
+@pytest.fixture(scope="session")
+def partitioned(tiny_checkpoint, tmp_path_factory):
+    built = {}
+
+    def get(variant, **kwargs):
+        key = case_id((variant, kwargs))
+        if key not in built:
+            out = tmp_path_factory.mktemp("partitioned") / key
+            report = export_bundle(tiny_checkpoint(variant, **kwargs), out, max_context=64, layout="partitioned",
+                                   experts_per_partition=4)
+            built[key] = (report, out)
+        return built[key]
+
+    return get
+
+
+@pytest.mark.parametrize("case", PARTITIONED_CASES, ids=case_id)
+def test_partitioned_export_validates(partitioned, case):
+    report, path = partitioned(case[0], **case[1])
+    assert all(c["passed"] for c in report.validation)
+    manifest = json.loads((path / "manifest.json").read_text())
+    kinds = [g["kind"] for g in manifest["graphs"]]
+    assert kinds.count("prelude") == 1 and kinds.count("head") == 1 and kinds.count("layer") == 3
+    parts = [g for g in manifest["graphs"] if g["kind"] == "experts"]
+    if case[0] == "llama":
+        assert not parts
+        return
+    # every routed expert of every MoE layer lives in exactly one partition with its own data file
+    spec = manifest["model"]
+    for layer in spec["moe"]["moe_layers"]:
+        covered = sorted(e for g in parts if g["layer"] == layer for e in range(*g["experts"]))
+        assert covered == list(range(spec["moe"]["n_routed_experts"]))
+    assert all(g["data_files"] and g["data_files"][0] in manifest["files"] for g in parts)
+    assert set(manifest["placement"]["partitions"]) == {g["name"] for g in parts}
+
+
+@pytest.mark.parametrize("variant", ["v2", "v3"])
+def test_partitioned_under_small_budget_gives_identical_tokens(partitioned, bundles, variant):
+    _, path = partitioned(variant)
+    parts = [g for g in json.loads((path / "manifest.json").read_text())["graphs"] if g["kind"] == "experts"]
+    budget = 2 * max(g["bytes"] for g in parts)  # two partitions of the 6 (or 8) a model has
+    assert budget < sum(g["bytes"] for g in parts)
+    small = load_bundle(path, memory_budget_bytes=budget)
+    prompt = [5, 9, 33, 120, 7, 64, 2, 18]
+    monolithic = load_bundle(bundles(variant)[1])
+    assert small.greedy(prompt, 12) == monolithic.greedy(prompt, 12)
+    np.testing.assert_allclose(small.logits(prompt), monolithic.logits(prompt), atol=1e-5)
+    stats = small.experts.stats
+    assert stats.misses > 0 and stats.evictions > 0 and stats.bytes_loaded > 0
+    assert small.experts.loaded_bytes <= budget
+
+
+def test_partitioned_runs_only_chosen_partitions(partitioned):
+    _, path = partitioned("v3", fp8=True, mtp=True)
+    engine = load_bundle(path)
+    engine.greedy([11, 12], 1)  # one prefill of 2 tokens: at most 2 × top-4 experts per layer are chosen
+    calls = engine.experts.stats.calls
+    parts_per_layer = 16 // 4
+    assert sum(calls.values()) <= 2 * parts_per_layer  # two MoE layers
+    assert engine.experts.stats.hit_rate == 1.0  # no budget: all resident, no misses
+
+
+def test_placement_plan_respects_budget():
+    from dsedge.export.partitioned import RUNTIME_OVERHEAD_BYTES, placement_plan
+
+    graphs = [{"name": "trunk", "kind": "layer", "bytes": 1000}] + [
+        {"name": f"p{i}", "kind": "experts", "bytes": 100} for i in range(10)]
+    plan = placement_plan(graphs, budget=1000 + 50 + RUNTIME_OVERHEAD_BYTES + 350, kv_bytes=50,
+                          frequencies={"p9": 0.9, "p3": 0.5, "p7": 0.4, "p1": 0.1})
+    resident = [n for n, where in plan["partitions"].items() if where == "resident"]
+    assert resident == ["p9", "p3", "p7"]  # most frequent first, 3 × 100 bytes fit in 350
+    assert plan["resident_expert_bytes"] == 300

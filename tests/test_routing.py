@@ -101,7 +101,7 @@ def test_dispatch_handles_experts_with_no_tokens():
     x = g.input("x", FLOAT, ["N", 3])
     logits = g.input("logits", FLOAT, ["N", 6])
     idx, w = route(g, moe, logits, None, "gate.")
-    g.output(dispatch_experts(g, moe, weights, "e.", x, idx, w), "y", FLOAT, ["N", 3])
+    g.output(dispatch_experts(g, moe, weights, "e.", x, idx, w, range(6)), "y", FLOAT, ["N", 3])
     session = ort.InferenceSession(g.model().SerializeToString(), providers=["CPUExecutionProvider"])
     xs = rng.normal(size=(4, 3)).astype(np.float32)
     logit = np.full((4, 6), -5.0, np.float32)

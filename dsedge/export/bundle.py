@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import resource
 import shutil
 import time
@@ -15,6 +16,7 @@ import onnx
 from dsedge import __version__
 from dsedge.errors import UserError
 from dsedge.export.decoder import build_decoder, cache_spec
+from dsedge.export.partitioned import placement_plan, write_partitioned
 from dsedge.export.validate import raise_on_failure, validate_engine
 from dsedge.manifest import write_manifest
 from dsedge.models.checkpoint import Checkpoint
@@ -23,7 +25,7 @@ from dsedge.targets import load_target
 
 log = logging.getLogger(__name__)
 
-LAYOUTS = ("monolithic",)
+LAYOUTS = ("monolithic", "partitioned")
 DTYPES = ("fp32",)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
                    "chat_template.jinja")
@@ -50,7 +52,7 @@ class ExportReport:
 
 def export_bundle(checkpoint: str | Path, output: str | Path, *, target=None, layout: str = "monolithic",
                   dtype: str = "fp32", max_context: int | None = None, overwrite: bool = False,
-                  validate: bool = True) -> ExportReport:
+                  validate: bool = True, experts_per_partition: int | None = None) -> ExportReport:
     """Export a checkpoint to an ONNX bundle (manifest + graphs + tokenizer), validated against the reference.
 
     The bundle appears at ``output`` only when complete and validated; a failure leaves nothing behind.
@@ -65,11 +67,17 @@ def export_bundle(checkpoint: str | Path, output: str | Path, *, target=None, la
     ckpt.validate()
     tgt = load_target(target) if target is not None else None
     context = _max_context(ckpt, tgt, max_context)
+    if experts_per_partition is not None and experts_per_partition < 1:
+        raise UserError(f"--experts-per-partition must be ≥ 1, got {experts_per_partition}",
+                        where="--experts-per-partition")
     tmp = _temp_dir(out)
     try:
-        graphs = _write_graphs(ckpt, tmp, context)
+        graphs = _write_graphs(ckpt, tmp, context, layout, tgt, experts_per_partition)
         _copy_tokenizer(ckpt.path, tmp)
         manifest = _manifest(ckpt, tgt, layout, dtype, context, graphs)
+        if layout == "partitioned":
+            manifest["placement"] = placement_plan(graphs, budget=tgt.memory_budget_bytes if tgt else None,
+                                                   kv_bytes=_kv_bytes(ckpt.spec, context))
         write_manifest(tmp, manifest)
         checks = _validate(ckpt, tmp, dtype) if validate else []
         manifest["validation"] = {"dtype": dtype, "checks": [c.to_json() for c in checks], "passed": bool(checks)}
@@ -124,7 +132,17 @@ def _layer_weights(ckpt: Checkpoint):
     return weights
 
 
-def _write_graphs(ckpt: Checkpoint, root: Path, context: int) -> list[dict[str, Any]]:
+def _kv_bytes(spec, context: int) -> int:
+    layout = cache_spec(spec)
+    per_token = math.prod(d for d in layout.shape if isinstance(d, int)) * len(layout.names)
+    return per_token * spec.num_hidden_layers * context * 4
+
+
+def _write_graphs(ckpt: Checkpoint, root: Path, context: int, layout: str, tgt,
+                  per_partition: int | None) -> list[dict[str, Any]]:
+    if layout == "partitioned":
+        return write_partitioned(ckpt.spec, _layer_weights(ckpt), root, GRAPH_DIR, max_positions=context,
+                                 target_budget=tgt.memory_budget_bytes if tgt else None, per_partition=per_partition)
     (root / GRAPH_DIR).mkdir()
     model = build_decoder(ckpt.spec, _layer_weights(ckpt), max_positions=context)
     rel = f"{GRAPH_DIR}/decoder.onnx"
@@ -184,8 +202,9 @@ def _validate(ckpt: Checkpoint, root: Path, dtype: str):
     from dsedge.runtime import load_bundle
 
     log.info("export: validating against the PyTorch reference")
-    checks = validate_engine(load_bundle(root), reference_model(ckpt), dtype=dtype)
-    raise_on_failure(checks, "decoder")
+    engine = load_bundle(root)
+    checks = validate_engine(engine, reference_model(ckpt), dtype=dtype)
+    raise_on_failure(checks, "decoder" if engine.layout == "monolithic" else "partitioned trunk + experts")
     return checks
 
 

@@ -67,17 +67,25 @@ def build_decoder(spec: ModelSpec, weights: WeightsFn, *, max_positions: int, na
 
 def _positional(g: GraphBuilder, spec: ModelSpec, position_ids: str, mask: str, past0: str, cache: CacheSpec,
                 max_positions: int) -> Positional:
-    cos, sin = cos_sin_tables(spec, max_positions)
-    cos_t = g.op("Gather", g.weight("rope.cos", cos), position_ids, axis=0)  # [B, T, r/2]
-    sin_t = g.op("Gather", g.weight("rope.sin", sin), position_ids, axis=0)
-    axis1 = g.const([1])
+    cos_t, sin_t = rope_lookup(g, spec, position_ids, max_positions)
     past_len = g.shape_dim(past0, cache.shape.index("S"))
+    return positional(g, cos_t, sin_t, allowed_mask(g, position_ids, mask, past_len), past_len)
+
+
+def rope_lookup(g: GraphBuilder, spec: ModelSpec, position_ids: str, max_positions: int) -> tuple[str, str]:
+    """cos, sin [B, T, r/2] for the given positions, from tables baked into the graph."""
+    cos, sin = cos_sin_tables(spec, max_positions)
+    return (g.op("Gather", g.weight("rope.cos", cos), position_ids, axis=0),
+            g.op("Gather", g.weight("rope.sin", sin), position_ids, axis=0))
+
+
+def positional(g: GraphBuilder, cos_t: str, sin_t: str, allowed: str, past_len: str) -> Positional:
+    axis1 = g.const([1])
     return Positional(cos_heads=g.op("Unsqueeze", cos_t, axis1), sin_heads=g.op("Unsqueeze", sin_t, axis1),
-                      cos_tokens=cos_t, sin_tokens=sin_t, allowed=_allowed(g, position_ids, mask, past_len),
-                      past_len=past_len)
+                      cos_tokens=cos_t, sin_tokens=sin_t, allowed=allowed, past_len=past_len)
 
 
-def _allowed(g: GraphBuilder, position_ids: str, mask: str, past_len: str) -> str:
+def allowed_mask(g: GraphBuilder, position_ids: str, mask: str, past_len: str) -> str:
     """bool [B, 1, T, S+T]: key j is visible to query t if j ≤ S + t (causal) and j is not padding."""
     scalar = g.const([])  # shape [] for Reshape to a scalar
     new_len = g.shape_dim(position_ids, 1)
@@ -92,6 +100,18 @@ def _allowed(g: GraphBuilder, position_ids: str, mask: str, past_len: str) -> st
 
 def _layer(g: GraphBuilder, spec: ModelSpec, w: dict[str, np.ndarray], i: int, x: str, past: list[str],
            pos: Positional) -> tuple[str, list[str]]:
+    x, h, presents = attention_block(g, spec, w, i, x, past, pos)
+    p = f"model.layers.{i}.mlp."
+    if spec.is_moe_layer(i):
+        mlp = moe_block(g, spec, w, p, h)
+    else:
+        mlp = g.swiglu_mlp(h, w[p + "gate_proj.weight"], w[p + "up_proj.weight"], w[p + "down_proj.weight"], p[:-1])
+    return g.op("Add", x, mlp), presents
+
+
+def attention_block(g: GraphBuilder, spec: ModelSpec, w: dict[str, np.ndarray], i: int, x: str, past: list[str],
+                    pos: Positional) -> tuple[str, str, list[str]]:
+    """Residual stream after attention, the post-attention-normed input of the MLP, and the new cache entries."""
     p = f"model.layers.{i}."
     h = g.rms_norm(x, w[p + "input_layernorm.weight"], p + "input_layernorm", spec.rms_norm_eps)
     if spec.mla is not None:
@@ -102,12 +122,7 @@ def _layer(g: GraphBuilder, spec: ModelSpec, w: dict[str, np.ndarray], i: int, x
         presents = [k, v]
     x = g.op("Add", x, attn)
     h = g.rms_norm(x, w[p + "post_attention_layernorm.weight"], p + "post_attention_layernorm", spec.rms_norm_eps)
-    if spec.is_moe_layer(i):
-        mlp = moe_block(g, spec, w, p + "mlp.", h)
-    else:
-        m = p + "mlp."
-        mlp = g.swiglu_mlp(h, w[m + "gate_proj.weight"], w[m + "up_proj.weight"], w[m + "down_proj.weight"], m[:-1])
-    return g.op("Add", x, mlp), presents
+    return x, h, presents
 
 
 def rope_table_dim(spec: ModelSpec) -> int:

@@ -18,6 +18,7 @@ MS_DOMAIN = "com.microsoft"
 FLOAT = TensorProto.FLOAT
 FLOAT16 = TensorProto.FLOAT16
 INT64 = TensorProto.INT64
+BOOL = TensorProto.BOOL
 
 Dim = int | str | None
 

@@ -67,16 +67,26 @@ def _limit_groups(g: GraphBuilder, moe: MoESpec, scores: str, group_score: str) 
 
 def moe_block(g: GraphBuilder, spec: ModelSpec, w: dict[str, np.ndarray], prefix: str, h: str) -> str:
     """Shared experts + routed experts for hidden states h [B, T, H]."""
+    flat, idx, weights, shared = moe_router_and_shared(g, spec, w, prefix, h)
+    out = dispatch_experts(g, spec.moe, w, prefix, flat, idx, weights, range(spec.moe.n_routed_experts))
+    if shared is not None:
+        out = g.op("Add", out, shared)
+    return g.op("Reshape", out, g.op("Shape", h))
+
+
+def moe_router_and_shared(g: GraphBuilder, spec: ModelSpec, w: dict[str, np.ndarray], prefix: str, h: str,
+                          ) -> tuple[str, str, str, str | None]:
+    """Everything of a MoE layer but the routed experts: rows [N, H], routing, shared-expert output [N, H]."""
     moe = spec.moe
     flat = g.op("Reshape", h, g.const([-1, spec.hidden_size]))  # [N, H]
     logits = g.linear(flat, w[prefix + "gate.weight"], prefix + "gate")  # router kept in fp32
     idx, weights = route(g, moe, logits, w.get(prefix + "gate.e_score_correction_bias"), prefix + "gate.")
-    out = dispatch_experts(g, moe, w, prefix, flat, idx, weights)
+    shared = None
     if moe.n_shared_experts:
-        shared = prefix + "shared_experts."
-        out = g.op("Add", out, g.swiglu_mlp(flat, w[shared + "gate_proj.weight"], w[shared + "up_proj.weight"],
-                                            w[shared + "down_proj.weight"], shared[:-1]))
-    return g.op("Reshape", out, g.op("Shape", h))
+        p = prefix + "shared_experts."
+        shared = g.swiglu_mlp(flat, w[p + "gate_proj.weight"], w[p + "up_proj.weight"], w[p + "down_proj.weight"],
+                              p[:-1])
+    return flat, idx, weights, shared
 
 
 def dense_routing_weights(g: GraphBuilder, n_experts: int, idx: str, weights: str) -> tuple[str, str]:
@@ -89,11 +99,11 @@ def dense_routing_weights(g: GraphBuilder, n_experts: int, idx: str, weights: st
 
 
 def dispatch_experts(g: GraphBuilder, moe: MoESpec, w: dict[str, np.ndarray], prefix: str, flat: str, idx: str,
-                     weights: str) -> str:
-    """Σ over chosen experts of weight · expert(x), computing each expert on its routed rows only."""
+                     weights: str, experts: range) -> str:
+    """Σ over the chosen experts among ``experts`` of weight · expert(x), each on its routed rows only."""
     selected, dense = dense_routing_weights(g, moe.n_routed_experts, idx, weights)
     acc = g.op("Mul", flat, g.const(0.0, np.float32))  # zeros [N, H]
-    for e in range(moe.n_routed_experts):
+    for e in experts:
         p = f"{prefix}experts.{e}."
         rows = g.op("Reshape", g.op("NonZero", g.op("Gather", selected, g.const(e), axis=1)), g.const([-1]))
         x_e = g.op("Gather", flat, rows, axis=0)  # [n_e, H]

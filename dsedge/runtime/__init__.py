@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from dsedge.runtime.bundle import open_manifest
-from dsedge.runtime.engine import Engine, SessionConfig
+from dsedge.runtime.engine import Engine, MonolithicEngine, SessionConfig
+from dsedge.runtime.partitioned import PartitionedEngine
 
 
 def load_bundle(path: str | Path, target=None, memory_budget_bytes: int | None = None,
@@ -13,6 +14,7 @@ def load_bundle(path: str | Path, target=None, memory_budget_bytes: int | None =
     """Open a bundle written by `dsedge export`: verify it, create sessions, return an Engine.
 
     ``target`` (name, file or Target) supplies default providers and threads; explicit arguments win.
+    ``memory_budget_bytes`` caps the expert partitions a partitioned bundle keeps loaded (LRU beyond it).
     Every file's sha256 is checked unless ``verify=False``; paths that leave the bundle are refused always.
     """
     from dsedge.targets import load_target
@@ -21,8 +23,10 @@ def load_bundle(path: str | Path, target=None, memory_budget_bytes: int | None =
     providers = providers or (list(tgt.execution_providers) if tgt else ["CPUExecutionProvider"])
     threads = threads or (tgt.threads if tgt else None)
     manifest = open_manifest(path, verify=verify)
-    del memory_budget_bytes  # used by partitioned bundles' expert cache
-    return Engine(manifest, SessionConfig(tuple(providers), threads))
+    config = SessionConfig(tuple(providers), threads)
+    if manifest.data.get("layout") == "partitioned":
+        return PartitionedEngine(manifest, config, memory_budget_bytes)
+    return MonolithicEngine(manifest, config)
 
 
-__all__ = ["Engine", "SessionConfig", "load_bundle"]
+__all__ = ["Engine", "MonolithicEngine", "PartitionedEngine", "SessionConfig", "load_bundle"]

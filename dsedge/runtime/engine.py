@@ -47,16 +47,26 @@ def positions_from_mask(mask: np.ndarray, new_tokens: int) -> np.ndarray:
 
 
 class Engine:
-    """Runs a bundle's decoder graph with a preallocated cache."""
+    """Generation over a bundle; subclasses say how one forward pass runs (one graph, or trunk + experts)."""
+
+    layout = "abstract"
 
     def __init__(self, manifest: Manifest, session_config: SessionConfig):
         self.manifest = manifest
+        self.session_config = session_config
         self.spec = manifest.data["model"]
         self.cache_layout = manifest.data["cache"]
         self.max_context = int(manifest.data["max_context"])
-        graph = next(g for g in manifest.data["graphs"] if g["kind"] == "decoder")
-        self.session = make_session(verified_graph_path(manifest, graph), session_config)
-        self.output_names = [o.name for o in self.session.get_outputs()]
+
+    def graph(self, kind: str, **match) -> list[dict]:
+        return [g for g in self.manifest.data["graphs"]
+                if g["kind"] == kind and all(g.get(k) == v for k, v in match.items())]
+
+    def session(self, graph: dict) -> ort.InferenceSession:
+        return make_session(verified_graph_path(self.manifest, graph), self.session_config)
+
+    def run_graph(self, feeds: dict[str, np.ndarray], cache: CacheBuffers) -> dict[str, np.ndarray]:
+        raise NotImplementedError  # abstract: MonolithicEngine and PartitionedEngine implement it
 
     @property
     def layers(self) -> int:
@@ -75,8 +85,8 @@ class Engine:
         new_tokens = input_ids.shape[1]
         cache.check_room(new_tokens)
         feeds = {"input_ids": input_ids.astype(np.int64), "attention_mask": mask.astype(np.int64),
-                 "position_ids": positions_from_mask(mask, new_tokens), **cache.past()}
-        outputs = dict(zip(self.output_names, self.session.run(self.output_names, feeds), strict=True))
+                 "position_ids": positions_from_mask(mask, new_tokens)}
+        outputs = self.run_graph(feeds, cache)
         cache.append(outputs, new_tokens)
         return outputs["logits"]
 
@@ -115,3 +125,18 @@ class Engine:
         bad = [t for t in token_ids if not 0 <= int(t) < vocab]
         if bad:
             raise UserError(f"token id {bad[0]} outside the vocabulary (size {vocab})", where="token_ids")
+
+
+class MonolithicEngine(Engine):
+    """One decoder graph for everything."""
+
+    layout = "monolithic"
+
+    def __init__(self, manifest: Manifest, session_config: SessionConfig):
+        super().__init__(manifest, session_config)
+        self.decoder = self.session(self.graph("decoder")[0])
+        self.output_names = [o.name for o in self.decoder.get_outputs()]
+
+    def run_graph(self, feeds: dict[str, np.ndarray], cache: CacheBuffers) -> dict[str, np.ndarray]:
+        outputs = self.decoder.run(self.output_names, {**feeds, **cache.past()})
+        return dict(zip(self.output_names, outputs, strict=True))

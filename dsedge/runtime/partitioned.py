@@ -1,0 +1,68 @@
+"""Engine for partitioned bundles: trunk graphs layer by layer, routed rows sent to expert partitions."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from dsedge.manifest import Manifest
+from dsedge.runtime.cache import CacheBuffers
+from dsedge.runtime.engine import Engine, SessionConfig
+from dsedge.runtime.experts import ExpertCache
+
+
+class PartitionedEngine(Engine):
+    layout = "partitioned"
+
+    def __init__(self, manifest: Manifest, session_config: SessionConfig, memory_budget_bytes: int | None = None):
+        super().__init__(manifest, session_config)
+        self.prelude = self.session(self.graph("prelude")[0])
+        self.layer_sessions = [self.session(self.graph("layer", layer=i)[0]) for i in range(self.layers)]
+        self.head = self.session(self.graph("head")[0])
+        parts = {g["name"]: g for g in self.graph("experts")}
+        self.partitions_by_layer: dict[int, list[dict]] = {}
+        for part in parts.values():
+            self.partitions_by_layer.setdefault(part["layer"], []).append(part)
+        placement = manifest.data.get("placement", {}).get("partitions", {})
+        resident = {n for n, where in placement.items() if where == "resident"}
+        if memory_budget_bytes is not None and parts:
+            # An explicit budget overrides the exported plan; keep room for one on-demand partition.
+            largest = max(p["bytes"] for p in parts.values())
+            resident = _fit(parts, resident, memory_budget_bytes - largest)
+        self.experts = ExpertCache(parts, self.session, resident, memory_budget_bytes)
+
+    def run_graph(self, feeds: dict[str, np.ndarray], cache: CacheBuffers) -> dict[str, np.ndarray]:
+        hidden, cos, sin, allowed = self.prelude.run(["hidden", "cos", "sin", "allowed"], feeds)
+        past = cache.past()
+        outputs: dict[str, np.ndarray] = {}
+        for i, session in enumerate(self.layer_sessions):
+            names = [o.name for o in session.get_outputs()]
+            layer_feeds = {"hidden": hidden, "cos": cos, "sin": sin, "allowed": allowed,
+                           **{k: v for k, v in past.items() if k.startswith(f"past.{i}.")}}
+            result = dict(zip(names, session.run(names, layer_feeds), strict=True))
+            outputs.update({k: v for k, v in result.items() if k.startswith("present.")})
+            hidden = result["residual"]
+            if "expert_ids" in result:
+                hidden = hidden + self._routed(i, result).reshape(hidden.shape)
+        outputs["logits"] = self.head.run(["logits"], {"hidden": hidden})[0]
+        return outputs
+
+    def _routed(self, layer: int, result: dict[str, np.ndarray]) -> np.ndarray:
+        """Sum of the partitions that hold at least one chosen expert; the others are never touched."""
+        chosen = np.unique(result["expert_ids"])
+        feeds = {k: result[k] for k in ("moe_input", "expert_ids", "expert_weights")}
+        total = np.zeros_like(result["moe_input"])
+        for part in self.partitions_by_layer.get(layer, []):
+            first, last = part["experts"]
+            if np.any((chosen >= first) & (chosen < last)):
+                total += self.experts.get(part["name"]).run(["routed"], feeds)[0]
+        return total
+
+
+def _fit(parts: dict[str, dict], preferred: set[str], budget: int) -> set[str]:
+    """The exported resident set, trimmed (in name order) to what ``budget`` holds."""
+    kept, used = set(), 0
+    for name in sorted(preferred):
+        if used + parts[name]["bytes"] <= budget:
+            kept.add(name)
+            used += parts[name]["bytes"]
+    return kept
