@@ -163,7 +163,7 @@ def _add_export(sub) -> None:
                      help="monolithic: one graph. partitioned: a trunk (one graph per layer) plus routed experts in "
                           "their own partitions and data files, placed resident or on demand for the target's "
                           "memory budget (default monolithic)")
-    cmd.add_argument("--experts-per-partition", type=int,
+    cmd.add_argument("--experts-per-partition", type=int, metavar="N",
                      help="routed experts per partition (default: sized to 1/64 of the target's budget, else 64 MiB)")
     cmd.add_argument("--dtype", default="fp32", choices=["fp32"], help="activation/weight dtype (default fp32)")
     cmd.add_argument("--max-context", type=int, help="longest prompt + generation the bundle serves (default: "

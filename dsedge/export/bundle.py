@@ -52,10 +52,13 @@ class ExportReport:
 
 def export_bundle(checkpoint: str | Path, output: str | Path, *, target=None, layout: str = "monolithic",
                   dtype: str = "fp32", max_context: int | None = None, overwrite: bool = False,
-                  validate: bool = True, experts_per_partition: int | None = None) -> ExportReport:
+                  validate: bool = True, experts_per_partition: int | None = None,
+                  expert_path: str = "dispatch") -> ExportReport:
     """Export a checkpoint to an ONNX bundle (manifest + graphs + tokenizer), validated against the reference.
 
     The bundle appears at ``output`` only when complete and validated; a failure leaves nothing behind.
+    ``expert_path="dense"`` (monolithic only) computes every expert on every token: the baseline that
+    benchmarks/export_bench.py measures the sparse dispatch against; never use it on a device.
     """
     started = time.perf_counter()
     _check_choice("layout", layout, LAYOUTS)
@@ -72,7 +75,7 @@ def export_bundle(checkpoint: str | Path, output: str | Path, *, target=None, la
                         where="--experts-per-partition")
     tmp = _temp_dir(out)
     try:
-        graphs = _write_graphs(ckpt, tmp, context, layout, tgt, experts_per_partition)
+        graphs = _write_graphs(ckpt, tmp, context, layout, tgt, experts_per_partition, expert_path)
         _copy_tokenizer(ckpt.path, tmp)
         manifest = _manifest(ckpt, tgt, layout, dtype, context, graphs)
         if layout == "partitioned":
@@ -138,13 +141,13 @@ def _kv_bytes(spec, context: int) -> int:
     return per_token * spec.num_hidden_layers * context * 4
 
 
-def _write_graphs(ckpt: Checkpoint, root: Path, context: int, layout: str, tgt,
-                  per_partition: int | None) -> list[dict[str, Any]]:
+def _write_graphs(ckpt: Checkpoint, root: Path, context: int, layout: str, tgt, per_partition: int | None,
+                  expert_path: str) -> list[dict[str, Any]]:
     if layout == "partitioned":
         return write_partitioned(ckpt.spec, _layer_weights(ckpt), root, GRAPH_DIR, max_positions=context,
                                  target_budget=tgt.memory_budget_bytes if tgt else None, per_partition=per_partition)
     (root / GRAPH_DIR).mkdir()
-    model = build_decoder(ckpt.spec, _layer_weights(ckpt), max_positions=context)
+    model = build_decoder(ckpt.spec, _layer_weights(ckpt), max_positions=context, expert_path=expert_path)
     rel = f"{GRAPH_DIR}/decoder.onnx"
     onnx.save_model(model, root / rel, save_as_external_data=True, all_tensors_to_one_file=True,
                     location="decoder.onnx.data", size_threshold=1024)

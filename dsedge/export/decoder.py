@@ -43,7 +43,8 @@ def cache_spec(spec: ModelSpec) -> CacheSpec:
     return CacheSpec("kv", ("key", "value"), ("B", spec.num_key_value_heads, "S", spec.head_dim))
 
 
-def build_decoder(spec: ModelSpec, weights: WeightsFn, *, max_positions: int, name: str = "decoder") -> onnx.ModelProto:
+def build_decoder(spec: ModelSpec, weights: WeightsFn, *, max_positions: int, name: str = "decoder",
+                  expert_path: str = "dispatch") -> onnx.ModelProto:
     """The full decoder as one ONNX graph; ``weights(i)`` streams one layer's float32 tensors at a time."""
     g = GraphBuilder(name)
     cache = cache_spec(spec)
@@ -56,7 +57,7 @@ def build_decoder(spec: ModelSpec, weights: WeightsFn, *, max_positions: int, na
     x = g.op("Gather", g.weight("model.embed_tokens.weight", top["model.embed_tokens.weight"]), input_ids, axis=0)
     pos = _positional(g, spec, position_ids, mask, pasts[0][0], cache, max_positions)
     for i in range(spec.num_hidden_layers):
-        x, presents = _layer(g, spec, weights(i), i, x, pasts[i], pos)
+        x, presents = _layer(g, spec, weights(i), i, x, pasts[i], pos, expert_path)
         for t, value in zip(cache.names, presents, strict=True):
             g.output(value, f"present.{i}.{t}", FLOAT, [s if s != "S" else "T" for s in cache.shape])
     x = g.rms_norm(x, top["model.norm.weight"], "model.norm", spec.rms_norm_eps)
@@ -99,11 +100,11 @@ def allowed_mask(g: GraphBuilder, position_ids: str, mask: str, past_len: str) -
 
 
 def _layer(g: GraphBuilder, spec: ModelSpec, w: dict[str, np.ndarray], i: int, x: str, past: list[str],
-           pos: Positional) -> tuple[str, list[str]]:
+           pos: Positional, expert_path: str) -> tuple[str, list[str]]:
     x, h, presents = attention_block(g, spec, w, i, x, past, pos)
     p = f"model.layers.{i}.mlp."
     if spec.is_moe_layer(i):
-        mlp = moe_block(g, spec, w, p, h)
+        mlp = moe_block(g, spec, w, p, h, expert_path)
     else:
         mlp = g.swiglu_mlp(h, w[p + "gate_proj.weight"], w[p + "up_proj.weight"], w[p + "down_proj.weight"], p[:-1])
     return g.op("Add", x, mlp), presents

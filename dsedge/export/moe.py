@@ -65,10 +65,19 @@ def _limit_groups(g: GraphBuilder, moe: MoESpec, scores: str, group_score: str) 
     return g.op("Where", mask, scores, g.const(NEG_INF, np.float32))
 
 
-def moe_block(g: GraphBuilder, spec: ModelSpec, w: dict[str, np.ndarray], prefix: str, h: str) -> str:
-    """Shared experts + routed experts for hidden states h [B, T, H]."""
+def moe_block(g: GraphBuilder, spec: ModelSpec, w: dict[str, np.ndarray], prefix: str, h: str,
+              expert_path: str = "dispatch") -> str:
+    """Shared experts + routed experts for hidden states h [B, T, H].
+
+    ``expert_path="dense"`` runs every expert on every row and zeroes the unchosen: exact too, but it
+    reads all experts' weights per token; it exists only as the baseline the benchmark compares against.
+    """
     flat, idx, weights, shared = moe_router_and_shared(g, spec, w, prefix, h)
-    out = dispatch_experts(g, spec.moe, w, prefix, flat, idx, weights, range(spec.moe.n_routed_experts))
+    experts = range(spec.moe.n_routed_experts)
+    if expert_path == "dense":
+        out = _dense_experts(g, spec.moe, w, prefix, flat, idx, weights, experts)
+    else:
+        out = dispatch_experts(g, spec.moe, w, prefix, flat, idx, weights, experts)
     if shared is not None:
         out = g.op("Add", out, shared)
     return g.op("Reshape", out, g.op("Shape", h))
@@ -111,4 +120,15 @@ def dispatch_experts(g: GraphBuilder, moe: MoESpec, w: dict[str, np.ndarray], pr
         w_e = g.op("Gather", g.op("Gather", dense, g.const(e), axis=1), rows, axis=0)  # [n_e]
         y_e = g.op("Mul", y_e, g.op("Unsqueeze", w_e, g.const([-1])))
         acc = g.op("ScatterND", acc, g.op("Unsqueeze", rows, g.const([-1])), y_e, reduction="add")
+    return acc
+
+
+def _dense_experts(g: GraphBuilder, moe: MoESpec, w: dict[str, np.ndarray], prefix: str, flat: str, idx: str,
+                   weights: str, experts: range) -> str:
+    _, dense = dense_routing_weights(g, moe.n_routed_experts, idx, weights)
+    acc = g.op("Mul", flat, g.const(0.0, np.float32))
+    for e in experts:
+        p = f"{prefix}experts.{e}."
+        y = g.swiglu_mlp(flat, w[p + "gate_proj.weight"], w[p + "up_proj.weight"], w[p + "down_proj.weight"], p[:-1])
+        acc = g.op("Add", acc, g.op("Mul", y, g.op("Gather", dense, g.const([e]), axis=1)))
     return acc
