@@ -147,10 +147,10 @@ def _write_graphs(ckpt: Checkpoint, root: Path, context: int, layout: str, tgt, 
         return write_partitioned(ckpt.spec, _layer_weights(ckpt), root, GRAPH_DIR, max_positions=context,
                                  target_budget=tgt.memory_budget_bytes if tgt else None, per_partition=per_partition)
     (root / GRAPH_DIR).mkdir()
-    model = build_decoder(ckpt.spec, _layer_weights(ckpt), max_positions=context, expert_path=expert_path)
     rel = f"{GRAPH_DIR}/decoder.onnx"
-    onnx.save_model(model, root / rel, save_as_external_data=True, all_tensors_to_one_file=True,
-                    location="decoder.onnx.data", size_threshold=1024)
+    model = build_decoder(ckpt.spec, _layer_weights(ckpt), max_positions=context, expert_path=expert_path,
+                          data_path=root / (rel + ".data"))
+    onnx.save_model(model, root / rel)
     return [{"name": "decoder", "kind": "decoder", "file": rel, "data_files": [rel + ".data"],
              "inputs": [i.name for i in model.graph.input], "outputs": [o.name for o in model.graph.output]}]
 

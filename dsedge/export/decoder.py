@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -44,9 +45,12 @@ def cache_spec(spec: ModelSpec) -> CacheSpec:
 
 
 def build_decoder(spec: ModelSpec, weights: WeightsFn, *, max_positions: int, name: str = "decoder",
-                  expert_path: str = "dispatch") -> onnx.ModelProto:
-    """The full decoder as one ONNX graph; ``weights(i)`` streams one layer's float32 tensors at a time."""
-    g = GraphBuilder(name)
+                  expert_path: str = "dispatch", data_path: Path | None = None) -> onnx.ModelProto:
+    """The full decoder as one ONNX graph; ``weights(i)`` streams one layer's float32 tensors at a time.
+
+    With ``data_path`` the weights go straight to that external-data file as they are added.
+    """
+    g = GraphBuilder(name, data_path)
     cache = cache_spec(spec)
     input_ids = g.input("input_ids", INT64, ["B", "T"])
     position_ids = g.input("position_ids", INT64, ["B", "T"])

@@ -8,6 +8,7 @@ all easier to state op by op (the approach onnxruntime-genai's model builder tak
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -23,11 +24,24 @@ BOOL = TensorProto.BOOL
 Dim = int | str | None
 
 
-class GraphBuilder:
-    """Accumulates nodes, inputs, outputs and initializers; ``model()`` returns a checked ModelProto."""
+EXTERNAL_THRESHOLD = 1024  # smaller tensors (shapes, axes) stay inline: shape inference must read them
+PAGE = 4096
 
-    def __init__(self, name: str):
+
+class GraphBuilder:
+    """Accumulates nodes, inputs, outputs and initializers; ``model()`` returns the ModelProto.
+
+    With ``data_path`` every large initializer is written to that file as soon as it is added and the
+    graph keeps only a reference (ONNX external data: location, offset, length). Export memory then
+    follows the layer being built instead of the whole model, and no second serialization pass runs.
+    Offsets are page-aligned so onnxruntime can memory-map the weights.
+    """
+
+    def __init__(self, name: str, data_path: Path | None = None):
         self.name = name
+        self.data_path = data_path
+        self._data = open(data_path, "wb") if data_path else None  # noqa: SIM115 — closed in model()
+        self._offset = 0
         self.nodes: list[onnx.NodeProto] = []
         self.inputs: list[onnx.ValueInfoProto] = []
         self.outputs: list[onnx.ValueInfoProto] = []
@@ -52,8 +66,23 @@ class GraphBuilder:
         """A named initializer (weights: kept under a readable name for partitioning and debugging)."""
         # np.ascontiguousarray would turn a 0-d scalar into shape (1,); keep scalars scalar.
         array = array if array.flags.c_contiguous else np.ascontiguousarray(array)
-        self.initializers.append(numpy_helper.from_array(array, name))
+        if self._data is None or array.nbytes < EXTERNAL_THRESHOLD:
+            self.initializers.append(numpy_helper.from_array(array, name))
+        else:
+            self.initializers.append(self._external(name, array))
         return name
+
+    def _external(self, name: str, array: np.ndarray) -> onnx.TensorProto:
+        padding = -self._offset % PAGE
+        self._data.write(b"\0" * padding)
+        self._offset += padding
+        self._data.write(memoryview(array).cast("B"))
+        tensor = onnx.TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(array.dtype),
+                                  dims=array.shape, data_location=onnx.TensorProto.EXTERNAL)
+        for key, value in (("location", self.data_path.name), ("offset", self._offset), ("length", array.nbytes)):
+            tensor.external_data.add(key=key, value=str(value))
+        self._offset += array.nbytes
+        return tensor
 
     def const(self, value, dtype=np.int64) -> str:
         """A small constant, deduplicated by value."""
@@ -71,6 +100,8 @@ class GraphBuilder:
         return names[0] if outputs == 1 else names
 
     def model(self) -> onnx.ModelProto:
+        if self._data is not None:
+            self._data.close()
         graph = helper.make_graph(self.nodes, self.name, self.inputs, self.outputs, self.initializers)
         opsets = [helper.make_opsetid("", OPSET), helper.make_opsetid(MS_DOMAIN, 1)]
         model = helper.make_model(graph, opset_imports=opsets, producer_name="dsedge")

@@ -64,9 +64,10 @@ def partitions_for(spec: ModelSpec, per_partition: int) -> list[Partition]:
     return out
 
 
-def build_prelude(spec: ModelSpec, top: dict[str, np.ndarray], max_positions: int) -> onnx.ModelProto:
+def build_prelude(spec: ModelSpec, top: dict[str, np.ndarray], max_positions: int,
+                  data_path: Path | None = None) -> onnx.ModelProto:
     """input_ids, position_ids, attention_mask → hidden [B,T,H], cos/sin [B,T,r/2], allowed [B,1,T,S+T]."""
-    g = GraphBuilder("prelude")
+    g = GraphBuilder("prelude", data_path)
     ids = g.input("input_ids", INT64, ["B", "T"])
     position_ids = g.input("position_ids", INT64, ["B", "T"])
     mask = g.input("attention_mask", INT64, ["B", "S_plus_T"])
@@ -81,9 +82,9 @@ def build_prelude(spec: ModelSpec, top: dict[str, np.ndarray], max_positions: in
     return g.model()
 
 
-def build_layer(spec: ModelSpec, w: dict[str, np.ndarray], i: int) -> onnx.ModelProto:
+def build_layer(spec: ModelSpec, w: dict[str, np.ndarray], i: int, data_path: Path | None = None) -> onnx.ModelProto:
     """One decoder layer without its routed experts."""
-    g = GraphBuilder(f"layer.{i}")
+    g = GraphBuilder(f"layer.{i}", data_path)
     cache = cache_spec(spec)
     half = rope_table_dim(spec)
     x = g.input("hidden", FLOAT, ["B", "T", spec.hidden_size])
@@ -110,8 +111,8 @@ def build_layer(spec: ModelSpec, w: dict[str, np.ndarray], i: int) -> onnx.Model
     return g.model()
 
 
-def build_head(spec: ModelSpec, top: dict[str, np.ndarray]) -> onnx.ModelProto:
-    g = GraphBuilder("head")
+def build_head(spec: ModelSpec, top: dict[str, np.ndarray], data_path: Path | None = None) -> onnx.ModelProto:
+    g = GraphBuilder("head", data_path)
     x = g.input("hidden", FLOAT, ["B", "T", spec.hidden_size])
     x = g.rms_norm(x, top["model.norm.weight"], "model.norm", spec.rms_norm_eps)
     head = top["model.embed_tokens.weight"] if spec.tie_word_embeddings else top["lm_head.weight"]
@@ -119,9 +120,10 @@ def build_head(spec: ModelSpec, top: dict[str, np.ndarray]) -> onnx.ModelProto:
     return g.model()
 
 
-def build_partition(spec: ModelSpec, w: dict[str, np.ndarray], part: Partition) -> onnx.ModelProto:
+def build_partition(spec: ModelSpec, w: dict[str, np.ndarray], part: Partition,
+                    data_path: Path | None = None) -> onnx.ModelProto:
     """Σ over this partition's chosen experts; rows routed elsewhere contribute nothing."""
-    g = GraphBuilder(part.name)
+    g = GraphBuilder(part.name, data_path)
     k = spec.moe.num_experts_per_tok
     flat = g.input("moe_input", FLOAT, ["N", spec.hidden_size])
     idx = g.input("expert_ids", INT64, ["N", k])
@@ -136,26 +138,31 @@ def write_partitioned(spec: ModelSpec, weights: WeightsFn, root: Path, graph_dir
                       target_budget: int | None, per_partition: int | None = None) -> list[dict[str, Any]]:
     """Write every graph of the partitioned layout; returns their manifest entries."""
     top = weights(None)
-    graphs = [_save(build_prelude(spec, top, max_positions), root, graph_dir, "prelude", "prelude")]
+    graphs = [_save(lambda data: build_prelude(spec, top, max_positions, data), root, graph_dir, "prelude",
+                    "prelude")]
     parts = []
     if spec.moe:
         parts = partitions_for(spec, per_partition or experts_per_partition(spec, target_budget))
     for i in range(spec.num_hidden_layers):
         w = weights(i)
-        graphs.append(_save(build_layer(spec, w, i), root, graph_dir, f"layer.{i}", "layer", layer=i))
+        graphs.append(_save(lambda data, w=w, i=i: build_layer(spec, w, i, data), root, graph_dir, f"layer.{i}",
+                            "layer", layer=i))
         for part in (p for p in parts if p.layer == i):
-            graphs.append(_save(build_partition(spec, w, part), root, f"{graph_dir}/experts", part.name, "experts",
-                                layer=i, experts=[part.first, part.last]))
-    graphs.append(_save(build_head(spec, top), root, graph_dir, "head", "head"))
+            graphs.append(_save(lambda data, w=w, part=part: build_partition(spec, w, part, data), root,
+                                f"{graph_dir}/experts", part.name, "experts", layer=i, experts=[part.first, part.last]))
+    graphs.append(_save(lambda data: build_head(spec, top, data), root, graph_dir, "head", "head"))
     return graphs
 
 
-def _save(model: onnx.ModelProto, root: Path, folder: str, name: str, kind: str, **extra) -> dict[str, Any]:
+def _save(build, root: Path, folder: str, name: str, kind: str, **extra) -> dict[str, Any]:
+    """Build a graph with its weights streamed to ``name.onnx.data``, save it, return its manifest entry."""
     (root / folder).mkdir(parents=True, exist_ok=True)
     rel = f"{folder}/{name}.onnx"
-    onnx.save_model(model, root / rel, save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=f"{name}.onnx.data", size_threshold=1024)
     data = root / (rel + ".data")
+    model = build(data)
+    onnx.save_model(model, root / rel)
+    if data.exists() and data.stat().st_size == 0:
+        data.unlink()  # every weight was small enough to stay inline
     return {"name": name, "kind": kind, "file": rel, "data_files": [rel + ".data"] if data.exists() else [],
             "bytes": (root / rel).stat().st_size + (data.stat().st_size if data.exists() else 0),
             "inputs": [i.name for i in model.graph.input], "outputs": [o.name for o in model.graph.output], **extra}

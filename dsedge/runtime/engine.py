@@ -18,12 +18,18 @@ from dsedge.runtime.cache import CacheBuffers
 class SessionConfig:
     providers: tuple[str, ...] = ("CPUExecutionProvider",)
     threads: int | None = None
+    # onnxruntime's pool threads spin after each run. With several sessions run in turn (a partitioned
+    # bundle runs ~2 per layer) the idle pools spin against the active one: on ds3bench under load,
+    # decode took 447 ms/token spinning vs 40 without (monolithic 61 vs 36). See benchmarks/README.md.
+    spin: bool = False
 
 
 def make_session(path: Path, config: SessionConfig) -> ort.InferenceSession:
     options = ort.SessionOptions()
     if config.threads:
         options.intra_op_num_threads = config.threads
+    if not config.spin:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     available = set(ort.get_available_providers())
     providers = [p for p in config.providers if p in available] or ["CPUExecutionProvider"]
     return ort.InferenceSession(str(path), sess_options=options, providers=providers)
