@@ -286,3 +286,16 @@ def test_placement_plan_respects_budget():
     resident = [n for n, where in plan["partitions"].items() if where == "resident"]
     assert resident == ["p9", "p3", "p7"]  # most frequent first, 3 × 100 bytes fit in 350
     assert plan["resident_expert_bytes"] == 300
+
+
+def test_unsupported_config_options_are_refused():
+    from dsedge.export.bundle import _check_supported
+    from dsedge.models.published import published_config
+    from dsedge.models.registry import spec_from_config
+
+    with pytest.raises(UserError, match="mlp_bias"):
+        _check_supported(spec_from_config(published_config("r1-distill-llama-8b") | {"mlp_bias": True}))
+    with pytest.raises(UserError, match="rope type 'longrope'"):
+        config = published_config("r1-distill-qwen-7b") | {"rope_scaling": {"rope_type": "longrope", "factor": 2.0}}
+        _check_supported(spec_from_config(config))
+    _check_supported(spec_from_config(published_config("deepseek-v3")))  # the real configs pass

@@ -68,6 +68,7 @@ def export_bundle(checkpoint: str | Path, output: str | Path, *, target=None, la
         raise UserError(f"output {out} already exists", where=str(out), hint="pass --overwrite to replace it")
     ckpt = Checkpoint(checkpoint)
     ckpt.validate()
+    _check_supported(ckpt.spec)
     tgt = load_target(target) if target is not None else None
     context = _max_context(ckpt, tgt, max_context)
     if experts_per_partition is not None and experts_per_partition < 1:
@@ -97,6 +98,20 @@ def export_bundle(checkpoint: str | Path, output: str | Path, *, target=None, la
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise UserError(f"unsupported {name} {value!r}", where=f"--{name}", hint=f"choose one of: {', '.join(choices)}")
+
+
+def _check_supported(spec) -> None:
+    """Config options no released DeepSeek/R1-Distill checkpoint uses, which the graphs do not implement."""
+    unsupported = []
+    if spec.mlp_bias:
+        unsupported.append("mlp_bias=true")
+    if spec.mla is not None and spec.attention_bias:
+        unsupported.append("attention_bias=true on MLA projections")
+    if spec.rope.type not in ("default", "yarn", "llama3", "linear"):
+        unsupported.append(f"rope type {spec.rope.type!r}")
+    if unsupported:
+        raise UserError(f"export does not support {', '.join(unsupported)}", where="config.json",
+                        hint="no released DeepSeek or R1-Distill checkpoint uses these; please open an issue")
 
 
 def _max_context(ckpt: Checkpoint, tgt, requested: int | None) -> int:
