@@ -86,12 +86,12 @@ def bundle_speed(path: str, vocab: int, steps: int) -> dict:
     return {"load_s": load_s, **decode_speed(engine, vocab, steps)}
 
 
-def dense_path_speed(ckpt: Path, vocab: int, steps: int) -> dict:
-    """The same monolithic graph with every expert computed on every token (the baseline path)."""
+def expert_path_speed(ckpt: Path, path: str, vocab: int, steps: int) -> dict:
+    """The monolithic graph with another routed-expert operator path ("moe_op" or the "dense" baseline)."""
     from dsedge.export.bundle import export_bundle
 
     with tempfile.TemporaryDirectory(dir=OUT) as tmp:
-        export_bundle(ckpt, Path(tmp) / "b", max_context=1024, validate=False, expert_path="dense")
+        export_bundle(ckpt, Path(tmp) / "b", max_context=1024, validate=False, expert_path=path)
         return bundle_speed(str(Path(tmp) / "b"), vocab, steps)
 
 
@@ -130,7 +130,8 @@ def main() -> None:
         rows[layout] = exported | bundle_speed(exported["path"], vocab, args.decode)
     rows["monolithic_no_validation"] = export(ckpt, "monolithic", validate=False)
     if args.model == "ds3bench":
-        rows["dense_expert_path"] = dense_path_speed(ckpt, vocab, args.decode)
+        for path in ("moe_op", "dense"):
+            rows[f"{path}_expert_path"] = expert_path_speed(ckpt, path, vocab, args.decode)
     rows["torch_eager"] = torch_eager_speed(ckpt, args.decode)
     print(json.dumps(rows, indent=2))
     (args.json or OUT / f"export_bench.{args.model}.json").write_text(json.dumps(rows, indent=2))

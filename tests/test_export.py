@@ -299,3 +299,11 @@ def test_unsupported_config_options_are_refused():
         config = published_config("r1-distill-qwen-7b") | {"rope_scaling": {"rope_type": "longrope", "factor": 2.0}}
         _check_supported(spec_from_config(config))
     _check_supported(spec_from_config(published_config("deepseek-v3")))  # the real configs pass
+
+
+def test_moe_op_path_is_exact_for_v3_and_refused_for_v2(tiny_checkpoint, tmp_path):
+    """onnxruntime's fused MoE op, fed our exact routing, is a validated alternative path for V3/R1."""
+    report = export_bundle(tiny_checkpoint("v3"), tmp_path / "b", max_context=48, expert_path="moe_op")
+    assert all(c["passed"] for c in report.validation)
+    with pytest.raises(UserError, match="norm_topk_prob"):
+        export_bundle(tiny_checkpoint("v2"), tmp_path / "c", max_context=48, expert_path="moe_op")

@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 
 LAYOUTS = ("monolithic", "partitioned")
 DTYPES = ("fp32",)
+EXPERT_PATHS = ("dispatch", "moe_op", "dense")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
                    "chat_template.jinja")
 DEFAULT_MAX_CONTEXT = 4096
@@ -57,8 +58,9 @@ def export_bundle(checkpoint: str | Path, output: str | Path, *, target=None, la
     """Export a checkpoint to an ONNX bundle (manifest + graphs + tokenizer), validated against the reference.
 
     The bundle appears at ``output`` only when complete and validated; a failure leaves nothing behind.
-    ``expert_path="dense"`` (monolithic only) computes every expert on every token: the baseline that
-    benchmarks/export_bench.py measures the sparse dispatch against; never use it on a device.
+    ``expert_path`` (monolithic only): "dispatch" (default: each expert gathers its rows), "moe_op"
+    (onnxruntime's fused MoE operator; exact only where ``norm_topk_prob`` holds, i.e. V3/R1), or "dense"
+    (every expert on every token: the baseline benchmarks/export_bench.py compares against).
     """
     started = time.perf_counter()
     _check_choice("layout", layout, LAYOUTS)
@@ -71,6 +73,10 @@ def export_bundle(checkpoint: str | Path, output: str | Path, *, target=None, la
     _check_supported(ckpt.spec)
     tgt = load_target(target) if target is not None else None
     context = _max_context(ckpt, tgt, max_context)
+    _check_choice("expert_path", expert_path, EXPERT_PATHS)
+    if expert_path == "moe_op" and not (ckpt.spec.moe and ckpt.spec.moe.norm_topk_prob):
+        raise UserError("expert_path 'moe_op' reproduces DeepSeek routing only for routers with norm_topk_prob "
+                        "(V3/R1)", where="expert_path", hint="use the default 'dispatch' path")
     if experts_per_partition is not None and experts_per_partition < 1:
         raise UserError(f"--experts-per-partition must be ≥ 1, got {experts_per_partition}",
                         where="--experts-per-partition")

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from dsedge.export.graph import GraphBuilder
+from dsedge.export.graph import MS_DOMAIN, GraphBuilder
 from dsedge.models.spec import ModelSpec, MoESpec
 
 NEG_INF = float("-inf")
@@ -76,6 +76,8 @@ def moe_block(g: GraphBuilder, spec: ModelSpec, w: dict[str, np.ndarray], prefix
     experts = range(spec.moe.n_routed_experts)
     if expert_path == "dense":
         out = _dense_experts(g, spec.moe, w, prefix, flat, idx, weights, experts)
+    elif expert_path == "moe_op":
+        out = _moe_op_experts(g, spec.moe, w, prefix, flat, idx, weights)
     else:
         out = dispatch_experts(g, spec.moe, w, prefix, flat, idx, weights, experts)
     if shared is not None:
@@ -132,3 +134,27 @@ def _dense_experts(g: GraphBuilder, moe: MoESpec, w: dict[str, np.ndarray], pref
         y = g.swiglu_mlp(flat, w[p + "gate_proj.weight"], w[p + "up_proj.weight"], w[p + "down_proj.weight"], p[:-1])
         acc = g.op("Add", acc, g.op("Mul", y, g.op("Gather", dense, g.const([e]), axis=1)))
     return acc
+
+
+def _moe_op_experts(g: GraphBuilder, moe: MoESpec, w: dict[str, np.ndarray], prefix: str, flat: str, idx: str,
+                    weights: str) -> str:
+    """onnxruntime's ``com.microsoft::MoE`` fed so that it reproduces DeepSeek's routing (a benchmark candidate).
+
+    The op softmaxes ``router_probs`` and takes its top-k. We pass log(weight) for the experts our exact
+    router chose and −inf elsewhere, so it picks the same experts and, with normalize_routing_weights=1,
+    weights w/Σw — DeepSeek's weights when ``norm_topk_prob`` (V3/R1); routed_scaling_factor is folded into
+    fc2. V2's unnormalised weights cannot be expressed this way (the float op has no ``router_weights``).
+    The CPU kernel needs fc1 as interleaved gate/up rows [E, 2I, H] (swiglu_fusion=1).
+    """
+    if not moe.norm_topk_prob:
+        raise ValueError("the MoE-op path reproduces DeepSeek routing only with norm_topk_prob")
+    selected, dense = dense_routing_weights(g, moe.n_routed_experts, idx, weights)
+    probs = g.op("Where", g.op("Cast", selected, to=9), g.op("Log", dense), g.const(float("-inf"), np.float32))
+    experts = range(moe.n_routed_experts)
+    fc1 = np.stack([np.stack([w[f"{prefix}experts.{e}.gate_proj.weight"], w[f"{prefix}experts.{e}.up_proj.weight"]],
+                             axis=1).reshape(-1, w[f"{prefix}experts.{e}.gate_proj.weight"].shape[1]) for e in experts])
+    fc2 = np.stack([w[f"{prefix}experts.{e}.down_proj.weight"] for e in experts]) * moe.routed_scaling_factor
+    return g.op("MoE", flat, probs, g.weight(prefix + "experts.fc1", fc1.astype(np.float32)), None,
+                g.weight(prefix + "experts.fc2", fc2.astype(np.float32)), domain=MS_DOMAIN,
+                k=moe.num_experts_per_tok, activation_type="swiglu", swiglu_fusion=1, normalize_routing_weights=1,
+                activation_alpha=1.0, activation_beta=0.0)
