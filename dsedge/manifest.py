@@ -102,7 +102,11 @@ def write_manifest(root: Path, data: dict[str, Any]) -> None:
     """Write the manifest after hashing every file under ``root`` (the manifest itself excluded)."""
     files = sorted(str(p.relative_to(root).as_posix()) for p in root.rglob("*") if p.is_file()
                    and p.name != MANIFEST_FILE)
-    data = {"schema_version": SCHEMA_VERSION, **data, "files": {rel: file_entry(root, rel) for rel in files}}
+    table = {rel: file_entry(root, rel) for rel in files}
+    for graph in data.get("graphs", []):  # each graph/partition also carries its own hashes, for readers
+        graph["sha256"] = table[graph["file"]]["sha256"]
+        graph["data_sha256"] = [table[f]["sha256"] for f in graph.get("data_files", [])]
+    data = {"schema_version": SCHEMA_VERSION, **data, "files": table}
     tmp = root / (MANIFEST_FILE + ".tmp")
     tmp.write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
     os.replace(tmp, root / MANIFEST_FILE)

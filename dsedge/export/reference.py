@@ -24,8 +24,8 @@ def reference_model(ckpt: Checkpoint):
     config_dict = {k: v for k, v in copy.deepcopy(ckpt.spec.config).items() if k not in _DROP_KEYS}
     config = transformers.AutoConfig.for_model(**config_dict)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    state = fuse_experts(ckpt.state_dict())
-    result = model.load_state_dict(state, strict=False)
+    # assign=True swaps our tensors in instead of copying them, so the reference costs one model, not two.
+    result = model.load_state_dict(fuse_experts(ckpt.state_dict()), strict=False, assign=True)
     if result.missing_keys or result.unexpected_keys:
         raise RuntimeError(f"reference weights do not fit transformers' {type(model).__name__}: missing "
                            f"{result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}")
@@ -37,15 +37,18 @@ def fuse_experts(state: dict) -> dict:
     import torch
 
     out, experts = {}, {}
-    for name, tensor in state.items():
+    for name in list(state):
+        tensor = state.pop(name)  # drop our reference as we go: per-expert tensors are freed once stacked
         m = _EXPERT.match(name)
         if m:
             experts.setdefault(m["prefix"], {})[(int(m["e"]), m["kind"])] = tensor
         else:
             out[name] = tensor
-    for prefix, parts in experts.items():
+    for prefix in list(experts):
+        parts = experts.pop(prefix)
         count = 1 + max(e for e, _ in parts)
         out[prefix + ".gate_up_proj"] = torch.stack(
             [torch.cat([parts[(e, "gate_proj")], parts[(e, "up_proj")]]) for e in range(count)])
         out[prefix + ".down_proj"] = torch.stack([parts[(e, "down_proj")] for e in range(count)])
+        del parts
     return out
