@@ -27,6 +27,7 @@ run fast and small on one card or an edge device.
   dsedge plan MODEL --target T         will it fit the device, at which precision, how fast can it decode
   dsedge targets                       the built-in device profiles
   dsedge export CKPT -o BUNDLE         ONNX bundle (latent MLA cache, exact routing), validated vs PyTorch
+  dsedge run BUNDLE --prompt TEXT      generate from a bundle (onnxruntime only), streaming to stdout
 """
 
 EPILOG = """\
@@ -100,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"dsedge {__version__}")
     sub = parser.add_subparsers(title="commands", metavar="COMMAND")
-    for register in (_add_inspect, _add_plan, _add_targets, _add_export):
+    for register in (_add_inspect, _add_plan, _add_targets, _add_export, _add_run):
         register(sub)
     return parser
 
@@ -172,6 +173,27 @@ def _add_export(sub) -> None:
     cmd.add_argument("--no-validate", action="store_true", help="skip the check against the PyTorch reference")
 
 
+def _add_run(sub) -> None:
+    cmd = _command(sub, "run", "generate text from a bundle",
+                   "Generate from a bundle written by `dsedge export`, on onnxruntime alone (no torch). Text streams\n"
+                   "to stdout as it is produced; timings go to stderr. Greedy unless --temperature > 0; a --seed\n"
+                   "makes sampling reproducible. With --json, one object with the text, token ids, finish reason\n"
+                   "(eos, stop, length) and timings is printed at the end instead.", _run_run, _render_run)
+    cmd.add_argument("bundle", help="bundle directory")
+    cmd.add_argument("-p", "--prompt", required=True, help="prompt text (raw; no chat template)")
+    cmd.add_argument("-n", "--max-new-tokens", type=int, default=128, metavar="N", help="default 128")
+    cmd.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    cmd.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
+    cmd.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
+    cmd.add_argument("--repetition-penalty", type=float, default=1.0, help="CTRL-style penalty (1 = off)")
+    cmd.add_argument("--seed", type=int, help="seed for reproducible sampling")
+    cmd.add_argument("--stop", action="append", metavar="TEXT", help="stop before this text (repeatable)")
+    cmd.add_argument("-t", "--target", help="device target: execution providers and threads")
+    cmd.add_argument("--threads", type=int, help="intra-op threads (default: the target's, else onnxruntime's)")
+    cmd.add_argument("--memory-budget", type=int, metavar="BYTES",
+                     help="partitioned bundles: bytes of expert partitions kept loaded (LRU beyond)")
+
+
 # --- handlers -----------------------------------------------------------------------------------
 
 def _run_inspect(args):
@@ -208,6 +230,20 @@ def _run_export(args):
                          experts_per_partition=args.experts_per_partition)
 
 
+def _run_run(args):
+    from dsedge.runtime import load_bundle
+
+    engine = load_bundle(args.bundle, target=args.target, threads=args.threads,
+                         memory_budget_bytes=args.memory_budget)
+    events = engine.stream(args.prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                           top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
+                           stop=args.stop)
+    for event in events:
+        if not args.json:
+            print(event.text, end="", flush=True)
+    return engine.last_result
+
+
 # --- rendering ----------------------------------------------------------------------------------
 
 def _render_inspect(r) -> None:
@@ -226,6 +262,14 @@ def _render_export(r) -> None:
     from dsedge.render import render_export
 
     print(render_export(r))
+
+
+def _render_run(r) -> None:
+    print()
+    t = r.timings
+    print(f"[{len(r.token_ids)} tokens, finish: {r.finish_reason}; prompt {r.prompt_tokens} tokens, "
+          f"TTFT {t.get('ttft_s', 0) * 1e3:.1f} ms, decode {t.get('decode_tokens_per_s', 0):.1f} tokens/s]",
+          file=sys.stderr)
 
 
 def _render_targets(r) -> None:

@@ -124,6 +124,30 @@ class Engine:
             logits = self.forward(next_ids[:, None].astype(np.int64), mask, cache)
         return out
 
+    # --- text generation ------------------------------------------------------------------------
+    @property
+    def codec(self):
+        """The bundle's tokenizer, loaded on first use (None when the bundle has none)."""
+        if not hasattr(self, "_codec"):
+            self._codec = _load_codec(self.manifest)
+        return self._codec
+
+    def stream(self, prompt, max_new_tokens: int = 128, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+               repetition_penalty: float = 1.0, seed: int | None = None, stop: list[str] | None = None):
+        """Yield StreamEvents (token id + new text) as tokens are produced. Greedy when temperature is 0."""
+        from dsedge.runtime.generation import GenerationResult, SamplingParams, stream_tokens
+
+        self.last_result = GenerationResult("", [], "length", 0)
+        params = SamplingParams(temperature, top_k, top_p, repetition_penalty, seed)
+        yield from stream_tokens(self, self.codec, prompt, max_new_tokens=max_new_tokens, sampling=params, stop=stop,
+                                 result=self.last_result)
+
+    def generate(self, prompt, max_new_tokens: int = 128, **sampling):
+        """Generate to completion; returns a GenerationResult (text, token ids, finish reason, timings)."""
+        for _ in self.stream(prompt, max_new_tokens, **sampling):
+            pass
+        return self.last_result
+
     def _check_tokens(self, token_ids: list[int]) -> None:
         vocab = int(self.spec["vocab_size"])
         if not token_ids:
@@ -146,3 +170,19 @@ class MonolithicEngine(Engine):
     def run_graph(self, feeds: dict[str, np.ndarray], cache: CacheBuffers) -> dict[str, np.ndarray]:
         outputs = self.decoder.run(self.output_names, {**feeds, **cache.past()})
         return dict(zip(self.output_names, outputs, strict=True))
+
+
+def _load_codec(manifest: Manifest):
+    from dsedge.runtime.generation import TextCodec
+
+    rel = "tokenizer/tokenizer.json"
+    if rel not in manifest.files:
+        return None
+    from tokenizers import Tokenizer
+
+    info = manifest.data.get("tokenizer", {})
+    eos = info.get("eos_token_id")
+    eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    generation_eos = (info.get("generation_defaults") or {}).get("eos_token_id")
+    eos_ids |= set(generation_eos if isinstance(generation_eos, list) else [generation_eos] if generation_eos else [])
+    return TextCodec(Tokenizer.from_file(str(manifest.path(rel))), info.get("bos_token_id"), eos_ids)

@@ -1,0 +1,71 @@
+"""Next-token sampling: greedy, temperature, top-k, top-p (nucleus), repetition penalty, seeded."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+
+from dsedge.errors import UserError
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 0.0  # 0 → greedy
+    top_k: int = 0  # 0 → off
+    top_p: float = 1.0  # 1 → off
+    repetition_penalty: float = 1.0  # 1 → off
+    seed: int | None = None
+
+    def __post_init__(self):
+        checks = [(self.temperature >= 0, "temperature must be ≥ 0"), (self.top_k >= 0, "top_k must be ≥ 0"),
+                  (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
+                  (self.repetition_penalty > 0, "repetition_penalty must be > 0")]
+        for ok, message in checks:
+            if not ok:
+                raise UserError(message, where="sampling parameters")
+
+
+class Sampler:
+    """Picks the next token from logits [V]; one numpy Generator per sampler, so a seed reproduces a run."""
+
+    def __init__(self, params: SamplingParams):
+        self.params = params
+        self.rng = np.random.default_rng(params.seed)
+
+    def __call__(self, logits: np.ndarray, history: Iterable[int] = ()) -> int:
+        scores = penalize_repetition(logits.astype(np.float64), history, self.params.repetition_penalty)
+        if self.params.temperature == 0:
+            return int(np.argmax(scores))
+        probs = filtered_probs(scores / self.params.temperature, self.params.top_k, self.params.top_p)
+        return int(self.rng.choice(len(probs), p=probs))
+
+
+def penalize_repetition(scores: np.ndarray, history: Iterable[int], penalty: float) -> np.ndarray:
+    """CTRL's penalty (Keskar et al. 2019), as transformers applies it: divide positive, multiply negative."""
+    seen = np.unique(np.fromiter(history, dtype=np.int64))
+    if penalty == 1.0 or seen.size == 0:
+        return scores
+    scores = scores.copy()
+    picked = scores[seen]
+    scores[seen] = np.where(picked > 0, picked / penalty, picked * penalty)
+    return scores
+
+
+def filtered_probs(scores: np.ndarray, top_k: int, top_p: float) -> np.ndarray:
+    """Softmax after keeping the top_k scores and then the smallest set whose mass reaches top_p."""
+    if 0 < top_k < scores.size:
+        cutoff = np.partition(scores, -top_k)[-top_k]
+        scores = np.where(scores >= cutoff, scores, -np.inf)
+    probs = np.exp(scores - scores.max())
+    probs /= probs.sum()
+    if top_p < 1.0:
+        order = np.argsort(-probs, kind="stable")
+        cumulative = np.cumsum(probs[order])
+        keep = order[: int(np.searchsorted(cumulative, top_p)) + 1]  # always at least one token
+        mask = np.zeros_like(probs, dtype=bool)
+        mask[keep] = True
+        probs = np.where(mask, probs, 0.0)
+        probs /= probs.sum()
+    return probs
