@@ -166,7 +166,9 @@ def _add_export(sub) -> None:
                           "memory budget (default monolithic)")
     cmd.add_argument("--experts-per-partition", type=int, metavar="N",
                      help="routed experts per partition (default: sized to 1/64 of the target's budget, else 64 MiB)")
-    cmd.add_argument("--dtype", default="fp32", choices=["fp32"], help="activation/weight dtype (default fp32)")
+    cmd.add_argument("--dtype", default="fp32", choices=["fp32", "fp16"],
+                     help="fp32 (default) or fp16 weights, activations and cache (norms, softmax, router and expert "
+                          "sums stay fp32); validated to 1e-4 / 5e-3 max abs logit error")
     cmd.add_argument("--max-context", type=int, help="longest prompt + generation the bundle serves (default: "
                                                      "the target's max_context, else 4096)")
     cmd.add_argument("--overwrite", action="store_true", help="replace an existing output directory")

@@ -53,7 +53,7 @@ def evaluate_perplexity(logits_fn: LogitsFn, token_ids: Sequence[int], *, window
     for batch in _batches(_windows(ids, window), batch_size):
         logits = np.asarray(logits_fn(batch))
         _check_logits(logits, batch)
-        for row, targets in zip(logits, batch):
+        for row, targets in zip(logits, batch, strict=True):
             nll, hits = _score_window(row, targets)
             total_nll, correct, scored = total_nll + nll, correct + hits, scored + len(targets) - 1
     mean_nll = total_nll / scored
@@ -140,10 +140,10 @@ def evaluate_checkpoint(path_or_demo_name: str | Path, text_path: str | Path | N
     tokenized with the checkpoint's ``tokenizer.json``; ``text_path`` defaults to the demo held-out
     text, ``max_tokens`` keeps only the first tokens (bos included).
     """
-    from dsedge.demo import heldout_path
+    from dsedge.demo import heldout_path, resolve_model_path
     from dsedge.testing.reference import load_reference_model
 
-    path = resolve_checkpoint(path_or_demo_name)
+    path = resolve_model_path(path_or_demo_name)
     if not (path / "tokenizer.json").is_file():
         raise UserError("checkpoint has no tokenizer.json", where=str(path),
                         hint="evaluation needs the model's own tokenizer next to its weights")
@@ -151,16 +151,3 @@ def evaluate_checkpoint(path_or_demo_name: str | Path, text_path: str | Path | N
     ids = ids[:max_tokens] if max_tokens else ids
     model = load_reference_model(path, dtype=dtype)
     return evaluate_perplexity(torch_logits_fn(model), ids, window=window, batch_size=batch_size)
-
-
-def resolve_checkpoint(path_or_demo_name: str | Path) -> Path:
-    """An existing directory as given, else a shipped demo model by name (did-you-mean on a miss)."""
-    from dsedge.demo import DEMO_MODELS, model_path
-
-    path = Path(path_or_demo_name)
-    if path.is_dir():
-        return path
-    if isinstance(path_or_demo_name, str) and ("/" not in path_or_demo_name or path_or_demo_name in DEMO_MODELS):
-        return model_path(path_or_demo_name)
-    raise UserError("checkpoint directory not found", where=str(path),
-                    hint=f"pass a checkpoint directory or a demo model name ({', '.join(DEMO_MODELS)})")

@@ -307,3 +307,16 @@ def test_moe_op_path_is_exact_for_v3_and_refused_for_v2(tiny_checkpoint, tmp_pat
     assert all(c["passed"] for c in report.validation)
     with pytest.raises(UserError, match="norm_topk_prob"):
         export_bundle(tiny_checkpoint("v2"), tmp_path / "c", max_context=48, expert_path="moe_op")
+
+
+@pytest.mark.parametrize("variant, layout", [("v3", "monolithic"), ("v2", "partitioned"), ("llama", "monolithic")])
+def test_fp16_export_within_tolerance(tiny_checkpoint, bundles, tmp_path, variant, layout):
+    """fp16 weights, activations and cache (norms, softmax, router, expert sums in fp32): ≤ 5e-3 vs fp32."""
+    report = export_bundle(tiny_checkpoint(variant), tmp_path / "b", max_context=96, dtype="fp16", layout=layout,
+                           experts_per_partition=4)
+    assert all(c["passed"] for c in report.validation)
+    assert all(c["max_abs_err"] <= 5e-3 for c in report.validation if c["max_abs_err"] is not None)
+    engine = load_bundle(tmp_path / "b")
+    assert all(buf.dtype == np.float16 for buf in engine.new_cache(max_len=4).buffers.values())
+    fp32_bytes = bundles(variant)[0].bundle_bytes
+    assert report.bundle_bytes < 0.6 * fp32_bytes  # weights stored in half the bytes

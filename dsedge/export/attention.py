@@ -53,8 +53,8 @@ def attend(g: GraphBuilder, q: str, past: str, new: str, values: tuple[str, str]
     """softmax(q·[past|new]ᵀ·scale, masked) · [past|new] values, without concatenating the cache."""
     s_past = g.op("FusedMatMul", q, past, domain=MS_DOMAIN, transB=1, alpha=scale)
     s_new = g.op("FusedMatMul", q, new, domain=MS_DOMAIN, transB=1, alpha=scale)
-    scores = g.op("Where", allowed, g.op("Concat", s_past, s_new, axis=-1), g.const(NEG, np.float32))
-    prob = g.op("Softmax", scores, axis=-1)
+    scores = g.to_float(g.op("Concat", s_past, s_new, axis=-1))  # softmax in fp32, as the reference
+    prob = g.to_act(g.op("Softmax", g.op("Where", allowed, scores, g.const(NEG, np.float32)), axis=-1))
     last = g.const([-1])
     p_past = g.op("Slice", prob, g.const([0]), pos.past_len, last)
     p_new = g.op("Slice", prob, pos.past_len, g.const([INT_MAX]), last)

@@ -26,7 +26,7 @@ from dsedge.targets import load_target
 log = logging.getLogger(__name__)
 
 LAYOUTS = ("monolithic", "partitioned")
-DTYPES = ("fp32",)
+DTYPES = ("fp32", "fp16")
 EXPERT_PATHS = ("dispatch", "moe_op", "dense")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
                    "chat_template.jinja")
@@ -74,15 +74,15 @@ def export_bundle(checkpoint: str | Path, output: str | Path, *, target=None, la
     tgt = load_target(target) if target is not None else None
     context = _max_context(ckpt, tgt, max_context)
     _check_choice("expert_path", expert_path, EXPERT_PATHS)
-    if expert_path == "moe_op" and not (ckpt.spec.moe and ckpt.spec.moe.norm_topk_prob):
+    if expert_path == "moe_op" and not (ckpt.spec.moe and ckpt.spec.moe.norm_topk_prob and dtype == "fp32"):
         raise UserError("expert_path 'moe_op' reproduces DeepSeek routing only for routers with norm_topk_prob "
-                        "(V3/R1)", where="expert_path", hint="use the default 'dispatch' path")
+                        "(V3/R1), in fp32", where="expert_path", hint="use the default 'dispatch' path")
     if experts_per_partition is not None and experts_per_partition < 1:
         raise UserError(f"--experts-per-partition must be ≥ 1, got {experts_per_partition}",
                         where="--experts-per-partition")
     tmp = _temp_dir(out)
     try:
-        graphs = _write_graphs(ckpt, tmp, context, layout, tgt, experts_per_partition, expert_path)
+        graphs = _write_graphs(ckpt, tmp, context, layout, tgt, experts_per_partition, expert_path, dtype == "fp16")
         _copy_tokenizer(ckpt.path, tmp)
         manifest = _manifest(ckpt, tgt, layout, dtype, context, graphs)
         if layout == "partitioned":
@@ -163,14 +163,15 @@ def _kv_bytes(spec, context: int) -> int:
 
 
 def _write_graphs(ckpt: Checkpoint, root: Path, context: int, layout: str, tgt, per_partition: int | None,
-                  expert_path: str) -> list[dict[str, Any]]:
+                  expert_path: str, half: bool) -> list[dict[str, Any]]:
     if layout == "partitioned":
         return write_partitioned(ckpt.spec, _layer_weights(ckpt), root, GRAPH_DIR, max_positions=context,
-                                 target_budget=tgt.memory_budget_bytes if tgt else None, per_partition=per_partition)
+                                 target_budget=tgt.memory_budget_bytes if tgt else None, per_partition=per_partition,
+                                 half=half)
     (root / GRAPH_DIR).mkdir()
     rel = f"{GRAPH_DIR}/decoder.onnx"
     model = build_decoder(ckpt.spec, _layer_weights(ckpt), max_positions=context, expert_path=expert_path,
-                          data_path=root / (rel + ".data"))
+                          data_path=root / (rel + ".data"), half=half)
     onnx.save_model(model, root / rel)
     return [{"name": "decoder", "kind": "decoder", "file": rel, "data_files": [rel + ".data"],
              "inputs": [i.name for i in model.graph.input], "outputs": [o.name for o in model.graph.output]}]
@@ -200,7 +201,7 @@ def _manifest(ckpt: Checkpoint, tgt, layout: str, dtype: str, context: int, grap
         "target": tgt.to_json() | {"name": tgt.name} if tgt else None,
         "layout": layout,
         "max_context": context,
-        "cache": cache_spec(spec).to_json(),
+        "cache": cache_spec(spec).to_json() | {"dtype": "float16" if dtype == "fp16" else "float32"},
         "graphs": graphs,
         "tokenizer": _tokenizer_info(ckpt.path, spec),
         "mtp": {"in_checkpoint": ckpt.has_mtp, "exported": False},

@@ -34,7 +34,7 @@ class CacheSpec:
     shape: tuple[str | int, ...]  # with symbolic batch "B" and length "S"
 
     def to_json(self) -> dict:
-        return {"kind": self.kind, "tensors": list(self.names), "shape": list(self.shape),
+        return {"kind": self.kind, "tensors": list(self.names), "shape": list(self.shape), "dtype": "float32",
                 "input": "past.{layer}.{tensor}", "output": "present.{layer}.{tensor}"}
 
 
@@ -45,17 +45,18 @@ def cache_spec(spec: ModelSpec) -> CacheSpec:
 
 
 def build_decoder(spec: ModelSpec, weights: WeightsFn, *, max_positions: int, name: str = "decoder",
-                  expert_path: str = "dispatch", data_path: Path | None = None) -> onnx.ModelProto:
+                  expert_path: str = "dispatch", data_path: Path | None = None, half: bool = False,
+                  ) -> onnx.ModelProto:
     """The full decoder as one ONNX graph; ``weights(i)`` streams one layer's float32 tensors at a time.
 
     With ``data_path`` the weights go straight to that external-data file as they are added.
     """
-    g = GraphBuilder(name, data_path)
+    g = GraphBuilder(name, data_path, half)
     cache = cache_spec(spec)
     input_ids = g.input("input_ids", INT64, ["B", "T"])
     position_ids = g.input("position_ids", INT64, ["B", "T"])
     mask = g.input("attention_mask", INT64, ["B", "S_plus_T"])
-    pasts = [[g.input(f"past.{i}.{t}", FLOAT, cache.shape) for t in cache.names]
+    pasts = [[g.input(f"past.{i}.{t}", g.act, cache.shape) for t in cache.names]
              for i in range(spec.num_hidden_layers)]
     top = weights(None)
     x = g.op("Gather", g.weight("model.embed_tokens.weight", top["model.embed_tokens.weight"]), input_ids, axis=0)
@@ -63,10 +64,10 @@ def build_decoder(spec: ModelSpec, weights: WeightsFn, *, max_positions: int, na
     for i in range(spec.num_hidden_layers):
         x, presents = _layer(g, spec, weights(i), i, x, pasts[i], pos, expert_path)
         for t, value in zip(cache.names, presents, strict=True):
-            g.output(value, f"present.{i}.{t}", FLOAT, [s if s != "S" else "T" for s in cache.shape])
+            g.output(value, f"present.{i}.{t}", g.act, [s if s != "S" else "T" for s in cache.shape])
     x = g.rms_norm(x, top["model.norm.weight"], "model.norm", spec.rms_norm_eps)
     head = top["model.embed_tokens.weight"] if spec.tie_word_embeddings else top["lm_head.weight"]
-    g.output(g.linear(x, head, "lm_head"), "logits", FLOAT, ["B", "T", spec.vocab_size])
+    g.output(g.to_float(g.linear(x, head, "lm_head")), "logits", FLOAT, ["B", "T", spec.vocab_size])
     return g.model()
 
 

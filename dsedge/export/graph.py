@@ -26,6 +26,7 @@ Dim = int | str | None
 
 EXTERNAL_THRESHOLD = 1024  # smaller tensors (shapes, axes) stay inline: shape inference must read them
 PAGE = 4096
+PAGE_ALIGN_FROM = 1024 * 1024
 
 
 class GraphBuilder:
@@ -34,11 +35,15 @@ class GraphBuilder:
     With ``data_path`` every large initializer is written to that file as soon as it is added and the
     graph keeps only a reference (ONNX external data: location, offset, length). Export memory then
     follows the layer being built instead of the whole model, and no second serialization pass runs.
-    Offsets are page-aligned so onnxruntime can memory-map the weights.
+    Tensors of 1 MiB and more start on a page boundary, so onnxruntime can memory-map them.
     """
 
-    def __init__(self, name: str, data_path: Path | None = None):
+    def __init__(self, name: str, data_path: Path | None = None, half: bool = False):
         self.name = name
+        # Activation/weight precision: fp16 keeps norms, softmax, routing and expert sums in fp32 (as
+        # transformers does in half precision), everything else in fp16.
+        self.half = half
+        self.act = FLOAT16 if half else FLOAT
         self.data_path = data_path
         self._data = open(data_path, "wb") if data_path else None  # noqa: SIM115 — closed in model()
         self._offset = 0
@@ -62,8 +67,16 @@ class GraphBuilder:
         self.outputs.append(helper.make_tensor_value_info(name, elem_type, list(shape)))
         return name
 
-    def weight(self, name: str, array: np.ndarray) -> str:
-        """A named initializer (weights: kept under a readable name for partitioning and debugging)."""
+    def weight(self, name: str, array: np.ndarray, *, keep_fp32: bool = False) -> str:
+        """A named initializer (weights: kept under a readable name for partitioning and debugging).
+
+        Float weights follow the graph precision unless ``keep_fp32`` (the router, as DeepSeek keeps it).
+        """
+        if self.half and not keep_fp32 and array.dtype == np.float32:
+            array = array.astype(np.float16)
+        return self._initializer(name, array)
+
+    def _initializer(self, name: str, array: np.ndarray) -> str:
         # np.ascontiguousarray would turn a 0-d scalar into shape (1,); keep scalars scalar.
         array = array if array.flags.c_contiguous else np.ascontiguousarray(array)
         if self._data is None or array.nbytes < EXTERNAL_THRESHOLD:
@@ -73,7 +86,8 @@ class GraphBuilder:
         return name
 
     def _external(self, name: str, array: np.ndarray) -> onnx.TensorProto:
-        padding = -self._offset % PAGE
+        # Page-align large tensors (memory-mappable); cache-line-align small ones so padding stays small.
+        padding = -self._offset % (PAGE if array.nbytes >= PAGE_ALIGN_FROM else 64)
         self._data.write(b"\0" * padding)
         self._offset += padding
         self._data.write(memoryview(array).cast("B"))
@@ -89,7 +103,7 @@ class GraphBuilder:
         array = np.asarray(value, dtype=dtype)
         key = (array.dtype.str, array.shape, array.tobytes())
         if key not in self._const_cache:
-            self._const_cache[key] = self.weight(self.fresh("const"), array)
+            self._const_cache[key] = self._initializer(self.fresh("const"), array)
         return self._const_cache[key]
 
     def op(self, op_type: str, *inputs: str | None, out: str | None = None, outputs: int = 1,
@@ -108,19 +122,28 @@ class GraphBuilder:
         model.ir_version = 10
         return model
 
+    # --- precision -----------------------------------------------------------------------------
+    def to_float(self, x: str) -> str:
+        return self.op("Cast", x, to=FLOAT) if self.half else x
+
+    def to_act(self, x: str) -> str:
+        return self.op("Cast", x, to=FLOAT16) if self.half else x
+
     # --- composite helpers used by every architecture ------------------------------------------
-    def linear(self, x: str, weight: np.ndarray, name: str, bias: np.ndarray | None = None) -> str:
+    def linear(self, x: str, weight: np.ndarray, name: str, bias: np.ndarray | None = None, *,
+               keep_fp32: bool = False) -> str:
         """x @ Wᵀ (+ b); W is stored transposed [in, out] so MatMul reads it row-major."""
-        y = self.op("MatMul", x, self.weight(name, np.ascontiguousarray(weight.T)))
+        y = self.op("MatMul", x, self.weight(name, np.ascontiguousarray(weight.T), keep_fp32=keep_fp32))
         if bias is not None:
-            y = self.op("Add", y, self.weight(name + ".bias", bias))
+            y = self.op("Add", y, self.weight(name + ".bias", bias, keep_fp32=keep_fp32))
         return y
 
     def rms_norm(self, x: str, weight: np.ndarray, name: str, eps: float) -> str:
-        """RMSNorm as the reference computes it: x · rsqrt(mean(x²) + eps) · w."""
+        """RMSNorm as the reference computes it: x · rsqrt(mean(x²) + eps) in fp32, then · w."""
+        x = self.to_float(x)
         var = self.op("ReduceMean", self.op("Mul", x, x), self.const([-1]), keepdims=1)
         inv = self.op("Reciprocal", self.op("Sqrt", self.op("Add", var, self.const(eps, np.float32))))
-        return self.op("Mul", self.op("Mul", x, inv), self.weight(name, weight))
+        return self.op("Mul", self.to_act(self.op("Mul", x, inv)), self.weight(name, weight))
 
     def silu(self, x: str) -> str:
         return self.op("Mul", x, self.op("Sigmoid", x))

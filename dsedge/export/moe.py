@@ -29,7 +29,8 @@ def route(g: GraphBuilder, moe: MoESpec, logits: str, bias: np.ndarray | None, p
     k = g.const([moe.num_experts_per_tok])
     if moe.routing == "noaux_tc":
         scores = g.op("Sigmoid", logits)
-        choice = g.op("Add", scores, g.weight(prefix + "e_score_correction_bias", bias.astype(np.float32)))
+        choice = g.op("Add", scores, g.weight(prefix + "e_score_correction_bias", bias.astype(np.float32),
+                                              keep_fp32=True))
         choice = _limit_groups(g, moe, choice, group_score="top2_sum")
         _, idx = g.op("TopK", choice, k, outputs=2, axis=-1)
         weights = g.op("GatherElements", scores, idx, axis=1)
@@ -90,7 +91,7 @@ def moe_router_and_shared(g: GraphBuilder, spec: ModelSpec, w: dict[str, np.ndar
     """Everything of a MoE layer but the routed experts: rows [N, H], routing, shared-expert output [N, H]."""
     moe = spec.moe
     flat = g.op("Reshape", h, g.const([-1, spec.hidden_size]))  # [N, H]
-    logits = g.linear(flat, w[prefix + "gate.weight"], prefix + "gate")  # router kept in fp32
+    logits = g.linear(g.to_float(flat), w[prefix + "gate.weight"], prefix + "gate", keep_fp32=True)  # fp32 router
     idx, weights = route(g, moe, logits, w.get(prefix + "gate.e_score_correction_bias"), prefix + "gate.")
     shared = None
     if moe.n_shared_experts:
@@ -113,27 +114,27 @@ def dispatch_experts(g: GraphBuilder, moe: MoESpec, w: dict[str, np.ndarray], pr
                      weights: str, experts: range) -> str:
     """Σ over the chosen experts among ``experts`` of weight · expert(x), each on its routed rows only."""
     selected, dense = dense_routing_weights(g, moe.n_routed_experts, idx, weights)
-    acc = g.op("Mul", flat, g.const(0.0, np.float32))  # zeros [N, H]
+    acc = g.op("Mul", g.to_float(flat), g.const(0.0, np.float32))  # zeros [N, H]; sums in fp32
     for e in experts:
         p = f"{prefix}experts.{e}."
         rows = g.op("Reshape", g.op("NonZero", g.op("Gather", selected, g.const(e), axis=1)), g.const([-1]))
         x_e = g.op("Gather", flat, rows, axis=0)  # [n_e, H]
         y_e = g.swiglu_mlp(x_e, w[p + "gate_proj.weight"], w[p + "up_proj.weight"], w[p + "down_proj.weight"], p[:-1])
         w_e = g.op("Gather", g.op("Gather", dense, g.const(e), axis=1), rows, axis=0)  # [n_e]
-        y_e = g.op("Mul", y_e, g.op("Unsqueeze", w_e, g.const([-1])))
+        y_e = g.op("Mul", g.to_float(y_e), g.op("Unsqueeze", w_e, g.const([-1])))
         acc = g.op("ScatterND", acc, g.op("Unsqueeze", rows, g.const([-1])), y_e, reduction="add")
-    return acc
+    return g.to_act(acc)
 
 
 def _dense_experts(g: GraphBuilder, moe: MoESpec, w: dict[str, np.ndarray], prefix: str, flat: str, idx: str,
                    weights: str, experts: range) -> str:
     _, dense = dense_routing_weights(g, moe.n_routed_experts, idx, weights)
-    acc = g.op("Mul", flat, g.const(0.0, np.float32))
+    acc = g.op("Mul", g.to_float(flat), g.const(0.0, np.float32))
     for e in experts:
         p = f"{prefix}experts.{e}."
         y = g.swiglu_mlp(flat, w[p + "gate_proj.weight"], w[p + "up_proj.weight"], w[p + "down_proj.weight"], p[:-1])
-        acc = g.op("Add", acc, g.op("Mul", y, g.op("Gather", dense, g.const([e]), axis=1)))
-    return acc
+        acc = g.op("Add", acc, g.op("Mul", g.to_float(y), g.op("Gather", dense, g.const([e]), axis=1)))
+    return g.to_act(acc)
 
 
 def _moe_op_experts(g: GraphBuilder, moe: MoESpec, w: dict[str, np.ndarray], prefix: str, flat: str, idx: str,
@@ -146,8 +147,8 @@ def _moe_op_experts(g: GraphBuilder, moe: MoESpec, w: dict[str, np.ndarray], pre
     fc2. V2's unnormalised weights cannot be expressed this way (the float op has no ``router_weights``).
     The CPU kernel needs fc1 as interleaved gate/up rows [E, 2I, H] (swiglu_fusion=1).
     """
-    if not moe.norm_topk_prob:
-        raise ValueError("the MoE-op path reproduces DeepSeek routing only with norm_topk_prob")
+    if not moe.norm_topk_prob or g.half:
+        raise ValueError("the MoE-op path reproduces DeepSeek routing only with norm_topk_prob, in fp32")
     selected, dense = dense_routing_weights(g, moe.n_routed_experts, idx, weights)
     probs = g.op("Where", g.op("Cast", selected, to=9), g.op("Log", dense), g.const(float("-inf"), np.float32))
     experts = range(moe.n_routed_experts)

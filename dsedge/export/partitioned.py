@@ -65,92 +65,95 @@ def partitions_for(spec: ModelSpec, per_partition: int) -> list[Partition]:
 
 
 def build_prelude(spec: ModelSpec, top: dict[str, np.ndarray], max_positions: int,
-                  data_path: Path | None = None) -> onnx.ModelProto:
+                  data_path: Path | None = None, half: bool = False) -> onnx.ModelProto:
     """input_ids, position_ids, attention_mask → hidden [B,T,H], cos/sin [B,T,r/2], allowed [B,1,T,S+T]."""
-    g = GraphBuilder("prelude", data_path)
+    g = GraphBuilder("prelude", data_path, half)
     ids = g.input("input_ids", INT64, ["B", "T"])
     position_ids = g.input("position_ids", INT64, ["B", "T"])
     mask = g.input("attention_mask", INT64, ["B", "S_plus_T"])
     hidden = g.op("Gather", g.weight("model.embed_tokens.weight", top["model.embed_tokens.weight"]), ids, axis=0)
     cos, sin = rope_lookup(g, spec, position_ids, max_positions)
     past_len = g.op("Sub", g.shape_dim(mask, 1), g.shape_dim(ids, 1))
-    half = rope_table_dim(spec)
-    g.output(hidden, "hidden", FLOAT, ["B", "T", spec.hidden_size])
-    g.output(cos, "cos", FLOAT, ["B", "T", half])
-    g.output(sin, "sin", FLOAT, ["B", "T", half])
+    dim = rope_table_dim(spec)
+    g.output(hidden, "hidden", g.act, ["B", "T", spec.hidden_size])
+    g.output(cos, "cos", g.act, ["B", "T", dim])
+    g.output(sin, "sin", g.act, ["B", "T", dim])
     g.output(allowed_mask(g, position_ids, mask, past_len), "allowed", BOOL, ["B", 1, "T", "S_plus_T"])
     return g.model()
 
 
-def build_layer(spec: ModelSpec, w: dict[str, np.ndarray], i: int, data_path: Path | None = None) -> onnx.ModelProto:
+def build_layer(spec: ModelSpec, w: dict[str, np.ndarray], i: int, data_path: Path | None = None,
+                half: bool = False) -> onnx.ModelProto:
     """One decoder layer without its routed experts."""
-    g = GraphBuilder(f"layer.{i}", data_path)
+    g = GraphBuilder(f"layer.{i}", data_path, half)
     cache = cache_spec(spec)
-    half = rope_table_dim(spec)
-    x = g.input("hidden", FLOAT, ["B", "T", spec.hidden_size])
-    cos, sin = g.input("cos", FLOAT, ["B", "T", half]), g.input("sin", FLOAT, ["B", "T", half])
+    dim = rope_table_dim(spec)
+    x = g.input("hidden", g.act, ["B", "T", spec.hidden_size])
+    cos, sin = g.input("cos", g.act, ["B", "T", dim]), g.input("sin", g.act, ["B", "T", dim])
     allowed = g.input("allowed", BOOL, ["B", 1, "T", "S_plus_T"])
-    past = [g.input(f"past.{i}.{t}", FLOAT, cache.shape) for t in cache.names]
+    past = [g.input(f"past.{i}.{t}", g.act, cache.shape) for t in cache.names]
     pos = positional(g, cos, sin, allowed, g.shape_dim(past[0], cache.shape.index("S")))
     x, h, presents = attention_block(g, spec, w, i, x, past, pos)
     for t, value in zip(cache.names, presents, strict=True):
-        g.output(value, f"present.{i}.{t}", FLOAT, [s if s != "S" else "T" for s in cache.shape])
+        g.output(value, f"present.{i}.{t}", g.act, [s if s != "S" else "T" for s in cache.shape])
     p = f"model.layers.{i}.mlp."
     if not spec.is_moe_layer(i):
         mlp = g.swiglu_mlp(h, w[p + "gate_proj.weight"], w[p + "up_proj.weight"], w[p + "down_proj.weight"], p[:-1])
-        g.output(g.op("Add", x, mlp), "residual", FLOAT, ["B", "T", spec.hidden_size])
+        g.output(g.op("Add", x, mlp), "residual", g.act, ["B", "T", spec.hidden_size])
         return g.model()
     flat, idx, weights, shared = moe_router_and_shared(g, spec, w, p, h)
     if shared is not None:
         x = g.op("Add", x, g.op("Reshape", shared, g.op("Shape", x)))
     k = spec.moe.num_experts_per_tok
-    g.output(x, "residual", FLOAT, ["B", "T", spec.hidden_size])
-    g.output(flat, "moe_input", FLOAT, ["N", spec.hidden_size])
+    g.output(x, "residual", g.act, ["B", "T", spec.hidden_size])
+    g.output(flat, "moe_input", g.act, ["N", spec.hidden_size])
     g.output(idx, "expert_ids", INT64, ["N", k])
     g.output(weights, "expert_weights", FLOAT, ["N", k])
     return g.model()
 
 
-def build_head(spec: ModelSpec, top: dict[str, np.ndarray], data_path: Path | None = None) -> onnx.ModelProto:
-    g = GraphBuilder("head", data_path)
-    x = g.input("hidden", FLOAT, ["B", "T", spec.hidden_size])
+def build_head(spec: ModelSpec, top: dict[str, np.ndarray], data_path: Path | None = None,
+               half: bool = False) -> onnx.ModelProto:
+    g = GraphBuilder("head", data_path, half)
+    x = g.input("hidden", g.act, ["B", "T", spec.hidden_size])
     x = g.rms_norm(x, top["model.norm.weight"], "model.norm", spec.rms_norm_eps)
     head = top["model.embed_tokens.weight"] if spec.tie_word_embeddings else top["lm_head.weight"]
-    g.output(g.linear(x, head, "lm_head"), "logits", FLOAT, ["B", "T", spec.vocab_size])
+    g.output(g.to_float(g.linear(x, head, "lm_head")), "logits", FLOAT, ["B", "T", spec.vocab_size])
     return g.model()
 
 
 def build_partition(spec: ModelSpec, w: dict[str, np.ndarray], part: Partition,
-                    data_path: Path | None = None) -> onnx.ModelProto:
+                    data_path: Path | None = None, half: bool = False) -> onnx.ModelProto:
     """Σ over this partition's chosen experts; rows routed elsewhere contribute nothing."""
-    g = GraphBuilder(part.name, data_path)
+    g = GraphBuilder(part.name, data_path, half)
     k = spec.moe.num_experts_per_tok
-    flat = g.input("moe_input", FLOAT, ["N", spec.hidden_size])
+    flat = g.input("moe_input", g.act, ["N", spec.hidden_size])
     idx = g.input("expert_ids", INT64, ["N", k])
     weights = g.input("expert_weights", FLOAT, ["N", k])
     routed = dispatch_experts(g, spec.moe, w, f"model.layers.{part.layer}.mlp.", flat, idx, weights,
                               range(part.first, part.last))
-    g.output(routed, "routed", FLOAT, ["N", spec.hidden_size])
+    g.output(g.to_float(routed), "routed", FLOAT, ["N", spec.hidden_size])  # summed by the runtime in fp32
     return g.model()
 
 
 def write_partitioned(spec: ModelSpec, weights: WeightsFn, root: Path, graph_dir: str, *, max_positions: int,
-                      target_budget: int | None, per_partition: int | None = None) -> list[dict[str, Any]]:
+                      target_budget: int | None, per_partition: int | None = None, half: bool = False,
+                      ) -> list[dict[str, Any]]:
     """Write every graph of the partitioned layout; returns their manifest entries."""
     top = weights(None)
-    graphs = [_save(lambda data: build_prelude(spec, top, max_positions, data), root, graph_dir, "prelude",
+    graphs = [_save(lambda data: build_prelude(spec, top, max_positions, data, half), root, graph_dir, "prelude",
                     "prelude")]
     parts = []
     if spec.moe:
         parts = partitions_for(spec, per_partition or experts_per_partition(spec, target_budget))
     for i in range(spec.num_hidden_layers):
         w = weights(i)
-        graphs.append(_save(lambda data, w=w, i=i: build_layer(spec, w, i, data), root, graph_dir, f"layer.{i}",
+        graphs.append(_save(lambda data, w=w, i=i: build_layer(spec, w, i, data, half), root, graph_dir, f"layer.{i}",
                             "layer", layer=i))
         for part in (p for p in parts if p.layer == i):
-            graphs.append(_save(lambda data, w=w, part=part: build_partition(spec, w, part, data), root,
+            graphs.append(_save(lambda data, w=w, part=part: build_partition(spec, w, part, data, half), root,
                                 f"{graph_dir}/experts", part.name, "experts", layer=i, experts=[part.first, part.last]))
-    graphs.append(_save(lambda data: build_head(spec, top, data), root, graph_dir, "head", "head"))
+    graphs.append(_save(lambda data: build_head(spec, top, data, half), root, graph_dir, "head", "head"))
     return graphs
 
 

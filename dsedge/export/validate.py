@@ -13,9 +13,12 @@ import numpy as np
 
 from dsedge.errors import CheckFailed
 
-# Max abs logit error allowed, per export dtype. fp32 graphs differ from the reference only in the order
-# of float32 sums (measured ≤ 1e-6 on the fixtures); 1e-4 leaves room for longer sequences.
-TOLERANCES = {"fp32": 1e-4}
+# Max abs logit error allowed, per export dtype, against the fp32 reference. fp32 graphs differ only in the
+# order of float32 sums (measured ≤ 4e-7 on the fixtures); 1e-4 leaves room for longer sequences. fp16
+# rounds weights and activations to 11 significant bits (measured ≤ 4.3e-4 on every fixture and layout, whose
+# logits are O(1)); 5e-3 allows ~10x. In fp16 greedy tokens may legitimately differ from fp32 at near-ties, so
+# the token checks are reported but only logits decide (they matched on every fixture).
+TOLERANCES = {"fp32": 1e-4, "fp16": 5e-3}
 GREEDY_STEPS = 16
 
 
@@ -64,7 +67,8 @@ def validate_engine(engine, reference, *, dtype: str = "fp32", seed: int = 0) ->
     checks = [_err_check("prefill", engine.logits(prompt), want, tol),
               _err_check("decode_vs_recompute", _stepwise_logits(engine, prompt, steps=8), want[-8:], tol)]
     ours, theirs = engine.greedy(prompt, GREEDY_STEPS), _reference_greedy(reference, prompt, GREEDY_STEPS)
-    checks.append(Check("greedy_16", "tokens", None, None, ours == theirs, f"dsedge {ours} reference {theirs}"))
+    checks.append(Check("greedy_16", "tokens", None, None, ours == theirs or dtype != "fp32",
+                        f"dsedge {ours} reference {theirs}"))
     checks += _batch_checks(engine, reference, [prompt, short], tol)
     return checks
 
@@ -90,8 +94,10 @@ def _batch_checks(engine, reference, prompts: list[list[int]], tol: float) -> li
               for row, p in enumerate(prompts))
     tokens = engine.greedy_batch(prompts, GREEDY_STEPS)
     alone = [engine.greedy(p, GREEDY_STEPS) for p in prompts]
+    strict = tol == TOLERANCES["fp32"]
     return [Check("batch2_left_padding", "logits", err, tol, err <= tol),
-            Check("batch2_greedy_16", "tokens", None, None, tokens == alone, f"batched {tokens} alone {alone}")]
+            Check("batch2_greedy_16", "tokens", None, None, tokens == alone or not strict,
+                  f"batched {tokens} alone {alone}")]
 
 
 def raise_on_failure(checks: list[Check], graph: str) -> None:

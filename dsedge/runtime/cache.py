@@ -10,8 +10,9 @@ from dsedge.errors import UserError
 class CacheBuffers:
     """Per-layer cache tensors of shape ``layout`` with the sequence axis sized to ``max_len``."""
 
-    def __init__(self, cache: dict, layers: int, batch: int, max_len: int, dtype=np.float32):
+    def __init__(self, cache: dict, layers: int, batch: int, max_len: int):
         self.names = tuple(cache["tensors"])
+        dtype = np.dtype(cache.get("dtype", "float32"))
         layout = [batch if d == "B" else max_len if d == "S" else int(d) for d in cache["shape"]]
         self.axis = cache["shape"].index("S")
         self.layers, self.max_len, self.length = layers, max_len, 0

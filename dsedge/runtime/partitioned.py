@@ -41,8 +41,8 @@ class PartitionedEngine(Engine):
             result = dict(zip(names, session.run(names, layer_feeds), strict=True))
             outputs.update({k: v for k, v in result.items() if k.startswith("present.")})
             hidden = result["residual"]
-            if "expert_ids" in result:
-                hidden = hidden + self._routed(i, result).reshape(hidden.shape)
+            if "expert_ids" in result:  # experts summed in fp32, added in the graph's precision
+                hidden = (hidden + self._routed(i, result).reshape(hidden.shape)).astype(hidden.dtype)
         outputs["logits"] = self.head.run(["logits"], {"hidden": hidden})[0]
         return outputs
 
@@ -50,7 +50,7 @@ class PartitionedEngine(Engine):
         """Sum of the partitions that hold at least one chosen expert; the others are never touched."""
         chosen = np.unique(result["expert_ids"])
         feeds = {k: result[k] for k in ("moe_input", "expert_ids", "expert_weights")}
-        total = np.zeros_like(result["moe_input"])
+        total = np.zeros(result["moe_input"].shape, np.float32)
         for part in self.partitions_by_layer.get(layer, []):
             first, last = part["experts"]
             if np.any((chosen >= first) & (chosen < last)):
