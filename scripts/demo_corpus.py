@@ -41,7 +41,8 @@ _DROPPED_DIRECTIVES = ("index", "module", "moduleauthor", "sectionauthor", "high
                        "tabularcolumns", "only", "raw", "contents", "impl-detail", "audit-event-table")
 _DIRECTIVE = re.compile(r"^\.\. ([\w:-]+)::")
 _LABEL = re.compile(r"^\.\. _[^:]+:\s*$")
-_COMMENT = re.compile(r"^\.\.(\s|$)(?!.*::)")  # ".. text" without "::" is a reST comment
+# ".. text" without "::" is a reST comment; ".. [1] text" is a footnote (kept).
+_COMMENT = re.compile(r"^\.\.(\s+(?!\[)|$)(?!.*::)")
 # :role:`text`, :role:`title <target>`, :role:`~a.b.c`, :role:`!name`; roles may be domain-qualified.
 _ROLE = re.compile(r":(?P<role>[\w-]+(?::[\w-]+)?):`(?P<body>[^`]+)`")
 _CALLABLE_ROLES = {"func", "meth", "c:func", "c:macro"}  # Sphinx renders these with "()"
