@@ -122,7 +122,8 @@ def _add_inspect(sub) -> None:
                    "layer is stored, and whether a tokenizer and chat template are present. Reads only\n"
                    "config.json and the safetensors headers, and checks every tensor's name, shape and dtype.",
                    _run_inspect, _render_inspect)
-    cmd.add_argument("checkpoint", help="checkpoint directory (config.json + *.safetensors)")
+    cmd.add_argument("checkpoint", help="checkpoint directory (config.json + *.safetensors) or a shipped demo model "
+                                        "name (deepseek-v3-tiny, qwen2-tiny)")
     cmd.add_argument("--no-validate", action="store_true", help="skip checking tensors against config.json")
 
 
@@ -157,7 +158,8 @@ def _add_export(sub) -> None:
                    "onnxruntime against the PyTorch reference (prefill logits, 16 greedy tokens, decode through\n"
                    "the cache, batch 2 with left padding); a miss fails with exit code 4 and writes nothing.",
                    _run_export, _render_export)
-    cmd.add_argument("checkpoint", help="checkpoint directory (config.json + *.safetensors)")
+    cmd.add_argument("checkpoint", help="checkpoint directory (config.json + *.safetensors) or a shipped demo model "
+                                        "name (deepseek-v3-tiny, qwen2-tiny)")
     cmd.add_argument("-o", "--output", required=True, help="bundle directory to write")
     cmd.add_argument("-t", "--target", help="device target (name or file): sets the default max context")
     cmd.add_argument("--layout", default="monolithic", choices=["monolithic", "partitioned"],

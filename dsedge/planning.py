@@ -94,6 +94,10 @@ def resolve_model(model: str | Path) -> tuple[ModelSpec, str]:
     if path.is_dir() or path.is_file():
         config_path = path / "config.json" if path.is_dir() else path
         return spec_from_config(read_config_file(config_path), str(config_path)), str(path)
+    from dsedge.demo import DEMO_MODELS
+
+    if str(model) in DEMO_MODELS:
+        return resolve_model(DEMO_MODELS[str(model)])
     if str(model).lower() in PUBLISHED_CONFIGS:
         return spec_from_config(published_config(str(model)), f"published:{model}"), str(model).lower()
     if any(sep in str(model) for sep in ("/", "\\")) or str(model).endswith(".json"):

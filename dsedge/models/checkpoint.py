@@ -55,10 +55,9 @@ class Checkpoint:
     """A checkpoint directory: its spec, its tensors' locations, and streamed reads of them."""
 
     def __init__(self, path: str | Path, spec: ModelSpec | None = None):
-        self.path = Path(path)
-        if not self.path.is_dir():
-            raise CheckpointError("checkpoint directory not found", where=str(self.path),
-                                  hint="pass a directory holding config.json and *.safetensors")
+        from dsedge.demo import resolve_model_path
+
+        self.path = resolve_model_path(path)  # a directory, or a shipped demo model's name
         self.spec = spec or load_spec(self.path)
         self.files = _shard_files(self.path)
         self.tensors: dict[str, TensorInfo] = _read_headers(self.path, self.files)
