@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-fast lint clean
+.PHONY: install test test-fast lint demo clean
 
 install: $(STAMP)
 
@@ -22,8 +22,13 @@ test: install
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow" -x
 
+# Export the shipped demo model (partitioned, for the x86 CPU target) and generate from it.
+demo: install
+	$(BIN)/dsedge export deepseek-v3-tiny -o demo.bundle --layout partitioned --target x86-cpu-16g --overwrite
+	$(BIN)/dsedge run demo.bundle --prompt "The json module" --max-new-tokens 60 --repetition-penalty 1.1
+
 lint: install
 	$(BIN)/ruff check dsedge tests benchmarks
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache demo.bundle

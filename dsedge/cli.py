@@ -60,10 +60,14 @@ def main(argv: list[str] | None = None) -> int:
                 "  (set DSEDGE_DEBUG=1 for the traceback; please report it)")
         return _fail(args, {"type": type(exc).__name__, "message": str(exc), "traceback": detail},
                      detail or text, EXIT_INTERNAL)
-    if args.json:
-        print(json.dumps({"ok": True, **result.to_json()}, default=_json_default))
-    else:
-        args.render(result)
+    try:
+        if args.json:
+            print(json.dumps({"ok": True, **result.to_json()}, default=_json_default))
+        else:
+            args.render(result)
+        sys.stdout.flush()
+    except BrokenPipeError:  # `dsedge ... | head`: the reader left; not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return EXIT_OK
 
 
