@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,7 +53,7 @@ def positions_from_mask(mask: np.ndarray, new_tokens: int) -> np.ndarray:
     return np.maximum(np.cumsum(mask, axis=1) - 1, 0)[:, -new_tokens:].astype(np.int64)
 
 
-class Engine:
+class Engine(ABC):
     """Generation over a bundle; subclasses say how one forward pass runs (one graph, or trunk + experts)."""
 
     layout = "abstract"
@@ -71,8 +72,9 @@ class Engine:
     def session(self, graph: dict) -> ort.InferenceSession:
         return make_session(verified_graph_path(self.manifest, graph), self.session_config)
 
+    @abstractmethod
     def run_graph(self, feeds: dict[str, np.ndarray], cache: CacheBuffers) -> dict[str, np.ndarray]:
-        raise NotImplementedError  # abstract: MonolithicEngine and PartitionedEngine implement it
+        """Outputs ``logits`` and ``present.*`` for inputs ids/positions/mask, reading ``cache``."""
 
     @property
     def layers(self) -> int:

@@ -17,6 +17,7 @@ class PartitionedEngine(Engine):
         super().__init__(manifest, session_config)
         self.prelude = self.session(self.graph("prelude")[0])
         self.layer_sessions = [self.session(self.graph("layer", layer=i)[0]) for i in range(self.layers)]
+        self.layer_outputs = [[o.name for o in s.get_outputs()] for s in self.layer_sessions]
         self.head = self.session(self.graph("head")[0])
         parts = {g["name"]: g for g in self.graph("experts")}
         self.partitions_by_layer: dict[int, list[dict]] = {}
@@ -34,8 +35,7 @@ class PartitionedEngine(Engine):
         hidden, cos, sin, allowed = self.prelude.run(["hidden", "cos", "sin", "allowed"], feeds)
         past = cache.past()
         outputs: dict[str, np.ndarray] = {}
-        for i, session in enumerate(self.layer_sessions):
-            names = [o.name for o in session.get_outputs()]
+        for i, (session, names) in enumerate(zip(self.layer_sessions, self.layer_outputs, strict=True)):
             layer_feeds = {"hidden": hidden, "cos": cos, "sin": sin, "allowed": allowed,
                            **{k: v for k, v in past.items() if k.startswith(f"past.{i}.")}}
             result = dict(zip(names, session.run(names, layer_feeds), strict=True))
