@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 test: install
-	$(BIN)/ruff check dsedge tests benchmarks
+	$(BIN)/ruff check dsedge tests benchmarks scripts
 	$(BIN)/python -m pytest -q
 
 test-fast: install
@@ -28,7 +28,7 @@ demo: install
 	$(BIN)/dsedge run demo.bundle --prompt "The json module" --max-new-tokens 60 --repetition-penalty 1.1
 
 lint: install
-	$(BIN)/ruff check dsedge tests benchmarks
+	$(BIN)/ruff check dsedge tests benchmarks scripts
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache demo.bundle
