@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import math
 import resource
 import shutil
 import time
@@ -21,6 +20,7 @@ from dsedge.export.validate import raise_on_failure, validate_engine
 from dsedge.manifest import write_manifest
 from dsedge.models.checkpoint import Checkpoint
 from dsedge.models.params import count_params
+from dsedge.planning import KV_BYTES, kv_bytes_per_token
 from dsedge.targets import load_target
 
 log = logging.getLogger(__name__)
@@ -87,7 +87,7 @@ def export_bundle(checkpoint: str | Path, output: str | Path, *, target=None, la
         manifest = _manifest(ckpt, tgt, layout, dtype, context, graphs)
         if layout == "partitioned":
             manifest["placement"] = placement_plan(graphs, budget=tgt.memory_budget_bytes if tgt else None,
-                                                   kv_bytes=_kv_bytes(ckpt.spec, context))
+                                                   kv_bytes=_kv_bytes(ckpt.spec, context, dtype))
         write_manifest(tmp, manifest)
         checks = _validate(ckpt, tmp, dtype) if validate else []
         manifest["validation"] = {"dtype": dtype, "checks": [c.to_json() for c in checks], "passed": bool(checks)}
@@ -156,10 +156,11 @@ def _layer_weights(ckpt: Checkpoint):
     return weights
 
 
-def _kv_bytes(spec, context: int) -> int:
-    layout = cache_spec(spec)
-    per_token = math.prod(d for d in layout.shape if isinstance(d, int)) * len(layout.names)
-    return per_token * spec.num_hidden_layers * context * 4
+def _kv_bytes(spec, context: int, dtype: str) -> int:
+    """Batch-1 cache bytes at ``context`` tokens, in the bundle's cache precision."""
+    latent, naive = kv_bytes_per_token(spec)  # counted at 2 bytes per value
+    per_token = latent if latent is not None else naive
+    return per_token // KV_BYTES * (2 if dtype == "fp16" else 4) * context
 
 
 def _write_graphs(ckpt: Checkpoint, root: Path, context: int, layout: str, tgt, per_partition: int | None,

@@ -30,11 +30,11 @@ from dsedge.export.decoder import (
 from dsedge.export.graph import BOOL, FLOAT, INT64, GraphBuilder
 from dsedge.export.moe import dispatch_experts, moe_router_and_shared
 from dsedge.models.spec import ModelSpec
+from dsedge.planning import RUNTIME_OVERHEAD_BYTES  # the same allowance `plan` uses
 
 log = logging.getLogger(__name__)
 
 DEFAULT_PARTITION_BYTES = 64 * 1024**2
-RUNTIME_OVERHEAD_BYTES = 256 * 1024**2  # activations, arenas (the same allowance `plan` uses)
 
 
 @dataclass(frozen=True)

@@ -39,6 +39,3 @@ class CacheBuffers:
         for key, buf in self.buffers.items():
             buf[window] = presents[f"present.{key}"]
         self.length += new_tokens
-
-    def nbytes(self) -> int:
-        return sum(b.nbytes for b in self.buffers.values())
