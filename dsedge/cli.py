@@ -7,6 +7,7 @@ With ``--json`` exactly one JSON object goes to stdout, also on failure: ``{"ok"
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import sys
@@ -107,7 +108,28 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(title="commands", metavar="COMMAND")
     for register in (_add_inspect, _add_plan, _add_targets, _add_export, _add_run):
         register(sub)
+    for module in _command_modules():
+        module.register(sub, _command)
     return parser
+
+
+# Command groups that live next to their code. Each module defines ``register(sub, command)`` (argparse only,
+# no heavy imports at module level) and its handlers/renderers; printing is allowed there as in this module.
+COMMAND_MODULES = (
+    "dsedge.cli_compress",
+    "dsedge.cli_chat",
+    "dsedge.cli_profile",
+    "dsedge.cli_index",
+)
+
+
+def _command_modules():
+    for name in COMMAND_MODULES:
+        try:
+            yield importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name != name:  # a real missing dependency inside the module: surface it
+                raise
 
 
 def _command(sub, name: str, help_text: str, description: str, handler: Callable, render: Callable):
