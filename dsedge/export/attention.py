@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from dsedge.export.graph import MS_DOMAIN, GraphBuilder
+from dsedge.export.quantized import as_float, take_rows
 from dsedge.models.spec import ModelSpec
 
 NEG = float(np.finfo(np.float32).min)  # masked score: finite, so a fully masked (padding) row stays NaN-free
@@ -72,15 +73,17 @@ def mla_attention(g: GraphBuilder, spec: ModelSpec, w: dict[str, np.ndarray], pr
     q = g.op("Transpose", g.op("Reshape", q, g.const([0, 0, heads, qk])), perm=[0, 2, 1, 3])  # [B, H, T, qk]
     q_pe = rotate(g, g.slice_last(q, nope, qk), pos.cos_heads, pos.sin_heads, rope)
 
-    kv_a = w[prefix + "kv_a_proj_with_mqa.weight"].copy()
-    kv_a[kv:] = kv_a[kv:][interleaved_to_halves(rope)]
+    kv_a = take_rows(w[prefix + "kv_a_proj_with_mqa.weight"],
+                     np.concatenate([np.arange(kv), kv + interleaved_to_halves(rope)]))
     compressed = g.linear(h, kv_a, prefix + "kv_a_proj_with_mqa")  # [B, T, kv + rope]
     latent = g.rms_norm(g.slice_last(compressed, 0, kv), w[prefix + "kv_a_layernorm.weight"],
                         prefix + "kv_a_layernorm", spec.rms_norm_eps)
     k_pe = rotate(g, g.slice_last(compressed, kv, kv + rope), pos.cos_tokens, pos.sin_tokens, rope)
     new = g.op("Concat", latent, k_pe, axis=-1)  # [B, T, kv + rope]: what the cache keeps
 
-    kv_b = w[prefix + "kv_b_proj.weight"].reshape(heads, nope + v, kv)
+    # Absorption multiplies kv_b into the query and output per head, so it is needed as a matrix: a quantized
+    # kv_b is dequantized here (heads·(nope+v)·kv_lora: 9% of a V3 layer's attention weights).
+    kv_b = as_float(w[prefix + "kv_b_proj.weight"]).reshape(heads, nope + v, kv)
     w_uk, w_uv = kv_b[:, :nope, :], kv_b[:, nope:, :]  # [H, nope, kv], [H, v, kv]
     q_absorbed = g.op("MatMul", g.slice_last(q, 0, nope), g.weight(prefix + "w_uk", np.ascontiguousarray(w_uk)))
     q_full = g.op("Concat", q_absorbed, q_pe, axis=-1)  # [B, H, T, kv + rope]
@@ -96,9 +99,10 @@ def mla_attention(g: GraphBuilder, spec: ModelSpec, w: dict[str, np.ndarray], pr
 def _mla_query(g: GraphBuilder, spec: ModelSpec, w: dict[str, np.ndarray], prefix: str, h: str) -> str:
     mla, heads = spec.mla, spec.num_attention_heads
     name = "q_proj" if mla.q_lora_rank is None else "q_b_proj"
-    weight = w[prefix + name + ".weight"].reshape(heads, mla.qk_head_dim, -1).copy()
-    weight[:, mla.qk_nope_head_dim:] = weight[:, mla.qk_nope_head_dim:][:, interleaved_to_halves(mla.qk_rope_head_dim)]
-    weight = weight.reshape(heads * mla.qk_head_dim, -1)
+    per_head = np.concatenate([np.arange(mla.qk_nope_head_dim),
+                               mla.qk_nope_head_dim + interleaved_to_halves(mla.qk_rope_head_dim)])
+    rows = (np.arange(heads)[:, None] * mla.qk_head_dim + per_head).reshape(-1)
+    weight = take_rows(w[prefix + name + ".weight"], rows)
     if mla.q_lora_rank is None:
         return g.linear(h, weight, prefix + name)
     q_a = g.linear(h, w[prefix + "q_a_proj.weight"], prefix + "q_a_proj")

@@ -14,6 +14,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from dsedge.export.quantized import QuantizedWeight, matmul_nbits_arrays
+
 OPSET = 21
 MS_DOMAIN = "com.microsoft"
 FLOAT = TensorProto.FLOAT
@@ -132,11 +134,25 @@ class GraphBuilder:
     # --- composite helpers used by every architecture ------------------------------------------
     def linear(self, x: str, weight: np.ndarray, name: str, bias: np.ndarray | None = None, *,
                keep_fp32: bool = False) -> str:
-        """x @ Wᵀ (+ b); W is stored transposed [in, out] so MatMul reads it row-major."""
-        y = self.op("MatMul", x, self.weight(name, np.ascontiguousarray(weight.T), keep_fp32=keep_fp32))
+        """x @ Wᵀ (+ b); W is stored transposed [in, out] so MatMul reads it row-major.
+
+        A ``QuantizedWeight`` becomes one MatMulNBits node over its repacked integer codes.
+        """
+        if isinstance(weight, QuantizedWeight):
+            y = self.matmul_nbits(x, weight, name)
+        else:
+            y = self.op("MatMul", x, self.weight(name, np.ascontiguousarray(weight.T), keep_fp32=keep_fp32))
         if bias is not None:
             y = self.op("Add", y, self.weight(name + ".bias", bias, keep_fp32=keep_fp32))
         return y
+
+    def matmul_nbits(self, x: str, weight: QuantizedWeight, name: str) -> str:
+        arrays, attrs = matmul_nbits_arrays(weight)
+        inputs = [x, self._initializer(name + ".qweight", arrays["B"]),
+                  self.weight(name + ".scales", arrays["scales"])]
+        if "zero_points" in arrays:
+            inputs.append(self._initializer(name + ".qzeros", arrays["zero_points"]))
+        return self.op("MatMulNBits", *inputs, domain=MS_DOMAIN, accuracy_level=weight.accuracy_level, **attrs)
 
     def rms_norm(self, x: str, weight: np.ndarray, name: str, eps: float) -> str:
         """RMSNorm as the reference computes it: x · rsqrt(mean(x²) + eps) in fp32, then · w."""

@@ -1,0 +1,129 @@
+"""Weight-only quantized linears as onnxruntime's ``com.microsoft::MatMulNBits``, repacked, never re-quantized.
+
+A compressed checkpoint (compressed-tensors ``pack-quantized``) stores signed integers q, per-group scales
+and, when asymmetric, signed zero points; the weight is ``(q − z) · s``. MatMulNBits stores unsigned
+codes u = q + 2^(b−1) with the same per-block scale and an unsigned zero point (default 2^(b−1), i.e. a
+symmetric code), and computes ``(u − z_u) · s`` — the same numbers. So export only shifts and packs bits;
+the stored integers pass through unchanged. Operator spec: onnxruntime docs/ContribOperators.md#MatMulNBits.
+
+On CPU the fast kernels need ``accuracy_level=4`` (activations quantized to int8 per block inside the
+kernel): 7× faster than level 0 for int4 and ~60× for int8 on this machine (benchmarks/README.md), at
+about 0.5 % relative error per matmul. Level 0 computes in float and matches the dequantized reference to
+float rounding; validation tolerances are stated per level in ``validate.py``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+MIN_BLOCK = 16  # MatMulNBits: block_size is a power of two, at least 16
+PER_CHANNEL_BLOCK = 32  # per-channel scales are repeated over blocks of this size (exact: same scale)
+
+
+@dataclass(frozen=True)
+class QuantizedWeight:
+    """A weight-only quantized ``[out, in]`` matrix as the checkpoint stores it (numpy, signed codes)."""
+
+    q: np.ndarray  # int8 [out, in]
+    scale: np.ndarray  # float32 [out, groups]
+    zero_point: np.ndarray | None  # int8 [out, groups], None when symmetric
+    bits: int
+    group_size: int | None  # None = one scale per output channel
+    accuracy_level: int = 4  # MatMulNBits compute precision: 0 = float, 4 = int8 activations (fast on CPU)
+
+    @classmethod
+    def from_tensor(cls, qt, accuracy_level: int = 4) -> QuantizedWeight:
+        """From ``dsedge.compress.quant.QuantizedTensor`` (torch), as ``Checkpoint.quantized`` returns it."""
+        zero = None if qt.zero_point is None else qt.zero_point.numpy().astype(np.int8)
+        return cls(qt.q.numpy().astype(np.int8), qt.scale.float().numpy(), zero, int(qt.scheme.bits),
+                   qt.scheme.group_size, accuracy_level)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.q.shape)
+
+    @property
+    def group(self) -> int:
+        return self.group_size or self.q.shape[1]
+
+    def dequantize(self) -> np.ndarray:
+        """float32 ``[out, in]``: what the reference model computes with."""
+        cols = self.q.shape[1]
+        q = self.q.astype(np.float32)
+        if self.zero_point is not None:
+            q -= np.repeat(self.zero_point.astype(np.float32), self.group, axis=1)[:, :cols]
+        return q * np.repeat(self.scale, self.group, axis=1)[:, :cols]
+
+    def take_rows(self, index: np.ndarray) -> QuantizedWeight:
+        """Output rows reordered or selected (RoPE de-interleaving, splits); codes are untouched."""
+        zero = None if self.zero_point is None else self.zero_point[index]
+        return replace(self, q=self.q[index], scale=self.scale[index], zero_point=zero)
+
+
+def take_rows(weight, index: np.ndarray):
+    """Row selection for float arrays and quantized weights alike."""
+    return weight.take_rows(index) if isinstance(weight, QuantizedWeight) else weight[index]
+
+
+def as_float(weight) -> np.ndarray:
+    """A float view for the few places that need the matrix itself (absorbed MLA's kv_b per head)."""
+    return weight.dequantize() if isinstance(weight, QuantizedWeight) else weight
+
+
+def block_size(weight: QuantizedWeight) -> int:
+    """MatMulNBits block for this weight: its group size, or a fixed block for per-channel scales."""
+    if weight.group_size is None:
+        return PER_CHANNEL_BLOCK
+    g = weight.group_size
+    if g < MIN_BLOCK or g & (g - 1):
+        raise ValueError(f"group size {g} cannot be expressed as a MatMulNBits block (a power of two >= 16)")
+    return g
+
+
+def matmul_nbits_arrays(weight: QuantizedWeight) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+    """Initializers (B, scales, zero_points?) and attributes for one MatMulNBits node."""
+    n, k = weight.shape
+    block = block_size(weight)
+    blocks = -(-k // block)
+    codes = _padded(weight.q.astype(np.int16) + (1 << (weight.bits - 1)), blocks * block).astype(np.uint8)
+    scales, zeros = _block_params(weight, blocks)
+    arrays = {"B": _pack(codes, weight.bits).reshape(n, blocks, block * weight.bits // 8),
+              "scales": np.ascontiguousarray(scales.reshape(-1))}
+    if zeros is not None:
+        arrays["zero_points"] = _pack_zero_points(zeros, weight.bits)
+    return arrays, {"K": k, "N": n, "bits": weight.bits, "block_size": block}
+
+
+def _block_params(weight: QuantizedWeight, blocks: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """Per-block scales (and unsigned zero points); per-channel values repeat over the row's blocks."""
+    scales = weight.scale if weight.group_size else np.repeat(weight.scale, blocks, axis=1)
+    zeros = weight.zero_point
+    if zeros is not None:
+        zeros = zeros if weight.group_size else np.repeat(zeros, blocks, axis=1)
+        zeros = (zeros.astype(np.int16) + (1 << (weight.bits - 1))).astype(np.uint8)
+    return scales.astype(np.float32), zeros
+
+
+def _padded(codes: np.ndarray, cols: int) -> np.ndarray:
+    """Pad the last partial block; padded columns meet no input (K is the true width), so any code works."""
+    if codes.shape[1] == cols:
+        return codes
+    return np.pad(codes, ((0, 0), (0, cols - codes.shape[1])), constant_values=0)
+
+
+def _pack(codes: np.ndarray, bits: int) -> np.ndarray:
+    """uint8 codes → bytes: 4-bit pairs with the even column in the low nibble (MatMulNBits' order)."""
+    if bits == 8:
+        return codes
+    if bits == 4:
+        return (codes[:, 0::2] | (codes[:, 1::2] << 4)).astype(np.uint8)
+    raise ValueError(f"MatMulNBits export supports 4 and 8 bits, not {bits}")
+
+
+def _pack_zero_points(zeros: np.ndarray, bits: int) -> np.ndarray:
+    """Zero points: one byte each for 8 bits; two per byte per row (row padded to even) for 4 bits."""
+    if bits == 4 and zeros.shape[1] % 2:
+        zeros = np.pad(zeros, ((0, 0), (0, 1)), constant_values=8)
+    return np.ascontiguousarray(_pack(zeros, bits).reshape(-1))
