@@ -62,7 +62,9 @@ def build_decoder(spec: ModelSpec, weights: WeightsFn, *, max_positions: int, na
     x = g.op("Gather", g.weight("model.embed_tokens.weight", top["model.embed_tokens.weight"]), input_ids, axis=0)
     pos = _positional(g, spec, position_ids, mask, pasts[0][0], cache, max_positions)
     for i in range(spec.num_hidden_layers):
+        g.scope = f"layers.{i}/"
         x, presents = _layer(g, spec, weights(i), i, x, pasts[i], pos, expert_path)
+        g.scope = ""
         for t, value in zip(cache.names, presents, strict=True):
             g.output(value, f"present.{i}.{t}", g.act, [s if s != "S" else "T" for s in cache.shape])
     x = g.rms_norm(x, top["model.norm.weight"], "model.norm", spec.rms_norm_eps)

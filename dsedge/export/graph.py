@@ -55,6 +55,9 @@ class GraphBuilder:
         self.initializers: list[onnx.TensorProto] = []
         self._const_cache: dict[tuple, str] = {}
         self._count = 0
+        # Prefix of node names ("layers.3/"): onnxruntime's profiler reports node names, so a profile can
+        # attribute a one-graph decoder's time to layers.
+        self.scope = ""
 
     def fresh(self, hint: str) -> str:
         self._count += 1
@@ -112,7 +115,7 @@ class GraphBuilder:
            domain: str = "", **attrs) -> str | list[str]:
         names = [out] if out else [self.fresh(op_type.lower()) for _ in range(outputs)]
         self.nodes.append(helper.make_node(op_type, [i or "" for i in inputs], names, domain=domain or None,
-                                           name=self.fresh(f"n_{op_type}"), **attrs))
+                                           name=self.fresh(f"{self.scope}{op_type}"), **attrs))
         return names[0] if outputs == 1 else names
 
     def model(self) -> onnx.ModelProto:

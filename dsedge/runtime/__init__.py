@@ -10,12 +10,14 @@ from dsedge.runtime.partitioned import PartitionedEngine
 
 
 def load_bundle(path: str | Path, target=None, memory_budget_bytes: int | None = None,
-                providers: list[str] | None = None, threads: int | None = None, *, verify: bool = True) -> Engine:
+                providers: list[str] | None = None, threads: int | None = None, *, verify: bool = True,
+                profile_dir: str | Path | None = None) -> Engine:
     """Open a bundle written by `dsedge export`: verify it, create sessions, return an Engine.
 
     ``target`` (name, file or Target) supplies default providers and threads; explicit arguments win.
     ``memory_budget_bytes`` caps the expert partitions a partitioned bundle keeps loaded (LRU beyond it).
     Every file's sha256 is checked unless ``verify=False``; paths that leave the bundle are refused always.
+    ``profile_dir``: write onnxruntime's per-node profiler traces there (slower; `dsedge profile --by-op`).
     """
     from dsedge.targets import load_target
 
@@ -23,7 +25,8 @@ def load_bundle(path: str | Path, target=None, memory_budget_bytes: int | None =
     providers = providers or (list(tgt.execution_providers) if tgt else ["CPUExecutionProvider"])
     threads = threads or (tgt.threads if tgt else None)
     manifest = open_manifest(path, verify=verify)
-    config = SessionConfig(tuple(providers), threads)
+    prefix = f"{Path(profile_dir)}/" if profile_dir is not None else None
+    config = SessionConfig(tuple(providers), threads, profile_prefix=prefix)
     if manifest.data.get("layout") == "partitioned":
         return PartitionedEngine(manifest, config, memory_budget_bytes)
     return MonolithicEngine(manifest, config)

@@ -47,6 +47,10 @@ class ExpertCache:
         for name in sorted(resident):
             self._load(name)
 
+    def reset_stats(self) -> None:
+        """Start counting afresh (after a warm-up); what is loaded stays loaded."""
+        self.stats = ExpertCacheStats()
+
     @property
     def loaded_bytes(self) -> int:
         return sum(self.partitions[n]["bytes"] for n in self.loaded)

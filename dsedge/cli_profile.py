@@ -1,0 +1,84 @@
+"""`dsedge profile`: latency and memory of a bundle on this machine (see dsedge.runtime.profile)."""
+
+from __future__ import annotations
+
+import sys
+
+
+def register(sub, command) -> None:
+    cmd = command(sub, "profile", "measure TTFT, decode speed and where the time goes",
+                  "Profile a bundle on this machine: a warm-up, then --trials runs of prefill (--prompt-tokens\n"
+                  "seeded random ids) and greedy decode (--gen-tokens, EOS ignored so every trial does the same\n"
+                  "work). Reports TTFT, prefill tokens/s, decode ms/token p50/p90 and tokens/s, time per graph\n"
+                  "and per layer (partitioned bundles: trunk and expert partitions), the runtime's own overhead\n"
+                  "per token, expert-cache hits/misses/load time, peak RSS, providers and threads.\n\n"
+                  "examples:\n"
+                  "  dsedge profile demo.bundle\n"
+                  "  dsedge profile v2lite.bundle --target x86-cpu-16g --prompt-tokens 512 --gen-tokens 128 --json\n"
+                  "  dsedge profile demo.bundle --by-op --plot profile.png",
+                  _run, _render)
+    cmd.add_argument("bundle", help="bundle directory written by `dsedge export`")
+    cmd.add_argument("--prompt-tokens", type=int, default=128, metavar="N", help="prompt length (default 128)")
+    cmd.add_argument("--gen-tokens", type=int, default=64, metavar="N", help="tokens generated per trial (default 64)")
+    cmd.add_argument("--trials", type=int, default=3, metavar="N", help="timed trials after the warm-up (default 3)")
+    cmd.add_argument("-t", "--target", help="device target: execution providers and threads")
+    cmd.add_argument("--threads", type=int, help="intra-op threads (default: the target's, else onnxruntime's)")
+    cmd.add_argument("--memory-budget", type=int, metavar="BYTES",
+                     help="partitioned bundles: bytes of expert partitions kept loaded (LRU beyond)")
+    cmd.add_argument("--by-op", action="store_true",
+                     help="one more trial under onnxruntime's node profiler: time per operator type and per layer")
+    cmd.add_argument("--plot", metavar="FILE.png", help="write a PNG: decode step breakdown and time per layer")
+    cmd.add_argument("--seed", type=int, default=0, help="seed of the random prompt (default 0)")
+
+
+def _run(args):
+    from dsedge.runtime.profile import profile_bundle
+
+    return profile_bundle(args.bundle, prompt_tokens=args.prompt_tokens, gen_tokens=args.gen_tokens,
+                          trials=args.trials, target=args.target, threads=args.threads,
+                          memory_budget_bytes=args.memory_budget, by_op=args.by_op, seed=args.seed, plot=args.plot)
+
+
+def _render(r) -> None:
+    print(render_profile(r))
+
+
+def render_profile(r) -> str:
+    mib, d = 1024 * 1024, r.decode_ms_per_token
+    lines = [f"{r.bundle} ({r.layout}) on {', '.join(r.providers)}, threads {r.threads or 'default'}; "
+             f"{r.trials} trials of {r.prompt_tokens} prompt + {r.gen_tokens} generated tokens",
+             f"  TTFT            {r.ttft_ms['p50']:8.1f} ms p50  {r.ttft_ms['p90']:8.1f} ms p90   "
+             f"prefill {r.prefill_tokens_per_s:,.0f} tokens/s",
+             f"  decode          {d['p50']:8.2f} ms p50  {d['p90']:8.2f} ms p90   "
+             f"{r.decode_tokens_per_s:,.1f} tokens/s",
+             f"  outside ORT     {r.outside_ort_ms_per_token:8.3f} ms per decoded token (sampling, cache, glue)",
+             f"  peak RSS        {r.peak_rss_bytes / mib:8.1f} MiB   graphs + weights {r.graph_bytes / mib:.1f} MiB"]
+    if r.experts is not None:
+        e = r.experts
+        lines.append(f"  expert loads    {r.expert_load_ms_per_token:8.3f} ms per decoded token (on-demand partitions)")
+        lines.append(f"  expert cache    hit rate {e['hit_rate']:.1%} ({e['hits']} hits, {e['misses']} misses, "
+                     f"{e['evictions']} evictions), {e['bytes_loaded'] / mib:.1f} MiB loaded in "
+                     f"{e['load_seconds'] * 1e3:.1f} ms")
+    lines += _graph_lines(r.graphs)
+    if r.ops:
+        lines.append("  by operator (decode + prefill, ms per generated token):")
+        lines += [f"    {o['op']:<22} {o['ms_per_token']:8.3f}  {o['share']:6.1%}" for o in r.ops[:10]]
+    if r.plot:
+        lines.append(f"  plot: {r.plot}")
+    return "\n".join(lines)
+
+
+def _graph_lines(graphs: list[dict]) -> list[str]:
+    if not graphs:
+        return []
+    lines = ["  per graph (ms):                       prefill  decode/token"]
+    shown = sorted(graphs, key=lambda g: -g["decode_ms_per_token"])[:12]
+    for g in shown:
+        lines.append(f"    {g['name']:<34} {g['prefill_ms']:8.2f}  {g['decode_ms_per_token']:8.3f}")
+    if len(graphs) > len(shown):
+        lines.append(f"    … {len(graphs) - len(shown)} more (see --json)")
+    return lines
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit("run `dsedge profile`")

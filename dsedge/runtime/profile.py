@@ -1,0 +1,227 @@
+"""`dsedge profile`: where a bundle's time goes — TTFT, decode ms/token, per graph, per layer, per expert.
+
+Method (as gpt-fast and llama-bench do): a warm-up trial, then N timed trials of prefill + greedy decode
+with EOS ignored, so every trial does the same work. Prompts are seeded random token ids, so results do
+not depend on a tokenizer. Per-graph time comes from timers around every ``session.run``; what is left of
+a decode step is the runtime's own overhead (sampling, cache writes, routing glue). With ``by_op`` one more
+trial runs under onnxruntime's node profiler and splits the time by layer and operator type.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dsedge.errors import UserError
+
+
+@dataclass
+class ProfileReport:
+    bundle: str
+    layout: str
+    providers: list[str]
+    threads: int | None
+    prompt_tokens: int
+    gen_tokens: int
+    trials: int
+    ttft_ms: dict[str, float]
+    prefill_tokens_per_s: float
+    decode_ms_per_token: dict[str, float]
+    decode_tokens_per_s: float
+    outside_ort_ms_per_token: float
+    expert_load_ms_per_token: float
+    graphs: list[dict[str, Any]]
+    layers: list[dict[str, Any]]
+    experts: dict[str, Any] | None
+    peak_rss_bytes: int
+    graph_bytes: int  # graphs + their weights on disk
+    ops: list[dict[str, Any]] = field(default_factory=list)
+    plot: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class _Trial:
+    ttft_s: float
+    step_s: list[float]
+    prefill_graph_s: dict[str, float]
+    decode_graph_s: dict[str, float]
+    decode_load_s: float  # expert partitions loaded on demand during decode
+
+
+def profile_bundle(bundle: str | Path, *, prompt_tokens: int = 128, gen_tokens: int = 64, trials: int = 3,
+                   target=None, threads: int | None = None, providers: list[str] | None = None,
+                   memory_budget_bytes: int | None = None, by_op: bool = False, seed: int = 0,
+                   plot: str | Path | None = None) -> ProfileReport:
+    """Profile prefill and decode of ``bundle``; see the module docstring for the method."""
+    from dsedge.runtime import load_bundle
+
+    _check_args(prompt_tokens, gen_tokens, trials)
+    engine = load_bundle(bundle, target=target, threads=threads, providers=providers,
+                         memory_budget_bytes=memory_budget_bytes)
+    if prompt_tokens + gen_tokens > engine.max_context:
+        raise UserError(f"{prompt_tokens} prompt + {gen_tokens} generated tokens exceed the bundle's max context "
+                        f"({engine.max_context})", where="--prompt-tokens/--gen-tokens",
+                        hint="profile fewer tokens or re-export with a larger --max-context")
+    prompt = _prompt(engine, prompt_tokens, seed)
+    _run_trial(engine, prompt, min(gen_tokens, 4))  # warm-up: first-run allocations, page faults, lazy loads
+    if getattr(engine, "experts", None) is not None:
+        engine.experts.reset_stats()
+    runs = [_run_trial(engine, prompt, gen_tokens) for _ in range(trials)]
+    report = _report(engine, bundle, runs, prompt_tokens, gen_tokens)
+    if by_op or (plot and engine.layout == "monolithic"):
+        report.ops, op_layers = _op_profile(bundle, engine, prompt, gen_tokens, target, memory_budget_bytes)
+        if engine.layout == "monolithic":
+            report.layers = op_layers
+    if plot:
+        from dsedge.runtime.profile_plot import write_plot
+
+        report.plot = str(write_plot(report, plot))
+    return report
+
+
+def _check_args(prompt_tokens: int, gen_tokens: int, trials: int) -> None:
+    for name, value in (("--prompt-tokens", prompt_tokens), ("--gen-tokens", gen_tokens), ("--trials", trials)):
+        if value < 1:
+            raise UserError(f"{name} must be ≥ 1, got {value}", where=name)
+
+
+def _prompt(engine, n: int, seed: int) -> list[int]:
+    vocab = int(engine.spec["vocab_size"])
+    return [int(t) for t in np.random.default_rng(seed).integers(0, vocab, size=n)]
+
+
+def _run_trial(engine, prompt: list[int], gen_tokens: int) -> _Trial:
+    """Prefill, then ``gen_tokens - 1`` greedy decode steps (the first token comes from the prefill)."""
+    cache = engine.new_cache(max_len=len(prompt) + gen_tokens)
+    engine.timers.reset()
+    started = time.perf_counter()
+    mask = np.ones((1, len(prompt)), np.int64)
+    token = int(engine.forward(np.asarray([prompt]), mask, cache)[0, -1].argmax())
+    ttft = time.perf_counter() - started
+    prefill_graphs = dict(engine.timers.seconds)
+    engine.timers.reset()
+    loaded_before = _load_seconds(engine)
+    steps = []
+    for _ in range(gen_tokens - 1):
+        step_started = time.perf_counter()
+        mask = np.ones((1, mask.shape[1] + 1), np.int64)
+        token = int(engine.forward(np.asarray([[token]]), mask, cache)[0, -1].argmax())
+        steps.append(time.perf_counter() - step_started)
+    return _Trial(ttft, steps, prefill_graphs, dict(engine.timers.seconds), _load_seconds(engine) - loaded_before)
+
+
+def _load_seconds(engine) -> float:
+    experts = getattr(engine, "experts", None)
+    return experts.stats.load_seconds if experts is not None else 0.0
+
+
+def _report(engine, bundle, runs: list[_Trial], prompt_tokens: int, gen_tokens: int) -> ProfileReport:
+    ttft = np.array([r.ttft_s for r in runs]) * 1e3
+    steps = np.array([s for r in runs for s in r.step_s] or [np.nan]) * 1e3
+    decode_steps = max(1, sum(len(r.step_s) for r in runs))
+    graph_decode = _mean_graph_ms(runs, "decode_graph_s", decode_steps)
+    graph_prefill = _mean_graph_ms(runs, "prefill_graph_s", len(runs))
+    graphs = _graph_rows(engine, graph_prefill, graph_decode)
+    ms_per_token = float(np.median(steps))
+    load_ms = sum(r.decode_load_s for r in runs) * 1e3 / decode_steps
+    experts = engine.experts.stats.to_json() if getattr(engine, "experts", None) is not None else None
+    return ProfileReport(
+        bundle=str(bundle), layout=engine.layout, providers=engine.providers,
+        threads=engine.session_config.threads, prompt_tokens=prompt_tokens, gen_tokens=gen_tokens,
+        trials=len(runs), ttft_ms=_summary(ttft), prefill_tokens_per_s=float(prompt_tokens / np.median(ttft) * 1e3),
+        decode_ms_per_token=_summary(steps), decode_tokens_per_s=float(1e3 / ms_per_token) if ms_per_token else 0.0,
+        outside_ort_ms_per_token=float(np.mean(steps) - sum(graph_decode.values()) - load_ms),
+        expert_load_ms_per_token=load_ms,
+        graphs=graphs, layers=_layer_rows(graphs), experts=experts,
+        peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        graph_bytes=sum(int(f["bytes"]) for rel, f in engine.manifest.files.items() if rel.startswith("graphs/")))
+
+
+def _summary(ms: np.ndarray) -> dict[str, float]:
+    return {"p50": float(np.percentile(ms, 50)), "p90": float(np.percentile(ms, 90)), "mean": float(ms.mean())}
+
+
+def _mean_graph_ms(runs: list[_Trial], attr: str, divisor: int) -> dict[str, float]:
+    total: dict[str, float] = {}
+    for run in runs:
+        for name, seconds in getattr(run, attr).items():
+            total[name] = total.get(name, 0.0) + seconds * 1e3
+    return {name: ms / divisor for name, ms in total.items()}
+
+
+def _graph_rows(engine, prefill: dict[str, float], decode: dict[str, float]) -> list[dict[str, Any]]:
+    rows = []
+    for graph in engine.manifest.data["graphs"]:
+        name = graph["name"]
+        if name in prefill or name in decode:
+            rows.append({"name": name, "kind": graph["kind"], "layer": graph.get("layer"),
+                         "prefill_ms": round(prefill.get(name, 0.0), 4),
+                         "decode_ms_per_token": round(decode.get(name, 0.0), 4)})
+    return rows
+
+
+def _layer_rows(graphs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Partitioned bundles: a layer's trunk graph plus its expert partitions."""
+    layers: dict[int, dict[str, Any]] = {}
+    for row in graphs:
+        if row["layer"] is None:
+            continue
+        entry = layers.setdefault(row["layer"], {"layer": row["layer"], "decode_ms_per_token": 0.0,
+                                                 "experts_ms_per_token": 0.0, "prefill_ms": 0.0})
+        entry["decode_ms_per_token"] += row["decode_ms_per_token"]
+        entry["prefill_ms"] += row["prefill_ms"]
+        if row["kind"] == "experts":
+            entry["experts_ms_per_token"] += row["decode_ms_per_token"]
+    return [layers[i] for i in sorted(layers)]
+
+
+def _op_profile(bundle, engine, prompt: list[int], gen_tokens: int, target, budget) -> tuple[list, list]:
+    """One trial under onnxruntime's node profiler: decode time per operator type and per layer."""
+    import tempfile
+
+    from dsedge.runtime import load_bundle
+
+    with tempfile.TemporaryDirectory(prefix="dsedge-profile-") as tmp:
+        profiled = load_bundle(bundle, target=target, memory_budget_bytes=budget, threads=engine.session_config.threads,
+                               providers=list(engine.session_config.providers), profile_dir=tmp)
+        _run_trial(profiled, prompt, gen_tokens)
+        files = [s.end_profiling() for s in _sessions(profiled)]
+        events = [e for f in files if f for e in json.loads(Path(f).read_text())]
+    return _aggregate_ops(events, gen_tokens)
+
+
+def _sessions(engine) -> list:
+    found = [getattr(engine, "decoder", None), getattr(engine, "prelude", None), getattr(engine, "head", None)]
+    found += list(getattr(engine, "layer_sessions", []))
+    if getattr(engine, "experts", None) is not None:
+        found += list(engine.experts.loaded.values())
+    return [s for s in found if s is not None]
+
+
+def _aggregate_ops(events: list[dict], gen_tokens: int) -> tuple[list, list]:
+    by_op: dict[str, float] = {}
+    by_layer: dict[int, float] = {}
+    for event in events:
+        if event.get("cat") != "Node" or not event.get("name", "").endswith("_kernel_time"):
+            continue
+        ms = event.get("dur", 0) / 1e3 / gen_tokens  # the whole trial per generated token
+        op = event.get("args", {}).get("op_name", "?")
+        by_op[op] = by_op.get(op, 0.0) + ms
+        name = event["name"]
+        if name.startswith("layers.") and "/" in name:
+            layer = int(name.split("/")[0].split(".")[1])
+            by_layer[layer] = by_layer.get(layer, 0.0) + ms
+    total = sum(by_op.values()) or 1.0
+    ops = sorted(({"op": k, "ms_per_token": round(v, 4), "share": round(v / total, 4)} for k, v in by_op.items()),
+                 key=lambda r: -r["ms_per_token"])
+    layers = [{"layer": i, "ms_per_token": round(by_layer[i], 4)} for i in sorted(by_layer)]
+    return ops, layers
