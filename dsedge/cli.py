@@ -222,6 +222,8 @@ def _add_run(sub) -> None:
     cmd.add_argument("--threads", type=int, help="intra-op threads (default: the target's, else onnxruntime's)")
     cmd.add_argument("--memory-budget", type=int, metavar="BYTES",
                      help="partitioned bundles: bytes of expert partitions kept loaded (LRU beyond)")
+    cmd.add_argument("--prefetch-experts", action="store_true",
+                     help="partitioned bundles: load the next layer's likely partitions in the background")
 
 
 # --- handlers -----------------------------------------------------------------------------------
@@ -264,7 +266,7 @@ def _run_run(args):
     from dsedge.runtime import load_bundle
 
     engine = load_bundle(args.bundle, target=args.target, threads=args.threads,
-                         memory_budget_bytes=args.memory_budget)
+                         memory_budget_bytes=args.memory_budget, prefetch_experts=args.prefetch_experts)
     events = engine.stream(args.prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                            top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
                            stop=args.stop)

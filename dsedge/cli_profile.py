@@ -25,6 +25,8 @@ def register(sub, command) -> None:
     cmd.add_argument("--threads", type=int, help="intra-op threads (default: the target's, else onnxruntime's)")
     cmd.add_argument("--memory-budget", type=int, metavar="BYTES",
                      help="partitioned bundles: bytes of expert partitions kept loaded (LRU beyond)")
+    cmd.add_argument("--prefetch-experts", action="store_true",
+                     help="partitioned bundles: load the next layer's likely partitions in the background")
     cmd.add_argument("--by-op", action="store_true",
                      help="one more trial under onnxruntime's node profiler: time per operator type and per layer")
     cmd.add_argument("--plot", metavar="FILE.png", help="write a PNG: decode step breakdown and time per layer")
@@ -36,7 +38,8 @@ def _run(args):
 
     return profile_bundle(args.bundle, prompt_tokens=args.prompt_tokens, gen_tokens=args.gen_tokens,
                           trials=args.trials, target=args.target, threads=args.threads,
-                          memory_budget_bytes=args.memory_budget, by_op=args.by_op, seed=args.seed, plot=args.plot)
+                          memory_budget_bytes=args.memory_budget,
+                          prefetch_experts=args.prefetch_experts, by_op=args.by_op, seed=args.seed, plot=args.plot)
 
 
 def _render(r) -> None:
@@ -55,7 +58,8 @@ def render_profile(r) -> str:
              f"  peak RSS        {r.peak_rss_bytes / mib:8.1f} MiB   graphs + weights {r.graph_bytes / mib:.1f} MiB"]
     if r.experts is not None:
         e = r.experts
-        lines.append(f"  expert loads    {r.expert_load_ms_per_token:8.3f} ms per decoded token (on-demand partitions)")
+        lines.append(f"  expert loads    {r.expert_load_ms_per_token:8.3f} ms per decoded token waiting for "
+                     f"partitions ({e['prefetches']} prefetched, {e['prefetch_hits']} of them in time)")
         lines.append(f"  expert cache    hit rate {e['hit_rate']:.1%} ({e['hits']} hits, {e['misses']} misses, "
                      f"{e['evictions']} evictions), {e['bytes_loaded'] / mib:.1f} MiB loaded in "
                      f"{e['load_seconds'] * 1e3:.1f} ms")

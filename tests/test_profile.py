@@ -57,3 +57,15 @@ def test_bad_arguments_exit_3(bundles, capsys):
     assert main(["profile", bundles["monolithic"], "--prompt-tokens", "60", "--gen-tokens", "10"]) == 3
     assert main(["profile", bundles["monolithic"], "--plot", "x.svg", "--trials", "1", "--gen-tokens", "2"]) == 3
     assert "max context" in capsys.readouterr().err
+
+
+def test_prefetch_under_a_small_budget_keeps_tokens_and_counts_prefetches(bundles):
+    from dsedge.runtime import load_bundle
+
+    prompt = [5, 9, 200, 31, 7, 77, 140, 12]
+    plain = load_bundle(bundles["partitioned"])
+    tight = load_bundle(bundles["partitioned"], memory_budget_bytes=1, prefetch_experts=True)
+    assert tight.greedy(prompt, 10) == plain.greedy(prompt, 10)
+    stats = tight.experts.stats
+    assert stats.prefetches > 0 and stats.misses > 0
+    assert not tight.experts.pending or all(f.done() or f.running() for f in tight.experts.pending.values())

@@ -11,12 +11,14 @@ from dsedge.runtime.partitioned import PartitionedEngine
 
 def load_bundle(path: str | Path, target=None, memory_budget_bytes: int | None = None,
                 providers: list[str] | None = None, threads: int | None = None, *, verify: bool = True,
-                profile_dir: str | Path | None = None) -> Engine:
+                profile_dir: str | Path | None = None, prefetch_experts: bool = False) -> Engine:
     """Open a bundle written by `dsedge export`: verify it, create sessions, return an Engine.
 
     ``target`` (name, file or Target) supplies default providers and threads; explicit arguments win.
     ``memory_budget_bytes`` caps the expert partitions a partitioned bundle keeps loaded (LRU beyond it).
     Every file's sha256 is checked unless ``verify=False``; paths that leave the bundle are refused always.
+    ``prefetch_experts`` (partitioned): load the partitions a layer used at the previous step in the background
+    while the layer before it runs.
     ``profile_dir``: write onnxruntime's per-node profiler traces there (slower; `dsedge profile --by-op`).
     """
     from dsedge.targets import load_target
@@ -28,7 +30,7 @@ def load_bundle(path: str | Path, target=None, memory_budget_bytes: int | None =
     prefix = f"{Path(profile_dir)}/" if profile_dir is not None else None
     config = SessionConfig(tuple(providers), threads, profile_prefix=prefix)
     if manifest.data.get("layout") == "partitioned":
-        return PartitionedEngine(manifest, config, memory_budget_bytes)
+        return PartitionedEngine(manifest, config, memory_budget_bytes, prefetch=prefetch_experts)
     return MonolithicEngine(manifest, config)
 
 

@@ -6,6 +6,7 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import onnxruntime as ort
@@ -19,7 +20,9 @@ class ExpertCacheStats:
     misses: int = 0
     evictions: int = 0
     bytes_loaded: int = 0
-    load_seconds: float = 0.0
+    load_seconds: float = 0.0  # time the decode loop waited for loads (prefetched loads overlap compute)
+    prefetches: int = 0
+    prefetch_hits: int = 0  # misses served by a load started ahead of time
     calls: dict[str, int] = field(default_factory=dict)  # partition name → times it ran
 
     @property
@@ -29,15 +32,23 @@ class ExpertCacheStats:
 
     def to_json(self) -> dict:
         return {"hits": self.hits, "misses": self.misses, "hit_rate": self.hit_rate, "evictions": self.evictions,
-                "bytes_loaded": self.bytes_loaded, "load_seconds": round(self.load_seconds, 4), "calls": self.calls}
+                "bytes_loaded": self.bytes_loaded, "load_seconds": round(self.load_seconds, 4),
+                "prefetches": self.prefetches, "prefetch_hits": self.prefetch_hits, "calls": self.calls}
 
 
 class ExpertCache:
-    """Sessions of expert partitions, held within ``budget_bytes`` of partition weights."""
+    """Sessions of expert partitions, held within ``budget_bytes`` of partition weights.
+
+    ``prefetch(names)`` starts loading partitions on a background thread (session creation reads the file
+    and builds kernels, mostly outside the GIL) so that it overlaps the layers computed meanwhile; all
+    bookkeeping (LRU order, eviction, budget) stays on the calling thread.
+    """
 
     def __init__(self, partitions: dict[str, dict], loader: Callable[[dict], ort.InferenceSession],
                  resident: set[str], budget_bytes: int | None):
         self.partitions = partitions
+        self.pending: dict[str, Future] = {}
+        self._pool: ThreadPoolExecutor | None = None
         self.loader = loader
         self.budget = budget_bytes
         self.resident = resident
@@ -53,23 +64,55 @@ class ExpertCache:
 
     @property
     def loaded_bytes(self) -> int:
-        return sum(self.partitions[n]["bytes"] for n in self.loaded)
+        """Bytes held: loaded partitions and those being prefetched (they count from the start)."""
+        return sum(self.partitions[n]["bytes"] for n in (*self.loaded, *self.pending))
 
     def get(self, name: str) -> ort.InferenceSession:
         self.stats.calls[name] = self.stats.calls.get(name, 0) + 1
+        self._harvest()
         session = self.loaded.get(name)
         if session is not None:
             self.stats.hits += 1
             self.loaded.move_to_end(name)
             return session
         self.stats.misses += 1
+        if name in self.pending:
+            self.stats.prefetch_hits += 1
+            return self._collect(name)
         self._make_room(self.partitions[name]["bytes"])
         return self._load(name)
+
+    def prefetch(self, names) -> None:
+        """Start loading ``names`` (those not loaded or already on their way) in the background."""
+        self._harvest()
+        for name in names:
+            if name in self.loaded or name in self.pending:
+                continue
+            self._make_room(self.partitions[name]["bytes"])
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dsedge-prefetch")
+            self.pending[name] = self._pool.submit(self.loader, self.partitions[name])
+            self.stats.prefetches += 1
+
+    def _harvest(self) -> None:
+        """Finished prefetches join the LRU order (least recent first: they have not been used yet)."""
+        for name in [n for n, f in self.pending.items() if f.done()]:
+            self._insert(name, self.pending.pop(name).result())
+            self.loaded.move_to_end(name, last=False)
+
+    def _collect(self, name: str) -> ort.InferenceSession:
+        started = time.perf_counter()
+        session = self.pending.pop(name).result()
+        self.stats.load_seconds += time.perf_counter() - started  # only the wait, not the overlapped part
+        return self._insert(name, session)
 
     def _load(self, name: str) -> ort.InferenceSession:
         started = time.perf_counter()
         session = self.loader(self.partitions[name])
         self.stats.load_seconds += time.perf_counter() - started
+        return self._insert(name, session)
+
+    def _insert(self, name: str, session: ort.InferenceSession) -> ort.InferenceSession:
         self.stats.bytes_loaded += self.partitions[name]["bytes"]
         self.loaded[name] = session
         return session

@@ -13,8 +13,13 @@ from dsedge.runtime.experts import ExpertCache
 class PartitionedEngine(Engine):
     layout = "partitioned"
 
-    def __init__(self, manifest: Manifest, session_config: SessionConfig, memory_budget_bytes: int | None = None):
+    def __init__(self, manifest: Manifest, session_config: SessionConfig, memory_budget_bytes: int | None = None,
+                 prefetch: bool = False):
         super().__init__(manifest, session_config)
+        # Prefetch predicts a layer's partitions from the ones it used at the previous step: routing of
+        # consecutive tokens is strongly correlated (the "temporal locality" MoE offloading systems use).
+        self.prefetch = prefetch
+        self.recent: dict[int, list[str]] = {}
         self.prelude = self.session(self.graph("prelude")[0])
         self.layer_sessions = [self.session(self.graph("layer", layer=i)[0]) for i in range(self.layers)]
         self.layer_outputs = [[o.name for o in s.get_outputs()] for s in self.layer_sessions]
@@ -36,6 +41,8 @@ class PartitionedEngine(Engine):
         past = cache.past()
         outputs: dict[str, np.ndarray] = {}
         for i, (session, names) in enumerate(zip(self.layer_sessions, self.layer_outputs, strict=True)):
+            if self.prefetch and i + 1 in self.recent:
+                self.experts.prefetch(self.recent[i + 1])  # loads overlap this layer's compute
             layer_feeds = {"hidden": hidden, "cos": cos, "sin": sin, "allowed": allowed,
                            **{k: v for k, v in past.items() if k.startswith(f"past.{i}.")}}
             result = dict(zip(names, session.run(names, layer_feeds), strict=True))
@@ -51,10 +58,11 @@ class PartitionedEngine(Engine):
         chosen = np.unique(result["expert_ids"])
         feeds = {k: result[k] for k in ("moe_input", "expert_ids", "expert_weights")}
         total = np.zeros(result["moe_input"].shape, np.float32)
-        for part in self.partitions_by_layer.get(layer, []):
-            first, last = part["experts"]
-            if np.any((chosen >= first) & (chosen < last)):
-                total += self.experts.get(part["name"]).run(["routed"], feeds)[0]
+        used = [p["name"] for p in self.partitions_by_layer.get(layer, [])
+                if np.any((chosen >= p["experts"][0]) & (chosen < p["experts"][1]))]
+        for name in used:
+            total += self.experts.get(name).run(["routed"], feeds)[0]
+        self.recent[layer] = used
         return total
 
 

@@ -59,14 +59,15 @@ class _Trial:
 
 def profile_bundle(bundle: str | Path, *, prompt_tokens: int = 128, gen_tokens: int = 64, trials: int = 3,
                    target=None, threads: int | None = None, providers: list[str] | None = None,
-                   memory_budget_bytes: int | None = None, by_op: bool = False, seed: int = 0,
+                   memory_budget_bytes: int | None = None, prefetch_experts: bool = False, by_op: bool = False,
+                   seed: int = 0,
                    plot: str | Path | None = None) -> ProfileReport:
     """Profile prefill and decode of ``bundle``; see the module docstring for the method."""
     from dsedge.runtime import load_bundle
 
     _check_args(prompt_tokens, gen_tokens, trials)
     engine = load_bundle(bundle, target=target, threads=threads, providers=providers,
-                         memory_budget_bytes=memory_budget_bytes)
+                         memory_budget_bytes=memory_budget_bytes, prefetch_experts=prefetch_experts)
     if prompt_tokens + gen_tokens > engine.max_context:
         raise UserError(f"{prompt_tokens} prompt + {gen_tokens} generated tokens exceed the bundle's max context "
                         f"({engine.max_context})", where="--prompt-tokens/--gen-tokens",
