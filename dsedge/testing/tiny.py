@@ -20,7 +20,7 @@ import re
 import zlib
 from pathlib import Path
 
-from dsedge.testing.tokenizer import BOS_ID, EOS_ID, VOCAB_SIZE, write_tokenizer
+from dsedge.testing.tokenizer import BOS_ID, EOS_ID, VARIANT_CHAT_TEMPLATES, VOCAB_SIZE, write_tokenizer
 
 __all__ = ["VARIANTS", "build_tensors", "quantize_fp8_blocks", "tiny_config", "write_checkpoint",
            "write_tokenizer"]
@@ -210,7 +210,8 @@ def write_checkpoint(out_dir, variant: str, *, seed: int = 0, fp8: bool = False,
     ``num_shards > 1`` splits the tensors over ``model-0000i-of-0000N.safetensors`` plus an index;
     ``dtype`` is the storage dtype of the non-FP8 tensors, except that the V3 correction bias is
     always float32 (as published) and, with ``style="transformers"``, the routers' ``mlp.gate.weight``
-    too (as transformers 5 re-saves them); ``tokenizer`` also writes the tiny DeepSeek tokenizer.
+    too (as transformers 5 re-saves them); ``tokenizer`` also writes the tiny DeepSeek tokenizer
+    with the chat template of the variant's published family (``VARIANT_CHAT_TEMPLATES``).
     """
     _check_options(variant, fp8=fp8, mtp=mtp, style=style, dtype=dtype)
     out = Path(out_dir)
@@ -223,7 +224,7 @@ def write_checkpoint(out_dir, variant: str, *, seed: int = 0, fp8: bool = False,
     _write_json(out / "config.json", config)
     _write_json(out / "generation_config.json", _generation_config(style))
     if tokenizer:
-        write_tokenizer(out)
+        write_tokenizer(out, chat_template=VARIANT_CHAT_TEMPLATES[variant])
     return out
 
 

@@ -11,6 +11,8 @@ import json
 from collections.abc import Iterable
 from pathlib import Path
 
+from dsedge import chat_templates
+
 BOS_TOKEN = "<｜begin▁of▁sentence｜>"
 EOS_TOKEN = "<｜end▁of▁sentence｜>"
 USER_TOKEN = "<｜User｜>"
@@ -38,44 +40,19 @@ EOS_ID = 1
 BPE_VOCAB_SIZE = 384  # bos/eos + 256 byte symbols + merges
 VOCAB_SIZE = BPE_VOCAB_SIZE + len(CHAT_TOKENS)  # 397: deliberately not a power of two
 
-# Source: /work/shared/configs/DeepSeek-R1.tokenizer_config.json ("chat_template"), the HF
-# deepseek-ai/DeepSeek-R1 tokenizer_config.json of 2025-01-22 (generation prompt without "<think>\n").
-DEEPSEEK_R1_CHAT_TEMPLATE = (
-    "{% if not add_generation_prompt is defined %}{% set add_generation_prompt = false %}{% endif %}"
-    "{% set ns = namespace(is_first=false, is_tool=false, is_output_first=true, system_prompt='', "
-    "is_first_sp=true) %}{%- for message in messages %}{%- if message['role'] == 'system' %}"
-    "{%- if ns.is_first_sp %}{% set ns.system_prompt = ns.system_prompt + message['content'] %}"
-    "{% set ns.is_first_sp = false %}{%- else %}"
-    "{% set ns.system_prompt = ns.system_prompt + '\\n\\n' + message['content'] %}{%- endif %}"
-    "{%- endif %}{%- endfor %}{{ bos_token }}{{ ns.system_prompt }}{%- for message in messages %}"
-    "{%- if message['role'] == 'user' %}{%- set ns.is_tool = false -%}"
-    "{{'<｜User｜>' + message['content']}}{%- endif %}"
-    "{%- if message['role'] == 'assistant' and 'tool_calls' in message %}{%- set ns.is_tool = false -%}"
-    "{%- for tool in message['tool_calls'] %}{%- if not ns.is_first %}"
-    "{%- if message['content'] is none %}"
-    "{{'<｜Assistant｜><｜tool▁calls▁begin｜><｜tool▁call▁begin｜>' + tool['type'] + '<｜tool▁sep｜>' "
-    "+ tool['function']['name'] + '\\n' + '```json' + '\\n' + tool['function']['arguments'] + '\\n' "
-    "+ '```' + '<｜tool▁call▁end｜>'}}{%- else %}"
-    "{{'<｜Assistant｜>' + message['content'] + '<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>' "
-    "+ tool['type'] + '<｜tool▁sep｜>' + tool['function']['name'] + '\\n' + '```json' + '\\n' "
-    "+ tool['function']['arguments'] + '\\n' + '```' + '<｜tool▁call▁end｜>'}}{%- endif %}"
-    "{%- set ns.is_first = true -%}{%- else %}"
-    "{{'\\n' + '<｜tool▁call▁begin｜>' + tool['type'] + '<｜tool▁sep｜>' + tool['function']['name'] "
-    "+ '\\n' + '```json' + '\\n' + tool['function']['arguments'] + '\\n' + '```' "
-    "+ '<｜tool▁call▁end｜>'}}{%- endif %}{%- endfor %}"
-    "{{'<｜tool▁calls▁end｜><｜end▁of▁sentence｜>'}}{%- endif %}"
-    "{%- if message['role'] == 'assistant' and 'tool_calls' not in message %}{%- if ns.is_tool %}"
-    "{{'<｜tool▁outputs▁end｜>' + message['content'] + '<｜end▁of▁sentence｜>'}}"
-    "{%- set ns.is_tool = false -%}{%- else %}{% set content = message['content'] %}"
-    "{% if '</think>' in content %}{% set content = content.split('</think>')[-1] %}{% endif %}"
-    "{{'<｜Assistant｜>' + content + '<｜end▁of▁sentence｜>'}}{%- endif %}{%- endif %}"
-    "{%- if message['role'] == 'tool' %}{%- set ns.is_tool = true -%}{%- if ns.is_output_first %}"
-    "{{'<｜tool▁outputs▁begin｜><｜tool▁output▁begin｜>' + message['content'] + '<｜tool▁output▁end｜>'}}"
-    "{%- set ns.is_output_first = false %}{%- else %}"
-    "{{'<｜tool▁output▁begin｜>' + message['content'] + '<｜tool▁output▁end｜>'}}{%- endif %}"
-    "{%- endif %}{%- endfor -%}{% if ns.is_tool %}{{'<｜tool▁outputs▁end｜>'}}{% endif %}"
-    "{% if add_generation_prompt and not ns.is_tool %}{{'<｜Assistant｜>'}}{% endif %}"
-)
+# The DeepSeek-R1 template of 2025-01-22 (generation prompt without "<think>\\n"); sources in dsedge.chat_templates.
+DEEPSEEK_R1_CHAT_TEMPLATE = chat_templates.DEEPSEEK_R1_2501
+
+# The template each tiny variant's tokenizer_config.json carries, as its published family does: V2(-Lite)-Chat's
+# "User:/Assistant:", R1's (January text: the runtime must force "<think>\\n" itself) for the V3/R1
+# architecture, and the R1-Distill template (updated: its prompt opens "<think>\\n") for Qwen2/Llama.
+VARIANT_CHAT_TEMPLATES = {
+    "v2_lite": chat_templates.DEEPSEEK_V2,
+    "v2": chat_templates.DEEPSEEK_V2,
+    "v3": DEEPSEEK_R1_CHAT_TEMPLATE,
+    "qwen2": chat_templates.R1_DISTILL,
+    "llama": chat_templates.R1_DISTILL,
+}
 
 # Training text: a few KB of plain English and Python, enough for a few hundred merges that make
 # ordinary test prompts encode to short, multi-byte tokens.
