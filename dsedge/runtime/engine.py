@@ -213,6 +213,17 @@ class Engine(ABC):
             pass
         return self.last_result
 
+    def chat(self, messages: list[dict], max_new_tokens: int = 512, temperature: float = 0.0, top_k: int = 0,
+             top_p: float = 1.0, repetition_penalty: float = 1.0, seed: int | None = None,
+             stop: list[str] | None = None, stream: bool = False, **options):
+        """Reply to chat messages through the bundle's chat template: a ChatResult (text, reasoning, answer,
+        token ids, finish reason, timings), or with ``stream=True`` a ChatStream of reasoning/answer pieces.
+        See dsedge.runtime.chat.chat (``template``, ``force_think``)."""
+        from dsedge.runtime.chat import chat
+
+        return chat(self, messages, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                    repetition_penalty=repetition_penalty, seed=seed, stop=stop, stream=stream, **options)
+
     def _check_tokens(self, token_ids: list[int]) -> None:
         vocab = int(self.spec["vocab_size"])
         if not token_ids:

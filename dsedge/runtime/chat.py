@@ -1,0 +1,453 @@
+"""Chat over a bundle: its chat template rendered as transformers renders it, and R1 reasoning split off.
+
+The template comes from the bundle's tokenizer files (``chat_template.jinja``, else ``tokenizer_config.json``),
+else the manifest, else the built-in template of the model's family (``dsedge.chat_templates``). It is
+rendered by jinja2 in the environment of transformers' ``apply_chat_template`` (sandboxed, ``trim_blocks``,
+``lstrip_blocks``, ``raise_exception``, ``tojson``, ``strftime_now``, the tokenizer's special tokens as
+variables), so the prompt is byte-identical to what transformers would build.
+
+R1-style models answer ``<think>reasoning</think>answer``; R1's updated templates end the generation prompt
+with ``<think>\\n`` so the output starts inside the think block. Output is split into ``reasoning`` and
+``answer`` as it streams; history handed back to the model keeps only the answers, as R1's template does.
+
+Imports: standard library, jinja2 and the tokenizer via the engine — never torch.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from dsedge import chat_templates
+from dsedge.errors import UserError
+from dsedge.runtime.generation import GenerationResult
+
+__all__ = ["ChatPiece", "ChatResult", "ChatSession", "ChatStream", "ChatTemplate", "ReasoningSplitter", "chat",
+           "load_chat_template", "prepare_prompt", "split_reasoning"]
+
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+ROLES = ("system", "user", "assistant", "tool")
+# transformers passes these named special tokens (as strings) to every template.
+SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+# transformers copies a message's reasoning under every name templates read it by.
+_REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
+
+
+# --- templates ----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ChatTemplate:
+    """A jinja chat template, where it came from, and the special tokens it is rendered with."""
+
+    source: str
+    origin: str  # e.g. "tokenizer/tokenizer_config.json" or "built-in deepseek-r1"
+    special_tokens: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def strips_reasoning(self) -> bool:
+        """Whether this is an R1-family template (it drops ``…</think>`` from assistant turns)."""
+        return THINK_CLOSE in self.source
+
+    def render(self, messages: list[dict], *, add_generation_prompt: bool = True, **variables: Any) -> str:
+        """The prompt text, as ``tokenizer.apply_chat_template(messages, tokenize=False, ...)`` returns it."""
+        import jinja2
+
+        messages = _normalized(messages)
+        try:
+            return _compiled(self.source).render(messages=messages, tools=None, documents=None,
+                                                  add_generation_prompt=add_generation_prompt,
+                                                  **{**self.special_tokens, **variables})
+        except jinja2.TemplateError as exc:
+            raise UserError(f"the chat template failed: {exc}", where=f"chat template ({self.origin})",
+                            hint="check the messages' roles and order, or pick a template with --template") from exc
+
+    @classmethod
+    def from_tokenizer_dir(cls, path: str | Path, origin_prefix: str = "") -> ChatTemplate | None:
+        """The template of a tokenizer directory (``chat_template.jinja`` wins, as in transformers), or None."""
+        path = Path(path)
+        config = _read_json(path / "tokenizer_config.json")
+        tokens = _special_tokens(config, _read_json(path / "special_tokens_map.json"))
+        jinja_file = path / "chat_template.jinja"
+        if jinja_file.is_file():
+            return cls(jinja_file.read_text(encoding="utf-8"), origin_prefix + jinja_file.name, tokens)
+        source = _default_template(config.get("chat_template"))
+        return cls(source, origin_prefix + "tokenizer_config.json", tokens) if source else None
+
+    @classmethod
+    def builtin(cls, family: str, special_tokens: dict[str, str] | None = None) -> ChatTemplate:
+        """A published template by family name (``dsedge.chat_templates.FAMILIES``)."""
+        if family not in chat_templates.FAMILIES:
+            raise UserError(f"unknown chat template {family!r}", where="template",
+                            hint=f"use one of {', '.join(chat_templates.FAMILIES)} or a .jinja file")
+        return cls(chat_templates.FAMILIES[family], f"built-in {family}", dict(special_tokens or {}))
+
+
+def load_chat_template(engine, template: str | Path | ChatTemplate | None = None) -> ChatTemplate:
+    """The chat template for ``engine``'s bundle, or the one ``template`` names (family name or .jinja file).
+
+    Without a template of its own the bundle gets its family's by ``model_type`` (DeepSeek-V2 → V2's,
+    DeepSeek-V3/R1 → V3's, Qwen2/Llama R1-Distills → the distills'); name ``deepseek-r1`` for R1 then.
+    """
+    if isinstance(template, ChatTemplate):
+        return template
+    manifest = engine.manifest
+    found = _bundle_template(manifest)
+    tokens = found.special_tokens if found else _tokens_from_ids(engine)
+    if template is not None:
+        text = str(template)
+        if text in chat_templates.FAMILIES:
+            return ChatTemplate.builtin(text, tokens)
+        file = Path(text)
+        if not file.is_file():
+            raise UserError(f"no chat template {text!r}", where="template",
+                            hint=f"name one of {', '.join(chat_templates.FAMILIES)} or an existing .jinja file")
+        return ChatTemplate(file.read_text(encoding="utf-8"), str(file), tokens)
+    if found:
+        return found
+    family = chat_templates.family_for_model_type(manifest.data.get("model", {}).get("model_type"))
+    if family is None:
+        raise UserError("this bundle has no chat template and its model type has no built-in one",
+                        where=str(manifest.root), hint="pass a template: a family name or a .jinja file")
+    return ChatTemplate.builtin(family, tokens)
+
+
+def _bundle_template(manifest) -> ChatTemplate | None:
+    for rel in ("tokenizer/chat_template.jinja", "tokenizer/tokenizer_config.json"):
+        if rel in manifest.files:  # manifest.path keeps the read inside the bundle
+            found = ChatTemplate.from_tokenizer_dir(manifest.path(rel).parent, "tokenizer/")
+            if found:
+                return found
+    source = _default_template((manifest.data.get("tokenizer") or {}).get("chat_template"))
+    return ChatTemplate(source, "manifest.json tokenizer.chat_template") if source else None
+
+
+def _tokens_from_ids(engine) -> dict[str, str]:
+    # No tokenizer_config.json: name bos/eos after the manifest's ids, as the tokenizer spells them.
+    codec, info = engine.codec, engine.manifest.data.get("tokenizer") or {}
+    tokens = {}
+    for key, ident in (("bos_token", info.get("bos_token_id")), ("eos_token", info.get("eos_token_id"))):
+        ident = ident[0] if isinstance(ident, list) and ident else ident
+        text = codec.tokenizer.id_to_token(int(ident)) if codec and isinstance(ident, int) else None
+        if text:
+            tokens[key] = text
+    return tokens
+
+
+def _default_template(value) -> str | None:
+    # tokenizer_config.json may hold several named templates; transformers uses "default".
+    if isinstance(value, list):
+        named = {t.get("name"): t.get("template") for t in value if isinstance(t, dict)}
+        return named.get("default")
+    return value or None
+
+
+def _special_tokens(config: dict, special_map: dict) -> dict[str, str]:
+    tokens = {}
+    for key in SPECIAL_TOKEN_KEYS:
+        value = config.get(key) or special_map.get(key)
+        if isinstance(value, dict):  # a serialized AddedToken
+            value = value.get("content")
+        if isinstance(value, str):
+            tokens[key] = value
+    return tokens
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path.name} is not valid JSON: {exc}", where=str(path)) from exc
+    return data if isinstance(data, dict) else {}
+
+
+@functools.lru_cache(maxsize=16)
+def _compiled(source: str):
+    """The template compiled in transformers' environment (chat_template_utils._compile_jinja_template)."""
+    import jinja2
+    from jinja2.ext import Extension, loopcontrols
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class GenerationTag(Extension):
+        # transformers' {% generation %} marks assistant tokens for masks; rendering passes the body through.
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+        def _body(self, caller):
+            return caller()
+
+    def raise_exception(message):
+        raise jinja2.exceptions.TemplateError(message)
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        # transformers' own tojson: no HTML escaping, unicode kept
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[GenerationTag, loopcontrols])
+    env.filters["tojson"] = tojson
+    env.globals.update(raise_exception=raise_exception, strftime_now=lambda fmt: datetime.now().strftime(fmt))
+    try:
+        return env.from_string(source)
+    except jinja2.TemplateSyntaxError as exc:
+        raise UserError(f"the chat template does not parse: {exc}", where="chat template") from exc
+
+
+def _normalized(messages: list[dict]) -> list[dict]:
+    """Checked copies, None-valued keys dropped and reasoning aliased, as transformers prepares them."""
+    if not isinstance(messages, (list, tuple)) or not messages:
+        raise UserError("messages must be a non-empty list of {'role': ..., 'content': ...}", where="messages")
+    out = []
+    for index, message in enumerate(messages):
+        if not isinstance(message, dict) or message.get("role") not in ROLES:
+            raise UserError(f"message {index} needs a role among {', '.join(ROLES)}", where="messages",
+                            hint="each message is {'role': 'system'|'user'|'assistant', 'content': str}")
+        if "content" in message and message["content"] is not None and not isinstance(message["content"], str):
+            raise UserError(f"message {index}: content must be a string", where="messages")
+        message = {k: v for k, v in message.items() if v is not None}
+        reasoning = next((message[k] for k in _REASONING_FIELDS if message.get(k) is not None), None)
+        if reasoning is not None:
+            message = {"thinking": reasoning, **message, "reasoning_content": reasoning}
+        out.append(message)
+    return out
+
+
+# --- prompts ------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ChatPrompt:
+    text: str
+    token_ids: list[int]
+    thinking: bool  # the prompt ends inside an open <think> block: output starts as reasoning
+
+
+def prepare_prompt(engine, messages: list[dict], *, template: str | Path | ChatTemplate | None = None,
+                   force_think: bool | None = None) -> ChatPrompt:
+    """Render ``messages`` with the generation prompt and encode it as transformers does (no extra BOS).
+
+    ``force_think``: None (default) appends ``<think>\\n`` when an R1-family template does not end with it
+    (R1's January template; DeepSeek recommends forcing it, and their later templates do); True appends it
+    to any template; False leaves the rendered prompt alone.
+    """
+    chat_template = load_chat_template(engine, template)
+    text = chat_template.render(messages, add_generation_prompt=True)
+    thinking = _ends_in_think(text)
+    wants_think = chat_template.strips_reasoning if force_think is None else force_think
+    if wants_think and not thinking:
+        text, thinking = text + THINK_OPEN + "\n", True
+    codec = engine.codec
+    if codec is None:
+        raise UserError("this bundle has no tokenizer, so it cannot chat", where=str(engine.manifest.root),
+                        hint="re-export from a checkpoint directory that holds tokenizer.json")
+    return ChatPrompt(text, codec.tokenizer.encode(text, add_special_tokens=False).ids, thinking)
+
+
+def _ends_in_think(text: str) -> bool:
+    return text.rstrip().endswith(THINK_OPEN)
+
+
+# --- reasoning split ----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ChatPiece:
+    """A piece of the reply as it streams: ``kind`` is "reasoning" or "answer"."""
+
+    kind: str
+    text: str
+    token_id: int | None = None  # the token whose arrival released this text (None: released at the end)
+
+
+class ReasoningSplitter:
+    """Splits streamed text into reasoning and answer without ever emitting a think tag.
+
+    Reasoning runs from the start (when the prompt opened ``<think>``) or from a leading ``<think>`` in the
+    output, up to the first ``</think>``; everything else is answer. Whitespace at either end of each part is
+    dropped, so text that may turn out to be a tag or trailing whitespace is held back until it is decided.
+    With no ``</think>`` yet, all the text so far is reasoning.
+    """
+
+    def __init__(self, thinking: bool):
+        self._phase = "reasoning" if thinking else "start"
+        self._buffer = ""
+        self._started = False  # whether the current phase has emitted its first non-space text
+
+    def feed(self, text: str) -> list[tuple[str, str]]:
+        """(kind, text) pairs releasable after ``text``."""
+        self._buffer += text
+        return self._drain(final=False)
+
+    def finish(self) -> list[tuple[str, str]]:
+        """What was held back, at the end of the output."""
+        return self._drain(final=True)
+
+    def _drain(self, final: bool) -> list[tuple[str, str]]:
+        out: list[tuple[str, str]] = []
+        while True:
+            if not self._started:
+                head = self._buffer.lstrip()
+                if head.startswith(THINK_OPEN) and self._phase != "answer":  # opening tag (also a repeated one)
+                    self._buffer, self._phase = head[len(THINK_OPEN):], "reasoning"
+                    continue
+                if not final and THINK_OPEN.startswith(head) and self._phase != "answer":
+                    return out  # empty, or maybe the start of <think>: wait for more
+                if self._phase == "start":
+                    self._phase = "answer"
+                self._buffer, self._started = head, bool(head)
+                if not head:
+                    return out
+            if self._phase == "reasoning" and THINK_CLOSE in self._buffer:
+                before, self._buffer = self._buffer.split(THINK_CLOSE, 1)
+                out += _piece("reasoning", before.rstrip())
+                self._phase, self._started = "answer", False
+                continue
+            tag = THINK_CLOSE if self._phase == "reasoning" else ""
+            cut = len(self._buffer.rstrip()) if final else _releasable(self._buffer, tag)
+            out += _piece(self._phase, self._buffer[:cut])
+            self._buffer = self._buffer[cut:]
+            return out
+
+
+def _releasable(buffer: str, tag: str) -> int:
+    """Length of ``buffer`` that can go out now: not a tail that may begin ``tag``, nor trailing whitespace."""
+    end = len(buffer)
+    for k in range(min(len(tag) - 1, end), 0, -1):
+        if tag.startswith(buffer[end - k:]):
+            end -= k
+            break
+    return len(buffer[:end].rstrip())
+
+
+def _piece(kind: str, text: str) -> list[tuple[str, str]]:
+    return [(kind, text)] if text else []
+
+
+def split_reasoning(text: str, *, thinking: bool = False) -> tuple[str, str]:
+    """``(reasoning, answer)`` of a whole reply; ``thinking``: the prompt ended inside ``<think>``."""
+    splitter = ReasoningSplitter(thinking)
+    parts = {"reasoning": "", "answer": ""}
+    for kind, piece in splitter.feed(text) + splitter.finish():
+        parts[kind] += piece
+    return parts["reasoning"], parts["answer"]
+
+
+# --- generation ---------------------------------------------------------------------------------
+
+@dataclass
+class ChatResult(GenerationResult):
+    """A generation result plus the reply split into reasoning and answer, and the rendered prompt."""
+
+    reasoning: str = ""
+    answer: str = ""
+    prompt: str = ""
+
+
+class ChatStream:
+    """Iterates ChatPieces as tokens arrive; ``result`` (a ChatResult) is set once iteration ends."""
+
+    def __init__(self, engine, prompt: ChatPrompt, max_new_tokens: int, sampling: dict[str, Any], on_done=None):
+        self.engine, self.prompt, self.sampling = engine, prompt, sampling
+        self.max_new_tokens = _fit_context(engine, prompt, max_new_tokens)
+        self.result: ChatResult | None = None
+        self._on_done = on_done
+
+    def __iter__(self) -> Iterator[ChatPiece]:
+        splitter, fed = ReasoningSplitter(self.prompt.thinking), ""
+        for event in self.engine.stream(self.prompt.token_ids, self.max_new_tokens, **self.sampling):
+            # Feed from the whole text decoded so far (the engine fills last_result.text as it goes), holding
+            # back while it ends in U+FFFD: a character split over tokens shows as U+FFFD until its last byte
+            # arrives, and the event's own text piece keeps that placeholder.
+            text = self.engine.last_result.text
+            if text.endswith("\ufffd") or not text.startswith(fed):
+                continue
+            for kind, piece in splitter.feed(text[len(fed):]):
+                yield ChatPiece(kind, piece, event.token_id)
+            fed = text
+        generated = self.engine.last_result
+        tail = generated.text[len(fed):] if generated.text.startswith(fed) else ""
+        for kind, piece in splitter.feed(tail) + splitter.finish():
+            yield ChatPiece(kind, piece)
+        reasoning, answer = split_reasoning(generated.text, thinking=self.prompt.thinking)
+        self.result = ChatResult(**generated.__dict__, reasoning=reasoning, answer=answer, prompt=self.prompt.text)
+        if self._on_done:
+            self._on_done(self.result)
+
+
+def _fit_context(engine, prompt: ChatPrompt, max_new_tokens: int) -> int:
+    # A conversation grows each turn: cap the reply at the room left rather than refusing the turn.
+    if max_new_tokens < 1:
+        raise UserError("max_new_tokens must be ≥ 1", where="chat")
+    room = engine.max_context - len(prompt.token_ids)
+    if room < 1:
+        raise UserError(f"the conversation ({len(prompt.token_ids)} tokens) fills the bundle's max context of "
+                        f"{engine.max_context}", where="chat",
+                        hint="start a new conversation (/reset), or re-export with a larger --max-context")
+    return min(max_new_tokens, room)
+
+
+def chat(engine, messages: list[dict], *, max_new_tokens: int = 512, temperature: float = 0.0, top_k: int = 0,
+         top_p: float = 1.0, repetition_penalty: float = 1.0, seed: int | None = None, stop: list[str] | None = None,
+         stream: bool = False, template: str | Path | ChatTemplate | None = None, force_think: bool | None = None):
+    """Reply to ``messages`` ([{"role": ..., "content": ...}]) through the bundle's chat template.
+
+    Returns a ChatResult (text, reasoning, answer, token ids, finish reason, timings, prompt), or with
+    ``stream=True`` a ChatStream of ChatPieces whose ``result`` is set at the end. ``max_new_tokens`` is
+    capped at the room the context has left. ``template`` and ``force_think``: see ``load_chat_template``
+    and ``prepare_prompt``.
+    """
+    prompt = prepare_prompt(engine, messages, template=template, force_think=force_think)
+    sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
+                    seed=seed, stop=stop)
+    replies = ChatStream(engine, prompt, max_new_tokens, sampling)
+    if stream:
+        return replies
+    for _ in replies:
+        pass
+    return replies.result
+
+
+class ChatSession:
+    """A multi-turn conversation: the history the model sees keeps answers only (reasoning dropped).
+
+    ``turns`` records every completed exchange (with reasoning, finish reason and timings) across resets.
+    """
+
+    def __init__(self, engine, *, system: str | None = None, template: str | Path | ChatTemplate | None = None,
+                 force_think: bool | None = None, max_new_tokens: int = 512, **sampling):
+        self.engine, self.system, self.force_think = engine, system, force_think
+        self.template = load_chat_template(engine, template)
+        self.max_new_tokens, self.sampling = max_new_tokens, sampling
+        self.messages: list[dict] = []
+        self.turns: list[dict] = []
+        self.conversation = 0  # bumped by reset()
+
+    def history(self) -> list[dict]:
+        """The messages the next prompt is rendered from (system message first, if any)."""
+        system = [{"role": "system", "content": self.system}] if self.system else []
+        return system + self.messages
+
+    def send(self, text: str) -> ChatStream:
+        """Stream the reply to a user message; the exchange joins the history only when the reply completes."""
+        user = {"role": "user", "content": text}
+        prompt = prepare_prompt(self.engine, [*self.history(), user], template=self.template,
+                                force_think=self.force_think)
+
+        def done(result: ChatResult) -> None:
+            self.messages += [user, {"role": "assistant", "content": result.answer}]
+            self.turns.append({"conversation": self.conversation, "user": text, **result.to_json()})
+
+        return ChatStream(self.engine, prompt, self.max_new_tokens, self.sampling, on_done=done)
+
+    def reset(self) -> None:
+        """Forget the history (the system message stays)."""
+        self.messages = []
+        self.conversation += 1
