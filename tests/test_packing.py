@@ -1,0 +1,197 @@
+"""compressed-tensors pack-quantized layout: bit packing, round trips through the library itself, config."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from dsedge.compress.packing import (
+    pack,
+    pack_bits,
+    packed_shapes,
+    quantization_config,
+    read_quantization_config,
+    regroup,
+    storage_group,
+    unpack,
+    unpack_bits,
+)
+from dsedge.compress.quant import QuantScheme, dequantize, quantize_rtn
+from dsedge.compress.recipes import load_recipe
+from dsedge.errors import CheckpointError, UserError
+
+ct_helpers = pytest.importorskip("compressed_tensors.compressors.pack_quantized.helpers")
+
+
+def weight(rows, cols, seed):
+    return torch.randn(rows, cols, generator=torch.Generator().manual_seed(seed)) * 0.02
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("shape", [(7, 45), (16, 3), (9, 2), (24, 72)])
+def test_bit_packing_matches_compressed_tensors(bits, shape):
+    lo, hi = -(1 << (bits - 1)), 1 << (bits - 1)
+    values = torch.randint(lo, hi, shape, generator=torch.Generator().manual_seed(0), dtype=torch.int8)
+    for dim in (0, 1):
+        ours = pack_bits(values, bits, dim=dim)
+        assert torch.equal(ours, ct_helpers.pack_to_int32(values, bits, packed_dim=dim))
+        assert torch.equal(unpack_bits(ours, bits, shape[dim], dim=dim), values)
+        assert torch.equal(ct_helpers.unpack_from_int32(ours, bits, torch.Size(shape), packed_dim=dim), values)
+
+
+def test_storage_group_for_partial_groups():
+    assert storage_group(QuantScheme(4, 32), 128) == 32
+    assert storage_group(QuantScheme(4, 32), 72) == 8  # gcd: every stored group inside one of ours
+    assert storage_group(QuantScheme(4, 128), 224) == 32  # the demo model's hidden size
+    assert storage_group(QuantScheme(4, 128), 144) == 16
+    assert storage_group(QuantScheme(4, 32), 100) == 4
+    assert storage_group(QuantScheme(4, 128), 40) is None  # one group per row: the channel strategy
+    assert storage_group(QuantScheme(8, None), 40) is None
+
+
+# (name, bits, group, symmetric, [out, in]): partial last groups, whole-row groups, int4/int8, sym/asym.
+MODULES = [
+    ("model.layers.0.self_attn.q_b_proj", 4, 32, True, (24, 72)),
+    ("model.layers.0.self_attn.kv_b_proj", 4, 128, False, (84, 100)),
+    ("model.layers.0.self_attn.o_proj", 8, None, True, (72, 36)),
+    ("model.layers.0.mlp.gate_proj", 8, 64, False, (40, 128)),
+    ("model.layers.0.mlp.up_proj", 4, 128, True, (40, 72)),
+    ("model.layers.0.mlp.down_proj", 4, 32, False, (16, 100)),
+    ("model.layers.1.mlp.experts.0.down_proj", 4, 64, True, (72, 224)),
+    ("model.layers.1.mlp.experts.1.down_proj", 8, 32, False, (12, 144)),
+]
+
+
+@pytest.fixture(scope="module")
+def packed_checkpoint(tmp_path_factory):
+    """A checkpoint directory holding MODULES packed by us, plus an unquantized linear and a norm."""
+    path = tmp_path_factory.mktemp("packed")
+    quantized, tensors = {}, {}
+    for i, (name, bits, group, symmetric, shape) in enumerate(MODULES):
+        qt = quantize_rtn(weight(*shape, seed=i), QuantScheme(bits, group, symmetric))
+        quantized[name] = qt
+        tensors.update(pack(name, qt))
+    kept = {"model.layers.0.self_attn.q_a_proj.weight": weight(8, 72, seed=99), "model.norm.weight": torch.ones(72)}
+    tensors.update(kept)
+    config = {"model_type": "llama",
+              "quantization_config": quantization_config(load_recipe("int4"), quantized,
+                                                         ["model.layers.0.self_attn.q_a_proj"])}
+    (path / "config.json").write_text(json.dumps(config, indent=2))
+    save_file(tensors, str(path / "model.safetensors"))
+    return path, quantized, kept, config
+
+
+def test_compressed_tensors_decompresses_what_we_write(packed_checkpoint):
+    """The library's own model-free decompressor reproduces our dequantized weights.
+
+    It computes ``(q - zero_point) · scale`` in the scale's dtype, float16: the product of a small
+    integer and a float16 scale is exact in float32, so its result is exactly ours rounded to float16.
+    """
+    from compressed_tensors.entrypoints.convert import CompressedTensorsDequantizer
+    from compressed_tensors.quantization import QuantizationConfig
+
+    path, quantized, kept, config = packed_checkpoint
+    QuantizationConfig.model_validate(config["quantization_config"])  # the library's schema accepts it
+    dequantizer = CompressedTensorsDequantizer(path, dtype=torch.float32)
+    out = dequantizer.validate(load_file(str(path / "model.safetensors")))  # also: no orphan qparams
+    for name, qt in quantized.items():
+        ours = dequantize(qt)
+        assert torch.equal(out[name + ".weight"], ours.half().float()), name
+        assert (out[name + ".weight"] - ours).abs().max() <= ours.abs().max() * 2 ** -11
+    for name, tensor in kept.items():
+        assert torch.equal(out[name], tensor)
+
+
+def test_unpack_round_trip_is_exact(packed_checkpoint):
+    path, quantized, _, config = packed_checkpoint
+    tensors = load_file(str(path / "model.safetensors"))
+    schemes = read_quantization_config(config)
+    assert set(schemes) == set(quantized)
+    for name, qt in quantized.items():
+        mine = {k: v for k, v in tensors.items() if k.startswith(name + ".")}
+        got = unpack(mine, schemes[name])
+        assert got.scheme == qt.scheme  # the recipe's group size, not the stored one
+        assert torch.equal(got.q, qt.q) and torch.equal(got.scale, qt.scale)
+        assert (got.zero_point is None) == (qt.zero_point is None)
+        if qt.zero_point is not None:
+            assert torch.equal(got.zero_point, qt.zero_point)
+        assert torch.equal(dequantize(unpack(mine)), dequantize(qt))  # scheme inferred from shapes
+        assert qt.nbytes_packed == sum(t.numel() * t.element_size() for t in mine.values())
+
+
+def test_packed_shapes_and_dtypes(packed_checkpoint):
+    path, quantized, _, _ = packed_checkpoint
+    tensors = load_file(str(path / "model.safetensors"))
+    for name, qt in quantized.items():
+        for key, shape in packed_shapes(qt.scheme, qt.shape).items():
+            assert tuple(tensors[f"{name}.{key}"].shape) == shape, (name, key)
+        assert tensors[name + ".weight_packed"].dtype == torch.int32
+        assert tensors[name + ".weight_scale"].dtype == torch.float16
+        assert tensors[name + ".weight_shape"].tolist() == list(qt.shape)
+
+
+def test_quantization_config_block(packed_checkpoint):
+    _, quantized, _, config = packed_checkpoint
+    qc = config["quantization_config"]
+    assert qc["quant_method"] == "compressed-tensors" and qc["format"] == "pack-quantized"
+    assert qc["ignore"] == ["model.layers.0.self_attn.q_a_proj"]
+    targets = [t for g in qc["config_groups"].values() for t in g["targets"]]
+    assert sorted(targets) == sorted(quantized)  # each module in exactly one group
+    by_target = {t: g["weights"] for g in qc["config_groups"].values() for t in g["targets"]}
+    assert by_target["model.layers.0.self_attn.o_proj"] == {
+        "num_bits": 8, "type": "int", "symmetric": True, "strategy": "channel", "group_size": None, "dynamic": False}
+    assert by_target["model.layers.0.self_attn.q_b_proj"]["group_size"] == 8  # 72 columns in groups of 32
+    assert by_target["model.layers.0.mlp.gate_proj"]["group_size"] == 64
+    assert qc["dsedge"]["recipe"] == "int4"
+
+
+def test_quantization_config_needs_shapes_for_grouped_schemes():
+    with pytest.raises(ValueError, match="shape"):
+        quantization_config(None, {"m": QuantScheme(4, 32)}, [])
+    qc = quantization_config(None, {"m": QuantScheme(4, 32), "n": QuantScheme(8, None)}, [], shapes={"m": (8, 72)})
+    assert read_quantization_config({"quantization_config": qc}) == {"m": QuantScheme(4, 32),
+                                                                     "n": QuantScheme(8, None)}
+
+
+def test_read_foreign_configs_with_regex_targets_and_ignore():
+    qc = {"quant_method": "compressed-tensors", "format": "pack-quantized",
+          "config_groups": {"group_0": {"targets": ["Linear"], "weights": {
+              "num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": 128}}},
+          "ignore": ["lm_head", "re:.*mlp.gate$"]}
+    names = ["model.layers.0.mlp.up_proj", "model.layers.1.mlp.gate", "lm_head"]
+    assert read_quantization_config({"quantization_config": qc}, names) == {
+        "model.layers.0.mlp.up_proj": QuantScheme(4, 128)}
+    with pytest.raises(UserError, match="module names"):
+        read_quantization_config({"quantization_config": qc})
+    assert read_quantization_config({"quantization_config": {"quant_method": "fp8"}}) == {}
+    assert read_quantization_config({}) == {}
+    for bad in [{**qc, "format": "float-quantized"},
+                {**qc, "config_groups": {"g": {"targets": ["x"], "weights": {"num_bits": 8, "type": "float"}}}},
+                {**qc, "config_groups": {"g": {"targets": ["x"], "weights": {"num_bits": 8},
+                                               "input_activations": {"num_bits": 8}}}}]:
+        with pytest.raises(UserError):
+            read_quantization_config({"quantization_config": bad}, names)
+
+
+def test_regroup_only_when_exact():
+    qt = quantize_rtn(weight(8, 72, seed=3), QuantScheme(4, 8))
+    with pytest.raises(ValueError):
+        regroup(qt, 32)  # independent groups of 8 do not share scales
+    nominal = quantize_rtn(weight(8, 72, seed=3), QuantScheme(4, 32))
+    stored = unpack(pack("m", nominal), QuantScheme(4, 8))  # read as stored: 9 groups of 8
+    assert stored.n_groups == 9
+    back = regroup(stored, 32)
+    assert back.n_groups == 3 and torch.equal(back.scale, nominal.scale)
+    with pytest.raises(ValueError):
+        regroup(stored, 24)  # groups of 24 would straddle our groups of 32
+
+
+def test_unpack_rejects_inconsistent_tensors():
+    tensors = pack("m", quantize_rtn(weight(16, 64, seed=4), QuantScheme(4, 32)))
+    with pytest.raises(CheckpointError, match="weight_scale"):
+        unpack(tensors, QuantScheme(4, 64))
+    with pytest.raises(CheckpointError, match="weight_packed"):
+        unpack(tensors, QuantScheme(8, 32))
+    with pytest.raises(CheckpointError, match="lacks weight_scale"):
+        unpack({k: v for k, v in tensors.items() if not k.endswith("weight_scale")})
