@@ -1,0 +1,119 @@
+"""One decoder layer at a time, as transformers' own class: the forward compress calibrates and propagates with.
+
+The layer is built on the meta device and given the checkpoint's tensors by assignment, so it costs one
+copy of the layer's weights; the rotary embedding, final norm and head come from the same transformers
+module, so a streamed pass over all layers reproduces the full model's logits (tests check that).
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import re
+from dataclasses import dataclass
+from typing import Any
+
+# model_type -> the class-name stem inside transformers.models.<model_type>.modeling_<model_type>
+_CLASS_STEMS = {"deepseek_v3": "DeepseekV3", "deepseek_v2": "DeepseekV2", "qwen2": "Qwen2", "llama": "Llama"}
+_DROP_KEYS = ("quantization_config", "auto_map")  # FP8 is dequantized by our reader; remote code is never used
+_EXPERT = re.compile(r"^(?P<prefix>(?:.*\.)?mlp\.experts)\.(?P<e>\d+)\.(?P<kind>gate_proj|up_proj|down_proj)\.weight$")
+
+
+def hf_config(config_dict: dict[str, Any], **overrides):
+    """transformers' config object for a checkpoint's config.json (plus ``overrides``), SDPA attention."""
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    data = {k: v for k, v in copy.deepcopy(config_dict).items() if k not in _DROP_KEYS} | overrides
+    config = transformers.AutoConfig.for_model(**data)
+    config._attn_implementation = "sdpa"
+    return config
+
+
+@dataclass
+class Classes:
+    """transformers' classes for one architecture."""
+
+    decoder_layer: type
+    rotary: type
+    norm: type
+
+
+def classes_for(model_type: str) -> Classes:
+    stem = _CLASS_STEMS.get(model_type)
+    if stem is None:
+        from dsedge.errors import ConfigError
+
+        raise ConfigError(f"compress does not support model_type {model_type!r}",
+                          hint=f"supported: {', '.join(_CLASS_STEMS)}")
+    module = importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}")
+    return Classes(getattr(module, f"{stem}DecoderLayer"), getattr(module, f"{stem}RotaryEmbedding"),
+                   getattr(module, f"{stem}RMSNorm"))
+
+
+def build_layer(classes: Classes, config, index: int, state: dict):
+    """transformers' decoder layer ``index`` holding ``state`` (layer-relative, per-expert names), eval mode."""
+    import torch
+
+    with torch.device("meta"):
+        layer = classes.decoder_layer(config, layer_idx=index)
+    layer.load_state_dict(fuse_experts(state), strict=True, assign=True)
+    return layer.eval()
+
+
+def fuse_experts(state: dict) -> dict:
+    """Per-expert tensors -> transformers 5's fused ``experts.gate_up_proj [E, 2I, H]`` (gate rows, then up rows)
+    and ``experts.down_proj [E, H, I]``. ``state`` is not modified (the reference's own helper consumes its
+    input and lives in ``export``, which compress must not import)."""
+    import torch
+
+    out, experts = {}, {}
+    for name, tensor in state.items():
+        m = _EXPERT.match(name)
+        if m:
+            experts.setdefault(m["prefix"], {})[(int(m["e"]), m["kind"])] = tensor
+        else:
+            out[name] = tensor
+    for prefix, parts in experts.items():
+        count = 1 + max(e for e, _ in parts)
+        out[prefix + ".gate_up_proj"] = torch.stack(
+            [torch.cat([parts[(e, "gate_proj")], parts[(e, "up_proj")]]) for e in range(count)])
+        out[prefix + ".down_proj"] = torch.stack([parts[(e, "down_proj")] for e in range(count)])
+    return out
+
+
+class LayerRunner:
+    """Runs hidden states ``[N, S, H]`` through decoder layers in batches of sequences, causally masked."""
+
+    def __init__(self, classes: Classes, config, seq_len: int, batch_size: int = 8):
+        import torch
+
+        self.batch_size = batch_size
+        self.position_ids = torch.arange(seq_len)[None]  # [1, S]
+        rotary = classes.rotary(config)
+        dummy = torch.zeros(1, seq_len, config.hidden_size)
+        self.position_embeddings = rotary(dummy, self.position_ids)  # (cos, sin), shared by every layer
+        upper = torch.ones(seq_len, seq_len, dtype=torch.bool).triu(1)
+        self.mask = torch.zeros(seq_len, seq_len).masked_fill(upper, torch.finfo(torch.float32).min)[None, None]
+
+    def run(self, layer, hidden):
+        """``layer`` applied to every sequence of ``hidden`` ``[N, S, H]``; returns a new ``[N, S, H]``."""
+        import torch
+
+        out = torch.empty_like(hidden)
+        with torch.no_grad():
+            for start in range(0, hidden.shape[0], self.batch_size):
+                chunk = hidden[start:start + self.batch_size]
+                out[start:start + len(chunk)] = layer(chunk, attention_mask=self.mask, position_ids=self.position_ids,
+                                                      position_embeddings=self.position_embeddings)
+        return out
+
+
+def final_logits(hidden, norm_weight, head_weight, eps: float, norm_class):
+    """Logits ``[N, S, V]`` of the final hidden states through the model's norm and LM head."""
+    import torch
+
+    norm = norm_class(hidden.shape[-1], eps=eps)
+    with torch.no_grad():
+        norm.weight.copy_(norm_weight)
+        return torch.nn.functional.linear(norm(hidden), head_weight)
