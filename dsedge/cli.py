@@ -27,8 +27,12 @@ run fast and small on one card or an edge device.
   dsedge inspect CKPT                  what a checkpoint holds (architecture, routing, parameters, dtypes)
   dsedge plan MODEL --target T         will it fit the device, at which precision, how fast can it decode
   dsedge targets                       the built-in device profiles
+  dsedge compress CKPT -o OUT          quantize (int8/int4, RTN/GPTQ) and prune experts, layer by layer
   dsedge export CKPT -o BUNDLE         ONNX bundle (latent MLA cache, exact routing), validated vs PyTorch
   dsedge run BUNDLE --prompt TEXT      generate from a bundle (onnxruntime only), streaming to stdout
+  dsedge chat BUNDLE                   interactive chat with the bundle's template (R1 reasoning shown apart)
+  dsedge profile BUNDLE                TTFT, decode tokens/s, time per graph/layer/expert, peak memory
+  dsedge index build DOCS -o INDEX     HNSW index of your documents for retrieval-augmented answers
 """
 
 EPILOG = """\
@@ -212,12 +216,22 @@ def _add_run(sub) -> None:
     cmd.add_argument("bundle", help="bundle directory")
     cmd.add_argument("-p", "--prompt", required=True, help="prompt text (raw; no chat template)")
     cmd.add_argument("-n", "--max-new-tokens", type=int, default=128, metavar="N", help="default 128")
+    add_sampling_flags(cmd)
+    add_engine_flags(cmd)
+
+
+def add_sampling_flags(cmd) -> None:
+    """Sampling flags shared by run and chat (names match ``Engine.generate``'s keywords)."""
     cmd.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     cmd.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
     cmd.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
     cmd.add_argument("--repetition-penalty", type=float, default=1.0, help="CTRL-style penalty (1 = off)")
     cmd.add_argument("--seed", type=int, help="seed for reproducible sampling")
     cmd.add_argument("--stop", action="append", metavar="TEXT", help="stop before this text (repeatable)")
+
+
+def add_engine_flags(cmd) -> None:
+    """How a bundle is loaded (``load_bundle``'s keywords): target, threads, expert budget and prefetch."""
     cmd.add_argument("-t", "--target", help="device target: execution providers and threads")
     cmd.add_argument("--threads", type=int, help="intra-op threads (default: the target's, else onnxruntime's)")
     cmd.add_argument("--memory-budget", type=int, metavar="BYTES",

@@ -25,6 +25,8 @@ With --json nothing streams: at the end one JSON object holds the whole transcri
 
 def register(sub, command) -> None:
     """Add `chat` to the CLI (argparse only)."""
+    from dsedge.cli import add_engine_flags, add_sampling_flags
+
     cmd = command(sub, "chat", "interactive multi-turn chat with a bundle", DESCRIPTION, _run_chat, _render_chat)
     cmd.add_argument("bundle", help="bundle directory")
     cmd.add_argument("--system", metavar="TEXT", help="system message, kept across /reset")
@@ -34,16 +36,8 @@ def register(sub, command) -> None:
                           "or a .jinja file")
     cmd.add_argument("-n", "--max-new-tokens", type=int, default=512, metavar="N",
                      help="per reply, capped at the context left (default 512)")
-    cmd.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    cmd.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
-    cmd.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
-    cmd.add_argument("--repetition-penalty", type=float, default=1.0, help="CTRL-style penalty (1 = off)")
-    cmd.add_argument("--seed", type=int, help="seed for reproducible sampling")
-    cmd.add_argument("--stop", action="append", metavar="TEXT", help="stop before this text (repeatable)")
-    cmd.add_argument("-t", "--target", help="device target: execution providers and threads")
-    cmd.add_argument("--threads", type=int, help="intra-op threads (default: the target's, else onnxruntime's)")
-    cmd.add_argument("--memory-budget", type=int, metavar="BYTES",
-                     help="partitioned bundles: bytes of expert partitions kept loaded (LRU beyond)")
+    add_sampling_flags(cmd)
+    add_engine_flags(cmd)
 
 
 class ChatTranscript:
@@ -60,7 +54,8 @@ def _run_chat(args) -> ChatTranscript:
     from dsedge.runtime import load_bundle
     from dsedge.runtime.chat import ChatSession
 
-    engine = load_bundle(args.bundle, target=args.target, threads=args.threads, memory_budget_bytes=args.memory_budget)
+    engine = load_bundle(args.bundle, target=args.target, threads=args.threads, memory_budget_bytes=args.memory_budget,
+                         prefetch_experts=args.prefetch_experts)
     session = ChatSession(engine, system=args.system, template=args.template, max_new_tokens=args.max_new_tokens,
                           temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                           repetition_penalty=args.repetition_penalty, seed=args.seed, stop=args.stop)

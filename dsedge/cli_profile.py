@@ -6,6 +6,8 @@ import sys
 
 
 def register(sub, command) -> None:
+    from dsedge.cli import add_engine_flags
+
     cmd = command(sub, "profile", "measure TTFT, decode speed and where the time goes",
                   "Profile a bundle on this machine: a warm-up, then --trials runs of prefill (--prompt-tokens\n"
                   "seeded random ids) and greedy decode (--gen-tokens, EOS ignored so every trial does the same\n"
@@ -21,12 +23,7 @@ def register(sub, command) -> None:
     cmd.add_argument("--prompt-tokens", type=int, default=128, metavar="N", help="prompt length (default 128)")
     cmd.add_argument("--gen-tokens", type=int, default=64, metavar="N", help="tokens generated per trial (default 64)")
     cmd.add_argument("--trials", type=int, default=3, metavar="N", help="timed trials after the warm-up (default 3)")
-    cmd.add_argument("-t", "--target", help="device target: execution providers and threads")
-    cmd.add_argument("--threads", type=int, help="intra-op threads (default: the target's, else onnxruntime's)")
-    cmd.add_argument("--memory-budget", type=int, metavar="BYTES",
-                     help="partitioned bundles: bytes of expert partitions kept loaded (LRU beyond)")
-    cmd.add_argument("--prefetch-experts", action="store_true",
-                     help="partitioned bundles: load the next layer's likely partitions in the background")
+    add_engine_flags(cmd)
     cmd.add_argument("--by-op", action="store_true",
                      help="one more trial under onnxruntime's node profiler: time per operator type and per layer")
     cmd.add_argument("--plot", metavar="FILE.png", help="write a PNG: decode step breakdown and time per layer")
