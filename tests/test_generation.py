@@ -104,3 +104,40 @@ def test_run_cli_streams_and_json(bundle, capsys):
     result = json.loads(capsys.readouterr().out)
     assert result["ok"] and len(result["token_ids"]) == 5 and result["finish_reason"] == "length"
     assert main(["run", str(bundle), "-p", "x", "--top-p", "2", "--json"]) == 3
+
+
+class _ScriptedEngine:
+    """Forward returns logits that make greedy pick the scripted tokens in order."""
+
+    def __init__(self, script: list[int], vocab: int):
+        self.script, self.vocab, self.calls = list(script), vocab, 0
+
+    def new_cache(self, max_len=None):
+        return None
+
+    def forward(self, ids, mask, cache):
+        logits = np.zeros((1, ids.shape[1], self.vocab), np.float32)
+        logits[0, -1, self.script[min(self.calls, len(self.script) - 1)]] = 1.0
+        self.calls += 1
+        return logits
+
+
+@pytest.mark.parametrize("end", ["length", "eos"])
+def test_a_character_split_across_tokens_streams_whole(end):
+    from tokenizers import Tokenizer
+
+    from dsedge.runtime.generation import GenerationResult, TextCodec, stream_tokens
+    from dsedge.testing.tokenizer import EOS_ID, tokenizer_json
+
+    tok = Tokenizer.from_str(tokenizer_json())
+    c3, a9 = tok.token_to_id("Ã"), tok.token_to_id("©")  # byte-level symbols of 0xC3 0xA9 = "é"
+    x = tok.encode("x", add_special_tokens=False).ids[0]
+    script = [x, c3, a9, x, c3] + ([EOS_ID] if end == "eos" else [])
+    result = GenerationResult("", [], "length", 0)
+    events = list(stream_tokens(_ScriptedEngine(script, tok.get_vocab_size()), TextCodec(tok, None, {EOS_ID}), [x],
+                                max_new_tokens=len(script) if end == "eos" else 5, sampling=SamplingParams(),
+                                stop=None, result=result))
+    pieces = [e.text for e in events]
+    assert "".join(pieces) == result.text and result.finish_reason == end
+    assert pieces[1] == "" and pieces[2] == "é"  # held back until the character is complete
+    assert result.text.startswith("xéx")

@@ -63,12 +63,16 @@ def stream_tokens(engine, codec: TextCodec | None, prompt: str | list[int], *, m
         token = sampler(logits[0, -1], ids + out)
         if step == 0:
             result.timings["ttft_s"] = time.perf_counter() - started
+        last = step == max_new_tokens - 1
         if token in eos:
             result.finish_reason = "eos"
+            tail = codec.decode(out)[len(text):] if codec else ""
+            if tail:  # a held-back partial character: flush it with the EOS token that ended it
+                result.text = text + tail
+                yield StreamEvent(token, tail)
             break
         out.append(token)
-        new_text = codec.decode(out) if codec else ""
-        piece, text = new_text[len(text):], new_text
+        piece, text = _new_text(codec, out, text, final=last)
         hit = _stop_hit(text, stop)
         if hit is not None:
             result.text, result.finish_reason = text[:hit], "stop"
@@ -76,7 +80,7 @@ def stream_tokens(engine, codec: TextCodec | None, prompt: str | list[int], *, m
             break
         result.text = text
         yield StreamEvent(token, piece)
-        if step == max_new_tokens - 1:
+        if last:
             result.finish_reason = "length"
             break
         mask = np.ones((1, mask.shape[1] + 1), np.int64)
@@ -84,6 +88,19 @@ def stream_tokens(engine, codec: TextCodec | None, prompt: str | list[int], *, m
     total = time.perf_counter() - started
     decode_s = total - result.timings.get("ttft_s", total)  # the tokens after the first
     result.timings.update(total_s=total, decode_tokens_per_s=(len(out) - 1) / decode_s if len(out) > 1 else 0.0)
+
+
+def _new_text(codec: TextCodec | None, out: list[int], text: str, *, final: bool) -> tuple[str, str]:
+    """(new piece, text so far). A character whose bytes span tokens decodes to U+FFFD until its last byte
+    arrives: hold it back so that streamed pieces always add up to the final text."""
+    if codec is None:
+        return "", text
+    decoded = codec.decode(out)
+    if decoded.endswith("\ufffd") and not final:
+        decoded = decoded[:len(decoded.rstrip("\ufffd"))]
+    if not decoded.startswith(text):  # a replacement inside earlier text resolved: keep what was streamed
+        return "", text
+    return decoded[len(text):], decoded
 
 
 def _prompt_ids(codec: TextCodec | None, prompt: str | list[int]) -> list[int]:
