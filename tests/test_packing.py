@@ -195,3 +195,113 @@ def test_unpack_rejects_inconsistent_tensors():
         unpack(tensors, QuantScheme(8, 32))
     with pytest.raises(CheckpointError, match="lacks weight_scale"):
         unpack({k: v for k, v in tensors.items() if not k.endswith("weight_scale")})
+
+
+# ----------------------------------------------------------------------------- compressed checkpoints
+
+
+def write_compressed(src, dst, recipe, *, drop=(), extra=None, config_edit=None):
+    """Quantize ``src``'s linears by ``recipe`` (RTN) into a pack-quantized checkpoint at ``dst``.
+
+    ``drop``: stored tensor names to leave out; ``extra``: tensors to add; ``config_edit(config)``.
+    """
+    from dsedge.models.checkpoint import Checkpoint
+
+    ckpt = Checkpoint(src)
+    plan = recipe.plan(ckpt.spec, include_mtp=ckpt.has_mtp)
+    tensors, quantized, ignore = {}, {}, []
+    for name, tensor in ckpt.iter_tensors(include_mtp=True):
+        module = name.removesuffix(".weight")
+        scheme = plan.get(module) if name.endswith(".weight") else None
+        if scheme is None:
+            tensors[name] = tensor
+            ignore += [module] if module in plan else []
+            continue
+        quantized[module] = quantize_rtn(tensor, scheme)
+        tensors.update(pack(module, quantized[module]))
+    tensors = {k: v for k, v in tensors.items() if k not in drop} | (extra or {})
+    config = json.loads((src / "config.json").read_text())
+    config["quantization_config"] = quantization_config(recipe, quantized, ignore)
+    if config_edit:
+        config_edit(config)
+    dst.mkdir()
+    (dst / "config.json").write_text(json.dumps(config))
+    save_file(tensors, str(dst / "model.safetensors"))
+    return quantized
+
+
+def asym_int4_g32():
+    from dsedge.compress.recipes import Recipe, Rule
+
+    return Recipe("asym", (Rule("re:.*", QuantScheme(4, 32, symmetric=False)),))
+
+
+@pytest.mark.parametrize(("variant", "kwargs", "recipe"), [
+    ("v3", {"mtp": True, "fp8": True}, "int4-experts"),
+    ("qwen2", {}, "asym"),
+    ("v2_lite", {}, "int8"),
+])
+def test_checkpoint_reads_compressed_checkpoints(tiny_checkpoint, tmp_path, variant, kwargs, recipe):
+    from dsedge.models.checkpoint import Checkpoint
+
+    src = tiny_checkpoint(variant, **kwargs)
+    quantized = write_compressed(src, tmp_path / "c", asym_int4_g32() if recipe == "asym" else load_recipe(recipe))
+    plain, ckpt = Checkpoint(src), Checkpoint(tmp_path / "c")
+    report = ckpt.validate()
+    assert report.quantized_modules == len(quantized) > 0 and report.tensors_checked == plain.validate().tensors_checked
+    assert ckpt.quantization == {m: qt.scheme for m, qt in quantized.items()}
+    assert sorted(ckpt.layer_names(1)) == sorted(plain.layer_names(1))
+    assert sorted(ckpt.non_layer_names()) == sorted(plain.non_layer_names())
+    state = ckpt.state_dict(include_mtp=True)
+    assert set(state) == set(plain.state_dict(include_mtp=True))
+    for module, qt in quantized.items():
+        assert torch.equal(state[module + ".weight"], dequantize(qt)), module
+        got = ckpt.quantized(module + ".weight")
+        assert torch.equal(got.q, qt.q) and torch.equal(got.scale, qt.scale) and got.scheme == qt.scheme
+    assert ckpt.quantized("model.norm.weight") is None and plain.quantized("model.layers.0.mlp.down_proj") is None
+    assert plain.quantization == {} and not plain.is_compressed and ckpt.is_compressed
+    with pytest.raises(CheckpointError, match="not in checkpoint"):
+        ckpt.quantized("model.layers.0.no_such_proj")
+
+
+def test_reference_model_runs_on_a_compressed_checkpoint(tiny_checkpoint, tmp_path):
+    from dsedge.export.reference import reference_model
+    from dsedge.models.checkpoint import Checkpoint
+
+    src = tiny_checkpoint("v3")
+    write_compressed(src, tmp_path / "c", load_recipe("int4-experts"))
+    model = reference_model(Checkpoint(tmp_path / "c"))
+    down = model.model.layers[1].mlp.experts.down_proj[3]
+    qt = Checkpoint(tmp_path / "c").quantized("model.layers.1.mlp.experts.3.down_proj")
+    assert torch.equal(down, dequantize(qt))
+
+
+EXPERT = "model.layers.1.mlp.experts.2.down_proj"
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"drop": [EXPERT + ".weight_scale"]}, f"missing tensor {EXPERT}.weight_scale"),
+    ({"extra": {EXPERT + ".weight_scale": torch.ones(72, 2, dtype=torch.float16)}}, r"expected F16/BF16/F32\[72, 1\]"),
+    ({"extra": {EXPERT + ".weight": torch.zeros(72, 40)}}, f"unexpected tensor {EXPERT}.weight "),
+    ({"drop": [EXPERT + ".weight_packed"]}, f"missing tensor {EXPERT}.weight_packed"),
+    ({"config_edit": lambda c: c["quantization_config"]["config_groups"]["group_0"]["targets"].append(
+        "model.layers.1.mlp.experts.99.up_proj")}, "quantizes model.layers.1.mlp.experts.99.up_proj"),
+])
+def test_broken_compressed_checkpoints_fail_validation(tiny_checkpoint, tmp_path, change, message):
+    from dsedge.models.checkpoint import Checkpoint
+
+    write_compressed(tiny_checkpoint("v3"), tmp_path / "c", load_recipe("int4-experts"), **change)
+    with pytest.raises(CheckpointError, match=message):
+        Checkpoint(tmp_path / "c").validate()
+
+
+def test_non_finite_scales_are_refused(tiny_checkpoint, tmp_path):
+    from dsedge.models.checkpoint import Checkpoint
+
+    bad = torch.full((72, 1), float("nan"), dtype=torch.float16)
+    write_compressed(tiny_checkpoint("v3"), tmp_path / "c", load_recipe("int4-experts"),
+                     extra={EXPERT + ".weight_scale": bad})
+    ckpt = Checkpoint(tmp_path / "c")
+    ckpt.validate()  # shapes and dtypes are fine
+    with pytest.raises(CheckpointError, match="NaN/Inf"):
+        ckpt.read(EXPERT + ".weight")

@@ -4,6 +4,10 @@ Only headers are read up front; each tensor's bytes are read on demand with a pl
 into a fresh buffer. We do not memory-map shards (safetensors' ``safe_open`` does): mapped pages of
 every shard touched stay in the process's resident set, while a read holds only the tensors the caller
 keeps, so peak memory follows one decoder layer, not the model. Pickle files are never loaded.
+
+Compressed checkpoints (compressed-tensors pack-quantized, as ``dsedge compress`` writes) are read
+through their logical names: ``X.weight`` of a quantized module is listed, validated against the
+spec and read (dequantized) like any other weight; :meth:`Checkpoint.quantized` returns its integers.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from dsedge.errors import CheckpointError
+from dsedge.models import compressed
 from dsedge.models.fp8 import scale_grid
 from dsedge.models.memory import return_large_frees_to_os
 from dsedge.models.registry import load_spec
@@ -24,6 +29,9 @@ from dsedge.models.spec import ModelSpec, TensorSpec
 
 if TYPE_CHECKING:  # torch is imported on first read, so listing/validating works without it
     import torch
+
+    from dsedge.compress.quant import QuantizedTensor
+    from dsedge.compress.scheme import QuantScheme
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -49,6 +57,7 @@ class ValidationReport:
     tensors_checked: int
     fp8_tensors: int
     has_mtp: bool
+    quantized_modules: int = 0
 
 
 class Checkpoint:
@@ -61,6 +70,9 @@ class Checkpoint:
         self.spec = spec or load_spec(self.path)
         self.files = _shard_files(self.path)
         self.tensors: dict[str, TensorInfo] = _read_headers(self.path, self.files)
+        # module name -> scheme of each quantized module; {} for a plain (float or FP8) checkpoint
+        self.quantization: dict[str, QuantScheme] = compressed.read_schemes(
+            self.spec.config, self.tensors, str(self.path / "config.json"))
 
     # --- what is there ----------------------------------------------------------------------------
     @property
@@ -72,6 +84,10 @@ class Checkpoint:
     def is_fp8(self) -> bool:
         return any(t.dtype == FP8_DTYPE for t in self.tensors.values())
 
+    @property
+    def is_compressed(self) -> bool:
+        return bool(self.quantization)
+
     def bytes_by_dtype(self) -> dict[str, int]:
         out: dict[str, int] = {}
         for t in self.tensors.values():
@@ -79,12 +95,15 @@ class Checkpoint:
         return out
 
     def layer_names(self, layer: int) -> list[str]:
-        """Tensor names of one decoder (or MTP) layer, FP8 scales excluded, in on-disk order."""
+        """Tensor names of one decoder (or MTP) layer, FP8 scales excluded, in on-disk order.
+
+        A quantized module appears as its logical ``X.weight`` (see :meth:`read`).
+        """
         prefix = f"model.layers.{layer}."
-        return [n for n in self._ordered(self.tensors) if n.startswith(prefix) and not _is_scale(n)]
+        return [n for n in self._names() if n.startswith(prefix)]
 
     def non_layer_names(self) -> list[str]:
-        return [n for n in self._ordered(self.tensors) if not _LAYER.match(n) and not _is_scale(n)]
+        return [n for n in self._names() if not _LAYER.match(n)]
 
     # --- reading ------------------------------------------------------------------------------------
     def read_raw(self, name: str) -> torch.Tensor:
@@ -103,12 +122,16 @@ class Checkpoint:
         return raw.view(torch_dtype(info.dtype)).reshape(info.shape)
 
     def read(self, name: str, dtype: torch.dtype | None = None, *, check_finite: bool = True) -> torch.Tensor:
-        """A tensor in ``dtype`` (default float32), FP8 blocks dequantized; NaN/Inf weights are refused."""
+        """A tensor in ``dtype`` (default float32), FP8 blocks and quantized weights dequantized;
+        NaN/Inf weights are refused."""
         import torch
 
         from dsedge.models.fp8 import dequantize_fp8_blocks
 
         dtype = dtype or torch.float32
+        module = self._quantized_module(name)
+        if module is not None:
+            return compressed.dequantized(self, module, dtype)
         info = self._info(name)
         tensor = self.read_raw(name)
         if info.dtype == FP8_DTYPE:
@@ -119,6 +142,23 @@ class Checkpoint:
         if check_finite and tensor.is_floating_point():
             _check_finite(tensor, info)
         return tensor
+
+    def quantized(self, name: str) -> QuantizedTensor | None:
+        """The stored integers, scales and zero points of a quantized module (``X`` or ``X.weight``),
+        None for an unquantized tensor. Scales are checked finite; shapes against config.json."""
+        from dsedge.compress.packing import unpack
+
+        module = name.removesuffix(".weight")
+        scheme = self.quantization.get(module)
+        if scheme is None:
+            self._info(name if name in self.tensors else module + ".weight")  # unknown names are errors
+            return None
+        parts = {p: self.read_raw(f"{module}.{p}") for p in ("weight_packed", "weight_scale", "weight_shape",
+                                                             "weight_zero_point")
+                 if f"{module}.{p}" in self.tensors}
+        scale_info = self._info(module + ".weight_scale")
+        _check_finite(parts["weight_scale"].float(), scale_info)
+        return unpack(parts, scheme, where=f"{scale_info.file}: {module}")
 
     def read_many(self, names: Iterable[str], dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
         return {n: self.read(n, dtype) for n in names}
@@ -138,9 +178,10 @@ class Checkpoint:
 
     def iter_tensors(self, dtype: torch.dtype | None = None, *, include_mtp: bool = False,
                      ) -> Iterator[tuple[str, torch.Tensor]]:
-        """Every tensor (FP8 dequantized, scales folded in), in file order so reads stay sequential."""
-        for name in self._ordered(self.tensors):
-            if _is_scale(name) or (not include_mtp and self._is_mtp(name)):
+        """Every tensor (FP8 and quantized weights dequantized, scales folded in), in file order so reads
+        stay sequential."""
+        for name in self._names():
+            if not include_mtp and self._is_mtp(name):
                 continue
             yield name, self.read(name, dtype)
 
@@ -153,8 +194,12 @@ class Checkpoint:
         """Check every tensor's name, shape and dtype against the spec; raise listing what is wrong."""
         expected = {t.name: t for t in self.spec.expected_tensors(include_mtp=self.has_mtp)}
         problems = [p for name, t in expected.items() for p in self._check_expected(name, t)]
+        problems += [f"quantization_config quantizes {m}, which is not a weight of this model"
+                     for m in self.quantization if m + ".weight" not in expected]
+        allowed = {n for n in expected if n.removesuffix(".weight") not in self.quantization}
+        allowed |= compressed.packed_names(self.quantization)
         problems += [f"unexpected tensor {n} ({self.tensors[n].file.name})" for n in self.tensors
-                     if n not in expected and not IGNORED.match(n) and not self._is_paired_scale(n)]
+                     if n not in allowed and not IGNORED.match(n) and not self._is_paired_scale(n)]
         if problems:
             listed = "\n    ".join(problems[:12]) + (f"\n    ... and {len(problems) - 12} more"
                                                        if len(problems) > 12 else "")
@@ -163,9 +208,12 @@ class Checkpoint:
                                   hint="check that config.json belongs to these weights and that no "
                                        "shard is missing or from another model")
         fp8 = sum(1 for t in self.tensors.values() if t.dtype == FP8_DTYPE)
-        return ValidationReport(len(expected), fp8, self.has_mtp)
+        return ValidationReport(len(expected), fp8, self.has_mtp, len(self.quantization))
 
     def _check_expected(self, name: str, t: TensorSpec) -> list[str]:
+        scheme = self.quantization.get(name.removesuffix(".weight")) if name.endswith(".weight") else None
+        if scheme is not None:
+            return compressed.check_packed(t, scheme, self.tensors)
         info = self.tensors.get(name)
         if info is None:
             return [f"missing tensor {name} (expected shape {list(t.shape)})"]
@@ -190,6 +238,15 @@ class Checkpoint:
         return []
 
     # --- helpers ------------------------------------------------------------------------------------
+    def _names(self) -> list[str]:
+        """Logical tensor names in file order: FP8 scales dropped, packed modules as ``X.weight``."""
+        names = [n for n in self._ordered(self.tensors) if not _is_scale(n)]
+        return compressed.logical_names(names, self.quantization) if self.quantization else names
+
+    def _quantized_module(self, name: str) -> str | None:
+        module = name.removesuffix(".weight")
+        return module if name.endswith(".weight") and module in self.quantization else None
+
     def _info(self, name: str) -> TensorInfo:
         try:
             return self.tensors[name]
