@@ -30,8 +30,10 @@ def test_every_routing_variant_and_checkpoint_form_is_tested():
 
 
 def test_lean_imports():
-    """The runtime, targets and plan never import torch (DESIGN.md §3)."""
+    """The runtime (retrieval included), targets and plan never import torch (DESIGN.md §3)."""
     code = ("import sys, dsedge.runtime, dsedge.targets, dsedge.planning, dsedge.inspection, dsedge.cli\n"
+            "import dsedge.retrieval, dsedge.retrieval.rag, dsedge.retrieval.index, dsedge.retrieval.embedder\n"
+            "import dsedge.retrieval.chunking, dsedge.retrieval.convert, dsedge.cli_index\n"
             "heavy = [m for m in ('torch', 'transformers', 'onnx', 'safetensors') if m in sys.modules]\n"
             "assert not heavy, heavy")
     subprocess.run([sys.executable, "-c", code], check=True)

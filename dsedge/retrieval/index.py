@@ -1,0 +1,531 @@
+"""A retrieval index: an hnswlib HNSW graph over chunk embeddings plus a metadata store, as one directory.
+
+HNSW (Malkov & Yashunin, "Efficient and robust approximate nearest neighbor search using Hierarchical
+Navigable Small World graphs", arXiv:1603.09320) via hnswlib (github.com/nmslib/hnswlib). Embeddings are
+unit length, so the inner-product space ranks by cosine similarity; a hit's score is the cosine.
+
+Layout (every file listed with its sha256 in ``manifest.json``, like a bundle)::
+
+    INDEX/manifest.json        schema, embedder id/dim/sha256, HNSW M / ef_construction / ef, counts, files
+    INDEX/hnsw.bin             hnswlib's save_index (it does not store ef: we keep it in the manifest)
+    INDEX/chunks.json          documents (path, sha256, chunk ids) and chunks (text, source, offsets)
+    INDEX/embedder/            the ONNX embedder the index was built with (model.onnx, tokenizer.json, ...)
+
+Writes go to a temporary sibling directory that replaces the index when complete. Updates replace changed
+documents: their old chunks are marked deleted in hnswlib (never returned by a query) and their slots are
+reused by later insertions (``allow_replace_deleted``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import struct
+import tempfile
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dsedge.errors import UserError
+from dsedge.manifest import MANIFEST_FILE, file_entry, resolve_inside, sha256_file
+from dsedge.retrieval.chunking import (
+    DEFAULT_CHUNK_TOKENS,
+    DEFAULT_OVERLAP,
+    chunk_text,
+    collect_documents,
+    read_document,
+)
+from dsedge.retrieval.embedder import Embedder, default_embedder_dir
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+KIND = "dsedge-index"
+HNSW_FILE, CHUNKS_FILE, EMBEDDER_DIR = "hnsw.bin", "chunks.json", "embedder"
+SPACE = "ip"  # unit vectors: inner product = cosine; hnswlib's distance is 1 - ip
+SEED = 100  # hnswlib's default level generator seed, recorded so a build can be repeated
+REBUILD_HINT = "rebuild it with `dsedge index build DOCS... -o INDEX --overwrite`"
+
+
+class IndexError_(UserError):  # noqa: N801 — not the builtin IndexError
+    """An index directory is missing, corrupt, or does not match its embedder."""
+
+
+@dataclass(frozen=True)
+class IndexParams:
+    """Chunking and HNSW parameters, recorded in the manifest.
+
+    M: graph degree (memory ~ M·8 bytes per vector; recall rises with it). ef_construction: candidate list
+    while inserting (build time vs graph quality). ef: candidate list at query time (≥ k; latency vs recall).
+    """
+
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS
+    overlap: int = DEFAULT_OVERLAP
+    M: int = 16
+    ef_construction: int = 200
+    ef: int = 64
+
+    def check(self) -> None:
+        for name, low in (("M", 2), ("ef_construction", 1), ("ef", 1)):
+            if getattr(self, name) < low:
+                raise UserError(f"{name} must be at least {low}", hint=f"pass a larger --{name.replace('_', '-')}")
+
+
+@dataclass(frozen=True)
+class Hit:
+    """One retrieved chunk: ``text == document(source)[start:end]``; ``score`` is the cosine similarity."""
+
+    rank: int
+    score: float
+    chunk_id: int
+    source: str
+    start: int
+    end: int
+    text: str
+
+    def to_json(self) -> dict:
+        return dict(self.__dict__)
+
+
+# --- the in-memory index ------------------------------------------------------------------------------
+
+@dataclass
+class Index:
+    """An open index: the hnswlib graph, the metadata store and the embedder."""
+
+    root: Path | None
+    params: IndexParams
+    embedder: Embedder
+    hnsw: Any
+    documents: dict[str, dict] = field(default_factory=dict)  # abs path -> {sha256, bytes, chars, chunks}
+    chunks: dict[int, dict] = field(default_factory=dict)  # id -> {source, start, end, tokens, text}
+    next_id: int = 0
+    created: str = ""
+
+    @classmethod
+    def open(cls, root: str | Path, *, verify: bool = True, threads: int | None = None) -> Index:
+        """Open an index directory. ``verify`` checks every file's sha256 (paths are checked always)."""
+        root = Path(root)
+        manifest = _read_manifest(root)
+        _check_files(root, manifest, verify)
+        embedder = Embedder.open(resolve_inside(root, EMBEDDER_DIR, what="embedder"), threads=threads,
+                                 verify=False)  # covered by the manifest's sha256s when verify is on
+        _check_embedder(root, manifest["embedder"], embedder)
+        params = IndexParams(**manifest["params"])
+        store = _read_store(resolve_inside(root, CHUNKS_FILE))
+        hnsw = _load_hnsw(resolve_inside(root, HNSW_FILE), embedder.dim, manifest, params)
+        return cls(root, params, embedder, hnsw, store["documents"], {c["id"]: c for c in store["chunks"]},
+                   store["next_id"], manifest.get("created", ""))
+
+    @property
+    def dim(self) -> int:
+        return self.embedder.dim
+
+    @property
+    def deleted(self) -> int:
+        """Slots marked deleted and not yet reused."""
+        return self.hnsw.get_current_count() - len(self.chunks)
+
+    # --- search -------------------------------------------------------------------------------
+    def search_vectors(self, vectors: np.ndarray, k: int, ef: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Nearest live chunks of each query vector: (ids [Q, k'], cosine scores [Q, k']), k' = min(k, live)."""
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32).reshape(-1, vectors.shape[-1])
+        if vectors.shape[1] != self.dim:
+            raise IndexError_(f"query vectors have dimension {vectors.shape[1]}, the index {self.dim}",
+                              where=str(self.root), hint="embed queries with the index's own embedder")
+        k = min(k, len(self.chunks))
+        if k == 0:
+            return np.zeros((len(vectors), 0), np.uint64), np.zeros((len(vectors), 0), np.float32)
+        ef = max(ef or self.params.ef, k)
+        while True:  # with many deleted slots a small ef can find fewer than k live ones: widen and retry
+            self.hnsw.set_ef(ef)
+            try:
+                labels, distances = self.hnsw.knn_query(vectors, k=k)
+                return labels, 1.0 - distances
+            except RuntimeError:
+                if ef >= self.hnsw.get_current_count():
+                    raise
+                ef *= 2
+
+    def hits(self, labels: np.ndarray, scores: np.ndarray) -> list[Hit]:
+        """One query's labels/scores as Hits, best first."""
+        return [Hit(rank, float(score), int(label), *self._chunk_fields(int(label)))
+                for rank, (label, score) in enumerate(zip(labels, scores, strict=True), 1)]
+
+    def _chunk_fields(self, label: int) -> tuple[str, int, int, str]:
+        c = self.chunks[label]
+        return c["source"], c["start"], c["end"], c["text"]
+
+    # --- changes ------------------------------------------------------------------------------
+    def add_documents(self, texts: dict[str, tuple[str, bytes]], timer: dict) -> int:
+        """Chunk, embed (one length-sorted pass over all chunks) and insert documents, replacing older
+        versions of them. ``texts``: path -> (text, raw bytes). Returns the number of chunks added."""
+        for path in texts:
+            self.remove_document(path)
+        pieces = [(path, c) for path, (text, _) in texts.items()
+                  for c in chunk_text(text, self.embedder.token_starts, max_tokens=self.params.chunk_tokens,
+                                      overlap=self.params.overlap)]
+        ids = list(range(self.next_id, self.next_id + len(pieces)))
+        started = time.perf_counter()
+        vectors = self.embedder.embed([c.text for _, c in pieces])  # [N, dim]
+        timer["embed_s"] = timer.get("embed_s", 0.0) + time.perf_counter() - started
+        self._insert(vectors, ids, timer)
+        self.next_id += len(pieces)
+        for i, (path, c) in zip(ids, pieces, strict=True):
+            self.chunks[i] = {"id": i, "source": path, "start": c.start, "end": c.end, "tokens": c.tokens,
+                              "text": c.text}
+        for path, (text, raw) in texts.items():
+            self.documents[path] = {"sha256": _sha256_bytes(raw), "bytes": len(raw), "chars": len(text),
+                                    "chunks": [i for i, (p, _) in zip(ids, pieces, strict=True) if p == path]}
+        return len(ids)
+
+    def _insert(self, vectors: np.ndarray, ids: list[int], timer: dict) -> None:
+        if not ids:
+            return
+        started = time.perf_counter()
+        current = self.hnsw.get_current_count()
+        needed = current + max(0, len(ids) - self.deleted)  # deleted slots are reused first
+        if needed > self.hnsw.get_max_elements():
+            self.hnsw.resize_index(max(needed, int(self.hnsw.get_max_elements() * 1.25)))
+        self.hnsw.add_items(vectors, np.asarray(ids, dtype=np.uint64), replace_deleted=True)
+        timer["index_s"] = timer.get("index_s", 0.0) + time.perf_counter() - started
+
+    def remove_document(self, path: str) -> int:
+        """Mark a document's chunks deleted (queries never return them). Returns chunks removed."""
+        doc = self.documents.pop(path, None)
+        for i in doc["chunks"] if doc else ():
+            self.hnsw.mark_deleted(i)
+            del self.chunks[i]
+        return len(doc["chunks"]) if doc else 0
+
+    # --- saving -------------------------------------------------------------------------------
+    def save(self, output: Path, *, embedder_from: Path) -> None:
+        """Write the index into ``output`` atomically (temporary sibling, then rename)."""
+        output = Path(output)
+        output.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
+        try:
+            _copy_embedder(embedder_from, tmp / EMBEDDER_DIR)
+            self.hnsw.save_index(str(tmp / HNSW_FILE))
+            _write_json(tmp / CHUNKS_FILE, {"schema_version": SCHEMA_VERSION, "next_id": self.next_id,
+                                            "documents": self.documents,
+                                            "chunks": [self.chunks[i] for i in sorted(self.chunks)]})
+            _write_json(tmp / MANIFEST_FILE, self._manifest(tmp))
+            _swap_in(tmp, output)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        self.root = output
+
+    def _manifest(self, tmp: Path) -> dict:
+        from dsedge import __version__
+
+        files = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file())
+        return {"schema_version": SCHEMA_VERSION, "kind": KIND, "dsedge_version": __version__,
+                "created": self.created or _now(), "updated": _now(),
+                "embedder": self.embedder.describe() | {"path": EMBEDDER_DIR},
+                "params": self.params.__dict__,
+                "hnsw": {"library": "hnswlib", "space": SPACE, "dim": self.dim, "random_seed": SEED,
+                         "max_elements": self.hnsw.get_max_elements(), "elements": self.hnsw.get_current_count(),
+                         "deleted": self.deleted},
+                "counts": {"documents": len(self.documents), "chunks": len(self.chunks)},
+                "files": {rel: file_entry(tmp, rel) for rel in files}}
+
+
+def new_index(params: IndexParams, embedder: Embedder, capacity: int) -> Index:
+    """An empty in-memory index for ``embedder``'s vectors with room for ``capacity`` chunks."""
+    import hnswlib
+
+    hnsw = hnswlib.Index(space=SPACE, dim=embedder.dim)
+    hnsw.init_index(max_elements=max(capacity, 1), M=params.M, ef_construction=params.ef_construction,
+                    random_seed=SEED, allow_replace_deleted=True)
+    hnsw.set_ef(params.ef)
+    return Index(None, params, embedder, hnsw, created=_now())
+
+
+# --- reading and checking ----------------------------------------------------------------------------
+
+def _read_manifest(root: Path) -> dict:
+    path = root / MANIFEST_FILE
+    if not root.is_dir() or not path.is_file():
+        raise IndexError_("not an index directory (no manifest.json)", where=str(root),
+                          hint="pass a directory written by `dsedge index build`")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise IndexError_(f"index manifest is not valid JSON: {exc}", where=str(path), hint=REBUILD_HINT) from exc
+    if not isinstance(data, dict) or data.get("kind") != KIND:
+        raise IndexError_("manifest.json does not describe a dsedge index", where=str(path),
+                          hint="pass a directory written by `dsedge index build` (a bundle is not an index)")
+    if data.get("schema_version") != SCHEMA_VERSION:
+        raise IndexError_(f"unsupported index schema_version {data.get('schema_version')!r} (this dsedge reads "
+                          f"{SCHEMA_VERSION})", where=str(path), hint=REBUILD_HINT)
+    missing = [k for k in ("embedder", "params", "hnsw", "files") if not isinstance(data.get(k), dict)]
+    if missing:
+        raise IndexError_(f"index manifest lacks {', '.join(missing)}", where=str(path), hint=REBUILD_HINT)
+    return data
+
+
+def _check_files(root: Path, manifest: dict, verify: bool) -> None:
+    for rel in (HNSW_FILE, CHUNKS_FILE, f"{EMBEDDER_DIR}/model.onnx"):
+        if rel not in manifest["files"]:
+            raise IndexError_(f"index file {rel} is not listed in the manifest", where=str(root), hint=REBUILD_HINT)
+    for rel, entry in manifest["files"].items():
+        path = resolve_inside(root, rel, what="index file")
+        if not path.is_file():
+            raise IndexError_(f"index file {rel} is missing", where=str(root),
+                              hint="copy the whole index directory again, or " + REBUILD_HINT)
+        if verify and (path.stat().st_size != entry["bytes"] or sha256_file(path) != entry["sha256"]):
+            raise IndexError_(f"index file {rel} does not match its sha256 in the manifest (modified or corrupt)",
+                              where=str(path), hint=REBUILD_HINT)
+
+
+def _check_embedder(root: Path, recorded: dict, embedder: Embedder, *, given: bool = False) -> None:
+    """The embedder must be the one the index was built with: same id, dimension and model sha256.
+
+    ``given``: the user passed this embedder (a mismatch is their choice of embedder, not a corrupt index).
+    """
+    diffs = [f"{key} {recorded.get(key)!r} vs {embedder.info.get(key)!r}" for key in ("id", "dim", "model_sha256")
+             if recorded.get(key) != embedder.info.get(key)]
+    if diffs and given:
+        raise IndexError_(f"embedder mismatch: the index was built with another embedder ({'; '.join(diffs)})",
+                          where=str(embedder.root), hint="use the index's own embedder (omit --embedder), or "
+                                                         "build a new index with this one")
+    if diffs:
+        raise IndexError_(f"the index's embedder/ does not match its manifest ({'; '.join(diffs)})",
+                          where=str(root / EMBEDDER_DIR), hint=REBUILD_HINT)
+
+
+def _read_store(path: Path) -> dict:
+    try:
+        store = json.loads(path.read_text(encoding="utf-8"))
+        assert store["schema_version"] == SCHEMA_VERSION and isinstance(store["chunks"], list)  # shape check
+        return store
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AssertionError) as exc:
+        raise IndexError_(f"index metadata {CHUNKS_FILE} is corrupt ({type(exc).__name__})", where=str(path),
+                          hint=REBUILD_HINT) from exc
+
+
+def hnsw_file_dim(path: Path) -> int:
+    """Vector dimension recorded in an hnswlib index file's header (float32 vectors).
+
+    hnswlib's saveIndex starts with six size_t fields: offsetLevel0, max_elements, cur_element_count,
+    size_data_per_element, label_offset, offsetData; a vector occupies [offsetData, label_offset).
+    """
+    with open(path, "rb") as f:
+        header = f.read(48)
+    if len(header) < 48:
+        raise IndexError_(f"{HNSW_FILE} is truncated", where=str(path), hint=REBUILD_HINT)
+    *_, label_offset, offset_data = struct.unpack("<6Q", header)
+    return (label_offset - offset_data) // 4
+
+
+def _load_hnsw(path: Path, dim: int, manifest: dict, params: IndexParams):
+    import hnswlib
+
+    recorded = manifest["hnsw"].get("dim")
+    file_dim = hnsw_file_dim(path)
+    if not dim == recorded == file_dim:
+        raise IndexError_(f"dimension mismatch: embedder {dim}, manifest {recorded}, {HNSW_FILE} {file_dim}",
+                          where=str(path), hint="the index and its embedder come from different builds; "
+                                                + REBUILD_HINT)
+    hnsw = hnswlib.Index(space=SPACE, dim=dim)
+    try:
+        hnsw.load_index(str(path), max_elements=0, allow_replace_deleted=True)
+    except RuntimeError as exc:
+        raise IndexError_(f"{HNSW_FILE} cannot be read: {exc}", where=str(path), hint=REBUILD_HINT) from exc
+    hnsw.set_ef(params.ef)  # hnswlib does not save ef: restore it from the manifest
+    return hnsw
+
+
+# --- writing -----------------------------------------------------------------------------------------
+
+def _write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, ensure_ascii=False, separators=(",", ":")) + "\n", encoding="utf-8")
+
+
+def _copy_embedder(src: Path, dst: Path) -> None:
+    """Hard-link when possible (same file system: no copy of the 90 MB model), else copy."""
+    dst.mkdir(parents=True)
+    for item in sorted(Path(src).iterdir()):
+        if item.is_file():
+            try:
+                os.link(item, dst / item.name)
+            except OSError:
+                shutil.copy2(item, dst / item.name)
+
+
+def _swap_in(tmp: Path, output: Path) -> None:
+    """Replace ``output`` by ``tmp``: rename the old one aside, rename the new one in, drop the old one."""
+    old = None
+    if output.exists():
+        old = output.with_name(f".{output.name}.old-{os.getpid()}")
+        os.replace(output, old)
+    os.replace(tmp, output)
+    if old:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _sha256_bytes(raw: bytes) -> str:
+    import hashlib
+
+    return hashlib.sha256(raw).hexdigest()
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+# --- the public operations -------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class BuildReport:
+    """What `build_index` / `update_index` did, with throughput of the embedder and the index separately."""
+
+    index: str
+    documents: int
+    chunks: int
+    added_chunks: int
+    removed_chunks: int
+    unchanged_documents: int
+    embed_s: float
+    index_s: float
+    total_s: float
+    embed_tokens: int
+    params: dict
+    embedder: dict
+
+    @property
+    def embed_chunks_per_s(self) -> float:
+        return self.added_chunks / self.embed_s if self.embed_s else 0.0
+
+    @property
+    def index_chunks_per_s(self) -> float:
+        return self.added_chunks / self.index_s if self.index_s else 0.0
+
+    def to_json(self) -> dict:
+        return dict(self.__dict__) | {"embed_chunks_per_s": self.embed_chunks_per_s,
+                                      "index_chunks_per_s": self.index_chunks_per_s}
+
+
+def build_index(docs: Iterable[str | Path], output: str | Path, *, chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+                overlap: int = DEFAULT_OVERLAP, M: int = 16, ef_construction: int = 200, ef: int = 64,  # noqa: N803
+                embedder: str | Path | None = None, overwrite: bool = False,
+                threads: int | None = None) -> BuildReport:
+    """Chunk, embed and index the documents in ``docs`` (files or folders) into the directory ``output``.
+
+    ``embedder``: an embedder directory (default: all-MiniLM-L6-v2, converted once into the cache).
+    Refuses an existing ``output`` unless ``overwrite``; an empty corpus is a UserError.
+    """
+    started = time.perf_counter()
+    output = Path(output)
+    if output.exists() and not overwrite:
+        raise UserError("output already exists", where=str(output), hint="pass --overwrite to replace it")
+    params = IndexParams(chunk_tokens, overlap, M, ef_construction, ef)
+    params.check()
+    texts = _read_all(collect_documents(docs))
+    source = Path(embedder) if embedder else default_embedder_dir()
+    emb = Embedder.open(source, threads=threads)
+    index = new_index(params, emb, capacity=sum(len(t) for t, _ in texts.values()) // 256 + 16)
+    timer: dict = {}
+    added = index.add_documents(texts, timer)
+    if not added:
+        raise UserError("empty corpus: the documents hold no text to index", where=", ".join(map(str, texts)),
+                        hint="pass documents with text in them")
+    index.save(output, embedder_from=source)
+    return _report(index, timer, started, added, 0, 0)
+
+
+def update_index(index_dir: str | Path, docs: Iterable[str | Path] = (), *, remove: Iterable[str | Path] = (),
+                 embedder: str | Path | None = None, threads: int | None = None) -> BuildReport:
+    """Add new documents, replace changed ones (by content sha256) and drop ``remove``d ones, in place.
+
+    A folder in ``docs`` is taken as complete: documents indexed from under it that no longer exist are
+    removed. Old chunks are marked deleted in hnswlib. ``embedder`` (optional) must match the index's.
+    """
+    started = time.perf_counter()
+    index = Index.open(index_dir, threads=threads)
+    if embedder is not None:
+        _check_embedder(Path(index_dir), index.embedder.describe(), Embedder.open(embedder, verify=False),
+                        given=True)
+    docs = list(docs)
+    texts = _read_all(collect_documents(docs)) if docs else {}
+    removed = sum(index.remove_document(p) for p in _stale(index, docs, texts, remove))
+    changed = {p: tr for p, tr in texts.items() if index.documents.get(p, {}).get("sha256") != _sha256_bytes(tr[1])}
+    removed += sum(len(index.documents[p]["chunks"]) for p in changed if p in index.documents)
+    timer: dict = {}
+    added = index.add_documents(changed, timer)
+    unchanged = len(texts) - len(changed)
+    index.save(Path(index_dir), embedder_from=index.embedder.root)
+    return _report(index, timer, started, added, removed, unchanged)
+
+
+def _stale(index: Index, docs: list, texts: dict, remove: Iterable) -> list[str]:
+    """Indexed documents to drop: listed in ``remove`` (files or folders), or gone from a folder in ``docs``."""
+    def under(path: str, folder: Path) -> bool:
+        return Path(path) == folder or folder in Path(path).parents
+
+    gone = [Path(d).resolve() for d in docs if Path(d).is_dir()]
+    dropped = [Path(r).resolve() for r in remove]
+    return [p for p in list(index.documents)
+            if any(under(p, f) for f in dropped) or (p not in texts and any(under(p, f) for f in gone))]
+
+
+def _read_all(paths: list[Path]) -> dict[str, tuple[str, bytes]]:
+    out = {}
+    for path in paths:
+        text, raw = read_document(path)
+        out[path.as_posix()] = (text, raw)
+    log.info("index: %d documents, %d characters", len(out), sum(len(t) for t, _ in out.values()))
+    return out
+
+
+def _report(index: Index, timer: dict, started: float, added: int, removed: int, unchanged: int) -> BuildReport:
+    return BuildReport(str(index.root), len(index.documents), len(index.chunks), added, removed, unchanged,
+                       timer.get("embed_s", 0.0), timer.get("index_s", 0.0), time.perf_counter() - started,
+                       index.embedder.stats.tokens, index.params.__dict__, index.embedder.describe())
+
+
+@dataclass(frozen=True)
+class IndexStats:
+    """`dsedge index stats`: counts, parameters, embedder, and bytes on disk / in memory."""
+
+    index: str
+    documents: int
+    chunks: int
+    deleted_slots: int
+    capacity: int
+    params: dict
+    embedder: dict
+    created: str
+    disk_bytes: dict
+    hnsw_memory_bytes: int
+    chunk_tokens_mean: float
+    sources: list[str]
+
+    def to_json(self) -> dict:
+        return dict(self.__dict__)
+
+
+def index_stats(index_dir: str | Path, *, verify: bool = True) -> IndexStats:
+    """Describe an index directory (``verify``: check every file's sha256 first)."""
+    index = Index.open(index_dir, verify=verify)
+    root = Path(index_dir)
+    disk = {p.relative_to(root).as_posix(): p.stat().st_size for p in sorted(root.rglob("*")) if p.is_file()}
+    tokens = [c["tokens"] for c in index.chunks.values()]
+    return IndexStats(str(root), len(index.documents), len(index.chunks), index.deleted,
+                      index.hnsw.get_max_elements(), index.params.__dict__, index.embedder.describe(),
+                      index.created, disk, hnsw_memory_bytes(index.hnsw),
+                      float(np.mean(tokens)) if tokens else 0.0, sorted(index.documents))
+
+
+def hnsw_memory_bytes(hnsw) -> int:
+    """hnswlib's in-memory size: the level-0 block (vectors + M0 links + label per slot) plus upper levels,
+    which is what ``index_file_size`` (the serialized size) measures."""
+    return int(hnsw.index_file_size())
