@@ -305,3 +305,24 @@ def test_non_finite_scales_are_refused(tiny_checkpoint, tmp_path):
     ckpt.validate()  # shapes and dtypes are fine
     with pytest.raises(CheckpointError, match="NaN/Inf"):
         ckpt.read(EXPERT + ".weight")
+
+
+def test_transformers_loads_our_dense_checkpoint_with_identical_logits(tiny_checkpoint, tmp_path):
+    """transformers + compressed-tensors (``from_pretrained``) run our file; logits equal our reference's.
+
+    Known limits of that path (compressed-tensors 0.20.1, transformers 5), not of the format: asymmetric
+    zero points — its meta-device loader expects them unpacked while its own compressor (and vLLM) pack
+    them — and per-expert MoE weights, which transformers 5 fuses into non-Linear modules.
+    """
+    import transformers
+
+    from dsedge.export.reference import reference_model
+    from dsedge.models.checkpoint import Checkpoint
+
+    write_compressed(tiny_checkpoint("qwen2"), tmp_path / "c", load_recipe("int4-g32"))  # 72, 148: partial groups
+    transformers.logging.set_verbosity_error()
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "c", dtype=torch.float32).eval()
+    ours = reference_model(Checkpoint(tmp_path / "c"))
+    ids = torch.tensor([[1, 5, 7, 9, 11, 13]])
+    with torch.no_grad():
+        assert torch.equal(theirs(ids).logits, ours(ids).logits)
