@@ -143,7 +143,7 @@ def pack_bits(values: torch.Tensor, bits: int, dim: int = 1) -> torch.Tensor:
     words = math.ceil(cols / per_word)
     unsigned = values.to(torch.int64) + (1 << (bits - 1))
     unsigned = torch.nn.functional.pad(unsigned, (0, words * per_word - cols)).view(rows, words, per_word)
-    shifts = torch.arange(per_word, dtype=torch.int64) * bits
+    shifts = torch.arange(per_word, dtype=torch.int64, device=values.device) * bits
     packed = (unsigned << shifts).sum(-1)  # < 2^32, exact in int64
     packed = torch.where(packed >= 1 << 31, packed - (1 << 32), packed)  # same bits, as signed int32
     return packed.to(torch.int32).contiguous()
@@ -160,7 +160,7 @@ def unpack_bits(packed: torch.Tensor, bits: int, size: int, dim: int = 1) -> tor
     per_word = 32 // bits
     if words != math.ceil(size / per_word):
         raise ValueError(f"{words} int32 words cannot hold exactly {size} {bits}-bit values")
-    shifts = torch.arange(per_word, dtype=torch.int64) * bits
+    shifts = torch.arange(per_word, dtype=torch.int64, device=packed.device) * bits
     unsigned = (packed.to(torch.int64)[..., None] >> shifts) & ((1 << bits) - 1)
     return (unsigned.reshape(rows, -1)[:, :size] - (1 << (bits - 1))).to(torch.int8).contiguous()
 
@@ -180,7 +180,7 @@ def pack(name_prefix: str, qt: QuantizedTensor) -> dict[str, torch.Tensor]:
     stored = _expand(qt)
     bits = qt.scheme.bits
     tensors = {"weight_packed": pack_bits(stored.q, bits), "weight_scale": stored.scale.to(torch.float16),
-               "weight_shape": torch.tensor(list(qt.shape), dtype=torch.int64)}
+               "weight_shape": torch.tensor(list(qt.shape), dtype=torch.int64, device=qt.q.device)}
     if not torch.equal(tensors["weight_scale"].float(), stored.scale):
         raise ValueError(f"{name_prefix}: scales are not float16-representable; quantize with dsedge.compress.quant")
     if stored.zero_point is not None:

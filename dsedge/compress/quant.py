@@ -218,7 +218,7 @@ def quantize_gptq(w: torch.Tensor, hessian: torch.Tensor | HessianAccumulator, s
     label = name or f"{list(w.shape)} weight"
     if H.shape != (w.shape[1], w.shape[1]):
         raise ValueError(f"Hessian shape {list(H.shape)} does not match weight {list(w.shape)}")
-    H = H.detach().to(torch.float64).clone()
+    H = H.detach().to(device=w.device, dtype=torch.float64).clone()
     if n_samples == 0 or not bool(H.diagonal().any()):
         log.info("%s: no calibration inputs, using RTN", label)
         return quantize_rtn(w, scheme)
@@ -239,7 +239,7 @@ def quantize_gptq(w: torch.Tensor, hessian: torch.Tensor | HessianAccumulator, s
 def _inverse_hessian_cholesky(H: torch.Tensor, damp: float, label: str) -> torch.Tensor | None:
     """Upper Cholesky factor ``U`` of ``(H + λI)⁻¹`` (``H⁻¹ = UᵀU``), raising λ tenfold on failure."""
     mean_diag = H.diagonal().mean()
-    eye = torch.eye(H.shape[0], dtype=H.dtype)
+    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
     for attempt in range(DAMP_RETRIES):
         lam = damp * 10 ** attempt * mean_diag
         chol, info = torch.linalg.cholesky_ex(H + lam * eye)
@@ -270,19 +270,20 @@ def _gptq_columns(w: torch.Tensor, u: torch.Tensor, scheme: QuantScheme, perm: t
         scale, zero = fixed.scale.clone(), None if fixed.zero_point is None else fixed.zero_point.clone()
     else:
         n = math.ceil(cols / g)
-        scale = torch.empty(out, n)
-        zero = None if scheme.symmetric else torch.empty(out, n, dtype=torch.int8)
+        scale = torch.empty(out, n, device=w.device)
+        zero = None if scheme.symmetric else torch.empty(out, n, dtype=torch.int8, device=w.device)
         # Blocks hold whole groups, so a group's scale is always computed on fully updated weights.
         block_size = g * max(1, block_size // g)
-    order = perm if perm is not None else torch.arange(cols)
+    order = perm if perm is not None else torch.arange(cols, device=w.device)
+    order_list = order.tolist()  # one host copy, not a device sync per column
     W = w[:, order].clone()
-    Q = torch.empty(out, cols, dtype=torch.int8)
+    Q = torch.empty(out, cols, dtype=torch.int8, device=w.device)
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
         W1, U1 = W[:, i1:i2].clone(), u[i1:i2, i1:i2]
         err = torch.empty_like(W1)
         for i in range(i2 - i1):
-            col = int(order[i1 + i])
+            col = order_list[i1 + i]
             grp = col // g
             if not static and col % g == 0:  # a group starts: its scale from the updated weights
                 span = W1[:, i:i + g]
