@@ -234,3 +234,11 @@ def test_sqnr_edge_cases():
     assert sqnr_db(x, x) == math.inf
     assert sqnr_db(torch.zeros(4), x) == -math.inf
     assert sqnr_db(x, x * 0.9) == pytest.approx(20.0)
+
+
+def test_gptq_hessian_that_damping_cannot_fix_falls_back_to_rtn(caplog):
+    w = gaussian(8, 32, seed=19)
+    scheme = QuantScheme(4, 32, method="gptq")
+    got = quantize_gptq(w, -torch.eye(32), scheme)  # negative definite: no damping makes it PD
+    assert torch.equal(got.q, quantize_rtn(w, scheme).q)
+    assert "not positive definite" in caplog.text
