@@ -84,10 +84,13 @@ def qrange(bits: int) -> tuple[int, int]:
 # ----------------------------------------------------------------------------- RTN
 
 
-def quantize(w: torch.Tensor, scheme: QuantScheme, hessian=None) -> QuantizedTensor:
-    """Dispatch on ``scheme.method``: GPTQ when asked for and a Hessian is given, else RTN."""
+def quantize(w: torch.Tensor, scheme: QuantScheme, hessian=None, *, name: str = "") -> QuantizedTensor:
+    """Dispatch on ``scheme.method``: GPTQ when asked for and a Hessian is given, else RTN.
+
+    ``name`` (the module's) only labels GPTQ's log messages (fallbacks to RTN, extra damping).
+    """
     if scheme.method == "gptq" and hessian is not None:
-        return quantize_gptq(w, hessian, scheme)
+        return quantize_gptq(w, hessian, scheme, name=name)
     return quantize_rtn(w, scheme)
 
 
