@@ -1,0 +1,489 @@
+"""`dsedge compress`: calibrate, prune routed experts and quantize, streamed one decoder layer at a time.
+
+For each decoder layer, in order (DESIGN.md §5):
+
+1. read the layer's tensors from the shards (FP8 dequantized by the reader) and build transformers' own
+   decoder layer with them (:mod:`.layers`), so the forward is the reference's;
+2. run the calibration hidden states through it with the *original* weights, collecting each selected
+   linear's GPTQ Hessian and, for MoE layers, the router's choices (:mod:`.calibration`);
+3. MoE layers: routing counts and REAP saliency for every routed expert, then pruning (:mod:`.pruning`);
+   each kept expert's Hessians from its routed tokens (all tokens when too few were routed to it);
+4. quantize every linear the recipe selects (RTN or GPTQ, :mod:`.quant`) and pack it (:mod:`.packing`);
+5. rebuild the layer with the dequantized (and pruned) weights and run the calibration states through it:
+   the next layer is calibrated on what the *compressed* model feeds it — GPTQ's sequential practice
+   (arXiv:2210.17323 §4, "quantize one layer, then pass the quantized outputs on"), so each layer corrects
+   for the error before it. Held-out windows go through both the original and the compressed layer,
+   which yields the quality report at the end without holding either model;
+6. write the layer's tensors to the output shards, free it.
+
+Peak memory: one layer in float32 + the calibration and held-out hidden states + one buffered shard.
+"""
+
+from __future__ import annotations
+
+import logging
+import resource
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dsedge.compress import calibration as cal
+from dsedge.compress.layers import LayerRunner, build_layer, classes_for, final_logits, hf_config
+from dsedge.compress.pruning import PrunePlan, choose_kept, plan_pruning, prune_state
+from dsedge.compress.writer import (
+    DEFAULT_MAX_SHARD_BYTES,
+    ShardWriter,
+    check_output,
+    copy_tokenizer_files,
+    staged_directory,
+    write_json,
+)
+from dsedge.errors import UserError
+from dsedge.models.checkpoint import FP8_DTYPE, Checkpoint, torch_dtype
+
+log = logging.getLogger("dsedge")
+
+DEFAULT_CALIB_TOKENS = 8192
+DEFAULT_HELDOUT_TOKENS = 4096
+DEFAULT_SEQ_LEN = 512
+MIN_EXPERT_TOKENS = 16
+REPORT_FILE = "compress_report.json"
+RECIPE_FILE = "recipe.json"
+REPORT_SCHEMA_VERSION = 1
+
+
+@dataclass
+class CompressReport:
+    """What `compress` did: per-layer weight SQNR, sizes, experts kept, calibration, quality, time and memory."""
+
+    checkpoint: str
+    output: str
+    model_type: str
+    recipe: dict[str, Any]
+    method: str | None
+    layers: list[dict[str, Any]]
+    bytes_before: int
+    bytes_after: int
+    quantized_modules: int
+    quantized_experts: int
+    pruning: dict[str, Any] | None
+    calibration: dict[str, Any]
+    quality: dict[str, Any] | None
+    elapsed_s: float
+    peak_rss_bytes: int
+    warnings: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"schema_version": REPORT_SCHEMA_VERSION, **self.__dict__}
+
+    def summary(self) -> str:
+        """A few human lines: sizes, SQNR range, experts, quality."""
+        sqnr = [m["sqnr_db"] for layer in self.layers for m in layer["modules"].values()]
+        lines = [f"compressed {self.checkpoint} -> {self.output}",
+                 f"  size {self.bytes_before / 2**20:.2f} MiB -> {self.bytes_after / 2**20:.2f} MiB "
+                 f"({self.bytes_after / max(self.bytes_before, 1):.1%})",
+                 f"  recipe {self.recipe['name']}, {self.quantized_modules} linears quantized "
+                 f"({self.quantized_experts} routed experts)"]
+        if sqnr:
+            lines.append(f"  weight SQNR {min(sqnr):.1f} dB min, {sum(sqnr) / len(sqnr):.1f} dB mean")
+        if self.pruning:
+            lines.append(f"  experts {self.pruning['experts_before']} -> {self.pruning['experts_after']} per MoE layer")
+        if self.quality:
+            q = self.quality
+            lines.append(f"  held-out perplexity {q['original']['perplexity']:.3f} -> "
+                         f"{q['compressed']['perplexity']:.3f} ({q['heldout_tokens']} tokens), "
+                         f"top-1 agreement {q['top1_agreement']:.2%}")
+        lines.append(f"  {self.elapsed_s:.1f} s, peak RSS {self.peak_rss_bytes / 2**20:.0f} MiB")
+        return "\n".join(lines)
+
+
+def compress(checkpoint: str | Path, output: str | Path, *, recipe: str | Path | None = None,
+             target: str | Path | None = None, calib: str | Path | None = None,
+             calib_tokens: int = DEFAULT_CALIB_TOKENS, heldout_tokens: int = DEFAULT_HELDOUT_TOKENS,
+             seq_len: int = DEFAULT_SEQ_LEN, prune_experts: float = 0.0, method: str | None = None,
+             overwrite: bool = False, evaluate: bool = True, min_expert_tokens: int = MIN_EXPERT_TOKENS,
+             batch_size: int = 8, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> CompressReport:
+    """Compress a checkpoint directory (or demo model name) into ``output``, one decoder layer at a time.
+
+    ``recipe``: a preset name (``int8``, ``int4``, ``int4-g32``, ``int4-g128``, ``int4-experts``, ``fp16``, or
+    ``none`` to only prune; see ``dsedge.compress.recipes.PRESETS``) or a recipe .json/.toml file; without
+    one, ``target`` picks the preset that fits the device (:func:`recipe_for_target`), else ``int4-experts``
+    (``int8`` for dense models). ``method`` (``rtn`` or
+    ``gptq``) overrides the recipe's. ``calib``: a UTF-8 text file (default: the built-in text); the first
+    ``calib_tokens`` tokens calibrate, the last ``heldout_tokens`` measure quality (``evaluate``).
+    ``prune_experts``: fraction of routed experts removed per MoE layer. The output is written to a
+    temporary sibling directory and renamed when complete; an existing ``output`` is refused unless
+    ``overwrite``.
+    """
+    started = time.perf_counter()
+    ckpt = Checkpoint(checkpoint)
+    out = Path(output)
+    check_output(out, overwrite=overwrite, source=ckpt.path)
+    if method is not None and method not in ("rtn", "gptq"):
+        raise UserError(f"--method must be rtn or gptq, got {method!r}")
+    chosen = resolve_recipe(recipe, target, ckpt, method)
+    prune = plan_pruning(ckpt.spec.moe, prune_experts)
+    calibset = cal.load_calibration(_tokenizer(ckpt), calib, calib_tokens=calib_tokens,
+                                    heldout_tokens=heldout_tokens,
+                                    seq_len=min(seq_len, ckpt.spec.max_position_embeddings))
+    log.info("compress %s: %s, %d calibration tokens (%s), %d held-out", ckpt.path,
+             chosen.name, calibset.calib.numel(), calibset.source,
+             calibset.heldout.numel() if evaluate else 0)
+    with staged_directory(out) as tmp:
+        run = _Run(ckpt, chosen, prune, calibset, evaluate=evaluate, min_expert_tokens=min_expert_tokens,
+                   batch_size=batch_size)
+        run.write(tmp, max_shard_bytes)
+        report = run.report(out, started, tmp)
+        write_json(tmp / REPORT_FILE, report.to_json())
+    log.info("%s", report.summary())
+    return report
+
+
+# --- recipe choice ------------------------------------------------------------------------------
+
+def resolve_recipe(recipe, target, ckpt: Checkpoint, method: str | None):
+    """The Recipe to apply, from ``recipe``, else ``target``, else the default; ``method`` overrides its method."""
+    from dsedge.compress.recipes import load_recipe
+
+    if recipe is None:
+        recipe = recipe_for_target(ckpt, target) if target is not None else _default_preset(ckpt)
+    loaded = load_recipe(recipe)
+    return loaded.with_method(method) if method else loaded
+
+
+def _default_preset(ckpt: Checkpoint) -> str:
+    return "int4-experts" if ckpt.spec.moe else "int8"
+
+
+# plan's precision schemes, best quality first, and the preset that realizes each.
+_PLAN_TO_PRESET = (("int8", "int8"), ("int4-experts", "int4-experts"), ("int4", "int4-g128"))
+
+
+def recipe_for_target(ckpt: Checkpoint, target) -> str:
+    """The highest-precision preset whose planned size fits the target's memory budget (`dsedge plan`'s
+    arithmetic: weights + KV cache at the target's context + runtime allowance); int4 when nothing fits."""
+    from dsedge.planning import plan
+
+    report = plan(ckpt.path, target=target)
+    fits = {p.scheme: p.fits or p.fits_with_offload for p in report.precisions}
+    for scheme, preset in _PLAN_TO_PRESET:
+        if fits.get(scheme):
+            log.info("target %s: %s fits (plan), using recipe %s", report.target["name"], scheme, preset)
+            return preset
+    log.warning("target %s: the model does not fit even at int4 (see `dsedge plan`); using int4-g128",
+                report.target["name"])
+    return "int4-g128"
+
+
+def _tokenizer(ckpt: Checkpoint) -> Path:
+    path = ckpt.path / "tokenizer.json"
+    if not path.is_file():
+        raise UserError("checkpoint has no tokenizer.json", where=str(ckpt.path),
+                        hint="calibration tokenizes text with the model's own tokenizer; copy tokenizer.json in")
+    return path
+
+
+# --- the streamed run ---------------------------------------------------------------------------
+
+class _Run:
+    """State carried from layer to layer: hidden states, output shards, per-layer records."""
+
+    def __init__(self, ckpt: Checkpoint, recipe, prune: PrunePlan | None, calibset: cal.CalibrationSet, *,
+                 evaluate: bool, min_expert_tokens: int, batch_size: int):
+        self.ckpt, self.spec, self.recipe, self.prune = ckpt, ckpt.spec, recipe, prune
+        self.calibset, self.evaluate, self.min_expert_tokens = calibset, evaluate, min_expert_tokens
+        self.classes = classes_for(self.spec.model_type)
+        self.config = hf_config(self.spec.config)
+        self.pruned_config = (hf_config(self.spec.config, n_routed_experts=prune.experts_after)
+                              if prune else self.config)
+        self.runner = LayerRunner(self.classes, self.config, calibset.seq_len, batch_size)
+        self.linear_names = {t.name for t in self.spec.expected_tensors() if t.linear}
+        self.layers: list[dict] = []
+        self.kept: dict[int, list[int]] = {}
+        self.warnings: list[str] = []
+        self.schemes: dict[str, Any] = {}  # module name -> QuantScheme, for quantization_config
+        self.shapes: dict[str, tuple[int, int]] = {}
+        self.ignored: list[str] = []  # linears the recipe leaves unquantized
+        self.quality: dict | None = None
+
+    # -- driver --
+    def write(self, directory: Path, max_shard_bytes: int) -> None:
+        writer = ShardWriter(directory, max_shard_bytes)
+        self._embed(writer)
+        for i in range(self.spec.num_hidden_layers):
+            writer.add(self._layer(i))
+            writer.flush_if_full()
+        self._head(writer)
+        writer.finish()
+        self._warn_mtp()
+        write_json(directory / "config.json", self._config())
+        write_json(directory / RECIPE_FILE, self.recipe.to_json())
+        copy_tokenizer_files(self.ckpt.path, directory)
+
+    def _embed(self, writer: ShardWriter) -> None:
+        weight = self.ckpt.read("model.embed_tokens.weight")
+        self.x = weight[self.calibset.calib]  # [N, S, H]
+        heldout = weight[self.calibset.heldout] if self.evaluate else weight[:0][None]
+        self.h_orig, self.h_comp = heldout, heldout.clone()
+        for name in self.ckpt.non_layer_names():
+            writer.add({name: self._stored(name, self.ckpt.read(name))})
+
+    def _head(self, writer: ShardWriter) -> None:
+        if not self.evaluate:
+            return
+        norm = self.ckpt.read("model.norm.weight")
+        head_name = "lm_head.weight" if "lm_head.weight" in self.ckpt.tensors else "model.embed_tokens.weight"
+        head = self.ckpt.read(head_name)
+        self.quality = _quality(self.h_orig, self.h_comp, self.calibset.heldout, norm, head, self.spec.rms_norm_eps,
+                                self.classes.norm, self.runner.batch_size)
+        log.info("held-out perplexity: original %.3f, compressed %.3f, top-1 agreement %.2f%%",
+                 self.quality["original"]["perplexity"], self.quality["compressed"]["perplexity"],
+                 100 * self.quality["top1_agreement"])
+
+    # -- one layer --
+    def _layer(self, i: int) -> dict:
+        t0 = time.perf_counter()
+        prefix = f"model.layers.{i}."
+        state = {n: self.ckpt.read(n) for n in self.ckpt.layer_names(i)}
+        layer = build_layer(self.classes, self.config, i, _relative(state, prefix))
+        if self.evaluate:
+            self.h_orig = self.runner.run(layer, self.h_orig)
+        selected = self._selected(state)
+        stats = self._calibrate(layer, prefix, selected)
+        record: dict[str, Any] = {"layer": i, "moe": self.spec.is_moe_layer(i), "modules": {}}
+        kept = None
+        if stats.moe is not None:
+            activity = cal.expert_activity(layer.mlp.experts, *stats.moe)
+            record["experts"] = activity.to_json()
+            if self.prune:
+                kept = choose_kept(self.prune, activity.counts, activity.saliency)
+                record["experts"]["kept"] = self.kept[i] = kept
+                state = prune_state(state, kept)
+                selected = self._selected(state)
+        quantized = self._quantize_layer(i, layer, state, selected, stats, kept, record)
+        self.ignored += [n for n, s in self._linears(state).items() if s is None]
+        del layer
+        dequantized = {n + ".weight": _dequantized(qt) for n, qt in quantized.items()}
+        new_layer = build_layer(self.classes, self.pruned_config if kept else self.config, i,
+                                _relative({**state, **dequantized}, prefix))
+        self.x = self.runner.run(new_layer, self.x)
+        if self.evaluate:
+            self.h_comp = self.runner.run(new_layer, self.h_comp)
+        del new_layer
+        record["seconds"] = round(time.perf_counter() - t0, 3)
+        self._log_layer(record)
+        self.layers.append(record)
+        return self._layer_tensors(state, quantized)
+
+    def _selected(self, state: dict) -> dict[str, Any]:
+        """Module name -> scheme of every linear of the layer the recipe quantizes."""
+        return {n: s for n, s in self._linears(state).items() if s is not None}
+
+    def _linears(self, state: dict) -> dict[str, Any]:
+        """Module name -> scheme or None, for every linear weight of the layer."""
+        return {name.removesuffix(".weight"): self.recipe.scheme_for(name.removesuffix(".weight"))
+                for name in state if name in self.linear_names or _is_linear_weight(name, state[name])}
+
+    def _calibrate(self, layer, prefix: str, selected: dict) -> _LayerStats:
+        """One pass of the calibration states through the original layer: Hessians of the selected linears
+        that GPTQ quantizes (routed experts excepted), and the MoE input with the router's choices."""
+        gptq = [n.removeprefix(prefix) for n, s in selected.items() if s.method == "gptq" and ".experts." not in n]
+        modules = dict(layer.named_modules())
+        hooks = cal.LinearInputs(layer, [n for n in gptq if n in modules])
+        experts = getattr(getattr(layer, "mlp", None), "experts", None)
+        moe = cal.MoEInputs(experts) if experts is not None and hasattr(experts, "gate_up_proj") else None
+        try:
+            self.runner.run(layer, self.x)
+        finally:
+            hooks.remove()
+            if moe:
+                moe.remove()
+        return _LayerStats(hooks.hessians, moe.tensors() if moe else None)
+
+    def _quantize_layer(self, i, layer, state, selected, stats, kept, record) -> dict:
+        from dsedge.compress.quant import quantize, sqnr_db
+
+        prefix = f"model.layers.{i}."
+        quantized = {}
+        experts = [n for n in selected if ".mlp.experts." in n]
+        expert_h = self._expert_hessians(layer, stats, prefix, experts, kept, record)
+        for name, scheme in selected.items():
+            hessian = expert_h.get(name) if name in expert_h else stats.hessians.get(name.removeprefix(prefix))
+            weight = state[name + ".weight"]
+            qt = quantize(weight, scheme, hessian if scheme.method == "gptq" else None)
+            quantized[name] = qt
+            self.schemes[name], self.shapes[name] = scheme, tuple(weight.shape)
+            record["modules"][name.removeprefix(prefix)] = {
+                "scheme": scheme.label, "sqnr_db": round(sqnr_db(weight, _dequantized(qt)), 3)}
+        return quantized
+
+    def _expert_hessians(self, layer, stats, prefix, experts, kept, record) -> dict:
+        """Hessians for the GPTQ-quantized routed experts of this layer, one expert at a time."""
+        gptq = [n for n in experts if self.recipe.scheme_for(n).method == "gptq"]
+        if not gptq or stats.moe is None:
+            return {}
+        from dsedge.compress.quant import HessianAccumulator
+
+        hidden, index, _ = stats.moe
+        shared = HessianAccumulator(hidden.shape[-1])
+        shared.add(hidden)
+        fused = layer.mlp.experts
+        out, fallback = {}, []
+        for new_id in sorted({_expert_id(n) for n in gptq}):
+            old_id = kept[new_id] if kept else new_id
+            h_in, h_down, source = cal.expert_hessians(
+                fused.gate_up_proj[old_id], fused.down_proj[old_id], hidden, index, old_id, fused.act_fn,
+                min_tokens=self.min_expert_tokens, all_tokens_hessian=shared)
+            base = f"{prefix}mlp.experts.{new_id}."
+            out |= {base + "gate_proj": h_in, base + "up_proj": h_in, base + "down_proj": h_down}
+            if source != "routed":
+                fallback.append(old_id)
+        if fallback:
+            msg = (f"layer {record['layer']}: experts {fallback} had fewer than {self.min_expert_tokens} routed "
+                   "calibration tokens; their GPTQ statistics come from all calibration tokens")
+            self.warnings.append(msg)
+            log.warning("%s", msg)
+        record.setdefault("experts", {})["all_token_statistics"] = fallback
+        return out
+
+    def _layer_tensors(self, state: dict, quantized: dict) -> dict:
+        from dsedge.compress.packing import pack
+
+        out = {}
+        for name, tensor in state.items():
+            module = name.removesuffix(".weight")
+            if name.endswith(".weight") and module in quantized:
+                out |= pack(module, quantized[module])
+            else:
+                out[name] = self._stored(name, tensor)
+        return out
+
+    def _stored(self, name: str, tensor):
+        """An unquantized tensor in the recipe's dtype, else its on-disk one (FP8, dequantized by the reader,
+        becomes bf16)."""
+        import torch
+
+        if self.recipe.dtype and tensor.is_floating_point():
+            return tensor.to(getattr(torch, self.recipe.dtype))
+        info = self.ckpt.tensors.get(name)
+        if info is None or info.dtype == FP8_DTYPE:
+            return tensor.to(torch.bfloat16)
+        return tensor.to(torch_dtype(info.dtype))
+
+    def _log_layer(self, record: dict) -> None:
+        sqnr = [m["sqnr_db"] for m in record["modules"].values()]
+        detail = f", {len(sqnr)} linears, SQNR min {min(sqnr):.1f} dB" if sqnr else ""
+        kept = record.get("experts", {}).get("kept")
+        detail += f", kept {len(kept)} experts" if kept else ""
+        log.info("layer %d/%d done in %.1f s%s", record["layer"] + 1, self.spec.num_hidden_layers,
+                 record["seconds"], detail)
+
+    def _warn_mtp(self) -> None:
+        if self.ckpt.has_mtp:
+            msg = ("the MTP layer (speculative decoding head) is not written: transformers and dsedge export "
+                   "do not use it; num_nextn_predict_layers is set to 0")
+            self.warnings.append(msg)
+            log.warning("%s", msg)
+
+    # -- config and report --
+    def _config(self) -> dict:
+        config = {k: v for k, v in self.spec.config.items() if k != "quantization_config"}
+        if "num_nextn_predict_layers" in config:
+            config["num_nextn_predict_layers"] = 0
+        if self.prune:
+            config["n_routed_experts"] = self.prune.experts_after
+            config["dsedge_pruning"] = {"method": "reap-saliency", "paper": "arXiv:2510.13999",
+                                        **self.prune.to_json(),
+                                        "kept_experts": {str(k): v for k, v in self.kept.items()}}
+        if self.recipe.dtype:
+            config.update({k: self.recipe.dtype for k in ("dtype", "torch_dtype") if k in config})
+        if self.schemes:
+            from dsedge.compress.packing import quantization_config
+
+            ignore = self.ignored + (["lm_head"] if "lm_head.weight" in self.ckpt.tensors else [])
+            config["quantization_config"] = quantization_config(self.recipe, self.schemes, ignore, shapes=self.shapes)
+        return config
+
+    def report(self, out: Path, started: float, directory: Path) -> CompressReport:
+        before = sum(f.stat().st_size for f in self.ckpt.files)
+        after = sum(f.stat().st_size for f in directory.glob("*.safetensors"))
+        experts = sum(1 for n in self.schemes if ".mlp.experts." in n and n.endswith("down_proj"))
+        pruning = self.prune.to_json() | {"kept_experts": {str(k): v for k, v in self.kept.items()}} \
+            if self.prune else None
+        return CompressReport(
+            checkpoint=str(self.ckpt.path), output=str(out), model_type=self.spec.model_type,
+            recipe=self.recipe.to_json(),
+            method=_methods(self.schemes), layers=self.layers, bytes_before=before, bytes_after=after,
+            quantized_modules=len(self.schemes), quantized_experts=experts, pruning=pruning,
+            calibration=self.calibset.to_json() | {"min_expert_tokens": self.min_expert_tokens},
+            quality=self.quality, elapsed_s=round(time.perf_counter() - started, 3),
+            peak_rss_bytes=peak_rss_bytes(), warnings=self.warnings)
+
+
+@dataclass
+class _LayerStats:
+    hessians: dict  # layer-relative module name -> HessianAccumulator
+    moe: tuple | None  # (hidden [T, H], top-k index [T, k], top-k weights [T, k]) of the fused experts
+
+
+def _quality(h_orig, h_comp, heldout_ids, norm, head, eps, norm_class, batch_size: int) -> dict:
+    """Held-out perplexity and top-1 accuracy of both models (dsedge.evaluation), and how often their
+    next-token argmax agrees, from the final hidden states of the held-out windows."""
+    from dsedge.evaluation import evaluate_perplexity
+
+    agree, total = 0, 0
+    for start in range(0, h_orig.shape[0], batch_size):
+        a = final_logits(h_orig[start:start + batch_size], norm, head, eps, norm_class)[:, :-1].argmax(-1)
+        b = final_logits(h_comp[start:start + batch_size], norm, head, eps, norm_class)[:, :-1].argmax(-1)
+        agree, total = agree + int((a == b).sum()), total + a.numel()
+    ids = heldout_ids.reshape(-1).tolist()
+    window = heldout_ids.shape[1]
+    reports = {}
+    for label, hidden in (("original", h_orig), ("compressed", h_comp)):
+        fn = _windowed_logits_fn(hidden, norm, head, eps, norm_class)
+        reports[label] = evaluate_perplexity(fn, ids, window=window, batch_size=batch_size).to_json()
+    return {**reports, "top1_agreement": agree / max(total, 1), "heldout_tokens": int(heldout_ids.numel()),
+            "delta_perplexity": reports["compressed"]["perplexity"] - reports["original"]["perplexity"]}
+
+
+def _windowed_logits_fn(hidden, norm, head, eps, norm_class):
+    """A logits_fn serving the precomputed windows in the order evaluate_perplexity asks for them."""
+    position = [0]
+
+    def logits_fn(batch):
+        start = position[0]
+        position[0] += len(batch)
+        return final_logits(hidden[start:start + len(batch)], norm, head, eps, norm_class).numpy()
+
+    return logits_fn
+
+
+def _relative(state: dict, prefix: str) -> dict:
+    return {n.removeprefix(prefix): t for n, t in state.items()}
+
+
+def _is_linear_weight(name: str, tensor) -> bool:
+    # Pruned/renumbered expert names are not in the spec's list; they are linear like the originals.
+    return ".mlp.experts." in name and name.endswith("_proj.weight") and tensor.dim() == 2
+
+
+def _expert_id(module: str) -> int:
+    return int(module.split(".mlp.experts.")[1].split(".")[0])
+
+
+def _dequantized(qt):
+    from dsedge.compress.quant import dequantize
+
+    return dequantize(qt)
+
+
+def _methods(schemes: dict) -> str | None:
+    methods = sorted({s.method for s in schemes.values()})
+    return "+".join(methods) if methods else None
+
+
+def peak_rss_bytes() -> int:
+    """The process's peak resident set so far (Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
