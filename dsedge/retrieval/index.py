@@ -238,11 +238,18 @@ class Index:
                 "files": {rel: file_entry(tmp, rel) for rel in files}}
 
 
+def _hnswlib():
+    try:
+        import hnswlib
+    except ImportError as exc:
+        raise UserError("retrieval needs hnswlib, which is not installed",
+                        hint="pip install 'dsedge[retrieval]'") from exc
+    return hnswlib
+
+
 def new_index(params: IndexParams, embedder: Embedder, capacity: int) -> Index:
     """An empty in-memory index for ``embedder``'s vectors with room for ``capacity`` chunks."""
-    import hnswlib
-
-    hnsw = hnswlib.Index(space=SPACE, dim=embedder.dim)
+    hnsw = _hnswlib().Index(space=SPACE, dim=embedder.dim)
     hnsw.init_index(max_elements=max(capacity, 1), M=params.M, ef_construction=params.ef_construction,
                     random_seed=SEED, allow_replace_deleted=True)
     hnsw.set_ef(params.ef)
@@ -327,15 +334,13 @@ def hnsw_file_dim(path: Path) -> int:
 
 
 def _load_hnsw(path: Path, dim: int, manifest: dict, params: IndexParams):
-    import hnswlib
-
     recorded = manifest["hnsw"].get("dim")
     file_dim = hnsw_file_dim(path)
     if not dim == recorded == file_dim:
         raise IndexError_(f"dimension mismatch: embedder {dim}, manifest {recorded}, {HNSW_FILE} {file_dim}",
                           where=str(path), hint="the index and its embedder come from different builds; "
                                                 + REBUILD_HINT)
-    hnsw = hnswlib.Index(space=SPACE, dim=dim)
+    hnsw = _hnswlib().Index(space=SPACE, dim=dim)
     try:
         hnsw.load_index(str(path), max_elements=0, allow_replace_deleted=True)
     except RuntimeError as exc:
@@ -432,6 +437,9 @@ def build_index(docs: Iterable[str | Path], output: str | Path, *, chunk_tokens:
     texts = _read_all(collect_documents(docs))
     source = Path(embedder) if embedder else default_embedder_dir()
     emb = Embedder.open(source, threads=threads)
+    if chunk_tokens > emb.max_tokens - 2:  # [CLS] and [SEP] take two of the embedder's positions
+        raise UserError(f"--chunk-tokens {chunk_tokens} exceeds what the embedder reads ({emb.max_tokens} "
+                        "tokens with [CLS]/[SEP])", hint=f"use --chunk-tokens {emb.max_tokens - 2} or less")
     index = new_index(params, emb, capacity=sum(len(t) for t, _ in texts.values()) // 256 + 16)
     timer: dict = {}
     added = index.add_documents(texts, timer)

@@ -175,20 +175,36 @@ def _assemble(system: str, question: str, blocks: list[str]) -> tuple[list[dict[
 
 def _fit(render: Callable[[str], str], body: str, count_tokens: Callable[[str], int], budget: int) -> str | None:
     """``body`` if the rendered prompt fits, else its longest word-boundary prefix that fits (rendered with
-    an ellipsis), else None."""
+    an ellipsis), else None.
+
+    The prefix is searched by counting the prefix alone against the room the rest of the prompt leaves
+    (cheap: short strings), then checked once on the whole prompt; token merges across the boundary can
+    make the whole a little larger than the parts, in which case the room shrinks and the search repeats.
+    """
     if count_tokens(render(body)) <= budget:
         return body
+    room = budget - count_tokens(render(""))
     cuts = [m.start() for m in re.finditer(r"\s+", body)]
+    while room >= MIN_SOURCE_TOKENS:
+        best = _longest_prefix(body, cuts, count_tokens, room)
+        if best is None or count_tokens(body[:best]) < MIN_SOURCE_TOKENS:
+            return None
+        if count_tokens(render(body[:best] + ELLIPSIS)) <= budget:
+            return body[:best]
+        room -= 4
+    return None
+
+
+def _longest_prefix(body: str, cuts: list[int], count_tokens: Callable[[str], int], room: int) -> int | None:
+    """The last word boundary whose prefix (plus the ellipsis) counts at most ``room`` tokens."""
     lo, hi, best = 0, len(cuts) - 1, None
-    while lo <= hi:  # binary search over word boundaries: prompt size grows with the prefix
+    while lo <= hi:  # binary search: the count grows with the prefix
         mid = (lo + hi) // 2
-        if count_tokens(render(body[:cuts[mid]] + ELLIPSIS)) <= budget:
+        if count_tokens(body[:cuts[mid]] + ELLIPSIS) <= room:
             best, lo = cuts[mid], mid + 1
         else:
             hi = mid - 1
-    if best is None or count_tokens(body[:best]) < MIN_SOURCE_TOKENS:
-        return None
-    return body[:best]
+    return best
 
 
 def cited_sources(answer: str, sources: Sequence[Source]) -> list[Source]:
