@@ -372,6 +372,17 @@ def test_rag_prompt_fits_budget_and_cites_right_sources(corpus_index, llm_count,
         assert len(prompt.sources) == len(hits) and prompt.dropped == 0
 
 
+def test_retriever_prompt_for_profile_and_r1_style(corpus_index, llm_count):
+    _, path = corpus_index
+    retriever = Retriever.open(path, verify=False)
+    prompt = retriever.prompt("What does the sched module do?", llm_count, 600, k=4, system_role=False)
+    assert set(prompt.timings) == {"embed_ms", "search_ms", "assembly_ms"} and prompt.timings["embed_ms"] > 0
+    assert prompt.retrieval.hits[:len(prompt.sources)] == [s.hit for s in prompt.sources]
+    assert [m["role"] for m in prompt.messages] == ["user"] and prompt.messages[0]["content"] == prompt.text
+    assert prompt.text.startswith("Answer the question") and prompt.tokens <= 600
+    assert json.loads(json.dumps(prompt.to_json()))["timings"] == prompt.timings
+
+
 def test_rag_prompt_budget_errors_and_citations(llm_count):
     from dsedge.retrieval.index import Hit
 

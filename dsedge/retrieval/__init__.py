@@ -3,9 +3,10 @@
 Torch-free (numpy, onnxruntime, tokenizers, hnswlib); only ``dsedge.retrieval.convert`` — the one-time
 conversion of the default embedder — imports torch, and only to validate its graph.
 
-    from dsedge.retrieval import Retriever, build_rag_prompt
-    result = Retriever.open("docs.index").search("How do I rotate log files?", k=5)
-    prompt = build_rag_prompt(result.question, result.hits, count_tokens, budget=1500)
+    from dsedge.retrieval import Retriever
+    retriever = Retriever.open("docs.index")
+    result = retriever.search("How do I rotate log files?", k=5)        # hits + embed_ms / search_ms
+    prompt = retriever.prompt("How do I rotate log files?", count_tokens, budget=1500)  # numbered sources
 """
 
 from __future__ import annotations

@@ -173,9 +173,14 @@ class Index:
                   for c in chunk_text(text, self.embedder.token_starts, max_tokens=self.params.chunk_tokens,
                                       overlap=self.params.overlap)]
         ids = list(range(self.next_id, self.next_id + len(pieces)))
+        log.info("index: embedding %d chunks (%d tokens) from %d documents", len(pieces),
+                 sum(c.tokens for _, c in pieces), len(texts))
         started = time.perf_counter()
         vectors = self.embedder.embed([c.text for _, c in pieces])  # [N, dim]
-        timer["embed_s"] = timer.get("embed_s", 0.0) + time.perf_counter() - started
+        seconds = time.perf_counter() - started
+        timer["embed_s"] = timer.get("embed_s", 0.0) + seconds
+        if pieces:
+            log.info("index: embedded in %.1f s (%.1f chunks/s)", seconds, len(pieces) / seconds)
         self._insert(vectors, ids, timer)
         self.next_id += len(pieces)
         for i, (path, c) in zip(ids, pieces, strict=True):

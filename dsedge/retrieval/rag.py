@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from dsedge.errors import UserError
@@ -83,6 +83,14 @@ class Retriever:
         return SearchResult(question, self.index.hits(labels[0], scores[0]), (embedded - started) * 1e3,
                             (searched - embedded) * 1e3, k, max(ef or self.ef, min(k, len(self.index.chunks))))
 
+    def prompt(self, question: str, count_tokens: Callable[[str], int], budget: int, *, k: int = 5,
+               ef: int | None = None, **options) -> RagPrompt:
+        """Search, then ``build_rag_prompt`` (``options``: system, system_role, label). The result's
+        ``timings`` hold embed_ms, search_ms and assembly_ms; ``retrieval`` the SearchResult."""
+        result = self.search(question, k, ef=ef)
+        prompt = build_rag_prompt(question, result.hits, count_tokens, budget, **options)
+        return replace(prompt, retrieval=result)
+
 
 # --- prompt assembly ---------------------------------------------------------------------------------
 
@@ -117,33 +125,46 @@ class RagPrompt:
     budget: int
     dropped: int
     assembly_ms: float = field(default=0.0, compare=False)
+    retrieval: SearchResult | None = field(default=None, compare=False)  # set by Retriever.prompt
+
+    @property
+    def timings(self) -> dict[str, float]:
+        """embed_ms and search_ms (when retrieved through ``Retriever.prompt``) and assembly_ms."""
+        return (self.retrieval.timings if self.retrieval else {}) | {"assembly_ms": self.assembly_ms}
 
     def to_json(self) -> dict:
         return {"messages": self.messages, "tokens": self.tokens, "budget": self.budget, "dropped": self.dropped,
-                "assembly_ms": self.assembly_ms, "sources": [s.to_json() for s in self.sources]}
+                "timings": self.timings, "sources": [s.to_json() for s in self.sources]}
 
 
 def build_rag_prompt(question: str, hits: Sequence[Hit], count_tokens: Callable[[str], int], budget: int, *,
-                     system: str = DEFAULT_SYSTEM, label: Callable[[Hit], str] | None = None) -> RagPrompt:
+                     system: str = DEFAULT_SYSTEM, system_role: bool = True,
+                     label: Callable[[Hit], str] | None = None) -> RagPrompt:
     """Fit as many hits as the budget allows (in rank order) into a prompt with numbered sources.
 
     ``count_tokens``: the LLM tokenizer's count of a text. ``budget``: tokens the system + user text may use
     (the caller subtracts the chat template's own tokens and the room kept for the answer). A hit that does
     not fit whole is cut at a word boundary if at least ``MIN_SOURCE_TOKENS`` of it fit; later hits are
     then dropped. Raises UserError when even the question without sources exceeds the budget.
+
+    ``system_role=False`` puts the instruction at the top of the user message instead of a system message
+    (DeepSeek-R1's usage recommendations: no system prompt, all instructions in the user turn).
     """
     started = time.perf_counter()
     label = label or source_label
     blocks: list[str] = []
     sources: list[Source] = []
-    base = _assemble(system, question, blocks)
+    def assemble(parts: list[str]) -> tuple[list[dict[str, str]], str]:
+        return _assemble(system, question, parts, system_role)
+
+    base = assemble(blocks)
     if count_tokens(base[1]) > budget:
         raise UserError(f"the question alone takes {count_tokens(base[1])} tokens, over the context budget of "
                         f"{budget}", hint="ask a shorter question or raise the context length / budget")
     for hit in _unique(hits):
         number = len(sources) + 1
         header = f"[{number}] {label(hit)}\n"
-        fitted = _fit(lambda body, h=header: _assemble(system, question, [*blocks, h + body])[1],
+        fitted = _fit(lambda body, h=header: assemble([*blocks, h + body])[1],
                       hit.text, count_tokens, budget)
         if fitted is None:
             break
@@ -152,7 +173,7 @@ def build_rag_prompt(question: str, hits: Sequence[Hit], count_tokens: Callable[
         sources.append(Source(number, hit, fitted, truncated))
         if truncated:
             break
-    messages, text = _assemble(system, question, blocks)
+    messages, text = assemble(blocks)
     return RagPrompt(messages, text, sources, count_tokens(text), budget, len(_unique(hits)) - len(sources),
                      (time.perf_counter() - started) * 1e3)
 
@@ -167,10 +188,12 @@ def _unique(hits: Sequence[Hit]) -> list[Hit]:
     return [h for h in hits if not (h.chunk_id in seen or seen.add(h.chunk_id))]
 
 
-def _assemble(system: str, question: str, blocks: list[str]) -> tuple[list[dict[str, str]], str]:
+def _assemble(system: str, question: str, blocks: list[str], system_role: bool) -> tuple[list[dict[str, str]], str]:
     user = ("Sources:\n\n" + "\n\n".join(blocks) + "\n\n" if blocks else "") + f"Question: {question}"
-    messages = [{"role": "system", "content": system}, {"role": "user", "content": user}]
-    return messages, f"{system}\n\n{user}"
+    text = f"{system}\n\n{user}"
+    if system_role:
+        return [{"role": "system", "content": system}, {"role": "user", "content": user}], text
+    return [{"role": "user", "content": text}], text
 
 
 def _fit(render: Callable[[str], str], body: str, count_tokens: Callable[[str], int], budget: int) -> str | None:
