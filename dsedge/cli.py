@@ -186,7 +186,9 @@ def _add_export(sub) -> None:
                    "per layer), exact DeepSeek routing, routed experts computed only on their tokens, plus the\n"
                    "tokenizer, chat template and a manifest with every file's sha256. The bundle is checked in\n"
                    "onnxruntime against the PyTorch reference (prefill logits, 16 greedy tokens, decode through\n"
-                   "the cache, batch 2 with left padding); a miss fails with exit code 4 and writes nothing.",
+                   "the cache, batch 2 with left padding); a miss fails with exit code 4 and writes nothing.\n"
+                   "A checkpoint written by `dsedge compress` exports its int8/int4 linears as MatMulNBits over the\n"
+                   "stored integers (repacked, never re-quantized) and is validated against its dequantized weights.",
                    _run_export, _render_export)
     cmd.add_argument("checkpoint", help="checkpoint directory (config.json + *.safetensors) or a shipped demo model "
                                         "name (deepseek-v3-tiny, qwen2-tiny)")
@@ -201,6 +203,10 @@ def _add_export(sub) -> None:
     cmd.add_argument("--dtype", default="fp32", choices=["fp32", "fp16"],
                      help="fp32 (default) or fp16 weights, activations and cache (norms, softmax, router and expert "
                           "sums stay fp32); validated to 1e-4 / 5e-3 max abs logit error")
+    cmd.add_argument("--accuracy-level", type=int, default=4, choices=[0, 1, 2, 3, 4],
+                     help="compressed checkpoints: MatMulNBits compute precision. 4 (default) quantizes activations "
+                          "to int8 inside the kernel (the fast CPU path; validated to 5%% of the logit range); 0 "
+                          "computes in float (exact vs the dequantized reference, slower)")
     cmd.add_argument("--max-context", type=int, help="longest prompt + generation the bundle serves (default: "
                                                      "the target's max_context, else 4096)")
     cmd.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
@@ -273,7 +279,7 @@ def _run_export(args):
 
     return export_bundle(args.checkpoint, args.output, target=args.target, layout=args.layout, dtype=args.dtype,
                          max_context=args.max_context, overwrite=args.overwrite, validate=not args.no_validate,
-                         experts_per_partition=args.experts_per_partition)
+                         experts_per_partition=args.experts_per_partition, accuracy_level=args.accuracy_level)
 
 
 def _run_run(args):

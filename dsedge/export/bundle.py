@@ -16,6 +16,7 @@ from dsedge import __version__
 from dsedge.errors import UserError
 from dsedge.export.decoder import build_decoder, cache_spec
 from dsedge.export.partitioned import placement_plan, write_partitioned
+from dsedge.export.quantized import QuantizedWeight
 from dsedge.export.validate import raise_on_failure, validate_engine
 from dsedge.manifest import write_manifest
 from dsedge.models.checkpoint import Checkpoint
@@ -54,13 +55,16 @@ class ExportReport:
 def export_bundle(checkpoint: str | Path, output: str | Path, *, target=None, layout: str = "monolithic",
                   dtype: str = "fp32", max_context: int | None = None, overwrite: bool = False,
                   validate: bool = True, experts_per_partition: int | None = None,
-                  expert_path: str = "dispatch") -> ExportReport:
+                  expert_path: str = "dispatch", accuracy_level: int = 4) -> ExportReport:
     """Export a checkpoint to an ONNX bundle (manifest + graphs + tokenizer), validated against the reference.
 
     The bundle appears at ``output`` only when complete and validated; a failure leaves nothing behind.
     ``expert_path`` (monolithic only): "dispatch" (default: each expert gathers its rows), "moe_op"
     (onnxruntime's fused MoE operator; exact only where ``norm_topk_prob`` holds, i.e. V3/R1), or "dense"
     (every expert on every token: the baseline benchmarks/export_bench.py compares against).
+    A compressed checkpoint (``dsedge compress``) exports its quantized linears as MatMulNBits over the stored
+    integers; ``accuracy_level`` is that operator's compute precision (4: int8 activations, the fast CPU
+    kernels; 0: float) and sets the validation tolerance.
     """
     started = time.perf_counter()
     _check_choice("layout", layout, LAYOUTS)
@@ -77,20 +81,30 @@ def export_bundle(checkpoint: str | Path, output: str | Path, *, target=None, la
     if expert_path == "moe_op" and not (ckpt.spec.moe and ckpt.spec.moe.norm_topk_prob and dtype == "fp32"):
         raise UserError("expert_path 'moe_op' reproduces DeepSeek routing only for routers with norm_topk_prob "
                         "(V3/R1), in fp32", where="expert_path", hint="use the default 'dispatch' path")
+    quantized = bool(ckpt.quantization)
+    if quantized and expert_path == "moe_op":
+        raise UserError("expert_path 'moe_op' takes float experts; this checkpoint is quantized", where="expert_path",
+                        hint="use the default 'dispatch' path (per-expert MatMulNBits)")
+    if accuracy_level not in (0, 1, 2, 3, 4):
+        raise UserError(f"--accuracy-level must be 0-4, got {accuracy_level}", where="--accuracy-level")
     if experts_per_partition is not None and experts_per_partition < 1:
         raise UserError(f"--experts-per-partition must be ≥ 1, got {experts_per_partition}",
                         where="--experts-per-partition")
     tmp = _temp_dir(out)
     try:
-        graphs = _write_graphs(ckpt, tmp, context, layout, tgt, experts_per_partition, expert_path, dtype == "fp16")
+        weights = _layer_weights(ckpt, accuracy_level)
+        graphs = _write_graphs(ckpt, weights, tmp, context, layout, tgt, experts_per_partition, expert_path,
+                               dtype == "fp16")
         _copy_tokenizer(ckpt.path, tmp)
-        manifest = _manifest(ckpt, tgt, layout, dtype, context, graphs)
+        manifest = _manifest(ckpt, tgt, layout, dtype, context, graphs, accuracy_level)
         if layout == "partitioned":
             manifest["placement"] = placement_plan(graphs, budget=tgt.memory_budget_bytes if tgt else None,
                                                    kv_bytes=_kv_bytes(ckpt.spec, context, dtype))
         write_manifest(tmp, manifest)
-        checks = _validate(ckpt, tmp, dtype) if validate else []
-        manifest["validation"] = {"dtype": dtype, "checks": [c.to_json() for c in checks], "passed": bool(checks)}
+        level = accuracy_level if quantized else None
+        checks = _validate(ckpt, tmp, dtype, level) if validate else []
+        manifest["validation"] = {"dtype": dtype, "accuracy_level": level, "checks": [c.to_json() for c in checks],
+                                  "passed": bool(checks)}
         write_manifest(tmp, manifest)
         _replace(tmp, out)
     except BaseException:
@@ -146,12 +160,18 @@ def _replace(tmp: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _layer_weights(ckpt: Checkpoint):
+def _layer_weights(ckpt: Checkpoint, accuracy_level: int):
+    """Float tensors as numpy; quantized linears as their stored integer codes (never dequantized here)."""
+
+    def load(name: str):
+        stored = ckpt.quantized(name)
+        return ckpt.read(name).numpy() if stored is None else QuantizedWeight.from_tensor(stored, accuracy_level)
+
     def weights(layer: int | None):
         names = ckpt.non_layer_names() if layer is None else ckpt.layer_names(layer)
         if layer is not None:
             log.info("export: layer %d/%d", layer + 1, ckpt.spec.num_hidden_layers)
-        return {n: ckpt.read(n).numpy() for n in names}
+        return {n: load(n) for n in names}
 
     return weights
 
@@ -163,15 +183,15 @@ def _kv_bytes(spec, context: int, dtype: str) -> int:
     return per_token // KV_BYTES * (2 if dtype == "fp16" else 4) * context
 
 
-def _write_graphs(ckpt: Checkpoint, root: Path, context: int, layout: str, tgt, per_partition: int | None,
+def _write_graphs(ckpt: Checkpoint, weights, root: Path, context: int, layout: str, tgt, per_partition: int | None,
                   expert_path: str, half: bool) -> list[dict[str, Any]]:
     if layout == "partitioned":
-        return write_partitioned(ckpt.spec, _layer_weights(ckpt), root, GRAPH_DIR, max_positions=context,
+        return write_partitioned(ckpt.spec, weights, root, GRAPH_DIR, max_positions=context,
                                  target_budget=tgt.memory_budget_bytes if tgt else None, per_partition=per_partition,
                                  half=half)
     (root / GRAPH_DIR).mkdir()
     rel = f"{GRAPH_DIR}/decoder.onnx"
-    model = build_decoder(ckpt.spec, _layer_weights(ckpt), max_positions=context, expert_path=expert_path,
+    model = build_decoder(ckpt.spec, weights, max_positions=context, expert_path=expert_path,
                           data_path=root / (rel + ".data"), half=half)
     onnx.save_model(model, root / rel)
     return [{"name": "decoder", "kind": "decoder", "file": rel, "data_files": [rel + ".data"],
@@ -188,7 +208,8 @@ def _copy_tokenizer(src: Path, root: Path) -> list[str]:
     return copied
 
 
-def _manifest(ckpt: Checkpoint, tgt, layout: str, dtype: str, context: int, graphs: list[dict]) -> dict[str, Any]:
+def _manifest(ckpt: Checkpoint, tgt, layout: str, dtype: str, context: int, graphs: list[dict],
+              accuracy_level: int) -> dict[str, Any]:
     spec = ckpt.spec
     notes = []
     if spec.num_mtp_layers:
@@ -198,7 +219,7 @@ def _manifest(ckpt: Checkpoint, tgt, layout: str, dtype: str, context: int, grap
         "created_unix": int(time.time()),
         "source_checkpoint": str(ckpt.path),
         "model": {**spec.to_json(), "params": count_params(spec).to_json()},
-        "quantization": {"method": "none", "dtype": dtype, "source_fp8": ckpt.is_fp8},
+        "quantization": _quantization_summary(ckpt, dtype, accuracy_level),
         "target": tgt.to_json() | {"name": tgt.name} if tgt else None,
         "layout": layout,
         "max_context": context,
@@ -208,6 +229,20 @@ def _manifest(ckpt: Checkpoint, tgt, layout: str, dtype: str, context: int, grap
         "mtp": {"in_checkpoint": ckpt.has_mtp, "exported": False},
         "notes": notes,
     }
+
+
+def _quantization_summary(ckpt: Checkpoint, dtype: str, accuracy_level: int) -> dict[str, Any]:
+    """What the bundle computes with: float dtype, and per scheme how many linears run as MatMulNBits."""
+    summary: dict[str, Any] = {"method": "none", "dtype": dtype, "source_fp8": ckpt.is_fp8}
+    if ckpt.quantization:
+        schemes: dict[str, int] = {}
+        for scheme in ckpt.quantization.values():
+            label = f"int{scheme.bits}-{'g' + str(scheme.group_size) if scheme.group_size else 'channel'}-" \
+                    f"{'sym' if scheme.symmetric else 'asym'}"
+            schemes[label] = schemes.get(label, 0) + 1
+        summary |= {"method": "weight-only (compressed-tensors pack-quantized → MatMulNBits)",
+                    "accuracy_level": accuracy_level, "modules_by_scheme": schemes}
+    return summary
 
 
 def _tokenizer_info(src: Path, spec) -> dict[str, Any]:
@@ -223,13 +258,13 @@ def _tokenizer_info(src: Path, spec) -> dict[str, Any]:
     return info
 
 
-def _validate(ckpt: Checkpoint, root: Path, dtype: str):
+def _validate(ckpt: Checkpoint, root: Path, dtype: str, accuracy_level: int | None):
     from dsedge.export.reference import reference_model
     from dsedge.runtime import load_bundle
 
     log.info("export: validating against the PyTorch reference")
     engine = load_bundle(root)
-    checks = validate_engine(engine, reference_model(ckpt), dtype=dtype)
+    checks = validate_engine(engine, reference_model(ckpt), dtype=dtype, accuracy_level=accuracy_level)
     raise_on_failure(checks, "decoder" if engine.layout == "monolithic" else "partitioned trunk + experts")
     return checks
 
