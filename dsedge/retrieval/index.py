@@ -118,7 +118,7 @@ class Index:
         embedder = Embedder.open(resolve_inside(root, EMBEDDER_DIR, what="embedder"), threads=threads,
                                  verify=False)  # covered by the manifest's sha256s when verify is on
         _check_embedder(root, manifest["embedder"], embedder)
-        params = IndexParams(**manifest["params"])
+        params = _params(root, manifest["params"])
         store = _read_store(resolve_inside(root, CHUNKS_FILE))
         hnsw = _load_hnsw(resolve_inside(root, HNSW_FILE), embedder.dim, manifest, params)
         return cls(root, params, embedder, hnsw, store["documents"], {c["id"]: c for c in store["chunks"]},
@@ -314,10 +314,19 @@ def _check_embedder(root: Path, recorded: dict, embedder: Embedder, *, given: bo
                           where=str(root / EMBEDDER_DIR), hint=REBUILD_HINT)
 
 
+def _params(root: Path, recorded: dict) -> IndexParams:
+    try:
+        return IndexParams(**recorded)
+    except TypeError as exc:
+        raise IndexError_(f"index manifest has unknown or missing parameters: {exc}", where=str(root / MANIFEST_FILE),
+                          hint=REBUILD_HINT) from exc
+
+
 def _read_store(path: Path) -> dict:
     try:
         store = json.loads(path.read_text(encoding="utf-8"))
         assert store["schema_version"] == SCHEMA_VERSION and isinstance(store["chunks"], list)  # shape check
+        assert isinstance(store["documents"], dict) and isinstance(store["next_id"], int)
         return store
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AssertionError) as exc:
         raise IndexError_(f"index metadata {CHUNKS_FILE} is corrupt ({type(exc).__name__})", where=str(path),
@@ -439,7 +448,11 @@ def build_index(docs: Iterable[str | Path], output: str | Path, *, chunk_tokens:
         raise UserError("output already exists", where=str(output), hint="pass --overwrite to replace it")
     params = IndexParams(chunk_tokens, overlap, M, ef_construction, ef)
     params.check()
+    docs = list(docs)
     texts = _read_all(collect_documents(docs))
+    if not texts:
+        raise UserError("empty corpus: no documents found", where=", ".join(map(str, docs)),
+                        hint="pass .txt, .md, .rst or .html files, or folders holding them")
     source = Path(embedder) if embedder else default_embedder_dir()
     emb = Embedder.open(source, threads=threads)
     if chunk_tokens > emb.max_tokens - 2:  # [CLS] and [SEP] take two of the embedder's positions
@@ -449,7 +462,7 @@ def build_index(docs: Iterable[str | Path], output: str | Path, *, chunk_tokens:
     timer: dict = {}
     added = index.add_documents(texts, timer)
     if not added:
-        raise UserError("empty corpus: the documents hold no text to index", where=", ".join(map(str, texts)),
+        raise UserError(f"empty corpus: the {len(texts)} documents hold no text", where=", ".join(map(str, docs)),
                         hint="pass documents with text in them")
     index.save(output, embedder_from=source)
     return _report(index, timer, started, added, 0, 0)
