@@ -91,19 +91,41 @@ def load_calibration(tokenizer_json: Path, calib: str | Path | None, *, calib_to
 
 
 class LinearInputs:
-    """Forward pre-hooks accumulating the Hessian of each named ``nn.Linear`` of a layer."""
+    """Forward pre-hooks accumulating the Hessian of each named ``nn.Linear`` of a layer.
+
+    Linears fed the very same tensor (q/k/v, MLA's q_a/kv_a, an MLP's gate/up) share one accumulator: the
+    first batch's inputs are compared by identity (held until that batch ends, so no freed buffer can be
+    mistaken for another), which halves Hessian memory and lets GPTQ factor each Hessian once.
+    """
 
     def __init__(self, layer, names: list[str]):
-        from dsedge.compress.quant import HessianAccumulator
-
         modules = dict(layer.named_modules())
-        self.hessians = {n: HessianAccumulator(modules[n].in_features) for n in names}
+        self.hessians: dict = {}  # module name -> HessianAccumulator (shared objects for shared inputs)
+        self._columns = {n: modules[n].in_features for n in names}
+        self._first: list | None = []  # (name, input) of the first batch
         self._handles = [modules[n].register_forward_pre_hook(self._hook(n)) for n in names]
+        self._handles.append(layer.register_forward_hook(self._end_of_first_batch))
 
     def _hook(self, name: str):
         def record(module, args):
-            self.hessians[name].add(args[0])
+            x = args[0]
+            if name not in self.hessians:
+                self.hessians[name] = self._accumulator_for(name, x)
+            owner = next(n for n, h in self.hessians.items() if h is self.hessians[name])
+            if owner == name:  # a shared accumulator counts each input once
+                self.hessians[name].add(x)
         return record
+
+    def _accumulator_for(self, name: str, x):
+        from dsedge.compress.quant import HessianAccumulator
+
+        shared = next((n for n, seen in self._first or [] if seen is x), None)
+        if self._first is not None:
+            self._first.append((name, x))
+        return self.hessians[shared] if shared else HessianAccumulator(self._columns[name])
+
+    def _end_of_first_batch(self, module, args, output):
+        self._first = None
 
     def remove(self) -> None:
         for handle in self._handles:

@@ -136,7 +136,6 @@ def compress(checkpoint: str | Path, output: str | Path, *, recipe: str | Path |
         run.write(tmp, max_shard_bytes)
         report = run.report(out, started, tmp)
         write_json(tmp / REPORT_FILE, report.to_json())
-    log.info("%s", report.summary())
     return report
 
 
@@ -302,50 +301,61 @@ class _Run:
         return _LayerStats(hooks.hessians, moe.tensors() if moe else None)
 
     def _quantize_layer(self, i, layer, state, selected, stats, kept, record) -> dict:
-        from dsedge.compress.quant import quantize, sqnr_db
-
+        """Quantize the selected linears: the others with their layer-pass Hessians, then the routed
+        experts one at a time (an expert's Hessians exist only while it is quantized)."""
         prefix = f"model.layers.{i}."
-        quantized = {}
-        experts = [n for n in selected if ".mlp.experts." in n]
-        expert_h = self._expert_hessians(layer, stats, prefix, experts, kept, record)
-        for name, scheme in selected.items():
-            hessian = expert_h.get(name) if name in expert_h else stats.hessians.get(name.removeprefix(prefix))
-            weight = state[name + ".weight"]
-            qt = quantize(weight, scheme, hessian if scheme.method == "gptq" else None)
-            quantized[name] = qt
-            self.schemes[name], self.shapes[name] = scheme, tuple(weight.shape)
-            record["modules"][name.removeprefix(prefix)] = {
-                "scheme": scheme.label, "sqnr_db": round(sqnr_db(weight, _dequantized(qt)), 3)}
-        return quantized
-
-    def _expert_hessians(self, layer, stats, prefix, experts, kept, record) -> dict:
-        """Hessians for the GPTQ-quantized routed experts of this layer, one expert at a time."""
-        gptq = [n for n in experts if self.recipe.scheme_for(n).method == "gptq"]
-        if not gptq or stats.moe is None:
-            return {}
-        from dsedge.compress.quant import HessianAccumulator
-
-        hidden, index, _ = stats.moe
-        shared = HessianAccumulator(hidden.shape[-1])
-        shared.add(hidden)
-        fused = layer.mlp.experts
-        out, fallback = {}, []
-        for new_id in sorted({_expert_id(n) for n in gptq}):
+        experts: dict[int, list[str]] = {}
+        for name in selected:
+            if ".mlp.experts." in name:
+                experts.setdefault(_expert_id(name), []).append(name)
+        others = [n for n in selected if ".mlp.experts." not in n]
+        layer_hessian = lambda n: stats.hessians.get(n.removeprefix(prefix))  # noqa: E731
+        quantized = self._quantize_modules(others, selected, state, layer_hessian, prefix, record)
+        fallback = []
+        shared = _all_tokens_hessian(stats.moe[0]) if experts and stats.moe is not None else None
+        for new_id, names in sorted(experts.items()):
             old_id = kept[new_id] if kept else new_id
-            h_in, h_down, source = cal.expert_hessians(
-                fused.gate_up_proj[old_id], fused.down_proj[old_id], hidden, index, old_id, fused.act_fn,
-                min_tokens=self.min_expert_tokens, all_tokens_hessian=shared)
-            base = f"{prefix}mlp.experts.{new_id}."
-            out |= {base + "gate_proj": h_in, base + "up_proj": h_in, base + "down_proj": h_down}
-            if source != "routed":
-                fallback.append(old_id)
+            hessians = self._expert_hessians(layer, stats, names, selected, old_id, shared, fallback)
+            quantized |= self._quantize_modules(names, selected, state, hessians.get, prefix, record)
+        if experts:
+            record.setdefault("experts", {})["all_token_statistics"] = fallback
         if fallback:
-            msg = (f"layer {record['layer']}: experts {fallback} had fewer than {self.min_expert_tokens} routed "
-                   "calibration tokens; their GPTQ statistics come from all calibration tokens")
+            msg = (f"layer {i}: experts {fallback} had fewer than {self.min_expert_tokens} routed calibration "
+                   "tokens; their GPTQ statistics come from all calibration tokens")
             self.warnings.append(msg)
             log.warning("%s", msg)
-        record.setdefault("experts", {})["all_token_statistics"] = fallback
-        return out
+        return quantized
+
+    def _quantize_modules(self, names, selected, state, hessian_of, prefix, record) -> dict:
+        """Quantize ``names``; GPTQ modules sharing one Hessian (same input) and scheme are quantized as one
+        row-stacked matrix — GPTQ treats rows independently, so this is exact and factors H once."""
+        from dsedge.compress.quant import quantize, sqnr_db
+
+        quantized = {}
+        for group, hessian in _joint_groups(names, selected, hessian_of):
+            scheme = selected[group[0]]
+            weights = [state[n + ".weight"] for n in group]
+            joint = quantize(_cat(weights), scheme, hessian if scheme.method == "gptq" else None)
+            for name, weight, qt in zip(group, weights, _split_rows(joint, [w.shape[0] for w in weights]), strict=True):
+                quantized[name] = qt
+                self.schemes[name], self.shapes[name] = scheme, tuple(weight.shape)
+                record["modules"][name.removeprefix(prefix)] = {
+                    "scheme": scheme.label, "sqnr_db": round(sqnr_db(weight, _dequantized(qt)), 3)}
+        return quantized
+
+    def _expert_hessians(self, layer, stats, names, selected, old_id, shared, fallback) -> dict:
+        """GPTQ Hessians of one routed expert's projections (module name -> accumulator), or {} for RTN."""
+        if stats.moe is None or not any(selected[n].method == "gptq" for n in names):
+            return {}
+        hidden, index, _ = stats.moe
+        fused = layer.mlp.experts
+        h_in, h_down, source = cal.expert_hessians(
+            fused.gate_up_proj[old_id], fused.down_proj[old_id], hidden, index, old_id, fused.act_fn,
+            min_tokens=self.min_expert_tokens, all_tokens_hessian=shared)
+        if source != "routed":
+            fallback.append(old_id)
+        base = names[0].rsplit(".", 1)[0] + "."
+        return {base + "gate_proj": h_in, base + "up_proj": h_in, base + "down_proj": h_down}
 
     def _layer_tensors(self, state: dict, quantized: dict) -> dict:
         from dsedge.compress.packing import pack
@@ -457,6 +467,47 @@ def _windowed_logits_fn(hidden, norm, head, eps, norm_class):
         return final_logits(hidden[start:start + len(batch)], norm, head, eps, norm_class).numpy()
 
     return logits_fn
+
+
+def _all_tokens_hessian(hidden):
+    """The Hessian of every calibration token's MoE input: under-routed experts' gate/up statistics."""
+    from dsedge.compress.quant import HessianAccumulator
+
+    h = HessianAccumulator(hidden.shape[-1])
+    h.add(hidden)
+    return h
+
+
+def _joint_groups(names, selected, hessian_of):
+    """[(module names, Hessian)]: GPTQ modules with the same Hessian object and scheme together."""
+    groups: dict = {}
+    for name in names:
+        hessian, scheme = hessian_of(name), selected[name]
+        key = (id(hessian), scheme) if hessian is not None and scheme.method == "gptq" else (name,)
+        groups.setdefault(key, ([], hessian))[0].append(name)
+    return list(groups.values())
+
+
+def _cat(weights):
+    import torch
+
+    return weights[0] if len(weights) == 1 else torch.cat(weights)
+
+
+def _split_rows(qt, rows: list[int]) -> list:
+    """A row-stacked QuantizedTensor back into one per module (integers, scales, zero points by row)."""
+    from dsedge.compress.quant import QuantizedTensor
+
+    if len(rows) == 1:
+        return [qt]
+    out, start = [], 0
+    for n in rows:
+        part = slice(start, start + n)
+        zero = None if qt.zero_point is None else qt.zero_point[part].contiguous()
+        out.append(QuantizedTensor(qt.q[part].contiguous(), qt.scale[part].contiguous(), zero, qt.scheme,
+                                   (n, qt.shape[1])))
+        start += n
+    return out
 
 
 def _relative(state: dict, prefix: str) -> dict:
