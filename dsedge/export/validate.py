@@ -20,11 +20,13 @@ from dsedge.errors import CheckFailed
 # the token checks are reported but only logits decide (they matched on every fixture).
 TOLERANCES = {"fp32": 1e-4, "fp16": 5e-3}
 # Quantized bundles are checked against the *dequantized* reference (the same integers as floats). At
-# accuracy_level 0 MatMulNBits dequantizes in float, so the dtype tolerance above holds. At levels 1-4 the
-# kernel also quantizes activations (level 4: int8 per block), which no float reference reproduces; the
-# allowed error is then relative to the logit range: max |Δlogit| ≤ QUANTIZED_ACTIVATION_RTOL · max |logit|.
-# Measured on the fixtures (tests/test_compressed_export.py): see the note there.
-QUANTIZED_ACTIVATION_RTOL = 0.05
+# accuracy_level 0 MatMulNBits dequantizes in float, so the dtype tolerance above holds (measured ≤ 2.4e-7).
+# At levels 1-4 the kernel also quantizes activations (level 4: int8 per block), which no float reference
+# reproduces: single logits move by up to 1.6 on the trained demo model (max logit 11) while its held-out
+# perplexity is unchanged (33.392 at level 4 vs 33.399 at level 0, 8,160 tokens). So there the check is
+# on the distributions: mean KL(reference ‖ bundle) per position, measured 0.0126 nats on the validation's
+# random-token prompts and 0.0006 on real text for the demo model; max |Δlogit| is reported alongside.
+QUANTIZED_KL_TOLERANCE = 0.05
 GREEDY_STEPS = 16
 
 
@@ -57,9 +59,24 @@ def _reference_greedy(model, token_ids: list[int], n: int) -> list[int]:
     return out
 
 
-def _err_check(name: str, got: np.ndarray, want: np.ndarray, tol: float) -> Check:
+def _err_check(name: str, got: np.ndarray, want: np.ndarray, tol: float, kl: bool = False) -> Check:
     err = float(np.abs(got - want).max())
-    return Check(name, "logits", err, tol, err <= tol)
+    if not kl:
+        return Check(name, "logits", err, tol, err <= tol)
+    divergence = mean_kl(want, got)
+    return Check(name, "logits", err, None, divergence <= tol,
+                 f"mean KL(reference ‖ bundle) {divergence:.4g} nats (tolerance {tol:g})")
+
+
+def mean_kl(reference: np.ndarray, got: np.ndarray) -> float:
+    """Mean over positions of KL(softmax(reference) ‖ softmax(got)), in nats."""
+    ref, ours = _log_softmax(reference.reshape(-1, reference.shape[-1])), _log_softmax(got.reshape(-1, got.shape[-1]))
+    return float((np.exp(ref) * (ref - ours)).sum(-1).mean())
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64) - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
 
 
 def validate_engine(engine, reference, *, dtype: str = "fp32", accuracy_level: int | None = None,
@@ -73,20 +90,21 @@ def validate_engine(engine, reference, *, dtype: str = "fp32", accuracy_level: i
     prompt = [int(t) for t in rng.integers(2, vocab, size=24)]
     short = prompt[:15]
     want = _reference_logits(reference, prompt)
-    tol, strict = tolerance(dtype, accuracy_level, want)
-    checks = [_err_check("prefill", engine.logits(prompt), want, tol),
-              _err_check("decode_vs_recompute", _stepwise_logits(engine, prompt, steps=8), want[-8:], tol)]
+    tol, strict = tolerance(dtype, accuracy_level)
+    kl = bool(accuracy_level)
+    checks = [_err_check("prefill", engine.logits(prompt), want, tol, kl),
+              _err_check("decode_vs_recompute", _stepwise_logits(engine, prompt, steps=8), want[-8:], tol, kl)]
     ours, theirs = engine.greedy(prompt, GREEDY_STEPS), _reference_greedy(reference, prompt, GREEDY_STEPS)
-    checks.append(Check("greedy_16", "tokens", None, None, ours == theirs or not strict,
-                        f"dsedge {ours} reference {theirs}"))
-    checks += _batch_checks(engine, reference, [prompt, short], tol, strict)
+    checks.append(_token_check("greedy_16", ours, theirs, strict, "dsedge", "reference"))
+    checks += _batch_checks(engine, reference, [prompt, short], tol, strict, kl)
     return checks
 
 
-def tolerance(dtype: str, accuracy_level: int | None, reference_logits: np.ndarray) -> tuple[float, bool]:
-    """(max abs logit error allowed, whether greedy tokens must match exactly)."""
+def tolerance(dtype: str, accuracy_level: int | None) -> tuple[float, bool]:
+    """(allowed error: max abs logit error, or mean KL with quantized activations; whether greedy tokens
+    must match exactly)."""
     if accuracy_level:
-        return QUANTIZED_ACTIVATION_RTOL * float(np.abs(reference_logits).max()), False
+        return QUANTIZED_KL_TOLERANCE, False
     return TOLERANCES[dtype], dtype == "fp32"
 
 
@@ -102,18 +120,26 @@ def _stepwise_logits(engine, prompt: list[int], steps: int) -> np.ndarray:
     return np.stack(rows)
 
 
-def _batch_checks(engine, reference, prompts: list[list[int]], tol: float, strict: bool) -> list[Check]:
+def _batch_checks(engine, reference, prompts: list[list[int]], tol: float, strict: bool,
+                  kl: bool = False) -> list[Check]:
     from dsedge.runtime.engine import left_padded
 
     ids, mask = left_padded(prompts)
     logits = engine.forward(ids, mask, engine.new_cache(batch=len(prompts), max_len=ids.shape[1]))
-    err = max(float(np.abs(logits[row, ids.shape[1] - len(p):] - _reference_logits(reference, p)).max())
-              for row, p in enumerate(prompts))
+    got = np.concatenate([logits[row, ids.shape[1] - len(p):] for row, p in enumerate(prompts)])
+    want = np.concatenate([_reference_logits(reference, p) for p in prompts])
     tokens = engine.greedy_batch(prompts, GREEDY_STEPS)
     alone = [engine.greedy(p, GREEDY_STEPS) for p in prompts]
-    return [Check("batch2_left_padding", "logits", err, tol, err <= tol),
-            Check("batch2_greedy_16", "tokens", None, None, tokens == alone or not strict,
-                  f"batched {tokens} alone {alone}")]
+    return [_err_check("batch2_left_padding", got, want, tol, kl),
+            _token_check("batch2_greedy_16", tokens, alone, strict, "batched", "alone")]
+
+
+def _token_check(name: str, ours, theirs, strict: bool, label: str, other: str) -> Check:
+    """Identical tokens are required in fp32; at lower precision a near-tie may flip, which is reported."""
+    if ours == theirs:
+        return Check(name, "tokens", None, None, True, "identical")
+    verdict = "differs" if strict else "differs (allowed at this precision)"
+    return Check(name, "tokens", None, None, not strict, f"{verdict}: {label} {ours} {other} {theirs}")
 
 
 def raise_on_failure(checks: list[Check], graph: str) -> None:
@@ -121,8 +147,8 @@ def raise_on_failure(checks: list[Check], graph: str) -> None:
     if not failed:
         return
     worst = failed[0]
-    detail = (f"max abs error {worst.max_abs_err:.3g} > tolerance {worst.tolerance:g}" if worst.max_abs_err is not None
-              else worst.detail)
+    detail = (f"max abs error {worst.max_abs_err:.3g} > tolerance {worst.tolerance:g}"
+              if worst.tolerance is not None else worst.detail)
     raise CheckFailed(f"validation failed: {', '.join(c.name for c in failed)}; {worst.name} on output "
                       f"'{worst.output}' of graph '{graph}': {detail}", where=graph,
                       hint="the exported graph does not reproduce the reference; please report this with the "
