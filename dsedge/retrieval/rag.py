@@ -20,6 +20,7 @@ from dsedge.retrieval.index import Hit, Index
 DEFAULT_SYSTEM = ("Answer the question using the numbered sources below. Cite the sources you use by their "
                   "number in square brackets, like [1]. If the sources do not contain the answer, say so.")
 ELLIPSIS = " …"
+SOURCES_HEADING, SEPARATOR = "Sources:\n\n", "\n\n"
 MIN_SOURCE_TOKENS = 24  # a source cut shorter than this carries too little to be worth its header
 
 
@@ -152,29 +153,29 @@ def build_rag_prompt(question: str, hits: Sequence[Hit], count_tokens: Callable[
     """
     started = time.perf_counter()
     label = label or source_label
-    blocks: list[str] = []
-    sources: list[Source] = []
-    def assemble(parts: list[str]) -> tuple[list[dict[str, str]], str]:
-        return _assemble(system, question, parts, system_role)
+    hits = _unique(hits)
 
-    base = assemble(blocks)
-    if count_tokens(base[1]) > budget:
-        raise UserError(f"the question alone takes {count_tokens(base[1])} tokens, over the context budget of "
-                        f"{budget}", hint="ask a shorter question or raise the context length / budget")
-    for hit in _unique(hits):
-        number = len(sources) + 1
-        header = f"[{number}] {label(hit)}\n"
-        fitted = _fit(lambda body, h=header: assemble([*blocks, h + body])[1],
-                      hit.text, count_tokens, budget)
-        if fitted is None:
+    def assemble(sources: list[Source]) -> tuple[list[dict[str, str]], str]:
+        return _assemble(system, question, [_block(s, label) for s in sources], system_role)
+
+    base = count_tokens(assemble([])[1])
+    if base > budget:
+        raise UserError(f"the question alone takes {base} tokens, over the context budget of {budget}",
+                        hint="ask a shorter question or raise the context length / budget")
+    # Each block is counted once, with its separator, and the counts summed — re-counting the whole prompt per
+    # source would cost O(sources x prompt). The sum is checked exactly once at the end (_verified).
+    used = base + count_tokens(SOURCES_HEADING)
+    sources: list[Source] = []
+    for hit in hits:
+        source, cost = _place(len(sources) + 1, hit, label, count_tokens, budget - used)
+        if source is None:
             break
-        truncated = len(fitted) < len(hit.text)
-        blocks.append(header + fitted + (ELLIPSIS if truncated else ""))
-        sources.append(Source(number, hit, fitted, truncated))
-        if truncated:
+        sources.append(source)
+        used += cost
+        if source.truncated:
             break
-    messages, text = assemble(blocks)
-    return RagPrompt(messages, text, sources, count_tokens(text), budget, len(_unique(hits)) - len(sources),
+    messages, text, tokens = _verified(assemble, sources, count_tokens, budget)
+    return RagPrompt(messages, text, sources, tokens, budget, len(hits) - len(sources),
                      (time.perf_counter() - started) * 1e3)
 
 
@@ -188,38 +189,52 @@ def _unique(hits: Sequence[Hit]) -> list[Hit]:
     return [h for h in hits if not (h.chunk_id in seen or seen.add(h.chunk_id))]
 
 
+def _block(source: Source, label: Callable[[Hit], str]) -> str:
+    return f"[{source.number}] {label(source.hit)}\n{source.text}{ELLIPSIS if source.truncated else ''}"
+
+
 def _assemble(system: str, question: str, blocks: list[str], system_role: bool) -> tuple[list[dict[str, str]], str]:
-    user = ("Sources:\n\n" + "\n\n".join(blocks) + "\n\n" if blocks else "") + f"Question: {question}"
-    text = f"{system}\n\n{user}"
+    user = (SOURCES_HEADING + "".join(b + SEPARATOR for b in blocks) if blocks else "") + f"Question: {question}"
+    text = f"{system}{SEPARATOR}{user}"
     if system_role:
         return [{"role": "system", "content": system}, {"role": "user", "content": user}], text
     return [{"role": "user", "content": text}], text
 
 
-def _fit(render: Callable[[str], str], body: str, count_tokens: Callable[[str], int], budget: int) -> str | None:
-    """``body`` if the rendered prompt fits, else its longest word-boundary prefix that fits (rendered with
-    an ellipsis), else None.
+def _place(number: int, hit: Hit, label, count_tokens, room: int) -> tuple[Source | None, int]:
+    """The hit as source ``number`` — whole if it fits ``room`` tokens, else a prefix, else None — and its cost."""
+    whole = Source(number, hit, hit.text)
+    cost = count_tokens(_block(whole, label) + SEPARATOR)
+    if cost <= room:
+        return whole, cost
+    header = count_tokens(_block(Source(number, hit, "", True), label) + SEPARATOR)
+    prefix = _prefix_within(hit.text, count_tokens, room - header)
+    if prefix is None:
+        return None, 0
+    cut = Source(number, hit, prefix, True)
+    return cut, count_tokens(_block(cut, label) + SEPARATOR)
 
-    The prefix is searched by counting the prefix alone against the room the rest of the prompt leaves
-    (cheap: short strings), then checked once on the whole prompt; token merges across the boundary can
-    make the whole a little larger than the parts, in which case the room shrinks and the search repeats.
-    """
-    if count_tokens(render(body)) <= budget:
-        return body
-    room = budget - count_tokens(render(""))
+
+def _verified(assemble, sources: list[Source], count_tokens, budget: int):
+    """Messages, text and exact token count; if tokens merged across block boundaries pushed the prompt over
+    the budget (the per-block sum is usually exact), shorten the last source until it fits."""
+    while True:
+        messages, text = assemble(sources)
+        tokens = count_tokens(text)
+        if tokens <= budget or not sources:
+            return messages, text, tokens
+        last = sources.pop()
+        prefix = _prefix_within(last.text, count_tokens, count_tokens(last.text) - (tokens - budget) - 2)
+        if prefix is not None:
+            sources.append(Source(last.number, last.hit, prefix, True))
+
+
+def _prefix_within(body: str, count_tokens: Callable[[str], int], room: int) -> str | None:
+    """The longest word-boundary prefix of ``body`` that counts at most ``room`` tokens with the ellipsis, or
+    None when fewer than ``MIN_SOURCE_TOKENS`` fit."""
+    if room < MIN_SOURCE_TOKENS:
+        return None
     cuts = [m.start() for m in re.finditer(r"\s+", body)]
-    while room >= MIN_SOURCE_TOKENS:
-        best = _longest_prefix(body, cuts, count_tokens, room)
-        if best is None or count_tokens(body[:best]) < MIN_SOURCE_TOKENS:
-            return None
-        if count_tokens(render(body[:best] + ELLIPSIS)) <= budget:
-            return body[:best]
-        room -= 4
-    return None
-
-
-def _longest_prefix(body: str, cuts: list[int], count_tokens: Callable[[str], int], room: int) -> int | None:
-    """The last word boundary whose prefix (plus the ellipsis) counts at most ``room`` tokens."""
     lo, hi, best = 0, len(cuts) - 1, None
     while lo <= hi:  # binary search: the count grows with the prefix
         mid = (lo + hi) // 2
@@ -227,7 +242,9 @@ def _longest_prefix(body: str, cuts: list[int], count_tokens: Callable[[str], in
             best, lo = cuts[mid], mid + 1
         else:
             hi = mid - 1
-    return best
+    if best is None or count_tokens(body[:best]) < MIN_SOURCE_TOKENS:
+        return None
+    return body[:best]
 
 
 def cited_sources(answer: str, sources: Sequence[Source]) -> list[Source]:
