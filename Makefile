@@ -22,13 +22,18 @@ test: install
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow" -x
 
-# Export the shipped demo model (partitioned, for the x86 CPU target) and generate from it.
+# The main job on the shipped demo model (DeepSeek-V3 architecture, trained on the Python docs):
+# compress (routed experts int4, the rest int8) -> partitioned bundle for the x86 CPU target -> generate -> profile.
+DEMO_TARGET := x86-cpu-16g
 demo: install
-	$(BIN)/dsedge export deepseek-v3-tiny -o demo.bundle --layout partitioned --target x86-cpu-16g --overwrite
-	$(BIN)/dsedge run demo.bundle --prompt "The json module" --max-new-tokens 60 --repetition-penalty 1.1
+	$(BIN)/dsedge compress deepseek-v3-tiny -o demo.ckpt --recipe int4-experts --overwrite
+	$(BIN)/dsedge export demo.ckpt -o demo.bundle --layout partitioned --target $(DEMO_TARGET) --overwrite
+	$(BIN)/dsedge run demo.bundle --target $(DEMO_TARGET) --prompt "The json module" --max-new-tokens 60 \
+		--repetition-penalty 1.1
+	$(BIN)/dsedge profile demo.bundle --target $(DEMO_TARGET) --trials 2
 
 lint: install
 	$(BIN)/ruff check dsedge tests benchmarks scripts
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache demo.bundle
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache demo.ckpt demo.bundle demo.index

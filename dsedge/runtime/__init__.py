@@ -25,13 +25,22 @@ def load_bundle(path: str | Path, target=None, memory_budget_bytes: int | None =
 
     tgt = load_target(target) if target is not None else None
     providers = providers or (list(tgt.execution_providers) if tgt else ["CPUExecutionProvider"])
-    threads = threads or (tgt.threads if tgt else None)
+    threads = threads or (_available_threads(tgt.threads) if tgt else None)
     manifest = open_manifest(path, verify=verify)
     prefix = f"{Path(profile_dir)}/" if profile_dir is not None else None
     config = SessionConfig(tuple(providers), threads, profile_prefix=prefix)
     if manifest.data.get("layout") == "partitioned":
         return PartitionedEngine(manifest, config, memory_budget_bytes, prefetch=prefetch_experts)
     return MonolithicEngine(manifest, config)
+
+
+def _available_threads(wanted: int) -> int:
+    """A target's thread count, capped at the cores this process may use: a device class says 8 threads,
+    but running 8 onnxruntime threads on 2 cores makes every step wait for descheduled workers."""
+    import os
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or wanted)
+    return max(1, min(wanted, cores))
 
 
 __all__ = ["Engine", "MonolithicEngine", "PartitionedEngine", "SessionConfig", "load_bundle"]
