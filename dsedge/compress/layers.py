@@ -52,7 +52,9 @@ def classes_for(model_type: str) -> Classes:
 
 
 def build_layer(classes: Classes, config, index: int, state: dict):
-    """transformers' decoder layer ``index`` holding ``state`` (layer-relative, per-expert names), eval mode."""
+    """transformers' decoder layer ``index`` holding ``state`` (layer-relative, per-expert names), eval mode.
+
+    ``state`` is consumed: each entry is dropped once the layer holds it, so the weights exist once."""
     import torch
 
     with torch.device("meta"):
@@ -63,22 +65,46 @@ def build_layer(classes: Classes, config, index: int, state: dict):
 
 def fuse_experts(state: dict) -> dict:
     """Per-expert tensors -> transformers 5's fused ``experts.gate_up_proj [E, 2I, H]`` (gate rows, then up rows)
-    and ``experts.down_proj [E, H, I]``. ``state`` is not modified (the reference's own helper consumes its
-    input and lives in ``export``, which compress must not import)."""
+    and ``experts.down_proj [E, H, I]``, consuming ``state`` expert by expert. (The reference's helper of the
+    same job lives in ``export``, which compress must not import.)"""
     import torch
 
     out, experts = {}, {}
-    for name, tensor in state.items():
+    for name in list(state):
         m = _EXPERT.match(name)
         if m:
-            experts.setdefault(m["prefix"], {})[(int(m["e"]), m["kind"])] = tensor
+            experts.setdefault(m["prefix"], {})[(int(m["e"]), m["kind"])] = state.pop(name)
         else:
-            out[name] = tensor
+            out[name] = state.pop(name)
     for prefix, parts in experts.items():
         count = 1 + max(e for e, _ in parts)
-        out[prefix + ".gate_up_proj"] = torch.stack(
-            [torch.cat([parts[(e, "gate_proj")], parts[(e, "up_proj")]]) for e in range(count)])
-        out[prefix + ".down_proj"] = torch.stack([parts[(e, "down_proj")] for e in range(count)])
+        inter, hidden = parts[(0, "gate_proj")].shape
+        gate_up = torch.empty(count, 2 * inter, hidden, dtype=parts[(0, "gate_proj")].dtype)
+        down = torch.empty(count, hidden, inter, dtype=gate_up.dtype)
+        for e in range(count):  # popped as copied: the per-expert tensors are freed one by one
+            gate_up[e, :inter], gate_up[e, inter:] = parts.pop((e, "gate_proj")), parts.pop((e, "up_proj"))
+            down[e] = parts.pop((e, "down_proj"))
+        out[prefix + ".gate_up_proj"], out[prefix + ".down_proj"] = gate_up, down
+    return out
+
+
+def layer_state(layer, names: list[str], prefix: str) -> dict:
+    """The layer's tensors under checkpoint names (``prefix`` + per-expert names): views, not copies."""
+    held = layer.state_dict()
+    out = {}
+    for name in names:
+        relative = name.removeprefix(prefix)
+        m = _EXPERT.match(relative)
+        if not m:
+            out[name] = held[relative]
+            continue
+        e, kind = int(m["e"]), m["kind"]
+        if kind == "down_proj":
+            out[name] = held[m["prefix"] + ".down_proj"][e]
+        else:
+            gate_up = held[m["prefix"] + ".gate_up_proj"][e]
+            half = gate_up.shape[0] // 2
+            out[name] = gate_up[:half] if kind == "gate_proj" else gate_up[half:]
     return out
 
 

@@ -16,7 +16,8 @@ For each decoder layer, in order (DESIGN.md §5):
    which yields the quality report at the end without holding either model;
 6. write the layer's tensors to the output shards, free it.
 
-Peak memory: one layer in float32 + the calibration and held-out hidden states + one buffered shard.
+Peak memory: about two copies of the largest layer in float32 (original and dequantized, while the compressed
+layer is built) + the calibration and held-out hidden states + one buffered output shard.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from dsedge.compress import calibration as cal
-from dsedge.compress.layers import LayerRunner, build_layer, classes_for, final_logits, hf_config
+from dsedge.compress.layers import LayerRunner, build_layer, classes_for, final_logits, hf_config, layer_state
 from dsedge.compress.pruning import PrunePlan, choose_kept, plan_pruning, prune_state
 from dsedge.compress.writer import (
     DEFAULT_MAX_SHARD_BYTES,
@@ -244,8 +245,9 @@ class _Run:
     def _layer(self, i: int) -> dict:
         t0 = time.perf_counter()
         prefix = f"model.layers.{i}."
-        state = {n: self.ckpt.read(n) for n in self.ckpt.layer_names(i)}
-        layer = build_layer(self.classes, self.config, i, _relative(state, prefix))
+        names = self.ckpt.layer_names(i)
+        layer = build_layer(self.classes, self.config, i, _relative(self.ckpt.read_many(names), prefix))
+        state = layer_state(layer, names, prefix)  # views into the layer: the weights are held once
         if self.evaluate:
             self.h_orig = self.runner.run(layer, self.h_orig)
         selected = self._selected(state)
@@ -263,9 +265,8 @@ class _Run:
         quantized = self._quantize_layer(i, layer, state, selected, stats, kept, record)
         self.ignored += [n for n, s in self._linears(state).items() if s is None]
         del layer
-        dequantized = {n + ".weight": _dequantized(qt) for n, qt in quantized.items()}
-        new_layer = build_layer(self.classes, self.pruned_config if kept else self.config, i,
-                                _relative({**state, **dequantized}, prefix))
+        compressed = _relative({**state, **{n + ".weight": _dequantized(qt) for n, qt in quantized.items()}}, prefix)
+        new_layer = build_layer(self.classes, self.pruned_config if kept else self.config, i, compressed)
         self.x = self.runner.run(new_layer, self.x)
         if self.evaluate:
             self.h_comp = self.runner.run(new_layer, self.h_comp)
