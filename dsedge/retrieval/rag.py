@@ -3,7 +3,7 @@
 ``Retriever`` answers "which chunks" (embedding + HNSW search, timed); ``build_rag_prompt`` answers "what
 does the model see": a system instruction, the sources numbered [1], [2], ... in rank order, and the
 question — counted in the **LLM's** tokens through the ``count_tokens`` function the caller passes (the
-embedder's word pieces say nothing about the generator's vocabulary). Pure functions, no I/O; torch-free.
+embedder's word pieces say nothing about the generator's vocabulary); it is a pure function. Torch-free.
 """
 
 from __future__ import annotations
