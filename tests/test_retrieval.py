@@ -179,6 +179,18 @@ def _sources(result) -> list[str]:
     return [Path(h.source).name for h in result]
 
 
+def test_copy_index_into_a_bundle_folder(corpus_index, query_vectors, tmp_path):
+    from dsedge.retrieval import copy_index
+
+    index, path = corpus_index
+    summary = copy_index(path, tmp_path / "bundle" / "retriever")
+    assert summary["chunks"] == len(index.chunks) and summary["embedder"]["dim"] == 384
+    copied = Retriever.open(tmp_path / "bundle" / "retriever").index
+    assert np.array_equal(copied.search_vectors(query_vectors, 5)[0], index.search_vectors(query_vectors, 5)[0])
+    with pytest.raises(UserError, match="already exists"):
+        copy_index(path, tmp_path / "bundle" / "retriever")
+
+
 def test_incremental_add_replace_delete(embedder_dir, tmp_path):
     docs = _write(tmp_path / "docs", TOPICS)
     index_dir = tmp_path / "small.index"

@@ -14,17 +14,18 @@ from __future__ import annotations
 from dsedge.retrieval.chunking import Chunk, chunk_text
 from dsedge.retrieval.embedder import Embedder, default_embedder_dir
 from dsedge.retrieval.index import (
-                                    BuildReport,
-                                    Hit,
-                                    Index,
-                                    IndexParams,
-                                    IndexStats,
-                                    build_index,
-                                    index_stats,
-                                    update_index,
+    BuildReport,
+    Hit,
+    Index,
+    IndexParams,
+    IndexStats,
+    build_index,
+    copy_index,
+    index_stats,
+    update_index,
 )
 from dsedge.retrieval.rag import RagPrompt, Retriever, SearchResult, Source, build_rag_prompt, cited_sources
 
 __all__ = ["BuildReport", "Chunk", "Embedder", "Hit", "Index", "IndexParams", "IndexStats", "RagPrompt",
            "Retriever", "SearchResult", "Source", "build_index", "build_rag_prompt", "chunk_text", "cited_sources",
-           "default_embedder_dir", "index_stats", "update_index"]
+           "copy_index", "default_embedder_dir", "index_stats", "update_index"]

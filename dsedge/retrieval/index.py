@@ -133,6 +133,11 @@ class Index:
         """Slots marked deleted and not yet reused."""
         return self.hnsw.get_current_count() - len(self.chunks)
 
+    def summary(self) -> dict:
+        """What a bundle manifest or a report records about the index."""
+        return {"documents": len(self.documents), "chunks": len(self.chunks), "params": dict(self.params.__dict__),
+                "embedder": self.embedder.describe(), "created": self.created}
+
     # --- search -------------------------------------------------------------------------------
     def search_vectors(self, vectors: np.ndarray, k: int, ef: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Nearest live chunks of each query vector: (ids [Q, k'], cosine scores [Q, k']), k' = min(k, live)."""
@@ -370,14 +375,18 @@ def _write_json(path: Path, data: dict) -> None:
 
 
 def _copy_embedder(src: Path, dst: Path) -> None:
-    """Hard-link when possible (same file system: no copy of the 90 MB model), else copy."""
     dst.mkdir(parents=True)
     for item in sorted(Path(src).iterdir()):
         if item.is_file():
-            try:
-                os.link(item, dst / item.name)
-            except OSError:
-                shutil.copy2(item, dst / item.name)
+            _link_or_copy(item, dst / item.name)
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    """Hard-link when possible (same file system: no copy of the 90 MB model), else copy."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
 
 
 def _swap_in(tmp: Path, output: Path) -> None:
@@ -516,6 +525,22 @@ def _report(index: Index, timer: dict, started: float, added: int, removed: int,
     return BuildReport(str(index.root), len(index.documents), len(index.chunks), added, removed, unchanged,
                        timer.get("embed_s", 0.0), timer.get("index_s", 0.0), time.perf_counter() - started,
                        index.embedder.stats.tokens, index.params.__dict__, index.embedder.describe())
+
+
+def copy_index(index_dir: str | Path, dest: str | Path, *, verify: bool = True) -> dict:
+    """Copy a verified index directory to ``dest`` (which must not exist), hard-linking files where the file
+    system allows — e.g. into a bundle's ``retriever/`` folder before its manifest is written. Returns the
+    index's ``summary()``."""
+    index = Index.open(index_dir, verify=verify)
+    dest = Path(dest)
+    if dest.exists():
+        raise UserError("destination already exists", where=str(dest), hint="copy into a new directory")
+    manifest = _read_manifest(Path(index_dir))
+    for rel in [MANIFEST_FILE, *manifest["files"]]:
+        target = dest / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        _link_or_copy(resolve_inside(Path(index_dir), rel, what="index file"), target)
+    return index.summary()
 
 
 @dataclass(frozen=True)
