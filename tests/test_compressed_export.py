@@ -36,7 +36,8 @@ def compressed(tiny_checkpoint, tmp_path_factory):
 def _quantized_nodes(bundle) -> list[onnx.NodeProto]:
     nodes = []
     for path in sorted((bundle / "graphs").glob("*.onnx")):
-        nodes += [n for n in onnx.load(str(path), load_external_data=False).graph.node if n.op_type == "MatMulNBits"]
+        nodes += [n for n in onnx.load(str(path), load_external_data=False).graph.node
+                  if n.op_type in ("MatMulNBits", "QMoE")]
     return nodes
 
 
@@ -49,11 +50,17 @@ def test_compressed_export_validates_exactly_at_accuracy_level_0(variant, recipe
     worst = max(c["max_abs_err"] for c in report.validation if c["max_abs_err"] is not None)
     assert worst <= 1e-4
     nodes = _quantized_nodes(tmp_path / "b")
-    stored = Checkpoint(ckpt).quantization
+    reader = Checkpoint(ckpt)
+    stored = reader.quantization
     kv_b = [name for name in stored if name.endswith("kv_b_proj")]  # absorbed MLA: dequantized (see attention.py)
-    assert len(nodes) == len(stored) - len(kv_b) and len(nodes) > 0
-    bits = {int(a.i) for n in nodes for a in n.attribute if a.name == "bits"}
+    # One QMoE node carries a layer's routed experts (gate, up, down each) when their layout allows it.
+    experts = 3 * reader.spec.moe.n_routed_experts if reader.spec.moe else 0
+    covered = sum(1 if n.op_type == "MatMulNBits" else experts for n in nodes)
+    assert covered == len(stored) - len(kv_b) and nodes
+    bits = {int(a.i) for n in nodes for a in n.attribute if a.name in ("bits", "expert_weight_bits")}
     assert bits == {8 if recipe == "int8" else 4}
+    # The fixture's widths (72, 40) are not multiples of 32: int4-g32 experts stay per-expert MatMulNBits.
+    assert any(n.op_type == "QMoE" for n in nodes) == (recipe == "int8" and reader.spec.moe is not None)
 
 
 @pytest.mark.parametrize("layout", ["monolithic", "partitioned"])

@@ -19,6 +19,7 @@ from __future__ import annotations
 import numpy as np
 
 from dsedge.export.graph import MS_DOMAIN, GraphBuilder
+from dsedge.export.quantized import QuantizedWeight, packed_rows
 from dsedge.models.spec import ModelSpec, MoESpec
 
 NEG_INF = float("-inf")
@@ -75,7 +76,9 @@ def moe_block(g: GraphBuilder, spec: ModelSpec, w: dict[str, np.ndarray], prefix
     """
     flat, idx, weights, shared = moe_router_and_shared(g, spec, w, prefix, h)
     experts = range(spec.moe.n_routed_experts)
-    if expert_path == "dense":
+    if expert_path == "dispatch" and qmoe_scheme(spec, w, prefix) is not None:
+        out = qmoe_experts(g, spec, w, prefix, flat, idx, weights)
+    elif expert_path == "dense":
         out = _dense_experts(g, spec.moe, w, prefix, flat, idx, weights, experts)
     elif expert_path == "moe_op":
         out = _moe_op_experts(g, spec.moe, w, prefix, flat, idx, weights)
@@ -108,6 +111,66 @@ def dense_routing_weights(g: GraphBuilder, n_experts: int, idx: str, weights: st
     dense = g.op("ReduceSum", g.op("Mul", one_hot, g.op("Unsqueeze", weights, g.const([-1]))), g.const([1]),
                  keepdims=0)
     return selected, dense
+
+
+def qmoe_scheme(spec: ModelSpec, w: dict, prefix: str) -> tuple[int, int] | None:
+    """(bits, block) when every routed expert is quantized alike in a layout ``com.microsoft::QMoE`` takes:
+    symmetric, 4 or 8 bits, one power-of-two block size that divides hidden and expert widths."""
+    kinds = [w[f"{prefix}experts.{e}.{k}.weight"] for e in range(spec.moe.n_routed_experts)
+             for k in ("gate_proj", "up_proj", "down_proj")]
+    if not all(isinstance(q, QuantizedWeight) and q.zero_point is None for q in kinds):
+        return None
+    layouts = {(q.bits, q.group_size) for q in kinds}
+    if len(layouts) != 1:
+        return None
+    bits, group = layouts.pop()
+    widths = (spec.hidden_size, spec.moe.moe_intermediate_size)
+    if bits not in (4, 8) or any(d % 2 for d in widths):
+        return None
+    if group is not None and (group < 16 or group & (group - 1) or any(d % group for d in widths)):
+        return None
+    return bits, group or 0
+
+
+def qmoe_experts(g: GraphBuilder, spec: ModelSpec, w: dict, prefix: str, flat: str, idx: str, weights: str) -> str:
+    """All routed experts of a layer as one ``com.microsoft::QMoE`` over the stored integer codes.
+
+    The op picks top-k from ``router_probs`` and weights outputs by ``router_weights`` when given: we pass
+    0 for the experts our exact router chose and −1e9 elsewhere (so it picks exactly those), and DeepSeek's
+    aggregation weights (0 elsewhere) — V2's unnormalised weights included. Gate and up rows are
+    interleaved (swiglu_fusion=1, the CPU kernel's layout); SwiGLU with alpha 1, beta 0 is silu(g)·u.
+    4× faster than per-expert MatMulNBits dispatch for one token on ds3bench shapes (benchmarks/README.md).
+    """
+    moe = spec.moe
+    bits, block = qmoe_scheme(spec, w, prefix)
+    selected, dense = dense_routing_weights(g, moe.n_routed_experts, idx, weights)
+    probs = g.op("Where", g.op("Cast", selected, to=9), g.const(0.0, np.float32), g.const(-1e9, np.float32))
+    fc1, fc1_scales, fc2, fc2_scales = _qmoe_weights(moe, w, prefix)
+    level = w[f"{prefix}experts.0.down_proj.weight"].accuracy_level
+    out = g.op("QMoE", flat, g.to_act(probs), g._initializer(prefix + "experts.fc1.qweight", fc1),
+               g.weight(prefix + "experts.fc1.scales", fc1_scales), None,
+               g._initializer(prefix + "experts.fc2.qweight", fc2), g.weight(prefix + "experts.fc2.scales", fc2_scales),
+               None, None, None, None, None, None, None, g.to_act(dense), domain=MS_DOMAIN,
+               k=moe.num_experts_per_tok, activation_type="swiglu", swiglu_fusion=1, expert_weight_bits=bits,
+               normalize_routing_weights=0, activation_alpha=1.0, activation_beta=0.0, accuracy_level=level,
+               **({"block_size": block} if block else {}))
+    return out
+
+
+def _qmoe_weights(moe: MoESpec, w: dict, prefix: str) -> tuple[np.ndarray, ...]:
+    """Stacked [E, 2I, H·b/8] interleaved gate/up codes, [E, H, I·b/8] down codes, and their scales."""
+    fc1, fc1_scales, fc2, fc2_scales = [], [], [], []
+    for e in range(moe.n_routed_experts):
+        p = f"{prefix}experts.{e}."
+        (gate, gate_s), (up, up_s), (down, down_s) = (packed_rows(w[p + k + ".weight"])
+                                                      for k in ("gate_proj", "up_proj", "down_proj"))
+        fc1.append(np.stack([gate, up], axis=1).reshape(2 * gate.shape[0], -1))  # rows g0, u0, g1, u1, …
+        fc1_scales.append(np.stack([gate_s, up_s], axis=1).reshape(2 * gate.shape[0], -1))
+        fc2.append(down)
+        fc2_scales.append(down_s)
+    per_channel = fc1_scales[0].shape[1] == 1  # QMoE takes per-channel scales as [E, N]
+    stack = (lambda arrays: np.stack(arrays)[..., 0]) if per_channel else np.stack
+    return np.stack(fc1), stack(fc1_scales), np.stack(fc2), stack(fc2_scales)
 
 
 def dispatch_experts(g: GraphBuilder, moe: MoESpec, w: dict[str, np.ndarray], prefix: str, flat: str, idx: str,

@@ -96,6 +96,13 @@ def matmul_nbits_arrays(weight: QuantizedWeight) -> tuple[dict[str, np.ndarray],
     return arrays, {"K": k, "N": n, "bits": weight.bits, "block_size": block}
 
 
+def packed_rows(weight: QuantizedWeight) -> tuple[np.ndarray, np.ndarray]:
+    """Unsigned codes packed along each row ([N, K·b/8], no block padding) and the [N, groups] scales:
+    the per-expert layout of ``com.microsoft::QMoE`` (which requires K to be a multiple of the group)."""
+    codes = (weight.q.astype(np.int16) + (1 << (weight.bits - 1))).astype(np.uint8)
+    return _pack(codes, weight.bits), weight.scale.astype(np.float32)
+
+
 def _block_params(weight: QuantizedWeight, blocks: int) -> tuple[np.ndarray, np.ndarray | None]:
     """Per-block scales (and unsigned zero points); per-channel values repeat over the row's blocks."""
     scales = weight.scale if weight.group_size else np.repeat(weight.scale, blocks, axis=1)
