@@ -17,9 +17,11 @@ and renamed when complete: an interrupted run leaves nothing.
 
 calibration: the built-in text (Python 3.11 documentation pages, PSF license; see
 dsedge/compress/data/SOURCE.md) or --calib FILE (UTF-8). The first --calib-tokens tokens calibrate;
-the last --heldout-tokens (never used to calibrate) measure quality. Every routed expert is run on the
-calibration tokens; its GPTQ statistics come from the tokens routed to it, or from all tokens when fewer
-than --min-expert-tokens were (reported, with a warning). GPTQ: Frantar et al., arXiv:2210.17323.
+the last --heldout-tokens (never used to calibrate) measure quality. Every routed expert is run on every
+calibration token for its GPTQ statistics while the forward combines only routed outputs, so an expert the
+router rarely or never picks is calibrated too (and never wiped); --expert-statistics routed uses only the
+tokens routed to each expert instead. Layers are calibrated on the outputs of the already compressed layers
+before them (GPTQ's sequential practice). GPTQ: Frantar et al., arXiv:2210.17323.
 
 expert pruning (--prune-experts F): per MoE layer, remove floor(F x experts) routed experts, rounded to
 the same number in every router group, lowest REAP saliency first (mean over routed tokens of gate
@@ -83,8 +85,11 @@ def register(sub, command) -> None:
     cmd.add_argument("--prune-experts", type=float, default=0.0, metavar="F",
                      help="fraction of routed experts to remove per MoE layer (default 0)")
     cmd.add_argument("--method", choices=["rtn", "gptq"], help="override the recipe's quantization method")
+    cmd.add_argument("--expert-statistics", choices=["all-tokens", "routed"], default="all-tokens",
+                     help="GPTQ statistics of routed experts: every calibration token (default; each expert run on "
+                          "all tokens, only routed outputs combined) or only the tokens routed to it")
     cmd.add_argument("--min-expert-tokens", type=int, default=16, metavar="N",
-                     help="routed tokens an expert needs for its own GPTQ statistics (default 16)")
+                     help="with --expert-statistics routed: fewer routed tokens than this -> all tokens (default 16)")
     cmd.add_argument("--no-eval", action="store_true", help="skip the held-out quality report")
     cmd.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
 
@@ -95,7 +100,8 @@ def _run(args):
     return compress(args.checkpoint, args.output, recipe=args.recipe, target=args.target, calib=args.calib,
                     calib_tokens=args.calib_tokens, heldout_tokens=args.heldout_tokens, seq_len=args.seq_len,
                     prune_experts=args.prune_experts, method=args.method, overwrite=args.overwrite,
-                    evaluate=not args.no_eval, min_expert_tokens=args.min_expert_tokens)
+                    evaluate=not args.no_eval, expert_statistics=args.expert_statistics,
+                    min_expert_tokens=args.min_expert_tokens)
 
 
 def _render(report) -> None:

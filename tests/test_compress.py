@@ -69,8 +69,10 @@ def _check_every_expert_quantized(report, spec):
     assert report.quantized_experts == len(spec.moe_layers) * spec.moe.n_routed_experts
 
 
-def test_unrouted_expert_is_calibrated_on_all_tokens_and_not_wiped(tiny_checkpoint, tmp_path):
-    """An expert the router never picks (correction bias -10) gets all-token statistics: non-zero, sane SQNR."""
+@pytest.mark.parametrize("statistics", ["all-tokens", "routed"])
+def test_unrouted_expert_is_calibrated_on_all_tokens_and_not_wiped(tiny_checkpoint, tmp_path, statistics):
+    """An expert the router never picks (correction bias -10) gets all-token statistics: non-zero, sane SQNR.
+    With routed statistics it is the fallback, named in a warning."""
     import shutil
 
     from safetensors.torch import load_file, save_file
@@ -81,11 +83,11 @@ def test_unrouted_expert_is_calibrated_on_all_tokens_and_not_wiped(tiny_checkpoi
     for layer in (1, 2):
         tensors[f"model.layers.{layer}.mlp.gate.e_score_correction_bias"][5] = -10.0
     save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})
-    report = compress(src, tmp_path / "out", recipe="int4-experts", **FAST)
+    report = compress(src, tmp_path / "out", recipe="int4-experts", expert_statistics=statistics, **FAST)
     ckpt = Checkpoint(src)
     for layer in report.layers[1:]:
         assert layer["experts"]["routed_tokens"][5] == 0
-        assert 5 in layer["experts"]["all_token_statistics"]
+        assert (5 in layer["experts"]["all_token_statistics"]) == (statistics == "routed")
         for proj in ("gate_proj", "up_proj", "down_proj"):
             name = f"model.layers.{layer['layer']}.mlp.experts.5.{proj}"
             got = dequantized(tmp_path / "out", name)
@@ -93,7 +95,7 @@ def test_unrouted_expert_is_calibrated_on_all_tokens_and_not_wiped(tiny_checkpoi
             assert (got.abs().sum(dim=0) > 0).all()  # no column wiped
             assert layer["modules"][f"mlp.experts.5.{proj}"]["sqnr_db"] > 14
             assert torch.nn.functional.cosine_similarity(got.flatten(), original.flatten(), dim=0) > 0.98
-    assert any("fewer than" in w for w in report.warnings)
+    assert any("fewer than" in w for w in report.warnings) == (statistics == "routed")
 
 
 def _layer_output_error(src, out, calibset, index: int) -> float:

@@ -197,21 +197,24 @@ def expert_activity(experts, hidden, index, weights) -> ExpertActivity:
     return ExpertActivity(counts, saliency)
 
 
-def expert_hessians(gate_up, down, hidden, index, expert: int, act, *, min_tokens: int, all_tokens_hessian):
+def expert_hessians(gate_up, down, hidden, index, expert: int, act, *, min_tokens: int | None,
+                    all_tokens_hessian):
     """(H of gate/up input, H of down input, statistics source) for one routed expert.
 
-    An expert with at least ``min_tokens`` routed tokens is calibrated on those tokens, the inputs it really
-    sees. One with fewer is calibrated on *all* calibration tokens (its output computed on every token, kept
-    out of the forward): those are the same post-attention hidden states the router picks its tokens from, so
-    they describe its input distribution, and their Hessian is full-rank, so GPTQ can neither wipe a column
-    nor fit a handful of tokens. It is reported, and a warning names it.
+    ``min_tokens=None`` (the default mode): the expert is calibrated on *all* calibration tokens — its output
+    computed on every token, kept out of the forward. Those are the same post-attention hidden states the
+    router picks its tokens from; their Hessian is full-rank, so GPTQ can neither wipe a column nor overfit
+    the few hundred tokens a fine-grained expert gets (measured in docs/compress.md: on the demo MoE, GPTQ on
+    routed tokens only is *worse* than RTN on held-out tokens, GPTQ on all tokens better than both).
+    With ``min_tokens``, an expert with at least that many routed tokens is calibrated on them alone, and one
+    with fewer on all tokens.
     """
     import torch
 
     from dsedge.compress.quant import HessianAccumulator
 
     rows, _ = routed_rows(index, expert)
-    routed = rows.numel() >= min_tokens
+    routed = min_tokens is not None and rows.numel() >= min_tokens
     x = hidden[rows] if routed else hidden
     with torch.no_grad():
         inter, _ = expert_forward(gate_up, down, x, act)

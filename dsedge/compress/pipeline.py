@@ -49,6 +49,7 @@ DEFAULT_CALIB_TOKENS = 8192
 DEFAULT_HELDOUT_TOKENS = 4096
 DEFAULT_SEQ_LEN = 512
 MIN_EXPERT_TOKENS = 16
+EXPERT_STATISTICS = ("all-tokens", "routed")
 RECIPE_FILE = "recipe.json"
 
 
@@ -56,16 +57,19 @@ def compress(checkpoint: str | Path, output: str | Path, *, recipe: str | Path |
              target: str | Path | None = None, calib: str | Path | None = None,
              calib_tokens: int = DEFAULT_CALIB_TOKENS, heldout_tokens: int = DEFAULT_HELDOUT_TOKENS,
              seq_len: int = DEFAULT_SEQ_LEN, prune_experts: float = 0.0, method: str | None = None,
-             overwrite: bool = False, evaluate: bool = True, min_expert_tokens: int = MIN_EXPERT_TOKENS,
-             batch_size: int = 8, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> CompressReport:
+             overwrite: bool = False, evaluate: bool = True, expert_statistics: str = "all-tokens",
+             min_expert_tokens: int = MIN_EXPERT_TOKENS, batch_size: int = 8,
+             max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> CompressReport:
     """Compress a checkpoint directory (or demo model name) into ``output``, one decoder layer at a time.
 
     ``recipe``: a preset name (``int8``, ``int4``, ``int4-g32``, ``int4-g128``, ``int4-experts``, ``fp16``, or
     ``none`` to only prune; see ``dsedge.compress.recipes.PRESETS``) or a recipe .json/.toml file; without
     one, ``target`` picks the preset that fits the device (:func:`recipe_for_target`), else ``int4-experts``
-    (``int8`` for dense models). ``method`` (``rtn`` or
-    ``gptq``) overrides the recipe's. ``calib``: a UTF-8 text file (default: the built-in text); the first
-    ``calib_tokens`` tokens calibrate, the last ``heldout_tokens`` measure quality (``evaluate``).
+    (``int8`` for dense models). ``method`` (``rtn`` or ``gptq``) overrides the recipe's. ``calib``: a UTF-8
+    text file (default: the built-in text); the first ``calib_tokens`` tokens calibrate, the last
+    ``heldout_tokens`` measure quality (``evaluate``). ``expert_statistics``: GPTQ statistics of routed
+    experts from ``all-tokens`` (every expert run on every calibration token; the forward still combines only
+    routed outputs) or ``routed`` (the tokens routed to it, all tokens below ``min_expert_tokens``).
     ``prune_experts``: fraction of routed experts removed per MoE layer. The output is written to a
     temporary sibling directory and renamed when complete; an existing ``output`` is refused unless
     ``overwrite``.
@@ -76,6 +80,9 @@ def compress(checkpoint: str | Path, output: str | Path, *, recipe: str | Path |
     check_output(out, overwrite=overwrite, source=ckpt.path)
     if method is not None and method not in ("rtn", "gptq"):
         raise UserError(f"--method must be rtn or gptq, got {method!r}")
+    if expert_statistics not in EXPERT_STATISTICS:
+        raise UserError(f"--expert-statistics must be one of {', '.join(EXPERT_STATISTICS)}, "
+                        f"got {expert_statistics!r}")
     chosen = resolve_recipe(recipe, target, ckpt, method)
     prune = plan_pruning(ckpt.spec.moe, prune_experts)
     calibset = cal.load_calibration(_tokenizer(ckpt), calib, calib_tokens=calib_tokens,
@@ -85,7 +92,8 @@ def compress(checkpoint: str | Path, output: str | Path, *, recipe: str | Path |
              chosen.name, calibset.calib.numel(), calibset.source,
              calibset.heldout.numel() if evaluate else 0)
     with staged_directory(out) as tmp:
-        run = _Run(ckpt, chosen, prune, calibset, evaluate=evaluate, min_expert_tokens=min_expert_tokens,
+        run = _Run(ckpt, chosen, prune, calibset, evaluate=evaluate,
+                   min_expert_tokens=None if expert_statistics == "all-tokens" else min_expert_tokens,
                    batch_size=batch_size)
         run.write(tmp, max_shard_bytes)
         report = run.report(out, started, tmp)
@@ -143,7 +151,7 @@ class _Run:
     """State carried from layer to layer: hidden states, output shards, per-layer records."""
 
     def __init__(self, ckpt: Checkpoint, recipe, prune: PrunePlan | None, calibset: cal.CalibrationSet, *,
-                 evaluate: bool, min_expert_tokens: int, batch_size: int):
+                 evaluate: bool, min_expert_tokens: int | None, batch_size: int):
         self.ckpt, self.spec, self.recipe, self.prune = ckpt, ckpt.spec, recipe, prune
         self.calibset, self.evaluate, self.min_expert_tokens = calibset, evaluate, min_expert_tokens
         self.classes = classes_for(self.spec.model_type)
@@ -306,7 +314,7 @@ class _Run:
         h_in, h_down, source = cal.expert_hessians(
             fused.gate_up_proj[old_id], fused.down_proj[old_id], hidden, index, old_id, fused.act_fn,
             min_tokens=self.min_expert_tokens, all_tokens_hessian=shared)
-        if source != "routed":
+        if source != "routed" and self.min_expert_tokens is not None:
             fallback.append(old_id)
         base = names[0].rsplit(".", 1)[0] + "."
         return {base + "gate_proj": h_in, base + "up_proj": h_in, base + "down_proj": h_down}
@@ -380,7 +388,9 @@ class _Run:
             recipe=self.recipe.to_json(),
             method=_methods(self.schemes), layers=self.layers, bytes_before=before, bytes_after=after,
             quantized_modules=len(self.schemes), quantized_experts=experts, pruning=pruning,
-            calibration=self.calibset.to_json() | {"min_expert_tokens": self.min_expert_tokens},
+            calibration=self.calibset.to_json() | {
+                "expert_statistics": "all-tokens" if self.min_expert_tokens is None else "routed",
+                "min_expert_tokens": self.min_expert_tokens},
             quality=self.quality, elapsed_s=round(time.perf_counter() - started, 3),
             peak_rss_bytes=peak_rss_bytes(), warnings=self.warnings)
 
