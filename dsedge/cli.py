@@ -209,6 +209,8 @@ def _add_export(sub) -> None:
                           "computes in float (exact vs the dequantized reference, slower)")
     cmd.add_argument("--max-context", type=int, help="longest prompt + generation the bundle serves (default: "
                                                      "the target's max_context, else 4096)")
+    cmd.add_argument("--index", metavar="INDEX", help="embed this retrieval index (`dsedge index build`) in the "
+                                                     "bundle; `dsedge run/chat --rag` then answer from it")
     cmd.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     cmd.add_argument("--no-validate", action="store_true", help="skip the check against the PyTorch reference")
 
@@ -220,10 +222,24 @@ def _add_run(sub) -> None:
                    "makes sampling reproducible. With --json, one object with the text, token ids, finish reason\n"
                    "(eos, stop, length) and timings is printed at the end instead.", _run_run, _render_run)
     cmd.add_argument("bundle", help="bundle directory")
-    cmd.add_argument("-p", "--prompt", required=True, help="prompt text (raw; no chat template)")
+    cmd.add_argument("-p", "--prompt", required=True,
+                     help="prompt text (raw, no chat template; with --index/--rag: the question, sent through the "
+                          "bundle's chat template with the retrieved sources)")
     cmd.add_argument("-n", "--max-new-tokens", type=int, default=128, metavar="N", help="default 128")
     add_sampling_flags(cmd)
     add_engine_flags(cmd)
+    add_rag_flags(cmd)
+
+
+def add_rag_flags(cmd) -> None:
+    """Retrieval-augmented generation (run, chat): which index, how many chunks, whether to list sources."""
+    cmd.add_argument("--index", metavar="INDEX", help="answer from this index (`dsedge index build`): the top "
+                                                     "chunks go into the prompt as numbered sources")
+    cmd.add_argument("--rag", action="store_true", help="answer from the index embedded in the bundle "
+                                                        "(`dsedge export --index`)")
+    cmd.add_argument("-k", "--top-chunks", type=int, default=5, metavar="K",
+                     help="chunks retrieved per question (default 5; fewer if the context cannot hold them)")
+    cmd.add_argument("--show-sources", action="store_true", help="list the sources the model was given")
 
 
 def add_sampling_flags(cmd) -> None:
@@ -279,14 +295,28 @@ def _run_export(args):
 
     return export_bundle(args.checkpoint, args.output, target=args.target, layout=args.layout, dtype=args.dtype,
                          max_context=args.max_context, overwrite=args.overwrite, validate=not args.no_validate,
-                         experts_per_partition=args.experts_per_partition, accuracy_level=args.accuracy_level)
+                         experts_per_partition=args.experts_per_partition, accuracy_level=args.accuracy_level,
+                         index=args.index)
 
 
-def _run_run(args):
+def load_engine(args):
+    """load_bundle from the engine and RAG flags (run, chat)."""
+    from dsedge.errors import UserError
     from dsedge.runtime import load_bundle
 
     engine = load_bundle(args.bundle, target=args.target, threads=args.threads,
-                         memory_budget_bytes=args.memory_budget, prefetch_experts=args.prefetch_experts)
+                         memory_budget_bytes=args.memory_budget, prefetch_experts=args.prefetch_experts,
+                         index=args.index)
+    if args.rag and engine.retriever is None:
+        raise UserError("this bundle has no embedded index", where=args.bundle,
+                        hint="pass --index INDEX, or re-export with `dsedge export ... --index INDEX`")
+    return engine
+
+
+def _run_run(args):
+    engine = load_engine(args)
+    if args.index or args.rag:
+        return _run_rag(engine, args)
     events = engine.stream(args.prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                            top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
                            stop=args.stop)
@@ -316,8 +346,30 @@ def _render_export(r) -> None:
     print(render_export(r))
 
 
+def _run_rag(engine, args):
+    replies = engine.ask(args.prompt, k=args.top_chunks, max_new_tokens=args.max_new_tokens, stream=True,
+                         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                         repetition_penalty=args.repetition_penalty, seed=args.seed, stop=args.stop)
+    for piece in replies:
+        if not args.json:
+            print(piece.text, end="", flush=True)
+    result = replies.result
+    result.show_sources = args.show_sources
+    return result
+
+
+def render_sources(sources: list[dict], cited: list[int]) -> str:
+    lines = ["sources:"]
+    for s in sources:
+        mark = "*" if s["number"] in cited else " "
+        lines.append(f" {mark}[{s['number']}] {s['source']}:{s['start']}-{s['end']}  (score {s['score']:.3f})")
+    return "\n".join(lines)
+
+
 def _render_run(r) -> None:
     print()
+    if getattr(r, "show_sources", False):
+        print(render_sources(r.sources, r.cited))
     t = r.timings
     print(f"[{len(r.token_ids)} tokens, finish: {r.finish_reason}; prompt {r.prompt_tokens} tokens, "
           f"TTFT {t.get('ttft_s', 0) * 1e3:.1f} ms, decode {t.get('decode_tokens_per_s', 0):.1f} tokens/s]",

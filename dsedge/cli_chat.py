@@ -25,7 +25,7 @@ With --json nothing streams: at the end one JSON object holds the whole transcri
 
 def register(sub, command) -> None:
     """Add `chat` to the CLI (argparse only)."""
-    from dsedge.cli import add_engine_flags, add_sampling_flags
+    from dsedge.cli import add_engine_flags, add_rag_flags, add_sampling_flags
 
     cmd = command(sub, "chat", "interactive multi-turn chat with a bundle", DESCRIPTION, _run_chat, _render_chat)
     cmd.add_argument("bundle", help="bundle directory")
@@ -38,6 +38,7 @@ def register(sub, command) -> None:
                      help="per reply, capped at the context left (default 512)")
     add_sampling_flags(cmd)
     add_engine_flags(cmd)
+    add_rag_flags(cmd)
 
 
 class ChatTranscript:
@@ -51,12 +52,13 @@ class ChatTranscript:
 
 
 def _run_chat(args) -> ChatTranscript:
-    from dsedge.runtime import load_bundle
+    from dsedge.cli import load_engine
     from dsedge.runtime.chat import ChatSession
 
-    engine = load_bundle(args.bundle, target=args.target, threads=args.threads, memory_budget_bytes=args.memory_budget,
-                         prefetch_experts=args.prefetch_experts)
+    engine = load_engine(args)
+    rag_k = args.top_chunks if (args.index or args.rag) else None
     session = ChatSession(engine, system=args.system, template=args.template, max_new_tokens=args.max_new_tokens,
+                          rag_k=rag_k,
                           temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                           repetition_penalty=args.repetition_penalty, seed=args.seed, stop=args.stop)
     quiet = args.quiet or args.json
@@ -99,8 +101,12 @@ def _turn(session, text: str, args, quiet: bool) -> None:
     except KeyboardInterrupt:  # Ctrl-C stops this reply (it does not join the history), not the chat
         _note("\n(interrupted)")
         return
+    r = replies.result
+    if args.show_sources and getattr(r, "sources", None) is not None and not args.json:
+        from dsedge.cli import render_sources
+
+        _write(render_sources(r.sources, r.cited) + "\n")
     if not quiet:
-        r = replies.result
         t = r.timings
         _note(f"[{len(r.token_ids)} tokens, finish: {r.finish_reason}; prompt {r.prompt_tokens} tokens, "
               f"TTFT {t.get('ttft_s', 0) * 1e3:.1f} ms, decode {t.get('decode_tokens_per_s', 0):.1f} tokens/s]")

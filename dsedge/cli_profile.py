@@ -28,6 +28,10 @@ def register(sub, command) -> None:
                      help="one more trial under onnxruntime's node profiler: time per operator type and per layer")
     cmd.add_argument("--plot", metavar="FILE.png", help="write a PNG: decode step breakdown and time per layer")
     cmd.add_argument("--seed", type=int, default=0, help="seed of the random prompt (default 0)")
+    cmd.add_argument("--index", metavar="INDEX",
+                     help="also time retrieval (embed, search, prompt assembly) and its share of time to first token; "
+                          "a bundle exported with --index is timed with its own index")
+    cmd.add_argument("--question", default=None, help="the question retrieval is timed with")
 
 
 def _run(args):
@@ -36,7 +40,9 @@ def _run(args):
     return profile_bundle(args.bundle, prompt_tokens=args.prompt_tokens, gen_tokens=args.gen_tokens,
                           trials=args.trials, target=args.target, threads=args.threads,
                           memory_budget_bytes=args.memory_budget,
-                          prefetch_experts=args.prefetch_experts, by_op=args.by_op, seed=args.seed, plot=args.plot)
+                          prefetch_experts=args.prefetch_experts, by_op=args.by_op,
+                          index=args.index, **({"question": args.question} if args.question else {}),
+                          seed=args.seed, plot=args.plot)
 
 
 def _render(r) -> None:
@@ -64,6 +70,11 @@ def render_profile(r) -> str:
     if r.ops:
         lines.append("  by operator (decode + prefill, ms per generated token):")
         lines += [f"    {o['op']:<22} {o['ms_per_token']:8.3f}  {o['share']:6.1%}" for o in r.ops[:10]]
+    if r.retrieval:
+        q = r.retrieval
+        lines.append(f"  retrieval       embed {q['embed_ms']:.2f} ms + search {q['search_ms']:.3f} ms + assembly "
+                     f"{q['assembly_ms']:.2f} ms = {q['share_of_ttft']:.1%} of a {q['ttft_ms']:.1f} ms TTFT "
+                     f"({q['sources']} sources, {q['prompt_tokens']}-token prompt)")
     if r.plot:
         lines.append(f"  plot: {r.plot}")
     return "\n".join(lines)

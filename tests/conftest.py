@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -25,3 +26,18 @@ def tiny_checkpoint(tmp_path_factory):
         return built[key]
 
     return build
+
+
+@pytest.fixture(scope="session")
+def embedder_dir(tmp_path_factory):
+    """all-MiniLM-L6-v2 converted to ONNX (and validated against PyTorch) once per session, in a temporary
+    DSEDGE_CACHE so tests neither read nor fill the user's cache."""
+    from dsedge.retrieval.embedder import default_embedder_dir
+
+    previous = os.environ.get("DSEDGE_CACHE")
+    os.environ["DSEDGE_CACHE"] = str(tmp_path_factory.mktemp("dsedge-cache"))
+    yield default_embedder_dir()
+    if previous is None:
+        os.environ.pop("DSEDGE_CACHE", None)
+    else:
+        os.environ["DSEDGE_CACHE"] = previous

@@ -8,7 +8,6 @@ The embedder is converted once per session into a temporary DSEDGE_CACHE; the co
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -19,7 +18,7 @@ import pytest
 
 from dsedge.cli import main
 from dsedge.errors import UserError
-from dsedge.retrieval.embedder import Embedder, default_embedder_dir
+from dsedge.retrieval.embedder import Embedder
 from dsedge.retrieval.index import (
     Index,
     IndexError_,
@@ -34,18 +33,6 @@ from dsedge.retrieval.rag import Retriever, build_rag_prompt, cited_sources
 CORPUS = Path(__file__).resolve().parents[1] / "dsedge" / "demo" / "data" / "heldout.txt"
 DEMO_TOKENIZER = Path(__file__).resolve().parents[1] / "dsedge" / "demo" / "models" / "qwen2-tiny" / "tokenizer.json"
 INDEXED_FRACTION = 0.25  # of the corpus' paragraphs (~28k word pieces: embedding dominates the test time)
-
-
-@pytest.fixture(scope="session")
-def embedder_dir(tmp_path_factory):
-    """all-MiniLM-L6-v2 converted (and validated against PyTorch) once, into a session cache."""
-    previous = os.environ.get("DSEDGE_CACHE")
-    os.environ["DSEDGE_CACHE"] = str(tmp_path_factory.mktemp("dsedge-cache"))
-    yield default_embedder_dir()
-    if previous is None:
-        os.environ.pop("DSEDGE_CACHE", None)
-    else:
-        os.environ["DSEDGE_CACHE"] = previous
 
 
 @pytest.fixture(scope="session")

@@ -55,7 +55,8 @@ class ExportReport:
 def export_bundle(checkpoint: str | Path, output: str | Path, *, target=None, layout: str = "monolithic",
                   dtype: str = "fp32", max_context: int | None = None, overwrite: bool = False,
                   validate: bool = True, experts_per_partition: int | None = None,
-                  expert_path: str = "dispatch", accuracy_level: int = 4) -> ExportReport:
+                  expert_path: str = "dispatch", accuracy_level: int = 4,
+                  index: str | Path | None = None) -> ExportReport:
     """Export a checkpoint to an ONNX bundle (manifest + graphs + tokenizer), validated against the reference.
 
     The bundle appears at ``output`` only when complete and validated; a failure leaves nothing behind.
@@ -64,7 +65,8 @@ def export_bundle(checkpoint: str | Path, output: str | Path, *, target=None, la
     (every expert on every token: the baseline benchmarks/export_bench.py compares against).
     A compressed checkpoint (``dsedge compress``) exports its quantized linears as MatMulNBits over the stored
     integers; ``accuracy_level`` is that operator's compute precision (4: int8 activations, the fast CPU
-    kernels; 0: float) and sets the validation tolerance.
+    kernels; 0: float) and sets the validation tolerance. ``index`` (`dsedge index build`) is copied into the
+    bundle's ``retriever/`` so that the bundle answers from it (`dsedge run --rag`).
     """
     started = time.perf_counter()
     _check_choice("layout", layout, LAYOUTS)
@@ -97,6 +99,8 @@ def export_bundle(checkpoint: str | Path, output: str | Path, *, target=None, la
                                dtype == "fp16")
         _copy_tokenizer(ckpt.path, tmp)
         manifest = _manifest(ckpt, tgt, layout, dtype, context, graphs, accuracy_level)
+        if index is not None:
+            manifest["retriever"] = _embed_index(index, tmp)
         if layout == "partitioned":
             manifest["placement"] = placement_plan(graphs, budget=tgt.memory_budget_bytes if tgt else None,
                                                    kv_bytes=_kv_bytes(ckpt.spec, context, dtype))
@@ -229,6 +233,13 @@ def _manifest(ckpt: Checkpoint, tgt, layout: str, dtype: str, context: int, grap
         "mtp": {"in_checkpoint": ckpt.has_mtp, "exported": False},
         "notes": notes,
     }
+
+
+def _embed_index(index: str | Path, root: Path) -> dict[str, Any]:
+    from dsedge.retrieval import copy_index
+
+    log.info("export: embedding the index %s", index)
+    return {"dir": "retriever", **copy_index(index, root / "retriever")}
 
 
 def _quantization_summary(ckpt: Checkpoint, dtype: str, accuracy_level: int) -> dict[str, Any]:

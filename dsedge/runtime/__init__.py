@@ -11,7 +11,8 @@ from dsedge.runtime.partitioned import PartitionedEngine
 
 def load_bundle(path: str | Path, target=None, memory_budget_bytes: int | None = None,
                 providers: list[str] | None = None, threads: int | None = None, *, verify: bool = True,
-                profile_dir: str | Path | None = None, prefetch_experts: bool = False) -> Engine:
+                profile_dir: str | Path | None = None, prefetch_experts: bool = False,
+                index: str | Path | None = None) -> Engine:
     """Open a bundle written by `dsedge export`: verify it, create sessions, return an Engine.
 
     ``target`` (name, file or Target) supplies default providers and threads; explicit arguments win.
@@ -19,6 +20,8 @@ def load_bundle(path: str | Path, target=None, memory_budget_bytes: int | None =
     Every file's sha256 is checked unless ``verify=False``; paths that leave the bundle are refused always.
     ``prefetch_experts`` (partitioned): load the partitions a layer used at the previous step in the background
     while the layer before it runs.
+    ``index``: an index directory (`dsedge index build`) for ``engine.ask`` / RAG chat; without it a bundle
+    exported with ``--index`` uses its own.
     ``profile_dir``: write onnxruntime's per-node profiler traces there (slower; `dsedge profile --by-op`).
     """
     from dsedge.targets import load_target
@@ -30,8 +33,13 @@ def load_bundle(path: str | Path, target=None, memory_budget_bytes: int | None =
     prefix = f"{Path(profile_dir)}/" if profile_dir is not None else None
     config = SessionConfig(tuple(providers), threads, profile_prefix=prefix)
     if manifest.data.get("layout") == "partitioned":
-        return PartitionedEngine(manifest, config, memory_budget_bytes, prefetch=prefetch_experts)
-    return MonolithicEngine(manifest, config)
+        engine = PartitionedEngine(manifest, config, memory_budget_bytes, prefetch=prefetch_experts)
+    else:
+        engine = MonolithicEngine(manifest, config)
+    if index is not None:
+        engine.index_path = index
+        _ = engine.retriever  # open (and verify) now: a bad index fails at load, not mid-conversation
+    return engine
 
 
 def _available_threads(wanted: int) -> int:

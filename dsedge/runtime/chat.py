@@ -422,8 +422,9 @@ class ChatSession:
     """
 
     def __init__(self, engine, *, system: str | None = None, template: str | Path | ChatTemplate | None = None,
-                 force_think: bool | None = None, max_new_tokens: int = 512, **sampling):
+                 force_think: bool | None = None, max_new_tokens: int = 512, rag_k: int | None = None, **sampling):
         self.engine, self.system, self.force_think = engine, system, force_think
+        self.rag_k = rag_k  # retrieve this many chunks per question from engine.retriever (None: no retrieval)
         self.template = load_chat_template(engine, template)
         self.max_new_tokens, self.sampling = max_new_tokens, sampling
         self.messages: list[dict] = []
@@ -438,14 +439,26 @@ class ChatSession:
     def send(self, text: str) -> ChatStream:
         """Stream the reply to a user message; the exchange joins the history only when the reply completes."""
         user = {"role": "user", "content": text}
-        prompt = prepare_prompt(self.engine, [*self.history(), user], template=self.template,
-                                force_think=self.force_think)
 
         def done(result: ChatResult) -> None:
             self.messages += [user, {"role": "assistant", "content": result.answer}]
             self.turns.append({"conversation": self.conversation, "user": text, **result.to_json()})
 
+        if self.rag_k:
+            return self._send_with_sources(text, done)
+        prompt = prepare_prompt(self.engine, [*self.history(), user], template=self.template,
+                                force_think=self.force_think)
         return ChatStream(self.engine, prompt, self.max_new_tokens, self.sampling, on_done=done)
+
+    def _send_with_sources(self, text: str, done) -> ChatStream:
+        """The question goes to the model with retrieved sources; the history keeps the plain question."""
+        from dsedge.runtime.rag import RagStream, rag_prompt
+
+        rag = rag_prompt(self.engine, text, history=self.history(), k=self.rag_k,
+                         max_new_tokens=self.max_new_tokens, template=self.template)
+        prompt = prepare_prompt(self.engine, [*self.history(), *rag.messages], template=self.template,
+                                force_think=self.force_think)
+        return RagStream(self.engine, prompt, self.max_new_tokens, self.sampling, rag, on_done=done)
 
     def reset(self) -> None:
         """Forget the history (the system message stays)."""

@@ -131,6 +131,21 @@ class Engine(ABC):
         return TimedSession(session, graph["name"], self.timers)
 
     @property
+    def retriever(self):
+        """Retrieval for RAG: the index passed to ``load_bundle``, else the bundle's own (None if neither)."""
+        if not hasattr(self, "_retriever"):
+            from dsedge.runtime.rag import open_retriever
+
+            self._retriever = open_retriever(self, getattr(self, "index_path", None))
+        return self._retriever
+
+    def ask(self, question: str, **options):
+        """Answer from retrieved sources (``dsedge.runtime.rag.ask``): a RagResult with the sources given."""
+        from dsedge.runtime.rag import ask
+
+        return ask(self, question, **options)
+
+    @property
     def providers(self) -> list[str]:
         """Execution providers the sessions actually got (after any fallback), in priority order."""
         return getattr(self, "_providers", [])

@@ -20,6 +20,8 @@ import numpy as np
 
 from dsedge.errors import UserError
 
+DEFAULT_QUESTION = "How do I install it and run the first example?"
+
 
 @dataclass
 class ProfileReport:
@@ -42,6 +44,7 @@ class ProfileReport:
     peak_rss_bytes: int
     graph_bytes: int  # graphs + their weights on disk
     ops: list[dict[str, Any]] = field(default_factory=list)
+    retrieval: dict[str, Any] | None = None
     plot: str | None = None
 
     def to_json(self) -> dict[str, Any]:
@@ -60,14 +63,14 @@ class _Trial:
 def profile_bundle(bundle: str | Path, *, prompt_tokens: int = 128, gen_tokens: int = 64, trials: int = 3,
                    target=None, threads: int | None = None, providers: list[str] | None = None,
                    memory_budget_bytes: int | None = None, prefetch_experts: bool = False, by_op: bool = False,
-                   seed: int = 0,
-                   plot: str | Path | None = None) -> ProfileReport:
+                   seed: int = 0, plot: str | Path | None = None, index: str | Path | None = None,
+                   question: str = DEFAULT_QUESTION) -> ProfileReport:
     """Profile prefill and decode of ``bundle``; see the module docstring for the method."""
     from dsedge.runtime import load_bundle
 
     _check_args(prompt_tokens, gen_tokens, trials)
     engine = load_bundle(bundle, target=target, threads=threads, providers=providers,
-                         memory_budget_bytes=memory_budget_bytes, prefetch_experts=prefetch_experts)
+                         memory_budget_bytes=memory_budget_bytes, prefetch_experts=prefetch_experts, index=index)
     if prompt_tokens + gen_tokens > engine.max_context:
         raise UserError(f"{prompt_tokens} prompt + {gen_tokens} generated tokens exceed the bundle's max context "
                         f"({engine.max_context})", where="--prompt-tokens/--gen-tokens",
@@ -78,6 +81,8 @@ def profile_bundle(bundle: str | Path, *, prompt_tokens: int = 128, gen_tokens: 
         engine.experts.reset_stats()
     runs = [_run_trial(engine, prompt, gen_tokens) for _ in range(trials)]
     report = _report(engine, bundle, runs, prompt_tokens, gen_tokens)
+    if engine.retriever is not None:
+        report.retrieval = _retrieval_profile(engine, question, trials, gen_tokens)
     if by_op or (plot and engine.layout == "monolithic"):
         report.ops, op_layers = _op_profile(bundle, engine, prompt, gen_tokens, target, memory_budget_bytes)
         if engine.layout == "monolithic":
@@ -87,6 +92,27 @@ def profile_bundle(bundle: str | Path, *, prompt_tokens: int = 128, gen_tokens: 
 
         report.plot = str(write_plot(report, plot))
     return report
+
+
+def _retrieval_profile(engine, question: str, trials: int, gen_tokens: int) -> dict[str, Any]:
+    """RAG's share of time to first token: embed + search + prompt assembly vs prefilling the assembled prompt."""
+    from dsedge.runtime.chat import prepare_prompt
+    from dsedge.runtime.rag import rag_prompt
+
+    rag_prompt(engine, question, max_new_tokens=gen_tokens)  # warm-up: embedder session, page cache
+    rows, prefill = [], []
+    for _ in range(trials):
+        rag = rag_prompt(engine, question, max_new_tokens=gen_tokens)
+        rows.append(rag.timings)
+        ids = prepare_prompt(engine, rag.messages).token_ids
+        started = time.perf_counter()
+        engine.logits(ids)
+        prefill.append((time.perf_counter() - started) * 1e3)
+    stats = {k: float(np.median([r[k] for r in rows])) for k in ("embed_ms", "search_ms", "assembly_ms")}
+    retrieval = sum(stats.values())
+    ttft = retrieval + float(np.median(prefill))
+    return stats | {"prompt_tokens": len(ids), "sources": len(rag.sources), "prefill_ms": float(np.median(prefill)),
+                    "ttft_ms": ttft, "share_of_ttft": retrieval / ttft, "question": question}
 
 
 def _check_args(prompt_tokens: int, gen_tokens: int, trials: int) -> None:
