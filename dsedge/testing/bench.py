@@ -41,4 +41,13 @@ def write_bench_checkpoint(out: str | Path, name: str, *, seed: int = 0) -> Path
             if hasattr(module, "e_score_correction_bias"):
                 module.e_score_correction_bias.normal_(0.0, 0.01)
     model.to(torch.bfloat16).save_pretrained(out)
+    add_tokenizer(out)
     return out
+
+
+def add_tokenizer(out: str | Path) -> None:
+    """The fixtures' small BPE tokenizer (its ids fit the bench vocabulary), so calibration and `dsedge run`
+    have text to work with; the weights are random, so the text generated means nothing."""
+    from dsedge.testing.tokenizer import write_tokenizer
+
+    write_tokenizer(Path(out))
