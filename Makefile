@@ -23,7 +23,8 @@ test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow" -x
 
 # The main job on the shipped demo model (DeepSeek-V3 architecture, trained on the Python docs):
-# compress (routed experts int4, the rest int8) -> partitioned bundle for the x86 CPU target -> generate -> profile.
+# compress (routed experts int4, the rest int8) -> partitioned bundle for the x86 CPU target -> generate -> profile,
+# then an HNSW index over this project's docs and an answer from retrieved, numbered sources.
 DEMO_TARGET := x86-cpu-16g
 demo: install
 	$(BIN)/dsedge compress deepseek-v3-tiny -o demo.ckpt --recipe int4-experts --overwrite
@@ -31,6 +32,9 @@ demo: install
 	$(BIN)/dsedge run demo.bundle --target $(DEMO_TARGET) --prompt "The json module" --max-new-tokens 60 \
 		--repetition-penalty 1.1
 	$(BIN)/dsedge profile demo.bundle --target $(DEMO_TARGET) --trials 2
+	$(BIN)/dsedge index build README.md docs dsedge/demo/MODEL_CARD.md -o demo.index --overwrite
+	$(BIN)/dsedge run demo.bundle --target $(DEMO_TARGET) --index demo.index --show-sources --max-new-tokens 60 --repetition-penalty 1.1 \
+		--prompt "What text was the demo model trained on?"
 
 lint: install
 	$(BIN)/ruff check dsedge tests benchmarks scripts
