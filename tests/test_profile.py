@@ -69,3 +69,29 @@ def test_prefetch_under_a_small_budget_keeps_tokens_and_counts_prefetches(bundle
     stats = tight.experts.stats
     assert stats.prefetches > 0 and stats.misses > 0
     assert not tight.experts.pending or all(f.done() or f.running() for f in tight.experts.pending.values())
+
+
+def test_missing_execution_provider_falls_back_to_cpu_with_a_warning(bundles, caplog):
+    import logging
+
+    import onnxruntime as ort
+
+    from dsedge.runtime import engine as engine_module
+    from dsedge.runtime import load_bundle
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this onnxruntime build has CUDA: nothing to fall back from")
+    engine_module._warned_providers.clear()  # the warning is given once per process
+    with caplog.at_level(logging.WARNING, logger="dsedge"):
+        engine = load_bundle(bundles["monolithic"], providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+    assert engine.providers == ["CPUExecutionProvider"]
+    assert any("CUDAExecutionProvider" in r.getMessage() for r in caplog.records)
+
+
+def test_target_threads_are_capped_at_the_cores_available(bundles):
+    import os
+
+    from dsedge.runtime import load_bundle
+
+    engine = load_bundle(bundles["monolithic"], target="x86-cpu-16g")  # the profile says 8 threads
+    assert engine.session_config.threads == min(8, len(os.sched_getaffinity(0)))
