@@ -50,6 +50,7 @@ DEFAULT_HELDOUT_TOKENS = 4096
 DEFAULT_SEQ_LEN = 512
 MIN_EXPERT_TOKENS = 16
 EXPERT_STATISTICS = ("all-tokens", "routed")
+MAX_JOINT_ROWS = 16384  # rows of expert gate/up weights GPTQ-quantized together on one shared Hessian
 RECIPE_FILE = "recipe.json"
 
 
@@ -273,12 +274,20 @@ class _Run:
         others = [n for n in selected if ".mlp.experts." not in n]
         layer_hessian = lambda n: stats.hessians.get(n.removeprefix(prefix))  # noqa: E731
         quantized = self._quantize_modules(others, selected, state, layer_hessian, prefix, record)
-        fallback = []
+        fallback, pending = [], []
         shared = _all_tokens_hessian(stats.moe[0]) if experts and stats.moe is not None else None
+        flush = lambda names: self._quantize_modules(names, selected, state, lambda n: shared, prefix, record)  # noqa: E731
         for new_id, names in sorted(experts.items()):
             old_id = kept[new_id] if kept else new_id
             hessians = self._expert_hessians(layer, stats, names, selected, old_id, shared, fallback)
-            quantized |= self._quantize_modules(names, selected, state, hessians.get, prefix, record)
+            # gate/up on the all-token Hessian: batched across experts (one factorization for many)
+            later = [n for n in names if shared is not None and hessians.get(n) is shared]
+            now = [n for n in names if n not in later]
+            quantized |= self._quantize_modules(now, selected, state, hessians.get, prefix, record)
+            pending += later
+            if sum(state[n + ".weight"].shape[0] for n in pending) >= MAX_JOINT_ROWS:
+                quantized, pending = quantized | flush(pending), []
+        quantized |= flush(pending) if pending else {}
         if experts:
             record.setdefault("experts", {})["all_token_statistics"] = fallback
         if fallback:
