@@ -168,6 +168,20 @@ def test_compressed_tensors_library_reproduces_dequantized_weights(tiny_checkpoi
     assert checked == report.quantized_modules
 
 
+def test_transformers_loads_dense_output_and_agrees_with_the_report(tiny_checkpoint, tmp_path):
+    """transformers + compressed-tensors load our output (from_pretrained) and score the held-out windows as
+    the streamed report did: the report's compressed perplexity is what a standard loader sees."""
+    from dsedge.evaluation import evaluate_perplexity, torch_logits_fn
+    from dsedge.testing.reference import load_reference_model
+
+    src = tiny_checkpoint("qwen2")
+    report = compress(src, tmp_path / "out", recipe="int4-g32", **FAST)
+    calibset = load_calibration(src / "tokenizer.json", None, calib_tokens=128, heldout_tokens=128, seq_len=64)
+    model = load_reference_model(tmp_path / "out")
+    got = evaluate_perplexity(torch_logits_fn(model), calibset.heldout.reshape(-1).tolist(), window=64, batch_size=8)
+    assert got.perplexity == pytest.approx(report.quality["compressed"]["perplexity"], rel=1e-3)
+
+
 def _reference_dequantized(tensors: dict, module: str) -> torch.Tensor:
     from dsedge.compress.packing import unpack
     from dsedge.compress.quant import dequantize
