@@ -9,7 +9,7 @@ propagation; startup, tokenization and the final quality evaluation excluded); t
 compressed with RTN and with GPTQ. Random weights make perplexity meaningless here: quality deltas of
 real (trained) models are in docs/compress.md's table.
 
-    nice -n 10 .venv/bin/python benchmarks/compress_bench.py [--layers 4] [--json out.json]
+    nice -n 10 .venv/bin/python benchmarks/compress_bench.py [--layers 8] [--json out.json]
 """
 
 from __future__ import annotations
@@ -102,7 +102,7 @@ def quantized_params(src: Path) -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--layers", type=int, default=4, help="base layer count (runs 1x, 2x, 4x)")
+    parser.add_argument("--layers", type=int, default=8, help="base layer count (runs 1x, 2x, 4x)")
     parser.add_argument("--calib-tokens", type=int, default=2048)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
@@ -116,7 +116,7 @@ def main() -> None:
             print(f"wrote {layers} layers, {params / 1e6:.1f} M params in {time.perf_counter() - t:.1f} s",
                   file=sys.stderr, flush=True)
             qparams = quantized_params(src)
-            for method in ("rtn", "gptq") if factor == 1 else ("gptq",):
+            for method in ("rtn", "gptq"):
                 result = run(src, Path(tmp) / "out", method, args.calib_tokens)
                 rows.append({"layers": layers, "method": method, "params": params, "quantized_params": qparams,
                              **result, "quantized_params_per_s": qparams / result["layer_seconds"]})
