@@ -23,6 +23,7 @@ layer is built) + the calibration and held-out hidden states + one buffered outp
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -311,7 +312,7 @@ class _Run:
                 quantized[name] = qt
                 self.schemes[name], self.shapes[name] = scheme, tuple(weight.shape)
                 record["modules"][name.removeprefix(prefix)] = {
-                    "scheme": scheme.label, "sqnr_db": round(sqnr_db(weight, _dequantized(qt)), 3)}
+                    "scheme": scheme.label, "sqnr_db": _json_db(sqnr_db(weight, _dequantized(qt)))}
         return quantized
 
     def _expert_hessians(self, layer, stats, names, selected, old_id, shared, fallback) -> dict:
@@ -353,8 +354,8 @@ class _Run:
         return tensor.to(torch_dtype(info.dtype))
 
     def _log_layer(self, record: dict) -> None:
-        sqnr = [m["sqnr_db"] for m in record["modules"].values()]
-        detail = f", {len(sqnr)} linears, SQNR min {min(sqnr):.1f} dB" if sqnr else ""
+        sqnr = [m["sqnr_db"] for m in record["modules"].values() if m["sqnr_db"] is not None]
+        detail = f", {len(record['modules'])} linears" + (f", SQNR min {min(sqnr):.1f} dB" if sqnr else "")
         kept = record.get("experts", {}).get("kept")
         detail += f", kept {len(kept)} experts" if kept else ""
         log.info("layer %d/%d done in %.1f s%s", record["layer"] + 1, self.spec.num_hidden_layers,
@@ -449,6 +450,11 @@ def _split_rows(qt, rows: list[int]) -> list:
                                    (n, qt.shape[1])))
         start += n
     return out
+
+
+def _json_db(value: float) -> float | None:
+    """dB for the report; None when quantization was exact (infinite SQNR is not JSON)."""
+    return round(value, 3) if math.isfinite(value) else None
 
 
 def _relative(state: dict, prefix: str) -> dict:

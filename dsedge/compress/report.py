@@ -38,7 +38,7 @@ class CompressReport:
 
     def summary(self) -> str:
         """A few human lines: sizes, SQNR range, experts, quality."""
-        sqnr = [m["sqnr_db"] for layer in self.layers for m in layer["modules"].values()]
+        sqnr = [m["sqnr_db"] for layer in self.layers for m in layer["modules"].values() if m["sqnr_db"] is not None]
         lines = [f"compressed {self.checkpoint} -> {self.output}",
                  f"  size {self.bytes_before / 2**20:.2f} MiB -> {self.bytes_after / 2**20:.2f} MiB "
                  f"({self.bytes_after / max(self.bytes_before, 1):.1%})",
