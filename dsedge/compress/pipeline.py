@@ -9,15 +9,16 @@ For each decoder layer, in order (DESIGN.md §5):
 3. MoE layers: routing counts and REAP saliency for every routed expert, then pruning (:mod:`.pruning`);
    each kept expert's Hessians from its routed tokens (all tokens when too few were routed to it);
 4. quantize every linear the recipe selects (RTN or GPTQ, :mod:`.quant`) and pack it (:mod:`.packing`);
-5. rebuild the layer with the dequantized (and pruned) weights and run the calibration states through it:
+5. put the dequantized weights in the layer (pruned: rebuild it smaller) and run the calibration states through it:
    the next layer is calibrated on what the *compressed* model feeds it — GPTQ's sequential practice
    (arXiv:2210.17323 §4, "quantize one layer, then pass the quantized outputs on"), so each layer corrects
    for the error before it. Held-out windows go through both the original and the compressed layer,
    which yields the quality report at the end without holding either model;
 6. write the layer's tensors to the output shards, free it.
 
-Peak memory: about two copies of the largest layer in float32 (original and dequantized, while the compressed
-layer is built) + the calibration and held-out hidden states + one buffered output shard.
+Peak memory: the largest layer in float32 (its dequantized weights are written over the originals in place;
+a pruned layer is rebuilt at its smaller size), its quantized integers, the calibration and held-out hidden
+states, and one buffered output shard.
 """
 
 from __future__ import annotations
@@ -227,13 +228,14 @@ class _Run:
                 selected = self._selected(state)
         quantized = self._quantize_layer(i, layer, state, selected, stats, kept, record)
         self.ignored += [n for n, s in self._linears(state).items() if s is None]
-        del layer
-        compressed = _relative({**state, **{n + ".weight": _dequantized(qt) for n, qt in quantized.items()}}, prefix)
-        new_layer = build_layer(self.classes, self.pruned_config if kept else self.config, i, compressed)
-        self.x = self.runner.run(new_layer, self.x)
+        for name, qt in quantized.items():  # in place: ``state`` views the layer, which now computes compressed
+            state[name + ".weight"].copy_(_dequantized(qt))
+        if kept:  # fewer experts: a layer of the pruned shape
+            layer = build_layer(self.classes, self.pruned_config, i, _relative(state, prefix))
+        self.x = self.runner.run(layer, self.x)
         if self.evaluate:
-            self.h_comp = self.runner.run(new_layer, self.h_comp)
-        del new_layer
+            self.h_comp = self.runner.run(layer, self.h_comp)
+        del layer
         record["seconds"] = round(time.perf_counter() - t0, 3)
         self._log_layer(record)
         self.layers.append(record)
