@@ -314,3 +314,26 @@ def test_help_lists_presets_and_recipe_format(capsys):
     for name in ("int8", "int4-g32", "int4-g128", "int4-experts", "none"):
         assert f"  {name} " in text
     assert "first match wins" in text and "--prune-experts" in text and "examples:" in text
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+def test_a_recipe_naming_lm_head_quantizes_it_and_export_runs_it_as_matmul_nbits(method, tiny_checkpoint, tmp_path):
+    """The head is kept by default; a rule naming it exactly opts it in (the fast path llama.cpp's Q files take)."""
+    import json as _json
+
+    import onnx
+
+    from dsedge.export.bundle import export_bundle
+    from dsedge.models.checkpoint import Checkpoint
+
+    recipe = tmp_path / "head.json"
+    recipe.write_text(_json.dumps({"name": "int8+head", "rules": [
+        {"match": "lm_head", "quant": {"bits": 8, "method": method}}, {"match": "re:.*", "quant": {"bits": 8}}]}))
+    out = tmp_path / "c"
+    report = compress(tiny_checkpoint("llama"), out, recipe=str(recipe), calib_tokens=64, heldout_tokens=64)
+    assert report.lm_head["scheme"].startswith("int8") and report.lm_head["sqnr_db"] > 30
+    assert Checkpoint(out).quantized("lm_head") is not None
+    assert "lm_head" not in _json.loads((out / "config.json").read_text())["quantization_config"]["ignore"]
+    export_bundle(out, tmp_path / "b", max_context=64, accuracy_level=0)  # validated against the reference
+    graph = onnx.load(str(tmp_path / "b" / "graphs" / "decoder.onnx"), load_external_data=False).graph
+    assert any(i.name == "lm_head.qweight" for i in graph.initializer)

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from dsedge.compress.recipes import PRESETS, SAFETY_RULES, Recipe, Rule, load_recipe, parse_recipe
+from dsedge.compress.recipes import PRESETS, SAFETY_RULES, Recipe, Rule, load_recipe, parse_recipe, preset
 from dsedge.compress.scheme import QuantScheme
 from dsedge.errors import UserError
 from dsedge.models.registry import spec_from_config
@@ -32,7 +32,7 @@ def test_first_match_wins_exact_and_regex():
     assert Recipe("r", (Rule(r"re:model\.layers\.1", INT4),)).scheme_for("model.layers.1.mlp.up_proj") is None
 
 
-@pytest.mark.parametrize("name", ["model.embed_tokens", "lm_head", "model.norm", "model.layers.2.mlp.gate",
+@pytest.mark.parametrize("name", ["model.embed_tokens", "model.norm", "model.layers.2.mlp.gate",
                                   "model.layers.2.input_layernorm", "model.layers.1.self_attn.kv_a_layernorm",
                                   "model.layers.3.shared_head.head", "model.layers.3.embed_tokens",
                                   "model.layers.3.enorm"])
@@ -40,6 +40,14 @@ def test_safety_rules_beat_any_recipe(name):
     recipe = Recipe("greedy", (Rule("re:.*", INT4), Rule(name, INT4)))
     assert recipe.scheme_for(name) is None
     assert recipe.rule_for(name) in SAFETY_RULES
+
+
+def test_lm_head_is_kept_unless_a_rule_names_it_exactly():
+    assert Recipe("all", (Rule("re:.*", INT4),)).scheme_for("lm_head") is None
+    assert Recipe("regex", (Rule("re:lm_.*", INT4),)).scheme_for("lm_head") is None
+    assert Recipe("named", (Rule("re:.*", INT4), Rule("lm_head", INT8))).scheme_for("lm_head") == INT8
+    for preset_name in ("int8", "int4", "int4-g32", "int4-experts"):
+        assert preset(preset_name).scheme_for("lm_head") is None
 
 
 def test_safety_rules_leave_the_linears_alone():

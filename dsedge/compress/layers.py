@@ -139,7 +139,15 @@ def final_logits(hidden, norm_weight, head_weight, eps: float, norm_class):
     """Logits ``[N, S, V]`` of the final hidden states through the model's norm and LM head."""
     import torch
 
+    with torch.no_grad():
+        return torch.nn.functional.linear(final_norm(hidden, norm_weight, eps, norm_class), head_weight)
+
+
+def final_norm(hidden, norm_weight, eps: float, norm_class):
+    """The model's final norm applied to ``hidden`` (what the LM head reads)."""
+    import torch
+
     norm = norm_class(hidden.shape[-1], eps=eps)
     with torch.no_grad():
         norm.weight.copy_(norm_weight)
-        return torch.nn.functional.linear(norm(hidden), head_weight)
+        return norm(hidden)

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from dsedge.compress import calibration as cal
-from dsedge.compress.layers import LayerRunner, build_layer, classes_for, hf_config, layer_state
+from dsedge.compress.layers import LayerRunner, build_layer, classes_for, final_norm, hf_config, layer_state
 from dsedge.compress.pruning import PrunePlan, choose_kept, plan_pruning, prune_state
 from dsedge.compress.report import REPORT_FILE, CompressReport, peak_rss_bytes, quality
 from dsedge.compress.writer import (
@@ -170,6 +170,7 @@ class _Run:
         self.shapes: dict[str, tuple[int, int]] = {}
         self.ignored: list[str] = []  # linears the recipe leaves unquantized
         self.quality: dict | None = None
+        self.head_record: dict | None = None  # the LM head's scheme and SQNR when the recipe quantizes it
 
     # -- driver --
     def write(self, directory: Path, max_shard_bytes: int) -> None:
@@ -191,19 +192,50 @@ class _Run:
         heldout = weight[self.calibset.heldout] if self.evaluate else weight[:0][None]
         self.h_orig, self.h_comp = heldout, heldout.clone()
         for name in self.ckpt.non_layer_names():
+            if name == "lm_head.weight" and self.head_scheme is not None:
+                continue  # quantized last, from the final hidden states (_head)
             writer.add({name: self._stored(name, self.ckpt.read(name))})
 
+    @property
+    def head_scheme(self):
+        """The LM head's scheme: only a recipe rule naming ``lm_head`` exactly quantizes it (recipes.py)."""
+        return self.recipe.scheme_for("lm_head") if "lm_head.weight" in self.ckpt.tensors else None
+
     def _head(self, writer: ShardWriter) -> None:
-        if not self.evaluate:
-            return
         norm = self.ckpt.read("model.norm.weight")
         head_name = "lm_head.weight" if "lm_head.weight" in self.ckpt.tensors else "model.embed_tokens.weight"
         head = self.ckpt.read(head_name)
+        head_comp = None
+        if self.head_scheme is not None:
+            head_comp = self._quantize_head(writer, head, norm)
+        if not self.evaluate:
+            return
         self.quality = quality(self.h_orig, self.h_comp, self.calibset.heldout, norm, head, self.spec.rms_norm_eps,
-                                self.classes.norm, self.runner.batch_size)
+                                self.classes.norm, self.runner.batch_size, head_comp=head_comp)
         log.info("held-out perplexity: original %.3f, compressed %.3f, top-1 agreement %.2f%%",
                  self.quality["original"]["perplexity"], self.quality["compressed"]["perplexity"],
                  100 * self.quality["top1_agreement"])
+
+    def _quantize_head(self, writer: ShardWriter, head, norm):
+        """Quantize the LM head (GPTQ on the final-norm outputs of the calibration states, which have been
+        through every compressed layer), write it packed, record it; returns the dequantized head."""
+        from dsedge.compress.packing import pack
+        from dsedge.compress.quant import HessianAccumulator, quantize, sqnr_db
+
+        scheme, weight = self.head_scheme, head.float()
+        hessian = None
+        if scheme.method == "gptq":
+            hessian = HessianAccumulator(weight.shape[1])
+            for start in range(0, self.x.shape[0], self.runner.batch_size):
+                hessian.add(final_norm(self.x[start:start + self.runner.batch_size], norm, self.spec.rms_norm_eps,
+                                       self.classes.norm))
+        qt = quantize(weight, scheme, hessian, name="lm_head")
+        writer.add(pack("lm_head", qt))
+        self.schemes["lm_head"], self.shapes["lm_head"] = scheme, tuple(weight.shape)
+        dequantized = _dequantized(qt)
+        self.head_record = {"scheme": scheme.label, "sqnr_db": _json_db(sqnr_db(weight, dequantized))}
+        log.info("lm_head: %s, SQNR %.1f dB", scheme.label, sqnr_db(weight, dequantized))
+        return dequantized
 
     # -- one layer --
     def _layer(self, i: int) -> dict:
@@ -385,7 +417,8 @@ class _Run:
         if self.schemes:
             from dsedge.compress.packing import quantization_config
 
-            ignore = self.ignored + (["lm_head"] if "lm_head.weight" in self.ckpt.tensors else [])
+            kept_head = "lm_head.weight" in self.ckpt.tensors and self.head_scheme is None
+            ignore = self.ignored + (["lm_head"] if kept_head else [])
             config["quantization_config"] = quantization_config(self.recipe, self.schemes, ignore, shapes=self.shapes)
         return config
 
@@ -404,7 +437,7 @@ class _Run:
                 "expert_statistics": "all-tokens" if self.min_expert_tokens is None else "routed",
                 "min_expert_tokens": self.min_expert_tokens},
             quality=self.quality, elapsed_s=round(time.perf_counter() - started, 3),
-            peak_rss_bytes=peak_rss_bytes(), warnings=self.warnings)
+            peak_rss_bytes=peak_rss_bytes(), warnings=self.warnings, lm_head=self.head_record)
 
 
 @dataclass

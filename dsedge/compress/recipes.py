@@ -6,8 +6,11 @@ matched against the whole name (``re.fullmatch``). The first matching rule wins;
 (``"none"`` in TOML) keeps the module unquantized; a module no rule matches stays unquantized.
 
 Safety rules come before every recipe's own and cannot be overridden: the router (``mlp.gate``, and
-with it its ``e_score_correction_bias``), norms, embeddings and the LM head (``lm_head``, the MTP
-``shared_head.head``) are never quantized. Only 2-D linear weights are candidates at all
+with it its ``e_score_correction_bias``), norms, embeddings and the MTP ``shared_head.head`` are never
+quantized. The LM head (``lm_head``) is kept too unless a recipe rule names it exactly
+(``{"match": "lm_head", "quant": {"bits": 8}}``): at int4 an fp32 head is two thirds of the bytes a small
+model reads per decoded token, which is why llama.cpp's Q4/Q8 files quantize it too; no preset does.
+Only 2-D linear weights are candidates at all
 (:meth:`Recipe.plan` takes them from the spec's ``linear`` flag), so biases and buffers never are.
 
 Recipe files (``.json`` or ``.toml``)::
@@ -102,6 +105,10 @@ class Recipe:
 
     def rule_for(self, module_name: str) -> Rule | None:
         """The rule that decides a module (a safety rule included), or None when none matches."""
+        if module_name == HEAD:
+            named = next((r for r in self.rules if r.match == HEAD), None)
+            if named is not None:
+                return named
         return next((r for r in (*SAFETY_RULES, *self.rules) if r.matches(module_name)), None)
 
     def plan(self, spec, *, include_mtp: bool = False) -> dict[str, QuantScheme | None]:
@@ -252,11 +259,14 @@ def _compiled(pattern: str) -> re.Pattern:
     return _REGEX_CACHE[pattern]
 
 
-# Never quantized, whatever the recipe says (checked before the recipe's own rules).
+HEAD = "lm_head"
+
+# Never quantized, whatever the recipe says (checked before the recipe's own rules); the LM head only
+# unless a rule names it exactly (see the module docstring).
 SAFETY_RULES: tuple[Rule, ...] = (
     Rule(r"re:(.*\.)?mlp\.gate", None),  # the MoE router; e_score_correction_bias belongs to it
     Rule(r"re:(.*\.)?embed_tokens", None),
-    Rule("lm_head", None),
+    Rule(HEAD, None),
     Rule(r"re:(.*\.)?shared_head\.head", None),  # the MTP layer's copy of the LM head
     Rule(r"re:(.*\.)?\w*norm", None),  # input/post-attention/q_a/kv_a/final/MTP norms
 )

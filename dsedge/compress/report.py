@@ -32,6 +32,7 @@ class CompressReport:
     elapsed_s: float
     peak_rss_bytes: int
     warnings: list[str] = field(default_factory=list)
+    lm_head: dict[str, Any] | None = None  # scheme and SQNR when the recipe quantized the LM head
 
     def to_json(self) -> dict[str, Any]:
         return {"schema_version": REPORT_SCHEMA_VERSION, **self.__dict__}
@@ -57,21 +58,23 @@ class CompressReport:
         return "\n".join(lines)
 
 
-def quality(h_orig, h_comp, heldout_ids, norm, head, eps, norm_class, batch_size: int) -> dict:
+def quality(h_orig, h_comp, heldout_ids, norm, head, eps, norm_class, batch_size: int, head_comp=None) -> dict:
     """Held-out perplexity and top-1 accuracy of both models (dsedge.evaluation), and how often their
-    next-token argmax agrees, from the final hidden states of the held-out windows."""
+    next-token argmax agrees, from the final hidden states of the held-out windows. ``head_comp``: the
+    compressed model's LM head when the recipe quantized it (dequantized), else the original's."""
     from dsedge.evaluation import evaluate_perplexity
 
+    head_comp = head if head_comp is None else head_comp
     agree, total = 0, 0
     for start in range(0, h_orig.shape[0], batch_size):
         a = final_logits(h_orig[start:start + batch_size], norm, head, eps, norm_class)[:, :-1].argmax(-1)
-        b = final_logits(h_comp[start:start + batch_size], norm, head, eps, norm_class)[:, :-1].argmax(-1)
+        b = final_logits(h_comp[start:start + batch_size], norm, head_comp, eps, norm_class)[:, :-1].argmax(-1)
         agree, total = agree + int((a == b).sum()), total + a.numel()
     ids = heldout_ids.reshape(-1).tolist()
     window = heldout_ids.shape[1]
     reports = {}
-    for label, hidden in (("original", h_orig), ("compressed", h_comp)):
-        fn = _windowed_logits_fn(hidden, norm, head, eps, norm_class)
+    for label, hidden, weight in (("original", h_orig, head), ("compressed", h_comp, head_comp)):
+        fn = _windowed_logits_fn(hidden, norm, weight, eps, norm_class)
         reports[label] = evaluate_perplexity(fn, ids, window=window, batch_size=batch_size).to_json()
     return {**reports, "top1_agreement": agree / max(total, 1), "heldout_tokens": int(heldout_ids.numel()),
             "delta_perplexity": reports["compressed"]["perplexity"] - reports["original"]["perplexity"]}
