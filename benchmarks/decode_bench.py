@@ -27,7 +27,10 @@ sys.path.insert(0, str(Path(__file__).parent))
 from export_bench import OUT, checkpoint  # noqa: E402 — sibling script, not a package
 
 PROMPT, TTFT_PROMPT = 32, 512
-RECIPES = {"int8": "int8", "int4": "int4-g32"}  # int4 g32 symmetric ~ llama.cpp's Q4_0 (32-blocks, one scale)
+# Like llama.cpp's Q8_0 / Q4_0 files, whose output layer is quantized too (Q8_0 / Q6_K): every linear int8 per
+# channel, or int4 g32 symmetric (Q4_0: blocks of 32, one scale each), and the LM head int8 (a recipe rule
+# names it; no preset quantizes the head). RTN: the weights are random, calibration cannot help them.
+RECIPES = {p: str(Path(__file__).parent / "recipes" / f"bench-{p}.json") for p in ("int8", "int4")}
 # ../shared/bench/README.md: llama.cpp llama-bench on this machine (2 threads, batch 1), tokens/s.
 LLAMA_CPP = {"ds3bench": {"fp32": 76.9, "fp16": 122.7, "int8": 170.7, "int4": 235.4},
              "qwen2bench": {"fp32": 61.3, "fp16": 136.2, "int8": 223.1, "int4": 365.1}}
@@ -55,7 +58,7 @@ def compressed(ckpt: Path, precision: str) -> Path:
     out = OUT / f"{ckpt.name}.{precision}.ckpt"
     if not (out / "config.json").exists():
         _dsedge("compress", str(ckpt), "-o", str(out), "--recipe", RECIPES[precision], "--method", "rtn",
-                "--overwrite")
+                "--calib-tokens", "512", "--no-eval", "--overwrite")
     return out
 
 
@@ -74,7 +77,8 @@ def _dsedge(*args: str) -> None:
 
 
 def weight_bytes_per_token(path: Path) -> int:
-    """Initializer bytes a decode step reads: everything, except routed experts at top-k/E."""
+    """Initializer bytes a decode step reads: everything, except routed experts at top-k/E and the embedding
+    table, of which a step gathers one row."""
     import onnx
 
     manifest = json.loads((path / "manifest.json").read_text())
@@ -86,6 +90,8 @@ def weight_bytes_per_token(path: Path) -> int:
         for init in model.graph.initializer:
             ext = {e.key: e.value for e in init.external_data}
             size = int(ext["length"]) if "length" in ext else len(init.raw_data)
+            if init.name == "model.embed_tokens.weight" and not manifest["model"].get("tie_word_embeddings"):
+                size = size // init.dims[0]  # one row per token
             total += size * (share if ".experts." in init.name else 1.0)
     return int(total)
 
