@@ -22,7 +22,7 @@ class InspectReport:
     architecture: str
     spec: dict[str, Any]
     params: dict[str, Any]
-    params_on_disk: int  # elements stored (FP8 scales excluded), MTP included when present
+    params_on_disk: int  # parameters stored (FP8 scales and quantization parameters excluded), MTP included
     files: int
     bytes_on_disk: int
     bytes_by_dtype: dict[str, int]
@@ -33,6 +33,7 @@ class InspectReport:
     chat_template: str | None
     validated: bool
     notes: list[str] = field(default_factory=list)
+    quantized_modules: dict[str, int] = field(default_factory=dict)  # scheme label -> linears (compressed ckpts)
 
     def to_json(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -48,7 +49,7 @@ def inspect_checkpoint(path: str | Path, *, validate: bool = True) -> InspectRep
     spec = ckpt.spec
     if validate:
         ckpt.validate()
-    on_disk = sum(t.numel for n, t in ckpt.tensors.items() if not n.endswith("_scale_inv"))
+    on_disk = _stored_params(ckpt)
     notes = []
     if spec.num_mtp_layers and not ckpt.has_mtp:
         notes.append("config declares an MTP layer but the checkpoint does not store it")
@@ -61,7 +62,23 @@ def inspect_checkpoint(path: str | Path, *, validate: bool = True) -> InspectRep
         mtp_in_config=spec.num_mtp_layers > 0, mtp_on_disk=ckpt.has_mtp,
         tokenizer=_first_existing(ckpt.path, TOKENIZER_FILES),
         chat_template=_chat_template_source(ckpt.path), validated=validate, notes=notes,
+        quantized_modules=_schemes(ckpt),
     )
+
+
+def _stored_params(ckpt: Checkpoint) -> int:
+    """Parameters the files hold: FP8 scales and packed-quantization tensors count as their logical weights."""
+    quantized = ckpt.quantization
+    total = sum(t.numel for n, t in ckpt.tensors.items()
+                if not n.endswith("_scale_inv") and n.rsplit(".", 1)[0] not in quantized)
+    return total + sum(ckpt.quantized(m).q.numel() for m in quantized) if quantized else total
+
+
+def _schemes(ckpt: Checkpoint) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for scheme in ckpt.quantization.values():
+        counts[scheme.label] = counts.get(scheme.label, 0) + 1
+    return counts
 
 
 def _first_existing(path: Path, names: tuple[str, ...]) -> str | None:

@@ -78,6 +78,10 @@ def render_inspect(r) -> str:
     dtypes = ", ".join(f"{k} {human_bytes(v)}" for k, v in sorted(r.bytes_by_dtype.items()))
     lines.append(f"on disk       {r.files} file(s), {human_bytes(r.bytes_on_disk)}: {dtypes}"
                  + (" (FP8 block-scaled)" if r.fp8 else ""))
+    if r.quantized_modules:
+        schemes = ", ".join(f"{n} × {label}" for label, n in sorted(r.quantized_modules.items()))
+        lines.append(f"quantized     {sum(r.quantized_modules.values())} linears (compressed-tensors pack-quantized): "
+                     f"{schemes}")
     lines.append(f"tokenizer     {r.tokenizer or 'not found'}; chat template: {r.chat_template or 'not found'}")
     lines.append(f"validated     {'every tensor matches config.json' if r.validated else 'skipped'}")
     lines += [f"note          {n}" for n in r.notes]

@@ -93,3 +93,13 @@ def test_moe_op_path_refuses_quantized_experts(compressed, tmp_path):
 
     with pytest.raises(UserError, match="quantized"):
         export_bundle(compressed("v3", "int4-g32"), tmp_path / "b", expert_path="moe_op", validate=False)
+
+
+def test_inspect_describes_a_compressed_checkpoint(compressed, tiny_checkpoint):
+    from dsedge.inspection import inspect_checkpoint
+
+    original = inspect_checkpoint(tiny_checkpoint("v3"))
+    report = inspect_checkpoint(compressed("v3", "int4-g32"))
+    assert report.params_on_disk == original.params_on_disk  # packed words count as the weights they hold
+    assert sum(report.quantized_modules.values()) == len(Checkpoint(compressed("v3", "int4-g32")).quantization)
+    assert set(report.quantized_modules) == {"int4-g32"} and not original.quantized_modules
