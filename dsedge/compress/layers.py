@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import copy
 import importlib
-import re
 from dataclasses import dataclass
 from typing import Any
+
+from dsedge.models.experts import EXPERT_WEIGHT, fuse_experts
 
 # model_type -> the class-name stem inside transformers.models.<model_type>.modeling_<model_type>
 _CLASS_STEMS = {"deepseek_v3": "DeepseekV3", "deepseek_v2": "DeepseekV2", "qwen2": "Qwen2", "llama": "Llama"}
 _DROP_KEYS = ("quantization_config", "auto_map")  # FP8 is dequantized by our reader; remote code is never used
-_EXPERT = re.compile(r"^(?P<prefix>(?:.*\.)?mlp\.experts)\.(?P<e>\d+)\.(?P<kind>gate_proj|up_proj|down_proj)\.weight$")
+_EXPERT = EXPERT_WEIGHT  # per-expert checkpoint names
 
 
 def hf_config(config_dict: dict[str, Any], **overrides):
@@ -61,31 +62,6 @@ def build_layer(classes: Classes, config, index: int, state: dict):
         layer = classes.decoder_layer(config, layer_idx=index)
     layer.load_state_dict(fuse_experts(state), strict=True, assign=True)
     return layer.eval()
-
-
-def fuse_experts(state: dict) -> dict:
-    """Per-expert tensors -> transformers 5's fused ``experts.gate_up_proj [E, 2I, H]`` (gate rows, then up rows)
-    and ``experts.down_proj [E, H, I]``, consuming ``state`` expert by expert. (The reference's helper of the
-    same job lives in ``export``, which compress must not import.)"""
-    import torch
-
-    out, experts = {}, {}
-    for name in list(state):
-        m = _EXPERT.match(name)
-        if m:
-            experts.setdefault(m["prefix"], {})[(int(m["e"]), m["kind"])] = state.pop(name)
-        else:
-            out[name] = state.pop(name)
-    for prefix, parts in experts.items():
-        count = 1 + max(e for e, _ in parts)
-        inter, hidden = parts[(0, "gate_proj")].shape
-        gate_up = torch.empty(count, 2 * inter, hidden, dtype=parts[(0, "gate_proj")].dtype)
-        down = torch.empty(count, hidden, inter, dtype=gate_up.dtype)
-        for e in range(count):  # popped as copied: the per-expert tensors are freed one by one
-            gate_up[e, :inter], gate_up[e, inter:] = parts.pop((e, "gate_proj")), parts.pop((e, "up_proj"))
-            down[e] = parts.pop((e, "down_proj"))
-        out[prefix + ".gate_up_proj"], out[prefix + ".down_proj"] = gate_up, down
-    return out
 
 
 def layer_state(layer, names: list[str], prefix: str) -> dict:

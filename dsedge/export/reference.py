@@ -7,11 +7,10 @@ checkpoints: FP8 blocks are dequantized exactly as the export sees them, and MTP
 from __future__ import annotations
 
 import copy
-import re
 
 from dsedge.models.checkpoint import Checkpoint
+from dsedge.models.experts import fuse_experts
 
-_EXPERT = re.compile(r"^(?P<prefix>.*\.mlp\.experts)\.(?P<e>\d+)\.(?P<kind>gate_proj|up_proj|down_proj)\.weight$")
 _DROP_KEYS = ("quantization_config", "auto_map")
 
 
@@ -30,25 +29,3 @@ def reference_model(ckpt: Checkpoint):
         raise RuntimeError(f"reference weights do not fit transformers' {type(model).__name__}: missing "
                            f"{result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}")
     return model.eval()
-
-
-def fuse_experts(state: dict) -> dict:
-    """Per-expert checkpoint tensors → transformers 5's fused in-memory experts (gate rows, then up rows)."""
-    import torch
-
-    out, experts = {}, {}
-    for name in list(state):
-        tensor = state.pop(name)  # drop our reference as we go: per-expert tensors are freed once stacked
-        m = _EXPERT.match(name)
-        if m:
-            experts.setdefault(m["prefix"], {})[(int(m["e"]), m["kind"])] = tensor
-        else:
-            out[name] = tensor
-    for prefix in list(experts):
-        parts = experts.pop(prefix)
-        count = 1 + max(e for e, _ in parts)
-        out[prefix + ".gate_up_proj"] = torch.stack(
-            [torch.cat([parts[(e, "gate_proj")], parts[(e, "up_proj")]]) for e in range(count)])
-        out[prefix + ".down_proj"] = torch.stack([parts[(e, "down_proj")] for e in range(count)])
-        del parts
-    return out
