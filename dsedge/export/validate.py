@@ -15,7 +15,7 @@ from dsedge.errors import CheckFailed
 
 # Max abs logit error allowed, per export dtype, against the fp32 reference. fp32 graphs differ only in the
 # order of float32 sums (measured ≤ 4e-7 on the fixtures); 1e-4 leaves room for longer sequences. fp16
-# rounds weights and activations to 11 significant bits (measured ≤ 4.3e-4 on every fixture and layout, whose
+# rounds weights and activations to 11 significant bits (measured ≤ 6.1e-4 on every fixture and layout, whose
 # logits are O(1)); 5e-3 allows ~10x. In fp16 greedy tokens may legitimately differ from fp32 at near-ties, so
 # the token checks are reported but only logits decide (they matched on every fixture).
 TOLERANCES = {"fp32": 1e-4, "fp16": 5e-3}
