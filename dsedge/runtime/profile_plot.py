@@ -34,15 +34,29 @@ def write_plot(report, path: str | Path) -> Path:
 
 
 def _stage_bars(ax, report) -> None:
+    """Time to first token (retrieval stages, when an index is profiled, then prefill) and one decode step
+    (graphs, the runtime's own overhead, expert loads)."""
+    stages = []  # (bar, part, ms)
+    if report.retrieval:
+        q = report.retrieval
+        stages += [("TTFT (RAG)", "embed question", q["embed_ms"]), ("TTFT (RAG)", "search", q["search_ms"]),
+                   ("TTFT (RAG)", "prompt assembly", q["assembly_ms"]), ("TTFT (RAG)", "prefill", q["prefill_ms"])]
+    stages.append(("TTFT", "prefill", report.ttft_ms["p50"]))
     load, outside = report.expert_load_ms_per_token, report.outside_ort_ms_per_token
-    inside = report.decode_ms_per_token["mean"] - outside - load
-    ax.bar(["decode step"], [inside], label="graphs (onnxruntime)")
-    ax.bar(["decode step"], [outside], bottom=[inside], label="runtime overhead")
-    if load:
-        ax.bar(["decode step"], [load], bottom=[inside + outside], label="expert partition loads")
-    ax.set_ylabel("ms per token")
-    ax.set_title("decode step: inside vs outside onnxruntime")
-    ax.legend(loc="upper right", fontsize=8)
+    stages += [("decode step", "graphs (onnxruntime)", report.decode_ms_per_token["mean"] - outside - load),
+               ("decode step", "runtime overhead", outside), ("decode step", "expert partition loads", load)]
+    bottoms: dict[str, float] = {}
+    colors: dict[str, str] = {}
+    for bar, part, ms in stages:
+        if ms <= 0:
+            continue
+        color = colors.setdefault(part, f"C{len(colors)}")
+        label = part if part not in ax.get_legend_handles_labels()[1] else None
+        ax.bar([bar], [ms], bottom=[bottoms.get(bar, 0.0)], color=color, label=label)
+        bottoms[bar] = bottoms.get(bar, 0.0) + ms
+    ax.set_ylabel("ms")
+    ax.set_title("time to first token and one decode step")
+    ax.legend(loc="upper right", fontsize=7)
 
 
 def _layer_bars(ax, report) -> None:
