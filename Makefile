@@ -33,6 +33,7 @@ demo: install
 		--repetition-penalty 1.1
 	$(BIN)/dsedge profile demo.bundle --target $(DEMO_TARGET) --trials 2
 	$(BIN)/dsedge index build README.md docs dsedge/demo/MODEL_CARD.md -o demo.index --overwrite
+	$(BIN)/dsedge index query demo.index "What text was the demo model trained on?" -k 3
 	$(BIN)/dsedge run demo.bundle --target $(DEMO_TARGET) --index demo.index --show-sources --max-new-tokens 60 --repetition-penalty 1.1 \
 		--prompt "What text was the demo model trained on?"
 
