@@ -17,14 +17,13 @@ import argparse
 import json
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from export_bench import OUT, checkpoint  # noqa: E402 — sibling script, not a package
+from export_bench import OUT, _timed, checkpoint, read_bandwidth_gbps  # noqa: E402 — sibling script
 
 PROMPT, TTFT_PROMPT = 32, 512
 # Like llama.cpp's Q8_0 / Q4_0 files, whose output layer is quantized too (Q8_0 / Q6_K): every linear int8 per
@@ -34,24 +33,6 @@ RECIPES = {p: str(Path(__file__).parent / "recipes" / f"bench-{p}.json") for p i
 # ../shared/bench/README.md: llama.cpp llama-bench on this machine (2 threads, batch 1), tokens/s.
 LLAMA_CPP = {"ds3bench": {"fp32": 76.9, "fp16": 122.7, "int8": 170.7, "int4": 235.4},
              "qwen2bench": {"fp32": 61.3, "fp16": 136.2, "int8": 223.1, "int4": 365.1}}
-
-
-def read_bandwidth_gbps(threads: int, size_mb: int = 1024, repeats: int = 5) -> float:
-    """Best-of-N read bandwidth with ``threads`` numpy reductions over disjoint halves (numpy drops the GIL)."""
-    data = np.ones(size_mb * 2**20 // 4, dtype=np.float32)
-    parts = np.array_split(data, threads)
-    data.sum()  # fault the pages in
-
-    def once() -> float:
-        workers = [threading.Thread(target=p.sum) for p in parts]
-        started = time.perf_counter()
-        for w in workers:
-            w.start()
-        for w in workers:
-            w.join()
-        return time.perf_counter() - started
-
-    return data.nbytes / min(once() for _ in range(repeats)) / 1e9
 
 
 def compressed(ckpt: Path, precision: str) -> Path:
@@ -142,12 +123,6 @@ def torch_eager_speed(ckpt: Path, steps: int, dtype: str, threads: int) -> dict:
         ttft = _timed(lambda: model(long_prompt))
     ms = (many - one) / steps * 1e3
     return {"decode_ms_per_token": ms, "decode_tokens_per_s": 1e3 / ms, "ttft_512_ms": ttft * 1e3}
-
-
-def _timed(fn) -> float:
-    started = time.perf_counter()
-    fn()
-    return time.perf_counter() - started
 
 
 def run_model(name: str, precisions: list[str], steps: int, threads: int) -> dict:

@@ -84,12 +84,16 @@ def _check_logits(logits: np.ndarray, batch: list[list[int]]) -> None:
 
 def _score_window(logits: np.ndarray, tokens: list[int]) -> tuple[float, int]:
     """(summed NLL, correct argmax count) of tokens[1:] given logits[:-1]  (logits [T, V])."""
-    predicting = logits[:-1].astype(np.float64)  # [T-1, V]: position j predicts token j+1
+    predicting = logits[:-1]  # [T-1, V]: position j predicts token j+1
     targets = np.asarray(tokens[1:])
-    shifted = predicting - predicting.max(axis=-1, keepdims=True)  # stable log-softmax
-    log_norm = np.log(np.exp(shifted).sum(axis=-1))
-    target_logp = shifted[np.arange(len(targets)), targets] - log_norm
+    target_logp = log_softmax(predicting)[np.arange(len(targets)), targets]
     return float(-target_logp.sum()), int((predicting.argmax(axis=-1) == targets).sum())
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """Stable log-softmax over the last axis, in float64."""
+    shifted = logits.astype(np.float64) - logits.max(axis=-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
 
 
 def unigram_perplexity(train_ids: Sequence[int], heldout_ids: Sequence[int], vocab_size: int) -> float:

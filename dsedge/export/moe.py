@@ -76,8 +76,9 @@ def moe_block(g: GraphBuilder, spec: ModelSpec, w: dict[str, np.ndarray], prefix
     """
     flat, idx, weights, shared = moe_router_and_shared(g, spec, w, prefix, h)
     experts = range(spec.moe.n_routed_experts)
-    if expert_path == "dispatch" and qmoe_scheme(spec, w, prefix) is not None:
-        out = qmoe_experts(g, spec, w, prefix, flat, idx, weights)
+    layout = qmoe_scheme(spec, w, prefix) if expert_path == "dispatch" else None
+    if layout is not None:
+        out = qmoe_experts(g, spec, w, prefix, flat, idx, weights, layout)
     elif expert_path == "dense":
         out = _dense_experts(g, spec.moe, w, prefix, flat, idx, weights, experts)
     elif expert_path == "moe_op":
@@ -132,17 +133,19 @@ def qmoe_scheme(spec: ModelSpec, w: dict, prefix: str) -> tuple[int, int] | None
     return bits, group or 0
 
 
-def qmoe_experts(g: GraphBuilder, spec: ModelSpec, w: dict, prefix: str, flat: str, idx: str, weights: str) -> str:
+def qmoe_experts(g: GraphBuilder, spec: ModelSpec, w: dict, prefix: str, flat: str, idx: str, weights: str,
+                 layout: tuple[int, int]) -> str:
     """All routed experts of a layer as one ``com.microsoft::QMoE`` over the stored integer codes.
 
     The op picks top-k from ``router_probs`` and weights outputs by ``router_weights`` when given: we pass
     0 for the experts our exact router chose and −1e9 elsewhere (so it picks exactly those), and DeepSeek's
     aggregation weights (0 elsewhere) — V2's unnormalised weights included. Gate and up rows are
     interleaved (swiglu_fusion=1, the CPU kernel's layout); SwiGLU with alpha 1, beta 0 is silu(g)·u.
-    4× faster than per-expert MatMulNBits dispatch for one token on ds3bench shapes (benchmarks/README.md).
+    3.3× faster than per-expert MatMulNBits dispatch for one token on ds3bench shapes, 2.5× for 8 tokens
+    (`benchmarks/quantized_ops_bench.py`).
     """
     moe = spec.moe
-    bits, block = qmoe_scheme(spec, w, prefix)
+    bits, block = layout  # from qmoe_scheme
     selected, dense = dense_routing_weights(g, moe.n_routed_experts, idx, weights)
     probs = g.op("Where", g.op("Cast", selected, to=9), g.const(0.0, np.float32), g.const(-1e9, np.float32))
     fc1, fc1_scales, fc2, fc2_scales = _qmoe_weights(moe, w, prefix)

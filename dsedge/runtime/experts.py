@@ -96,6 +96,8 @@ class ExpertCache:
 
     def _harvest(self) -> None:
         """Finished prefetches join the LRU order (least recent first: they have not been used yet)."""
+        if not self.pending:  # the common case, on every expert call: nothing in flight
+            return
         for name in [n for n, f in self.pending.items() if f.done()]:
             self._insert(name, self.pending.pop(name).result())
             self.loaded.move_to_end(name, last=False)

@@ -55,17 +55,17 @@ def rag_prompt(engine, question: str, *, history: list[dict] | None = None, k: i
     codec = engine.codec
     if codec is None:
         raise UserError("this bundle has no tokenizer, so it cannot build a prompt", where=str(engine.manifest.root))
+    def count_tokens(text: str) -> int:  # as prepare_prompt encodes a rendered prompt: no extra specials
+        return len(codec.tokenizer.encode(text, add_special_tokens=False).ids)
+
     chat_template = load_chat_template(engine, template)
     frame = chat_template.render([*(history or []), {"role": "user", "content": ""}], add_generation_prompt=True)
-    budget = engine.max_context - max_new_tokens - len(codec.encode(frame)) - THINK_MARGIN
+    budget = engine.max_context - max_new_tokens - count_tokens(frame) - THINK_MARGIN
     if budget < 1:
         raise UserError(f"no room for sources: the context ({engine.max_context} tokens) is taken by the "
                         f"conversation and the {max_new_tokens} tokens kept for the answer", where="rag",
                         hint="lower --max-new-tokens, start a new conversation, or re-export with a larger "
                              "--max-context")
-
-    def count_tokens(text: str) -> int:
-        return len(codec.tokenizer.encode(text, add_special_tokens=False).ids)
 
     return retriever.prompt(question, count_tokens, budget, k=k, system_role=False)
 
