@@ -76,12 +76,12 @@ def test_missing_execution_provider_falls_back_to_cpu_with_a_warning(bundles, ca
 
     import onnxruntime as ort
 
-    from dsedge.runtime import engine as engine_module
+    from dsedge.runtime import session as session_module
     from dsedge.runtime import load_bundle
 
     if "CUDAExecutionProvider" in ort.get_available_providers():
         pytest.skip("this onnxruntime build has CUDA: nothing to fall back from")
-    engine_module._warned_providers.clear()  # the warning is given once per process
+    session_module._warned_providers.clear()  # the warning is given once per process
     with caplog.at_level(logging.WARNING, logger="dsedge"):
         engine = load_bundle(bundles["monolithic"], providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
     assert engine.providers == ["CPUExecutionProvider"]

@@ -54,7 +54,7 @@ class Embedder:
     def __init__(self, root: Path, info: dict, threads: int | None = None):
         from tokenizers import Tokenizer
 
-        from dsedge.runtime.engine import SessionConfig, make_session
+        from dsedge.runtime.session import SessionConfig, make_session
 
         self.root, self.info = root, info
         self.id: str = info["id"]

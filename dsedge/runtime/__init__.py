@@ -5,8 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from dsedge.runtime.bundle import open_manifest
-from dsedge.runtime.engine import Engine, MonolithicEngine, SessionConfig
+from dsedge.runtime.engine import Engine
+from dsedge.runtime.monolithic import MonolithicEngine
 from dsedge.runtime.partitioned import PartitionedEngine
+from dsedge.runtime.session import SessionConfig
 
 
 def load_bundle(path: str | Path, target=None, memory_budget_bytes: int | None = None,

@@ -6,8 +6,9 @@ import numpy as np
 
 from dsedge.manifest import Manifest
 from dsedge.runtime.cache import CacheBuffers
-from dsedge.runtime.engine import Engine, SessionConfig
+from dsedge.runtime.engine import Engine
 from dsedge.runtime.experts import ExpertCache
+from dsedge.runtime.session import SessionConfig
 
 
 class PartitionedEngine(Engine):

@@ -1,0 +1,83 @@
+"""ONNX session creation and per-graph timing: a leaf that the engine and retrieval's embedder both use."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnxruntime as ort
+
+
+@dataclass(frozen=True)
+class SessionConfig:
+    providers: tuple[str, ...] = ("CPUExecutionProvider",)
+    threads: int | None = None
+    # onnxruntime's pool threads spin after each run. With several sessions run in turn (a partitioned
+    # bundle runs ~2 per layer) the idle pools spin against the active one: on ds3bench under load,
+    # decode took 447 ms/token spinning vs 40 without (monolithic 61 vs 36). See benchmarks/README.md.
+    spin: bool = False
+    # onnxruntime's per-node profiler (a JSON trace per session under this prefix); `dsedge profile` uses it
+    # for one extra trial to split a monolithic graph's time by layer and operator.
+    profile_prefix: str | None = None
+
+
+log = logging.getLogger(__name__)
+_warned_providers: set[str] = set()
+
+
+class GraphTimers:
+    """Wall time and calls per graph (session.run), so a profile can say where each token's time went."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+        self.calls: dict[str, int] = {}
+
+    def add(self, name: str, seconds: float) -> None:
+        self.seconds[name] = self.seconds.get(name, 0.0) + seconds
+        self.calls[name] = self.calls.get(name, 0) + 1
+
+    def reset(self) -> None:
+        self.seconds.clear()
+        self.calls.clear()
+
+    @property
+    def total(self) -> float:
+        return sum(self.seconds.values())
+
+
+class TimedSession:
+    """An InferenceSession whose ``run`` is timed under the graph's name (two perf_counter calls per run)."""
+
+    def __init__(self, session: ort.InferenceSession, name: str, timers: GraphTimers):
+        self._session, self._name, self._timers = session, name, timers
+
+    def run(self, output_names, feeds, run_options=None):
+        started = time.perf_counter()
+        try:
+            return self._session.run(output_names, feeds, run_options)
+        finally:
+            self._timers.add(self._name, time.perf_counter() - started)
+
+    def __getattr__(self, attr):
+        return getattr(self._session, attr)
+
+
+def make_session(path: Path, config: SessionConfig) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    if config.profile_prefix:
+        options.enable_profiling = True
+        options.profile_file_prefix = f"{config.profile_prefix}{path.stem}"
+    if config.threads:
+        options.intra_op_num_threads = config.threads
+    if not config.spin:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    available = set(ort.get_available_providers())
+    providers = [p for p in config.providers if p in available] or ["CPUExecutionProvider"]
+    missing = [p for p in config.providers if p not in available]
+    if missing and not _warned_providers.intersection(missing):
+        _warned_providers.update(missing)
+        log.warning("execution provider(s) %s not available in this onnxruntime build (%s); using %s",
+                    ", ".join(missing), ", ".join(sorted(available)), ", ".join(providers))
+    return ort.InferenceSession(str(path), sess_options=options, providers=providers)
