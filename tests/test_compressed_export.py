@@ -9,6 +9,7 @@ checks the mean KL divergence there (≤ 0.05 nats; see QUANTIZED_KL_TOLERANCE f
 import numpy as np
 import onnx
 import pytest
+from test_contract import assert_declared_io_matches_onnx
 
 from dsedge.compress.pipeline import compress
 from dsedge.export.bundle import export_bundle
@@ -49,6 +50,7 @@ def test_compressed_export_validates_exactly_at_accuracy_level_0(variant, recipe
     assert all(c["passed"] for c in report.validation)
     worst = max(c["max_abs_err"] for c in report.validation if c["max_abs_err"] is not None)
     assert worst <= 1e-4
+    assert_declared_io_matches_onnx(tmp_path / "b")
     nodes = _quantized_nodes(tmp_path / "b")
     reader = Checkpoint(ckpt)
     stored = reader.quantization
@@ -70,6 +72,7 @@ def test_accuracy_level_4_stays_within_the_stated_tolerance(layout, compressed, 
     checks = {c["name"]: c for c in report.validation}
     assert checks["prefill"]["passed"] and checks["prefill"]["max_abs_err"] > 1e-6  # activations really quantized
     assert "mean KL" in checks["prefill"]["detail"] and checks["batch2_left_padding"]["passed"]
+    assert_declared_io_matches_onnx(tmp_path / "b")
     manifest = load_bundle(tmp_path / "b").manifest.data
     assert manifest["quantization"]["accuracy_level"] == 4
     assert set(manifest["quantization"]["modules_by_scheme"]) == {"int4-g128-sym", "int8-channel-sym"}

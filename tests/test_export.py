@@ -8,6 +8,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from test_contract import assert_declared_io_matches_onnx
 
 from dsedge.cli import main
 from dsedge.errors import CheckFailed, UserError
@@ -56,6 +57,10 @@ def test_export_validates_every_variant(bundles, case):
     assert all(c["max_abs_err"] <= 1e-4 for c in report.validation if c["max_abs_err"] is not None)
     manifest = json.loads((path / "manifest.json").read_text())
     assert manifest["validation"]["passed"] and manifest["layout"] == "monolithic"
+    (decoder,) = manifest["graphs"]
+    assert decoder["role"] == "decoder" and decoder["bytes"] == sum(
+        manifest["files"][f]["bytes"] for f in (decoder["file"], *decoder["data_files"]))
+    assert_declared_io_matches_onnx(path)
 
 
 @pytest.mark.parametrize("case", [c for c in EXPORT_CASES if not c[1].get("fp8")], ids=case_id)
@@ -140,8 +145,12 @@ def test_bad_schema_and_missing_manifest(bundles, tmp_path):
     path = copy_bundle(bundles, tmp_path)
     manifest = json.loads((path / "manifest.json").read_text())
     (path / "manifest.json").write_text(json.dumps(manifest | {"schema_version": 99}))
-    with pytest.raises(BundleError, match="schema_version"):
+    with pytest.raises(BundleError, match=r"newer dsedge \(schema 99"):
         load_bundle(path)
+    (path / "manifest.json").write_text(json.dumps(manifest | {"schema_version": 1}))
+    with pytest.raises(BundleError, match=r"older dsedge \(schema 1\); re-export it") as err:
+        load_bundle(path)
+    assert err.value.exit_code == 3
     (path / "manifest.json").unlink()
     with pytest.raises(BundleError, match="no manifest.json"):
         load_bundle(path)
@@ -235,9 +244,13 @@ def test_partitioned_export_validates(partitioned, case):
     report, path = partitioned(case[0], **case[1])
     assert all(c["passed"] for c in report.validation)
     manifest = json.loads((path / "manifest.json").read_text())
-    kinds = [g["kind"] for g in manifest["graphs"]]
-    assert kinds.count("prelude") == 1 and kinds.count("head") == 1 and kinds.count("layer") == 3
-    parts = [g for g in manifest["graphs"] if g["kind"] == "experts"]
+    assert_declared_io_matches_onnx(path)
+    roles = [g["role"] for g in manifest["graphs"]]
+    assert roles.count("prelude") == 1 and roles.count("head") == 1 and roles.count("layer") == 3
+    assert all(g["bytes"] > 0 for g in manifest["graphs"])
+    parts = [g for g in manifest["graphs"] if g["role"] == "experts"]
+    trunk_and_parts = [g["name"] for g in manifest["graphs"] if g["role"] in ("layer", "experts")]
+    assert sorted(trunk_and_parts) == trunk_and_parts  # written in layer order, which is also name order
     if case[0] == "llama":
         assert not parts
         return
@@ -247,13 +260,15 @@ def test_partitioned_export_validates(partitioned, case):
         covered = sorted(e for g in parts if g["layer"] == layer for e in range(*g["experts"]))
         assert covered == list(range(spec["moe"]["n_routed_experts"]))
     assert all(g["data_files"] and g["data_files"][0] in manifest["files"] for g in parts)
-    assert set(manifest["placement"]["partitions"]) == {g["name"] for g in parts}
+    # no calibration frequencies: ranked in layer order, each with its bytes; no target: all resident
+    assert manifest["placement"]["ranking"] == [{"name": g["name"], "bytes": g["bytes"], "resident": True}
+                                                for g in parts]
 
 
 @pytest.mark.parametrize("variant", ["v2", "v3"])
 def test_partitioned_under_small_budget_gives_identical_tokens(partitioned, bundles, variant):
     _, path = partitioned(variant)
-    parts = [g for g in json.loads((path / "manifest.json").read_text())["graphs"] if g["kind"] == "experts"]
+    parts = [g for g in json.loads((path / "manifest.json").read_text())["graphs"] if g["role"] == "experts"]
     budget = 2 * max(g["bytes"] for g in parts)  # two partitions of the 6 (or 8) a model has
     assert budget < sum(g["bytes"] for g in parts)
     small = load_bundle(path, memory_budget_bytes=budget)
@@ -267,25 +282,42 @@ def test_partitioned_under_small_budget_gives_identical_tokens(partitioned, bund
 
 
 def test_partitioned_runs_only_chosen_partitions(partitioned):
+    """The partitions run are exactly those holding an expert the router chose (read from the layer outputs)."""
     _, path = partitioned("v3", fp8=True, mtp=True)
     engine = load_bundle(path)
-    engine.greedy([11, 12], 1)  # one prefill of 2 tokens: at most 2 × top-4 experts per layer are chosen
-    calls = engine.experts.stats.calls
-    parts_per_layer = 16 // 4
-    assert sum(calls.values()) <= 2 * parts_per_layer  # two MoE layers
+    chosen: dict[int, set[int]] = {}
+    for i, session in enumerate(engine.layer_sessions):
+        def recording(values, run=session.run_with, layer=i):
+            result = run(values)
+            if "expert_ids" in result:
+                chosen.setdefault(layer, set()).update(int(e) for e in result["expert_ids"].ravel())
+            return result
+
+        session.run_with = recording
+    engine.greedy([11], 1)  # one token: top-4 of 16 experts in at most 2 of the 4 groups (= partitions) per layer
+    holding = {p.name for layer, ids in chosen.items() for p in engine.partitions_by_layer[layer]
+               if any(p.experts[0] <= e < p.experts[1] for e in ids)}
+    every = {p.name for parts in engine.partitions_by_layer.values() for p in parts}
+    assert set(chosen) == {1, 2} and holding < every  # two MoE layers, and some partitions hold no chosen expert
+    assert set(engine.experts.stats.calls) == holding
+    assert all(n == 1 for n in engine.experts.stats.calls.values())  # one forward pass: each ran once
     assert engine.experts.stats.hit_rate == 1.0  # no budget: all resident, no misses
 
 
 def test_placement_plan_respects_budget():
     from dsedge.export.partitioned import RUNTIME_OVERHEAD_BYTES, placement_plan
+    from dsedge.manifest import GraphEntry
 
-    graphs = [{"name": "trunk", "kind": "layer", "bytes": 1000}] + [
-        {"name": f"p{i}", "kind": "experts", "bytes": 100} for i in range(10)]
+    def entry(name, role, size):
+        return GraphEntry(name, role, f"{name}.onnx", (), size, (), (), layer=0, experts=(0, 1))
+
+    graphs = [entry("trunk", "layer", 1000)] + [entry(f"p{i}", "experts", 100) for i in range(10)]
     plan = placement_plan(graphs, budget=1000 + 50 + RUNTIME_OVERHEAD_BYTES + 350, kv_bytes=50,
                           frequencies={"p9": 0.9, "p3": 0.5, "p7": 0.4, "p1": 0.1})
-    resident = [n for n, where in plan["partitions"].items() if where == "resident"]
-    assert resident == ["p9", "p3", "p7"]  # most frequent first, 3 × 100 bytes fit in 350
-    assert plan["resident_expert_bytes"] == 300
+    assert [p.name for p in plan.ranking][:5] == ["p9", "p3", "p7", "p1", "p0"]  # hottest first, then layer order
+    assert plan.resident == ["p9", "p3", "p7"]  # 3 × 100 bytes fit in 350
+    assert plan.resident_expert_bytes == 300 and plan.expert_bytes == 1000 and plan.trunk_bytes == 1000
+    assert plan.resident_within(250) == ["p9", "p3"]  # the runtime's rule: the prefix that fits
 
 
 def test_unsupported_config_options_are_refused():
@@ -316,6 +348,7 @@ def test_fp16_export_within_tolerance(tiny_checkpoint, bundles, tmp_path, varian
                            experts_per_partition=4)
     assert all(c["passed"] for c in report.validation)
     assert all(c["max_abs_err"] <= 5e-3 for c in report.validation if c["max_abs_err"] is not None)
+    assert_declared_io_matches_onnx(tmp_path / "b")
     engine = load_bundle(tmp_path / "b")
     assert all(buf.dtype == np.float16 for buf in engine.new_cache(max_len=4).buffers.values())
     fp32_bytes = bundles(variant)[0].bundle_bytes

@@ -10,15 +10,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import onnx
-
 from dsedge import __version__
+from dsedge.contract import DECODER, decoder_io
 from dsedge.errors import UserError
-from dsedge.export.decoder import build_decoder, cache_spec
+from dsedge.export.decoder import build_decoder, cache_spec, graph_shapes
+from dsedge.export.graph import save_graph
 from dsedge.export.partitioned import placement_plan, write_partitioned
 from dsedge.export.quantized import QuantizedWeight
 from dsedge.export.validate import raise_on_failure, validate_engine
-from dsedge.manifest import write_manifest
+from dsedge.manifest import GraphEntry, write_manifest
 from dsedge.models.checkpoint import Checkpoint
 from dsedge.models.params import count_params
 from dsedge.planning import KV_BYTES, kv_bytes_per_token
@@ -109,14 +109,15 @@ def export_bundle(checkpoint: str | Path, output: str | Path, *, target=None, la
         checks = _validate(ckpt, tmp, dtype, level) if validate else []
         manifest["validation"] = {"dtype": dtype, "accuracy_level": level, "checks": [c.to_json() for c in checks],
                                   "passed": bool(checks)}
-        write_manifest(tmp, manifest)
+        written = write_manifest(tmp, manifest)
         _replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
-    return ExportReport(str(out), layout, dtype, context, graphs, size, round(time.perf_counter() - started, 2),
-                        _peak_rss(), [c.to_json() for c in checks], manifest["notes"])
+    return ExportReport(str(out), layout, dtype, context, [g.to_json() for g in written.graphs], size,
+                        round(time.perf_counter() - started, 2), _peak_rss(), [c.to_json() for c in checks],
+                        manifest["notes"])
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
@@ -188,18 +189,16 @@ def _kv_bytes(spec, context: int, dtype: str) -> int:
 
 
 def _write_graphs(ckpt: Checkpoint, weights, root: Path, context: int, layout: str, tgt, per_partition: int | None,
-                  expert_path: str, half: bool) -> list[dict[str, Any]]:
+                  expert_path: str, half: bool) -> list[GraphEntry]:
     if layout == "partitioned":
         return write_partitioned(ckpt.spec, weights, root, GRAPH_DIR, max_positions=context,
                                  target_budget=tgt.memory_budget_bytes if tgt else None, per_partition=per_partition,
                                  half=half)
-    (root / GRAPH_DIR).mkdir()
-    rel = f"{GRAPH_DIR}/decoder.onnx"
-    model = build_decoder(ckpt.spec, weights, max_positions=context, expert_path=expert_path,
-                          data_path=root / (rel + ".data"), half=half)
-    onnx.save_model(model, root / rel)
-    return [{"name": "decoder", "kind": "decoder", "file": rel, "data_files": [rel + ".data"],
-             "inputs": [i.name for i in model.graph.input], "outputs": [o.name for o in model.graph.output]}]
+    def build(data: Path):
+        return build_decoder(ckpt.spec, weights, max_positions=context, expert_path=expert_path, data_path=data,
+                             half=half)
+
+    return [save_graph(build, decoder_io(graph_shapes(ckpt.spec, half)), root, GRAPH_DIR, DECODER, DECODER)]
 
 
 def _copy_tokenizer(src: Path, root: Path) -> list[str]:
@@ -212,7 +211,7 @@ def _copy_tokenizer(src: Path, root: Path) -> list[str]:
     return copied
 
 
-def _manifest(ckpt: Checkpoint, tgt, layout: str, dtype: str, context: int, graphs: list[dict],
+def _manifest(ckpt: Checkpoint, tgt, layout: str, dtype: str, context: int, graphs: list[GraphEntry],
               accuracy_level: int) -> dict[str, Any]:
     spec = ckpt.spec
     notes = []
@@ -227,7 +226,7 @@ def _manifest(ckpt: Checkpoint, tgt, layout: str, dtype: str, context: int, grap
         "target": tgt.to_json() | {"name": tgt.name} if tgt else None,
         "layout": layout,
         "max_context": context,
-        "cache": cache_spec(spec).to_json() | {"dtype": "float16" if dtype == "fp16" else "float32"},
+        "cache": cache_spec(spec).layout(half=dtype == "fp16"),
         "graphs": graphs,
         "tokenizer": _tokenizer_info(ckpt.path, spec),
         "mtp": {"in_checkpoint": ckpt.has_mtp, "exported": False},

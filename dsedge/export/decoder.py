@@ -1,10 +1,8 @@
 """Whole-model decoder graph: embeddings → layers (MLA+MoE or GQA+MLP) → norm → logits, with cache I/O.
 
-One graph serves prefill and decode (dynamic query length T and cache length S, S may be 0).
-Inputs: ``input_ids`` [B, T], ``position_ids`` [B, T], ``attention_mask`` [B, S+T] (1 = token, 0 = left
-padding), and per layer ``past.{i}.latent`` [B, S, kv_lora + rope] (DeepSeek) or ``past.{i}.key`` /
-``past.{i}.value`` [B, KV, S, d] (dense). Outputs: ``logits`` [B, T, V] and the new tokens' cache entries
-``present.{i}.*`` (T positions only).
+One graph serves prefill and decode (dynamic query length T and cache length S, S may be 0). Its inputs
+and outputs are the decoder role's in ``dsedge.contract`` (``decoder_io``): token ids, positions, mask and
+every layer's cache in; the new tokens' cache entries and the logits out.
 """
 
 from __future__ import annotations
@@ -16,9 +14,20 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from dsedge.contract import (
+    ATTENTION_MASK,
+    INPUT_IDS,
+    LOGITS,
+    POSITION_IDS,
+    GraphShapes,
+    decoder_io,
+    past_name,
+    present_name,
+)
 from dsedge.export.attention import Positional, gqa_attention, mla_attention
-from dsedge.export.graph import FLOAT, INT64, GraphBuilder
+from dsedge.export.graph import GraphBuilder
 from dsedge.export.moe import moe_block
+from dsedge.manifest import CacheLayout
 from dsedge.models.rope import cos_sin_tables, rope_dim
 from dsedge.models.spec import ModelSpec
 
@@ -33,15 +42,23 @@ class CacheSpec:
     names: tuple[str, ...]  # per-layer tensor suffixes: ("latent",) or ("key", "value")
     shape: tuple[str | int, ...]  # with symbolic batch "B" and length "S"
 
-    def to_json(self) -> dict:
-        return {"kind": self.kind, "tensors": list(self.names), "shape": list(self.shape), "dtype": "float32",
-                "input": "past.{layer}.{tensor}", "output": "present.{layer}.{tensor}"}
+    def layout(self, half: bool) -> CacheLayout:
+        """The manifest's cache entry (in the bundle's precision)."""
+        return CacheLayout(self.kind, self.names, self.shape, "float16" if half else "float32")
 
 
 def cache_spec(spec: ModelSpec) -> CacheSpec:
     if spec.mla is not None:
         return CacheSpec("mla_latent", ("latent",), ("B", "S", spec.mla.latent_cache_width))
     return CacheSpec("kv", ("key", "value"), ("B", spec.num_key_value_heads, "S", spec.head_dim))
+
+
+def graph_shapes(spec: ModelSpec, half: bool) -> GraphShapes:
+    """What the contract's signatures need to know about this model and precision."""
+    cache = cache_spec(spec)
+    return GraphShapes(layers=spec.num_hidden_layers, hidden=spec.hidden_size, vocab=spec.vocab_size,
+                       rope_width=rope_table_dim(spec), top_k=spec.moe.num_experts_per_tok if spec.moe else 0,
+                       cache_tensors=cache.names, cache_dims=cache.shape, act="float16" if half else "float32")
 
 
 def build_decoder(spec: ModelSpec, weights: WeightsFn, *, max_positions: int, name: str = "decoder",
@@ -53,23 +70,22 @@ def build_decoder(spec: ModelSpec, weights: WeightsFn, *, max_positions: int, na
     """
     g = GraphBuilder(name, data_path, half)
     cache = cache_spec(spec)
-    input_ids = g.input("input_ids", INT64, ["B", "T"])
-    position_ids = g.input("position_ids", INT64, ["B", "T"])
-    mask = g.input("attention_mask", INT64, ["B", "S_plus_T"])
-    pasts = [[g.input(f"past.{i}.{t}", g.act, cache.shape) for t in cache.names]
-             for i in range(spec.num_hidden_layers)]
+    signature = decoder_io(graph_shapes(spec, half))
+    g.declare_inputs(signature)
+    pasts = [[past_name(i, t) for t in cache.names] for i in range(spec.num_hidden_layers)]
     top = weights(None)
-    x = g.op("Gather", g.weight("model.embed_tokens.weight", top["model.embed_tokens.weight"]), input_ids, axis=0)
-    pos = _positional(g, spec, position_ids, mask, pasts[0][0], cache, max_positions)
+    x = g.op("Gather", g.weight("model.embed_tokens.weight", top["model.embed_tokens.weight"]), INPUT_IDS, axis=0)
+    pos = _positional(g, spec, POSITION_IDS, ATTENTION_MASK, pasts[0][0], cache, max_positions)
+    values: dict[str, str] = {}
     for i in range(spec.num_hidden_layers):
         g.scope = f"layers.{i}/"
         x, presents = _layer(g, spec, weights(i), i, x, pasts[i], pos, expert_path)
         g.scope = ""
-        for t, value in zip(cache.names, presents, strict=True):
-            g.output(value, f"present.{i}.{t}", g.act, [s if s != "S" else "T" for s in cache.shape])
+        values |= {present_name(i, t): value for t, value in zip(cache.names, presents, strict=True)}
     x = g.rms_norm(x, top["model.norm.weight"], "model.norm", spec.rms_norm_eps)
     head = top["model.embed_tokens.weight"] if spec.tie_word_embeddings else top["lm_head.weight"]
-    g.output(g.to_float(g.linear(x, head, "lm_head")), "logits", FLOAT, ["B", "T", spec.vocab_size])
+    values[LOGITS] = g.to_float(g.linear(x, head, "lm_head"))
+    g.declare_outputs(signature, values)
     return g.model()
 
 

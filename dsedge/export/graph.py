@@ -14,7 +14,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from dsedge.contract import Signature
 from dsedge.export.quantized import QuantizedWeight, matmul_nbits_arrays
+from dsedge.manifest import GraphEntry
 
 OPSET = 21
 MS_DOMAIN = "com.microsoft"
@@ -22,6 +24,7 @@ FLOAT = TensorProto.FLOAT
 FLOAT16 = TensorProto.FLOAT16
 INT64 = TensorProto.INT64
 BOOL = TensorProto.BOOL
+ELEM_TYPES = {"float32": FLOAT, "float16": FLOAT16, "int64": INT64, "bool": BOOL}  # contract dtype → ONNX
 
 Dim = int | str | None
 
@@ -71,6 +74,19 @@ class GraphBuilder:
         self.op("Identity", value, out=name)
         self.outputs.append(helper.make_tensor_value_info(name, elem_type, list(shape)))
         return name
+
+    def declare_inputs(self, signature: Signature) -> None:
+        """The graph's inputs, exactly as its role declares them (dsedge.contract)."""
+        for t in signature.inputs:
+            self.input(t.name, ELEM_TYPES[t.dtype], t.dims)
+
+    def declare_outputs(self, signature: Signature, values: dict[str, str]) -> None:
+        """The graph's outputs in their declared order, each bound to the value computed for it."""
+        missing = [t.name for t in signature.outputs if t.name not in values]
+        if missing:
+            raise ValueError(f"graph {self.name}: no value for declared output(s) {missing}")
+        for t in signature.outputs:
+            self.output(values[t.name], t.name, ELEM_TYPES[t.dtype], t.dims)
 
     def weight(self, name: str, array: np.ndarray, *, keep_fp32: bool = False) -> str:
         """A named initializer (weights: kept under a readable name for partitioning and debugging).
@@ -181,3 +197,23 @@ class GraphBuilder:
     def shape_dim(self, x: str, axis: int) -> str:
         """A 1-element int64 tensor holding x.shape[axis]."""
         return self.op("Shape", x, start=axis, end=axis + 1)
+
+
+def save_graph(build, signature: Signature, root: Path, folder: str, name: str, role: str, *,
+               layer: int | None = None, experts: tuple[int, int] | None = None) -> GraphEntry:
+    """Build a graph with its weights streamed to ``name.onnx.data``, save it, return its manifest entry.
+
+    The one writer of graph entries, for both layouts: ``build(data_path)`` returns the ModelProto, whose
+    inputs/outputs are ``signature``'s (the graph declared them through ``declare_inputs/outputs``).
+    """
+    (root / folder).mkdir(parents=True, exist_ok=True)
+    rel = f"{folder}/{name}.onnx"
+    data = root / (rel + ".data")
+    model = build(data)
+    onnx.save_model(model, root / rel)
+    if data.exists() and data.stat().st_size == 0:
+        data.unlink()  # every weight was small enough to stay inline
+    data_files = (rel + ".data",) if data.exists() else ()
+    size = (root / rel).stat().st_size + sum((root / f).stat().st_size for f in data_files)
+    return GraphEntry(name=name, role=role, file=rel, data_files=data_files, bytes=size, inputs=signature.inputs,
+                      outputs=signature.outputs, layer=layer, experts=experts)

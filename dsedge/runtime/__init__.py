@@ -34,7 +34,7 @@ def load_bundle(path: str | Path, target=None, memory_budget_bytes: int | None =
     manifest = open_manifest(path, verify=verify)
     prefix = f"{Path(profile_dir)}/" if profile_dir is not None else None
     config = SessionConfig(tuple(providers), threads, profile_prefix=prefix)
-    if manifest.data.get("layout") == "partitioned":
+    if manifest.contract.layout == "partitioned":
         engine = PartitionedEngine(manifest, config, memory_budget_bytes, prefetch=prefetch_experts)
     else:
         engine = MonolithicEngine(manifest, config)

@@ -5,24 +5,26 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from dsedge.manifest import BundleError, Manifest, read_manifest, resolve_inside
+import numpy as np
+
+from dsedge.manifest import BundleError, GraphEntry, Manifest, read_manifest, resolve_inside
 from dsedge.onnx_refs import external_data_locations
 
 log = logging.getLogger(__name__)
 
 
-def verified_graph_path(manifest: Manifest, graph: dict) -> Path:
+def verified_graph_path(manifest: Manifest, graph: GraphEntry) -> Path:
     """The graph file, after checking that each external-data location is a listed file inside the bundle."""
-    path = manifest.path(graph["file"], what=f"graph {graph['name']}")
+    path = manifest.path(graph.file, what=f"graph {graph.name}")
     try:
         locations = external_data_locations(path.read_bytes())
     except ValueError as exc:
-        raise BundleError(f"graph {graph['file']} is not a valid ONNX file ({exc})", where=str(path)) from exc
-    graph_dir = Path(graph["file"]).parent
+        raise BundleError(f"graph {graph.file} is not a valid ONNX file ({exc})", where=str(path)) from exc
+    graph_dir = Path(graph.file).parent
     for location in locations:
         rel = (graph_dir / location).as_posix()
-        resolve_inside(manifest.root, rel, what=f"external data of {graph['file']}")
-        manifest.path(rel, what=f"external data of {graph['file']}")
+        resolve_inside(manifest.root, rel, what=f"external data of {graph.file}")
+        manifest.path(rel, what=f"external data of {graph.file}")
     return path
 
 
@@ -33,3 +35,24 @@ def open_manifest(path: str | Path, *, verify: bool = True) -> Manifest:
     else:
         log.warning("bundle %s loaded without sha256 verification", path)
     return manifest
+
+
+class DeclaredSession:
+    """A session run by its manifest entry: feeds are the declared inputs, picked by name from the values at
+    hand, and the result maps every declared output to its array. Other attributes go to the session."""
+
+    def __init__(self, session, graph: GraphEntry):
+        self._session, self.graph = session, graph
+        self._inputs, self._outputs = graph.input_names, graph.output_names
+
+    def run_with(self, values: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        missing = [name for name in self._inputs if name not in values]
+        if missing:
+            raise BundleError(f"graph {self.graph.name} declares input(s) {', '.join(missing)} that no earlier "
+                              "graph of the bundle produces", where=self.graph.file,
+                              hint="the manifest does not match this runtime; re-export the bundle")
+        arrays = self._session.run(self._outputs, {name: values[name] for name in self._inputs})
+        return dict(zip(self._outputs, arrays, strict=True))
+
+    def __getattr__(self, attr):
+        return getattr(self._session, attr)

@@ -6,9 +6,10 @@ from abc import ABC, abstractmethod
 
 import numpy as np
 
+from dsedge.contract import ATTENTION_MASK, INPUT_IDS, POSITION_IDS
 from dsedge.errors import UserError
-from dsedge.manifest import Manifest
-from dsedge.runtime.bundle import verified_graph_path
+from dsedge.manifest import GraphEntry, Manifest
+from dsedge.runtime.bundle import DeclaredSession, verified_graph_path
 from dsedge.runtime.cache import CacheBuffers
 from dsedge.runtime.session import GraphTimers, SessionConfig, TimedSession, make_session
 
@@ -38,20 +39,22 @@ class Engine(ABC):
     def __init__(self, manifest: Manifest, session_config: SessionConfig):
         self.manifest = manifest
         self.session_config = session_config
-        self.spec = manifest.data["model"]
-        self.cache_layout = manifest.data["cache"]
-        self.max_context = int(manifest.data["max_context"])
+        contract = manifest.contract
+        self.spec = contract.model
+        self.cache_layout = contract.cache.to_json()
+        self.max_context = contract.max_context
         self.timers = GraphTimers()
 
-    def graph(self, kind: str, **match) -> list[dict]:
-        return [g for g in self.manifest.data["graphs"]
-                if g["kind"] == kind and all(g.get(k) == v for k, v in match.items())]
+    def graph(self, role: str, **match) -> list[GraphEntry]:
+        """The manifest's graphs of ``role`` (dsedge.contract.ROLES) whose fields equal ``match``."""
+        return self.manifest.contract.graphs_in(role, **match)
 
-    def session(self, graph: dict) -> TimedSession:
+    def session(self, graph: GraphEntry) -> DeclaredSession:
+        """A timed session of ``graph``, run by its declared inputs and outputs (``run_with``)."""
         session = make_session(verified_graph_path(self.manifest, graph), self.session_config)
         if not hasattr(self, "_providers"):
             self._providers = list(session.get_providers())
-        return TimedSession(session, graph["name"], self.timers)
+        return DeclaredSession(TimedSession(session, graph.name, self.timers), graph)
 
     @property
     def retriever(self):
@@ -93,8 +96,8 @@ class Engine(ABC):
         """Run new tokens [B, T] (mask covers cache + new) and append their cache entries; logits [B, T, V]."""
         new_tokens = input_ids.shape[1]
         cache.check_room(new_tokens)
-        feeds = {"input_ids": input_ids.astype(np.int64), "attention_mask": mask.astype(np.int64),
-                 "position_ids": positions_from_mask(mask, new_tokens)}
+        feeds = {INPUT_IDS: input_ids.astype(np.int64), ATTENTION_MASK: mask.astype(np.int64),
+                 POSITION_IDS: positions_from_mask(mask, new_tokens)}
         outputs = self.run_graph(feeds, cache)
         cache.append(outputs, new_tokens)
         return outputs["logits"]

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 
 import onnxruntime as ort
 
+from dsedge.manifest import GraphEntry
+
 log = logging.getLogger(__name__)
 
 
@@ -44,18 +46,18 @@ class ExpertCache:
     bookkeeping (LRU order, eviction, budget) stays on the calling thread.
     """
 
-    def __init__(self, partitions: dict[str, dict], loader: Callable[[dict], ort.InferenceSession],
-                 resident: set[str], budget_bytes: int | None):
+    def __init__(self, partitions: dict[str, GraphEntry], loader: Callable[[GraphEntry], ort.InferenceSession],
+                 resident: list[str], budget_bytes: int | None):
         self.partitions = partitions
         self.pending: dict[str, Future] = {}
         self._pool: ThreadPoolExecutor | None = None
         self.loader = loader
         self.budget = budget_bytes
-        self.resident = resident
+        self.resident = set(resident)
         self.loaded: OrderedDict[str, ort.InferenceSession] = OrderedDict()
         self.stats = ExpertCacheStats()
         self._warned = False
-        for name in sorted(resident):
+        for name in resident:  # hottest first
             self._load(name)
 
     def reset_stats(self) -> None:
@@ -65,7 +67,7 @@ class ExpertCache:
     @property
     def loaded_bytes(self) -> int:
         """Bytes held: loaded partitions and those being prefetched (they count from the start)."""
-        return sum(self.partitions[n]["bytes"] for n in (*self.loaded, *self.pending))
+        return sum(self.partitions[n].bytes for n in (*self.loaded, *self.pending))
 
     def get(self, name: str) -> ort.InferenceSession:
         self.stats.calls[name] = self.stats.calls.get(name, 0) + 1
@@ -79,7 +81,7 @@ class ExpertCache:
         if name in self.pending:
             self.stats.prefetch_hits += 1
             return self._collect(name)
-        self._make_room(self.partitions[name]["bytes"])
+        self._make_room(self.partitions[name].bytes)
         return self._load(name)
 
     def prefetch(self, names) -> None:
@@ -88,7 +90,7 @@ class ExpertCache:
         for name in names:
             if name in self.loaded or name in self.pending:
                 continue
-            self._make_room(self.partitions[name]["bytes"])
+            self._make_room(self.partitions[name].bytes)
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dsedge-prefetch")
             self.pending[name] = self._pool.submit(self.loader, self.partitions[name])
@@ -115,7 +117,7 @@ class ExpertCache:
         return self._insert(name, session)
 
     def _insert(self, name: str, session: ort.InferenceSession) -> ort.InferenceSession:
-        self.stats.bytes_loaded += self.partitions[name]["bytes"]
+        self.stats.bytes_loaded += self.partitions[name].bytes
         self.loaded[name] = session
         return session
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from dsedge.contract import DECODER
 from dsedge.manifest import Manifest
 from dsedge.runtime.cache import CacheBuffers
 from dsedge.runtime.engine import Engine
@@ -17,9 +18,7 @@ class MonolithicEngine(Engine):
 
     def __init__(self, manifest: Manifest, session_config: SessionConfig):
         super().__init__(manifest, session_config)
-        self.decoder = self.session(self.graph("decoder")[0])
-        self.output_names = [o.name for o in self.decoder.get_outputs()]
+        self.decoder = self.session(self.graph(DECODER)[0])
 
     def run_graph(self, feeds: dict[str, np.ndarray], cache: CacheBuffers) -> dict[str, np.ndarray]:
-        outputs = self.decoder.run(self.output_names, {**feeds, **cache.past()})
-        return dict(zip(self.output_names, outputs, strict=True))
+        return self.decoder.run_with({**feeds, **cache.past()})

@@ -2,13 +2,30 @@
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 
-from dsedge.manifest import Manifest
+from dsedge.contract import (
+    EXPERT_IDS,
+    EXPERTS,
+    HEAD,
+    HIDDEN,
+    LAYER,
+    LOGITS,
+    MOE_INPUT,
+    PRELUDE,
+    RESIDUAL,
+    ROUTED,
+    present_name,
+)
+from dsedge.manifest import GraphEntry, Manifest
 from dsedge.runtime.cache import CacheBuffers
 from dsedge.runtime.engine import Engine
 from dsedge.runtime.experts import ExpertCache
 from dsedge.runtime.session import SessionConfig
+
+log = logging.getLogger(__name__)
 
 
 class PartitionedEngine(Engine):
@@ -21,57 +38,51 @@ class PartitionedEngine(Engine):
         # consecutive tokens is strongly correlated (the "temporal locality" MoE offloading systems use).
         self.prefetch = prefetch
         self.recent: dict[int, list[str]] = {}
-        self.prelude = self.session(self.graph("prelude")[0])
-        self.layer_sessions = [self.session(self.graph("layer", layer=i)[0]) for i in range(self.layers)]
-        self.layer_outputs = [[o.name for o in s.get_outputs()] for s in self.layer_sessions]
-        self.head = self.session(self.graph("head")[0])
-        parts = {g["name"]: g for g in self.graph("experts")}
-        self.partitions_by_layer: dict[int, list[dict]] = {}
+        self.prelude = self.session(self.graph(PRELUDE)[0])
+        self.layer_sessions = [self.session(self.graph(LAYER, layer=i)[0]) for i in range(self.layers)]
+        self.presents = [[present_name(i, t) for t in self.cache_layout["tensors"]] for i in range(self.layers)]
+        self.head = self.session(self.graph(HEAD)[0])
+        parts = {g.name: g for g in self.graph(EXPERTS)}
+        self.partitions_by_layer: dict[int, list[GraphEntry]] = {}
         for part in parts.values():
-            self.partitions_by_layer.setdefault(part["layer"], []).append(part)
-        placement = manifest.data.get("placement", {}).get("partitions", {})
-        resident = {n for n, where in placement.items() if where == "resident"}
-        if memory_budget_bytes is not None and parts:
-            # An explicit budget overrides the exported plan; keep room for one on-demand partition.
-            largest = max(p["bytes"] for p in parts.values())
-            resident = _fit(parts, resident, memory_budget_bytes - largest)
+            self.partitions_by_layer.setdefault(part.layer, []).append(part)
+        resident = self._resident(memory_budget_bytes) if parts else []
         self.experts = ExpertCache(parts, self.session, resident, memory_budget_bytes)
 
+    def _resident(self, budget: int | None) -> list[str]:
+        """Export's resident set, or under an explicit budget the longest prefix of export's ranking (hottest
+        first) that fits, leaving room for one on-demand partition."""
+        placement = self.manifest.contract.placement
+        if placement is None:
+            log.warning("bundle has no placement ranking: no expert partition is kept resident")
+            return []
+        if budget is None:
+            return placement.resident
+        return placement.resident_within(budget - max(p.bytes for p in placement.ranking))
+
     def run_graph(self, feeds: dict[str, np.ndarray], cache: CacheBuffers) -> dict[str, np.ndarray]:
-        hidden, cos, sin, allowed = self.prelude.run(["hidden", "cos", "sin", "allowed"], feeds)
-        past = cache.past()
+        values = {**feeds, **cache.past()}
+        values |= self.prelude.run_with(values)
         outputs: dict[str, np.ndarray] = {}
-        for i, (session, names) in enumerate(zip(self.layer_sessions, self.layer_outputs, strict=True)):
+        for i, session in enumerate(self.layer_sessions):
             if self.prefetch and i + 1 in self.recent:
                 self.experts.prefetch(self.recent[i + 1])  # loads overlap this layer's compute
-            layer_feeds = {"hidden": hidden, "cos": cos, "sin": sin, "allowed": allowed,
-                           **{k: v for k, v in past.items() if k.startswith(f"past.{i}.")}}
-            result = dict(zip(names, session.run(names, layer_feeds), strict=True))
-            outputs.update({k: v for k, v in result.items() if k.startswith("present.")})
-            hidden = result["residual"]
-            if "expert_ids" in result:  # experts summed in fp32, added in the graph's precision
+            result = session.run_with(values)
+            outputs |= {name: result[name] for name in self.presents[i]}
+            hidden = result[RESIDUAL]
+            if EXPERT_IDS in result:  # experts summed in fp32, added in the graph's precision
                 hidden = (hidden + self._routed(i, result).reshape(hidden.shape)).astype(hidden.dtype)
-        outputs["logits"] = self.head.run(["logits"], {"hidden": hidden})[0]
+            values[HIDDEN] = hidden
+        outputs[LOGITS] = self.head.run_with(values)[LOGITS]
         return outputs
 
     def _routed(self, layer: int, result: dict[str, np.ndarray]) -> np.ndarray:
         """Sum of the partitions that hold at least one chosen expert; the others are never touched."""
-        chosen = np.unique(result["expert_ids"])
-        feeds = {k: result[k] for k in ("moe_input", "expert_ids", "expert_weights")}
-        total = np.zeros(result["moe_input"].shape, np.float32)
-        used = [p["name"] for p in self.partitions_by_layer.get(layer, [])
-                if np.any((chosen >= p["experts"][0]) & (chosen < p["experts"][1]))]
+        chosen = np.unique(result[EXPERT_IDS])
+        total = np.zeros(result[MOE_INPUT].shape, np.float32)
+        used = [p.name for p in self.partitions_by_layer.get(layer, [])
+                if np.any((chosen >= p.experts[0]) & (chosen < p.experts[1]))]
         for name in used:
-            total += self.experts.get(name).run(["routed"], feeds)[0]
+            total += self.experts.get(name).run_with(result)[ROUTED]
         self.recent[layer] = used
         return total
-
-
-def _fit(parts: dict[str, dict], preferred: set[str], budget: int) -> set[str]:
-    """The exported resident set, trimmed (in name order) to what ``budget`` holds."""
-    kept, used = set(), 0
-    for name in sorted(preferred):
-        if used + parts[name]["bytes"] <= budget:
-            kept.add(name)
-            used += parts[name]["bytes"]
-    return kept
