@@ -86,8 +86,9 @@ def test_generate_finish_reasons(bundle):
 
 def test_stream_pieces_add_up_to_the_text(bundle):
     engine = load_bundle(bundle)
-    pieces = [e.text for e in engine.stream("import os", max_new_tokens=6, temperature=0.7, seed=1)]
-    assert "".join(pieces) == engine.last_result.text and len(pieces) == 6
+    stream = engine.stream("import os", max_new_tokens=6, temperature=0.7, seed=1)
+    pieces = [e.text for e in stream]
+    assert "".join(pieces) == stream.result.text and len(pieces) == 6
 
 
 def test_too_long_prompt_is_refused(bundle):
@@ -112,13 +113,16 @@ class _ScriptedEngine:
     def __init__(self, script: list[int], vocab: int):
         self.script, self.vocab, self.calls = list(script), vocab, 0
 
-    def new_cache(self, max_len=None):
-        return None
+    def new_cache(self, batch=1, max_len=None):
+        from dsedge.runtime.cache import CacheBuffers
+
+        return CacheBuffers({"tensors": [], "shape": ["B", "S"]}, 0, batch, max_len)  # no layers: positions only
 
     def forward(self, ids, mask, cache):
         logits = np.zeros((1, ids.shape[1], self.vocab), np.float32)
         logits[0, -1, self.script[min(self.calls, len(self.script) - 1)]] = 1.0
         self.calls += 1
+        cache.append({}, ids.shape[1])
         return logits
 
 
@@ -126,18 +130,17 @@ class _ScriptedEngine:
 def test_a_character_split_across_tokens_streams_whole(end):
     from tokenizers import Tokenizer
 
-    from dsedge.runtime.generation import GenerationResult, TextCodec, stream_tokens
+    from dsedge.runtime.generation import TextCodec, TextStream
     from dsedge.testing.tokenizer import EOS_ID, tokenizer_json
 
     tok = Tokenizer.from_str(tokenizer_json())
     c3, a9 = tok.token_to_id("Ã"), tok.token_to_id("©")  # byte-level symbols of 0xC3 0xA9 = "é"
     x = tok.encode("x", add_special_tokens=False).ids[0]
     script = [x, c3, a9, x, c3] + ([EOS_ID] if end == "eos" else [])
-    result = GenerationResult("", [], "length", 0)
-    events = list(stream_tokens(_ScriptedEngine(script, tok.get_vocab_size()), TextCodec(tok, None, {EOS_ID}), [x],
-                                max_new_tokens=len(script) if end == "eos" else 5, sampling=SamplingParams(),
-                                stop=None, result=result))
-    pieces = [e.text for e in events]
+    stream = TextStream(_ScriptedEngine(script, tok.get_vocab_size()), TextCodec(tok, None, {EOS_ID}), [x],
+                        max_new_tokens=len(script) if end == "eos" else 5, sampling=SamplingParams(), stop=None)
+    pieces = [e.text for e in stream]
+    result = stream.result
     assert "".join(pieces) == result.text and result.finish_reason == end
     assert pieces[1] == "" and pieces[2] == "é"  # held back until the character is complete
     assert result.text.startswith("xéx")
