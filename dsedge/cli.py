@@ -300,30 +300,32 @@ def _run_export(args):
 
 
 def load_engine(args):
-    """load_bundle from the engine and RAG flags (run, chat)."""
+    """load_bundle from the engine flags, and the retriever the RAG flags ask for (run, chat): (engine, retriever
+    or None). The index is opened (and verified) now, so a bad one fails before the first question."""
     from dsedge.errors import UserError
+    from dsedge.rag import open_retriever
     from dsedge.runtime import load_bundle
 
     engine = load_bundle(args.bundle, target=args.target, threads=args.threads,
-                         memory_budget_bytes=args.memory_budget, prefetch_experts=args.prefetch_experts,
-                         index=args.index)
-    if args.rag and engine.retriever is None:
+                         memory_budget_bytes=args.memory_budget, prefetch_experts=args.prefetch_experts)
+    retriever = open_retriever(engine, args.index) if (args.index or args.rag) else None
+    if args.rag and retriever is None:
         raise UserError("this bundle has no embedded index", where=args.bundle,
                         hint="pass --index INDEX, or re-export with `dsedge export ... --index INDEX`")
-    return engine
+    return engine, retriever
 
 
 def _run_run(args):
-    engine = load_engine(args)
-    if args.index or args.rag:
-        return _run_rag(engine, args)
-    events = engine.stream(args.prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+    engine, retriever = load_engine(args)
+    if retriever is not None:
+        return _run_rag(engine, retriever, args)
+    stream = engine.stream(args.prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                            top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
                            stop=args.stop)
-    for event in events:
+    for event in stream:
         if not args.json:
             print(event.text, end="", flush=True)
-    return engine.last_result
+    return stream.result
 
 
 # --- rendering ----------------------------------------------------------------------------------
@@ -346,10 +348,12 @@ def _render_export(r) -> None:
     print(render_export(r))
 
 
-def _run_rag(engine, args):
-    replies = engine.ask(args.prompt, k=args.top_chunks, max_new_tokens=args.max_new_tokens, stream=True,
-                         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                         repetition_penalty=args.repetition_penalty, seed=args.seed, stop=args.stop)
+def _run_rag(engine, retriever, args):
+    from dsedge.rag import ask
+
+    replies = ask(engine, args.prompt, retriever=retriever, k=args.top_chunks, max_new_tokens=args.max_new_tokens,
+                  stream=True, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                  repetition_penalty=args.repetition_penalty, seed=args.seed, stop=args.stop)
     for piece in replies:
         if not args.json:
             print(piece.text, end="", flush=True)

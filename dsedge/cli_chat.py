@@ -53,12 +53,13 @@ class ChatTranscript:
 
 def _run_chat(args) -> ChatTranscript:
     from dsedge.cli import load_engine
+    from dsedge.rag import RagSources
     from dsedge.runtime.chat import ChatSession
 
-    engine = load_engine(args)
-    rag_k = args.top_chunks if (args.index or args.rag) else None
+    engine, retriever = load_engine(args)
+    sources = RagSources(retriever, args.top_chunks) if retriever is not None else None
     session = ChatSession(engine, system=args.system, template=args.template, max_new_tokens=args.max_new_tokens,
-                          rag_k=rag_k,
+                          sources=sources,
                           temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                           repetition_penalty=args.repetition_penalty, seed=args.seed, stop=args.stop)
     quiet = args.quiet or args.json

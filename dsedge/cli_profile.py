@@ -35,14 +35,16 @@ def register(sub, command) -> None:
 
 
 def _run(args):
-    from dsedge.runtime.profile import profile_bundle
+    from dsedge.rag import open_retriever
+    from dsedge.runtime import load_bundle
+    from dsedge.runtime.profile import profile_engine
 
-    return profile_bundle(args.bundle, prompt_tokens=args.prompt_tokens, gen_tokens=args.gen_tokens,
-                          trials=args.trials, target=args.target, threads=args.threads,
-                          memory_budget_bytes=args.memory_budget,
-                          prefetch_experts=args.prefetch_experts, by_op=args.by_op,
-                          index=args.index, **({"question": args.question} if args.question else {}),
-                          seed=args.seed, plot=args.plot)
+    engine = load_bundle(args.bundle, target=args.target, threads=args.threads,
+                         memory_budget_bytes=args.memory_budget, prefetch_experts=args.prefetch_experts)
+    return profile_engine(engine, prompt_tokens=args.prompt_tokens, gen_tokens=args.gen_tokens, trials=args.trials,
+                          by_op=args.by_op, seed=args.seed, plot=args.plot, target=args.target,
+                          memory_budget_bytes=args.memory_budget, retriever=open_retriever(engine, args.index),
+                          **({"question": args.question} if args.question else {}))
 
 
 def _render(r) -> None:

@@ -86,8 +86,9 @@ def test_generate_finish_reasons(bundle):
 
 def test_stream_pieces_add_up_to_the_text(bundle):
     engine = load_bundle(bundle)
-    pieces = [e.text for e in engine.stream("import os", max_new_tokens=6, temperature=0.7, seed=1)]
-    assert "".join(pieces) == engine.last_result.text and len(pieces) == 6
+    stream = engine.stream("import os", max_new_tokens=6, temperature=0.7, seed=1)
+    pieces = [e.text for e in stream]
+    assert "".join(pieces) == stream.result.text and len(pieces) == 6
 
 
 def test_too_long_prompt_is_refused(bundle):
@@ -112,13 +113,16 @@ class _ScriptedEngine:
     def __init__(self, script: list[int], vocab: int):
         self.script, self.vocab, self.calls = list(script), vocab, 0
 
-    def new_cache(self, max_len=None):
-        return None
+    def new_cache(self, batch=1, max_len=None):
+        from dsedge.runtime.cache import CacheBuffers
+
+        return CacheBuffers({"tensors": [], "shape": ["B", "S"]}, 0, batch, max_len)  # no layers: positions only
 
     def forward(self, ids, mask, cache):
         logits = np.zeros((1, ids.shape[1], self.vocab), np.float32)
         logits[0, -1, self.script[min(self.calls, len(self.script) - 1)]] = 1.0
         self.calls += 1
+        cache.append({}, ids.shape[1])
         return logits
 
 
@@ -126,18 +130,177 @@ class _ScriptedEngine:
 def test_a_character_split_across_tokens_streams_whole(end):
     from tokenizers import Tokenizer
 
-    from dsedge.runtime.generation import GenerationResult, TextCodec, stream_tokens
+    from dsedge.runtime.generation import TextCodec, TextStream
     from dsedge.testing.tokenizer import EOS_ID, tokenizer_json
 
     tok = Tokenizer.from_str(tokenizer_json())
     c3, a9 = tok.token_to_id("Ã"), tok.token_to_id("©")  # byte-level symbols of 0xC3 0xA9 = "é"
     x = tok.encode("x", add_special_tokens=False).ids[0]
     script = [x, c3, a9, x, c3] + ([EOS_ID] if end == "eos" else [])
-    result = GenerationResult("", [], "length", 0)
-    events = list(stream_tokens(_ScriptedEngine(script, tok.get_vocab_size()), TextCodec(tok, None, {EOS_ID}), [x],
-                                max_new_tokens=len(script) if end == "eos" else 5, sampling=SamplingParams(),
-                                stop=None, result=result))
-    pieces = [e.text for e in events]
+    stream = TextStream(_ScriptedEngine(script, tok.get_vocab_size()), TextCodec(tok, None, {EOS_ID}), [x],
+                        max_new_tokens=len(script) if end == "eos" else 5, sampling=SamplingParams(), stop=None)
+    pieces = [e.text for e in stream]
+    result = stream.result
     assert "".join(pieces) == result.text and result.finish_reason == end
     assert pieces[1] == "" and pieces[2] == "é"  # held back until the character is complete
     assert result.text.startswith("xéx")
+
+
+# --- the decode loop (dsedge.runtime.decode) -----------------------------------------------------------
+
+PROMPT = [5, 9, 200, 31, 7, 77, 140, 12, 3, 41]
+
+
+def _recomputed(engine, prompt, n, sampler):
+    """Tokens by recomputing the whole sequence every step (no cache): an oracle independent of the loop."""
+    ids = list(prompt)
+    for _ in range(n):
+        ids.append(sampler(engine.logits(ids)[-1], ids))
+    return ids[len(prompt):]
+
+
+def _tokens(events):
+    return [e.token_id for e in events]
+
+
+def test_generate_step_matches_full_recomputation_greedy_and_sampled(bundle):
+    from dsedge.runtime.decode import generate_step
+
+    engine = load_bundle(bundle)
+    assert _tokens(generate_step(engine, PROMPT, max_new_tokens=12)) == _recomputed(
+        engine, PROMPT, 12, Sampler(SamplingParams()))
+    params = SamplingParams(temperature=0.9, top_k=40, top_p=0.95, repetition_penalty=1.1, seed=11)
+    sampled = _tokens(generate_step(engine, PROMPT, sampler=Sampler(params), max_new_tokens=12))
+    assert sampled == _recomputed(engine, PROMPT, 12, Sampler(params))
+    assert sampled != _tokens(generate_step(engine, PROMPT, max_new_tokens=12))  # the seed really samples
+
+
+def test_generate_step_events_carry_logprobs_and_timings(bundle):
+    from dsedge.evaluation import log_softmax
+    from dsedge.runtime.decode import generate_step
+
+    engine = load_bundle(bundle)
+    events = list(generate_step(engine, PROMPT, max_new_tokens=4))
+    full = log_softmax(engine.logits(PROMPT + [e.token_id for e in events]))
+    for i, event in enumerate(events):
+        assert event.step == i and event.step_s > 0
+        assert event.logprobs[0] == pytest.approx(full[len(PROMPT) - 1 + i, event.token_id], abs=1e-4)
+    first = events[0]
+    assert 0 < first.prefill_s <= first.ttft_s == first.step_s
+    assert all(e.prefill_s is None and e.ttft_s is None for e in events[1:])
+
+
+def test_text_stream_is_the_generator_plus_text(bundle):
+    from dsedge.runtime.decode import generate_step
+
+    engine = load_bundle(bundle)
+    params = SamplingParams(temperature=0.8, seed=4)
+    stream = engine.stream(PROMPT, max_new_tokens=9, temperature=0.8, seed=4)
+    assert [e.token_id for e in stream] == _tokens(generate_step(engine, PROMPT, sampler=Sampler(params),
+                                                                 max_new_tokens=9))
+    assert stream.result.token_ids == [e.token_id for e in engine.stream(PROMPT, 9, temperature=0.8, seed=4)]
+
+
+def test_batch_of_two_left_padded_equals_each_alone(bundle):
+    from dsedge.runtime.decode import generate_step
+
+    engine = load_bundle(bundle)
+    prompts = [PROMPT, PROMPT[3:7]]
+    batched = [e.token_ids for e in generate_step(engine, prompts, max_new_tokens=10)]
+    for row, prompt in enumerate(prompts):
+        assert [t[row] for t in batched] == _tokens(generate_step(engine, prompt, max_new_tokens=10))
+    samplers = [Sampler(SamplingParams(temperature=1.0, seed=s)) for s in (1, 2)]
+    sampled = [e.token_ids for e in generate_step(engine, prompts, sampler=samplers, max_new_tokens=6)]
+    for row, (prompt, seed) in enumerate(zip(prompts, (1, 2), strict=True)):
+        alone = generate_step(engine, prompt, sampler=Sampler(SamplingParams(temperature=1.0, seed=seed)),
+                              max_new_tokens=6)
+        assert [t[row] for t in sampled] == _tokens(alone)
+
+
+@pytest.mark.parametrize("cached", [1, 6, len(PROMPT), len(PROMPT) + 3])
+def test_starting_from_a_cached_prefix_gives_the_full_prefill_tokens(bundle, cached):
+    """Only the uncached part is prefilled; a cache holding the whole prompt (or more: a longer conversation
+    that shares it) is rolled back so that the last prompt token still gives the first token's logits."""
+    from dsedge.runtime.decode import generate_step, prefill
+
+    engine = load_bundle(bundle)
+    full = _tokens(generate_step(engine, PROMPT, max_new_tokens=8))
+    longer = PROMPT + full[:3]  # what a cache holds after an earlier turn
+    state, _ = prefill(engine, [longer[:cached]], room=len(PROMPT) + 8)
+    calls = []
+    forward = engine.forward
+    engine.forward = lambda ids, mask, cache: calls.append(ids.shape[1]) or forward(ids, mask, cache)
+    assert _tokens(generate_step(engine, PROMPT, cache=state.cache, max_new_tokens=8)) == full
+    assert calls[0] == len(PROMPT) - min(cached, len(PROMPT) - 1)  # the prefill ran only the uncached tokens
+
+
+def test_truncate_then_forward_again_gives_the_same_logits(bundle):
+    from dsedge.runtime.decode import prefill
+
+    engine = load_bundle(bundle)
+    state, _ = prefill(engine, [PROMPT[:4]], room=len(PROMPT))
+    first = state.forward(np.asarray([PROMPT[4:8]]))
+    state.forward(np.asarray([[1, 2, 3]]))  # a draft that is rejected
+    state.truncate(8)
+    again = state.forward(np.asarray([PROMPT[8:]]))
+    state.truncate(4)
+    np.testing.assert_array_equal(state.forward(np.asarray([PROMPT[4:8]])), first)
+    np.testing.assert_allclose(again[0], engine.logits(PROMPT)[8:], atol=1e-5)
+
+
+def test_a_multi_token_step_equals_one_token_steps(bundle):
+    """The verify step of speculative decoding: k+1 tokens in one forward give the k+1 one-step logits."""
+    from dsedge.runtime.decode import prefill
+
+    engine = load_bundle(bundle)
+    many, _ = prefill(engine, [PROMPT[:5]], room=len(PROMPT))
+    together = many.forward(np.asarray([PROMPT[5:]]))[0]
+    one, _ = prefill(engine, [PROMPT[:5]], room=len(PROMPT))
+    steps = np.stack([one.forward(np.asarray([[t]]))[0, -1] for t in PROMPT[5:]])
+    np.testing.assert_allclose(together, steps, atol=1e-5)
+    assert many.length == one.length == len(PROMPT) and many.mask.shape == (1, len(PROMPT))
+
+
+def test_generate_step_refuses_bad_requests(bundle):
+    from dsedge.runtime.decode import generate_step, prefill
+
+    engine = load_bundle(bundle)
+    with pytest.raises(UserError, match="empty prompt"):
+        next(generate_step(engine, [], max_new_tokens=2))
+    with pytest.raises(UserError, match="2 samplers for 1 prompts"):
+        next(generate_step(engine, PROMPT, sampler=[Sampler(SamplingParams())] * 2, max_new_tokens=2))
+    state, _ = prefill(engine, [PROMPT], room=2)  # room for 2 new tokens only
+    with pytest.raises(UserError, match="max context"):
+        next(generate_step(engine, PROMPT, cache=state.cache, max_new_tokens=5))
+    with pytest.raises(UserError, match="rows"):
+        next(generate_step(engine, [PROMPT, PROMPT], cache=state.cache, max_new_tokens=1))
+    assert list(generate_step(engine, PROMPT, max_new_tokens=0)) == []
+
+
+# --- the cache object ---------------------------------------------------------------------------------
+
+def test_cache_length_room_truncate_and_copy(bundle):
+    from dsedge.runtime.decode import prefill
+
+    engine = load_bundle(bundle)
+    state, _ = prefill(engine, [PROMPT[:6]], room=4)
+    cache = state.cache
+    assert (cache.length, cache.max_len, cache.room) == (6, 10, 4) and cache.fits(4) and not cache.fits(5)
+    snapshot = cache.copy()
+    state.forward(np.asarray([PROMPT[6:9]]))
+    assert (cache.length, snapshot.length) == (9, 6)
+    for key, buf in snapshot.buffers.items():  # the copy holds the prefix and is independent of the original
+        window = cache._window(0, 6)
+        np.testing.assert_array_equal(buf[window], cache.buffers[key][window])
+        assert not np.shares_memory(buf, cache.buffers[key])
+    cache.truncate(6)
+    assert cache.length == 6 and all(v.shape[cache.axis] == 6 for v in cache.past().values())
+    bigger = snapshot.copy(max_len=20)
+    assert (bigger.length, bigger.max_len) == (6, 20)
+    for bad in (-1, 7):
+        with pytest.raises(UserError, match="truncate"):
+            cache.truncate(bad)
+    with pytest.raises(UserError, match="cannot hold"):
+        cache.copy(max_len=5)
+    with pytest.raises(UserError, match="max context"):
+        cache.check_room(5)

@@ -28,4 +28,9 @@ def test_runtime_only_install_runs_a_bundle(tmp_path, tiny_checkpoint):
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     result = json.loads(run.stdout)
-    assert result["ok"] and result["finish_reason"] in ("eos", "length", "stop") and result["prompt_tokens"] > 0
+    # The tiny model runs all 6 tokens (no EOS among them), exactly as the development install generates them.
+    from dsedge.runtime import load_bundle
+
+    here = load_bundle(bundle).generate("def f(x):", max_new_tokens=6)
+    assert result["ok"] and result["finish_reason"] == "length" and len(result["token_ids"]) == 6
+    assert result["token_ids"] == here.token_ids and result["prompt_tokens"] == here.prompt_tokens > 0

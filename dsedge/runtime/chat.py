@@ -28,7 +28,7 @@ from dsedge.errors import UserError
 from dsedge.runtime.generation import GenerationResult
 
 __all__ = ["ChatPiece", "ChatResult", "ChatSession", "ChatStream", "ChatTemplate", "ReasoningSplitter", "chat",
-           "load_chat_template", "prepare_prompt", "split_reasoning"]
+           "load_chat_template", "prepare_prompt", "sources_prompt", "split_reasoning"]
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 ROLES = ("system", "user", "assistant", "tool")
@@ -352,34 +352,47 @@ class ChatResult(GenerationResult):
 
 
 class ChatStream:
-    """Iterates ChatPieces as tokens arrive; ``result`` (a ChatResult) is set once iteration ends."""
+    """Iterates ChatPieces as tokens arrive; ``result`` (a ChatResult) is set once iteration ends.
 
-    def __init__(self, engine, prompt: ChatPrompt, max_new_tokens: int, sampling: dict[str, Any], on_done=None):
+    ``finish`` (optional) turns the ChatResult into a richer one (RAG adds its sources) before ``on_done``
+    sees it and ``result`` holds it.
+    """
+
+    def __init__(self, engine, prompt: ChatPrompt, max_new_tokens: int, sampling: dict[str, Any], on_done=None,
+                 finish=None):
         self.engine, self.prompt, self.sampling = engine, prompt, sampling
         self.max_new_tokens = _fit_context(engine, prompt, max_new_tokens)
         self.result: ChatResult | None = None
-        self._on_done = on_done
+        self._on_done, self._finish = on_done, finish
 
     def __iter__(self) -> Iterator[ChatPiece]:
         splitter, fed = ReasoningSplitter(self.prompt.thinking), ""
-        for event in self.engine.stream(self.prompt.token_ids, self.max_new_tokens, **self.sampling):
-            # Feed from the whole text decoded so far (the engine fills last_result.text as it goes), holding
-            # back while it ends in U+FFFD: a character split over tokens shows as U+FFFD until its last byte
-            # arrives, and the event's own text piece keeps that placeholder.
-            text = self.engine.last_result.text
+        text_stream = self.engine.stream(self.prompt.token_ids, self.max_new_tokens, **self.sampling)
+        for event in text_stream:
+            # Feed from the whole text decoded so far (the stream's ``text``), holding back while it ends in
+            # U+FFFD: a character split over tokens shows as U+FFFD until its last byte arrives, and the
+            # event's own text piece keeps that placeholder.
+            text = text_stream.text
             if text.endswith("\ufffd") or not text.startswith(fed):
                 continue
             for kind, piece in splitter.feed(text[len(fed):]):
                 yield ChatPiece(kind, piece, event.token_id)
             fed = text
-        generated = self.engine.last_result
+        generated = text_stream.result
         tail = generated.text[len(fed):] if generated.text.startswith(fed) else ""
         for kind, piece in splitter.feed(tail) + splitter.finish():
             yield ChatPiece(kind, piece)
         reasoning, answer = split_reasoning(generated.text, thinking=self.prompt.thinking)
-        self.result = ChatResult(**generated.__dict__, reasoning=reasoning, answer=answer, prompt=self.prompt.text)
+        result = ChatResult(**generated.__dict__, reasoning=reasoning, answer=answer, prompt=self.prompt.text)
+        self.result = self._finish(result) if self._finish else result
         if self._on_done:
             self._on_done(self.result)
+
+    def run(self) -> ChatResult:
+        """Iterate to the end; the result."""
+        for _ in self:
+            pass
+        return self.result
 
 
 def _fit_context(engine, prompt: ChatPrompt, max_new_tokens: int) -> int:
@@ -408,23 +421,57 @@ def chat(engine, messages: list[dict], *, max_new_tokens: int = 512, temperature
     sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
                     seed=seed, stop=stop)
     replies = ChatStream(engine, prompt, max_new_tokens, sampling)
-    if stream:
-        return replies
-    for _ in replies:
-        pass
-    return replies.result
+    return replies if stream else replies.run()
+
+
+THINK_MARGIN = 8  # tokens for an appended "<think>\n" and tokenizer merges at the seams
+
+
+def sources_prompt(engine, retriever, question: str, *, history: list[dict] | None = None, k: int = 5,
+                   max_new_tokens: int = 256, template=None):
+    """Retrieve for ``question`` and assemble a user turn with numbered sources that fits the context.
+
+    ``retriever``: anything with ``prompt(question, count_tokens, budget, k=, system_role=)`` (a
+    ``dsedge.retrieval.Retriever``). The budget for sources is what the context has left after the chat
+    template's own tokens (rendered with the real history and an empty question), the room kept for the
+    answer and a small margin for R1's forced ``<think>`` opening. Instructions and sources go in the user
+    turn (``system_role=False``): it works with every template, and DeepSeek recommends it for R1.
+    """
+    if retriever is None:
+        raise UserError("no index to retrieve from", where=str(engine.manifest.root),
+                        hint="pass --index INDEX (built with `dsedge index build`) or export with --index")
+    codec = engine.codec
+    if codec is None:
+        raise UserError("this bundle has no tokenizer, so it cannot build a prompt", where=str(engine.manifest.root))
+
+    def count_tokens(text: str) -> int:  # as prepare_prompt encodes a rendered prompt: no extra specials
+        return len(codec.tokenizer.encode(text, add_special_tokens=False).ids)
+
+    chat_template = load_chat_template(engine, template)
+    frame = chat_template.render([*(history or []), {"role": "user", "content": ""}], add_generation_prompt=True)
+    budget = engine.max_context - max_new_tokens - count_tokens(frame) - THINK_MARGIN
+    if budget < 1:
+        raise UserError(f"no room for sources: the context ({engine.max_context} tokens) is taken by the "
+                        f"conversation and the {max_new_tokens} tokens kept for the answer", where="rag",
+                        hint="lower --max-new-tokens, start a new conversation, or re-export with a larger "
+                             "--max-context")
+    return retriever.prompt(question, count_tokens, budget, k=k, system_role=False)
 
 
 class ChatSession:
     """A multi-turn conversation: the history the model sees keeps answers only (reasoning dropped).
 
     ``turns`` records every completed exchange (with reasoning, finish reason and timings) across resets.
+
+    ``sources``: something that adds retrieved sources to each question (``dsedge.rag.RagSources``): its
+    ``augment(engine, question, history=, template=, max_new_tokens=)`` returns the messages that stand for
+    the question in the prompt and a function that completes the ChatResult (None: plain chat).
     """
 
     def __init__(self, engine, *, system: str | None = None, template: str | Path | ChatTemplate | None = None,
-                 force_think: bool | None = None, max_new_tokens: int = 512, rag_k: int | None = None, **sampling):
+                 force_think: bool | None = None, max_new_tokens: int = 512, sources=None, **sampling):
         self.engine, self.system, self.force_think = engine, system, force_think
-        self.rag_k = rag_k  # retrieve this many chunks per question from engine.retriever (None: no retrieval)
+        self.sources = sources
         self.template = load_chat_template(engine, template)
         self.max_new_tokens, self.sampling = max_new_tokens, sampling
         self.messages: list[dict] = []
@@ -444,7 +491,7 @@ class ChatSession:
             self.messages += [user, {"role": "assistant", "content": result.answer}]
             self.turns.append({"conversation": self.conversation, "user": text, **result.to_json()})
 
-        if self.rag_k:
+        if self.sources is not None:
             return self._send_with_sources(text, done)
         prompt = prepare_prompt(self.engine, [*self.history(), user], template=self.template,
                                 force_think=self.force_think)
@@ -452,13 +499,11 @@ class ChatSession:
 
     def _send_with_sources(self, text: str, done) -> ChatStream:
         """The question goes to the model with retrieved sources; the history keeps the plain question."""
-        from dsedge.runtime.rag import RagStream, rag_prompt
-
-        rag = rag_prompt(self.engine, text, history=self.history(), k=self.rag_k,
-                         max_new_tokens=self.max_new_tokens, template=self.template)
-        prompt = prepare_prompt(self.engine, [*self.history(), *rag.messages], template=self.template,
+        messages, finish = self.sources.augment(self.engine, text, history=self.history(), template=self.template,
+                                                max_new_tokens=self.max_new_tokens)
+        prompt = prepare_prompt(self.engine, [*self.history(), *messages], template=self.template,
                                 force_think=self.force_think)
-        return RagStream(self.engine, prompt, self.max_new_tokens, self.sampling, rag, on_done=done)
+        return ChatStream(self.engine, prompt, self.max_new_tokens, self.sampling, on_done=done, finish=finish)
 
     def reset(self) -> None:
         """Forget the history (the system message stays)."""

@@ -11,19 +11,8 @@ from dsedge.errors import UserError
 from dsedge.manifest import GraphEntry, Manifest
 from dsedge.runtime.bundle import DeclaredSession, verified_graph_path
 from dsedge.runtime.cache import CacheBuffers
+from dsedge.runtime.decode import generate_step
 from dsedge.runtime.session import GraphTimers, SessionConfig, TimedSession, make_session
-
-
-def left_padded(sequences: list[list[int]], pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Token ids [B, T] padded on the left, and the attention mask (1 = token)."""
-    width = max(len(s) for s in sequences)
-    ids = np.full((len(sequences), width), pad_id, dtype=np.int64)
-    mask = np.zeros((len(sequences), width), dtype=np.int64)
-    for row, seq in enumerate(sequences):
-        if seq:
-            ids[row, width - len(seq):] = seq
-            mask[row, width - len(seq):] = 1
-    return ids, mask
 
 
 def positions_from_mask(mask: np.ndarray, new_tokens: int) -> np.ndarray:
@@ -55,21 +44,6 @@ class Engine(ABC):
         if not hasattr(self, "_providers"):
             self._providers = list(session.get_providers())
         return DeclaredSession(TimedSession(session, graph.name, self.timers), graph)
-
-    @property
-    def retriever(self):
-        """Retrieval for RAG: the index passed to ``load_bundle``, else the bundle's own (None if neither)."""
-        if not hasattr(self, "_retriever"):
-            from dsedge.runtime.rag import open_retriever
-
-            self._retriever = open_retriever(self, getattr(self, "index_path", None))
-        return self._retriever
-
-    def ask(self, question: str, **options):
-        """Answer from retrieved sources (``dsedge.runtime.rag.ask``): a RagResult with the sources given."""
-        from dsedge.runtime.rag import ask
-
-        return ask(self, question, **options)
 
     @property
     def providers(self) -> list[str]:
@@ -116,19 +90,8 @@ class Engine(ABC):
         """Greedy continuations of several prompts at once (left padding)."""
         for p in prompts:
             self._check_tokens(p)
-        ids, mask = left_padded(prompts)
-        cache = self.new_cache(batch=len(prompts), max_len=ids.shape[1] + n)
-        logits = self.forward(ids, mask, cache)
-        out: list[list[int]] = [[] for _ in prompts]
-        for step in range(n):
-            next_ids = logits[:, -1].argmax(-1)
-            for row, token in enumerate(next_ids):
-                out[row].append(int(token))
-            if step == n - 1:
-                break
-            mask = np.concatenate([mask, np.ones((len(prompts), 1), np.int64)], axis=1)
-            logits = self.forward(next_ids[:, None].astype(np.int64), mask, cache)
-        return out
+        steps = [event.token_ids for event in generate_step(self, prompts, max_new_tokens=n)]
+        return [[tokens[row] for tokens in steps] for row in range(len(prompts))]
 
     # --- text generation ------------------------------------------------------------------------
     @property
@@ -140,19 +103,16 @@ class Engine(ABC):
 
     def stream(self, prompt, max_new_tokens: int = 128, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
                repetition_penalty: float = 1.0, seed: int | None = None, stop: list[str] | None = None):
-        """Yield StreamEvents (token id + new text) as tokens are produced. Greedy when temperature is 0."""
-        from dsedge.runtime.generation import GenerationResult, SamplingParams, stream_tokens
+        """A TextStream: iterate it for StreamEvents (token id + new text) as tokens are produced; its ``result``
+        (a GenerationResult) is set when iteration ends. Greedy when temperature is 0."""
+        from dsedge.runtime.generation import SamplingParams, TextStream
 
-        self.last_result = GenerationResult("", [], "length", 0)
         params = SamplingParams(temperature, top_k, top_p, repetition_penalty, seed)
-        yield from stream_tokens(self, self.codec, prompt, max_new_tokens=max_new_tokens, sampling=params, stop=stop,
-                                 result=self.last_result)
+        return TextStream(self, self.codec, prompt, max_new_tokens=max_new_tokens, sampling=params, stop=stop)
 
     def generate(self, prompt, max_new_tokens: int = 128, **sampling):
         """Generate to completion; returns a GenerationResult (text, token ids, finish reason, timings)."""
-        for _ in self.stream(prompt, max_new_tokens, **sampling):
-            pass
-        return self.last_result
+        return self.stream(prompt, max_new_tokens, **sampling).run()
 
     def chat(self, messages: list[dict], max_new_tokens: int = 512, temperature: float = 0.0, top_k: int = 0,
              top_p: float = 1.0, repetition_penalty: float = 1.0, seed: int | None = None,

@@ -1,4 +1,4 @@
-"""Text generation over an engine: encode, prefill, sample token by token through the cache, stream, stop."""
+"""Text generation over an engine: encode, run the decode loop (``dsedge.runtime.decode``), stream text, stop."""
 
 from __future__ import annotations
 
@@ -6,12 +6,11 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-import numpy as np
-
 from dsedge.errors import UserError
+from dsedge.runtime.decode import generate_step
 from dsedge.runtime.sampling import Sampler, SamplingParams
 
-__all__ = ["GenerationResult", "SamplingParams", "StreamEvent", "TextCodec", "stream_tokens"]
+__all__ = ["GenerationResult", "SamplingParams", "StreamEvent", "TextCodec", "TextStream"]
 
 
 @dataclass(frozen=True)
@@ -46,48 +45,62 @@ class TextCodec:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
 
-def stream_tokens(engine, codec: TextCodec | None, prompt: str | list[int], *, max_new_tokens: int,
-                  sampling: SamplingParams, stop: list[str] | None, result: GenerationResult) -> Iterator[StreamEvent]:
-    """Yield tokens as they are produced; ``result`` is filled in as generation goes (finish reason last)."""
-    ids = _prompt_ids(codec, prompt)
-    if max_new_tokens < 1:
-        raise UserError("max_new_tokens must be ≥ 1", where="generate")
-    cache = engine.new_cache(max_len=len(ids) + max_new_tokens)
-    sampler, eos = Sampler(sampling), codec.eos_ids if codec else set()
-    started = time.perf_counter()
-    mask = np.ones((1, len(ids)), np.int64)
-    logits = engine.forward(np.asarray([ids]), mask, cache)
-    result.prompt_tokens, result.timings["prefill_s"] = len(ids), time.perf_counter() - started
-    out, text = result.token_ids, ""
-    for step in range(max_new_tokens):
-        token = sampler(logits[0, -1], ids + out)
-        if step == 0:
-            result.timings["ttft_s"] = time.perf_counter() - started
-        last = step == max_new_tokens - 1
-        if token in eos:
-            result.finish_reason = "eos"
-            tail = codec.decode(out)[len(text):] if codec else ""
-            if tail:  # a held-back partial character: flush it with the EOS token that ended it
-                result.text = text + tail
-                yield StreamEvent(token, tail)
-            break
-        out.append(token)
-        piece, text = _new_text(codec, out, text, final=last)
-        hit = _stop_hit(text, stop)
-        if hit is not None:
-            result.text, result.finish_reason = text[:hit], "stop"
-            yield StreamEvent(token, piece[: max(0, hit - (len(text) - len(piece)))])
-            break
-        result.text = text
-        yield StreamEvent(token, piece)
-        if last:
-            result.finish_reason = "length"
-            break
-        mask = np.ones((1, mask.shape[1] + 1), np.int64)
-        logits = engine.forward(np.asarray([[token]]), mask, cache)
-    total = time.perf_counter() - started
-    decode_s = total - result.timings.get("ttft_s", total)  # the tokens after the first
-    result.timings.update(total_s=total, decode_tokens_per_s=(len(out) - 1) / decode_s if len(out) > 1 else 0.0)
+class TextStream:
+    """Text over ``decode.generate_step``: detokenize, hold back partial UTF-8, stop at EOS or a stop string.
+
+    Iterate it for StreamEvents; ``text`` is the text so far and ``result`` (a GenerationResult) is set when
+    iteration ends (also when the consumer stops early: then with what was generated up to there).
+    """
+
+    def __init__(self, engine, codec: TextCodec | None, prompt: str | list[int], *, max_new_tokens: int,
+                 sampling: SamplingParams, stop: list[str] | None = None, cache=None):
+        self.prompt_ids = _prompt_ids(codec, prompt)
+        if max_new_tokens < 1:
+            raise UserError("max_new_tokens must be ≥ 1", where="generate")
+        self.engine, self.codec, self.sampling, self.stop, self.cache = engine, codec, sampling, stop, cache
+        self.max_new_tokens = max_new_tokens
+        self.text = ""
+        self.result: GenerationResult | None = None
+
+    def run(self) -> GenerationResult:
+        """Iterate to the end; the result."""
+        for _ in self:
+            pass
+        return self.result
+
+    def __iter__(self) -> Iterator[StreamEvent]:
+        codec, eos = self.codec, self.codec.eos_ids if self.codec else set()
+        out, text, finish, timings, started = [], "", "length", {}, time.perf_counter()
+        steps = generate_step(self.engine, self.prompt_ids, sampler=Sampler(self.sampling), cache=self.cache,
+                              max_new_tokens=self.max_new_tokens)
+        try:
+            for event in steps:
+                token = event.token_id
+                if event.step == 0:
+                    started = time.perf_counter() - event.ttft_s
+                    timings.update(prefill_s=event.prefill_s, ttft_s=event.ttft_s)
+                if token in eos:
+                    finish = "eos"
+                    tail = codec.decode(out)[len(text):] if codec else ""
+                    if tail:  # a held-back partial character: flush it with the EOS token that ended it
+                        self.text = text + tail
+                        yield StreamEvent(token, tail)
+                    break
+                out.append(token)
+                piece, text = _new_text(codec, out, text, final=event.step == self.max_new_tokens - 1)
+                hit = _stop_hit(text, self.stop)
+                if hit is not None:
+                    self.text, finish = text[:hit], "stop"
+                    yield StreamEvent(token, piece[: max(0, hit - (len(text) - len(piece)))])
+                    break
+                self.text = text
+                yield StreamEvent(token, piece)
+        finally:
+            steps.close()
+            total = time.perf_counter() - started
+            decode_s = total - timings.get("ttft_s", total)  # the tokens after the first
+            timings.update(total_s=total, decode_tokens_per_s=(len(out) - 1) / decode_s if len(out) > 1 else 0.0)
+            self.result = GenerationResult(self.text, out, finish, len(self.prompt_ids), timings)
 
 
 def _new_text(codec: TextCodec | None, out: list[int], text: str, *, final: bool) -> tuple[str, str]:

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from dsedge.errors import UserError
+from dsedge.runtime.decode import generate_step
 
 DEFAULT_QUESTION = "How do I install it and run the first example?"
 
@@ -60,29 +61,40 @@ class _Trial:
     decode_load_s: float  # expert partitions loaded on demand during decode
 
 
-def profile_bundle(bundle: str | Path, *, prompt_tokens: int = 128, gen_tokens: int = 64, trials: int = 3,
-                   target=None, threads: int | None = None, providers: list[str] | None = None,
-                   memory_budget_bytes: int | None = None, prefetch_experts: bool = False, by_op: bool = False,
-                   seed: int = 0, plot: str | Path | None = None, index: str | Path | None = None,
-                   question: str = DEFAULT_QUESTION) -> ProfileReport:
-    """Profile prefill and decode of ``bundle``; see the module docstring for the method."""
+def profile_bundle(bundle: str | Path, *, target=None, threads: int | None = None, providers: list[str] | None = None,
+                   memory_budget_bytes: int | None = None, prefetch_experts: bool = False,
+                   **options) -> ProfileReport:
+    """Load ``bundle`` and profile it (``profile_engine``'s options); see the module docstring for the method."""
     from dsedge.runtime import load_bundle
 
-    _check_args(prompt_tokens, gen_tokens, trials)
     engine = load_bundle(bundle, target=target, threads=threads, providers=providers,
-                         memory_budget_bytes=memory_budget_bytes, prefetch_experts=prefetch_experts, index=index)
+                         memory_budget_bytes=memory_budget_bytes, prefetch_experts=prefetch_experts)
+    return profile_engine(engine, target=target, memory_budget_bytes=memory_budget_bytes, **options)
+
+
+def profile_engine(engine, *, prompt_tokens: int = 128, gen_tokens: int = 64, trials: int = 3, by_op: bool = False,
+                   seed: int = 0, plot: str | Path | None = None, retriever=None, question: str = DEFAULT_QUESTION,
+                   target=None, memory_budget_bytes: int | None = None) -> ProfileReport:
+    """Profile prefill and decode of a loaded engine.
+
+    ``retriever`` (e.g. ``dsedge.rag.open_retriever(engine, index)``): also time retrieval for ``question``
+    and its share of time to first token. ``by_op`` reloads the bundle under onnxruntime's node profiler with
+    the engine's providers and threads, and ``target`` / ``memory_budget_bytes`` as given.
+    """
+    _check_args(prompt_tokens, gen_tokens, trials)
     if prompt_tokens + gen_tokens > engine.max_context:
         raise UserError(f"{prompt_tokens} prompt + {gen_tokens} generated tokens exceed the bundle's max context "
                         f"({engine.max_context})", where="--prompt-tokens/--gen-tokens",
                         hint="profile fewer tokens or re-export with a larger --max-context")
+    bundle = engine.manifest.root
     prompt = _prompt(engine, prompt_tokens, seed)
     _run_trial(engine, prompt, min(gen_tokens, 4))  # warm-up: first-run allocations, page faults, lazy loads
     if getattr(engine, "experts", None) is not None:
         engine.experts.reset_stats()
     runs = [_run_trial(engine, prompt, gen_tokens) for _ in range(trials)]
     report = _report(engine, bundle, runs, prompt_tokens, gen_tokens)
-    if engine.retriever is not None:
-        report.retrieval = _retrieval_profile(engine, question, trials, gen_tokens)
+    if retriever is not None:
+        report.retrieval = _retrieval_profile(engine, retriever, question, trials, gen_tokens)
     if by_op or (plot and engine.layout == "monolithic"):
         report.ops, op_layers = _op_profile(bundle, engine, prompt, gen_tokens, target, memory_budget_bytes)
         if engine.layout == "monolithic":
@@ -94,15 +106,14 @@ def profile_bundle(bundle: str | Path, *, prompt_tokens: int = 128, gen_tokens: 
     return report
 
 
-def _retrieval_profile(engine, question: str, trials: int, gen_tokens: int) -> dict[str, Any]:
+def _retrieval_profile(engine, retriever, question: str, trials: int, gen_tokens: int) -> dict[str, Any]:
     """RAG's share of time to first token: embed + search + prompt assembly vs prefilling the assembled prompt."""
-    from dsedge.runtime.chat import prepare_prompt
-    from dsedge.runtime.rag import rag_prompt
+    from dsedge.runtime.chat import prepare_prompt, sources_prompt
 
-    rag_prompt(engine, question, max_new_tokens=gen_tokens)  # warm-up: embedder session, page cache
+    sources_prompt(engine, retriever, question, max_new_tokens=gen_tokens)  # warm-up: embedder session, page cache
     rows, prefill = [], []
     for _ in range(trials):
-        rag = rag_prompt(engine, question, max_new_tokens=gen_tokens)
+        rag = sources_prompt(engine, retriever, question, max_new_tokens=gen_tokens)
         rows.append(rag.timings)
         ids = prepare_prompt(engine, rag.messages).token_ids
         started = time.perf_counter()
@@ -128,22 +139,14 @@ def _prompt(engine, n: int, seed: int) -> list[int]:
 
 def _run_trial(engine, prompt: list[int], gen_tokens: int) -> _Trial:
     """Prefill, then ``gen_tokens - 1`` greedy decode steps (the first token comes from the prefill)."""
-    cache = engine.new_cache(max_len=len(prompt) + gen_tokens)
     engine.timers.reset()
-    started = time.perf_counter()
-    mask = np.ones((1, len(prompt)), np.int64)
-    token = int(engine.forward(np.asarray([prompt]), mask, cache)[0, -1].argmax())
-    ttft = time.perf_counter() - started
+    steps = generate_step(engine, prompt, max_new_tokens=gen_tokens)
+    ttft = next(steps).ttft_s
     prefill_graphs = dict(engine.timers.seconds)
     engine.timers.reset()
     loaded_before = _load_seconds(engine)
-    steps = []
-    for _ in range(gen_tokens - 1):
-        step_started = time.perf_counter()
-        mask = np.ones((1, mask.shape[1] + 1), np.int64)
-        token = int(engine.forward(np.asarray([[token]]), mask, cache)[0, -1].argmax())
-        steps.append(time.perf_counter() - step_started)
-    return _Trial(ttft, steps, prefill_graphs, dict(engine.timers.seconds), _load_seconds(engine) - loaded_before)
+    step_s = [event.step_s for event in steps]
+    return _Trial(ttft, step_s, prefill_graphs, dict(engine.timers.seconds), _load_seconds(engine) - loaded_before)
 
 
 def _load_seconds(engine) -> float:
