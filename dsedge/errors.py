@@ -52,3 +52,17 @@ class CheckFailed(DsedgeError):
 
     exit_code = 4
     kind = "check_failed"
+
+
+class Terminated(BaseException):
+    """SIGTERM or SIGHUP arrived while a staged output was open (``dsedge.staging``): raised from the signal
+    handler so that cleanup runs as it does for Ctrl-C. A BaseException, like KeyboardInterrupt, so that no
+    ``except Exception`` swallows it. The CLI exits with ``128 + signum`` (143 for SIGTERM, 129 for SIGHUP)."""
+
+    def __init__(self, signum: int):
+        import signal
+
+        self.signum = signum
+        self.exit_code = 128 + signum
+        self.signal_name = signal.Signals(signum).name
+        super().__init__(f"terminated by {self.signal_name}")
