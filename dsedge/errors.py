@@ -47,11 +47,33 @@ class ConfigError(UserError):
     """A config.json (or target file) is invalid or describes an unsupported model."""
 
 
+class UsageError(DsedgeError):
+    """The command line does not parse (unknown flag, missing argument): argparse's complaint. Exit code 2."""
+
+    exit_code = 2
+    kind = "usage"
+
+
 class CheckFailed(DsedgeError):
     """A quality or resource check failed (tolerance, budget, recall). Exit code 4."""
 
     exit_code = 4
     kind = "check_failed"
+
+
+class UnitsFailed(DsedgeError):
+    """Every unit of a command failed (e.g. every turn of a chat): the command's ``failure``, exiting with the
+    first failure's code (dsedge.cli.all_units_failed)."""
+
+    def __init__(self, errors: list[DsedgeError], unit: str):
+        first = errors[0]
+        super().__init__(f"every {unit} failed ({len(errors)}); the first: {first.what}", where=first.where,
+                         hint=first.hint)
+        self.errors = errors
+        self.exit_code, self.kind = first.exit_code, first.kind
+
+    def to_json(self) -> dict:
+        return super().to_json() | {"failures": [e.to_json() for e in self.errors]}
 
 
 class Terminated(BaseException):
