@@ -55,9 +55,9 @@ def test_output_that_is_contains_or_lies_inside_an_input_is_refused(tmp_path, wh
     (tmp_path / "link").symlink_to(source)
     output = {"same": source, "inside": source / "out", "containing": tmp_path / "data",
               "same-via-link": tmp_path / "link"}[where]
-    with pytest.raises(UserError, match="output (is|lies inside|contains) the input"):
-        with staged_output(output, inputs=[source], overwrite=True, artifact=THING):
-            raise AssertionError("the body must not run")
+    refused = pytest.raises(UserError, match="output (is|lies inside|contains) the input")
+    with refused, staged_output(output, inputs=[source], overwrite=True, artifact=THING):
+        raise AssertionError("the body must not run")
     assert (source / "weights.bin").read_bytes() == b"precious"
     assert _siblings(source) == ["weights.bin"]
     assert _siblings(tmp_path) == ["data", "link"]
@@ -98,10 +98,9 @@ def test_failed_overwrite_keeps_the_old_output(tmp_path):
     out = tmp_path / "out"
     with staged_output(out, artifact=THING) as tmp:
         _write_thing(tmp, "old")
-    with pytest.raises(RuntimeError, match="build failed"):
-        with staged_output(out, overwrite=True, artifact=THING) as tmp:
-            _write_thing(tmp, "new")
-            raise RuntimeError("build failed")
+    with pytest.raises(RuntimeError, match="build failed"), staged_output(out, overwrite=True, artifact=THING) as tmp:
+        _write_thing(tmp, "new")
+        raise RuntimeError("build failed")
     assert (out / "thing.json").read_text() == "old"
     assert _siblings(tmp_path) == ["out"]
     with staged_output(out, overwrite=True, artifact=THING) as tmp:
@@ -128,9 +127,9 @@ def test_lock_is_exclusive_across_processes_and_reentrant_within_one(tmp_path):
                               stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
-        with pytest.raises(UserError, match=f"another dsedge process \\(pid {holder.pid}\\) is writing"):
-            with staged_output(out, artifact=THING):
-                raise AssertionError("the body must not run")
+        refused = pytest.raises(UserError, match=f"another dsedge process \\(pid {holder.pid}\\) is writing")
+        with refused, staged_output(out, artifact=THING):
+            raise AssertionError("the body must not run")
     finally:
         holder.communicate("\n", timeout=30)
     assert holder.returncode == 0
@@ -149,12 +148,11 @@ def test_termination_signal_cleans_up_like_ctrl_c_and_handlers_are_restored(tmp_
     number = getattr(signal, signame)
     before = signal.getsignal(number)
     out = tmp_path / "out"
-    with pytest.raises(Terminated) as exc:
-        with staged_output(out, artifact=THING) as tmp:
-            _write_thing(tmp, "half")
-            os.kill(os.getpid(), number)
-            time.sleep(10)  # the handler raises Terminated here, at once
-            raise AssertionError("the signal handler should have raised")
+    with pytest.raises(Terminated) as exc, staged_output(out, artifact=THING) as tmp:
+        _write_thing(tmp, "half")
+        os.kill(os.getpid(), number)
+        time.sleep(10)  # the handler raises Terminated here, at once
+        raise AssertionError("the signal handler should have raised")
     assert exc.value.exit_code == 128 + number and exc.value.signal_name == signame
     assert _siblings(tmp_path) == []
     assert signal.getsignal(number) is before
