@@ -1,7 +1,15 @@
 """`dsedge` command line: a thin layer over the Python API. Only this module prints.
 
-Exit codes (stable): 0 ok, 1 internal error, 2 usage, 3 bad input, 4 a check failed, 130 interrupted.
-With ``--json`` exactly one JSON object goes to stdout, also on failure: ``{"ok": false, "error": {...}}``.
+Exit codes (stable): 0 ok, 1 internal error, 2 usage, 3 bad input, 4 a check failed, 130 interrupted (Ctrl-C),
+143 terminated (SIGTERM), 129 hung up (SIGHUP) — 128 + the signal's number, as shells report it.
+
+With ``--json`` exactly one JSON object goes to stdout for every outcome, usage errors included:
+``{"ok": true, ...}`` or ``{"ok": false, "error": {"type", "kind", "message", "where", "hint", "exit_code"}}``.
+NaN and ±Infinity (not JSON) are printed as ``null``. ``--help`` and ``--version`` print text.
+
+A result whose every unit failed (e.g. a chat whose every turn failed) sets ``failure`` (a DsedgeError, see
+:func:`all_units_failed`): the command then exits with that error's code, and ``--json`` prints the result
+with ``"ok": false`` and the error.
 """
 
 from __future__ import annotations
@@ -9,6 +17,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import math
 import os
 import sys
 import traceback
@@ -16,7 +25,7 @@ from collections.abc import Callable
 from typing import Any
 
 from dsedge import __version__
-from dsedge.errors import DsedgeError
+from dsedge.errors import DsedgeError, Terminated, UnitsFailed, UsageError
 
 EXIT_OK, EXIT_INTERNAL, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -42,13 +51,20 @@ examples:
   dsedge inspect ./DeepSeek-V2-Lite --json
   dsedge export ./DeepSeek-V2-Lite -o v2lite.bundle --target x86-cpu-16g --max-context 4096
 
-exit codes: 0 ok, 1 internal error, 2 usage, 3 bad input, 4 a check failed, 130 interrupted.
+exit codes: 0 ok, 1 internal error, 2 usage, 3 bad input, 4 a check failed, 130 interrupted (Ctrl-C),
+143 SIGTERM, 129 SIGHUP. With --json: one JSON object on stdout for every outcome (NaN/Infinity as null).
 """
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except UsageError as exc:
+        wants_json = "--json" in (argv[:argv.index("--")] if "--" in argv else argv)
+        return _fail(argparse.Namespace(json=wants_json), exc.to_json(), f"{exc.hint}{exc.where}: error: {exc.what}",
+                     exc.exit_code)
     if not getattr(args, "handler", None):
         parser.print_help()
         return EXIT_USAGE
@@ -59,21 +75,39 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(args, exc.to_json(), f"error: {exc.message}", exc.exit_code)
     except KeyboardInterrupt:
         return _fail(args, {"type": "KeyboardInterrupt", "message": "interrupted"}, "interrupted", EXIT_INTERRUPTED)
+    except Terminated as exc:  # SIGTERM/SIGHUP during a staged output: it has been cleaned up
+        return _fail(args, {"type": "Terminated", "message": str(exc), "signal": exc.signal_name}, str(exc),
+                     exc.exit_code)
     except Exception as exc:  # noqa: BLE001 — the last line of defence: report, never a bare traceback
         detail = traceback.format_exc() if os.environ.get("DSEDGE_DEBUG") else None
         text = (f"internal error: {type(exc).__name__}: {exc}\n"
                 "  (set DSEDGE_DEBUG=1 for the traceback; please report it)")
         return _fail(args, {"type": type(exc).__name__, "message": str(exc), "traceback": detail},
                      detail or text, EXIT_INTERNAL)
+    return _print_result(args, result)
+
+
+def _print_result(args: argparse.Namespace, result) -> int:
+    """The result on stdout (one JSON object with --json); a result whose every unit failed exits non-zero."""
+    failure: DsedgeError | None = getattr(result, "failure", None)
+    code = failure.exit_code if failure else EXIT_OK
     try:
         if args.json:
-            print(json.dumps({"ok": True, **result.to_json()}, default=_json_default))
+            error = {"error": failure.to_json()} if failure else {}
+            print(json_text({"ok": failure is None, **result.to_json(), **error}))
         else:
             args.render(result)
+            if failure:
+                print(f"error: {failure.message}", file=sys.stderr)
         sys.stdout.flush()
     except BrokenPipeError:  # `dsedge ... | head`: the reader left; not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-    return EXIT_OK
+    return code
+
+
+def all_units_failed(errors: list[DsedgeError], succeeded: int, unit: str) -> UnitsFailed | None:
+    """A result's ``failure``: None unless at least one ``unit`` was tried and every one failed."""
+    return UnitsFailed(errors, unit) if errors and not succeeded else None
 
 
 def _setup_logging(quiet: bool) -> None:
@@ -88,25 +122,52 @@ def _setup_logging(quiet: bool) -> None:
 
 
 def _fail(args: argparse.Namespace, error: dict[str, Any], text: str, code: int) -> int:
-    if getattr(args, "json", False):
-        print(json.dumps({"ok": False, "error": error | {"exit_code": code}}, default=_json_default))
-    else:
-        print(text, file=sys.stderr)
+    try:
+        if getattr(args, "json", False):
+            print(json_text({"ok": False, "error": error | {"exit_code": code}}))
+        else:
+            print(text, file=sys.stderr)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return code
 
 
-def _json_default(obj: Any) -> Any:
+def json_text(obj: Any) -> str:
+    """``obj`` as one line of strict JSON: NaN/±Infinity become null (never the bare tokens NaN/Infinity that
+    strict parsers reject), objects with ``to_json`` are expanded, numpy values become Python ones."""
+    return json.dumps(_plain(obj), allow_nan=False, ensure_ascii=False)
+
+
+def _plain(obj: Any) -> Any:
+    if isinstance(obj, float):  # numpy float64 included (a float subclass)
+        return obj if math.isfinite(obj) else None
+    if obj is None or isinstance(obj, (str, bool, int)):
+        return obj
+    if isinstance(obj, dict):
+        return {k if isinstance(k, (str, int, float, bool)) or k is None else str(k): _plain(v)
+                for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, set, frozenset)):
+        return [_plain(v) for v in obj]
+    if type(obj).__module__ == "numpy" and hasattr(obj, "tolist"):  # arrays and scalars, without importing numpy
+        return _plain(obj.tolist())
     if hasattr(obj, "to_json"):
-        return obj.to_json()
-    if isinstance(obj, (set, tuple)):
-        return list(obj)
+        return _plain(obj.to_json())
     return str(obj)
 
 
 # --- parser -------------------------------------------------------------------------------------
 
+class _Parser(argparse.ArgumentParser):
+    """Raises UsageError instead of printing and exiting, so that main reports it (one JSON object with
+    --json). Subcommand parsers inherit the class (argparse's add_subparsers uses the parent's type)."""
+
+    def error(self, message: str):
+        raise UsageError(message, where=self.prog, hint=self.format_usage())
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dsedge", description=DESCRIPTION, epilog=EPILOG,
+    parser = _Parser(prog="dsedge", description=DESCRIPTION, epilog=EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"dsedge {__version__}")
     sub = parser.add_subparsers(title="commands", metavar="COMMAND")

@@ -12,6 +12,7 @@ from dsedge.compress.calibration import load_calibration
 from dsedge.compress.layers import build_layer, classes_for, hf_config
 from dsedge.compress.pipeline import compress
 from dsedge.compress.recipes import load_recipe
+from dsedge.errors import UserError
 from dsedge.models.checkpoint import Checkpoint
 
 FAST = {"calib_tokens": 128, "heldout_tokens": 128, "seq_len": 64}  # tiny models: seconds per run
@@ -297,9 +298,14 @@ def test_interrupted_compress_leaves_no_output(tiny_checkpoint, tmp_path, monkey
 def test_overwrite_replaces_existing_output(tiny_checkpoint, tmp_path):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "stale.txt").write_text("old")
-    compress(tiny_checkpoint("llama"), tmp_path / "out", recipe="int8", overwrite=True, evaluate=False, **FAST)
-    assert not (tmp_path / "out" / "stale.txt").exists()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    with pytest.raises(UserError, match="is not a compressed checkpoint"):  # never an arbitrary folder
+        compress(tiny_checkpoint("llama"), tmp_path / "out", recipe="int8", overwrite=True, evaluate=False, **FAST)
+    assert (tmp_path / "out" / "stale.txt").read_text() == "old"
+    compress(tiny_checkpoint("llama"), tmp_path / "new", recipe="int8", evaluate=False, **FAST)
+    (tmp_path / "new" / "stale.txt").write_text("old")
+    compress(tiny_checkpoint("llama"), tmp_path / "new", recipe="int8", overwrite=True, evaluate=False, **FAST)
+    assert not (tmp_path / "new" / "stale.txt").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["new", "out"]
 
 
 def test_target_picks_a_recipe_that_fits(tiny_checkpoint, tmp_path):

@@ -164,9 +164,15 @@ def test_existing_output_refused_and_overwrite(tiny_checkpoint, tmp_path):
     with pytest.raises(UserError, match="already exists"):
         export_bundle(ckpt, out, max_context=32, validate=False)
     assert (out / "keep.txt").exists()
+    with pytest.raises(UserError, match="is not a dsedge bundle"):  # --overwrite replaces only a bundle
+        export_bundle(ckpt, out, max_context=32, validate=False, overwrite=True)
+    assert (out / "keep.txt").read_text() == "mine"
+    (out / "keep.txt").unlink()  # an empty directory may be written into
     export_bundle(ckpt, out, max_context=32, validate=False, overwrite=True)
-    assert (out / "manifest.json").exists() and not (out / "keep.txt").exists()
-    assert [p.name for p in tmp_path.iterdir()] == ["b"]  # no temporary directories left
+    first = (out / "manifest.json").read_bytes()
+    export_bundle(ckpt, out, max_context=16, validate=False, overwrite=True)
+    assert (out / "manifest.json").read_bytes() != first
+    assert [p.name for p in tmp_path.iterdir()] == ["b"]  # no temporary directories or lock left
 
 
 def test_failed_validation_exits_4_and_writes_nothing(tiny_checkpoint, tmp_path, monkeypatch, capsys):

@@ -37,9 +37,9 @@ from dsedge.compress.report import REPORT_FILE, CompressReport, peak_rss_bytes, 
 from dsedge.compress.writer import (
     DEFAULT_MAX_SHARD_BYTES,
     ShardWriter,
-    check_output,
+    check_compressed_output,
+    compressed_output,
     copy_tokenizer_files,
-    staged_directory,
     write_json,
 )
 from dsedge.errors import UserError
@@ -80,7 +80,7 @@ def compress(checkpoint: str | Path, output: str | Path, *, recipe: str | Path |
     started = time.perf_counter()
     ckpt = Checkpoint(checkpoint)
     out = Path(output)
-    check_output(out, overwrite=overwrite, source=ckpt.path)
+    check_compressed_output(out, source=ckpt.path, overwrite=overwrite)
     if method is not None and method not in ("rtn", "gptq"):
         raise UserError(f"--method must be rtn or gptq, got {method!r}")
     if expert_statistics not in EXPERT_STATISTICS:
@@ -94,7 +94,7 @@ def compress(checkpoint: str | Path, output: str | Path, *, recipe: str | Path |
     log.info("compress %s: %s, %d calibration tokens (%s), %d held-out", ckpt.path,
              chosen.name, calibset.calib.numel(), calibset.source,
              calibset.heldout.numel() if evaluate else 0)
-    with staged_directory(out) as tmp:
+    with compressed_output(out, source=ckpt.path, overwrite=overwrite) as tmp:
         run = _Run(ckpt, chosen, prune, calibset, evaluate=evaluate,
                    min_expert_tokens=None if expert_statistics == "all-tokens" else min_expert_tokens,
                    batch_size=batch_size)

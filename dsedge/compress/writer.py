@@ -1,53 +1,35 @@
 """Writing a checkpoint directory as it is produced: safetensors shards flushed as they fill, then the index.
 
-Output goes to a temporary sibling directory that is renamed onto the destination only when everything is
-written (DESIGN.md §2), so an interrupted or failed compress leaves no output directory behind.
+Output goes through ``dsedge.staging.staged_output`` (a temporary sibling renamed in when complete, a lock,
+inputs protected; DESIGN.md §2), so an interrupted or failed compress leaves no output directory behind.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import shutil
 from pathlib import Path
 
-from dsedge.errors import UserError
+from dsedge.staging import Artifact, check_output, has_file, staged_output
 
 DEFAULT_MAX_SHARD_BYTES = 1 << 30
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "generation_config.json", "chat_template.jinja", "vocab.json", "merges.txt")
 
 
-def check_output(output: Path, *, overwrite: bool, source: Path) -> None:
-    """Refuse an existing output (unless ``overwrite``) and writing onto the input checkpoint."""
-    if output.resolve() == source.resolve():
-        raise UserError("output is the input checkpoint", where=str(output), hint="choose another -o directory")
-    if output.exists() and not overwrite:
-        raise UserError("output already exists", where=str(output), hint="pass --overwrite to replace it")
-    if output.exists() and not output.is_dir():
-        raise UserError("output exists and is not a directory", where=str(output))
+# What `--overwrite` may replace: a directory an earlier `dsedge compress` wrote (never an original checkpoint).
+COMPRESSED_CHECKPOINT = Artifact("compressed checkpoint (config.json + compress_report.json)",
+                                 has_file("config.json", "compress_report.json"))
 
 
-@contextlib.contextmanager
-def staged_directory(output: Path):
-    """Yield a temporary sibling of ``output``; on success it replaces ``output``, on any error it is removed."""
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.parent / f".{output.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if output.exists():
-        old = output.parent / f".{output.name}.old-{os.getpid()}"
-        output.rename(old)
-        tmp.rename(output)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(output)
+def compressed_output(output: Path, *, source: Path, overwrite: bool):
+    """The staged output of `dsedge compress` (dsedge.staging): refuses writing onto or around the input."""
+    return staged_output(output, inputs=[source], overwrite=overwrite, artifact=COMPRESSED_CHECKPOINT)
+
+
+def check_compressed_output(output: Path, *, source: Path, overwrite: bool) -> None:
+    """The same refusals as :func:`compressed_output`, before any work is done."""
+    check_output(output, inputs=[source], overwrite=overwrite, artifact=COMPRESSED_CHECKPOINT)
 
 
 class ShardWriter:

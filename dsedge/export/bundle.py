@@ -1,4 +1,4 @@
-"""`dsedge export`: checkpoint → validated ONNX bundle, written to a temporary directory and renamed."""
+"""`dsedge export`: checkpoint → validated ONNX bundle, staged by dsedge.staging (temporary sibling, lock, renamed)."""
 
 from __future__ import annotations
 
@@ -18,10 +18,11 @@ from dsedge.export.graph import save_graph
 from dsedge.export.partitioned import placement_plan, write_partitioned
 from dsedge.export.quantized import QuantizedWeight
 from dsedge.export.validate import raise_on_failure, validate_engine
-from dsedge.manifest import GraphEntry, write_manifest
+from dsedge.manifest import MANIFEST_FILE, GraphEntry, write_manifest
 from dsedge.models.checkpoint import Checkpoint
 from dsedge.models.params import count_params
 from dsedge.planning import KV_BYTES, kv_bytes_per_token
+from dsedge.staging import Artifact, check_output, staged_output
 from dsedge.targets import load_target
 
 log = logging.getLogger(__name__)
@@ -72,9 +73,9 @@ def export_bundle(checkpoint: str | Path, output: str | Path, *, target=None, la
     _check_choice("layout", layout, LAYOUTS)
     _check_choice("dtype", dtype, DTYPES)
     out = Path(output)
-    if out.exists() and not overwrite:
-        raise UserError(f"output {out} already exists", where=str(out), hint="pass --overwrite to replace it")
     ckpt = Checkpoint(checkpoint)
+    inputs = [ckpt.path, *([index] if index is not None else [])]  # never written over, around or into
+    check_output(out, inputs=inputs, overwrite=overwrite, artifact=BUNDLE)
     ckpt.validate()
     _check_supported(ckpt.spec)
     tgt = load_target(target) if target is not None else None
@@ -92,8 +93,7 @@ def export_bundle(checkpoint: str | Path, output: str | Path, *, target=None, la
     if experts_per_partition is not None and experts_per_partition < 1:
         raise UserError(f"--experts-per-partition must be ≥ 1, got {experts_per_partition}",
                         where="--experts-per-partition")
-    tmp = _temp_dir(out)
-    try:
+    with staged_output(out, inputs=inputs, overwrite=overwrite, artifact=BUNDLE) as tmp:
         weights = _layer_weights(ckpt, accuracy_level)
         graphs = _write_graphs(ckpt, weights, tmp, context, layout, tgt, experts_per_partition, expert_path,
                                dtype == "fp16")
@@ -110,10 +110,6 @@ def export_bundle(checkpoint: str | Path, output: str | Path, *, target=None, la
         manifest["validation"] = {"dtype": dtype, "accuracy_level": level, "checks": [c.to_json() for c in checks],
                                   "passed": bool(checks)}
         written = write_manifest(tmp, manifest)
-        _replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     return ExportReport(str(out), layout, dtype, context, [g.to_json() for g in written.graphs], size,
                         round(time.perf_counter() - started, 2), _peak_rss(), [c.to_json() for c in checks],
@@ -147,22 +143,18 @@ def _max_context(ckpt: Checkpoint, tgt, requested: int | None) -> int:
     return min(context, limit)
 
 
-def _temp_dir(out: Path) -> Path:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.partial-{int(time.time() * 1000)}"
-    tmp.mkdir()
-    return tmp
+def _is_bundle(root: Path) -> bool:
+    """A directory `dsedge export` wrote: its manifest.json lists graphs (an index's manifest does not)."""
+    import json
+
+    try:
+        return "graphs" in json.loads((root / MANIFEST_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError, TypeError):
+        return False
 
 
-def _replace(tmp: Path, out: Path) -> None:
-    """Move the finished bundle into place; an existing one (with --overwrite) goes only after that works."""
-    old = None
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{int(time.time() * 1000)}"
-        out.rename(old)
-    tmp.rename(out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+# What `--overwrite` may replace (dsedge.staging): only a bundle, never an arbitrary folder.
+BUNDLE = Artifact("dsedge bundle (manifest.json with graphs)", _is_bundle)
 
 
 def _layer_weights(ckpt: Checkpoint, accuracy_level: int):

@@ -11,7 +11,8 @@ Layout (every file listed with its sha256 in ``manifest.json``, like a bundle)::
     INDEX/chunks.json          documents (path, sha256, chunk ids) and chunks (text, source, offsets)
     INDEX/embedder/            the ONNX embedder the index was built with (model.onnx, tokenizer.json, ...)
 
-Writes go to a temporary sibling directory that replaces the index when complete. Updates replace changed
+Writes go through ``dsedge.staging`` (a temporary sibling that replaces the index when complete, under the
+index's lock: an update holds it from reading the index to renaming the new one in). Updates replace changed
 documents: their old chunks are marked deleted in hnswlib (never returned by a query) and their slots are
 reused by later insertions (``allow_replace_deleted``).
 """
@@ -23,7 +24,6 @@ import logging
 import os
 import shutil
 import struct
-import tempfile
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -43,6 +43,7 @@ from dsedge.retrieval.chunking import (
     read_document,
 )
 from dsedge.retrieval.embedder import Embedder, default_embedder_dir
+from dsedge.staging import Artifact, check_output, output_lock, staged_output
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +53,17 @@ HNSW_FILE, CHUNKS_FILE, EMBEDDER_DIR = "hnsw.bin", "chunks.json", "embedder"
 SPACE = "ip"  # unit vectors: inner product = cosine; hnswlib's distance is 1 - ip
 SEED = 100  # hnswlib's default level generator seed, recorded so a build can be repeated
 REBUILD_HINT = "rebuild it with `dsedge index build DOCS... -o INDEX --overwrite`"
+
+
+def _is_index(root: Path) -> bool:
+    try:
+        return json.loads((root / MANIFEST_FILE).read_text(encoding="utf-8")).get("kind") == KIND
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+# What `--overwrite` (and an in-place update) may replace (dsedge.staging): only an index.
+INDEX_ARTIFACT = Artifact("dsedge index (manifest.json of kind dsedge-index)", _is_index)
 
 
 class IndexError_(UserError):  # noqa: N801 — not the builtin IndexError
@@ -216,21 +228,19 @@ class Index:
         return len(doc["chunks"]) if doc else 0
 
     # --- saving -------------------------------------------------------------------------------
-    def save(self, output: Path, *, embedder_from: Path) -> None:
-        """Write the index into ``output`` atomically (temporary sibling, then rename)."""
+    def save(self, output: Path, *, embedder_from: Path, overwrite: bool = False,
+             inputs: Iterable[str | Path] = ()) -> None:
+        """Write the index into ``output`` through ``dsedge.staging.staged_output`` (temporary sibling renamed
+        in when complete, under the output's lock). ``inputs`` (the documents, the embedder) are refused as
+        outputs; ``overwrite`` replaces an existing index (only an index)."""
         output = Path(output)
-        output.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
-        try:
+        with staged_output(output, inputs=inputs, overwrite=overwrite, artifact=INDEX_ARTIFACT) as tmp:
             _copy_embedder(embedder_from, tmp / EMBEDDER_DIR)
             self.hnsw.save_index(str(tmp / HNSW_FILE))
             _write_json(tmp / CHUNKS_FILE, {"schema_version": SCHEMA_VERSION, "next_id": self.next_id,
                                             "documents": self.documents,
                                             "chunks": [self.chunks[i] for i in sorted(self.chunks)]})
             _write_json(tmp / MANIFEST_FILE, self._manifest(tmp))
-            _swap_in(tmp, output)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
         self.root = output
 
     def _manifest(self, tmp: Path) -> dict:
@@ -389,17 +399,6 @@ def _link_or_copy(src: Path, dst: Path) -> None:
         shutil.copy2(src, dst)
 
 
-def _swap_in(tmp: Path, output: Path) -> None:
-    """Replace ``output`` by ``tmp``: rename the old one aside, rename the new one in, drop the old one."""
-    old = None
-    if output.exists():
-        old = output.with_name(f".{output.name}.old-{os.getpid()}")
-        os.replace(output, old)
-    os.replace(tmp, output)
-    if old:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def _sha256_bytes(raw: bytes) -> str:
     import hashlib
 
@@ -453,16 +452,16 @@ def build_index(docs: Iterable[str | Path], output: str | Path, *, chunk_tokens:
     """
     started = time.perf_counter()
     output = Path(output)
-    if output.exists() and not overwrite:
-        raise UserError("output already exists", where=str(output), hint="pass --overwrite to replace it")
+    docs = list(docs)
+    source = Path(embedder) if embedder else default_embedder_dir()
+    inputs = [*docs, source]  # never written over, around or into
+    check_output(output, inputs=inputs, overwrite=overwrite, artifact=INDEX_ARTIFACT)
     params = IndexParams(chunk_tokens, overlap, M, ef_construction, ef)
     params.check()
-    docs = list(docs)
     texts = _read_all(collect_documents(docs))
     if not texts:
         raise UserError("empty corpus: no documents found", where=", ".join(map(str, docs)),
                         hint="pass .txt, .md, .rst or .html files, or folders holding them")
-    source = Path(embedder) if embedder else default_embedder_dir()
     emb = Embedder.open(source, threads=threads)
     if chunk_tokens > emb.max_tokens - 2:  # [CLS] and [SEP] take two of the embedder's positions
         raise UserError(f"--chunk-tokens {chunk_tokens} exceeds what the embedder reads ({emb.max_tokens} "
@@ -473,7 +472,7 @@ def build_index(docs: Iterable[str | Path], output: str | Path, *, chunk_tokens:
     if not added:
         raise UserError(f"empty corpus: the {len(texts)} documents hold no text", where=", ".join(map(str, docs)),
                         hint="pass documents with text in them")
-    index.save(output, embedder_from=source)
+    index.save(output, embedder_from=source, overwrite=overwrite, inputs=inputs)
     return _report(index, timer, started, added, 0, 0)
 
 
@@ -485,19 +484,22 @@ def update_index(index_dir: str | Path, docs: Iterable[str | Path] = (), *, remo
     removed. Old chunks are marked deleted in hnswlib. ``embedder`` (optional) must match the index's.
     """
     started = time.perf_counter()
-    index = Index.open(index_dir, threads=threads)
-    if embedder is not None:
-        _check_embedder(Path(index_dir), index.embedder.describe(), Embedder.open(embedder, verify=False),
-                        given=True)
     docs = list(docs)
-    texts = _read_all(collect_documents(docs)) if docs else {}
-    removed = sum(index.remove_document(p) for p in _stale(index, docs, texts, remove))
-    changed = {p: tr for p, tr in texts.items() if index.documents.get(p, {}).get("sha256") != _sha256_bytes(tr[1])}
-    removed += sum(len(index.documents[p]["chunks"]) for p in changed if p in index.documents)
-    timer: dict = {}
-    added = index.add_documents(changed, timer)
-    unchanged = len(texts) - len(changed)
-    index.save(Path(index_dir), embedder_from=index.embedder.root)
+    check_output(index_dir, inputs=docs, overwrite=True, artifact=INDEX_ARTIFACT)
+    with output_lock(index_dir):  # held from reading to renaming in: a concurrent update is refused, not lost
+        index = Index.open(index_dir, threads=threads)
+        if embedder is not None:
+            _check_embedder(Path(index_dir), index.embedder.describe(), Embedder.open(embedder, verify=False),
+                            given=True)
+        texts = _read_all(collect_documents(docs)) if docs else {}
+        removed = sum(index.remove_document(p) for p in _stale(index, docs, texts, remove))
+        changed = {p: tr for p, tr in texts.items()
+                   if index.documents.get(p, {}).get("sha256") != _sha256_bytes(tr[1])}
+        removed += sum(len(index.documents[p]["chunks"]) for p in changed if p in index.documents)
+        timer: dict = {}
+        added = index.add_documents(changed, timer)
+        unchanged = len(texts) - len(changed)
+        index.save(Path(index_dir), embedder_from=index.embedder.root, overwrite=True, inputs=docs)
     return _report(index, timer, started, added, removed, unchanged)
 
 
