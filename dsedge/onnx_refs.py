@@ -1,76 +1,131 @@
 """List the external-data file locations an ONNX model refers to, without the onnx package.
 
 The runtime must reject a tampered graph whose external data points outside its bundle, but it does not
-depend on ``onnx``. ONNX files are protobuf; this walks only the fields on the way to
-``TensorProto.external_data`` (onnx/onnx.proto3: ModelProto.graph = 7, GraphProto.node = 1,
-.initializer = 5, NodeProto.attribute = 5, AttributeProto.t = 5, .g = 6, .tensors = 10, .graphs = 11,
-TensorProto.external_data = 13, StringStringEntryProto key = 1 / value = 2).
+depend on ``onnx``. ONNX files are protobuf; this walks every message type that can hold a TensorProto
+and only the fields on the way to one, so that no tensor onnxruntime would load escapes the check.
+
+Field numbers, from onnx/onnx.proto (github.com/onnx/onnx @ f7546912):
+
+- ModelProto: graph = 7, training_info = 20, functions = 25
+- TrainingInfoProto: initialization = 1, algorithm = 2 (both GraphProto)
+- GraphProto: node = 1, initializer = 5, sparse_initializer = 15
+- NodeProto: attribute = 5
+- AttributeProto: t = 5, g = 6, tensors = 10, graphs = 11, sparse_tensor = 22, sparse_tensors = 23
+- FunctionProto: node = 7, attribute_proto = 11 (default attribute values)
+- SparseTensorProto: values = 1, indices = 2 (both TensorProto)
+- TensorProto: name = 8, external_data = 13, data_location = 14 (DataLocation.EXTERNAL = 1)
+- StringStringEntryProto: key = 1, value = 2
+
+A malformed file raises ValueError (callers turn it into their own UserError): a declared length past
+the end of the buffer, an over-long varint, a group wire type (ONNX uses none), nesting deeper than
+``MAX_DEPTH`` messages, or a tensor marked EXTERNAL without a location.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 
+# Message nesting limit. protobuf's own parsers stop at 100; the deepest graph dsedge exports nests
+# a few If/Loop bodies (model → graph → node → attribute → graph … ≈ 4 levels per body).
+MAX_DEPTH = 100
+_MAX_VARINT_BYTES = 10  # a 64-bit varint never needs more
+_EXTERNAL = 1  # TensorProto.DataLocation.EXTERNAL
 
-def _fields(buf: bytes) -> Iterator[tuple[int, int, bytes | int]]:
-    """(field number, wire type, value) of one protobuf message."""
+# message type → {field number: message type of that (length-delimited) field}; "tensor" is the leaf.
+_CHILDREN: dict[str, dict[int, str]] = {
+    "model": {7: "graph", 20: "training_info", 25: "function"},
+    "training_info": {1: "graph", 2: "graph"},
+    "graph": {1: "node", 5: "tensor", 15: "sparse_tensor"},
+    "node": {5: "attribute"},
+    "attribute": {5: "tensor", 6: "graph", 10: "tensor", 11: "graph", 22: "sparse_tensor",
+                  23: "sparse_tensor"},
+    "function": {7: "node", 11: "attribute"},
+    "sparse_tensor": {1: "tensor", 2: "tensor"},
+}
+
+
+def external_data_locations(model_bytes: bytes) -> set[str]:
+    """Every external-data ``location`` in an ONNX ModelProto, wherever a TensorProto can sit."""
+    return set(_locations(memoryview(model_bytes), "model", 0))
+
+
+def _locations(buf: memoryview, kind: str, depth: int) -> Iterator[str]:
+    if depth > MAX_DEPTH:
+        raise ValueError(f"protobuf messages nested deeper than {MAX_DEPTH} levels")
+    if kind == "tensor":
+        yield from _tensor_locations(buf)
+        return
+    children = _CHILDREN[kind]
+    for field, wire, value in _fields(buf):
+        child = children.get(field)
+        if child is not None and wire == 2:  # a known field with another wire type is an unknown field
+            yield from _locations(value, child, depth + 1)
+
+
+def _tensor_locations(tensor: memoryview) -> Iterator[str]:
+    name, data_location, locations = b"", 0, []
+    for field, wire, value in _fields(tensor):
+        if field == 8 and wire == 2:
+            name = bytes(value)
+        elif field == 14 and wire == 0:
+            data_location = value  # protobuf: the last occurrence of a scalar field wins
+        elif field == 13 and wire == 2:
+            entry = _string_entry(value)
+            if entry[0] == b"location":
+                locations.append(entry[1])
+    label = name.decode("utf-8", "replace")
+    if data_location == _EXTERNAL and not locations:
+        raise ValueError(f"tensor {label!r} has data_location EXTERNAL but no external_data location")
+    for location in locations:
+        if not location:
+            raise ValueError(f"tensor {label!r} has an empty external_data location")
+        try:
+            yield location.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ValueError(f"tensor {label!r} has an external_data location that is not UTF-8") from None
+
+
+def _string_entry(entry: memoryview) -> tuple[bytes, bytes]:
+    """(key, value) of a StringStringEntryProto; the last occurrence of each wins, as in protobuf."""
+    kv = {1: b"", 2: b""}
+    for field, wire, value in _fields(entry):
+        if field in kv and wire == 2:
+            kv[field] = bytes(value)
+    return kv[1], kv[2]
+
+
+def _fields(buf: memoryview) -> Iterator[tuple[int, int, memoryview | int]]:
+    """(field number, wire type, value) of one protobuf message; length-delimited values are views."""
     pos, end = 0, len(buf)
     while pos < end:
         key, pos = _varint(buf, pos)
         field, wire = key >> 3, key & 7
+        if field == 0:
+            raise ValueError("protobuf field number 0")
         if wire == 0:
             value, pos = _varint(buf, pos)
-        elif wire == 1:
-            value, pos = buf[pos:pos + 8], pos + 8
         elif wire == 2:
             size, pos = _varint(buf, pos)
+            if size > end - pos:
+                raise ValueError(f"protobuf field {field} declares {size} bytes but {end - pos} remain")
             value, pos = buf[pos:pos + size], pos + size
-        elif wire == 5:
-            value, pos = buf[pos:pos + 4], pos + 4
+        elif wire in (1, 5):
+            width = 8 if wire == 1 else 4
+            if width > end - pos:
+                raise ValueError("truncated protobuf message")
+            value, pos = buf[pos:pos + width], pos + width
         else:
             raise ValueError(f"unsupported protobuf wire type {wire}")
-        if pos > end:
-            raise ValueError("truncated protobuf message")
         yield field, wire, value
 
 
-def _varint(buf: bytes, pos: int) -> tuple[int, int]:
-    result = shift = 0
-    while True:
-        if pos >= len(buf):
+def _varint(buf: memoryview, pos: int) -> tuple[int, int]:
+    result = 0
+    for i in range(_MAX_VARINT_BYTES):
+        if pos + i >= len(buf):
             raise ValueError("truncated varint")
-        byte = buf[pos]
-        result |= (byte & 0x7F) << shift
-        pos += 1
+        byte = buf[pos + i]
+        result |= (byte & 0x7F) << (7 * i)
         if not byte & 0x80:
-            return result, pos
-        shift += 7
-
-
-def _sub(buf: bytes, number: int) -> Iterator[bytes]:
-    for field, wire, value in _fields(buf):
-        if field == number and wire == 2:
-            yield value
-
-
-def _tensor_locations(tensor: bytes) -> Iterator[str]:
-    for entry in _sub(tensor, 13):
-        kv = {f: v for f, w, v in _fields(entry) if w == 2}
-        if kv.get(1) == b"location":
-            yield kv.get(2, b"").decode("utf-8")
-
-
-def _graph_locations(graph: bytes) -> Iterator[str]:
-    for tensor in _sub(graph, 5):
-        yield from _tensor_locations(tensor)
-    for node in _sub(graph, 1):
-        for attribute in _sub(node, 5):
-            for tensor in (*_sub(attribute, 5), *_sub(attribute, 10)):
-                yield from _tensor_locations(tensor)
-            for subgraph in (*_sub(attribute, 6), *_sub(attribute, 11)):
-                yield from _graph_locations(subgraph)
-
-
-def external_data_locations(model_bytes: bytes) -> set[str]:
-    """Every external-data ``location`` in an ONNX ModelProto (nested subgraphs included)."""
-    return {loc for graph in _sub(model_bytes, 7) for loc in _graph_locations(graph)}
+            return result, pos + i + 1
+    raise ValueError(f"varint longer than {_MAX_VARINT_BYTES} bytes")
