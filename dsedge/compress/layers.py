@@ -12,11 +12,11 @@ import importlib
 from dataclasses import dataclass
 from typing import Any
 
+from dsedge.errors import ConfigError
 from dsedge.models.experts import EXPERT_WEIGHT, fuse_experts
+from dsedge.models.reference import DROP_CONFIG_KEYS
+from dsedge.models.registry import ARCHITECTURES
 
-# model_type -> the class-name stem inside transformers.models.<model_type>.modeling_<model_type>
-_CLASS_STEMS = {"deepseek_v3": "DeepseekV3", "deepseek_v2": "DeepseekV2", "qwen2": "Qwen2", "llama": "Llama"}
-_DROP_KEYS = ("quantization_config", "auto_map")  # FP8 is dequantized by our reader; remote code is never used
 _EXPERT = EXPERT_WEIGHT  # per-expert checkpoint names
 
 
@@ -25,7 +25,7 @@ def hf_config(config_dict: dict[str, Any], **overrides):
     import transformers
 
     transformers.logging.set_verbosity_error()
-    data = {k: v for k, v in copy.deepcopy(config_dict).items() if k not in _DROP_KEYS} | overrides
+    data = {k: v for k, v in copy.deepcopy(config_dict).items() if k not in DROP_CONFIG_KEYS} | overrides
     config = transformers.AutoConfig.for_model(**data)
     config._attn_implementation = "sdpa"
     return config
@@ -41,12 +41,12 @@ class Classes:
 
 
 def classes_for(model_type: str) -> Classes:
-    stem = _CLASS_STEMS.get(model_type)
-    if stem is None:
-        from dsedge.errors import ConfigError
-
+    """transformers' classes for ``model_type``, named by its registry entry (models/registry.py)."""
+    arch = ARCHITECTURES.get(model_type)
+    if arch is None:
         raise ConfigError(f"compress does not support model_type {model_type!r}",
-                          hint=f"supported: {', '.join(_CLASS_STEMS)}")
+                          hint=f"supported: {', '.join(ARCHITECTURES)}")
+    stem = arch.hf_class_stem
     module = importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}")
     return Classes(getattr(module, f"{stem}DecoderLayer"), getattr(module, f"{stem}RotaryEmbedding"),
                    getattr(module, f"{stem}RMSNorm"))

@@ -22,6 +22,7 @@ from dsedge.manifest import write_manifest
 from dsedge.models.checkpoint import Checkpoint
 from dsedge.models.params import count_params
 from dsedge.planning import KV_BYTES, kv_bytes_per_token
+from dsedge.sources import resolve_checkpoint
 from dsedge.targets import load_target
 
 log = logging.getLogger(__name__)
@@ -74,7 +75,7 @@ def export_bundle(checkpoint: str | Path, output: str | Path, *, target=None, la
     out = Path(output)
     if out.exists() and not overwrite:
         raise UserError(f"output {out} already exists", where=str(out), hint="pass --overwrite to replace it")
-    ckpt = Checkpoint(checkpoint)
+    ckpt = Checkpoint(resolve_checkpoint(checkpoint))
     ckpt.validate()
     _check_supported(ckpt.spec)
     tgt = load_target(target) if target is not None else None
@@ -270,7 +271,7 @@ def _tokenizer_info(src: Path, spec) -> dict[str, Any]:
 
 
 def _validate(ckpt: Checkpoint, root: Path, dtype: str, accuracy_level: int | None):
-    from dsedge.export.reference import reference_model
+    from dsedge.models.reference import reference_model
     from dsedge.runtime import load_bundle
 
     log.info("export: validating against the PyTorch reference")
