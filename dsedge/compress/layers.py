@@ -22,7 +22,7 @@ _EXPERT = EXPERT_WEIGHT  # per-expert checkpoint names
 
 def hf_config(config_dict: dict[str, Any], **overrides):
     """transformers' config object for a checkpoint's config.json (plus ``overrides``), SDPA attention."""
-    import transformers
+    import transformers  # heavy: imported only when compress builds a layer
 
     transformers.logging.set_verbosity_error()
     data = {k: v for k, v in copy.deepcopy(config_dict).items() if k not in DROP_CONFIG_KEYS} | overrides
@@ -56,7 +56,7 @@ def build_layer(classes: Classes, config, index: int, state: dict):
     """transformers' decoder layer ``index`` holding ``state`` (layer-relative, per-expert names), eval mode.
 
     ``state`` is consumed: each entry is dropped once the layer holds it, so the weights exist once."""
-    import torch
+    import torch  # heavy: imported only when compress runs a layer
 
     with torch.device("meta"):
         layer = classes.decoder_layer(config, layer_idx=index)
@@ -88,7 +88,7 @@ class LayerRunner:
     """Runs hidden states ``[N, S, H]`` through decoder layers in batches of sequences, causally masked."""
 
     def __init__(self, classes: Classes, config, seq_len: int, batch_size: int = 8):
-        import torch
+        import torch  # heavy: imported only when compress runs a layer
 
         self.batch_size = batch_size
         self.position_ids = torch.arange(seq_len)[None]  # [1, S]
@@ -100,7 +100,7 @@ class LayerRunner:
 
     def run(self, layer, hidden):
         """``layer`` applied to every sequence of ``hidden`` ``[N, S, H]``; returns a new ``[N, S, H]``."""
-        import torch
+        import torch  # heavy: imported only when compress runs a layer
 
         out = torch.empty_like(hidden)
         with torch.no_grad():
@@ -113,7 +113,7 @@ class LayerRunner:
 
 def final_logits(hidden, norm_weight, head_weight, eps: float, norm_class):
     """Logits ``[N, S, V]`` of the final hidden states through the model's norm and LM head."""
-    import torch
+    import torch  # heavy: imported only when compress runs a layer
 
     with torch.no_grad():
         return torch.nn.functional.linear(final_norm(hidden, norm_weight, eps, norm_class), head_weight)
@@ -121,7 +121,7 @@ def final_logits(hidden, norm_weight, head_weight, eps: float, norm_class):
 
 def final_norm(hidden, norm_weight, eps: float, norm_class):
     """The model's final norm applied to ``hidden`` (what the LM head reads)."""
-    import torch
+    import torch  # heavy: imported only when compress runs a layer
 
     norm = norm_class(hidden.shape[-1], eps=eps)
     with torch.no_grad():

@@ -43,7 +43,7 @@ _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 
 
 def torch_dtype(safetensors_dtype: str) -> torch.dtype:
-    import torch
+    import torch  # optional heavy dependency: listing and validating need no torch
 
     return {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
             "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64,
@@ -107,7 +107,7 @@ class Checkpoint:
     # --- reading ------------------------------------------------------------------------------------
     def read_raw(self, name: str) -> torch.Tensor:
         """A tensor exactly as stored (dtype included)."""
-        import torch
+        import torch  # optional heavy dependency: only reads need torch
 
         return_large_frees_to_os()
         info = self._info(name)
@@ -123,7 +123,7 @@ class Checkpoint:
     def read(self, name: str, dtype: torch.dtype | None = None, *, check_finite: bool = True) -> torch.Tensor:
         """A tensor in ``dtype`` (default float32), FP8 blocks and quantized weights dequantized;
         NaN/Inf weights are refused."""
-        import torch
+        import torch  # optional heavy dependency: only reads need torch
 
         dtype = dtype or torch.float32
         module = self._quantized_module(name)
@@ -279,7 +279,7 @@ def _is_scale(name: str) -> bool:
 
 
 def _check_finite(tensor: torch.Tensor, info: TensorInfo) -> None:
-    import torch
+    import torch  # optional heavy dependency: only reads need torch
 
     # Fast path, one read pass: NaN or Inf anywhere makes the sum non-finite. Only a non-finite sum
     # (or a finite-value overflow, rare) pays for the exact element-wise check.
