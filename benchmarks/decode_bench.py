@@ -104,7 +104,7 @@ def dsedge_speed(path: Path, vocab: int, steps: int, threads: int) -> dict:
 def torch_eager_speed(ckpt: Path, steps: int, dtype: str, threads: int) -> dict:
     import torch
 
-    from dsedge.testing.reference import load_reference_model
+    from dsedge.models.reference import load_reference_model
 
     torch.set_num_threads(threads)
     model = load_reference_model(ckpt).to(torch.bfloat16 if dtype == "bf16" else torch.float32)

@@ -108,7 +108,7 @@ def expert_path_speed(ckpt: Path, path: str, vocab: int, steps: int) -> dict:
 def torch_eager_speed(ckpt: Path, steps: int) -> dict:
     import torch
 
-    from dsedge.testing.reference import load_reference_model
+    from dsedge.models.reference import load_reference_model
 
     model = load_reference_model(ckpt)
     prompt = torch.randint(2, model.config.vocab_size, (1, PROMPT))

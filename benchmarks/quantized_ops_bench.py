@@ -106,9 +106,9 @@ def demo_accuracy_levels(tokens: int = 8192) -> dict:
     from dsedge.demo import heldout_path
     from dsedge.evaluation import encode_text_file, evaluate_perplexity
     from dsedge.export.bundle import export_bundle
-    from dsedge.export.reference import reference_model
     from dsedge.export.validate import mean_kl
     from dsedge.models.checkpoint import Checkpoint
+    from dsedge.models.reference import reference_model
     from dsedge.runtime import load_bundle
 
     with tempfile.TemporaryDirectory(dir=OUT) as tmp:

@@ -2,8 +2,8 @@
 
 The scorer takes a ``logits_fn`` rather than a model, so the same numbers can be measured on the
 transformers reference (``torch_logits_fn``), a compressed checkpoint, or an exported bundle's runtime,
-and compared token for token. numpy is the only import at module level; torch, transformers and
-tokenizers are imported by the functions that need them.
+and compared token for token. numpy (and dsedge's own torch-free modules) at module level; torch,
+transformers and tokenizers are imported by the functions that need them.
 
 Scoring scheme: the token ids are cut into consecutive, non-overlapping windows of ``window`` tokens
 (the last one may be shorter). Each window is run on its own, and every token of it except the first
@@ -21,7 +21,10 @@ from pathlib import Path
 
 import numpy as np
 
+from dsedge.demo import heldout_path
 from dsedge.errors import UserError
+from dsedge.models.reference import load_reference_model
+from dsedge.sources import resolve_checkpoint
 
 LogitsFn = Callable[[list[list[int]]], np.ndarray]  # [B][T] token ids -> logits [B, T, V]
 
@@ -117,7 +120,7 @@ def unigram_perplexity(train_ids: Sequence[int], heldout_ids: Sequence[int], voc
 
 def torch_logits_fn(model) -> LogitsFn:
     """Adapter: a transformers causal LM as a ``logits_fn`` (float32 numpy logits, no grad, no cache)."""
-    import torch
+    import torch  # optional heavy dependency: scoring a runtime's logits needs no torch
 
     def logits_fn(batch: list[list[int]]) -> np.ndarray:
         with torch.no_grad():
@@ -129,7 +132,7 @@ def torch_logits_fn(model) -> LogitsFn:
 
 def encode_text_file(tokenizer_json: str | Path, text_path: str | Path) -> list[int]:
     """Token ids of a UTF-8 text file, bos first (the tokenizer's post-processor adds it)."""
-    from tokenizers import Tokenizer
+    from tokenizers import Tokenizer  # here: the scorer itself needs only numpy
 
     tokenizer = Tokenizer.from_file(str(tokenizer_json))
     return tokenizer.encode(Path(text_path).read_text(encoding="utf-8")).ids
@@ -144,10 +147,7 @@ def evaluate_checkpoint(path_or_demo_name: str | Path, text_path: str | Path | N
     tokenized with the checkpoint's ``tokenizer.json``; ``text_path`` defaults to the demo held-out
     text, ``max_tokens`` keeps only the first tokens (bos included).
     """
-    from dsedge.demo import heldout_path, resolve_model_path
-    from dsedge.testing.reference import load_reference_model
-
-    path = resolve_model_path(path_or_demo_name)
+    path = resolve_checkpoint(path_or_demo_name)
     if not (path / "tokenizer.json").is_file():
         raise UserError("checkpoint has no tokenizer.json", where=str(path),
                         hint="evaluation needs the model's own tokenizer next to its weights")

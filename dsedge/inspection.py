@@ -10,6 +10,7 @@ from typing import Any
 from dsedge.models.checkpoint import Checkpoint
 from dsedge.models.params import count_params
 from dsedge.models.registry import ARCHITECTURES
+from dsedge.sources import resolve_checkpoint
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
 CHAT_TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json")
@@ -45,7 +46,7 @@ def inspect_checkpoint(path: str | Path, *, validate: bool = True) -> InspectRep
     Reads config.json and the safetensors headers only (no weights), so it is fast on any size.
     With ``validate`` every tensor's name, shape and dtype is checked against the spec.
     """
-    ckpt = Checkpoint(path)
+    ckpt = Checkpoint(resolve_checkpoint(path))
     spec = ckpt.spec
     if validate:
         ckpt.validate()

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dsedge.demo import DEMO_MODELS
 from dsedge.errors import ConfigError
 from dsedge.models.config import read_config_file
 from dsedge.models.params import ACTIVE_NOTE, count_params
@@ -94,8 +95,6 @@ def resolve_model(model: str | Path) -> tuple[ModelSpec, str]:
     if path.is_dir() or path.is_file():
         config_path = path / "config.json" if path.is_dir() else path
         return spec_from_config(read_config_file(config_path), str(config_path)), str(path)
-    from dsedge.demo import DEMO_MODELS
-
     if str(model) in DEMO_MODELS:
         return resolve_model(DEMO_MODELS[str(model)])
     if str(model).lower() in PUBLISHED_CONFIGS:

@@ -32,9 +32,10 @@ MODELS = ("deepseek-v3-tiny", "qwen2-tiny")
 
 def rows_for(model: str) -> list[tuple]:
     from dsedge.models.checkpoint import Checkpoint
+    from dsedge.sources import resolve_checkpoint
 
     rows = list(ROWS)
-    if Checkpoint(model).spec.moe is not None:
+    if Checkpoint(resolve_checkpoint(model)).spec.moe is not None:
         pruned = [("none" if recipe is None else recipe, method, label) for label, recipe, method, _ in ROWS]
         rows += [(f"{label} + {PRUNE:.0%} experts pruned", recipe, method, PRUNE) for recipe, method, label in pruned]
     return rows
@@ -43,8 +44,8 @@ def rows_for(model: str) -> list[tuple]:
 def heldout_quality(path: Path, max_tokens: int) -> dict:
     from dsedge.demo import heldout_path
     from dsedge.evaluation import encode_text_file, evaluate_perplexity, torch_logits_fn
-    from dsedge.export.reference import reference_model
     from dsedge.models.checkpoint import Checkpoint
+    from dsedge.models.reference import reference_model
 
     ckpt = Checkpoint(path)
     ids = encode_text_file(ckpt.path / "tokenizer.json", heldout_path())[:max_tokens]
@@ -54,12 +55,12 @@ def heldout_quality(path: Path, max_tokens: int) -> dict:
 
 def run_row(model: str, row: tuple, out: Path, max_tokens: int) -> dict:
     from dsedge.compress.pipeline import compress
-    from dsedge.models.checkpoint import Checkpoint
+    from dsedge.sources import resolve_checkpoint
 
     label, recipe, method, prune = row
     started = time.perf_counter()
     if recipe is None:
-        path, report = Checkpoint(model).path, None
+        path, report = resolve_checkpoint(model), None
     else:
         path = out / f"{model}--{recipe}-{method or 'default'}-p{int(prune * 100)}"
         report = compress(model, path, recipe=recipe, method=method, prune_experts=prune, overwrite=True)

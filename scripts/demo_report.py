@@ -46,7 +46,7 @@ def report(name: str, args) -> dict:
     from dsedge.demo import heldout_path, model_path
     from dsedge.evaluation import encode_text_file, evaluate_perplexity, torch_logits_fn, unigram_perplexity
     from dsedge.inspection import inspect_checkpoint
-    from dsedge.testing.reference import load_reference_model
+    from dsedge.models.reference import load_reference_model
 
     path = model_path(name)
     inspected = inspect_checkpoint(path)  # validates every tensor against the spec

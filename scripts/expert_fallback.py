@@ -46,7 +46,8 @@ def expert_error(gate_up, down, act, q_gate_up, q_down, x) -> float:
 def quantize_expert(gate_up, down, act, x, scheme):
     """(gate_up, down) dequantized after GPTQ on inputs ``x`` (RTN when ``x`` is None)."""
     from dsedge.compress.calibration import expert_forward
-    from dsedge.compress.quant import HessianAccumulator, dequantize, quantize
+    from dsedge.compress.quant import HessianAccumulator, quantize
+    from dsedge.quantformat.tensor import dequantize
 
     if x is None:
         rtn = scheme.with_method("rtn")
@@ -60,16 +61,17 @@ def quantize_expert(gate_up, down, act, x, scheme):
 
 def main() -> None:
     from dsedge.compress.calibration import load_calibration
-    from dsedge.compress.scheme import QuantScheme
     from dsedge.models.checkpoint import Checkpoint
-    from dsedge.testing.reference import load_reference_model
+    from dsedge.models.reference import load_reference_model
+    from dsedge.quantformat.scheme import QuantScheme
+    from dsedge.sources import resolve_checkpoint
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="deepseek-v3-tiny")
     parser.add_argument("--calib-tokens", type=int, default=8192)
     parser.add_argument("--group-size", type=int, default=128)
     args = parser.parse_args()
-    ckpt = Checkpoint(args.model)
+    ckpt = Checkpoint(resolve_checkpoint(args.model))
     calibset = load_calibration(ckpt.path / "tokenizer.json", None, calib_tokens=args.calib_tokens,
                                 heldout_tokens=4096, seq_len=512)
     model = load_reference_model(ckpt.path)

@@ -12,7 +12,7 @@ from dsedge.cli import main
 from dsedge.errors import CheckpointError, ConfigError
 from dsedge.models.checkpoint import Checkpoint
 from dsedge.models.fp8 import dequantize_fp8_blocks
-from dsedge.testing.reference import load_reference_model, on_disk_state_dict
+from dsedge.models.reference import load_reference_model, on_disk_state_dict
 from dsedge.testing.tiny import VARIANTS, build_tensors
 
 # Every checkpoint shape the reader must handle; the meta-test checks each architecture appears here.

@@ -129,7 +129,7 @@ def test_gptq_beats_rtn_on_held_out_layer_output(tiny_checkpoint, tmp_path):
 def test_streamed_forward_matches_reference_model(tiny_checkpoint, tmp_path, variant):
     """Layer-by-layer transformers layers + our head = the whole transformers model, on the held-out windows."""
     from dsedge.evaluation import evaluate_perplexity, torch_logits_fn
-    from dsedge.testing.reference import load_reference_model
+    from dsedge.models.reference import load_reference_model
 
     src = tiny_checkpoint(variant)
     report = compress(src, tmp_path / "out", recipe="none", **FAST)
@@ -173,7 +173,7 @@ def test_transformers_loads_dense_output_and_agrees_with_the_report(tiny_checkpo
     """transformers + compressed-tensors load our output (from_pretrained) and score the held-out windows as
     the streamed report did: the report's compressed perplexity is what a standard loader sees."""
     from dsedge.evaluation import evaluate_perplexity, torch_logits_fn
-    from dsedge.testing.reference import load_reference_model
+    from dsedge.models.reference import load_reference_model
 
     src = tiny_checkpoint("qwen2")
     report = compress(src, tmp_path / "out", recipe="int4-g32", **FAST)
@@ -184,8 +184,8 @@ def test_transformers_loads_dense_output_and_agrees_with_the_report(tiny_checkpo
 
 
 def _reference_dequantized(tensors: dict, module: str) -> torch.Tensor:
-    from dsedge.compress.packing import unpack
-    from dsedge.compress.quant import dequantize
+    from dsedge.quantformat.packing import unpack
+    from dsedge.quantformat.tensor import dequantize
 
     return dequantize(unpack({k: v for k, v in tensors.items() if k.startswith(module + ".weight_")}, where=module))
 
@@ -194,7 +194,7 @@ def _reference_dequantized(tensors: dict, module: str) -> torch.Tensor:
 
 @pytest.mark.parametrize("variant,fraction,per_group_after", [("v2_lite", 0.2, 8), ("v2", 0.34, 2), ("v3", 0.25, 3)])
 def test_pruning_keeps_groups_balanced_and_loads(tiny_checkpoint, tmp_path, variant, fraction, per_group_after):
-    from dsedge.testing.reference import load_reference_model
+    from dsedge.models.reference import load_reference_model
 
     src = tiny_checkpoint(variant)
     ckpt = Checkpoint(src)

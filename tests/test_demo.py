@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dsedge.demo import DEMO_MODELS, heldout_path, model_path, resolve_model_path
+from dsedge.demo import DEMO_MODELS, heldout_path, model_path
 from dsedge.errors import UserError
 from dsedge.evaluation import (
     encode_text_file,
@@ -19,6 +19,7 @@ from dsedge.evaluation import (
     torch_logits_fn,
     unigram_perplexity,
 )
+from dsedge.sources import resolve_checkpoint
 
 # Perplexity of each shipped model on SAMPLE_WINDOWS windows of 512 tokens spread evenly over the
 # shipped held-out text (float32 compute), as recorded in dsedge/demo/MODEL_CARD.md. Retraining or
@@ -46,15 +47,15 @@ def test_model_path_unknown_name_suggests_the_closest():
     assert "qwen2-tiny" in error.value.hint  # no close match: the list of names
 
 
-def test_resolve_model_path_prefers_a_local_directory(tmp_path, monkeypatch):
-    assert resolve_model_path("qwen2-tiny") == model_path("qwen2-tiny")
+def test_resolve_checkpoint_prefers_a_local_directory(tmp_path, monkeypatch):
+    assert resolve_checkpoint("qwen2-tiny") == model_path("qwen2-tiny")
     (tmp_path / "qwen2-tiny").mkdir()
     monkeypatch.chdir(tmp_path)
-    assert resolve_model_path("qwen2-tiny") == Path("qwen2-tiny")
+    assert resolve_checkpoint("qwen2-tiny") == Path("qwen2-tiny")
     with pytest.raises(UserError, match="checkpoint directory not found"):
-        resolve_model_path("no/such/dir")
+        resolve_checkpoint("no/such/dir")
     with pytest.raises(UserError, match="did you mean 'qwen2-tiny'"):
-        resolve_model_path("qwen2-tine")
+        resolve_checkpoint("qwen2-tine")
 
 
 def test_shipped_files_fit_the_budget_and_carry_provenance():
@@ -107,7 +108,7 @@ def heldout_sample(heldout_ids):
 @pytest.fixture(scope="module")
 def demo_eval(heldout_sample):
     """Factory ``demo_eval(name) -> (EvalReport, {router name: selections per expert})``, cached."""
-    from dsedge.testing.reference import load_reference_model
+    from dsedge.models.reference import load_reference_model
 
     done = {}
 
@@ -215,7 +216,7 @@ def test_batching_does_not_change_the_result():
 def test_single_window_matches_transformers_loss(tiny_checkpoint):
     import torch
 
-    from dsedge.testing.reference import load_reference_model
+    from dsedge.models.reference import load_reference_model
 
     path = tiny_checkpoint("v3")
     model = load_reference_model(path)

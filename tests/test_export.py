@@ -14,8 +14,8 @@ from dsedge.cli import main
 from dsedge.errors import CheckFailed, UserError
 from dsedge.export.bundle import export_bundle
 from dsedge.manifest import BundleError, write_manifest
+from dsedge.models.reference import load_reference_model
 from dsedge.runtime import load_bundle
-from dsedge.testing.reference import load_reference_model
 
 # Every architecture and routing variant, FP8 with partial blocks, MTP present, sharded.
 EXPORT_CASES = [

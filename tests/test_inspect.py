@@ -8,7 +8,7 @@ import pytest
 
 from dsedge.cli import main
 from dsedge.inspection import inspect_checkpoint
-from dsedge.testing.reference import load_reference_model
+from dsedge.models.reference import load_reference_model
 from dsedge.testing.tiny import VARIANTS
 
 

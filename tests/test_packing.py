@@ -1,4 +1,8 @@
-"""compressed-tensors pack-quantized layout: bit packing, round trips through the library itself, config."""
+"""compressed-tensors pack-quantized layout: bit packing, round trips through the library itself, config.
+
+Only the tests that compare against the compressed-tensors library itself skip without it (per test);
+our own packing, config and checkpoint-reader tests always run.
+"""
 
 import json
 
@@ -6,22 +10,14 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from dsedge.compress.packing import (
-    pack,
-    pack_bits,
-    packed_shapes,
-    quantization_config,
-    read_quantization_config,
-    regroup,
-    storage_group,
-    unpack,
-    unpack_bits,
-)
-from dsedge.compress.quant import QuantScheme, dequantize, quantize_rtn
+from dsedge.compress.quant import quantize_rtn
 from dsedge.compress.recipes import load_recipe
 from dsedge.errors import CheckpointError, UserError
-
-ct_helpers = pytest.importorskip("compressed_tensors.compressors.pack_quantized.helpers")
+from dsedge.quantformat.config import quantization_config, read_quantization_config
+from dsedge.quantformat.layout import packed_shapes, storage_group
+from dsedge.quantformat.packing import pack, pack_bits, regroup, unpack, unpack_bits
+from dsedge.quantformat.scheme import QuantScheme
+from dsedge.quantformat.tensor import dequantize
 
 
 def weight(rows, cols, seed):
@@ -31,6 +27,7 @@ def weight(rows, cols, seed):
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("shape", [(7, 45), (16, 3), (9, 2), (24, 72)])
 def test_bit_packing_matches_compressed_tensors(bits, shape):
+    ct_helpers = pytest.importorskip("compressed_tensors.compressors.pack_quantized.helpers")
     lo, hi = -(1 << (bits - 1)), 1 << (bits - 1)
     values = torch.randint(lo, hi, shape, generator=torch.Generator().manual_seed(0), dtype=torch.int8)
     for dim in (0, 1):
@@ -75,7 +72,7 @@ def packed_checkpoint(tmp_path_factory):
     kept = {"model.layers.0.self_attn.q_a_proj.weight": weight(8, 72, seed=99), "model.norm.weight": torch.ones(72)}
     tensors.update(kept)
     config = {"model_type": "llama",
-              "quantization_config": quantization_config(load_recipe("int4"), quantized,
+              "quantization_config": quantization_config(load_recipe("int4").name, quantized,
                                                          ["model.layers.0.self_attn.q_a_proj"])}
     (path / "config.json").write_text(json.dumps(config, indent=2))
     save_file(tensors, str(path / "model.safetensors"))
@@ -88,6 +85,7 @@ def test_compressed_tensors_decompresses_what_we_write(packed_checkpoint):
     It computes ``(q - zero_point) · scale`` in the scale's dtype, float16: the product of a small
     integer and a float16 scale is exact in float32, so its result is exactly ours rounded to float16.
     """
+    pytest.importorskip("compressed_tensors")
     from compressed_tensors.entrypoints.convert import CompressedTensorsDequantizer
     from compressed_tensors.quantization import QuantizationConfig
 
@@ -221,7 +219,7 @@ def write_compressed(src, dst, recipe, *, drop=(), extra=None, config_edit=None)
         tensors.update(pack(module, quantized[module]))
     tensors = {k: v for k, v in tensors.items() if k not in drop} | (extra or {})
     config = json.loads((src / "config.json").read_text())
-    config["quantization_config"] = quantization_config(recipe, quantized, ignore)
+    config["quantization_config"] = quantization_config(recipe.name, quantized, ignore)
     if config_edit:
         config_edit(config)
     dst.mkdir()
@@ -265,8 +263,8 @@ def test_checkpoint_reads_compressed_checkpoints(tiny_checkpoint, tmp_path, vari
 
 
 def test_reference_model_runs_on_a_compressed_checkpoint(tiny_checkpoint, tmp_path):
-    from dsedge.export.reference import reference_model
     from dsedge.models.checkpoint import Checkpoint
+    from dsedge.models.reference import reference_model
 
     src = tiny_checkpoint("v3")
     write_compressed(src, tmp_path / "c", load_recipe("int4-experts"))
@@ -314,10 +312,11 @@ def test_transformers_loads_our_dense_checkpoint_with_identical_logits(tiny_chec
     zero points — its meta-device loader expects them unpacked while its own compressor (and vLLM) pack
     them — and per-expert MoE weights, which transformers 5 fuses into non-Linear modules.
     """
+    pytest.importorskip("compressed_tensors")  # transformers reads pack-quantized checkpoints through it
     import transformers
 
-    from dsedge.export.reference import reference_model
     from dsedge.models.checkpoint import Checkpoint
+    from dsedge.models.reference import reference_model
 
     write_compressed(tiny_checkpoint("qwen2"), tmp_path / "c", load_recipe("int4-g32"))  # 72, 148: partial groups
     transformers.logging.set_verbosity_error()

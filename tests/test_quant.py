@@ -5,17 +5,10 @@ import math
 import pytest
 import torch
 
-from dsedge.compress.quant import (
-    HessianAccumulator,
-    QuantScheme,
-    dequantize,
-    qrange,
-    quantize,
-    quantize_gptq,
-    quantize_rtn,
-    sqnr_db,
-)
+from dsedge.compress.quant import HessianAccumulator, quantize, quantize_gptq, quantize_rtn, sqnr_db
 from dsedge.errors import UserError
+from dsedge.quantformat.scheme import QuantScheme
+from dsedge.quantformat.tensor import dequantize, qrange
 
 GROUPS = [32, 64, 128, None]
 

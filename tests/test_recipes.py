@@ -7,9 +7,9 @@ import sys
 import pytest
 
 from dsedge.compress.recipes import PRESETS, SAFETY_RULES, Recipe, Rule, load_recipe, parse_recipe, preset
-from dsedge.compress.scheme import QuantScheme
 from dsedge.errors import UserError
 from dsedge.models.registry import spec_from_config
+from dsedge.quantformat.scheme import QuantScheme
 from dsedge.targets import RECIPE_PRESETS
 from dsedge.testing.tiny import VARIANTS, tiny_config
 
@@ -159,6 +159,7 @@ def test_bad_names_and_files(tmp_path):
 
 
 def test_recipes_do_not_import_torch():
-    code = "import sys, dsedge.compress.recipes, dsedge.compress.packing; print('torch' in sys.modules)"
+    code = ("import sys, dsedge.compress.recipes, dsedge.quantformat.packing, dsedge.quantformat.config, "
+            "dsedge.models.checkpoint; print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

@@ -1,4 +1,6 @@
 """``dsedge compress``: weight-only quantization (RTN, GPTQ) by recipe, expert pruning, compressed-tensors output.
 
-Light on import: torch is pulled in only by :mod:`.quant`, :mod:`.packing`'s pack/unpack and the pipeline.
+The algorithms live here; the stored format (schemes, quantized tensors, packing, ``quantization_config``)
+is :mod:`dsedge.quantformat`. Light on import: :mod:`.recipes`, :mod:`.pruning` and :mod:`.writer` are
+torch-free; :mod:`.quant`, :mod:`.calibration` and :mod:`.pipeline` import torch.
 """

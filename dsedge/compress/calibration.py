@@ -17,6 +17,11 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+import torch.nn.functional as F
+from tokenizers import Tokenizer
+
+from dsedge.compress.quant import HessianAccumulator
 from dsedge.errors import UserError
 
 log = logging.getLogger("dsedge")
@@ -67,9 +72,6 @@ def read_text(path: str | Path | None) -> tuple[str, str]:
 def load_calibration(tokenizer_json: Path, calib: str | Path | None, *, calib_tokens: int, heldout_tokens: int,
                      seq_len: int) -> CalibrationSet:
     """Tokenize the calibration text and cut it into calibration windows and held-out windows (at the end)."""
-    import torch
-    from tokenizers import Tokenizer
-
     if calib_tokens < MIN_CALIB_TOKENS:
         raise UserError(f"--calib-tokens must be at least {MIN_CALIB_TOKENS}, got {calib_tokens}")
     text, source = read_text(calib)
@@ -117,8 +119,6 @@ class LinearInputs:
         return record
 
     def _accumulator_for(self, name: str, x):
-        from dsedge.compress.quant import HessianAccumulator
-
         shared = next((n for n, seen in self._first or [] if seen is x), None)
         if self._first is not None:
             self._first.append((name, x))
@@ -149,8 +149,6 @@ class MoEInputs:
         self._handle.remove()
 
     def tensors(self):
-        import torch
-
         return torch.cat(self.hidden), torch.cat(self.index), torch.cat(self.weights)
 
 
@@ -168,8 +166,6 @@ class ExpertActivity:
 
 def expert_forward(gate_up, down, x, act):
     """One expert's SwiGLU on rows ``x [T, H]``: (intermediate ``[T, I]``, output ``[T, H]``)."""
-    import torch.nn.functional as F
-
     gate, up = F.linear(x, gate_up).chunk(2, dim=-1)
     inter = act(gate) * up
     return inter, F.linear(inter, down)
@@ -182,8 +178,6 @@ def routed_rows(index, expert: int):
 
 def expert_activity(experts, hidden, index, weights) -> ExpertActivity:
     """Routing counts and saliency of every routed expert of a fused-experts module."""
-    import torch
-
     counts, saliency = [], []
     with torch.no_grad():
         for e in range(experts.gate_up_proj.shape[0]):
@@ -209,10 +203,6 @@ def expert_hessians(gate_up, down, hidden, index, expert: int, act, *, min_token
     With ``min_tokens``, an expert with at least that many routed tokens is calibrated on them alone, and one
     with fewer on all tokens.
     """
-    import torch
-
-    from dsedge.compress.quant import HessianAccumulator
-
     rows, _ = routed_rows(index, expert)
     routed = min_tokens is not None and rows.numel() >= min_tokens
     x = hidden[rows] if routed else hidden

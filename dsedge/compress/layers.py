@@ -12,20 +12,20 @@ import importlib
 from dataclasses import dataclass
 from typing import Any
 
+from dsedge.errors import ConfigError
 from dsedge.models.experts import EXPERT_WEIGHT, fuse_experts
+from dsedge.models.reference import DROP_CONFIG_KEYS
+from dsedge.models.registry import ARCHITECTURES
 
-# model_type -> the class-name stem inside transformers.models.<model_type>.modeling_<model_type>
-_CLASS_STEMS = {"deepseek_v3": "DeepseekV3", "deepseek_v2": "DeepseekV2", "qwen2": "Qwen2", "llama": "Llama"}
-_DROP_KEYS = ("quantization_config", "auto_map")  # FP8 is dequantized by our reader; remote code is never used
 _EXPERT = EXPERT_WEIGHT  # per-expert checkpoint names
 
 
 def hf_config(config_dict: dict[str, Any], **overrides):
     """transformers' config object for a checkpoint's config.json (plus ``overrides``), SDPA attention."""
-    import transformers
+    import transformers  # heavy: imported only when compress builds a layer
 
     transformers.logging.set_verbosity_error()
-    data = {k: v for k, v in copy.deepcopy(config_dict).items() if k not in _DROP_KEYS} | overrides
+    data = {k: v for k, v in copy.deepcopy(config_dict).items() if k not in DROP_CONFIG_KEYS} | overrides
     config = transformers.AutoConfig.for_model(**data)
     config._attn_implementation = "sdpa"
     return config
@@ -41,12 +41,12 @@ class Classes:
 
 
 def classes_for(model_type: str) -> Classes:
-    stem = _CLASS_STEMS.get(model_type)
-    if stem is None:
-        from dsedge.errors import ConfigError
-
+    """transformers' classes for ``model_type``, named by its registry entry (models/registry.py)."""
+    arch = ARCHITECTURES.get(model_type)
+    if arch is None:
         raise ConfigError(f"compress does not support model_type {model_type!r}",
-                          hint=f"supported: {', '.join(_CLASS_STEMS)}")
+                          hint=f"supported: {', '.join(ARCHITECTURES)}")
+    stem = arch.hf_class_stem
     module = importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}")
     return Classes(getattr(module, f"{stem}DecoderLayer"), getattr(module, f"{stem}RotaryEmbedding"),
                    getattr(module, f"{stem}RMSNorm"))
@@ -56,7 +56,7 @@ def build_layer(classes: Classes, config, index: int, state: dict):
     """transformers' decoder layer ``index`` holding ``state`` (layer-relative, per-expert names), eval mode.
 
     ``state`` is consumed: each entry is dropped once the layer holds it, so the weights exist once."""
-    import torch
+    import torch  # heavy: imported only when compress runs a layer
 
     with torch.device("meta"):
         layer = classes.decoder_layer(config, layer_idx=index)
@@ -88,7 +88,7 @@ class LayerRunner:
     """Runs hidden states ``[N, S, H]`` through decoder layers in batches of sequences, causally masked."""
 
     def __init__(self, classes: Classes, config, seq_len: int, batch_size: int = 8):
-        import torch
+        import torch  # heavy: imported only when compress runs a layer
 
         self.batch_size = batch_size
         self.position_ids = torch.arange(seq_len)[None]  # [1, S]
@@ -100,7 +100,7 @@ class LayerRunner:
 
     def run(self, layer, hidden):
         """``layer`` applied to every sequence of ``hidden`` ``[N, S, H]``; returns a new ``[N, S, H]``."""
-        import torch
+        import torch  # heavy: imported only when compress runs a layer
 
         out = torch.empty_like(hidden)
         with torch.no_grad():
@@ -113,7 +113,7 @@ class LayerRunner:
 
 def final_logits(hidden, norm_weight, head_weight, eps: float, norm_class):
     """Logits ``[N, S, V]`` of the final hidden states through the model's norm and LM head."""
-    import torch
+    import torch  # heavy: imported only when compress runs a layer
 
     with torch.no_grad():
         return torch.nn.functional.linear(final_norm(hidden, norm_weight, eps, norm_class), head_weight)
@@ -121,7 +121,7 @@ def final_logits(hidden, norm_weight, head_weight, eps: float, norm_class):
 
 def final_norm(hidden, norm_weight, eps: float, norm_class):
     """The model's final norm applied to ``hidden`` (what the LM head reads)."""
-    import torch
+    import torch  # heavy: imported only when compress runs a layer
 
     norm = norm_class(hidden.shape[-1], eps=eps)
     with torch.no_grad():

@@ -8,7 +8,8 @@ For each decoder layer, in order (DESIGN.md §5):
    linear's GPTQ Hessian and, for MoE layers, the router's choices (:mod:`.calibration`);
 3. MoE layers: routing counts and REAP saliency for every routed expert, then pruning (:mod:`.pruning`);
    each kept expert's Hessians from its routed tokens (all tokens when too few were routed to it);
-4. quantize every linear the recipe selects (RTN or GPTQ, :mod:`.quant`) and pack it (:mod:`.packing`);
+4. quantize every linear the recipe selects (RTN or GPTQ, :mod:`.quant`) and pack it
+   (:mod:`dsedge.quantformat.packing`);
 5. put the dequantized weights in the layer (pruned: rebuild it smaller) and run the calibration states through it:
    the next layer is calibrated on what the *compressed* model feeds it — GPTQ's sequential practice
    (arXiv:2210.17323 §4, "quantize one layer, then pass the quantized outputs on"), so each layer corrects
@@ -30,9 +31,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from dsedge.compress import calibration as cal
 from dsedge.compress.layers import LayerRunner, build_layer, classes_for, final_norm, hf_config, layer_state
 from dsedge.compress.pruning import PrunePlan, choose_kept, plan_pruning, prune_state
+from dsedge.compress.quant import HessianAccumulator, quantize, sqnr_db
+from dsedge.compress.recipes import load_recipe
 from dsedge.compress.report import REPORT_FILE, CompressReport, peak_rss_bytes, quality
 from dsedge.compress.writer import (
     DEFAULT_MAX_SHARD_BYTES,
@@ -44,6 +49,11 @@ from dsedge.compress.writer import (
 )
 from dsedge.errors import UserError
 from dsedge.models.checkpoint import FP8_DTYPE, Checkpoint, torch_dtype
+from dsedge.planning import plan
+from dsedge.quantformat.config import quantization_config
+from dsedge.quantformat.packing import pack
+from dsedge.quantformat.tensor import QuantizedTensor, dequantize
+from dsedge.sources import resolve_checkpoint
 
 log = logging.getLogger("dsedge")
 
@@ -78,7 +88,7 @@ def compress(checkpoint: str | Path, output: str | Path, *, recipe: str | Path |
     ``overwrite``.
     """
     started = time.perf_counter()
-    ckpt = Checkpoint(checkpoint)
+    ckpt = Checkpoint(resolve_checkpoint(checkpoint))
     out = Path(output)
     check_compressed_output(out, source=ckpt.path, overwrite=overwrite)
     if method is not None and method not in ("rtn", "gptq"):
@@ -108,8 +118,6 @@ def compress(checkpoint: str | Path, output: str | Path, *, recipe: str | Path |
 
 def resolve_recipe(recipe, target, ckpt: Checkpoint, method: str | None):
     """The Recipe to apply, from ``recipe``, else ``target``, else the default; ``method`` overrides its method."""
-    from dsedge.compress.recipes import load_recipe
-
     if recipe is None:
         recipe = recipe_for_target(ckpt, target) if target is not None else _default_preset(ckpt)
     loaded = load_recipe(recipe)
@@ -127,8 +135,6 @@ _PLAN_TO_PRESET = (("int8", "int8"), ("int4-experts", "int4-experts"), ("int4", 
 def recipe_for_target(ckpt: Checkpoint, target) -> str:
     """The highest-precision preset whose planned size fits the target's memory budget (`dsedge plan`'s
     arithmetic: weights + KV cache at the target's context + runtime allowance); int4 when nothing fits."""
-    from dsedge.planning import plan
-
     report = plan(ckpt.path, target=target)
     fits = {p.scheme: p.fits or p.fits_with_offload for p in report.precisions}
     for scheme, preset in _PLAN_TO_PRESET:
@@ -219,9 +225,6 @@ class _Run:
     def _quantize_head(self, writer: ShardWriter, head, norm):
         """Quantize the LM head (GPTQ on the final-norm outputs of the calibration states, which have been
         through every compressed layer), write it packed, record it; returns the dequantized head."""
-        from dsedge.compress.packing import pack
-        from dsedge.compress.quant import HessianAccumulator, quantize, sqnr_db
-
         scheme, weight = self.head_scheme, head.float()
         hessian = None
         if scheme.method == "gptq":
@@ -232,7 +235,7 @@ class _Run:
         qt = quantize(weight, scheme, hessian, name="lm_head")
         writer.add(pack("lm_head", qt))
         self.schemes["lm_head"], self.shapes["lm_head"] = scheme, tuple(weight.shape)
-        dequantized = _dequantized(qt)
+        dequantized = dequantize(qt)
         self.head_record = {"scheme": scheme.label, "sqnr_db": _json_db(sqnr_db(weight, dequantized))}
         log.info("lm_head: %s, SQNR %.1f dB", scheme.label, sqnr_db(weight, dequantized))
         return dequantized
@@ -261,7 +264,7 @@ class _Run:
         quantized = self._quantize_layer(i, layer, state, selected, stats, kept, record)
         self.ignored += [n for n, s in self._linears(state).items() if s is None]
         for name, qt in quantized.items():  # in place: ``state`` views the layer, which now computes compressed
-            state[name + ".weight"].copy_(_dequantized(qt))
+            state[name + ".weight"].copy_(dequantize(qt))
         if kept:  # fewer experts: a layer of the pruned shape
             layer = build_layer(self.classes, self.pruned_config, i, _relative(state, prefix))
         self.x = self.runner.run(layer, self.x)
@@ -335,8 +338,6 @@ class _Run:
     def _quantize_modules(self, names, selected, state, hessian_of, prefix, record) -> dict:
         """Quantize ``names``; GPTQ modules sharing one Hessian (same input) and scheme are quantized as one
         row-stacked matrix — GPTQ treats rows independently, so this is exact and factors H once."""
-        from dsedge.compress.quant import quantize, sqnr_db
-
         quantized = {}
         for group, hessian in _joint_groups(names, selected, hessian_of):
             scheme = selected[group[0]]
@@ -346,7 +347,7 @@ class _Run:
                 quantized[name] = qt
                 self.schemes[name], self.shapes[name] = scheme, tuple(weight.shape)
                 record["modules"][name.removeprefix(prefix)] = {
-                    "scheme": scheme.label, "sqnr_db": _json_db(sqnr_db(weight, _dequantized(qt)))}
+                    "scheme": scheme.label, "sqnr_db": _json_db(sqnr_db(weight, dequantize(qt)))}
         return quantized
 
     def _expert_hessians(self, layer, stats, names, selected, old_id, shared, fallback) -> dict:
@@ -364,8 +365,6 @@ class _Run:
         return {base + "gate_proj": h_in, base + "up_proj": h_in, base + "down_proj": h_down}
 
     def _layer_tensors(self, state: dict, quantized: dict) -> dict:
-        from dsedge.compress.packing import pack
-
         out = {}
         for name, tensor in state.items():
             module = name.removesuffix(".weight")
@@ -378,8 +377,6 @@ class _Run:
     def _stored(self, name: str, tensor):
         """An unquantized tensor in the recipe's dtype, else its on-disk one (FP8, dequantized by the reader,
         becomes bf16)."""
-        import torch
-
         if self.recipe.dtype and tensor.is_floating_point():
             return tensor.to(getattr(torch, self.recipe.dtype))
         info = self.ckpt.tensors.get(name)
@@ -415,11 +412,10 @@ class _Run:
         if self.recipe.dtype:
             config.update({k: self.recipe.dtype for k in ("dtype", "torch_dtype") if k in config})
         if self.schemes:
-            from dsedge.compress.packing import quantization_config
-
             kept_head = "lm_head.weight" in self.ckpt.tensors and self.head_scheme is None
             ignore = self.ignored + (["lm_head"] if kept_head else [])
-            config["quantization_config"] = quantization_config(self.recipe, self.schemes, ignore, shapes=self.shapes)
+            config["quantization_config"] = quantization_config(self.recipe.name, self.schemes, ignore,
+                                                                shapes=self.shapes)
         return config
 
     def report(self, out: Path, started: float, directory: Path) -> CompressReport:
@@ -448,8 +444,6 @@ class _LayerStats:
 
 def _all_tokens_hessian(hidden):
     """The Hessian of every calibration token's MoE input: under-routed experts' gate/up statistics."""
-    from dsedge.compress.quant import HessianAccumulator
-
     h = HessianAccumulator(hidden.shape[-1])
     h.add(hidden)
     return h
@@ -466,15 +460,11 @@ def _joint_groups(names, selected, hessian_of):
 
 
 def _cat(weights):
-    import torch
-
     return weights[0] if len(weights) == 1 else torch.cat(weights)
 
 
 def _split_rows(qt, rows: list[int]) -> list:
     """A row-stacked QuantizedTensor back into one per module (integers, scales, zero points by row)."""
-    from dsedge.compress.quant import QuantizedTensor
-
     if len(rows) == 1:
         return [qt]
     out, start = [], 0
@@ -503,12 +493,6 @@ def _is_linear_weight(name: str, tensor) -> bool:
 
 def _expert_id(module: str) -> int:
     return int(module.split(".mlp.experts.")[1].split(".")[0])
-
-
-def _dequantized(qt):
-    from dsedge.compress.quant import dequantize
-
-    return dequantize(qt)
 
 
 def _methods(schemes: dict) -> str | None:

@@ -8,8 +8,11 @@ Conventions follow compressed-tensors (vllm-project/compressed-tensors, ``calcul
   also does: the most negative level is used, the most positive value clips by half a step);
 * asymmetric: ``scale = (max - min) / (qmax - qmin)``, ``zero_point = round(qmin - min / scale)``,
   with 0 always inside [min, max] so that zero is exactly representable;
-* ``n_groups = ceil(in / group_size)``; the last group may be shorter (see :mod:`.packing` for how it
-  is stored in a layout the library can decompress).
+* ``n_groups = ceil(in / group_size)``; the last group may be shorter (see :mod:`dsedge.quantformat.layout`
+  for how it is stored in a layout the library can decompress).
+
+The stored format itself — :class:`~dsedge.quantformat.tensor.QuantizedTensor`, dequantization, packing —
+is :mod:`dsedge.quantformat`; this module only chooses the integers.
 
 Scales are rounded to float16 *before* the integers are computed, because the checkpoint stores them
 as float16: the stored integers are then exactly the ones that minimize error for the stored scales.
@@ -28,14 +31,13 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
 
 import torch
 
-from dsedge.compress.scheme import QuantScheme
+from dsedge.quantformat.scheme import QuantScheme
+from dsedge.quantformat.tensor import QuantizedTensor, group_len, qrange
 
-__all__ = ["HessianAccumulator", "QuantScheme", "QuantizedTensor", "dequantize", "quantize",
-           "quantize_gptq", "quantize_rtn", "sqnr_db"]
+__all__ = ["HessianAccumulator", "quantize", "quantize_gptq", "quantize_rtn", "sqnr_db"]
 
 log = logging.getLogger(__name__)
 
@@ -43,42 +45,6 @@ GPTQ_BLOCK = 128  # columns per lazy-update block (the paper's B = 128)
 DAMP_RETRIES = 4  # damp, 10·damp, 100·damp, 1000·damp; then RTN
 SCALE_MIN = 2.0 ** -24  # smallest positive float16 (subnormal): scales are stored as float16
 SCALE_MAX = 65504.0  # largest finite float16
-
-
-@dataclass
-class QuantizedTensor:
-    """Integers, scales and zero points of one quantized ``[out, in]`` weight (compressed-tensors layout)."""
-
-    q: torch.Tensor  # int8 [out, in], signed stored values
-    scale: torch.Tensor  # float32 [out, n_groups], float16-representable values
-    zero_point: torch.Tensor | None  # int8 [out, n_groups] if asymmetric, else None
-    scheme: QuantScheme
-    shape: tuple[int, int]
-
-    @property
-    def group_len(self) -> int:
-        """Columns per group (the whole row for per-channel)."""
-        return group_len(self.scheme, self.shape[1])
-
-    @property
-    def n_groups(self) -> int:
-        return self.scale.shape[1]
-
-    @property
-    def nbytes_packed(self) -> int:
-        """Bytes on disk in the pack-quantized layout :func:`dsedge.compress.packing.pack` writes."""
-        from dsedge.compress.packing import packed_nbytes
-
-        return packed_nbytes(self)
-
-
-def group_len(scheme: QuantScheme, in_features: int) -> int:
-    return scheme.group_size or in_features
-
-
-def qrange(bits: int) -> tuple[int, int]:
-    """Signed range of ``bits``-bit integers, as compressed-tensors' ``calculate_range``."""
-    return -(1 << (bits - 1)), (1 << (bits - 1)) - 1
 
 
 # ----------------------------------------------------------------------------- RTN
@@ -146,20 +112,7 @@ def _as_matrix(w: torch.Tensor) -> torch.Tensor:
     return w
 
 
-# ----------------------------------------------------------------------------- dequantize, metrics
-
-
-def dequantize(qt: QuantizedTensor) -> torch.Tensor:
-    """float32 ``[out, in]``: ``(q - zero_point) · scale`` per group."""
-    cols = qt.shape[1]
-    x = qt.q.float()
-    if qt.zero_point is not None:
-        x = x - _per_column(qt.zero_point.float(), qt.group_len, cols)
-    return x * _per_column(qt.scale, qt.group_len, cols)
-
-
-def _per_column(per_group: torch.Tensor, g: int, cols: int) -> torch.Tensor:
-    return per_group.repeat_interleave(g, dim=1)[:, :cols]
+# ----------------------------------------------------------------------------- metrics
 
 
 def sqnr_db(reference: torch.Tensor, approx: torch.Tensor) -> float:

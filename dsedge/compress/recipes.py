@@ -37,8 +37,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dsedge.compress.scheme import METHODS, QuantScheme
 from dsedge.errors import UserError
+from dsedge.quantformat.scheme import METHODS, QuantScheme
 
 if sys.version_info >= (3, 11):
     import tomllib

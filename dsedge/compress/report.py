@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dsedge.compress.layers import final_logits
+from dsedge.evaluation import evaluate_perplexity
 
 REPORT_FILE = "compress_report.json"
 REPORT_SCHEMA_VERSION = 1
@@ -62,8 +63,6 @@ def quality(h_orig, h_comp, heldout_ids, norm, head, eps, norm_class, batch_size
     """Held-out perplexity and top-1 accuracy of both models (dsedge.evaluation), and how often their
     next-token argmax agrees, from the final hidden states of the held-out windows. ``head_comp``: the
     compressed model's LM head when the recipe quantized it (dequantized), else the original's."""
-    from dsedge.evaluation import evaluate_perplexity
-
     head_comp = head if head_comp is None else head_comp
     agree, total = 0, 0
     for start in range(0, h_orig.shape[0], batch_size):

@@ -34,21 +34,6 @@ def model_path(name: str) -> Path:
     return path
 
 
-def resolve_model_path(path_or_name: str | Path) -> Path:
-    """An existing directory as given, else the shipped demo model of that name.
-
-    For commands that take a checkpoint directory: ``dsedge inspect deepseek-v3-tiny`` works from any
-    working directory. A local directory always wins over a demo name.
-    """
-    path = Path(path_or_name)
-    if path.is_dir():
-        return path
-    if isinstance(path_or_name, str) and (path_or_name in DEMO_MODELS or "/" not in path_or_name):
-        return model_path(path_or_name)
-    raise UserError("checkpoint directory not found", where=str(path),
-                    hint=f"pass a checkpoint directory or a demo model name ({', '.join(DEMO_MODELS)})")
-
-
 def heldout_path() -> Path:
     """The shipped held-out text (whole documentation pages the demo models never trained on)."""
     if not HELDOUT_TEXT.is_file():

@@ -22,6 +22,7 @@ from dsedge.manifest import MANIFEST_FILE, GraphEntry, write_manifest
 from dsedge.models.checkpoint import Checkpoint
 from dsedge.models.params import count_params
 from dsedge.planning import KV_BYTES, kv_bytes_per_token
+from dsedge.sources import resolve_checkpoint
 from dsedge.staging import Artifact, check_output, staged_output
 from dsedge.targets import load_target
 
@@ -73,7 +74,7 @@ def export_bundle(checkpoint: str | Path, output: str | Path, *, target=None, la
     _check_choice("layout", layout, LAYOUTS)
     _check_choice("dtype", dtype, DTYPES)
     out = Path(output)
-    ckpt = Checkpoint(checkpoint)
+    ckpt = Checkpoint(resolve_checkpoint(checkpoint))
     inputs = [ckpt.path, *([index] if index is not None else [])]  # never written over, around or into
     check_output(out, inputs=inputs, overwrite=overwrite, artifact=BUNDLE)
     ckpt.validate()
@@ -261,7 +262,7 @@ def _tokenizer_info(src: Path, spec) -> dict[str, Any]:
 
 
 def _validate(ckpt: Checkpoint, root: Path, dtype: str, accuracy_level: int | None):
-    from dsedge.export.reference import reference_model
+    from dsedge.models.reference import reference_model
     from dsedge.runtime import load_bundle
 
     log.info("export: validating against the PyTorch reference")

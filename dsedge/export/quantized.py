@@ -36,7 +36,7 @@ class QuantizedWeight:
 
     @classmethod
     def from_tensor(cls, qt, accuracy_level: int = 4) -> QuantizedWeight:
-        """From ``dsedge.compress.quant.QuantizedTensor`` (torch), as ``Checkpoint.quantized`` returns it."""
+        """From ``dsedge.quantformat.tensor.QuantizedTensor`` (torch), as ``Checkpoint.quantized`` returns it."""
         zero = None if qt.zero_point is None else qt.zero_point.numpy().astype(np.int8)
         return cls(qt.q.numpy().astype(np.int8), qt.scale.float().numpy(), zero, int(qt.scheme.bits),
                    qt.scheme.group_size, accuracy_level)

@@ -21,17 +21,17 @@ from typing import TYPE_CHECKING
 
 from dsedge.errors import CheckpointError
 from dsedge.models import compressed
-from dsedge.models.fp8 import scale_grid
+from dsedge.models.fp8 import dequantize_fp8_blocks, scale_grid
 from dsedge.models.memory import return_large_frees_to_os
 from dsedge.models.registry import load_spec
 from dsedge.models.safetensors_file import TensorInfo, read_header
 from dsedge.models.spec import ModelSpec, TensorSpec
+from dsedge.quantformat.packing import unpack
+from dsedge.quantformat.scheme import QuantScheme
+from dsedge.quantformat.tensor import QuantizedTensor
 
 if TYPE_CHECKING:  # torch is imported on first read, so listing/validating works without it
     import torch
-
-    from dsedge.compress.quant import QuantizedTensor
-    from dsedge.compress.scheme import QuantScheme
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -42,9 +42,8 @@ IGNORED = re.compile(r".*\.rotary_emb\.inv_freq$")  # buffers some old exports s
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 
 
-
 def torch_dtype(safetensors_dtype: str) -> torch.dtype:
-    import torch
+    import torch  # optional heavy dependency: listing and validating need no torch
 
     return {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
             "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64,
@@ -64,9 +63,9 @@ class Checkpoint:
     """A checkpoint directory: its spec, its tensors' locations, and streamed reads of them."""
 
     def __init__(self, path: str | Path, spec: ModelSpec | None = None):
-        from dsedge.demo import resolve_model_path
-
-        self.path = resolve_model_path(path)  # a directory, or a shipped demo model's name
+        """``path`` is a checkpoint directory; callers that take demo model names resolve them first
+        (:func:`dsedge.sources.resolve_checkpoint`)."""
+        self.path = _checkpoint_dir(path)
         self.spec = spec or load_spec(self.path)
         self.files = _shard_files(self.path)
         self.tensors: dict[str, TensorInfo] = _read_headers(self.path, self.files)
@@ -108,7 +107,7 @@ class Checkpoint:
     # --- reading ------------------------------------------------------------------------------------
     def read_raw(self, name: str) -> torch.Tensor:
         """A tensor exactly as stored (dtype included)."""
-        import torch
+        import torch  # optional heavy dependency: only reads need torch
 
         return_large_frees_to_os()
         info = self._info(name)
@@ -124,9 +123,7 @@ class Checkpoint:
     def read(self, name: str, dtype: torch.dtype | None = None, *, check_finite: bool = True) -> torch.Tensor:
         """A tensor in ``dtype`` (default float32), FP8 blocks and quantized weights dequantized;
         NaN/Inf weights are refused."""
-        import torch
-
-        from dsedge.models.fp8 import dequantize_fp8_blocks
+        import torch  # optional heavy dependency: only reads need torch
 
         dtype = dtype or torch.float32
         module = self._quantized_module(name)
@@ -146,8 +143,6 @@ class Checkpoint:
     def quantized(self, name: str) -> QuantizedTensor | None:
         """The stored integers, scales and zero points of a quantized module (``X`` or ``X.weight``),
         None for an unquantized tensor. Scales are checked finite; shapes against config.json."""
-        from dsedge.compress.packing import unpack
-
         module = name.removesuffix(".weight")
         scheme = self.quantization.get(module)
         if scheme is None:
@@ -284,7 +279,7 @@ def _is_scale(name: str) -> bool:
 
 
 def _check_finite(tensor: torch.Tensor, info: TensorInfo) -> None:
-    import torch
+    import torch  # optional heavy dependency: only reads need torch
 
     # Fast path, one read pass: NaN or Inf anywhere makes the sum non-finite. Only a non-finite sum
     # (or a finite-value overflow, rare) pays for the exact element-wise check.
@@ -297,6 +292,15 @@ def _check_finite(tensor: torch.Tensor, info: TensorInfo) -> None:
         raise CheckpointError(f"tensor {info.name} has {count} NaN/Inf values (first at index {first})",
                               where=str(info.file),
                               hint="the weights are corrupt (a bad conversion or a damaged download)")
+
+
+def _checkpoint_dir(path: str | Path) -> Path:
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError("checkpoint directory not found", where=str(path),
+                              hint="pass a checkpoint directory (commands also take a demo model name, "
+                                   "e.g. deepseek-v3-tiny)")
+    return path
 
 
 def _shard_files(path: Path) -> list[Path]:

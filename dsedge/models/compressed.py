@@ -1,7 +1,7 @@
 """Compressed checkpoints (``quantization_config.quant_method == "compressed-tensors"``, pack-quantized).
 
 A quantized module ``X`` stores ``X.weight_packed``, ``X.weight_scale``, ``X.weight_shape`` (and
-``X.weight_zero_point`` if asymmetric) instead of ``X.weight`` (layout: :mod:`dsedge.compress.packing`).
+``X.weight_zero_point`` if asymmetric) instead of ``X.weight`` (layout: :mod:`dsedge.quantformat.layout`).
 The checkpoint reader presents the logical ``X.weight`` everywhere — listings, validation, reads
 (dequantized) — so the reference model, evaluation and export work on a compressed checkpoint
 unchanged; :meth:`Checkpoint.quantized` gives the stored integers to code that repacks them.
@@ -14,9 +14,11 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
-from dsedge.compress.packing import PACKED_PARAMS, packed_shapes, read_quantization_config
-from dsedge.compress.scheme import QuantScheme
 from dsedge.models.safetensors_file import TensorInfo
+from dsedge.quantformat.config import read_quantization_config
+from dsedge.quantformat.layout import PACKED_PARAMS, packed_shapes
+from dsedge.quantformat.scheme import QuantScheme
+from dsedge.quantformat.tensor import dequantize
 
 if TYPE_CHECKING:
     from dsedge.models.spec import TensorSpec
@@ -74,6 +76,4 @@ def check_packed(t: TensorSpec, scheme: QuantScheme, tensors: dict[str, TensorIn
 
 def dequantized(ckpt, module: str, dtype):
     """The float weight of a quantized module (``(q - zero_point) · scale``) in ``dtype``."""
-    from dsedge.compress.quant import dequantize
-
     return dequantize(ckpt.quantized(module)).to(dtype)

@@ -38,6 +38,7 @@ def parse_deepseek(config: dict[str, Any], where: str) -> ModelSpec:
         num_mtp_layers=cfg.get("num_nextn_predict_layers", int, 0) if model_type == "deepseek_v3" else 0,
         fp8_block_size=_parse_fp8(cfg),
         config=config,
+        layout=deepseek_layout,
         **token_ids(cfg),
     )
     _check_groups(spec, where)

@@ -36,6 +36,7 @@ def parse_dense(config: dict[str, Any], where: str) -> ModelSpec:
         attention_bias=bias,
         mlp_bias=cfg.get("mlp_bias", bool, False) if model_type == "llama" else False,
         config=config,
+        layout=dense_layout,
         **token_ids(cfg),
     )
 

@@ -17,7 +17,7 @@ def fuse_experts(state: dict) -> dict:
     """Per-expert tensors -> transformers 5's fused ``experts.gate_up_proj [E, 2I, H]`` (gate rows, then up rows)
     and ``experts.down_proj [E, H, I]``, consuming ``state`` expert by expert so that each per-expert tensor is
     freed as soon as it is copied (the fused copy and the per-expert originals never coexist in full)."""
-    import torch
+    import torch  # optional heavy dependency: the reader lists and validates without torch
 
     out, experts = {}, {}
     for name in list(state):

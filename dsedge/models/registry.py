@@ -1,4 +1,9 @@
-"""model_type → parser and tensor layout. One plain dict, as in mlx-lm."""
+"""model_type → everything dsedge knows per architecture. One plain dict, as in mlx-lm.
+
+Each entry carries the config parser (whose spec knows its tensor layout), a description, and the stem of
+transformers' class names, which compress uses to build one decoder layer at a time
+(:func:`dsedge.compress.layers.classes_for`).
+"""
 
 from __future__ import annotations
 
@@ -8,22 +13,24 @@ from typing import Any, NamedTuple
 
 from dsedge.errors import ConfigError
 from dsedge.models.config import read_config_file
-from dsedge.models.deepseek import deepseek_layout, parse_deepseek
-from dsedge.models.dense import dense_layout, parse_dense
-from dsedge.models.spec import ModelSpec, TensorSpec
+from dsedge.models.deepseek import parse_deepseek
+from dsedge.models.dense import parse_dense
+from dsedge.models.spec import ModelSpec
 
 
 class Architecture(NamedTuple):
-    parse: Callable[[dict[str, Any], str], ModelSpec]
-    layout: Callable[..., list[TensorSpec]]
+    parse: Callable[[dict[str, Any], str], ModelSpec]  # the spec it returns carries the tensor layout
     description: str
+    # transformers.models.<model_type>.modeling_<model_type> holds <stem>DecoderLayer,
+    # <stem>RotaryEmbedding and <stem>RMSNorm
+    hf_class_stem: str
 
 
 ARCHITECTURES: dict[str, Architecture] = {
-    "deepseek_v2": Architecture(parse_deepseek, deepseek_layout, "DeepSeek-V2 / V2-Lite (MLA + MoE)"),
-    "deepseek_v3": Architecture(parse_deepseek, deepseek_layout, "DeepSeek-V3 / R1 (MLA + MoE, FP8, MTP)"),
-    "qwen2": Architecture(parse_dense, dense_layout, "Qwen2 (DeepSeek-R1-Distill-Qwen)"),
-    "llama": Architecture(parse_dense, dense_layout, "Llama (DeepSeek-R1-Distill-Llama)"),
+    "deepseek_v2": Architecture(parse_deepseek, "DeepSeek-V2 / V2-Lite (MLA + MoE)", "DeepseekV2"),
+    "deepseek_v3": Architecture(parse_deepseek, "DeepSeek-V3 / R1 (MLA + MoE, FP8, MTP)", "DeepseekV3"),
+    "qwen2": Architecture(parse_dense, "Qwen2 (DeepSeek-R1-Distill-Qwen)", "Qwen2"),
+    "llama": Architecture(parse_dense, "Llama (DeepSeek-R1-Distill-Llama)", "Llama"),
 }
 
 
@@ -44,6 +51,3 @@ def load_spec(path: str | Path) -> ModelSpec:
     config_path = path / "config.json" if path.is_dir() else path
     return spec_from_config(read_config_file(config_path), str(config_path))
 
-
-def tensor_layout(spec: ModelSpec, *, include_mtp: bool) -> list[TensorSpec]:
-    return ARCHITECTURES[spec.model_type].layout(spec, include_mtp=include_mtp)

@@ -37,7 +37,7 @@ def _theta_powers(theta: float, dim: int) -> np.ndarray:
     transformers uses, because float32 pow differs by an ulp between libraries and that ulp grows into
     ~2e-4 of cos/sin error by position 5000."""
     try:
-        import torch
+        import torch  # optional: without torch the numpy expression below is used
     except ImportError:
         return (np.float32(theta) ** (np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim))).astype(np.float32)
     return (float(theta) ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim)).numpy()

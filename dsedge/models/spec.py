@@ -8,6 +8,7 @@ so the two can never disagree.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -122,6 +123,9 @@ class ModelSpec:
     bos_token_id: int | None = None
     eos_token_id: int | tuple[int, ...] | None = None
     config: dict[str, Any] = field(default_factory=dict, compare=False, repr=False, hash=False)
+    # The architecture's tensor list (set by its parser: deepseek_layout, dense_layout), called by
+    # expected_tensors; held here so that specs need not import the parsers that build them.
+    layout: Callable[..., list[TensorSpec]] | None = field(default=None, compare=False, repr=False, hash=False)
 
     # --- structure -----------------------------------------------------------------------------
     @property
@@ -156,9 +160,10 @@ class ModelSpec:
 
     def expected_tensors(self, *, include_mtp: bool = False) -> list[TensorSpec]:
         """Every tensor a checkpoint of this spec holds, in on-disk (HF) names."""
-        from dsedge.models.registry import tensor_layout
-
-        return tensor_layout(self, include_mtp=include_mtp)
+        if self.layout is None:
+            raise ValueError(f"this {self.model_type} spec has no tensor layout; build specs with "
+                             "dsedge.models.registry.spec_from_config")
+        return self.layout(self, include_mtp=include_mtp)
 
     def to_json(self) -> dict[str, Any]:
         """A plain-JSON summary (for `inspect --json` and manifests)."""

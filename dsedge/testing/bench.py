@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from dsedge.testing.tokenizer import write_tokenizer
+
 _DS3BENCH = {
     "architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3", "bos_token_id": 0, "eos_token_id": 1,
     "first_k_dense_replace": 1, "hidden_size": 1024, "intermediate_size": 2816, "kv_lora_rank": 256,
@@ -48,6 +50,4 @@ def write_bench_checkpoint(out: str | Path, name: str, *, seed: int = 0) -> Path
 def add_tokenizer(out: str | Path) -> None:
     """The fixtures' small BPE tokenizer (its ids fit the bench vocabulary), so calibration and `dsedge run`
     have text to work with; the weights are random, so the text generated means nothing."""
-    from dsedge.testing.tokenizer import write_tokenizer
-
     write_tokenizer(Path(out))

@@ -1,7 +1,6 @@
 """How one weight matrix is quantized: :class:`QuantScheme`, a frozen, strictly parsed config object.
 
-Torch-free, so recipes and the checkpoint reader can use it without importing torch;
-:mod:`dsedge.compress.quant` re-exports it next to the quantizers.
+Torch-free, so recipes and the checkpoint reader can use it without importing torch.
 """
 
 from __future__ import annotations

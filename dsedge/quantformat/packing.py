@@ -1,0 +1,181 @@
+"""One module's quantized weight packed into, and read back from, the compressed-tensors ``pack-quantized``
+tensors (layout: :mod:`dsedge.quantformat.layout`), and regrouping between stored and nominal group sizes.
+
+Torch is imported inside the functions that build tensors: the checkpoint reader imports this module to
+list and validate checkpoints without torch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import TYPE_CHECKING
+
+from dsedge.errors import CheckpointError
+from dsedge.quantformat.layout import packed_shapes, storage_scheme
+from dsedge.quantformat.scheme import QuantScheme
+from dsedge.quantformat.tensor import QuantizedTensor
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["pack", "pack_bits", "regroup", "unpack", "unpack_bits"]
+
+
+# ----------------------------------------------------------------------------- regrouping
+
+
+def _expand(qt: QuantizedTensor) -> QuantizedTensor:
+    """``qt`` in its storage layout: each stored group repeats the scale of the group it lies in."""
+    cols = qt.shape[1]
+    stored = storage_scheme(qt.scheme, cols)
+    if stored.group_size == qt.scheme.group_size:
+        return qt
+    d, g = stored.group_size or cols, qt.group_len
+    owner = [(k * d) // g for k in range(cols // d)]  # our group holding stored group k
+    zero = None if qt.zero_point is None else qt.zero_point[:, owner].contiguous()
+    return QuantizedTensor(qt.q, qt.scale[:, owner].contiguous(), zero, stored, qt.shape)
+
+
+def regroup(qt: QuantizedTensor, group_size: int | None) -> QuantizedTensor:
+    """The same weights with ``group_size`` columns per scale (last group partial), if that is exact.
+
+    Used to restore the recipe's group size after reading a module stored with a smaller one (see
+    :mod:`dsedge.quantformat.layout`). Raises ValueError when some group of ``group_size`` would need
+    two scales.
+    """
+    cols = qt.shape[1]
+    target = QuantScheme(**{**qt.scheme.to_json(), "group_size": group_size})
+    g_old, g_new = qt.group_len, group_size or cols
+    if g_old == g_new:
+        return QuantizedTensor(qt.q, qt.scale, qt.zero_point, target, qt.shape)
+    starts = range(0, cols, g_old)
+    if any(c // g_new != (min(c + g_old, cols) - 1) // g_new for c in starts):
+        raise ValueError(f"groups of {g_old} columns straddle groups of {g_new}: cannot merge them")
+    firsts = [(j * g_new) // g_old for j in range(math.ceil(cols / g_new))]  # old group at each new start
+    owner = [c // g_new for c in starts]  # new group holding each old one
+    scale = qt.scale[:, firsts].contiguous()
+    zero = None if qt.zero_point is None else qt.zero_point[:, firsts].contiguous()
+    if not bool((scale[:, owner] == qt.scale).all()) or (
+            zero is not None and not bool((zero[:, owner] == qt.zero_point).all())):
+        raise ValueError(f"groups of {g_old} columns cannot be merged into groups of {g_new} exactly")
+    return QuantizedTensor(qt.q, scale, zero, target, qt.shape)
+
+
+# ----------------------------------------------------------------------------- bit packing
+
+
+def pack_bits(values: torch.Tensor, bits: int, dim: int = 1) -> torch.Tensor:
+    """Signed ``bits``-bit int8 values of a 2-D tensor → int32 words along ``dim`` (compressed-tensors'
+    ``pack_to_int32``, for bit widths that divide 32)."""
+    import torch  # here, not at the top: the checkpoint reader imports this module without torch
+
+    _check_bits(bits)
+    if dim == 0:
+        return pack_bits(values.T, bits).T.contiguous()
+    rows, cols = values.shape
+    per_word = 32 // bits
+    words = math.ceil(cols / per_word)
+    unsigned = values.to(torch.int64) + (1 << (bits - 1))
+    unsigned = torch.nn.functional.pad(unsigned, (0, words * per_word - cols)).view(rows, words, per_word)
+    shifts = torch.arange(per_word, dtype=torch.int64, device=values.device) * bits
+    packed = (unsigned << shifts).sum(-1)  # < 2^32, exact in int64
+    packed = torch.where(packed >= 1 << 31, packed - (1 << 32), packed)  # same bits, as signed int32
+    return packed.to(torch.int32).contiguous()
+
+
+def unpack_bits(packed: torch.Tensor, bits: int, size: int, dim: int = 1) -> torch.Tensor:
+    """Inverse of :func:`pack_bits`: ``size`` signed int8 values per row (per column for ``dim=0``)."""
+    import torch  # here, not at the top: the checkpoint reader imports this module without torch
+
+    _check_bits(bits)
+    if dim == 0:
+        return unpack_bits(packed.T, bits, size).T.contiguous()
+    rows, words = packed.shape
+    per_word = 32 // bits
+    if words != math.ceil(size / per_word):
+        raise ValueError(f"{words} int32 words cannot hold exactly {size} {bits}-bit values")
+    shifts = torch.arange(per_word, dtype=torch.int64, device=packed.device) * bits
+    unsigned = (packed.to(torch.int64)[..., None] >> shifts) & ((1 << bits) - 1)
+    return (unsigned.reshape(rows, -1)[:, :size] - (1 << (bits - 1))).to(torch.int8).contiguous()
+
+
+def _check_bits(bits: int) -> None:
+    if bits not in (2, 4, 8):
+        raise ValueError(f"packing supports bit widths that divide 32 (2, 4, 8), got {bits}")
+
+
+# ----------------------------------------------------------------------------- modules
+
+
+def pack(name_prefix: str, qt: QuantizedTensor) -> dict[str, torch.Tensor]:
+    """The safetensors entries of one quantized module ``name_prefix`` (e.g. ``model.layers.0.mlp.down_proj``)."""
+    import torch  # here, not at the top: the checkpoint reader imports this module without torch
+
+    stored = _expand(qt)
+    bits = qt.scheme.bits
+    tensors = {"weight_packed": pack_bits(stored.q, bits), "weight_scale": stored.scale.to(torch.float16),
+               "weight_shape": torch.tensor(list(qt.shape), dtype=torch.int64, device=qt.q.device)}
+    if not torch.equal(tensors["weight_scale"].float(), stored.scale):
+        raise ValueError(f"{name_prefix}: scales are not float16-representable; quantize with dsedge.compress.quant")
+    if stored.zero_point is not None:
+        tensors["weight_zero_point"] = pack_bits(stored.zero_point, bits, dim=0)
+    return {f"{name_prefix}.{k}": v for k, v in tensors.items()}
+
+
+def unpack(tensors: dict[str, torch.Tensor], scheme: QuantScheme | None = None, *,
+           where: str = "") -> QuantizedTensor:
+    """A :class:`QuantizedTensor` from one module's packed tensors (keys with or without the module prefix).
+
+    ``scheme`` is the module's scheme from :func:`read_quantization_config` (nominal or stored group
+    size); without it, bits, symmetry and group size are inferred from the shapes. The result has the
+    nominal group size when ``scheme`` has one the stored layout can be merged into exactly.
+    """
+    parts = _by_param(tensors, where)
+    shape = _weight_shape(parts["weight_shape"], where)
+    scheme = scheme or _infer_scheme(parts, shape, where)
+    stored = storage_scheme(scheme, shape[1])
+    expected = packed_shapes(stored, shape)
+    for key, want in expected.items():
+        got = tuple(parts[key].shape) if key in parts else None
+        if got != want:
+            raise CheckpointError(f"{key} has shape {list(got) if got else None}, expected {list(want)} for a "
+                                  f"{stored.label} {list(shape)} weight", where=where,
+                                  hint="config.json's quantization_config and the tensors disagree")
+    q = unpack_bits(parts["weight_packed"], scheme.bits, shape[1])
+    zero = None
+    if not scheme.symmetric:
+        zero = unpack_bits(parts["weight_zero_point"], scheme.bits, shape[0], dim=0)
+    qt = QuantizedTensor(q, parts["weight_scale"].float(), zero, stored, shape)
+    if stored.group_size != scheme.group_size:
+        # A checkpoint whose scales are not repeats keeps its stored (equally valid) layout.
+        with contextlib.suppress(ValueError):
+            qt = regroup(qt, scheme.group_size)
+    return qt
+
+
+def _by_param(tensors: dict[str, torch.Tensor], where: str) -> dict[str, torch.Tensor]:
+    parts = {name.rpartition(".")[2] if "." in name else name: t for name, t in tensors.items()}
+    missing = [k for k in ("weight_packed", "weight_scale", "weight_shape") if k not in parts]
+    if missing:
+        raise CheckpointError(f"packed module lacks {', '.join(missing)}", where=where,
+                              hint="a pack-quantized module needs weight_packed, weight_scale and weight_shape")
+    return parts
+
+
+def _weight_shape(t: torch.Tensor, where: str) -> tuple[int, int]:
+    values = [int(v) for v in t.reshape(-1).tolist()] if not t.is_floating_point() else []
+    if len(values) != 2 or min(values) <= 0:
+        raise CheckpointError(f"weight_shape must hold two positive integers, got {t.tolist()}", where=where)
+    return values[0], values[1]
+
+
+def _infer_scheme(parts: dict[str, torch.Tensor], shape: tuple[int, int], where: str) -> QuantScheme:
+    out, cols = shape
+    words = parts["weight_packed"].shape[-1]
+    bits = [b for b in (4, 8) if math.ceil(cols * b / 32) == words]
+    n = parts["weight_scale"].shape[-1]
+    if len(bits) != 1 or n <= 0 or cols % n:
+        raise CheckpointError(f"cannot infer the scheme of a {list(shape)} weight from its packed shapes",
+                              where=where, hint="pass the scheme from config.json's quantization_config")
+    return QuantScheme(bits[0], None if n == 1 else cols // n, "weight_zero_point" not in parts)
