@@ -12,6 +12,7 @@ Only ``wire``, ``backend`` and ``scheduler`` import without the extra.
 
 from __future__ import annotations
 
+from dsedge.serve import wire
 from dsedge.serve.backend import Backend
 from dsedge.serve.server import ServeReport, background, require_serve_extra, serve
 
@@ -24,4 +25,4 @@ def create_app(backend: Backend, **options):
     return build(backend, **options)
 
 
-__all__ = ["Backend", "ServeReport", "background", "create_app", "require_serve_extra", "serve"]
+__all__ = ["Backend", "wire", "ServeReport", "background", "create_app", "require_serve_extra", "serve"]

@@ -28,7 +28,7 @@ class Histogram:
 
     def lines(self, name: str) -> list[str]:
         out, running = [], 0
-        for bound, count in zip(self.buckets, self.counts):
+        for bound, count in zip(self.buckets, self.counts, strict=True):
             running += count
             out.append(f'{name}_bucket{{le="{bound}"}} {running}')
         out += [f'{name}_bucket{{le="+Inf"}} {self.count}', f"{name}_sum {self.total}", f"{name}_count {self.count}"]

@@ -89,6 +89,10 @@ class Scheduler:
         self._thread.join(timeout)
 
     @property
+    def running(self) -> bool:
+        return self._thread.is_alive()
+
+    @property
     def queue_depth(self) -> int:
         return len(self._waiting)
 
