@@ -185,6 +185,7 @@ COMMAND_MODULES = (
     "dsedge.cli_chat",
     "dsedge.cli_profile",
     "dsedge.cli_index",
+    "dsedge.cli_serve",
 )
 
 

@@ -1,0 +1,48 @@
+"""`dsedge serve BUNDLE`: an OpenAI-compatible local server (a thin layer over dsedge.serve.serve)."""
+
+from __future__ import annotations
+
+import sys
+
+DESCRIPTION = """\
+Serve a bundle over the OpenAI HTTP API, so any OpenAI client (the `openai` package, curl, editors, agent
+frameworks) can use it: POST /v1/chat/completions (streamed or not; R1 reasoning in `reasoning_content`),
+POST /v1/completions, GET /v1/models, POST /v1/embeddings (with an index), GET /health and GET /metrics
+(Prometheus). With --index/--rag a chat request may ask for grounding with "retrieval": {"k": 5}; the reply
+then lists the numbered `sources` the model was given.
+
+One worker thread runs the model; requests queue in arrival order (at most 64 waiting, then 429). With
+--parallel N, N generations advance together, one step each in turn. Binds 127.0.0.1 unless --host says
+otherwise; use --api-key when anything but this machine can reach it. Needs `pip install 'dsedge[serve]'`.
+
+  dsedge serve model.bundle --port 8000
+  python -c "from openai import OpenAI; c = OpenAI(base_url='http://127.0.0.1:8000/v1', api_key='-'); \\
+print(c.chat.completions.create(model='model.bundle', messages=[{'role': 'user', 'content': 'Hi'}]))"
+"""
+
+
+def register(sub, command) -> None:
+    """Add `serve` to the CLI (argparse only)."""
+    cmd = command(sub, "serve", "OpenAI-compatible HTTP server over a bundle", DESCRIPTION, _run_serve, _render)
+    cmd.add_argument("bundle", help="bundle directory (its name is the model id clients send)")
+    cmd.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    cmd.add_argument("--port", type=int, default=8000, help="default 8000 (0: any free port)")
+    rag = cmd.add_mutually_exclusive_group()
+    rag.add_argument("--index", metavar="INDEX", help="an index (`dsedge index build`) for retrieval and "
+                                                      "/v1/embeddings")
+    rag.add_argument("--rag", action="store_true", help="use the index embedded in the bundle")
+    cmd.add_argument("--api-key", metavar="KEY", help="require 'Authorization: Bearer KEY' (all but /health)")
+    cmd.add_argument("--parallel", type=int, default=1, metavar="N",
+                     help="generations advancing together, one step each in turn (default 1)")
+    cmd.add_argument("-t", "--target", help="device target: execution providers and threads")
+
+
+def _run_serve(args):
+    from dsedge.serve import serve
+
+    return serve(args.bundle, host=args.host, port=args.port, index=args.index, rag=args.rag,
+                 api_key=args.api_key, parallel=args.parallel, target=args.target)
+
+
+def _render(report) -> None:
+    print(f"stopped serving {report.model} at {report.url} after {report.requests} requests", file=sys.stderr)

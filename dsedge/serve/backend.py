@@ -1,0 +1,186 @@
+"""The server's one door into the engine: every call into dsedge.runtime goes through this module.
+
+The scheduler asks for a ``Generation`` (prompt prepared, retrieval done) and advances it one step at a time;
+each step yields the pieces of text that step released. Re-pointing the server at another decode loop means
+changing this file only.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from dsedge.errors import UserError
+from dsedge.serve.wire import FINISH_REASONS, Defaults, Sampling, WireError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Piece:
+    kind: str  # "reasoning" | "answer" (chat) or "text" (completions)
+    text: str
+
+
+@dataclass
+class Outcome:
+    finish_reason: str  # OpenAI's: "stop" | "length"
+    completion_tokens: int
+
+
+@dataclass
+class Generation:
+    """One request's generation. Iterating ``steps`` runs one decode step per item (the first one also runs
+    the prefill) and yields the pieces it released; ``outcome`` is set when it is exhausted."""
+
+    steps: Iterator[list[Piece]]
+    prompt_tokens: int
+    sources: list[dict] | None = None  # the numbered sources the model was given (retrieval only)
+    outcome: Outcome | None = None
+
+    def close(self) -> None:
+        """Stop early (client gone): the generator's cache is dropped with it."""
+        self.steps.close()
+
+
+class _OwnResult:
+    """The engine as one generation sees it: ``engine.stream`` keeps its running result in ``last_result``,
+    a single slot per engine, and interleaved generations each need their own. Everything else is the
+    engine's (same sessions, same codec)."""
+
+    def __init__(self, engine):
+        self._engine = engine
+
+    def __getattr__(self, name):
+        return getattr(self._engine, name)
+
+    def stream(self, *args, **kwargs):
+        return type(self._engine).stream(self, *args, **kwargs)
+
+
+class Backend:
+    """A loaded bundle (and optionally its retriever) behind the calls the server makes."""
+
+    def __init__(self, engine, model_id: str, *, retrieval: bool = False):
+        self.engine, self.model_id = engine, model_id
+        self.retriever = engine.retriever if retrieval else None
+
+    @classmethod
+    def open(cls, bundle: str | Path, *, index: str | Path | None = None, rag: bool = False,
+             target: str | None = None) -> Backend:
+        from dsedge.runtime import load_bundle
+
+        engine = load_bundle(bundle, target=target, index=index)
+        if engine.codec is None:
+            raise UserError("this bundle has no tokenizer, so it cannot serve text", where=str(bundle),
+                            hint="re-export from a checkpoint directory that holds tokenizer.json")
+        if rag and engine.retriever is None:
+            raise UserError("this bundle has no embedded index", where=str(bundle),
+                            hint="pass --index INDEX, or re-export with `dsedge export ... --index INDEX`")
+        return cls(engine, Path(bundle).resolve().name, retrieval=bool(index or rag))
+
+    # --- what the bundle is -----------------------------------------------------------------------
+    @property
+    def context_length(self) -> int:
+        return self.engine.max_context
+
+    @property
+    def embedder_id(self) -> str | None:
+        return self.retriever.index.embedder.id if self.retriever else None
+
+    def defaults(self) -> Defaults:
+        """Sampling defaults from the bundle's generation_config (R1 ships temperature 0.6, top_p 0.95)."""
+        info = (self.engine.manifest.data.get("tokenizer") or {}).get("generation_defaults") or {}
+        return Defaults(float(info.get("temperature", 1.0)), float(info.get("top_p", 1.0)))
+
+    def expert_cache(self) -> tuple[int, int] | None:
+        """(hits, misses) of a partitioned bundle's expert cache; None for a monolithic one."""
+        experts = getattr(self.engine, "experts", None)
+        return (experts.stats.hits, experts.stats.misses) if experts is not None else None
+
+    # --- generations ----------------------------------------------------------------------------
+    def complete(self, prompt: str, sampling: Sampling) -> Generation:
+        """Raw-text continuation (no chat template)."""
+        view = _OwnResult(self.engine)
+        ids = self.engine.codec.encode(prompt)
+        max_new = self._room(len(ids), sampling.max_tokens, param="prompt")
+        events = view.stream(ids, max_new, **_engine_sampling(sampling))
+
+        def steps():
+            for event in events:
+                yield [Piece("text", event.text)] if event.text else []
+            generation.outcome = _outcome(view.last_result)
+
+        generation = Generation(steps(), len(ids))
+        return generation
+
+    def chat(self, messages: list[dict], sampling: Sampling, retrieval_k: int | None = None) -> Generation:
+        """A reply through the bundle's chat template, reasoning split from answer; with ``retrieval_k``
+        the last user message is answered from that many retrieved chunks (numbered sources)."""
+        from dsedge.runtime.chat import ChatStream, prepare_prompt
+
+        view = _OwnResult(self.engine)
+        try:
+            if retrieval_k is not None:
+                replies, sources = self._grounded(view, messages, sampling, retrieval_k)
+            else:
+                prompt = prepare_prompt(view, messages)
+                max_new = self._room(len(prompt.token_ids), sampling.max_tokens)
+                replies, sources = ChatStream(view, prompt, max_new, _engine_sampling(sampling)), None
+        except UserError as exc:  # a template that refuses the messages, no room for sources: the client's
+            raise WireError(400, exc.what, param="messages") from exc
+
+        def steps():
+            for piece in replies:
+                yield [Piece(piece.kind, piece.text)]
+            generation.outcome = _outcome(replies.result)
+
+        generation = Generation(steps(), len(replies.prompt.token_ids), sources)
+        return generation
+
+    def _grounded(self, view, messages: list[dict], sampling: Sampling, k: int):
+        from dsedge.runtime.chat import prepare_prompt
+        from dsedge.runtime.rag import RagStream, rag_prompt
+
+        if self.retriever is None:
+            raise WireError(400, "retrieval was asked for, but this server has no index (start it with --index "
+                                 "INDEX or --rag)", param="retrieval")
+        *history, question = messages
+        if question["role"] != "user":
+            raise WireError(400, "with retrieval the last message must be the user's question", param="messages")
+        max_new = sampling.max_tokens or DEFAULT_RAG_TOKENS
+        rag = rag_prompt(view, question["content"], history=history, k=k, max_new_tokens=max_new)
+        prompt = prepare_prompt(view, [*history, *rag.messages])
+        max_new = self._room(len(prompt.token_ids), max_new)
+        replies = RagStream(view, prompt, max_new, _engine_sampling(sampling), rag)
+        return replies, [s.to_json() for s in rag.sources]
+
+    def _room(self, prompt_tokens: int, max_tokens: int | None, param: str = "messages") -> int:
+        """New tokens allowed: what was asked, capped at the room left (finish "length" there); a prompt that
+        leaves no room is the client's error."""
+        room = self.engine.max_context - prompt_tokens
+        if room < 1:
+            raise WireError(400, f"the prompt is {prompt_tokens} tokens; this model's context is "
+                                 f"{self.engine.max_context} tokens", param=param,
+                            code="context_length_exceeded")
+        return min(room, max_tokens) if max_tokens else room
+
+    # --- embeddings -----------------------------------------------------------------------------
+    def embed(self, texts: list[str]):
+        """[N, dim] unit vectors from the index's embedder, and the word pieces they held."""
+        embedder = self.retriever.index.embedder
+        return embedder.embed(texts), sum(embedder.count_tokens(t) for t in texts)
+
+
+DEFAULT_RAG_TOKENS = 256  # as `dsedge run --index`: the answer's room decides how many sources fit
+
+
+def _engine_sampling(sampling: Sampling) -> dict:
+    return {"temperature": sampling.temperature, "top_p": sampling.top_p, "seed": sampling.seed,
+            "stop": list(sampling.stop) or None}
+
+
+def _outcome(result) -> Outcome:
+    return Outcome(FINISH_REASONS[result.finish_reason], len(result.token_ids))

@@ -1,0 +1,195 @@
+"""One worker thread runs every engine call; requests wait in a bounded FIFO queue.
+
+onnxruntime sessions (and the cache buffers a generation owns) are used from this thread only. Up to
+``parallel`` generations are active at once and advance round-robin, one step each, so N clients progress
+together; the rest wait in arrival order. Batched decode (one forward pass for all active rows) would
+replace ``_step_all`` — the admission, cancellation and event delivery around it stay as they are.
+
+Results go back to the asyncio side through each job's ``asyncio.Queue`` (``loop.call_soon_threadsafe``);
+a job cancelled by its client (disconnect) is closed at the worker's next look at it, freeing its slot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from dsedge.errors import DsedgeError
+from dsedge.serve.backend import Generation
+from dsedge.serve.wire import WireError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_QUEUE = 64
+
+
+class QueueFull(Exception):
+    """The bounded queue holds ``max_queue`` waiting requests already."""
+
+
+@dataclass(frozen=True)
+class Event:
+    kind: str  # "start" (payload: Generation) | "pieces" (list[Piece]) | "done" (Outcome or a value) | "error"
+    payload: Any = None
+
+
+class Job:
+    """A request's work: ``start()`` (run on the worker) returns a Generation to step, or any other value,
+    which is the whole result. Events arrive on ``events`` in the event loop that created the job."""
+
+    def __init__(self, start: Callable[[], Any], loop: asyncio.AbstractEventLoop):
+        self.start, self.loop = start, loop
+        self.events: asyncio.Queue[Event] = asyncio.Queue()
+        self.submitted = time.perf_counter()
+        self.generation: Generation | None = None
+        self.last_step: float | None = None  # when the previous step finished (per-token latency)
+        self._cancelled = threading.Event()
+
+    def cancel(self) -> None:
+        """The client left (or the server stops): drop the job wherever it is."""
+        self._cancelled.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+    def post(self, kind: str, payload: Any = None) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, Event(kind, payload))
+        except RuntimeError:  # the loop is closed: nobody is listening
+            self.cancel()
+
+
+class Scheduler:
+    """FIFO admission into ``parallel`` slots; round-robin steps; bounded queue. ``metrics`` gets observations."""
+
+    def __init__(self, *, parallel: int = 1, max_queue: int = DEFAULT_MAX_QUEUE, metrics=None):
+        if parallel < 1 or max_queue < 1:
+            raise ValueError("parallel and max_queue must be ≥ 1")
+        self.parallel, self.max_queue, self.metrics = parallel, max_queue, metrics
+        self._waiting: deque[Job] = deque()
+        self._active: list[Job] = []
+        self._wake = threading.Condition()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="dsedge-serve-worker", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        with self._wake:
+            self._stopping = True
+            self._wake.notify()
+        self._thread.join(timeout)
+
+    @property
+    def running(self) -> bool:
+        return self._thread.is_alive()
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def active(self) -> int:
+        return len(self._active)
+
+    def submit(self, job: Job) -> None:
+        """Queue ``job``; raises QueueFull when ``max_queue`` requests are waiting."""
+        with self._wake:
+            if len(self._waiting) >= self.max_queue:
+                raise QueueFull(f"{self.max_queue} requests are waiting already")
+            self._waiting.append(job)
+            self._wake.notify()
+
+    # --- the worker -----------------------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            with self._wake:
+                while not self._stopping and not self._waiting and not self._active:
+                    self._wake.wait()
+                if self._stopping:
+                    break
+                admitted = self._admissions()
+            for job in admitted:
+                self._begin(job)
+            self._step_all()
+        for job in [*self._active, *self._waiting]:
+            self._finish(job, "error", WireError(503, "the server is shutting down"))
+
+    def _admissions(self) -> list[Job]:
+        """Waiting jobs that fit the free slots, oldest first (the caller holds the lock)."""
+        admitted = []
+        while self._waiting and len(self._active) + len(admitted) < self.parallel:
+            job = self._waiting.popleft()
+            if not job.cancelled:
+                admitted.append(job)
+        return admitted
+
+    def _begin(self, job: Job) -> None:
+        """Run ``job.start`` (prompt, retrieval); a Generation takes a slot, any other value is the result."""
+        try:
+            started = job.start()
+        except Exception as exc:  # noqa: BLE001 — every failure goes back to its client
+            job.post("error", _as_wire_error(exc))
+            return
+        if not isinstance(started, Generation):
+            job.post("done", started)
+            return
+        job.generation = started
+        self._active.append(job)
+        job.post("start", started)
+
+    def _step_all(self) -> None:
+        """One step of every active generation, in admission order (round-robin)."""
+        for job in list(self._active):
+            if job.cancelled:
+                self._finish(job, None)
+                continue
+            self._step(job)
+
+    def _step(self, job: Job) -> None:
+        generation = job.generation
+        try:
+            pieces = next(generation.steps)
+        except StopIteration:
+            self._finish(job, "done", generation.outcome)
+            return
+        except Exception as exc:  # noqa: BLE001 — a failed step ends that generation only
+            self._finish(job, "error", _as_wire_error(exc))
+            return
+        self._observe_step(job)
+        if pieces:
+            job.post("pieces", pieces)
+
+    def _observe_step(self, job: Job) -> None:
+        now = time.perf_counter()
+        if self.metrics is not None:
+            if job.last_step is None:
+                self.metrics.observe_ttft(now - job.submitted)
+            else:
+                self.metrics.observe_token_latency(now - job.last_step)
+        job.last_step = now
+
+    def _finish(self, job: Job, kind: str | None, payload: Any = None) -> None:
+        if job in self._active:
+            self._active.remove(job)
+        if job.generation is not None and kind != "done":
+            job.generation.close()
+        if kind is not None:
+            job.post(kind, payload)
+
+
+def _as_wire_error(exc: Exception) -> WireError:
+    if isinstance(exc, WireError):
+        return exc
+    if isinstance(exc, DsedgeError) and exc.exit_code == 3:  # the request's fault (a UserError)
+        return WireError(400, exc.what)
+    log.exception("generation failed")
+    return WireError(500, f"internal error: {type(exc).__name__}: {exc}")
