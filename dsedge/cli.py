@@ -175,8 +175,15 @@ def _add_plan(sub) -> None:
 def _add_targets(sub) -> None:
     cmd = _command(sub, "targets", "list the built-in device targets",
                    "List the built-in device profiles, or show one in full. A target file of your own (same\n"
-                   "fields, TOML or JSON) is accepted anywhere a target name is.", _run_targets, _render_targets)
-    cmd.add_argument("name", nargs="?", help="show one target (a built-in name or a file path)")
+                   "fields, TOML or JSON) is accepted anywhere a target name is, and so is `auto` (this machine:\n"
+                   "usable cores, memory under any cgroup limit, onnxruntime's providers, GPU memory, a short\n"
+                   "memory-copy probe for bandwidth).\n\n"
+                   "examples:\n"
+                   "  dsedge targets                 every built-in target\n"
+                   "  dsedge targets --detect        what `--target auto` finds on this machine\n"
+                   "  dsedge targets x86-cpu-16g --json", _run_targets, _render_targets)
+    cmd.add_argument("name", nargs="?", help="show one target (a built-in name, `auto` or a file path)")
+    cmd.add_argument("--detect", action="store_true", help="show the target detected for this machine (= auto)")
 
 
 def _add_export(sub) -> None:
@@ -287,6 +294,8 @@ class _TargetList:
 def _run_targets(args):
     from dsedge.targets import list_targets, load_target
 
+    if args.detect:
+        return _TargetList([load_target("auto")])
     return _TargetList([load_target(args.name)] if args.name else list_targets())
 
 
