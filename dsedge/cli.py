@@ -17,6 +17,7 @@ from typing import Any
 
 from dsedge import __version__
 from dsedge.errors import DsedgeError
+from dsedge.units import size_argument
 
 EXIT_OK, EXIT_INTERNAL, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -167,8 +168,8 @@ def _add_plan(sub) -> None:
     cmd.add_argument("model", help="checkpoint directory, config.json path, or a published name: "
                                    "deepseek-v3, deepseek-r1, deepseek-v2, deepseek-v2-lite, r1-distill-qwen-1.5b, "
                                    "r1-distill-qwen-7b, r1-distill-llama-8b")
-    cmd.add_argument("-t", "--target",
-                     help="device target: a built-in name (see `dsedge targets`) or a .toml/.json file")
+    cmd.add_argument("--target",
+                     help="device target: a built-in name (see `dsedge targets`), `auto` or a .toml/.json file")
     cmd.add_argument("--context", type=int, help="context length in tokens (default: the target's max_context)")
 
 
@@ -200,7 +201,7 @@ def _add_export(sub) -> None:
     cmd.add_argument("checkpoint", help="checkpoint directory (config.json + *.safetensors) or a shipped demo model "
                                         "name (deepseek-v3-tiny, qwen2-tiny)")
     cmd.add_argument("-o", "--output", required=True, help="bundle directory to write")
-    cmd.add_argument("-t", "--target", help="device target (name or file): sets the default max context")
+    cmd.add_argument("--target", help="device target (name, file or `auto`): sets the default max context")
     cmd.add_argument("--layout", default="monolithic", choices=["monolithic", "partitioned"],
                      help="monolithic: one graph. partitioned: a trunk (one graph per layer) plus routed experts in "
                           "their own partitions and data files, placed resident or on demand for the target's "
@@ -261,10 +262,11 @@ def add_sampling_flags(cmd) -> None:
 
 def add_engine_flags(cmd) -> None:
     """How a bundle is loaded (``load_bundle``'s keywords): target, threads, expert budget and prefetch."""
-    cmd.add_argument("-t", "--target", help="device target: execution providers and threads")
-    cmd.add_argument("--threads", type=int, help="intra-op threads (default: the target's, else onnxruntime's)")
-    cmd.add_argument("--memory-budget", type=int, metavar="BYTES",
-                     help="partitioned bundles: bytes of expert partitions kept loaded (LRU beyond)")
+    cmd.add_argument("--target", help="device target: execution providers and threads (a built-in name, a file, "
+                                      "or `auto` for this machine; default: the bundle's export target)")
+    cmd.add_argument("-t", "--threads", type=int, help="intra-op threads (default: the target's, capped at the cores)")
+    cmd.add_argument("--memory-budget", type=size_argument, metavar="SIZE",
+                     help="partitioned bundles: expert partitions kept loaded, e.g. 2G or 512M (LRU beyond)")
     cmd.add_argument("--prefetch-experts", action="store_true",
                      help="partitioned bundles: load the next layer's likely partitions in the background")
 

@@ -76,8 +76,8 @@ def test_missing_execution_provider_falls_back_to_cpu_with_a_warning(bundles, ca
 
     import onnxruntime as ort
 
-    from dsedge.runtime import session as session_module
     from dsedge.runtime import load_bundle
+    from dsedge.runtime import session as session_module
 
     if "CUDAExecutionProvider" in ort.get_available_providers():
         pytest.skip("this onnxruntime build has CUDA: nothing to fall back from")
