@@ -17,6 +17,7 @@ from typing import Any
 
 from dsedge import __version__
 from dsedge.errors import DsedgeError
+from dsedge.extras import missing_extra
 from dsedge.units import size_argument
 
 EXIT_OK, EXIT_INTERNAL, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -60,6 +61,11 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(args, exc.to_json(), f"error: {exc.message}", exc.exit_code)
     except KeyboardInterrupt:
         return _fail(args, {"type": "KeyboardInterrupt", "message": "interrupted"}, "interrupted", EXIT_INTERRUPTED)
+    except ModuleNotFoundError as exc:  # an extra not installed is the user's to fix, not an internal error
+        missing = missing_extra(exc, getattr(args, "command", None))
+        if missing is None:
+            raise
+        return _fail(args, missing.to_json(), f"error: {missing.message}", missing.exit_code)
     except Exception as exc:  # noqa: BLE001 — the last line of defence: report, never a bare traceback
         detail = traceback.format_exc() if os.environ.get("DSEDGE_DEBUG") else None
         text = (f"internal error: {type(exc).__name__}: {exc}\n"
@@ -140,6 +146,7 @@ def _command_modules():
 def _command(sub, name: str, help_text: str, description: str, handler: Callable, render: Callable):
     cmd = sub.add_parser(name, help=help_text, description=description,
                          formatter_class=argparse.RawDescriptionHelpFormatter)
+    cmd.set_defaults(command=name)
     cmd.add_argument("--json", action="store_true", help="print one JSON object on stdout (also on failure)")
     cmd.add_argument("-q", "--quiet", action="store_true", help="no progress messages on stderr")
     cmd.set_defaults(handler=handler, render=render)
