@@ -131,6 +131,7 @@ COMMAND_MODULES = (
     "dsedge.cli_chat",
     "dsedge.cli_profile",
     "dsedge.cli_index",
+    "dsedge.cli_completion",
 )
 
 
