@@ -26,6 +26,8 @@ from typing import Any
 
 from dsedge import __version__
 from dsedge.errors import DsedgeError, Terminated, UnitsFailed, UsageError
+from dsedge.extras import missing_extra
+from dsedge.units import size_argument
 
 EXIT_OK, EXIT_INTERNAL, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -78,13 +80,22 @@ def main(argv: list[str] | None = None) -> int:
     except Terminated as exc:  # SIGTERM/SIGHUP during a staged output: it has been cleaned up
         return _fail(args, {"type": "Terminated", "message": str(exc), "signal": exc.signal_name}, str(exc),
                      exc.exit_code)
+    except ModuleNotFoundError as exc:  # an extra not installed is the user's to fix, not an internal error
+        missing = missing_extra(exc, getattr(args, "command", None))
+        if missing is None:
+            return _internal_error(args, exc)
+        return _fail(args, missing.to_json(), f"error: {missing.message}", missing.exit_code)
     except Exception as exc:  # noqa: BLE001 — the last line of defence: report, never a bare traceback
-        detail = traceback.format_exc() if os.environ.get("DSEDGE_DEBUG") else None
-        text = (f"internal error: {type(exc).__name__}: {exc}\n"
-                "  (set DSEDGE_DEBUG=1 for the traceback; please report it)")
-        return _fail(args, {"type": type(exc).__name__, "message": str(exc), "traceback": detail},
-                     detail or text, EXIT_INTERNAL)
+        return _internal_error(args, exc)
     return _print_result(args, result)
+
+
+def _internal_error(args: argparse.Namespace, exc: BaseException) -> int:
+    detail = traceback.format_exc() if os.environ.get("DSEDGE_DEBUG") else None
+    text = (f"internal error: {type(exc).__name__}: {exc}\n"
+            "  (set DSEDGE_DEBUG=1 for the traceback; please report it)")
+    return _fail(args, {"type": type(exc).__name__, "message": str(exc), "traceback": detail},
+                 detail or text, EXIT_INTERNAL)
 
 
 def _print_result(args: argparse.Namespace, result) -> int:
@@ -186,6 +197,7 @@ COMMAND_MODULES = (
     "dsedge.cli_profile",
     "dsedge.cli_index",
     "dsedge.cli_serve",
+    "dsedge.cli_completion",
 )
 
 
@@ -201,6 +213,7 @@ def _command_modules():
 def _command(sub, name: str, help_text: str, description: str, handler: Callable, render: Callable):
     cmd = sub.add_parser(name, help=help_text, description=description,
                          formatter_class=argparse.RawDescriptionHelpFormatter)
+    cmd.set_defaults(command=name)
     cmd.add_argument("--json", action="store_true", help="print one JSON object on stdout (also on failure)")
     cmd.add_argument("-q", "--quiet", action="store_true", help="no progress messages on stderr")
     cmd.set_defaults(handler=handler, render=render)
@@ -229,16 +242,23 @@ def _add_plan(sub) -> None:
     cmd.add_argument("model", help="checkpoint directory, config.json path, or a published name: "
                                    "deepseek-v3, deepseek-r1, deepseek-v2, deepseek-v2-lite, r1-distill-qwen-1.5b, "
                                    "r1-distill-qwen-7b, r1-distill-llama-8b")
-    cmd.add_argument("-t", "--target",
-                     help="device target: a built-in name (see `dsedge targets`) or a .toml/.json file")
+    cmd.add_argument("--target",
+                     help="device target: a built-in name (see `dsedge targets`), `auto` or a .toml/.json file")
     cmd.add_argument("--context", type=int, help="context length in tokens (default: the target's max_context)")
 
 
 def _add_targets(sub) -> None:
     cmd = _command(sub, "targets", "list the built-in device targets",
                    "List the built-in device profiles, or show one in full. A target file of your own (same\n"
-                   "fields, TOML or JSON) is accepted anywhere a target name is.", _run_targets, _render_targets)
-    cmd.add_argument("name", nargs="?", help="show one target (a built-in name or a file path)")
+                   "fields, TOML or JSON) is accepted anywhere a target name is, and so is `auto` (this machine:\n"
+                   "usable cores, memory under any cgroup limit, onnxruntime's providers, GPU memory, a short\n"
+                   "memory-copy probe for bandwidth).\n\n"
+                   "examples:\n"
+                   "  dsedge targets                 every built-in target\n"
+                   "  dsedge targets --detect        what `--target auto` finds on this machine\n"
+                   "  dsedge targets x86-cpu-16g --json", _run_targets, _render_targets)
+    cmd.add_argument("name", nargs="?", help="show one target (a built-in name, `auto` or a file path)")
+    cmd.add_argument("--detect", action="store_true", help="show the target detected for this machine (= auto)")
 
 
 def _add_export(sub) -> None:
@@ -255,7 +275,7 @@ def _add_export(sub) -> None:
     cmd.add_argument("checkpoint", help="checkpoint directory (config.json + *.safetensors) or a shipped demo model "
                                         "name (deepseek-v3-tiny, qwen2-tiny)")
     cmd.add_argument("-o", "--output", required=True, help="bundle directory to write")
-    cmd.add_argument("-t", "--target", help="device target (name or file): sets the default max context")
+    cmd.add_argument("--target", help="device target (name, file or `auto`): sets the default max context")
     cmd.add_argument("--layout", default="monolithic", choices=["monolithic", "partitioned"],
                      help="monolithic: one graph. partitioned: a trunk (one graph per layer) plus routed experts in "
                           "their own partitions and data files, placed resident or on demand for the target's "
@@ -316,10 +336,11 @@ def add_sampling_flags(cmd) -> None:
 
 def add_engine_flags(cmd) -> None:
     """How a bundle is loaded (``load_bundle``'s keywords): target, threads, expert budget and prefetch."""
-    cmd.add_argument("-t", "--target", help="device target: execution providers and threads")
-    cmd.add_argument("--threads", type=int, help="intra-op threads (default: the target's, else onnxruntime's)")
-    cmd.add_argument("--memory-budget", type=int, metavar="BYTES",
-                     help="partitioned bundles: bytes of expert partitions kept loaded (LRU beyond)")
+    cmd.add_argument("--target", help="device target: execution providers and threads (a built-in name, a file, "
+                                      "or `auto` for this machine; default: the bundle's export target)")
+    cmd.add_argument("-t", "--threads", type=int, help="intra-op threads (default: the target's, capped at the cores)")
+    cmd.add_argument("--memory-budget", type=size_argument, metavar="SIZE",
+                     help="partitioned bundles: expert partitions kept loaded, e.g. 2G or 512M (LRU beyond)")
     cmd.add_argument("--prefetch-experts", action="store_true",
                      help="partitioned bundles: load the next layer's likely partitions in the background")
 
@@ -349,6 +370,8 @@ class _TargetList:
 def _run_targets(args):
     from dsedge.targets import list_targets, load_target
 
+    if args.detect:
+        return _TargetList([load_target("auto")])
     return _TargetList([load_target(args.name)] if args.name else list_targets())
 
 

@@ -74,7 +74,8 @@ def register(sub, command) -> None:
                                         "shipped demo model name (deepseek-v3-tiny, qwen2-tiny)")
     cmd.add_argument("-o", "--output", required=True, help="directory to write the compressed checkpoint to")
     cmd.add_argument("-r", "--recipe", help="preset name or recipe file (.json/.toml); see below")
-    cmd.add_argument("-t", "--target", help="device target (name or file): picks the recipe when --recipe is not given")
+    cmd.add_argument("--target",
+                     help="device target (name, file or `auto`): picks the recipe when --recipe is not given")
     cmd.add_argument("--calib", metavar="FILE", help="UTF-8 calibration text (default: the built-in text)")
     cmd.add_argument("--calib-tokens", type=int, default=8192, metavar="N",
                      help="calibration tokens (default 8192)")

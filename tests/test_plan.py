@@ -87,9 +87,9 @@ def test_plan_cli_json(capsys):
 
 
 def test_plan_cli_human_and_errors(capsys):
-    assert main(["plan", "deepseek-v2-lite", "-t", "x86-cpu-16g"]) == 0
+    assert main(["plan", "deepseek-v2-lite", "--target", "x86-cpu-16g"]) == 0
     text = capsys.readouterr().out
     assert "latent MLA" in text and "decode tok/s" in text and "int4-experts" in text
-    assert main(["plan", "deepseek-v2-lite", "-t", "no-such-target", "--json"]) == 3
+    assert main(["plan", "deepseek-v2-lite", "--target", "no-such-target", "--json"]) == 3
     err = json.loads(capsys.readouterr().out)
     assert err["ok"] is False and err["error"]["exit_code"] == 3

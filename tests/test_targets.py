@@ -265,3 +265,55 @@ def test_json_top_level_must_be_an_object(tmp_path):
     path.write_text("[1, 2]", encoding="utf-8")
     with pytest.raises(ConfigError, match="table/object"):
         load_target(path)
+
+
+# ---------------------------------------------------------------- --target auto (detected)
+
+
+def test_auto_target_describes_this_process(monkeypatch):
+    from dsedge.targets import detect, load_target
+
+    target = load_target("auto")
+    assert target.name == "auto" and target.kind in ("cpu", "gpu")
+    assert target.threads == detect.usable_cores()
+    assert target.execution_providers[-1] == "CPUExecutionProvider"
+    assert 0 < target.memory_budget_bytes <= detect.physical_memory_bytes()
+
+
+def test_cgroup_limit_caps_detected_memory(tmp_path, monkeypatch):
+    from dsedge.targets import detect
+
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:       16384000 kB\nMemFree:         1000 kB\n")
+    limit = tmp_path / "memory.max"
+    limit.write_text(f"{2 * 1024**3}\n")
+    unlimited = tmp_path / "v1.limit"
+    unlimited.write_text(f"{2**63 - 4096}\n")
+    monkeypatch.setattr(detect, "_MEMINFO", meminfo)
+    monkeypatch.setattr(detect, "_CGROUP_LIMITS", (unlimited, tmp_path / "absent"))
+    assert detect.physical_memory_bytes() == 16384000 * 1024  # "no limit" values are ignored
+    monkeypatch.setattr(detect, "_CGROUP_LIMITS", (limit,))
+    assert detect.physical_memory_bytes() == 2 * 1024**3
+    limit.write_text("max\n")
+    assert detect.physical_memory_bytes() == 16384000 * 1024
+
+
+def test_detected_budget_leaves_the_os_its_share(monkeypatch):
+    from dsedge.targets import detect, detect_target
+
+    monkeypatch.setattr(detect, "physical_memory_bytes", lambda: 8 * 1024**3)
+    monkeypatch.setattr(detect, "available_providers", lambda: ("CPUExecutionProvider",))
+    target = detect_target(probe_bandwidth=False)
+    assert target.memory_budget_bytes == 6 * 1024**3 and target.kind == "cpu" and target.max_context == 4096
+
+
+def test_targets_detect_cli_prints_one_json_object():
+    import json
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "dsedge", "targets", "--detect", "--json"], capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    payload = json.loads(out.stdout)
+    assert payload["ok"] and [t["name"] for t in payload["targets"]] == ["auto"]

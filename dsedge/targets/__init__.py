@@ -21,13 +21,14 @@ from pathlib import Path
 from typing import Any
 
 from dsedge.errors import ConfigError
+from dsedge.targets.detect import AUTO_NAME, detected_target_fields
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - exercised only on 3.10
     import tomli as tomllib
 
-__all__ = ["Target", "builtin_target_names", "list_targets", "load_target", "parse_target"]
+__all__ = ["Target", "builtin_target_names", "detect_target", "list_targets", "load_target", "parse_target"]
 
 SCHEMA_VERSION = 1
 KINDS = ("cpu", "gpu", "soc")
@@ -87,7 +88,8 @@ def list_targets() -> list[Target]:
 
 
 def load_target(name_or_path: str | os.PathLike | Target) -> Target:
-    """Load a target by built-in name (``"gpu-24g"``) or from a user ``.toml``/``.json`` file.
+    """Load a target by built-in name (``"gpu-24g"``), ``"auto"`` (this machine, detected) or from a user
+    ``.toml``/``.json`` file.
 
     A string is read as a path when it contains a path separator or ends in ``.toml``/``.json``;
     otherwise it must be a built-in name. A `Target` is returned unchanged.
@@ -95,9 +97,17 @@ def load_target(name_or_path: str | os.PathLike | Target) -> Target:
     """
     if isinstance(name_or_path, Target):
         return name_or_path
+    if name_or_path == AUTO_NAME:  # this machine, detected (dsedge.targets.detect)
+        return detect_target()
     if isinstance(name_or_path, os.PathLike) or _looks_like_path(name_or_path):
         return _load_file(Path(name_or_path))
     return _load_builtin(name_or_path)
+
+
+def detect_target(*, probe_bandwidth: bool = True) -> Target:
+    """This machine as a target (``--target auto``): usable cores, memory (cgroup-capped), providers, GPU memory."""
+    fields = detected_target_fields(probe_bandwidth=probe_bandwidth)
+    return parse_target({"schema_version": SCHEMA_VERSION, **fields}, where="--target auto (detected)")
 
 
 def parse_target(data: dict, *, where: str) -> Target:
@@ -149,7 +159,8 @@ def _load_builtin(name: str) -> Target:
 def _unknown_name_hint(name: str, names: list[str]) -> str:
     close = difflib.get_close_matches(name, names, n=3, cutoff=0.5)
     prefix = f"did you mean {' or '.join(repr(c) for c in close)}? " if close else ""
-    return f"{prefix}built-in targets: {', '.join(names)}; or pass a path to a .toml/.json target file"
+    return (f"{prefix}built-in targets: {', '.join(names)}; `auto` detects this machine; "
+            "or pass a path to a .toml/.json target file")
 
 
 def _load_file(path: Path) -> Target:
