@@ -17,10 +17,12 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from dsedge.contract import DTYPES, EXPERTS, ROLES, TRUNK_ROLES, TensorSpec
+from dsedge import safe_json
+from dsedge.contract import DTYPES, EXPERTS, ROLES, TRUNK_ROLES, TensorSpec, past_name, present_name
 from dsedge.errors import UserError
 
 # 2: graphs carry role and typed inputs/outputs (TensorSpec), every graph its bytes, placement a ranking.
+MAX_JSON_DEPTH = 32  # a manifest nests about 6 levels deep
 SCHEMA_VERSION = 2
 MANIFEST_FILE = "manifest.json"
 LAYOUTS = ("monolithic", "partitioned")
@@ -111,8 +113,6 @@ class CacheLayout:
     dtype: str
 
     def to_json(self) -> dict[str, Any]:
-        from dsedge.contract import past_name, present_name
-
         return {"kind": self.kind, "tensors": list(self.tensors), "shape": list(self.shape), "dtype": self.dtype,
                 "input": past_name("{layer}", "{tensor}"), "output": present_name("{layer}", "{tensor}")}
 
@@ -352,10 +352,11 @@ def read_manifest(root: str | Path) -> Manifest:
     if not path.is_file():
         raise BundleError(f"no {MANIFEST_FILE} found", where=str(root),
                           hint="pass a bundle directory written by `dsedge export`")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise BundleError(f"{MANIFEST_FILE} is not valid JSON: {exc}", where=str(path)) from exc
+    try:  # depth-limited: a crafted manifest of nested brackets must be a clear error, not a RecursionError
+        data = safe_json.loads(path.read_text(encoding="utf-8"), max_depth=MAX_JSON_DEPTH)
+    except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError is a ValueError
+        raise BundleError(f"{MANIFEST_FILE} is not valid JSON: {exc}", where=str(path),
+                          hint="the manifest is damaged or was not written by `dsedge export`; re-export") from exc
     contract = parse_contract(data, path)
     _check_files(data, path)
     return Manifest(root, data, contract)

@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, example, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from dsedge.errors import UserError  # noqa: E402
-from dsedge.manifest import MANIFEST_FILE, read_manifest, write_manifest  # noqa: E402
+from dsedge.manifest import MANIFEST_FILE, read_manifest  # noqa: E402
 from dsedge.models.config import read_config_file  # noqa: E402
 from dsedge.models.published import PUBLISHED_CONFIGS  # noqa: E402
 from dsedge.models.registry import spec_from_config  # noqa: E402
@@ -116,17 +116,20 @@ def test_safetensors_mutations_of_a_valid_file(tmp_path_factory, data):
 # --- bundle manifest -------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def real_manifest(tmp_path_factory) -> bytes:
-    """manifest.json as ``write_manifest`` writes it for a small bundle."""
-    root = tmp_path_factory.mktemp("bundle")
-    (root / "graphs").mkdir()
-    (root / "graphs" / "decoder.onnx").write_bytes(b"graph")
-    (root / "graphs" / "decoder.onnx.data").write_bytes(b"weights")
-    (root / "tokenizer.json").write_text("{}")
-    write_manifest(root, {"layout": "monolithic", "graphs": [
-        {"name": "decoder", "file": "graphs/decoder.onnx", "data_files": ["graphs/decoder.onnx.data"]}],
-        "tokenizer": "tokenizer.json", "validation": {"passed": True}})
-    return (root / MANIFEST_FILE).read_bytes()
+def real_bundle(tiny_checkpoint, tmp_path_factory) -> Path:
+    """A bundle `dsedge export` wrote (partitioned: every part of the contract is present)."""
+    from dsedge.export.bundle import export_bundle
+
+    out = tmp_path_factory.mktemp("fuzz-bundle") / "b"
+    export_bundle(tiny_checkpoint("v3"), out, max_context=32, layout="partitioned", experts_per_partition=4,
+                  validate=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def real_manifest(real_bundle) -> bytes:
+    """manifest.json as export writes it."""
+    return (real_bundle / MANIFEST_FILE).read_bytes()
 
 
 def read_manifest_bytes(tmp_path_factory, raw: bytes):
@@ -255,39 +258,35 @@ def test_config_file_random_content(tmp_path_factory, data):
         accepts_or_user_error(spec_from_config, config, str(path))
 
 
-# --- known bugs in parsers this branch does not own (strict: they fail until fixed) --------------------------
+# --- bugs the fuzzing found, fixed: each stays a test ----------------------------------------------------
 
 DEEP = b'{"schema_version": 1, "files": {}, "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
 HUGE_INT = b'{"schema_version": 1' + b"0" * 5000 + b', "files": {}}'
 
 
-@pytest.mark.xfail(strict=True, raises=(RecursionError, ValueError),
-                   reason="dsedge/manifest.py read_manifest: json.loads on deep nesting raises RecursionError, and a "
-                          "5000-digit number ValueError (not JSONDecodeError); neither becomes BundleError")
 @pytest.mark.parametrize("raw", [DEEP, HUGE_INT], ids=["deep", "huge_int"])
-def test_known_bug_bundle_manifest_unbounded_json(tmp_path, raw):
+def test_bundle_manifest_unbounded_json_is_a_user_error(tmp_path, raw):
     (tmp_path / MANIFEST_FILE).write_bytes(raw)
     with pytest.raises(UserError):
         read_manifest(tmp_path)
 
 
-@pytest.mark.xfail(strict=True, raises=(KeyError, TypeError),
-                   reason="dsedge/manifest.py Manifest.verify: a files entry that is not {bytes, sha256} raises "
-                          "KeyError/TypeError instead of BundleError")
-@pytest.mark.parametrize("entry", [{}, [1, 2], 5], ids=["no_keys", "list", "int"])
-def test_known_bug_bundle_manifest_bad_file_entry(tmp_path, entry):
-    (tmp_path / "a.bin").write_bytes(b"x")
-    (tmp_path / MANIFEST_FILE).write_text(json.dumps({"schema_version": 1, "files": {"a.bin": entry}}))
-    with pytest.raises(UserError):
-        read_manifest(tmp_path).verify()
+@pytest.mark.parametrize("entry", [{}, [1, 2], 5, {"bytes": "1", "sha256": 3}], ids=["no_keys", "list", "int", "types"])
+def test_bundle_manifest_bad_file_entry_is_a_user_error(real_bundle, tmp_path, entry):
+    import shutil
+
+    copy = tmp_path / "b"
+    shutil.copytree(real_bundle, copy)
+    data = json.loads((copy / MANIFEST_FILE).read_text())
+    data["files"][next(iter(data["files"]))] = entry
+    (copy / MANIFEST_FILE).write_text(json.dumps(data))
+    with pytest.raises(UserError, match="files"):
+        read_manifest(copy).verify()
 
 
-@pytest.mark.xfail(strict=True, raises=(RecursionError, ValueError),
-                   reason="dsedge/retrieval/index.py _read_manifest/_read_store: json.loads on deep nesting raises "
-                          "RecursionError, a 5000-digit number ValueError; neither becomes IndexError_")
 @pytest.mark.parametrize("which", ["manifest", "store"])
 @pytest.mark.parametrize("raw", [b"[" * 100_000 + b"]" * 100_000, b"1" + b"0" * 5000], ids=["deep", "huge_int"])
-def test_known_bug_index_unbounded_json(tmp_path, which, raw):
+def test_index_unbounded_json_is_a_user_error(tmp_path, which, raw):
     if which == "manifest":
         (tmp_path / index_module.MANIFEST_FILE).write_bytes(raw)
         with pytest.raises(UserError):

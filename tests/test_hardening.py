@@ -7,6 +7,7 @@ import shutil
 import struct
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -177,10 +178,10 @@ def test_verified_graph_path_refuses_sparse_external_data_outside(tmp_path):
     (tmp_path / "idx.bin").write_bytes(b"\0" * 32)
     files = {"graph.onnx": {}, "idx.bin": {}}
     with pytest.raises(BundleError, match="not a relative path inside the bundle"):
-        verified_graph_path(Manifest(tmp_path, {"files": files}), {"name": "g", "file": "graph.onnx"})
+        verified_graph_path(Manifest(tmp_path, {"files": files}, None), SimpleNamespace(name="g", file="graph.onnx"))
     (tmp_path / "graph.onnx").write_bytes(data[:40])
     with pytest.raises(BundleError, match="not a valid ONNX file"):
-        verified_graph_path(Manifest(tmp_path, {"files": files}), {"name": "g", "file": "graph.onnx"})
+        verified_graph_path(Manifest(tmp_path, {"files": files}, None), SimpleNamespace(name="g", file="graph.onnx"))
 
 
 # --- safetensors headers -------------------------------------------------------------------------

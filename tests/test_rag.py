@@ -119,35 +119,3 @@ def test_profile_reports_retrievals_share_of_ttft(bundles):
     r = profile_engine(engine, prompt_tokens=8, gen_tokens=4, trials=1, retriever=open_retriever(engine))
     q = r.retrieval
     assert q["embed_ms"] > 0 and q["search_ms"] > 0 and 0 < q["share_of_ttft"] < 1 and q["sources"] >= 1
-
-
-def _imported_modules(package: str) -> dict[str, set[str]]:
-    """Every ``dsedge...`` module each file of ``package`` imports (at top level or inside functions)."""
-    import ast
-
-    root = Path(__file__).resolve().parents[1] / "dsedge" / package
-    found = {}
-    for path in sorted(root.rglob("*.py")):
-        names = set()
-        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-                names |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
-            elif isinstance(node, ast.Import):
-                names |= {a.name for a in node.names}
-        found[path.relative_to(root.parent).as_posix()] = {n for n in names if n.startswith("dsedge")}
-    return found
-
-
-def test_runtime_and_retrieval_stay_apart():
-    """The runtime imports no other dsedge subpackage's code (RAG glue lives in dsedge.rag, above both);
-    retrieval never imports the engine (its embedder only creates sessions) nor export."""
-    for file, modules in _imported_modules("runtime").items():
-        bad = {m for m in modules if m.split(".")[1:2] in (["compress"], ["export"], ["testing"], ["retrieval"],
-                                                            ["rag"])}
-        assert not bad, f"{file} imports {bad}"
-    for file, modules in _imported_modules("retrieval").items():
-        bad = {m for m in modules if m.startswith(("dsedge.export", "dsedge.rag"))
-               or (m.startswith("dsedge.runtime") and m not in ("dsedge.runtime.session",
-                                                                "dsedge.runtime.session.SessionConfig",
-                                                                "dsedge.runtime.session.make_session"))}
-        assert not bad, f"{file} imports {bad}"

@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 
 from dsedge.cli import main
 from dsedge.export.bundle import export_bundle
+from dsedge.rag import ask, open_retriever
 from dsedge.retrieval import build_index
 from dsedge.runtime import load_bundle
 from dsedge.serve import Backend, background, create_app, wire
@@ -365,12 +366,13 @@ def rag(bundles, embedder_dir, tmp_path_factory):
     build_index([docs], index, chunk_tokens=48, overlap=8, embedder=embedder_dir)
     backend = Backend.open(bundles["r1"], index=index)
     with background(create_app(backend)) as url:
-        yield url, backend, load_bundle(bundles["r1"], index=index)
+        engine = load_bundle(bundles["r1"])
+        yield url, backend, engine, open_retriever(engine, index)
 
 
 def test_retrieval_grounds_the_reply_and_returns_its_sources(rag):
-    url, backend, engine = rag
-    expected = engine.ask(QUESTION, k=2, max_new_tokens=8)
+    url, backend, engine, retriever = rag
+    expected = ask(engine, QUESTION, retriever=retriever, k=2, max_new_tokens=8)
     body = {"model": backend.model_id, "messages": [{"role": "user", "content": QUESTION}], "max_tokens": 8,
             "temperature": 0, "retrieval": {"k": 2}}
     reply = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=TIMEOUT).json()
@@ -386,14 +388,14 @@ def test_retrieval_grounds_the_reply_and_returns_its_sources(rag):
 
 
 def test_embeddings_come_from_the_index_embedder(rag):
-    url, backend, engine = rag
+    url, backend, engine, retriever = rag
     texts = ["honey bees", "curdled milk"]
-    expected = engine.retriever.index.embedder.embed(texts)
+    expected = retriever.index.embedder.embed(texts)
     for fmt in ({}, {"encoding_format": "float"}):  # unasked, the client gets base64 and decodes it
         reply = client(url).embeddings.create(model=backend.embedder_id, input=texts, **fmt)
         got = np.array([d.embedding for d in reply.data], dtype=np.float32)
         np.testing.assert_allclose(got, expected, atol=1e-6)
-        assert reply.usage.prompt_tokens == sum(engine.retriever.index.embedder.count_tokens(t) for t in texts)
+        assert reply.usage.prompt_tokens == sum(retriever.index.embedder.count_tokens(t) for t in texts)
     assert [c.id for c in client(url).models.list().data] == [backend.model_id, backend.embedder_id]
     with pytest.raises(openai.BadRequestError):
         client(url).embeddings.create(model=backend.embedder_id, input=[])

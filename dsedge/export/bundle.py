@@ -21,7 +21,9 @@ from dsedge.export.validate import raise_on_failure, validate_engine
 from dsedge.manifest import MANIFEST_FILE, GraphEntry, write_manifest
 from dsedge.models.checkpoint import Checkpoint
 from dsedge.models.params import count_params
+from dsedge.models.reference import reference_model
 from dsedge.planning import KV_BYTES, kv_bytes_per_token
+from dsedge.runtime import load_bundle
 from dsedge.sources import resolve_checkpoint
 from dsedge.staging import Artifact, check_output, staged_output
 from dsedge.targets import load_target
@@ -228,7 +230,7 @@ def _manifest(ckpt: Checkpoint, tgt, layout: str, dtype: str, context: int, grap
 
 
 def _embed_index(index: str | Path, root: Path) -> dict[str, Any]:
-    from dsedge.retrieval import copy_index
+    from dsedge.retrieval import copy_index  # the retrieval extra (hnswlib), needed only with --index
 
     log.info("export: embedding the index %s", index)
     return {"dir": "retriever", **copy_index(index, root / "retriever")}
@@ -262,9 +264,6 @@ def _tokenizer_info(src: Path, spec) -> dict[str, Any]:
 
 
 def _validate(ckpt: Checkpoint, root: Path, dtype: str, accuracy_level: int | None):
-    from dsedge.models.reference import reference_model
-    from dsedge.runtime import load_bundle
-
     log.info("export: validating against the PyTorch reference")
     engine = load_bundle(root)
     checks = validate_engine(engine, reference_model(ckpt), dtype=dtype, accuracy_level=accuracy_level)

@@ -12,6 +12,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from dsedge.errors import CheckFailed
+from dsedge.evaluation import log_softmax
+from dsedge.runtime.decode import prefill
 
 # Max abs logit error allowed, per export dtype, against the fp32 reference. fp32 graphs differ only in the
 # order of float32 sums (measured ≤ 4e-7 on the fixtures); 1e-4 leaves room for longer sequences. fp16
@@ -71,8 +73,6 @@ def _err_check(name: str, got: np.ndarray, want: np.ndarray, tol: float, kl: boo
 
 def mean_kl(reference: np.ndarray, got: np.ndarray) -> float:
     """Mean over positions of KL(softmax(reference) ‖ softmax(got)), in nats."""
-    from dsedge.evaluation import log_softmax
-
     ref, ours = log_softmax(reference), log_softmax(got)
     return float((np.exp(ref) * (ref - ours)).sum(-1).mean())
 
@@ -109,16 +109,12 @@ def tolerance(dtype: str, accuracy_level: int | None) -> tuple[float, bool]:
 def _stepwise_logits(engine, prompt: list[int], steps: int) -> np.ndarray:
     """Prefill all but the last ``steps`` tokens, then feed those one at a time through the cache (the decode
     loop's own step, ``DecodeState.forward``)."""
-    from dsedge.runtime.decode import prefill
-
     state, _ = prefill(engine, [prompt[:-steps]], room=steps)
     return np.stack([state.forward(np.asarray([[token]]))[0, -1] for token in prompt[-steps:]])
 
 
 def _batch_checks(engine, reference, prompts: list[list[int]], tol: float, strict: bool,
                   kl: bool = False) -> list[Check]:
-    from dsedge.runtime.decode import prefill
-
     _, logits = prefill(engine, prompts)  # left-padded into one batch
     width = logits.shape[1]
     got = np.concatenate([logits[row, width - len(p):] for row, p in enumerate(prompts)])

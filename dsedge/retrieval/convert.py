@@ -26,11 +26,12 @@ from pathlib import Path
 import numpy as np
 
 from dsedge.errors import CheckFailed, UserError
+from dsedge.manifest import sha256_file
+from dsedge.retrieval.embedder import CONVERTER_VERSION, Embedder
 
 log = logging.getLogger(__name__)
 
 EMBEDDER_ID = "sentence-transformers/all-MiniLM-L6-v2"
-CONVERTER_VERSION = 1  # bump when the graph changes: cached conversions are keyed by it
 MIN_COSINE = 0.9999
 # all-MiniLM-L6-v2 model card: "By default, input text longer than 256 word pieces is truncated."
 MAX_TOKENS = 256
@@ -69,8 +70,6 @@ def convert_minilm(output: str | Path, *, source: str | Path | None = None, vali
     and the validation result. ``validate`` compares against transformers (needs torch) and raises
     ``CheckFailed`` below ``MIN_COSINE``; without torch installed it is skipped and recorded as such.
     """
-    from dsedge.manifest import sha256_file
-
     src = Path(source) if source else source_model_dir()
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
@@ -110,7 +109,7 @@ def _save(model, path: Path) -> None:
 
 def build_graph(w: dict[str, np.ndarray], config: dict):
     """BERT encoder + masked mean pooling + L2 normalization as one ONNX model (opset 21)."""
-    from dsedge.retrieval.onnx_graph import FLOAT, INT64, SmallGraph
+    from dsedge.retrieval.onnx_graph import FLOAT, INT64, SmallGraph  # onnx: the embedder extra, only here
 
     g = SmallGraph("minilm_embedder")
     ids = g.input("input_ids", INT64, ["batch", "tokens"])
@@ -186,8 +185,6 @@ def validate_against_torch(converted: Path, src: Path, texts=VALIDATION_TEXTS) -
     except ImportError:
         log.warning("embedder: torch/transformers not installed, the ONNX graph is not validated")
         return {"skipped": "torch not installed"}
-    from dsedge.retrieval.embedder import Embedder
-
     ours = Embedder.open(converted, verify=False).embed(list(texts), batch_size=len(texts))
     cosine = float(np.min(np.sum(ours * reference, axis=1)))
     if cosine < MIN_COSINE:

@@ -20,8 +20,11 @@ from pathlib import Path
 import numpy as np
 
 from dsedge.errors import UserError
+from dsedge.manifest import sha256_file
+from dsedge.runtime.session import SessionConfig, make_session
 
 log = logging.getLogger(__name__)
+CONVERTER_VERSION = 1  # bump when the converted graph changes: cached conversions are keyed by it
 
 MODEL_FILE, TOKENIZER_FILE, INFO_FILE = "model.onnx", "tokenizer.json", "embedder.json"
 DEFAULT_NAME = "all-MiniLM-L6-v2"
@@ -54,8 +57,6 @@ class Embedder:
     def __init__(self, root: Path, info: dict, threads: int | None = None):
         from tokenizers import Tokenizer
 
-        from dsedge.runtime.session import SessionConfig, make_session
-
         self.root, self.info = root, info
         self.id: str = info["id"]
         self.dim: int = int(info["dim"])
@@ -74,12 +75,9 @@ class Embedder:
         """Open an embedder directory; ``verify`` checks the model's sha256 against ``embedder.json``."""
         root = Path(root)
         info = read_info(root)
-        if verify:
-            from dsedge.manifest import sha256_file
-
-            if sha256_file(root / MODEL_FILE) != info.get("model_sha256"):
-                raise UserError(f"embedder {MODEL_FILE} does not match the sha256 in {INFO_FILE}",
-                                where=str(root / MODEL_FILE), hint="delete this embedder directory and rebuild")
+        if verify and sha256_file(root / MODEL_FILE) != info.get("model_sha256"):
+            raise UserError(f"embedder {MODEL_FILE} does not match the sha256 in {INFO_FILE}",
+                            where=str(root / MODEL_FILE), hint="delete this embedder directory and rebuild")
         return cls(root, info, threads)
 
     # --- tokens ---------------------------------------------------------------------------------
@@ -175,8 +173,6 @@ def cache_dir() -> Path:
 def default_embedder_dir(*, validate: bool = True) -> Path:
     """The converted all-MiniLM-L6-v2, converting it into the cache the first time (needs the
     ``embedder`` extra then; later calls only read the cache and stay torch-free)."""
-    from dsedge.retrieval.convert import CONVERTER_VERSION
-
     target = cache_dir() / "embedders" / f"{DEFAULT_NAME}-v{CONVERTER_VERSION}"
     if (target / INFO_FILE).is_file():
         return target
@@ -184,7 +180,7 @@ def default_embedder_dir(*, validate: bool = True) -> Path:
     log.info("embedder: converting %s to ONNX once, into %s", DEFAULT_NAME, target)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
-        from dsedge.retrieval.convert import convert_minilm
+        from dsedge.retrieval.convert import convert_minilm  # the embedder extra (torch), needed only here
 
         convert_minilm(tmp, validate=validate)
         os.replace(tmp, target)  # atomic; a concurrent converter that won the race leaves its copy

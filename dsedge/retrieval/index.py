@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from dsedge import __version__, safe_json
 from dsedge.errors import UserError
 from dsedge.manifest import MANIFEST_FILE, file_entry, resolve_inside, sha256_file
 from dsedge.retrieval.chunking import (
@@ -48,6 +49,7 @@ from dsedge.staging import Artifact, check_output, output_lock, staged_output
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
+MAX_JSON_DEPTH = 32  # index metadata nests a few levels deep
 KIND = "dsedge-index"
 HNSW_FILE, CHUNKS_FILE, EMBEDDER_DIR = "hnsw.bin", "chunks.json", "embedder"
 SPACE = "ip"  # unit vectors: inner product = cosine; hnswlib's distance is 1 - ip
@@ -244,8 +246,6 @@ class Index:
         self.root = output
 
     def _manifest(self, tmp: Path) -> dict:
-        from dsedge import __version__
-
         files = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file())
         return {"schema_version": SCHEMA_VERSION, "kind": KIND, "dsedge_version": __version__,
                 "created": self.created or _now(), "updated": _now(),
@@ -283,9 +283,9 @@ def _read_manifest(root: Path) -> dict:
     if not root.is_dir() or not path.is_file():
         raise IndexError_("not an index directory (no manifest.json)", where=str(root),
                           hint="pass a directory written by `dsedge index build`")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    try:  # depth-limited: nested brackets are a clear error, not a RecursionError
+        data = safe_json.loads(path.read_text(encoding="utf-8"), max_depth=MAX_JSON_DEPTH)
+    except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError, too-deep and too-long numbers
         raise IndexError_(f"index manifest is not valid JSON: {exc}", where=str(path), hint=REBUILD_HINT) from exc
     if not isinstance(data, dict) or data.get("kind") != KIND:
         raise IndexError_("manifest.json does not describe a dsedge index", where=str(path),
@@ -339,13 +339,17 @@ def _params(root: Path, recorded: dict) -> IndexParams:
 
 def _read_store(path: Path) -> dict:
     try:
-        store = json.loads(path.read_text(encoding="utf-8"))
-        assert store["schema_version"] == SCHEMA_VERSION and isinstance(store["chunks"], list)  # shape check
-        assert isinstance(store["documents"], dict) and isinstance(store["next_id"], int)
-        return store
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AssertionError) as exc:
-        raise IndexError_(f"index metadata {CHUNKS_FILE} is corrupt ({type(exc).__name__})", where=str(path),
+        store = safe_json.loads(path.read_text(encoding="utf-8"), max_depth=MAX_JSON_DEPTH)
+        shaped = (isinstance(store, dict) and store.get("schema_version") == SCHEMA_VERSION
+                  and isinstance(store.get("chunks"), list) and isinstance(store.get("documents"), dict)
+                  and isinstance(store.get("next_id"), int) and not isinstance(store.get("next_id"), bool))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise IndexError_(f"index metadata {CHUNKS_FILE} is not valid JSON ({exc})", where=str(path),
                           hint=REBUILD_HINT) from exc
+    if not shaped:
+        raise IndexError_(f"index metadata {CHUNKS_FILE} is corrupt (missing or mistyped schema_version, chunks, "
+                          "documents or next_id)", where=str(path), hint=REBUILD_HINT)
+    return store
 
 
 def hnsw_file_dim(path: Path) -> int:

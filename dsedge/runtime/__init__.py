@@ -9,6 +9,7 @@ from dsedge.runtime.engine import Engine
 from dsedge.runtime.monolithic import MonolithicEngine
 from dsedge.runtime.partitioned import PartitionedEngine
 from dsedge.runtime.session import SessionConfig
+from dsedge.targets import load_target
 
 
 def load_bundle(path: str | Path, target=None, memory_budget_bytes: int | None = None,
@@ -24,8 +25,6 @@ def load_bundle(path: str | Path, target=None, memory_budget_bytes: int | None =
     Retrieval (RAG) is not the runtime's: ``dsedge.rag.open_retriever(engine, index)`` / ``dsedge.rag.ask``.
     ``profile_dir``: write onnxruntime's per-node profiler traces there (slower; `dsedge profile --by-op`).
     """
-    from dsedge.targets import load_target
-
     tgt = load_target(target) if target is not None else None
     providers = providers or (list(tgt.execution_providers) if tgt else ["CPUExecutionProvider"])
     threads = threads or (_available_threads(tgt.threads) if tgt else None)

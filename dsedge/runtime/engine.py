@@ -11,7 +11,9 @@ from dsedge.errors import UserError
 from dsedge.manifest import GraphEntry, Manifest
 from dsedge.runtime.bundle import DeclaredSession, verified_graph_path
 from dsedge.runtime.cache import CacheBuffers
+from dsedge.runtime.chat import chat
 from dsedge.runtime.decode import generate_step
+from dsedge.runtime.generation import SamplingParams, TextCodec, TextStream
 from dsedge.runtime.session import GraphTimers, SessionConfig, TimedSession, make_session
 
 
@@ -105,8 +107,6 @@ class Engine(ABC):
                repetition_penalty: float = 1.0, seed: int | None = None, stop: list[str] | None = None):
         """A TextStream: iterate it for StreamEvents (token id + new text) as tokens are produced; its ``result``
         (a GenerationResult) is set when iteration ends. Greedy when temperature is 0."""
-        from dsedge.runtime.generation import SamplingParams, TextStream
-
         params = SamplingParams(temperature, top_k, top_p, repetition_penalty, seed)
         return TextStream(self, self.codec, prompt, max_new_tokens=max_new_tokens, sampling=params, stop=stop)
 
@@ -120,8 +120,6 @@ class Engine(ABC):
         """Reply to chat messages through the bundle's chat template: a ChatResult (text, reasoning, answer,
         token ids, finish reason, timings), or with ``stream=True`` a ChatStream of reasoning/answer pieces.
         See dsedge.runtime.chat.chat (``template``, ``force_think``)."""
-        from dsedge.runtime.chat import chat
-
         return chat(self, messages, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                     repetition_penalty=repetition_penalty, seed=seed, stop=stop, stream=stream, **options)
 
@@ -135,8 +133,6 @@ class Engine(ABC):
 
 
 def _load_codec(manifest: Manifest):
-    from dsedge.runtime.generation import TextCodec
-
     rel = "tokenizer/tokenizer.json"
     if rel not in manifest.files:
         return None

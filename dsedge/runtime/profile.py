@@ -19,7 +19,10 @@ from typing import Any
 import numpy as np
 
 from dsedge.errors import UserError
+from dsedge.runtime import load_bundle
+from dsedge.runtime.chat import prepare_prompt, sources_prompt
 from dsedge.runtime.decode import generate_step
+from dsedge.runtime.profile_plot import write_plot  # matplotlib is imported inside it, only for --plot
 
 DEFAULT_QUESTION = "How do I install it and run the first example?"
 
@@ -65,8 +68,6 @@ def profile_bundle(bundle: str | Path, *, target=None, threads: int | None = Non
                    memory_budget_bytes: int | None = None, prefetch_experts: bool = False,
                    **options) -> ProfileReport:
     """Load ``bundle`` and profile it (``profile_engine``'s options); see the module docstring for the method."""
-    from dsedge.runtime import load_bundle
-
     engine = load_bundle(bundle, target=target, threads=threads, providers=providers,
                          memory_budget_bytes=memory_budget_bytes, prefetch_experts=prefetch_experts)
     return profile_engine(engine, target=target, memory_budget_bytes=memory_budget_bytes, **options)
@@ -100,16 +101,12 @@ def profile_engine(engine, *, prompt_tokens: int = 128, gen_tokens: int = 64, tr
         if engine.layout == "monolithic":
             report.layers = op_layers
     if plot:
-        from dsedge.runtime.profile_plot import write_plot
-
         report.plot = str(write_plot(report, plot))
     return report
 
 
 def _retrieval_profile(engine, retriever, question: str, trials: int, gen_tokens: int) -> dict[str, Any]:
     """RAG's share of time to first token: embed + search + prompt assembly vs prefilling the assembled prompt."""
-    from dsedge.runtime.chat import prepare_prompt, sources_prompt
-
     sources_prompt(engine, retriever, question, max_new_tokens=gen_tokens)  # warm-up: embedder session, page cache
     rows, prefill = [], []
     for _ in range(trials):
@@ -217,8 +214,6 @@ def _layer_rows(graphs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def _op_profile(bundle, engine, prompt: list[int], gen_tokens: int, target, budget) -> tuple[list, list]:
     """One trial under onnxruntime's node profiler: decode time per operator type and per layer."""
     import tempfile
-
-    from dsedge.runtime import load_bundle
 
     with tempfile.TemporaryDirectory(prefix="dsedge-profile-") as tmp:
         profiled = load_bundle(bundle, target=target, memory_budget_bytes=budget, threads=engine.session_config.threads,

@@ -20,7 +20,7 @@ from dsedge.serve.server import ServeReport, background, require_serve_extra, se
 def create_app(backend: Backend, **options):
     """The ASGI app (``dsedge.serve.app.create_app``); imported lazily so this package loads without starlette."""
     require_serve_extra()
-    from dsedge.serve.app import create_app as build
+    from dsedge.serve.app import create_app as build  # starlette: the [serve] extra
 
     return build(backend, **options)
 

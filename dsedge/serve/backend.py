@@ -13,6 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dsedge.errors import UserError
+from dsedge.rag import open_retriever, rag_prompt, with_sources
+from dsedge.runtime import load_bundle
+from dsedge.runtime.chat import ChatStream, prepare_prompt
 from dsedge.serve.wire import FINISH_REASONS, Defaults, Sampling, WireError
 
 log = logging.getLogger(__name__)
@@ -45,41 +48,24 @@ class Generation:
         self.steps.close()
 
 
-class _OwnResult:
-    """The engine as one generation sees it: ``engine.stream`` keeps its running result in ``last_result``,
-    a single slot per engine, and interleaved generations each need their own. Everything else is the
-    engine's (same sessions, same codec)."""
-
-    def __init__(self, engine):
-        self._engine = engine
-
-    def __getattr__(self, name):
-        return getattr(self._engine, name)
-
-    def stream(self, *args, **kwargs):
-        return type(self._engine).stream(self, *args, **kwargs)
-
-
 class Backend:
     """A loaded bundle (and optionally its retriever) behind the calls the server makes."""
 
-    def __init__(self, engine, model_id: str, *, retrieval: bool = False):
-        self.engine, self.model_id = engine, model_id
-        self.retriever = engine.retriever if retrieval else None
+    def __init__(self, engine, model_id: str, *, retriever=None):
+        self.engine, self.model_id, self.retriever = engine, model_id, retriever
 
     @classmethod
     def open(cls, bundle: str | Path, *, index: str | Path | None = None, rag: bool = False,
              target: str | None = None) -> Backend:
-        from dsedge.runtime import load_bundle
-
-        engine = load_bundle(bundle, target=target, index=index)
+        engine = load_bundle(bundle, target=target)
         if engine.codec is None:
             raise UserError("this bundle has no tokenizer, so it cannot serve text", where=str(bundle),
                             hint="re-export from a checkpoint directory that holds tokenizer.json")
-        if rag and engine.retriever is None:
+        retriever = open_retriever(engine, index) if index is not None or rag else None
+        if rag and retriever is None:
             raise UserError("this bundle has no embedded index", where=str(bundle),
                             hint="pass --index INDEX, or re-export with `dsedge export ... --index INDEX`")
-        return cls(engine, Path(bundle).resolve().name, retrieval=bool(index or rag))
+        return cls(engine, Path(bundle).resolve().name, retriever=retriever)
 
     # --- what the bundle is -----------------------------------------------------------------------
     @property
@@ -103,15 +89,14 @@ class Backend:
     # --- generations ----------------------------------------------------------------------------
     def complete(self, prompt: str, sampling: Sampling) -> Generation:
         """Raw-text continuation (no chat template)."""
-        view = _OwnResult(self.engine)
         ids = self.engine.codec.encode(prompt)
         max_new = self._room(len(ids), sampling.max_tokens, param="prompt")
-        events = view.stream(ids, max_new, **_engine_sampling(sampling))
+        events = self.engine.stream(ids, max_new, **_engine_sampling(sampling))
 
         def steps():
             for event in events:
                 yield [Piece("text", event.text)] if event.text else []
-            generation.outcome = _outcome(view.last_result)
+            generation.outcome = _outcome(events.result)
 
         generation = Generation(steps(), len(ids))
         return generation
@@ -119,16 +104,13 @@ class Backend:
     def chat(self, messages: list[dict], sampling: Sampling, retrieval_k: int | None = None) -> Generation:
         """A reply through the bundle's chat template, reasoning split from answer; with ``retrieval_k``
         the last user message is answered from that many retrieved chunks (numbered sources)."""
-        from dsedge.runtime.chat import ChatStream, prepare_prompt
-
-        view = _OwnResult(self.engine)
         try:
             if retrieval_k is not None:
-                replies, sources = self._grounded(view, messages, sampling, retrieval_k)
+                replies, sources = self._grounded(messages, sampling, retrieval_k)
             else:
-                prompt = prepare_prompt(view, messages)
+                prompt = prepare_prompt(self.engine, messages)
                 max_new = self._room(len(prompt.token_ids), sampling.max_tokens)
-                replies, sources = ChatStream(view, prompt, max_new, _engine_sampling(sampling)), None
+                replies, sources = ChatStream(self.engine, prompt, max_new, _engine_sampling(sampling)), None
         except UserError as exc:  # a template that refuses the messages, no room for sources: the client's
             raise WireError(400, exc.what, param="messages") from exc
 
@@ -140,10 +122,7 @@ class Backend:
         generation = Generation(steps(), len(replies.prompt.token_ids), sources)
         return generation
 
-    def _grounded(self, view, messages: list[dict], sampling: Sampling, k: int):
-        from dsedge.runtime.chat import prepare_prompt
-        from dsedge.runtime.rag import RagStream, rag_prompt
-
+    def _grounded(self, messages: list[dict], sampling: Sampling, k: int):
         if self.retriever is None:
             raise WireError(400, "retrieval was asked for, but this server has no index (start it with --index "
                                  "INDEX or --rag)", param="retrieval")
@@ -151,10 +130,12 @@ class Backend:
         if question["role"] != "user":
             raise WireError(400, "with retrieval the last message must be the user's question", param="messages")
         max_new = sampling.max_tokens or DEFAULT_RAG_TOKENS
-        rag = rag_prompt(view, question["content"], history=history, k=k, max_new_tokens=max_new)
-        prompt = prepare_prompt(view, [*history, *rag.messages])
+        rag = rag_prompt(self.engine, self.retriever, question["content"], history=history, k=k,
+                         max_new_tokens=max_new)
+        prompt = prepare_prompt(self.engine, [*history, *rag.messages])
         max_new = self._room(len(prompt.token_ids), max_new)
-        replies = RagStream(view, prompt, max_new, _engine_sampling(sampling), rag)
+        replies = ChatStream(self.engine, prompt, max_new, _engine_sampling(sampling),
+                             finish=lambda result: with_sources(result, rag))
         return replies, [s.to_json() for s in rag.sources]
 
     def _room(self, prompt_tokens: int, max_tokens: int | None, param: str = "messages") -> int:

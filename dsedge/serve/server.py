@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dsedge.errors import UserError
+from dsedge.serve.backend import Backend
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +50,7 @@ def serve(bundle: str | Path, *, host: str = "127.0.0.1", port: int = 8000, inde
     require_serve_extra()
     import uvicorn
 
-    from dsedge.serve.app import create_app
-    from dsedge.serve.backend import Backend
+    from dsedge.serve.app import create_app  # starlette: the [serve] extra
 
     _check_options(parallel, max_queue, port)
     if host not in LOOPBACK and not api_key:

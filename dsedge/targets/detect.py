@@ -13,6 +13,8 @@ import subprocess
 import time
 from pathlib import Path
 
+import numpy as np
+
 AUTO_NAME = "auto"
 # What the OS, page cache and the rest of the desktop keep: the same allowance the built-in CPU targets make.
 OS_RESERVE_FRACTION = 0.25
@@ -57,8 +59,6 @@ def gpu_memory_bytes() -> int | None:
 
 def copy_bandwidth_gbps(nbytes: int = PROBE_BYTES, rounds: int = 3) -> float:
     """Best of a few large memory copies: reads + writes per second, in GB/s (STREAM's copy, roughly)."""
-    import numpy as np  # a base dependency; only this probe needs it
-
     src = np.ones(nbytes // 8, dtype=np.float64)
     dst = np.empty_like(src)
     best = float("inf")
