@@ -132,7 +132,7 @@ def test_health_and_metrics(plain):
     assert _metric(text, "dsedge_serve_generated_tokens_total") >= 12
     assert _metric(text, "dsedge_serve_ttft_seconds_count") >= 1
     assert _metric(text, "dsedge_serve_token_latency_seconds_count") >= 11
-    assert _metric(text, "dsedge_serve_queue_depth") == 0 and _metric(text, "dsedge_serve_prompt_cache_hits_total") == 0
+    assert _metric(text, "dsedge_serve_queue_depth") == 0
     assert "expert_cache" not in text  # monolithic bundle
 
 
@@ -425,7 +425,7 @@ def test_streamed_events_are_sse_lines():
     assert wire.sse({"a": "é"}) == 'data: {"a": "é"}\n\n'.encode()
     assert wire.sse("[DONE]") == b"data: [DONE]\n\n"
     assert json.loads(wire.sse(wire.usage_chunk("i", 0, "m", "x", wire.usage(2, 3)))[6:])["usage"] == {
-        "prompt_tokens": 2, "completion_tokens": 3, "total_tokens": 5}
+        "prompt_tokens": 2, "completion_tokens": 3, "total_tokens": 5, "prompt_tokens_details": {"cached_tokens": 0}}
 
 
 # --- the command ---------------------------------------------------------------------------------
