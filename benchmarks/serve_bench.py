@@ -1,15 +1,21 @@
-"""`dsedge serve` under load: aggregate tokens/s and time to first token at 1, 4 and 8 concurrent clients, and
-TTFT of turn 10 vs turn 1 of one conversation (the prompt grows each turn; with no prompt cache yet, every turn
-prefills the whole history).
+"""`dsedge serve` under load: aggregate tokens/s and p50/p99 time to first token at 1, 4 and 8 concurrent
+clients, and TTFT of turn 10 vs turn 1 of one conversation with and without the prompt cache.
 
+Models: a BUNDLE, or ``--models qwen2bench ds3bench`` at ``--precision int4`` (the bench checkpoints, compressed
+and exported as ``decode_bench.py`` does, once, into benchmarks/out), or without either the shipped demo model.
 The server runs in-process on 127.0.0.1 (a free port) with ``--parallel`` equal to the client count of each
-level, so N streams advance together; clients are threads driving the official ``openai`` client with streamed,
-greedy chat requests. TTFT is measured at the client: request sent → first chunk with text. A warm-up request
-runs before each level.
+level, so N streams advance together; clients are threads driving the official ``openai`` client with
+streamed, greedy chat requests of ``--max-tokens`` each (a random-weight model rarely stops early; the tokens
+counted are the usage's). TTFT is measured at the client: request sent → first chunk with text (answer or
+reasoning). A warm-up request runs before each level.
 
-    .venv/bin/python benchmarks/serve_bench.py BUNDLE [--clients 1 4 8] [--requests 16] [--max-tokens 64]
-                                                      [--turns 10] [--json out.json]
-    (without BUNDLE: the shipped demo model, exported once to benchmarks/out/serve-demo.bundle)
+The conversation sends the same user message every turn (so every turn's new part has the same length),
+keeps each answer in the history, and runs twice on one engine: through a server with the prompt cache and
+through one without (``--prompt-cache 0``). Goal (issue 14): turn 10's TTFT within 1.2× of turn 1's with the
+cache; without it, turn 10 prefills the whole history.
+
+    .venv/bin/python benchmarks/serve_bench.py [BUNDLE | --models qwen2bench ds3bench] [--precision int4]
+        [--clients 1 4 8] [--requests 16] [--max-tokens 64] [--turns 10] [--threads N] [--json out.json]
 """
 
 from __future__ import annotations
@@ -27,6 +33,9 @@ OUT = Path(__file__).parent / "out"
 QUESTIONS = ["What does the json module do?", "How do I read a file line by line?", "What is a generator?",
              "Explain list comprehensions.", "What is the difference between a list and a tuple?",
              "How do I sort a dictionary by value?", "What does the with statement do?", "What is a decorator?"]
+SYSTEM = "You are a helpful assistant. Answer the user's questions about Python clearly and briefly."
+TURN_MESSAGE = "Tell me more about that, please."
+BENCH_MODELS = ("qwen2bench", "ds3bench")
 
 
 def demo_bundle() -> Path:
@@ -40,29 +49,46 @@ def demo_bundle() -> Path:
     return out
 
 
+def bench_bundle(name: str, precision: str) -> Path:
+    """A bench model at ``precision``, built as decode_bench.py builds it (and shared with it)."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from decode_bench import bundle  # sibling script: the same compress/export recipe
+    from export_bench import checkpoint
+
+    return bundle(checkpoint(name), precision)
+
+
 def streamed_chat(client, model: str, messages: list[dict], max_tokens: int) -> dict:
-    """One streamed greedy request: TTFT (first text), total seconds, completion tokens, and the answer."""
+    """One streamed greedy request: TTFT (first text), total seconds, completion tokens, cached prompt tokens,
+    and the answer."""
     started = time.perf_counter()
-    ttft, parts, tokens = None, [], 0
+    ttft, parts, tokens, cached = None, [], 0, 0
     stream = client.chat.completions.create(model=model, messages=messages, max_tokens=max_tokens, temperature=0,
                                             stream=True, stream_options={"include_usage": True})
     for chunk in stream:
         if chunk.usage is not None:
             tokens = chunk.usage.completion_tokens
+            details = chunk.usage.prompt_tokens_details
+            cached = details.cached_tokens if details is not None else 0
         for choice in chunk.choices:
             text = (choice.delta.content or "") + (getattr(choice.delta, "reasoning_content", None) or "")
             if text and ttft is None:
                 ttft = time.perf_counter() - started
             parts.append(choice.delta.content or "")
     return {"ttft_s": ttft if ttft is not None else time.perf_counter() - started,
-            "total_s": time.perf_counter() - started, "tokens": tokens, "answer": "".join(parts)}
+            "total_s": time.perf_counter() - started, "tokens": tokens, "cached_tokens": cached,
+            "answer": "".join(parts)}
+
+
+def _client(url: str):
+    import openai
+
+    return openai.OpenAI(base_url=f"{url}/v1", api_key="-", max_retries=0, timeout=600)
 
 
 def concurrency_level(url: str, model: str, clients: int, requests: int, max_tokens: int) -> dict:
     """``requests`` chats spread over ``clients`` threads: aggregate tokens/s, p50/p99 TTFT."""
-    import openai
-
-    client = openai.OpenAI(base_url=f"{url}/v1", api_key="-", max_retries=0, timeout=600)
+    client = _client(url)
     streamed_chat(client, model, [{"role": "user", "content": "warm-up"}], 4)
     jobs = [[{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}] for i in range(requests)]
     started = time.perf_counter()
@@ -77,23 +103,26 @@ def concurrency_level(url: str, model: str, clients: int, requests: int, max_tok
 
 
 def conversation(url: str, model: str, turns: int, max_tokens: int) -> dict:
-    """TTFT of each turn of one conversation whose history keeps every answer."""
-    import openai
-
-    client = openai.OpenAI(base_url=f"{url}/v1", api_key="-", max_retries=0, timeout=600)
-    messages, ttfts = [], []
-    for turn in range(turns):
-        messages.append({"role": "user", "content": QUESTIONS[turn % len(QUESTIONS)]})
+    """TTFT of each turn of one conversation (the same new message each turn; every answer kept)."""
+    client = _client(url)
+    streamed_chat(client, model, [{"role": "user", "content": "warm-up"}], 4)
+    messages, ttfts, cached = [{"role": "system", "content": SYSTEM}], [], []
+    for _ in range(turns):
+        messages.append({"role": "user", "content": TURN_MESSAGE})
         result = streamed_chat(client, model, messages, max_tokens)
         messages.append({"role": "assistant", "content": result["answer"]})
         ttfts.append(round(result["ttft_s"] * 1e3, 2))
-    return {"turns": turns, "ttft_ms": ttfts, "last_over_first": round(ttfts[-1] / ttfts[0], 2)}
+        cached.append(result["cached_tokens"])
+    return {"turns": turns, "ttft_ms": ttfts, "cached_tokens": cached,
+            "last_over_first": round(ttfts[-1] / ttfts[0], 2)}
 
 
-def run(bundle: Path, levels: list[int], requests: int, max_tokens: int, turns: int) -> dict:
+def run(bundle: Path, levels: list[int], requests: int, max_tokens: int, turns: int, threads: int | None) -> dict:
+    from dsedge.runtime import load_bundle
     from dsedge.serve import Backend, background, create_app
 
-    backend = Backend.open(bundle)
+    engine = load_bundle(bundle, threads=threads)
+    backend = Backend(engine, bundle.resolve().name)
     result = {"bundle": str(bundle), "model": backend.model_id, "max_tokens": max_tokens, "levels": []}
     for clients in levels:
         with background(create_app(backend, parallel=clients)) as url:
@@ -101,28 +130,44 @@ def run(bundle: Path, levels: list[int], requests: int, max_tokens: int, turns: 
         result["levels"].append(level)
         print(f"{clients:>3} clients  {level['tokens_per_s']:>9.1f} tokens/s  TTFT p50 {level['ttft_p50_ms']:>8.1f} "
               f"ms  p99 {level['ttft_p99_ms']:>8.1f} ms  ({level['requests']} requests, {level['tokens']} tokens)")
-    with background(create_app(backend)) as url:
-        result["conversation"] = conversation(url, backend.model_id, turns, max_tokens)
-    talk = result["conversation"]
-    print(f"conversation: TTFT turn 1 {talk['ttft_ms'][0]:.1f} ms, turn {turns} {talk['ttft_ms'][-1]:.1f} ms "
-          f"(x{talk['last_over_first']})")
+    if len(result["levels"]) > 1:
+        one = result["levels"][0]["tokens_per_s"]
+        for level in result["levels"]:
+            level["speedup_vs_first"] = round(level["tokens_per_s"] / one, 2) if one else None
+    for label, cache_bytes in (("with_prompt_cache", None), ("without_prompt_cache", 0)):
+        talk_backend = (Backend(engine, backend.model_id) if cache_bytes is None
+                        else Backend(engine, backend.model_id, prompt_cache_bytes=cache_bytes))
+        with background(create_app(talk_backend)) as url:
+            talk = result[label] = conversation(url, backend.model_id, turns, max_tokens)
+        print(f"conversation {label.replace('_', ' ')}: TTFT turn 1 {talk['ttft_ms'][0]:.1f} ms, turn {turns} "
+              f"{talk['ttft_ms'][-1]:.1f} ms (x{talk['last_over_first']}; cached tokens {talk['cached_tokens']})")
     return result
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("bundle", nargs="?", type=Path, help="bundle directory (default: the demo model)")
+    parser.add_argument("bundle", nargs="?", type=Path, help="bundle directory (default: --models, else the demo)")
+    parser.add_argument("--models", nargs="+", choices=BENCH_MODELS, help="bench models to build and serve")
+    parser.add_argument("--precision", default="int4", choices=["fp32", "fp16", "int8", "int4"])
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 8], help="concurrency levels")
     parser.add_argument("--requests", type=int, default=16, help="requests per level")
     parser.add_argument("--max-tokens", type=int, default=64, help="tokens per reply")
     parser.add_argument("--turns", type=int, default=10, help="turns of the conversation")
+    parser.add_argument("--threads", type=int, help="intra-op threads (default: the bundle's target)")
     parser.add_argument("--json", type=Path, default=OUT / "serve_bench.json")
     args = parser.parse_args()
-    if args.turns < 1 or args.requests < 1 or min(args.clients) < 1:
-        sys.exit("--turns, --requests and --clients must be ≥ 1")
-    result = run(args.bundle or demo_bundle(), args.clients, args.requests, args.max_tokens, args.turns)
+    if args.turns < 1 or args.requests < 1 or args.max_tokens < 1 or min(args.clients) < 1:
+        sys.exit("--turns, --requests, --max-tokens and --clients must be ≥ 1")
+    if args.bundle and args.models:
+        sys.exit("pass a BUNDLE or --models, not both")
+    bundles = ([bench_bundle(name, args.precision) for name in args.models] if args.models
+               else [args.bundle or demo_bundle()])
+    results = []
+    for bundle in bundles:
+        print(f"== {bundle.name}")
+        results.append(run(bundle, args.clients, args.requests, args.max_tokens, args.turns, args.threads))
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(result, indent=2))
+    args.json.write_text(json.dumps(results if len(results) > 1 else results[0], indent=2))
     print(f"wrote {args.json}")
 
 

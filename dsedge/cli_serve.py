@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import sys
 
+from dsedge.units import size_argument
+
 DESCRIPTION = """\
 Serve a bundle over the OpenAI HTTP API, so any OpenAI client (the `openai` package, curl, editors, agent
 frameworks) can use it: POST /v1/chat/completions (streamed or not; R1 reasoning in `reasoning_content`),
@@ -21,6 +23,11 @@ print(c.chat.completions.create(model='model.bundle', messages=[{'role': 'user',
 """
 
 
+def _cache_size(text: str) -> int:
+    """A size (512M, 1G, …), or 0: no prompt cache."""
+    return 0 if text.strip() == "0" else size_argument(text)
+
+
 def register(sub, command) -> None:
     """Add `serve` to the CLI (argparse only)."""
     cmd = command(sub, "serve", "OpenAI-compatible HTTP server over a bundle", DESCRIPTION, _run_serve, _render)
@@ -34,6 +41,9 @@ def register(sub, command) -> None:
     cmd.add_argument("--api-key", metavar="KEY", help="require 'Authorization: Bearer KEY' (all but /health)")
     cmd.add_argument("--parallel", type=int, default=1, metavar="N",
                      help="generations advancing together, one step each in turn (default 1)")
+    cmd.add_argument("--prompt-cache", type=_cache_size, default="512M", metavar="SIZE",
+                     help="memory for cached prompt prefixes, reused by requests that start the same way "
+                          "(default 512M; 0 turns it off)")
     cmd.add_argument("-t", "--target", help="device target: execution providers and threads")
 
 
@@ -41,7 +51,8 @@ def _run_serve(args):
     from dsedge.serve import serve
 
     return serve(args.bundle, host=args.host, port=args.port, index=args.index, rag=args.rag,
-                 api_key=args.api_key, parallel=args.parallel, target=args.target)
+                 api_key=args.api_key, parallel=args.parallel, target=args.target,
+                 prompt_cache_bytes=args.prompt_cache)
 
 
 def _render(report) -> None:

@@ -132,7 +132,7 @@ def test_health_and_metrics(plain):
     assert _metric(text, "dsedge_serve_generated_tokens_total") >= 12
     assert _metric(text, "dsedge_serve_ttft_seconds_count") >= 1
     assert _metric(text, "dsedge_serve_token_latency_seconds_count") >= 11
-    assert _metric(text, "dsedge_serve_queue_depth") == 0 and _metric(text, "dsedge_serve_prompt_cache_hits_total") == 0
+    assert _metric(text, "dsedge_serve_queue_depth") == 0
     assert "expert_cache" not in text  # monolithic bundle
 
 
@@ -252,6 +252,85 @@ def test_a_bounded_load_loses_nothing(plain, engines):
     assert time.monotonic() - started < 120
     assert got == [expected[prompt] for prompt, _ in jobs]
     assert httpx.get(f"{url}/health", timeout=TIMEOUT).json()["active"] == 0
+
+
+# --- the prompt cache ---------------------------------------------------------------------------
+
+SYSTEM = {"role": "system", "content": "You are a patient teacher. Answer in one short sentence, plainly."}
+QUESTIONS = ["What is a queue?", "What is a stack?", "What is a heap?", "What is a tree?"]
+
+
+def _counting_forwards(engine, monkeypatch) -> list[int]:
+    """The tokens each forward pass of ``engine`` runs, appended as they run."""
+    calls, forward = [], engine.forward
+
+    def counting(ids, mask, cache):
+        calls.append(ids.shape[1])
+        return forward(ids, mask, cache)
+
+    monkeypatch.setattr(engine, "forward", counting)
+    return calls
+
+
+def test_a_request_sharing_a_system_prompt_prefills_only_its_new_tokens(bundles, engines, monkeypatch):
+    backend = Backend.open(bundles["plain"])
+    forwarded = _counting_forwards(backend.engine, monkeypatch)
+    with background(create_app(backend)) as url:
+        replies = []
+        for question in QUESTIONS[:2]:
+            messages = [SYSTEM, {"role": "user", "content": question}]
+            forwarded.clear()
+            reply = client(url).chat.completions.create(model=backend.model_id, messages=messages, **GREEDY)
+            assert reply.choices[0].message.content == engines["plain"].chat(messages, max_new_tokens=12).answer
+            replies.append((reply, forwarded[0]))
+        text = httpx.get(f"{url}/metrics", timeout=TIMEOUT).text
+    (first, first_prefill), (second, second_prefill) = replies
+    assert first.usage.prompt_tokens_details.cached_tokens == 0 and first_prefill == first.usage.prompt_tokens
+    cached = second.usage.prompt_tokens_details.cached_tokens
+    assert cached >= 16 and cached % 16 == 0  # the system prompt's whole blocks
+    assert second_prefill == second.usage.prompt_tokens - cached
+    assert _metric(text, "dsedge_serve_prompt_cache_hits_total") == 1
+    assert _metric(text, "dsedge_serve_prompt_cache_tokens_total") == cached
+    assert 0 < _metric(text, "dsedge_serve_prompt_cache_bytes") <= backend.prompt_cache.capacity_bytes
+
+
+def test_a_conversation_reuses_its_earlier_turns_and_replies_as_without_the_cache(bundles, engines):
+    block_bytes = sum(b.nbytes for b in engines["r1"].new_cache(max_len=16).buffers.values())
+    bound = 6 * block_bytes  # six 16-token blocks: less than the conversation, so eviction runs
+    backend = Backend.open(bundles["r1"], prompt_cache_bytes=bound)
+    uncached = Backend.open(bundles["r1"], prompt_cache_bytes=0)
+    with background(create_app(backend)) as url, background(create_app(uncached)) as plain_url:
+        messages, cached = [SYSTEM], []
+        for question in QUESTIONS:
+            messages.append({"role": "user", "content": question})
+            reply = client(url).chat.completions.create(model=backend.model_id, messages=messages, **GREEDY)
+            without = client(plain_url).chat.completions.create(model=backend.model_id, messages=messages,
+                                                                **GREEDY)
+            expected = engines["r1"].chat(messages, max_new_tokens=12)
+            for got in (reply, without):
+                message = got.choices[0].message
+                assert (message.reasoning_content or "", message.content) == (expected.reasoning, expected.answer)
+            assert without.usage.prompt_tokens_details.cached_tokens == 0
+            cached.append(reply.usage.prompt_tokens_details.cached_tokens)
+            messages.append({"role": "assistant", "content": reply.choices[0].message.content})
+    assert cached[0] == 0 and all(n > 0 for n in cached[1:]), cached
+    assert backend.prompt_cache.nbytes <= bound and backend.prompt_cache.stats.evicted_blocks > 0
+
+
+def test_four_concurrent_clients_sharing_a_system_prompt_get_their_single_client_answers(plain, engines):
+    url, backend = plain
+    conversations = [[SYSTEM, {"role": "user", "content": q}] for q in QUESTIONS]
+    expected = [engines["plain"].chat(m, max_new_tokens=12).answer for m in conversations]
+    hits = backend.prompt_cache.stats.hits
+
+    def ask(messages):
+        chunks = client(url).chat.completions.create(model=backend.model_id, messages=messages, stream=True,
+                                                     **GREEDY)
+        return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+
+    with ThreadPoolExecutor(4) as pool:
+        assert list(pool.map(ask, conversations)) == expected
+    assert backend.prompt_cache.stats.hits >= hits + 3  # every client after the first starts from the cache
 
 
 HOG = "The hog holds the slot"
@@ -425,7 +504,7 @@ def test_streamed_events_are_sse_lines():
     assert wire.sse({"a": "é"}) == 'data: {"a": "é"}\n\n'.encode()
     assert wire.sse("[DONE]") == b"data: [DONE]\n\n"
     assert json.loads(wire.sse(wire.usage_chunk("i", 0, "m", "x", wire.usage(2, 3)))[6:])["usage"] == {
-        "prompt_tokens": 2, "completion_tokens": 3, "total_tokens": 5}
+        "prompt_tokens": 2, "completion_tokens": 3, "total_tokens": 5, "prompt_tokens_details": {"cached_tokens": 0}}
 
 
 # --- the command ---------------------------------------------------------------------------------
@@ -452,6 +531,19 @@ def test_the_command_binds_warns_and_refuses_a_taken_port(bundles, monkeypatch, 
         taken.close()
     assert "cannot listen" in capsys.readouterr().err
     assert main(["serve", str(bundles["plain"]), "--parallel", "0"]) == 3
+    assert main(["serve", str(bundles["plain"]), "--prompt-cache", "lots"]) == 2
+
+
+def test_the_prompt_cache_flag_reaches_the_backend(bundles, monkeypatch):
+    import uvicorn
+
+    monkeypatch.setattr(uvicorn.Server, "run", lambda self, sockets=None: None)
+    opened, open_backend = [], Backend.open
+    monkeypatch.setattr(Backend, "open", classmethod(lambda cls, *a, **k: opened.append(k["prompt_cache_bytes"])
+                                                     or open_backend(*a, **k)))
+    for flag, expected in (([], 512 * 1024**2), (["--prompt-cache", "1M"], 1024**2), (["--prompt-cache", "0"], 0)):
+        assert main(["serve", str(bundles["plain"]), "--port", "0", *flag]) == 0
+        assert opened[-1] == expected
 
 
 def test_a_missing_serve_extra_says_how_to_install_it(bundles, monkeypatch, capsys):

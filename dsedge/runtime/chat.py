@@ -26,6 +26,7 @@ from typing import Any
 from dsedge import chat_templates
 from dsedge.errors import UserError
 from dsedge.runtime.generation import GenerationResult
+from dsedge.runtime.prefix_cache import ConversationCache
 
 __all__ = ["ChatPiece", "ChatResult", "ChatSession", "ChatStream", "ChatTemplate", "ReasoningSplitter", "chat",
            "load_chat_template", "prepare_prompt", "sources_prompt", "split_reasoning"]
@@ -355,19 +356,19 @@ class ChatStream:
     """Iterates ChatPieces as tokens arrive; ``result`` (a ChatResult) is set once iteration ends.
 
     ``finish`` (optional) turns the ChatResult into a richer one (RAG adds its sources) before ``on_done``
-    sees it and ``result`` holds it.
+    sees it and ``result`` holds it. ``cache``: one holding a prefix of the prompt's tokens (a prompt cache's).
     """
 
     def __init__(self, engine, prompt: ChatPrompt, max_new_tokens: int, sampling: dict[str, Any], on_done=None,
-                 finish=None):
-        self.engine, self.prompt, self.sampling = engine, prompt, sampling
+                 finish=None, cache=None):
+        self.engine, self.prompt, self.sampling, self.cache = engine, prompt, sampling, cache
         self.max_new_tokens = _fit_context(engine, prompt, max_new_tokens)
         self.result: ChatResult | None = None
         self._on_done, self._finish = on_done, finish
 
     def __iter__(self) -> Iterator[ChatPiece]:
         splitter, fed = ReasoningSplitter(self.prompt.thinking), ""
-        text_stream = self.engine.stream(self.prompt.token_ids, self.max_new_tokens, **self.sampling)
+        text_stream = self.engine.stream(self.prompt.token_ids, self.max_new_tokens, **self.sampling, cache=self.cache)
         for event in text_stream:
             # Feed from the whole text decoded so far (the stream's ``text``), holding back while it ends in
             # U+FFFD: a character split over tokens shows as U+FFFD until its last byte arrives, and the
@@ -461,15 +462,21 @@ def sources_prompt(engine, retriever, question: str, *, history: list[dict] | No
 class ChatSession:
     """A multi-turn conversation: the history the model sees keeps answers only (reasoning dropped).
 
-    ``turns`` records every completed exchange (with reasoning, finish reason and timings) across resets.
+    ``turns`` records every completed exchange (with reasoning, finish reason, timings and ``cached_tokens``:
+    the prompt tokens the conversation cache held) across resets.
 
     ``sources``: something that adds retrieved sources to each question (``dsedge.rag.RagSources``): its
     ``augment(engine, question, history=, template=, max_new_tokens=)`` returns the messages that stand for
     the question in the prompt and a function that completes the ChatResult (None: plain chat).
+
+    ``prompt_cache``: keep the last turn's cache (``prefix_cache.ConversationCache``), so that turn N
+    prefills only what its prompt does not share with turn N-1's prompt and reply, checked token by token
+    (the re-rendered history drops reasoning; a reply may re-tokenize differently): output is the same.
     """
 
     def __init__(self, engine, *, system: str | None = None, template: str | Path | ChatTemplate | None = None,
-                 force_think: bool | None = None, max_new_tokens: int = 512, sources=None, **sampling):
+                 force_think: bool | None = None, max_new_tokens: int = 512, sources=None, prompt_cache: bool = True,
+                 **sampling):
         self.engine, self.system, self.force_think = engine, system, force_think
         self.sources = sources
         self.template = load_chat_template(engine, template)
@@ -477,6 +484,7 @@ class ChatSession:
         self.messages: list[dict] = []
         self.turns: list[dict] = []
         self.conversation = 0  # bumped by reset()
+        self.cache = ConversationCache(engine) if prompt_cache else None
 
     def history(self) -> list[dict]:
         """The messages the next prompt is rendered from (system message first, if any)."""
@@ -485,27 +493,27 @@ class ChatSession:
 
     def send(self, text: str) -> ChatStream:
         """Stream the reply to a user message; the exchange joins the history only when the reply completes."""
-        user = {"role": "user", "content": text}
-
-        def done(result: ChatResult) -> None:
-            self.messages += [user, {"role": "assistant", "content": result.answer}]
-            self.turns.append({"conversation": self.conversation, "user": text, **result.to_json()})
-
         if self.sources is not None:
-            return self._send_with_sources(text, done)
-        prompt = prepare_prompt(self.engine, [*self.history(), user], template=self.template,
-                                force_think=self.force_think)
-        return ChatStream(self.engine, prompt, self.max_new_tokens, self.sampling, on_done=done)
-
-    def _send_with_sources(self, text: str, done) -> ChatStream:
-        """The question goes to the model with retrieved sources; the history keeps the plain question."""
-        messages, finish = self.sources.augment(self.engine, text, history=self.history(), template=self.template,
-                                                max_new_tokens=self.max_new_tokens)
+            messages, finish = self.sources.augment(self.engine, text, history=self.history(),
+                                                    template=self.template, max_new_tokens=self.max_new_tokens)
+        else:  # the history keeps the plain question either way
+            messages, finish = [{"role": "user", "content": text}], None
         prompt = prepare_prompt(self.engine, [*self.history(), *messages], template=self.template,
                                 force_think=self.force_think)
-        return ChatStream(self.engine, prompt, self.max_new_tokens, self.sampling, on_done=done, finish=finish)
+        max_new = _fit_context(self.engine, prompt, self.max_new_tokens)
+        cache = self.cache.take(prompt.token_ids, max_new) if self.cache is not None else None
+        cached = self.cache.reused if self.cache is not None else 0
+
+        def done(result: ChatResult) -> None:
+            self.messages += [{"role": "user", "content": text}, {"role": "assistant", "content": result.answer}]
+            self.turns.append({"conversation": self.conversation, "user": text, "cached_tokens": cached,
+                               **result.to_json()})
+            if cache is not None:
+                self.cache.keep(cache, [*prompt.token_ids, *result.token_ids])
+
+        return ChatStream(self.engine, prompt, max_new, self.sampling, on_done=done, finish=finish, cache=cache)
 
     def reset(self) -> None:
-        """Forget the history (the system message stays)."""
+        """Forget the history (the system message stays; the conversation cache may still share it)."""
         self.messages = []
         self.conversation += 1

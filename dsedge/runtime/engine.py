@@ -104,11 +104,13 @@ class Engine(ABC):
         return self._codec
 
     def stream(self, prompt, max_new_tokens: int = 128, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-               repetition_penalty: float = 1.0, seed: int | None = None, stop: list[str] | None = None):
+               repetition_penalty: float = 1.0, seed: int | None = None, stop: list[str] | None = None, cache=None):
         """A TextStream: iterate it for StreamEvents (token id + new text) as tokens are produced; its ``result``
-        (a GenerationResult) is set when iteration ends. Greedy when temperature is 0."""
+        (a GenerationResult) is set when iteration ends. Greedy when temperature is 0. ``cache``: one holding a
+        prefix of the prompt (a prompt cache's; see ``decode.prefill``)."""
         params = SamplingParams(temperature, top_k, top_p, repetition_penalty, seed)
-        return TextStream(self, self.codec, prompt, max_new_tokens=max_new_tokens, sampling=params, stop=stop)
+        return TextStream(self, self.codec, prompt, max_new_tokens=max_new_tokens, sampling=params, stop=stop,
+                          cache=cache)
 
     def generate(self, prompt, max_new_tokens: int = 128, **sampling):
         """Generate to completion; returns a GenerationResult (text, token ids, finish reason, timings)."""

@@ -38,7 +38,7 @@ class Server:
         self.backend, self.api_key, self.max_body = backend, api_key, max_body
         self.defaults = backend.defaults()
         self.metrics = Metrics(queue_depth=lambda: self.scheduler.queue_depth, active=lambda: self.scheduler.active,
-                               expert_cache=backend.expert_cache)
+                               expert_cache=backend.expert_cache, prompt_cache=backend.prompt_cache_stats)
         self.scheduler = Scheduler(parallel=parallel, max_queue=max_queue, metrics=self.metrics)
 
 
@@ -265,8 +265,7 @@ class _ChatFormat:
     def whole(self, texts: dict, outcome, generation: Generation) -> dict:
         message = wire.chat_message(texts.get("answer", ""), texts.get("reasoning", ""))
         return wire.chat_completion(self.id, self.created, self.model, message, outcome.finish_reason,
-                                    wire.usage(generation.prompt_tokens, outcome.completion_tokens),
-                                    generation.sources)
+                                    _usage(generation, outcome), generation.sources)
 
     def opening(self, generation: Generation) -> dict:
         extra = {"sources": generation.sources} if generation.sources is not None else {}
@@ -290,7 +289,7 @@ class _TextFormat:
 
     def whole(self, texts: dict, outcome, generation: Generation) -> dict:
         return wire.text_completion(self.id, self.created, self.model, texts.get("text", ""), outcome.finish_reason,
-                                    wire.usage(generation.prompt_tokens, outcome.completion_tokens))
+                                    _usage(generation, outcome))
 
     def opening(self, generation: Generation) -> dict | None:
         return None
@@ -339,9 +338,13 @@ class EventStream(Response):
         self.call.server.metrics.count_tokens(self.generation.prompt_tokens, outcome.completion_tokens)
         yield wire.sse(self.fmt.closing(outcome.finish_reason))
         if self.include_usage:
-            use = wire.usage(self.generation.prompt_tokens, outcome.completion_tokens)
+            use = _usage(self.generation, outcome)
             yield wire.sse(wire.usage_chunk(self.fmt.id, self.fmt.created, self.fmt.model, self.fmt.object, use))
         yield wire.sse("[DONE]")
 
 
 __all__ = ["MAX_BODY_BYTES", "EventStream", "Server", "create_app", "read_json"]
+
+
+def _usage(generation: Generation, outcome) -> dict:
+    return wire.usage(generation.prompt_tokens, outcome.completion_tokens, outcome.cached_tokens)

@@ -3,6 +3,12 @@
 The scheduler asks for a ``Generation`` (prompt prepared, retrieval done) and advances it one step at a time;
 each step yields the pieces of text that step released. Re-pointing the server at another decode loop means
 changing this file only.
+
+Prompt cache: every generation runs on a cache that starts with the longest whole-block prefix of its prompt
+held by the backend's ``PrefixCache`` (filled at the generation's first step, so a request admitted together
+with another one sharing its system prompt finds the blocks the other's prefill stored just before); its
+prompt's blocks are stored right after its prefill, and prompt + reply when it completes (the next turn of a
+conversation starts with both).
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from dsedge.errors import UserError
 from dsedge.rag import open_retriever, rag_prompt, with_sources
 from dsedge.runtime import load_bundle
 from dsedge.runtime.chat import ChatStream, prepare_prompt
+from dsedge.runtime.prefix_cache import DEFAULT_CAPACITY_BYTES, PrefixCache, PrefixCacheStats
 from dsedge.serve.wire import FINISH_REASONS, Defaults, Sampling, WireError
 
 log = logging.getLogger(__name__)
@@ -31,6 +38,7 @@ class Piece:
 class Outcome:
     finish_reason: str  # OpenAI's: "stop" | "length"
     completion_tokens: int
+    cached_tokens: int = 0  # prompt tokens taken from the prompt cache (not prefilled)
 
 
 @dataclass
@@ -49,14 +57,18 @@ class Generation:
 
 
 class Backend:
-    """A loaded bundle (and optionally its retriever) behind the calls the server makes."""
+    """A loaded bundle (and optionally its retriever) behind the calls the server makes.
 
-    def __init__(self, engine, model_id: str, *, retriever=None):
+    ``prompt_cache_bytes``: the prompt cache's bound (0: no prompt cache)."""
+
+    def __init__(self, engine, model_id: str, *, retriever=None, prompt_cache_bytes: int = DEFAULT_CAPACITY_BYTES):
         self.engine, self.model_id, self.retriever = engine, model_id, retriever
+        self.prompt_cache = (PrefixCache(engine.new_cache, capacity_bytes=prompt_cache_bytes)
+                             if prompt_cache_bytes else None)
 
     @classmethod
     def open(cls, bundle: str | Path, *, index: str | Path | None = None, rag: bool = False,
-             target: str | None = None) -> Backend:
+             target: str | None = None, prompt_cache_bytes: int = DEFAULT_CAPACITY_BYTES) -> Backend:
         engine = load_bundle(bundle, target=target)
         if engine.codec is None:
             raise UserError("this bundle has no tokenizer, so it cannot serve text", where=str(bundle),
@@ -65,7 +77,7 @@ class Backend:
         if rag and retriever is None:
             raise UserError("this bundle has no embedded index", where=str(bundle),
                             hint="pass --index INDEX, or re-export with `dsedge export ... --index INDEX`")
-        return cls(engine, Path(bundle).resolve().name, retriever=retriever)
+        return cls(engine, Path(bundle).resolve().name, retriever=retriever, prompt_cache_bytes=prompt_cache_bytes)
 
     # --- what the bundle is -----------------------------------------------------------------------
     @property
@@ -86,17 +98,30 @@ class Backend:
         experts = getattr(self.engine, "experts", None)
         return (experts.stats.hits, experts.stats.misses) if experts is not None else None
 
+    def prompt_cache_stats(self) -> PrefixCacheStats | None:
+        """Lookups, hits, reused tokens and bytes held of the prompt cache; None without one."""
+        return self.prompt_cache.stats if self.prompt_cache is not None else None
+
     # --- generations ----------------------------------------------------------------------------
     def complete(self, prompt: str, sampling: Sampling) -> Generation:
         """Raw-text continuation (no chat template)."""
         ids = self.engine.codec.encode(prompt)
         max_new = self._room(len(ids), sampling.max_tokens, param="prompt")
-        events = self.engine.stream(ids, max_new, **_engine_sampling(sampling))
+        cache = self._new_cache(ids, max_new)
+        events = self.engine.stream(ids, max_new, **_engine_sampling(sampling), cache=cache)
 
         def steps():
-            for event in events:
-                yield [Piece("text", event.text)] if event.text else []
-            generation.outcome = _outcome(events.result)
+            reused = self._reuse(ids, cache)
+            held = ids  # the tokens whose blocks are worth keeping once this generation ends
+            try:
+                for step, event in enumerate(events):
+                    if step == 0:
+                        self._remember(ids, cache)
+                    yield [Piece("text", event.text)] if event.text else []
+                held = [*ids, *events.result.token_ids]
+                generation.outcome = _outcome(events.result, reused)
+            finally:
+                self._remember(held, cache)
 
         generation = Generation(steps(), len(ids))
         return generation
@@ -110,16 +135,28 @@ class Backend:
             else:
                 prompt = prepare_prompt(self.engine, messages)
                 max_new = self._room(len(prompt.token_ids), sampling.max_tokens)
-                replies, sources = ChatStream(self.engine, prompt, max_new, _engine_sampling(sampling)), None
+                replies = ChatStream(self.engine, prompt, max_new, _engine_sampling(sampling),
+                                     cache=self._new_cache(prompt.token_ids, max_new))
+                sources = None
         except UserError as exc:  # a template that refuses the messages, no room for sources: the client's
             raise WireError(400, exc.what, param="messages") from exc
+        ids, cache = replies.prompt.token_ids, replies.cache
 
         def steps():
-            for piece in replies:
-                yield [Piece(piece.kind, piece.text)]
-            generation.outcome = _outcome(replies.result)
+            reused = self._reuse(ids, cache)
+            held, prefilled = ids, False
+            try:
+                for piece in replies:
+                    if not prefilled:  # the first piece comes after the prefill (and maybe more steps)
+                        self._remember(ids, cache)
+                        prefilled = True
+                    yield [Piece(piece.kind, piece.text)]
+                held = [*ids, *replies.result.token_ids]
+                generation.outcome = _outcome(replies.result, reused)
+            finally:
+                self._remember(held, cache)
 
-        generation = Generation(steps(), len(replies.prompt.token_ids), sources)
+        generation = Generation(steps(), len(ids), sources)
         return generation
 
     def _grounded(self, messages: list[dict], sampling: Sampling, k: int):
@@ -135,8 +172,23 @@ class Backend:
         prompt = prepare_prompt(self.engine, [*history, *rag.messages])
         max_new = self._room(len(prompt.token_ids), max_new)
         replies = ChatStream(self.engine, prompt, max_new, _engine_sampling(sampling),
-                             finish=lambda result: with_sources(result, rag))
+                             finish=lambda result: with_sources(result, rag),
+                             cache=self._new_cache(prompt.token_ids, max_new))
         return replies, [s.to_json() for s in rag.sources]
+
+    # --- the prompt cache -------------------------------------------------------------------------
+    def _new_cache(self, ids: list[int], max_new: int):
+        """An empty cache for this generation (filled from the prompt cache at its first step), or None."""
+        if self.prompt_cache is None:
+            return None
+        return self.engine.new_cache(batch=1, max_len=len(ids) + max_new)
+
+    def _reuse(self, ids: list[int], cache) -> int:
+        return self.prompt_cache.fill(cache, ids) if cache is not None else 0
+
+    def _remember(self, tokens: list[int], cache) -> None:
+        if cache is not None:
+            self.prompt_cache.insert(tokens, cache)
 
     def _room(self, prompt_tokens: int, max_tokens: int | None, param: str = "messages") -> int:
         """New tokens allowed: what was asked, capped at the room left (finish "length" there); a prompt that
@@ -163,5 +215,5 @@ def _engine_sampling(sampling: Sampling) -> dict:
             "stop": list(sampling.stop) or None}
 
 
-def _outcome(result) -> Outcome:
-    return Outcome(FINISH_REASONS[result.finish_reason], len(result.token_ids))
+def _outcome(result, cached_tokens: int = 0) -> Outcome:
+    return Outcome(FINISH_REASONS[result.finish_reason], len(result.token_ids), cached_tokens)

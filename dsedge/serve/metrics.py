@@ -36,16 +36,18 @@ class Histogram:
 
 
 class Metrics:
-    """What /metrics reports. ``queue_depth``, ``active`` and ``expert_cache`` are read when rendered."""
+    """What /metrics reports. ``queue_depth``, ``active``, ``expert_cache`` and ``prompt_cache`` (a
+    ``PrefixCacheStats`` or None) are read when rendered."""
 
     def __init__(self, *, queue_depth: Callable[[], int] = lambda: 0, active: Callable[[], int] = lambda: 0,
-                 expert_cache: Callable[[], tuple[int, int] | None] = lambda: None):
+                 expert_cache: Callable[[], tuple[int, int] | None] = lambda: None,
+                 prompt_cache: Callable[[], object | None] = lambda: None):
         self._lock = threading.Lock()
         self.requests: dict[tuple[str, int], int] = {}  # (endpoint, status) -> count
         self.prompt_tokens = self.generated_tokens = 0
-        self.prompt_cache_hits = 0  # no prompt cache yet
         self.ttft, self.token_latency = Histogram(TTFT_BUCKETS), Histogram(TOKEN_BUCKETS)
         self._queue_depth, self._active, self._expert_cache = queue_depth, active, expert_cache
+        self._prompt_cache = prompt_cache
 
     def count_request(self, endpoint: str, status: int) -> None:
         with self._lock:
@@ -83,8 +85,20 @@ class Metrics:
                         [f"{PREFIX}_prompt_tokens_total {self.prompt_tokens}"])
                 + _family("generated_tokens_total", "counter", "tokens generated",
                           [f"{PREFIX}_generated_tokens_total {self.generated_tokens}"])
-                + _family("prompt_cache_hits_total", "counter", "prompts served from the prompt cache",
-                          [f"{PREFIX}_prompt_cache_hits_total {self.prompt_cache_hits}"]))
+                + self._prompt_cache_lines())
+
+    def _prompt_cache_lines(self) -> list[str]:
+        stats = self._prompt_cache()
+        hits, reused, held, evicted = ((stats.hits, stats.reused_tokens, stats.bytes, stats.evicted_blocks)
+                                       if stats is not None else (0, 0, 0, 0))
+        return (_family("prompt_cache_hits_total", "counter", "prompts that started from the prompt cache",
+                        [f"{PREFIX}_prompt_cache_hits_total {hits}"])
+                + _family("prompt_cache_tokens_total", "counter", "prompt tokens taken from the prompt cache "
+                          "instead of prefilled", [f"{PREFIX}_prompt_cache_tokens_total {reused}"])
+                + _family("prompt_cache_bytes", "gauge", "bytes of cache entries the prompt cache holds",
+                          [f"{PREFIX}_prompt_cache_bytes {held}"])
+                + _family("prompt_cache_evicted_blocks_total", "counter", "prompt cache blocks evicted (LRU)",
+                          [f"{PREFIX}_prompt_cache_evicted_blocks_total {evicted}"]))
 
     def _gauge_lines(self) -> list[str]:
         lines = (_family("queue_depth", "gauge", "requests waiting for a slot",

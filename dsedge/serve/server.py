@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dsedge.errors import UserError
+from dsedge.runtime.prefix_cache import DEFAULT_CAPACITY_BYTES
 from dsedge.serve.backend import Backend
 
 log = logging.getLogger(__name__)
@@ -45,8 +46,9 @@ def require_serve_extra() -> None:
 
 def serve(bundle: str | Path, *, host: str = "127.0.0.1", port: int = 8000, index: str | Path | None = None,
           rag: bool = False, api_key: str | None = None, parallel: int = 1, target: str | None = None,
-          max_queue: int = 64) -> ServeReport:
-    """Serve ``bundle`` over the OpenAI API on ``host:port`` until interrupted (Ctrl-C / SIGTERM)."""
+          max_queue: int = 64, prompt_cache_bytes: int = DEFAULT_CAPACITY_BYTES) -> ServeReport:
+    """Serve ``bundle`` over the OpenAI API on ``host:port`` until interrupted (Ctrl-C / SIGTERM).
+    ``prompt_cache_bytes``: the prompt cache's bound (0: none)."""
     require_serve_extra()
     import uvicorn
 
@@ -55,7 +57,7 @@ def serve(bundle: str | Path, *, host: str = "127.0.0.1", port: int = 8000, inde
     _check_options(parallel, max_queue, port)
     if host not in LOOPBACK and not api_key:
         log.warning("serving on %s without --api-key: anyone who can reach this address can use the model", host)
-    backend = Backend.open(bundle, index=index, rag=rag, target=target)
+    backend = Backend.open(bundle, index=index, rag=rag, target=target, prompt_cache_bytes=prompt_cache_bytes)
     app = create_app(backend, api_key=api_key, parallel=parallel, max_queue=max_queue)
     sock = bind(host, port)
     url = f"http://{_url_host(host)}:{sock.getsockname()[1]}/v1"
