@@ -213,10 +213,10 @@ def sandboxed_environment(**options):
                 raise RenderLimit(f"the template raises to the power {right}, more than 64 allowed")
             if operator == "*":
                 for seq, times in ((left, right), (right, left)):
-                    if isinstance(seq, str | list | tuple) and isinstance(times, int):
-                        if len(seq) * times > MAX_RENDER_CHARS:
-                            raise RenderLimit(f"the template repeats {len(seq)} items {times} times, more than "
-                                              f"{MAX_RENDER_CHARS} in all")
+                    sized = isinstance(seq, str | list | tuple) and isinstance(times, int)
+                    if sized and len(seq) * times > MAX_RENDER_CHARS:
+                        raise RenderLimit(f"the template repeats {len(seq)} items {times} times, more than "
+                                          f"{MAX_RENDER_CHARS} in all")
             return _checked_size(super().call_binop(context, operator, left, right))
 
         def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 — jinja2's own signature
@@ -265,7 +265,8 @@ def bounded_render(template, variables: dict, *, where: str, seconds: float = MA
             pieces.append(piece)
     except RenderLimit as exc:
         raise UserError(f"the chat template went past its rendering bounds: {exc}", where=where,
-                        hint="the template loops or grows without end; fix it or pick another with --template") from None
+                        hint="the template loops or grows without end; fix it, or pick another with --template"
+                        ) from None
     finally:
         sys.settrace(previous)
     return "".join(pieces)

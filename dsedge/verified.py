@@ -256,8 +256,9 @@ class VerifiedFiles:
     never opened.
     """
 
-    def __init__(self, root: Path, table: dict[str, dict[str, Any]], manifest_bytes: bytes, *, mode: str = "recorded",
-                 label: str = "bundle", error: type[UserError] = UserError, hint: str = "", ignore: tuple[str, ...] = ()):
+    def __init__(self, root: Path, table: dict[str, dict[str, Any]], manifest_bytes: bytes, *,
+                 mode: str = "recorded", label: str = "bundle", error: type[UserError] = UserError, hint: str = "",
+                 ignore: tuple[str, ...] = ()):
         self.root, self.table, self.mode, self.label = Path(root), table, verify_mode(mode), label
         self.error, self.hint = error, hint
         self.hashed = 0  # files hashed in this process (the fast-start test counts them)
@@ -284,8 +285,9 @@ class VerifiedFiles:
                                  hint=f"copy the whole {self.label} directory again; {self.hint}")
             size = os.lstat(self.root / rel).st_size
             if size != entry["bytes"]:
-                raise self.error(f"{self.label} file {rel} is {size} bytes, its manifest says {entry['bytes']} "
-                                 "(modified, truncated or corrupted)", where=str(self.root / rel), hint=self.hint)
+                raise self.error(f"{self.label} file {rel} does not match its manifest entry (sha256 and size): {size} "
+                                 f"bytes, the manifest says {entry['bytes']} (modified, truncated or corrupted)",
+                                 where=str(self.root / rel), hint=self.hint)
 
     def _load_record(self) -> None:
         self._record.load()
@@ -297,6 +299,9 @@ class VerifiedFiles:
 
     def path(self, rel: str, *, what: str = "file") -> Path:
         """The verified path of a listed file (the one door: listed, inside, no link, regular, sha256 matched)."""
+        if _parts(rel) is None:
+            raise self.error(f"{what} {rel!r} is not a relative path inside the {self.label}", where=str(self.root),
+                             hint=self.hint)
         if rel not in self.table:
             raise self.error(f"{what} {rel!r} is not listed in the {self.label}'s manifest", where=str(self.root),
                              hint=f"every file a {self.label} uses must be listed with its sha256; {self.hint}")

@@ -26,8 +26,8 @@ from typing import Any
 from dsedge import chat_templates, safe_json
 from dsedge.chat_templates import bounded_render, sandboxed_environment
 from dsedge.errors import UserError
-from dsedge.verified import read_regular
 from dsedge.runtime.generation import GenerationResult
+from dsedge.verified import read_regular
 
 __all__ = ["ChatPiece", "ChatResult", "ChatSession", "ChatStream", "ChatTemplate", "ReasoningSplitter", "chat",
            "load_chat_template", "prepare_prompt", "sources_prompt", "split_reasoning"]
