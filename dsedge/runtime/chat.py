@@ -113,7 +113,7 @@ def load_chat_template(engine, template: str | Path | ChatTemplate | None = None
         if text in chat_templates.FAMILIES:
             return ChatTemplate.builtin(text, tokens)
         file = Path(text)
-        if not file.is_file():
+        if not file.exists():  # a FIFO or a directory exists: _read_template names what it is
             raise UserError(f"no chat template {text!r}", where="template",
                             hint=f"name one of {', '.join(chat_templates.FAMILIES)} or an existing .jinja file")
         return ChatTemplate(_read_template(file), str(file), tokens)
