@@ -7,7 +7,8 @@ library only: the on-device runtime imports this module.
 from __future__ import annotations
 
 __all__ = ["DEEPSEEK_R1", "DEEPSEEK_R1_2501", "DEEPSEEK_V2", "DEEPSEEK_V3", "FAMILIES", "R1_DISTILL",
-           "R1_DISTILL_2501", "family_for_model_type"]
+           "R1_DISTILL_2501", "bounded_render", "family_for_model_type",
+           "sandboxed_environment"]
 
 # deepseek-ai/DeepSeek-V2-Chat and DeepSeek-V2-Lite-Chat tokenizer_config.json "chat_template" (the same text
 # as deepseek-llm-7b-chat's), as reproduced in ggml-org/llama.cpp tests/test-chat-template.cpp (entry
@@ -157,3 +158,115 @@ _FAMILY_BY_MODEL_TYPE = {"deepseek_v2": "deepseek-v2", "deepseek_v3": "deepseek-
 def family_for_model_type(model_type: str | None) -> str | None:
     """The built-in template family for a config ``model_type`` (None when there is none)."""
     return _FAMILY_BY_MODEL_TYPE.get(model_type or "")
+
+
+# --- bounded rendering -------------------------------------------------------------------------------
+# A template comes with the model's files, so it is untrusted code. jinja2's sandbox stops attribute escapes and
+# caps one range() at 100,000 items, but not nested loops (range(100000) inside range(100000) renders for hours),
+# string growth (`'x' * 10**9`, doubling by `~` in a loop) or width arguments (`'x'|center(10**9)`). Rendering
+# is bounded by time and by size: every string the template builds and the output stay under MAX_RENDER_CHARS,
+# and a render stops after MAX_RENDER_SECONDS. Published chat templates render in about a millisecond.
+MAX_RENDER_SECONDS = 2.0
+MAX_RENDER_CHARS = 4 << 20  # 4 Mi characters: far beyond any context a prompt must fit in
+
+
+class RenderLimit(Exception):
+    """A template went past the rendering bounds (turned into a UserError by ``bounded_render``)."""
+
+
+def _checked_size(value, limit: int = MAX_RENDER_CHARS):
+    if isinstance(value, str | bytes | list | tuple | dict) and len(value) > limit:
+        raise RenderLimit(f"the template built a value of {len(value)} items, more than the {limit} allowed")
+    return value
+
+
+def _checked_args(args, kwargs, limit: int = MAX_RENDER_CHARS) -> None:
+    # Widths and counts (center, ljust, zfill, indent, repeat…) beyond the output bound can only blow up memory.
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, int) and not isinstance(value, bool) and abs(value) > limit:
+            raise RenderLimit(f"the template passed the number {value} to a function, more than the {limit} allowed")
+
+
+def sandboxed_environment(**options):
+    """jinja2's immutable sandbox with size bounds on concatenation, arithmetic, calls and filters."""
+    import functools
+
+    from jinja2.compiler import CodeGenerator
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class BoundedCodeGenerator(CodeGenerator):
+        def visit_Concat(self, node, frame):  # `a ~ b`: check the joined string's size
+            self.write("environment.checked_size(")
+            super().visit_Concat(node, frame)
+            self.write(")")
+
+    class BoundedEnvironment(ImmutableSandboxedEnvironment):
+        code_generator_class = BoundedCodeGenerator
+        intercepted_binops = frozenset({"+", "*", "**"})
+
+        @staticmethod
+        def checked_size(value):
+            return _checked_size(value)
+
+        def call_binop(self, context, operator, left, right):
+            if operator == "**" and isinstance(right, int) and abs(right) > 64 and left not in (0, 1, -1):
+                raise RenderLimit(f"the template raises to the power {right}, more than 64 allowed")
+            if operator == "*":
+                for seq, times in ((left, right), (right, left)):
+                    sized = isinstance(seq, str | list | tuple) and isinstance(times, int)
+                    if sized and len(seq) * times > MAX_RENDER_CHARS:
+                        raise RenderLimit(f"the template repeats {len(seq)} items {times} times, more than "
+                                          f"{MAX_RENDER_CHARS} in all")
+            return _checked_size(super().call_binop(context, operator, left, right))
+
+        def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 — jinja2's own signature
+            _checked_args(args, kwargs)
+            return _checked_size(super().call(__context, __obj, *args, **kwargs))
+
+    def bounded_filter(func):
+        @functools.wraps(func)  # keeps jinja's pass_context / pass_eval_context marks
+        def run(*args, **kwargs):
+            _checked_args(args, kwargs)
+            return _checked_size(func(*args, **kwargs))
+
+        return run
+
+    env = BoundedEnvironment(**options)
+    env.filters = {name: bounded_filter(func) for name, func in env.filters.items()}
+    return env
+
+
+def bounded_render(template, variables: dict, *, where: str, seconds: float = MAX_RENDER_SECONDS,
+                   max_chars: int = MAX_RENDER_CHARS) -> str:
+    """``template.render(**variables)`` within ``seconds`` and ``max_chars`` (UserError naming ``where``).
+
+    Time is checked on every line the render executes (a trace function on this thread only, so that a loop
+    which writes nothing is stopped too); the previous trace function (a debugger, coverage) is restored."""
+    import sys
+    import time
+
+    from dsedge.errors import UserError  # reason: this module is otherwise stdlib-only data
+
+    deadline = time.monotonic() + seconds
+
+    def tracer(frame, event, arg):
+        if time.monotonic() > deadline:
+            raise RenderLimit(f"rendering took longer than {seconds:g} s")
+        return tracer
+
+    previous = sys.gettrace()
+    pieces, size = [], 0
+    sys.settrace(tracer)
+    try:
+        for piece in template.generate(**variables):
+            size += len(piece)
+            if size > max_chars:
+                raise RenderLimit(f"the rendered prompt passed {max_chars} characters")
+            pieces.append(piece)
+    except RenderLimit as exc:
+        raise UserError(f"the chat template went past its rendering bounds: {exc}", where=where,
+                        hint="the template loops or grows without end; fix it, or pick another with --template"
+                        ) from None
+    finally:
+        sys.settrace(previous)
+    return "".join(pieces)

@@ -343,6 +343,9 @@ def add_engine_flags(cmd) -> None:
                      help="partitioned bundles: expert partitions kept loaded, e.g. 2G or 512M (LRU beyond)")
     cmd.add_argument("--prefetch-experts", action="store_true",
                      help="partitioned bundles: load the next layer's likely partitions in the background")
+    cmd.add_argument("--verify", action="store_true",
+                     help="hash every bundle (and index) file now, ignoring the record of earlier verifications "
+                          "(by default a file is hashed when first opened, unless unchanged since it last matched)")
 
 
 # --- handlers -----------------------------------------------------------------------------------
@@ -392,7 +395,8 @@ def load_engine(args):
     from dsedge.runtime import load_bundle
 
     engine = load_bundle(args.bundle, target=args.target, threads=args.threads,
-                         memory_budget_bytes=args.memory_budget, prefetch_experts=args.prefetch_experts)
+                         memory_budget_bytes=args.memory_budget, prefetch_experts=args.prefetch_experts,
+                         verify="full" if args.verify else True)
     retriever = open_retriever(engine, args.index) if (args.index or args.rag) else None
     if args.rag and retriever is None:
         raise UserError("this bundle has no embedded index", where=args.bundle,

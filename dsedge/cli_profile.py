@@ -40,7 +40,8 @@ def _run(args):
     from dsedge.runtime.profile import profile_engine
 
     engine = load_bundle(args.bundle, target=args.target, threads=args.threads,
-                         memory_budget_bytes=args.memory_budget, prefetch_experts=args.prefetch_experts)
+                         memory_budget_bytes=args.memory_budget, prefetch_experts=args.prefetch_experts,
+                         verify="full" if args.verify else True)
     return profile_engine(engine, prompt_tokens=args.prompt_tokens, gen_tokens=args.gen_tokens, trials=args.trials,
                           by_op=args.by_op, seed=args.seed, plot=args.plot, target=args.target,
                           memory_budget_bytes=args.memory_budget, retriever=open_retriever(engine, args.index),

@@ -9,7 +9,6 @@ mistyped key fails at load with its name, not as a KeyError mid-generation.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Iterable
@@ -20,26 +19,20 @@ from typing import Any
 from dsedge import safe_json
 from dsedge.contract import DTYPES, EXPERTS, ROLES, TRUNK_ROLES, TensorSpec, past_name, present_name
 from dsedge.errors import UserError
+from dsedge.verified import VerifiedFiles, check_table, regular_path, scan_tree, sha256_file
 
 # 2: graphs carry role and typed inputs/outputs (TensorSpec), every graph its bytes, placement a ranking.
 MAX_JSON_DEPTH = 32  # a manifest nests about 6 levels deep
 SCHEMA_VERSION = 2
 MANIFEST_FILE = "manifest.json"
 LAYOUTS = ("monolithic", "partitioned")
-_CHUNK = 1 << 20
 REEXPORT = "re-export the bundle with this version of dsedge (`dsedge export`)"
+TAMPERED = "re-export or re-copy the bundle; never edit bundle files by hand"
+MAX_MANIFEST_BYTES = 64 << 20  # a manifest lists files and graphs: megabytes at most, never gigabytes
 
 
 class BundleError(UserError):
     """A bundle is missing, tampered with, or points outside itself."""
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def file_entry(root: Path, rel: str) -> dict[str, Any]:
@@ -293,7 +286,19 @@ def parse_contract(data: Any, file: Path | str = MANIFEST_FILE) -> BundleContrac
         placement=_placement(_Fields(placement, "placement", file)) if placement is not None else None,
         schema_version=data["schema_version"])
     _check_graph_set(contract, top)
+    _check_context(contract, top)
     return contract
+
+
+def _check_context(contract: BundleContract, top: _Fields) -> None:
+    """max_context sizes the cache and must fit the model's positions (the graphs' RoPE tables hold exactly
+    max_context rows: ``runtime/bundle.py`` checks that when it opens the graph)."""
+    limit = contract.model.get("max_position_embeddings")
+    if contract.max_context < 1:
+        top._fail(f"{MANIFEST_FILE} key 'max_context' is {contract.max_context}; it must be at least 1")
+    if isinstance(limit, int) and not isinstance(limit, bool) and contract.max_context > limit:
+        top._fail(f"{MANIFEST_FILE} key 'max_context' is {contract.max_context}, more than the model's "
+                  f"max_position_embeddings ({limit})")
 
 
 def _check_graph_set(contract: BundleContract, top: _Fields) -> None:
@@ -309,12 +314,10 @@ def _check_graph_set(contract: BundleContract, top: _Fields) -> None:
         top._fail(f"{MANIFEST_FILE} 'graphs' of this {contract.layout} bundle lack {', '.join(missing)}")
 
 
-def _check_files(data: dict, file: Path | str) -> None:
-    table = _Fields(data, "", file).need("files", dict)
-    for rel, entry in table.items():
-        f = _Fields(entry, f"files[{rel!r}]", file)
-        f.need("sha256", str)
-        f.need("bytes", int)
+def _check_files(data: dict, file: Path | str) -> dict[str, dict[str, Any]]:
+    if "files" not in data:
+        raise BundleError(f"{MANIFEST_FILE} lacks key 'files'", where=str(file), hint=REEXPORT)
+    return check_table(data["files"], where=str(file), error=BundleError, hint=f"the manifest was edited; {REEXPORT}")
 
 
 @dataclass(frozen=True)
@@ -322,54 +325,64 @@ class Manifest:
     root: Path
     data: dict[str, Any]  # the raw JSON, for fields outside the contract (tokenizer, quantization, validation…)
     contract: BundleContract = field(compare=False)
+    checked: VerifiedFiles = field(compare=False, repr=False, default=None)  # the one door to the bundle's files
 
     @property
     def files(self) -> dict[str, dict[str, Any]]:
         return self.data["files"]
 
+    @property
+    def mode(self) -> str:
+        """How files are verified: "recorded", "full" or "off" (``dsedge.verified``)."""
+        return self.checked.mode
+
     def path(self, rel: str, *, what: str = "file") -> Path:
-        if rel not in self.files:
-            raise BundleError(f"{what} {rel!r} is not listed in {MANIFEST_FILE}", where=str(self.root),
-                              hint="every bundle file must be listed with its sha256; re-export the bundle")
-        return resolve_inside(self.root, rel, what=what)
+        """A listed file, verified (listed, inside, no link, regular, sha256 matched once): the only way the
+        runtime reaches a bundle file."""
+        return self.checked.path(rel, what=what)
 
     def verify(self) -> None:
-        """Check every listed file exists with its recorded size and sha256."""
-        for rel, entry in self.files.items():
-            path = resolve_inside(self.root, rel)
-            if not path.is_file():
-                raise BundleError(f"bundle file {rel} is missing", where=str(self.root),
-                                  hint="copy the whole bundle directory again")
-            if path.stat().st_size != entry["bytes"] or sha256_file(path) != entry["sha256"]:
-                raise BundleError(f"bundle file {rel} does not match its sha256 in {MANIFEST_FILE} "
-                                  "(modified or corrupted)", where=str(path),
-                                  hint="re-export or re-copy the bundle; never edit bundle files by hand")
+        """Hash every listed file now (``--verify``), whatever the verification record says."""
+        self.checked.verify_all()
 
 
-def read_manifest(root: str | Path) -> Manifest:
+def read_manifest(root: str | Path, *, verify: bool | str = "off") -> Manifest:
+    """Parse and check a bundle's manifest; ``verify`` (``dsedge.verified.verify_mode``) says how its files are
+    verified as they are opened through ``Manifest.path`` ("off": links, kinds and sizes only)."""
     root = Path(root)
-    path = root / MANIFEST_FILE
-    if not path.is_file():
+    if not (root / MANIFEST_FILE).exists() and not (root / MANIFEST_FILE).is_symlink():
         raise BundleError(f"no {MANIFEST_FILE} found", where=str(root),
                           hint="pass a bundle directory written by `dsedge export`")
+    path = regular_path(root, MANIFEST_FILE, what="bundle manifest", error=BundleError, hint=TAMPERED)
+    raw = path.read_bytes() if path.stat().st_size <= MAX_MANIFEST_BYTES else None
+    if raw is None:
+        raise BundleError(f"{MANIFEST_FILE} is larger than {MAX_MANIFEST_BYTES} bytes", where=str(path), hint=REEXPORT)
     try:  # depth-limited: a crafted manifest of nested brackets must be a clear error, not a RecursionError
-        data = safe_json.loads(path.read_text(encoding="utf-8"), max_depth=MAX_JSON_DEPTH)
+        data = safe_json.loads(raw.decode("utf-8"), max_depth=MAX_JSON_DEPTH)
     except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError is a ValueError
         raise BundleError(f"{MANIFEST_FILE} is not valid JSON: {exc}", where=str(path),
                           hint="the manifest is damaged or was not written by `dsedge export`; re-export") from exc
     contract = parse_contract(data, path)
-    _check_files(data, path)
-    return Manifest(root, data, contract)
+    table = _check_files(data, path)
+    checked = VerifiedFiles(root, table, raw, mode=verify, label="bundle", error=BundleError, hint=TAMPERED,
+                            ignore=(MANIFEST_FILE,))
+    return Manifest(root, data, contract, checked)
+
+
+def bundle_files(root: Path) -> list[str]:
+    """Every file a bundle's manifest must list: all regular files but the manifest itself (a nested
+    ``retriever/manifest.json`` is listed like any other); a link or special file anywhere is refused."""
+    return [rel for rel in scan_tree(root, error=BundleError, hint="a bundle holds plain files only")
+            if rel not in (MANIFEST_FILE, MANIFEST_FILE + ".tmp")]
 
 
 def write_manifest(root: Path, data: dict[str, Any]) -> BundleContract:
-    """Write the manifest after hashing every file under ``root`` (the manifest itself excluded).
+    """Write the manifest after hashing every file under ``root`` (the top-level manifest itself excluded).
 
     ``data`` holds the contract's parts (GraphEntry, Placement, CacheLayout, or their JSON forms, which are
     parsed and so checked) and any other fields, written as they are. Returns the contract as written.
     """
-    files = sorted(str(p.relative_to(root).as_posix()) for p in root.rglob("*") if p.is_file()
-                   and p.name != MANIFEST_FILE)
+    files = bundle_files(root)
     table = {rel: file_entry(root, rel) for rel in files}
     contract = parse_contract(_as_json({**data, "schema_version": SCHEMA_VERSION}), root / MANIFEST_FILE)
     graphs = tuple(replace(g, sha256=table[g.file]["sha256"],  # each graph carries its own hashes, for readers

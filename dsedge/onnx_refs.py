@@ -129,3 +129,34 @@ def _varint(buf: memoryview, pos: int) -> tuple[int, int]:
         if not byte & 0x80:
             return result, pos + i + 1
     raise ValueError(f"varint longer than {_MAX_VARINT_BYTES} bytes")
+
+
+def initializer_dims(model_bytes: bytes, name: str) -> tuple[int, ...] | None:
+    """The dims of the main graph's initializer ``name`` (ModelProto.graph = 7, GraphProto.initializer = 5,
+    TensorProto.dims = 1, packed or not), or None when the graph has no such initializer."""
+    wanted = name.encode("utf-8")
+    for field, wire, graph in _fields(memoryview(model_bytes)):
+        if field != 7 or wire != 2:
+            continue
+        for gfield, gwire, tensor in _fields(graph):
+            if gfield == 5 and gwire == 2:
+                dims, tensor_name = _tensor_dims(tensor)
+                if tensor_name == wanted:
+                    return dims
+    return None
+
+
+def _tensor_dims(tensor: memoryview) -> tuple[tuple[int, ...], bytes]:
+    dims: list[int] = []
+    name = b""
+    for field, wire, value in _fields(tensor):
+        if field == 8 and wire == 2:
+            name = bytes(value)
+        elif field == 1 and wire == 0:
+            dims.append(value)
+        elif field == 1 and wire == 2:  # packed repeated int64
+            pos = 0
+            while pos < len(value):
+                dim, pos = _varint(value, pos)
+                dims.append(dim)
+    return tuple(dims), name

@@ -22,6 +22,7 @@ from dsedge.errors import UserError
 from dsedge.retrieval import Retriever, cited_sources
 from dsedge.runtime.chat import ChatResult, ChatStream, prepare_prompt, sources_prompt
 
+EMBEDDED_DIR = "retriever"  # where `dsedge export --index` puts the bundle's own index
 __all__ = ["RagResult", "RagSources", "ask", "open_retriever", "rag_prompt", "with_sources"]
 
 
@@ -41,14 +42,24 @@ class RagResult(ChatResult):
 def open_retriever(engine, index: str | Path | None = None) -> Retriever | None:
     """The retriever for ``index``, else the index embedded in the engine's bundle (``retriever/``), else None.
 
-    Opening verifies the index (sha256 of every file), so a bad index fails here, not mid-conversation.
+    Opening verifies the index as the bundle is verified (the engine's mode: recorded fast start, ``--verify``
+    full, or off), so a bad index fails here, not mid-conversation. An embedded index is chained to the bundle:
+    its ``manifest.json`` is a listed, verified bundle file (its sha256 in the bundle's manifest), and that
+    manifest's sha256s cover every index file; ``retriever/`` must be a real directory of the bundle.
     """
     threads = engine.session_config.threads
+    manifest = engine.manifest
     if index is not None:
-        return Retriever.open(index, threads=threads)
-    if engine.manifest.data.get("retriever"):
-        # The bundle's own sha256 check already covered these files; paths are still checked on open.
-        return Retriever.open(engine.manifest.root / "retriever", verify=False, threads=threads)
+        return Retriever.open(index, threads=threads, verify=manifest.mode)
+    embedded = manifest.data.get("retriever")
+    if embedded:
+        folder = embedded.get("dir", EMBEDDED_DIR) if isinstance(embedded, dict) else EMBEDDED_DIR
+        if folder != EMBEDDED_DIR:
+            raise UserError(f"manifest.json retriever.dir is {folder!r}; bundles embed their index in "
+                            f"{EMBEDDED_DIR}/", where=str(manifest.root), hint="re-export the bundle with --index")
+        manifest.path(f"{EMBEDDED_DIR}/manifest.json", what="embedded index manifest")
+        root = manifest.checked.directory(EMBEDDED_DIR, what="embedded index")
+        return Retriever.open(root, verify=manifest.mode, threads=threads)
     return None
 
 

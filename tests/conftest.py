@@ -8,6 +8,19 @@ from pathlib import Path
 import pytest
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _private_cache(tmp_path_factory):
+    """A temporary DSEDGE_CACHE for the whole session (and the CLI subprocesses it starts): the bundle and index
+    verification records (dsedge.verified) never land in the user's ~/.cache."""
+    previous = os.environ.get("DSEDGE_CACHE")
+    os.environ["DSEDGE_CACHE"] = str(tmp_path_factory.mktemp("session-cache"))
+    yield
+    if previous is None:
+        os.environ.pop("DSEDGE_CACHE", None)
+    else:
+        os.environ["DSEDGE_CACHE"] = previous
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory):
     """Factory ``tiny_checkpoint(variant, **kwargs) -> Path`` over ``dsedge.testing.tiny.write_checkpoint``.

@@ -15,12 +15,13 @@ import pytest
 
 from dsedge.cli import main
 from dsedge.errors import CheckpointError, ConfigError
-from dsedge.manifest import BundleError, Manifest, write_manifest
+from dsedge.manifest import BundleError, Manifest, file_entry, write_manifest
 from dsedge.models.config import INT_RANGES, read_config_file
 from dsedge.models.registry import spec_from_config
 from dsedge.models.safetensors_file import read_header
 from dsedge.onnx_refs import MAX_DEPTH, external_data_locations
 from dsedge.runtime.bundle import verified_graph_path
+from dsedge.verified import VerifiedFiles
 
 onnx = pytest.importorskip("onnx")
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
@@ -178,12 +179,15 @@ def test_verified_graph_path_refuses_sparse_external_data_outside(tmp_path):
         external("../outside.bin"), external("idx.bin", dtype=np.int64), [8])]))
     (tmp_path / "graph.onnx").write_bytes(data)
     (tmp_path / "idx.bin").write_bytes(b"\0" * 32)
-    files = {"graph.onnx": {}, "idx.bin": {}}
+    def manifest():  # the verified door over these two files (contents hashed: mode "recorded")
+        files = {rel: file_entry(tmp_path, rel) for rel in ("graph.onnx", "idx.bin")}
+        return Manifest(tmp_path, {"files": files}, None, VerifiedFiles(tmp_path, files, b"", error=BundleError))
+
     with pytest.raises(BundleError, match="not a relative path inside the bundle"):
-        verified_graph_path(Manifest(tmp_path, {"files": files}, None), SimpleNamespace(name="g", file="graph.onnx"))
+        verified_graph_path(manifest(), SimpleNamespace(name="g", file="graph.onnx"))
     (tmp_path / "graph.onnx").write_bytes(data[:40])
     with pytest.raises(BundleError, match="not a valid ONNX file"):
-        verified_graph_path(Manifest(tmp_path, {"files": files}, None), SimpleNamespace(name="g", file="graph.onnx"))
+        verified_graph_path(manifest(), SimpleNamespace(name="g", file="graph.onnx"))
 
 
 # --- safetensors headers -------------------------------------------------------------------------

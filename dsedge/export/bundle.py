@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import logging
 import resource
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dsedge import __version__
+from dsedge import __version__, safe_json
 from dsedge.contract import DECODER, decoder_io
 from dsedge.errors import UserError
 from dsedge.export.decoder import build_decoder, cache_spec, graph_shapes
@@ -27,6 +26,7 @@ from dsedge.runtime import load_bundle
 from dsedge.sources import resolve_checkpoint
 from dsedge.staging import Artifact, check_output, staged_output
 from dsedge.targets import load_target
+from dsedge.verified import read_regular
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +36,7 @@ EXPERT_PATHS = ("dispatch", "moe_op", "dense")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
                    "chat_template.jinja")
 DEFAULT_MAX_CONTEXT = 4096
+MAX_TOKENIZER_FILE_BYTES = 512 << 20  # tokenizer.json of a 128k-vocabulary model is ~10 MB
 GRAPH_DIR = "graphs"
 
 
@@ -83,6 +84,7 @@ def export_bundle(checkpoint: str | Path, output: str | Path, *, target=None, la
     _check_supported(ckpt.spec)
     tgt = load_target(target) if target is not None else None
     context = _max_context(ckpt, tgt, max_context)
+    _tokenizer_files(ckpt.path)  # checked now: a malformed tokenizer fails before minutes of graph building
     _check_choice("expert_path", expert_path, EXPERT_PATHS)
     if expert_path == "moe_op" and not (ckpt.spec.moe and ckpt.spec.moe.norm_topk_prob and dtype == "fp32"):
         raise UserError("expert_path 'moe_op' reproduces DeepSeek routing only for routers with norm_topk_prob "
@@ -140,7 +142,8 @@ def _check_supported(spec) -> None:
 
 def _max_context(ckpt: Checkpoint, tgt, requested: int | None) -> int:
     limit = ckpt.spec.max_position_embeddings
-    context = requested or (tgt.max_context if tgt else DEFAULT_MAX_CONTEXT)
+    # `requested or …` turned --max-context 0 into the default: only an absent flag falls back
+    context = requested if requested is not None else (tgt.max_context if tgt else DEFAULT_MAX_CONTEXT)
     if context < 1:
         raise UserError(f"--max-context must be ≥ 1, got {context}", where="--max-context")
     return min(context, limit)
@@ -150,6 +153,8 @@ def _is_bundle(root: Path) -> bool:
     """A directory `dsedge export` wrote: its manifest.json lists graphs (an index's manifest does not)."""
     import json
 
+    if not (root / MANIFEST_FILE).is_file():  # a FIFO named manifest.json would block the read
+        return False
     try:
         return "graphs" in json.loads((root / MANIFEST_FILE).read_text(encoding="utf-8"))
     except (OSError, ValueError, TypeError):
@@ -197,13 +202,45 @@ def _write_graphs(ckpt: Checkpoint, weights, root: Path, context: int, layout: s
 
 
 def _copy_tokenizer(src: Path, root: Path) -> list[str]:
+    """Copy the checkpoint's tokenizer files (their contents: a link in the checkpoint becomes a plain file)."""
     (root / "tokenizer").mkdir()
     copied = []
-    for name in TOKENIZER_FILES:
-        if (src / name).is_file():
-            shutil.copyfile(src / name, root / "tokenizer" / name)
-            copied.append(f"tokenizer/{name}")
+    for name, raw in _tokenizer_files(src).items():
+        (root / "tokenizer" / name).write_bytes(raw)
+        copied.append(f"tokenizer/{name}")
     return copied
+
+
+def _tokenizer_files(src: Path) -> dict[str, bytes]:
+    """The checkpoint's tokenizer files, each checked: the runtime must be able to load what the bundle
+    carries, so a malformed file (or a FIFO, or a directory) fails the export naming it, exit 3."""
+    found = {}
+    for name in TOKENIZER_FILES:
+        if (src / name).exists() or (src / name).is_symlink():
+            raw = read_regular(src / name, what=f"checkpoint {name}", max_bytes=MAX_TOKENIZER_FILE_BYTES,
+                               hint="fix or remove the file; export copies it into the bundle")
+            _check_tokenizer_file(src / name, raw)
+            found[name] = raw
+    return found
+
+
+def _check_tokenizer_file(path: Path, raw: bytes) -> None:
+    hint = "fix or replace the checkpoint's tokenizer file (it must be the JSON transformers writes)"
+    if path.suffix == ".json":
+        try:
+            data = safe_json.loads(raw.decode("utf-8"), max_depth=64)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise UserError(f"checkpoint {path.name} is not valid JSON: {exc}", where=str(path), hint=hint) from exc
+        if not isinstance(data, dict):
+            raise UserError(f"checkpoint {path.name} must hold a JSON object", where=str(path), hint=hint)
+    if path.name == "tokenizer.json":
+        from tokenizers import Tokenizer
+
+        try:
+            Tokenizer.from_str(raw.decode("utf-8"))
+        except Exception as exc:  # tokenizers raises a bare Exception for every malformed file
+            raise UserError(f"checkpoint tokenizer.json cannot be loaded by tokenizers: {str(exc)[:200]}",
+                            where=str(path), hint=hint) from None
 
 
 def _manifest(ckpt: Checkpoint, tgt, layout: str, dtype: str, context: int, graphs: list[GraphEntry],
@@ -254,12 +291,16 @@ def _tokenizer_info(src: Path, spec) -> dict[str, Any]:
     import json
 
     info: dict[str, Any] = {"dir": "tokenizer", "bos_token_id": spec.bos_token_id, "eos_token_id": spec.eos_token_id}
-    config = src / "tokenizer_config.json"
-    if config.is_file():
-        info["chat_template"] = json.loads(config.read_text(encoding="utf-8")).get("chat_template")
-    generation = src / "generation_config.json"
-    if generation.is_file():
-        info["generation_defaults"] = json.loads(generation.read_text(encoding="utf-8"))
+    for name, key in (("tokenizer_config.json", "chat_template"), ("generation_config.json", None)):
+        path = src / name
+        if path.exists():
+            raw = read_regular(path, what=f"checkpoint {name}", max_bytes=MAX_TOKENIZER_FILE_BYTES)
+            _check_tokenizer_file(path, raw)
+            data = json.loads(raw)
+            if key is None:
+                info["generation_defaults"] = data
+            else:
+                info[key] = data.get(key)
     return info
 
 

@@ -8,7 +8,6 @@ index stores a copy under ``INDEX/embedder/``; the converted default model is al
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -19,9 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
+from dsedge import safe_json
 from dsedge.errors import UserError
-from dsedge.manifest import sha256_file
 from dsedge.runtime.session import SessionConfig, make_session
+from dsedge.verified import Opener, cache_dir, checked_graph, local_files, read_regular, sha256_file
 
 log = logging.getLogger(__name__)
 CONVERTER_VERSION = 1  # bump when the converted graph changes: cached conversions are keyed by it
@@ -30,6 +30,7 @@ MODEL_FILE, TOKENIZER_FILE, INFO_FILE = "model.onnx", "tokenizer.json", "embedde
 DEFAULT_NAME = "all-MiniLM-L6-v2"
 DEFAULT_BATCH = 64
 DEFAULT_BATCH_TOKENS = 2048
+_REBUILD = "delete this embedder directory and convert it again (or rebuild the index)"
 
 
 @dataclass
@@ -54,31 +55,37 @@ class EmbedStats:
 class Embedder:
     """An ONNX sentence embedder: ``embed(texts) -> float32 [N, dim]`` rows of unit length."""
 
-    def __init__(self, root: Path, info: dict, threads: int | None = None):
-        from tokenizers import Tokenizer
-
+    def __init__(self, root: Path, info: dict, threads: int | None = None, opener: Opener | None = None):
+        opener = opener or local_files(root, hint=_REBUILD)
         self.root, self.info = root, info
         self.id: str = info["id"]
         self.dim: int = int(info["dim"])
         self.max_tokens: int = int(info["max_tokens"])
-        self.session = make_session(root / MODEL_FILE, SessionConfig(threads=threads))
-        self.tokenizer = Tokenizer.from_file(str(root / TOKENIZER_FILE))
+        model = checked_graph(opener, MODEL_FILE, what="embedder model", hint=_REBUILD)
+        self.session = make_session(model, SessionConfig(threads=threads))
+        tokenizer_file = opener(TOKENIZER_FILE, what="embedder tokenizer")
+        self.tokenizer = _tokenizer(tokenizer_file)
         self.tokenizer.no_padding()  # we pad per length-sorted batch ourselves
         self.tokenizer.enable_truncation(self.max_tokens)
-        self._counter = Tokenizer.from_file(str(root / TOKENIZER_FILE))  # untruncated, for chunk budgets
+        self._counter = _tokenizer(tokenizer_file)  # untruncated, for chunk budgets
         self._counter.no_padding()
         self._counter.no_truncation()
         self.stats = EmbedStats()
 
     @classmethod
-    def open(cls, root: str | Path, *, threads: int | None = None, verify: bool = True) -> Embedder:
-        """Open an embedder directory; ``verify`` checks the model's sha256 against ``embedder.json``."""
+    def open(cls, root: str | Path, *, threads: int | None = None, verify: bool = True,
+             opener: Opener | None = None) -> Embedder:
+        """Open an embedder directory. ``opener`` (an index's verified door for its ``embedder/``) checks every
+        file against the index's manifest; without one (a standalone embedder) files must be regular, inside
+        and unlinked, and ``verify`` checks the model's sha256 against ``embedder.json``."""
         root = Path(root)
-        info = read_info(root)
-        if verify and sha256_file(root / MODEL_FILE) != info.get("model_sha256"):
-            raise UserError(f"embedder {MODEL_FILE} does not match the sha256 in {INFO_FILE}",
-                            where=str(root / MODEL_FILE), hint="delete this embedder directory and rebuild")
-        return cls(root, info, threads)
+        info = read_info(root, opener)
+        if opener is None and verify:
+            model = local_files(root, hint=_REBUILD)(MODEL_FILE, what="embedder model")
+            if sha256_file(model) != info.get("model_sha256"):
+                raise UserError(f"embedder {MODEL_FILE} does not match the sha256 in {INFO_FILE}",
+                                where=str(root / MODEL_FILE), hint="delete this embedder directory and rebuild")
+        return cls(root, info, threads, opener)
 
     # --- tokens ---------------------------------------------------------------------------------
     def count_tokens(self, text: str) -> int:
@@ -146,29 +153,40 @@ def _batches(order: list[int], lengths: list[int], max_rows: int, max_tokens: in
     return out
 
 
-def read_info(root: Path) -> dict:
-    """Parse ``embedder.json`` strictly; missing files are a UserError naming the directory."""
+def _tokenizer(path: Path):
+    from tokenizers import Tokenizer
+
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as exc:  # tokenizers raises a bare Exception for every malformed file
+        raise UserError(f"embedder {TOKENIZER_FILE} cannot be loaded by tokenizers: {str(exc)[:200]}",
+                        where=str(path), hint=_REBUILD) from None
+
+
+def read_info(root: Path, opener: Opener | None = None) -> dict:
+    """Parse ``embedder.json`` strictly; missing or non-regular files are a UserError naming the directory."""
+    opener = opener or local_files(root, hint=_REBUILD)
     for name in (MODEL_FILE, TOKENIZER_FILE, INFO_FILE):
-        if not (root / name).is_file():
+        if not (root / name).exists():
             raise UserError(f"embedder file {name} is missing", where=str(root),
                             hint="an embedder directory holds model.onnx, tokenizer.json and embedder.json")
+    path = opener(INFO_FILE, what="embedder description")
     try:
-        info = json.loads((root / INFO_FILE).read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise UserError(f"{INFO_FILE} is not valid JSON: {exc}", where=str(root / INFO_FILE)) from exc
-    missing = [k for k in ("id", "dim", "max_tokens", "model_sha256") if k not in info]
-    if info.get("schema_version") != 1 or missing:
+        info = safe_json.loads(read_regular(path, what=INFO_FILE, max_bytes=1 << 20).decode("utf-8"), max_depth=16)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise UserError(f"{INFO_FILE} is not valid JSON: {exc}", where=str(path), hint=_REBUILD) from exc
+    missing = [k for k in ("id", "dim", "max_tokens", "model_sha256") if not isinstance(info, dict) or k not in info]
+    if not isinstance(info, dict) or info.get("schema_version") != 1 or missing:
         raise UserError(f"{INFO_FILE} is not a dsedge embedder description (schema 1; missing {missing})",
-                        where=str(root / INFO_FILE), hint="delete this embedder directory and rebuild it")
+                        where=str(path), hint="delete this embedder directory and rebuild it")
+    bad = [k for k in ("dim", "max_tokens") if not isinstance(info[k], int) or isinstance(info[k], bool) or info[k] < 1]
+    if bad or not isinstance(info["id"], str) or not isinstance(info["model_sha256"], str):
+        raise UserError(f"{INFO_FILE} has mistyped fields ({', '.join(bad) or 'id/model_sha256'})", where=str(path),
+                        hint="delete this embedder directory and rebuild it")
     return info
 
 
 # --- the cached default embedder ---------------------------------------------------------------------
-
-def cache_dir() -> Path:
-    """``$DSEDGE_CACHE`` or ``~/.cache/dsedge``."""
-    return Path(os.environ.get("DSEDGE_CACHE") or Path.home() / ".cache" / "dsedge")
-
 
 def default_embedder_dir(*, validate: bool = True) -> Path:
     """The converted all-MiniLM-L6-v2, converting it into the cache the first time (needs the

@@ -35,7 +35,7 @@ import numpy as np
 
 from dsedge import __version__, safe_json
 from dsedge.errors import UserError
-from dsedge.manifest import MANIFEST_FILE, file_entry, resolve_inside, sha256_file
+from dsedge.manifest import MANIFEST_FILE, file_entry
 from dsedge.retrieval.chunking import (
     DEFAULT_CHUNK_TOKENS,
     DEFAULT_OVERLAP,
@@ -45,6 +45,7 @@ from dsedge.retrieval.chunking import (
 )
 from dsedge.retrieval.embedder import Embedder, default_embedder_dir
 from dsedge.staging import Artifact, check_output, output_lock, staged_output
+from dsedge.verified import VerifiedFiles, check_table, read_regular, regular_path, scan_tree, verify_mode
 
 log = logging.getLogger(__name__)
 
@@ -55,9 +56,15 @@ HNSW_FILE, CHUNKS_FILE, EMBEDDER_DIR = "hnsw.bin", "chunks.json", "embedder"
 SPACE = "ip"  # unit vectors: inner product = cosine; hnswlib's distance is 1 - ip
 SEED = 100  # hnswlib's default level generator seed, recorded so a build can be repeated
 REBUILD_HINT = "rebuild it with `dsedge index build DOCS... -o INDEX --overwrite`"
+MAX_MANIFEST_BYTES = 64 << 20
+# Every file an index reads (the verified door refuses any other; the embedder's model may add external data).
+REQUIRED_FILES = (HNSW_FILE, CHUNKS_FILE, *(f"{EMBEDDER_DIR}/{name}" for name in ("model.onnx", "tokenizer.json",
+                                                                                    "embedder.json")))
 
 
 def _is_index(root: Path) -> bool:
+    if not (root / MANIFEST_FILE).is_file():  # a FIFO named manifest.json would block the read
+        return False
     try:
         return json.loads((root / MANIFEST_FILE).read_text(encoding="utf-8")).get("kind") == KIND
     except (OSError, ValueError, AttributeError):
@@ -124,17 +131,25 @@ class Index:
     created: str = ""
 
     @classmethod
-    def open(cls, root: str | Path, *, verify: bool = True, threads: int | None = None) -> Index:
-        """Open an index directory. ``verify`` checks every file's sha256 (paths are checked always)."""
+    def open(cls, root: str | Path, *, verify: bool | str = True, threads: int | None = None) -> Index:
+        """Open an index directory. Every file is reached through one verified door (``dsedge.verified``): listed
+        in the manifest, inside, no link, regular. ``verify``: True hashes each file when first read unless the
+        verification record vouches for it, "full" hashes every file now, False checks paths and kinds only."""
         root = Path(root)
-        manifest = _read_manifest(root)
-        _check_files(root, manifest, verify)
-        embedder = Embedder.open(resolve_inside(root, EMBEDDER_DIR, what="embedder"), threads=threads,
-                                 verify=False)  # covered by the manifest's sha256s when verify is on
+        raw, manifest = _read_manifest_raw(root)
+        files = VerifiedFiles(root, check_table(manifest["files"], where=str(root / MANIFEST_FILE), error=IndexError_,
+                                                hint=REBUILD_HINT),
+                              raw, mode=verify_mode(verify), label="index", error=IndexError_, hint=REBUILD_HINT,
+                              ignore=(MANIFEST_FILE,))
+        _check_listed(root, manifest)
+        embedder_dir = files.directory(EMBEDDER_DIR, what="embedder")
+        embedder = Embedder.open(embedder_dir, threads=threads,
+                                 opener=lambda rel, what="file": files.path(f"{EMBEDDER_DIR}/{rel}", what=what))
         _check_embedder(root, manifest["embedder"], embedder)
         params = _params(root, manifest["params"])
-        store = _read_store(resolve_inside(root, CHUNKS_FILE))
-        hnsw = _load_hnsw(resolve_inside(root, HNSW_FILE), embedder.dim, manifest, params)
+        store = _read_store(files.path(CHUNKS_FILE, what="index metadata"))
+        hnsw = _load_hnsw(files.path(HNSW_FILE, what="HNSW graph"), embedder.dim, manifest, params)
+        _check_counts(root, manifest, store, hnsw)
         return cls(root, params, embedder, hnsw, store["documents"], {c["id"]: c for c in store["chunks"]},
                    store["next_id"], manifest.get("created", ""))
 
@@ -159,9 +174,10 @@ class Index:
         if vectors.shape[1] != self.dim:
             raise IndexError_(f"query vectors have dimension {vectors.shape[1]}, the index {self.dim}",
                               where=str(self.root), hint="embed queries with the index's own embedder")
+        if not self.chunks:  # zero hits reported as success would look like "nothing relevant", not "empty"
+            raise IndexError_("the index holds no chunks: there is nothing to retrieve from", where=str(self.root),
+                              hint="add documents (`dsedge index add INDEX DOCS...`) or " + REBUILD_HINT)
         k = min(k, len(self.chunks))
-        if k == 0:
-            return np.zeros((len(vectors), 0), np.uint64), np.zeros((len(vectors), 0), np.float32)
         ef = max(ef or self.params.ef, k)
         while True:  # with many deleted slots a small ef can find fewer than k live ones: widen and retry
             self.hnsw.set_ef(ef)
@@ -246,7 +262,9 @@ class Index:
         self.root = output
 
     def _manifest(self, tmp: Path) -> dict:
-        files = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file())
+        # the same walk as at open: a link or special file in the new index is refused at write time too
+        files = [rel for rel in scan_tree(tmp, error=IndexError_, hint="an index holds plain files only")
+                 if rel != MANIFEST_FILE]
         return {"schema_version": SCHEMA_VERSION, "kind": KIND, "dsedge_version": __version__,
                 "created": self.created or _now(), "updated": _now(),
                 "embedder": self.embedder.describe() | {"path": EMBEDDER_DIR},
@@ -279,12 +297,19 @@ def new_index(params: IndexParams, embedder: Embedder, capacity: int) -> Index:
 # --- reading and checking ----------------------------------------------------------------------------
 
 def _read_manifest(root: Path) -> dict:
+    return _read_manifest_raw(root)[1]
+
+
+def _read_manifest_raw(root: Path) -> tuple[bytes, dict]:
+    """The manifest's bytes (they key the verification record) and its checked JSON."""
     path = root / MANIFEST_FILE
-    if not root.is_dir() or not path.is_file():
+    if not root.is_dir() or not (path.exists() or path.is_symlink()):
         raise IndexError_("not an index directory (no manifest.json)", where=str(root),
                           hint="pass a directory written by `dsedge index build`")
+    path = regular_path(root, MANIFEST_FILE, what="index manifest", error=IndexError_, hint=REBUILD_HINT)
+    raw = read_regular(path, what="index manifest", max_bytes=MAX_MANIFEST_BYTES, error=IndexError_, hint=REBUILD_HINT)
     try:  # depth-limited: nested brackets are a clear error, not a RecursionError
-        data = safe_json.loads(path.read_text(encoding="utf-8"), max_depth=MAX_JSON_DEPTH)
+        data = safe_json.loads(raw.decode("utf-8"), max_depth=MAX_JSON_DEPTH)
     except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError, too-deep and too-long numbers
         raise IndexError_(f"index manifest is not valid JSON: {exc}", where=str(path), hint=REBUILD_HINT) from exc
     if not isinstance(data, dict) or data.get("kind") != KIND:
@@ -296,21 +321,37 @@ def _read_manifest(root: Path) -> dict:
     missing = [k for k in ("embedder", "params", "hnsw", "files") if not isinstance(data.get(k), dict)]
     if missing:
         raise IndexError_(f"index manifest lacks {', '.join(missing)}", where=str(path), hint=REBUILD_HINT)
-    return data
+    return raw, data
 
 
-def _check_files(root: Path, manifest: dict, verify: bool) -> None:
-    for rel in (HNSW_FILE, CHUNKS_FILE, f"{EMBEDDER_DIR}/model.onnx"):
+def _check_listed(root: Path, manifest: dict) -> None:
+    """The files an index reads are all in its manifest (the verified door refuses any other)."""
+    for rel in REQUIRED_FILES:
         if rel not in manifest["files"]:
             raise IndexError_(f"index file {rel} is not listed in the manifest", where=str(root), hint=REBUILD_HINT)
-    for rel, entry in manifest["files"].items():
-        path = resolve_inside(root, rel, what="index file")
-        if not path.is_file():
-            raise IndexError_(f"index file {rel} is missing", where=str(root),
-                              hint="copy the whole index directory again, or " + REBUILD_HINT)
-        if verify and (path.stat().st_size != entry["bytes"] or sha256_file(path) != entry["sha256"]):
-            raise IndexError_(f"index file {rel} does not match its sha256 in the manifest (modified or corrupt)",
-                              where=str(path), hint=REBUILD_HINT)
+
+
+def _check_counts(root: Path, manifest: dict, store: dict, hnsw) -> None:
+    """chunks.json, the HNSW graph and the manifest agree on how many chunks there are, and every chunk is a
+    live vector: an emptied or truncated chunks.json (re-hashed into the manifest) is corrupt, not empty."""
+    recorded, counts = manifest["hnsw"], manifest.get("counts") or {}
+    elements, deleted = recorded.get("elements"), recorded.get("deleted")
+    live = elements - deleted if isinstance(elements, int) and isinstance(deleted, int) else None
+    problems = []
+    if hnsw.get_current_count() != elements:
+        problems.append(f"{HNSW_FILE} holds {hnsw.get_current_count()} vectors, the manifest says {elements}")
+    if len(store["chunks"]) != live or counts.get("chunks") != live:
+        problems.append(f"{CHUNKS_FILE} lists {len(store['chunks'])} chunks, the manifest {counts.get('chunks')} "
+                        f"and {live} live vectors")
+    try:
+        ids = {int(c["id"]) for c in store["chunks"]}
+    except (KeyError, TypeError, ValueError):
+        ids = None
+        problems.append(f"a chunk in {CHUNKS_FILE} lacks an integer id")
+    if ids is not None and not ids <= set(int(i) for i in hnsw.get_ids_list()):
+        problems.append(f"{CHUNKS_FILE} names chunk ids the HNSW graph does not hold")
+    if problems:
+        raise IndexError_(f"index files disagree: {'; '.join(problems)}", where=str(root), hint=REBUILD_HINT)
 
 
 def _check_embedder(root: Path, recorded: dict, embedder: Embedder, *, given: bool = False) -> None:
@@ -545,7 +586,8 @@ def copy_index(index_dir: str | Path, dest: str | Path, *, verify: bool = True) 
     for rel in [MANIFEST_FILE, *manifest["files"]]:
         target = dest / rel
         target.parent.mkdir(parents=True, exist_ok=True)
-        _link_or_copy(resolve_inside(Path(index_dir), rel, what="index file"), target)
+        _link_or_copy(regular_path(Path(index_dir), rel, what="index file", error=IndexError_, hint=REBUILD_HINT),
+                      target)
     return index.summary()
 
 

@@ -13,13 +13,16 @@ from dsedge.targets import load_target
 
 
 def load_bundle(path: str | Path, target=None, memory_budget_bytes: int | None = None,
-                providers: list[str] | None = None, threads: int | None = None, *, verify: bool = True,
+                providers: list[str] | None = None, threads: int | None = None, *, verify: bool | str = True,
                 profile_dir: str | Path | None = None, prefetch_experts: bool = False) -> Engine:
     """Open a bundle written by `dsedge export`: verify it, create sessions, return an Engine.
 
     ``target`` (name, file or Target) supplies default providers and threads; explicit arguments win.
     ``memory_budget_bytes`` caps the expert partitions a partitioned bundle keeps loaded (LRU beyond it).
-    Every file's sha256 is checked unless ``verify=False``; paths that leave the bundle are refused always.
+    Every file is reached through one verified door (``dsedge.verified``): listed, inside, no link, a regular
+    file, its sha256 matched. ``verify=True`` (fast start) hashes a file when it is first opened — an expert
+    partition when first loaded — unless the verification record says it is unchanged since it last matched;
+    ``verify="full"`` hashes every file now; ``verify=False`` skips hashing (paths, links, kinds still checked).
     ``prefetch_experts`` (partitioned): load the partitions a layer used at the previous step in the background
     while the layer before it runs.
     Retrieval (RAG) is not the runtime's: ``dsedge.rag.open_retriever(engine, index)`` / ``dsedge.rag.ask``.

@@ -1,4 +1,4 @@
-"""Load a bundle: verify the manifest, every file's sha256 and every graph's external-data paths."""
+"""Load a bundle: its manifest, and every graph through the verified door (sha256, links, external data)."""
 
 from __future__ import annotations
 
@@ -7,32 +7,42 @@ from pathlib import Path
 
 import numpy as np
 
-from dsedge.manifest import BundleError, GraphEntry, Manifest, read_manifest, resolve_inside
-from dsedge.onnx_refs import external_data_locations
+from dsedge.manifest import TAMPERED, BundleError, GraphEntry, Manifest, read_manifest
+from dsedge.onnx_refs import initializer_dims
+from dsedge.verified import checked_graph, verify_mode
 
 log = logging.getLogger(__name__)
+ROPE_TABLE = "rope.cos"  # the initializer dsedge.export.decoder.rope_lookup bakes: [max_context, rope_dim / 2]
 
 
 def verified_graph_path(manifest: Manifest, graph: GraphEntry) -> Path:
-    """The graph file, after checking that each external-data location is a listed file inside the bundle."""
-    path = manifest.path(graph.file, what=f"graph {graph.name}")
-    try:
-        locations = external_data_locations(path.read_bytes())
-    except ValueError as exc:
-        raise BundleError(f"graph {graph.file} is not a valid ONNX file ({exc})", where=str(path)) from exc
-    graph_dir = Path(graph.file).parent
-    for location in locations:
-        rel = (graph_dir / location).as_posix()
-        resolve_inside(manifest.root, rel, what=f"external data of {graph.file}")
-        manifest.path(rel, what=f"external data of {graph.file}")
-    return path
+    """The graph file, verified, after checking that each of its external-data locations is a listed, verified
+    file of the bundle, and that a graph holding the RoPE tables has a row for every position of max_context.
+
+    Called right before the graph's session is created, so an expert partition is verified when it is first
+    loaded (fast start: ``dsedge.verified``)."""
+    return checked_graph(manifest.path, graph.file, what=f"graph {graph.name}", error=BundleError, hint=TAMPERED,
+                         inspect=lambda buf: _check_rope_rows(manifest, graph, buf))
 
 
-def open_manifest(path: str | Path, *, verify: bool = True) -> Manifest:
-    manifest = read_manifest(path)
-    if verify:
-        manifest.verify()
-    else:
+def _check_rope_rows(manifest: Manifest, graph: GraphEntry, model_bytes) -> None:
+    # An edited max_context beyond the baked tables would gather past their end mid-generation.
+    dims = initializer_dims(model_bytes, ROPE_TABLE)
+    if not dims:
+        return
+    context = manifest.contract.max_context
+    if dims[0] < context:
+        raise BundleError(f"manifest.json says max_context {context}, but graph {graph.file} holds RoPE tables for "
+                          f"{dims[0]} positions (the manifest was edited)", where=str(manifest.root),
+                          hint=f"restore max_context {dims[0]}, or re-export with --max-context {context}")
+
+
+def open_manifest(path: str | Path, *, verify: bool | str = True) -> Manifest:
+    """Read a bundle's manifest with its files behind the one verified door (``dsedge.verified``): ``verify``
+    True (fast start: files hashed as first opened unless recorded as verified), "full" (hash every file now)
+    or False (paths, links and file kinds still checked)."""
+    manifest = read_manifest(path, verify=verify_mode(verify))
+    if manifest.mode == "off":
         log.warning("bundle %s loaded without sha256 verification", path)
     return manifest
 

@@ -23,10 +23,12 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from dsedge import chat_templates
+from dsedge import chat_templates, safe_json
+from dsedge.chat_templates import bounded_render, sandboxed_environment
 from dsedge.errors import UserError
 from dsedge.runtime.generation import GenerationResult
 from dsedge.runtime.prefix_cache import ConversationCache
+from dsedge.verified import read_regular
 
 __all__ = ["ChatPiece", "ChatResult", "ChatSession", "ChatStream", "ChatTemplate", "ReasoningSplitter", "chat",
            "load_chat_template", "prepare_prompt", "sources_prompt", "split_reasoning"]
@@ -37,6 +39,10 @@ ROLES = ("system", "user", "assistant", "tool")
 SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 # transformers copies a message's reasoning under every name templates read it by.
 _REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
+MAX_JSON_DEPTH = 64  # tokenizer_config.json nests a few levels (added_tokens_decoder entries)
+MAX_TOKENIZER_CONFIG_BYTES = 64 << 20
+MAX_TEMPLATE_BYTES = 1 << 20  # published chat templates are a few KiB
+_TOKENIZER_HINT = "fix or replace the tokenizer file (it must be the JSON transformers writes)"
 
 
 # --- templates ----------------------------------------------------------------------------------
@@ -60,24 +66,28 @@ class ChatTemplate:
 
         messages = _normalized(messages)
         try:
-            return _compiled(self.source).render(messages=messages, tools=None, documents=None,
-                                                  add_generation_prompt=add_generation_prompt,
-                                                  **{**self.special_tokens, **variables})
+            return bounded_render(_compiled(self.source), dict(
+                messages=messages, tools=None, documents=None, add_generation_prompt=add_generation_prompt,
+                **{**self.special_tokens, **variables}), where=f"chat template ({self.origin})")
         except jinja2.TemplateError as exc:
             raise UserError(f"the chat template failed: {exc}", where=f"chat template ({self.origin})",
                             hint="check the messages' roles and order, or pick a template with --template") from exc
+        except (TypeError, ValueError, LookupError, ArithmeticError, RecursionError) as exc:
+            # the template's own code failed (`'a' + 1`, a recursive macro): the template's fault, not ours
+            raise UserError(f"the chat template failed: {type(exc).__name__}: {exc}",
+                            where=f"chat template ({self.origin})",
+                            hint="fix the template, or pick another with --template") from None
 
     @classmethod
     def from_tokenizer_dir(cls, path: str | Path, origin_prefix: str = "") -> ChatTemplate | None:
-        """The template of a tokenizer directory (``chat_template.jinja`` wins, as in transformers), or None."""
+        """The template of a tokenizer directory (``chat_template.jinja`` wins, as in transformers), or None.
+        For a plain directory (a checkpoint's); a bundle's files are read through its manifest instead."""
         path = Path(path)
-        config = _read_json(path / "tokenizer_config.json")
-        tokens = _special_tokens(config, _read_json(path / "special_tokens_map.json"))
-        jinja_file = path / "chat_template.jinja"
-        if jinja_file.is_file():
-            return cls(jinja_file.read_text(encoding="utf-8"), origin_prefix + jinja_file.name, tokens)
-        source = _default_template(config.get("chat_template"))
-        return cls(source, origin_prefix + "tokenizer_config.json", tokens) if source else None
+
+        def present(name: str) -> Path | None:
+            return path / name if (path / name).exists() else None
+
+        return _template_from(present, origin_prefix)
 
     @classmethod
     def builtin(cls, family: str, special_tokens: dict[str, str] | None = None) -> ChatTemplate:
@@ -104,10 +114,10 @@ def load_chat_template(engine, template: str | Path | ChatTemplate | None = None
         if text in chat_templates.FAMILIES:
             return ChatTemplate.builtin(text, tokens)
         file = Path(text)
-        if not file.is_file():
+        if not file.exists():  # a FIFO or a directory exists: _read_template names what it is
             raise UserError(f"no chat template {text!r}", where="template",
                             hint=f"name one of {', '.join(chat_templates.FAMILIES)} or an existing .jinja file")
-        return ChatTemplate(file.read_text(encoding="utf-8"), str(file), tokens)
+        return ChatTemplate(_read_template(file), str(file), tokens)
     if found:
         return found
     family = chat_templates.family_for_model_type(manifest.data.get("model", {}).get("model_type"))
@@ -118,13 +128,30 @@ def load_chat_template(engine, template: str | Path | ChatTemplate | None = None
 
 
 def _bundle_template(manifest) -> ChatTemplate | None:
-    for rel in ("tokenizer/chat_template.jinja", "tokenizer/tokenizer_config.json"):
-        if rel in manifest.files:  # manifest.path keeps the read inside the bundle
-            found = ChatTemplate.from_tokenizer_dir(manifest.path(rel).parent, "tokenizer/")
-            if found:
-                return found
-    source = _default_template((manifest.data.get("tokenizer") or {}).get("chat_template"))
+    """The bundle's own template, from listed tokenizer files only, each through the verified door: an unlisted
+    (or linked) ``chat_template.jinja`` never becomes the prompt."""
+    def listed(name: str) -> Path | None:
+        rel = f"tokenizer/{name}"
+        return manifest.path(rel, what="tokenizer file") if rel in manifest.files else None
+
+    found = _template_from(listed, "tokenizer/")
+    if found:
+        return found
+    source = _default_template((manifest.data.get("tokenizer") or {}).get("chat_template"), "manifest.json tokenizer")
     return ChatTemplate(source, "manifest.json tokenizer.chat_template") if source else None
+
+
+def _template_from(file, origin_prefix: str) -> ChatTemplate | None:
+    """``chat_template.jinja`` (wins, as in transformers), else tokenizer_config.json's ``chat_template``, with
+    the special tokens of tokenizer_config.json / special_tokens_map.json; ``file(name)`` gives each file's path
+    (or None when it is absent)."""
+    config = _read_json(file("tokenizer_config.json"))
+    tokens = _special_tokens(config, _read_json(file("special_tokens_map.json")))
+    jinja_file = file("chat_template.jinja")
+    if jinja_file is not None:
+        return ChatTemplate(_read_template(jinja_file), origin_prefix + jinja_file.name, tokens)
+    source = _default_template(config.get("chat_template"), origin_prefix + "tokenizer_config.json")
+    return ChatTemplate(source, origin_prefix + "tokenizer_config.json", tokens) if source else None
 
 
 def _tokens_from_ids(engine) -> dict[str, str]:
@@ -139,11 +166,14 @@ def _tokens_from_ids(engine) -> dict[str, str]:
     return tokens
 
 
-def _default_template(value) -> str | None:
+def _default_template(value, where: str = "tokenizer_config.json") -> str | None:
     # tokenizer_config.json may hold several named templates; transformers uses "default".
     if isinstance(value, list):
         named = {t.get("name"): t.get("template") for t in value if isinstance(t, dict)}
-        return named.get("default")
+        value = named.get("default")
+    if value is not None and not isinstance(value, str):
+        raise UserError(f"chat_template must be a string or a list of {{name, template}}, got {type(value).__name__}",
+                        where=where, hint="fix the tokenizer files, or pass a template with --template")
     return value or None
 
 
@@ -158,14 +188,27 @@ def _special_tokens(config: dict, special_map: dict) -> dict[str, str]:
     return tokens
 
 
-def _read_json(path: Path) -> dict:
-    if not path.is_file():
+def _read_json(path: Path | None) -> dict:
+    """A tokenizer JSON file (absent: {}): a regular file of bounded size and depth, an object at the top."""
+    if path is None:
         return {}
+    raw = read_regular(path, what=path.name, max_bytes=MAX_TOKENIZER_CONFIG_BYTES, hint=_TOKENIZER_HINT)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise UserError(f"{path.name} is not valid JSON: {exc}", where=str(path)) from exc
-    return data if isinstance(data, dict) else {}
+        data = safe_json.loads(raw.decode("utf-8"), max_depth=MAX_JSON_DEPTH)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path.name} is not valid JSON: {exc}", where=str(path), hint=_TOKENIZER_HINT) from exc
+    if not isinstance(data, dict):
+        raise UserError(f"{path.name} must hold a JSON object, not {type(data).__name__}", where=str(path),
+                        hint=_TOKENIZER_HINT)
+    return data
+
+
+def _read_template(path: Path) -> str:
+    raw = read_regular(path, what="chat template", max_bytes=MAX_TEMPLATE_BYTES, hint="pass a .jinja text file")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"chat template {path.name} is not UTF-8 text ({exc})", where=str(path)) from None
 
 
 @functools.lru_cache(maxsize=16)
@@ -173,7 +216,6 @@ def _compiled(source: str):
     """The template compiled in transformers' environment (chat_template_utils._compile_jinja_template)."""
     import jinja2
     from jinja2.ext import Extension, loopcontrols
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     class GenerationTag(Extension):
         # transformers' {% generation %} marks assistant tokens for masks; rendering passes the body through.
@@ -194,8 +236,7 @@ def _compiled(source: str):
         # transformers' own tojson: no HTML escaping, unicode kept
         return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=[GenerationTag, loopcontrols])
+    env = sandboxed_environment(trim_blocks=True, lstrip_blocks=True, extensions=[GenerationTag, loopcontrols])
     env.filters["tojson"] = tojson
     env.globals.update(raise_exception=raise_exception, strftime_now=lambda fmt: datetime.now().strftime(fmt))
     try:

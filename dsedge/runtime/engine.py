@@ -8,7 +8,7 @@ import numpy as np
 
 from dsedge.contract import ATTENTION_MASK, INPUT_IDS, POSITION_IDS
 from dsedge.errors import UserError
-from dsedge.manifest import GraphEntry, Manifest
+from dsedge.manifest import TAMPERED, BundleError, GraphEntry, Manifest
 from dsedge.runtime.bundle import DeclaredSession, verified_graph_path
 from dsedge.runtime.cache import CacheBuffers
 from dsedge.runtime.chat import chat
@@ -135,14 +135,35 @@ class Engine(ABC):
 
 
 def _load_codec(manifest: Manifest):
+    """The bundle's tokenizer, read through the verified door; a file tokenizers cannot load, or special-token
+    ids of the wrong type, are the bundle's fault (exit 3 naming it), never an internal error."""
     rel = "tokenizer/tokenizer.json"
     if rel not in manifest.files:
         return None
     from tokenizers import Tokenizer
 
-    info = manifest.data.get("tokenizer", {})
-    eos = info.get("eos_token_id")
-    eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-    generation_eos = (info.get("generation_defaults") or {}).get("eos_token_id")
-    eos_ids |= set(generation_eos if isinstance(generation_eos, list) else [generation_eos] if generation_eos else [])
-    return TextCodec(Tokenizer.from_file(str(manifest.path(rel))), info.get("bos_token_id"), eos_ids)
+    path = manifest.path(rel, what="tokenizer")
+    try:
+        tokenizer = Tokenizer.from_file(str(path))
+    except Exception as exc:  # tokenizers raises a bare Exception for every malformed file
+        raise BundleError(f"{rel} cannot be loaded by tokenizers: {str(exc)[:200]}", where=str(path),
+                          hint="re-export the bundle from a checkpoint whose tokenizer.json loads") from None
+    info = manifest.data.get("tokenizer") or {}
+    if not isinstance(info, dict):
+        raise BundleError("manifest.json key 'tokenizer' must be an object", where=str(manifest.root), hint=TAMPERED)
+    eos_ids = _token_ids(info, "eos_token_id", manifest) | _token_ids(info.get("generation_defaults") or {},
+                                                                      "eos_token_id", manifest)
+    bos = _token_ids(info, "bos_token_id", manifest)
+    return TextCodec(tokenizer, min(bos) if bos else None, eos_ids)
+
+
+def _token_ids(info: dict, key: str, manifest: Manifest) -> set[int]:
+    """A token id field (an int, a list of ints, or null) as a set, checked against the vocabulary."""
+    value = info.get(key) if isinstance(info, dict) else None
+    ids = value if isinstance(value, list) else [] if value is None else [value]
+    vocab = int(manifest.contract.model["vocab_size"])
+    for ident in ids:
+        if not isinstance(ident, int) or isinstance(ident, bool) or not 0 <= ident < vocab:
+            raise BundleError(f"manifest.json tokenizer {key} {ident!r} is not a token id of this vocabulary "
+                              f"(0..{vocab - 1})", where=str(manifest.root), hint=TAMPERED)
+    return set(ids)

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
 
 from dsedge.errors import UserError
+
+# Logits reach ~1e4 in magnitude; float64 overflows past ~1.8e308, so any temperature above ~1e-300 is finite.
+# 1e-6 leaves a wide margin and is already greedy in effect (a 1e-6 logit gap becomes a factor e).
+MIN_TEMPERATURE = 1e-6
 
 
 @dataclass(frozen=True)
@@ -19,12 +24,18 @@ class SamplingParams:
     seed: int | None = None
 
     def __post_init__(self):
-        checks = [(self.temperature >= 0, "temperature must be ≥ 0"), (self.top_k >= 0, "top_k must be ≥ 0"),
-                  (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
-                  (self.repetition_penalty > 0, "repetition_penalty must be > 0")]
-        for ok, message in checks:
+        t = self.temperature
+        checks = [(math.isfinite(t) and t >= 0, f"temperature must be a finite number ≥ 0 (got {t})", None),
+                  (t == 0 or t >= MIN_TEMPERATURE,
+                   f"temperature {t:g} is below {MIN_TEMPERATURE:g}: dividing logits by it overflows to inf",
+                   "pass --temperature 0 for greedy decoding (what so small a temperature amounts to)"),
+                  (self.top_k >= 0, "top_k must be ≥ 0", None),
+                  (0 < self.top_p <= 1, f"top_p must be in (0, 1] (got {self.top_p})", None),
+                  (math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0,
+                   f"repetition_penalty must be a finite number > 0 (got {self.repetition_penalty})", None)]
+        for ok, message, hint in checks:
             if not ok:
-                raise UserError(message, where="sampling parameters")
+                raise UserError(message, where="sampling parameters", hint=hint)
 
 
 class Sampler:
