@@ -194,3 +194,25 @@ def test_unknown_name_lists_what_exists(monkeypatch, capsys, home, tmp_path):
         resolve_bundle("../../etc")
     with pytest.raises(UserError, match="not a model name"):  # a name never leaves the store
         stored_path("../../etc")
+
+
+# --- help and rounding ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("command", ["inspect", "plan", "targets", "export", "run", "chat", "profile", "index",
+                                     "index build", "index add", "index query", "index stats", "serve",
+                                     "completion", "list", "rm", "compress"])
+def test_every_help_has_examples(capsys, command):
+    with pytest.raises(SystemExit):
+        main([*command.split(), "--help"])
+    assert "examples:" in capsys.readouterr().out
+
+
+def test_prune_rounding_is_said(capsys):
+    import argparse
+
+    from dsedge.cli_compress import _say_prune_rounding
+
+    args = argparse.Namespace(checkpoint="deepseek-v3-tiny", prune_experts=0.25, json=True)
+    _say_prune_rounding(args)  # 12 experts in 4 groups: 3 asked → 1 per group → 4 removed
+    assert args.notes == ["--prune-experts 0.25 removes 4 of 12 routed experts per layer (33%): whole experts, "
+                          "the same number in each of the 4 routing groups"]
