@@ -24,17 +24,18 @@ test-fast: install
 
 # The main job on the shipped demo model (DeepSeek-V3 architecture, trained on the Python docs):
 # compress (routed experts int4, the rest int8) -> partitioned bundle for the x86 CPU target -> generate -> profile,
-# then an HNSW index over this project's docs and an answer from retrieved, numbered sources.
+# then an HNSW index over this project's docs and an answer from retrieved, numbered sources. Sampling is the
+# demo model's own generation_config (temperature 0.6, top_p 0.95, repetition penalty 1.1); add --greedy
+# to a run for the same text every time.
 DEMO_TARGET := x86-cpu-16g
 demo: install
 	$(BIN)/dsedge compress deepseek-v3-tiny -o demo.ckpt --recipe int4-experts --overwrite
 	$(BIN)/dsedge export demo.ckpt -o demo.bundle --layout partitioned --target $(DEMO_TARGET) --overwrite
-	$(BIN)/dsedge run demo.bundle --target $(DEMO_TARGET) --prompt "The json module" --max-new-tokens 60 \
-		--repetition-penalty 1.1
+	$(BIN)/dsedge run demo.bundle --target $(DEMO_TARGET) --prompt "The json module" --max-new-tokens 60
 	$(BIN)/dsedge profile demo.bundle --target $(DEMO_TARGET) --trials 2
 	$(BIN)/dsedge index build README.md docs dsedge/demo/MODEL_CARD.md -o demo.index --overwrite
 	$(BIN)/dsedge index query demo.index "What text was the demo model trained on?" -k 3
-	$(BIN)/dsedge run demo.bundle --target $(DEMO_TARGET) --index demo.index --show-sources --max-new-tokens 60 --repetition-penalty 1.1 \
+	$(BIN)/dsedge run demo.bundle --target $(DEMO_TARGET) --index demo.index --show-sources --max-new-tokens 60 \
 		--prompt "What text was the demo model trained on?"
 
 lint: install

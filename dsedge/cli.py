@@ -40,15 +40,19 @@ run fast and small on one card or an edge device.
   dsedge targets                       the built-in device profiles
   dsedge compress CKPT -o OUT          quantize (int8/int4, RTN/GPTQ) and prune experts, layer by layer
   dsedge export CKPT -o BUNDLE         ONNX bundle (latent MLA cache, exact routing), validated vs PyTorch
-  dsedge run BUNDLE --prompt TEXT      generate from a bundle (onnxruntime only), streaming to stdout
-  dsedge chat BUNDLE                   interactive chat with the bundle's template (R1 reasoning shown apart)
+  dsedge run MODEL --prompt TEXT       generate from a bundle or a model name (exported once into the store)
+  dsedge chat MODEL                    interactive chat with the bundle's template (R1 reasoning shown apart)
+  dsedge list / dsedge rm NAME         the bundles in the local store (~/.cache/dsedge/bundles)
   dsedge profile BUNDLE                TTFT, decode tokens/s, time per graph/layer/expert, peak memory
   dsedge index build DOCS -o INDEX     HNSW index of your documents for retrieval-augmented answers
 """
 
 EPILOG = """\
 examples:
+  dsedge run deepseek-v3-tiny -p "The json module"  # the demo model, exported into the store on first use
+  dsedge chat qwen2-tiny
   dsedge plan deepseek-r1 --target gpu-24g        # a published model by short name, no weights needed
+  dsedge plan deepseek-r1:7b --target arm-sbc-8g   # ollama's tag: the Qwen 7B distill
   dsedge plan ./DeepSeek-V2-Lite --target arm-sbc-8g --context 2048
   dsedge inspect ./DeepSeek-V2-Lite --json
   dsedge export ./DeepSeek-V2-Lite -o v2lite.bundle --target x86-cpu-16g --max-context 4096
@@ -102,10 +106,14 @@ def _print_result(args: argparse.Namespace, result) -> int:
     """The result on stdout (one JSON object with --json); a result whose every unit failed exits non-zero."""
     failure: DsedgeError | None = getattr(result, "failure", None)
     code = failure.exit_code if failure else EXIT_OK
+    notes = getattr(args, "notes", [])
     try:
         if args.json:
             error = {"error": failure.to_json()} if failure else {}
-            print(json_text({"ok": failure is None, **result.to_json(), **error}))
+            body = result.to_json()
+            if notes:  # caps, roundings and defaults the command applied (also printed on stderr without --json)
+                body = {**body, "notes": [*body.get("notes", []), *notes]}
+            print(json_text({"ok": failure is None, **body, **error}))
         else:
             args.render(result)
             if failure:
@@ -114,6 +122,16 @@ def _print_result(args: argparse.Namespace, result) -> int:
     except BrokenPipeError:  # `dsedge ... | head`: the reader left; not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return code
+
+
+def note(args: argparse.Namespace, text: str) -> None:
+    """Say a cap, a rounding or a default the command applied: on stderr now (-q too: it is a warning, not
+    progress), or in the result's ``notes`` list with --json."""
+    if not hasattr(args, "notes"):
+        args.notes = []
+    args.notes.append(text)
+    if not getattr(args, "json", False):
+        print(f"note: {text}", file=sys.stderr, flush=True)
 
 
 def all_units_failed(errors: list[DsedgeError], succeeded: int, unit: str) -> UnitsFailed | None:
@@ -198,6 +216,7 @@ COMMAND_MODULES = (
     "dsedge.cli_index",
     "dsedge.cli_serve",
     "dsedge.cli_completion",
+    "dsedge.cli_store",
 )
 
 
@@ -225,10 +244,13 @@ def _add_inspect(sub) -> None:
                    "Describe a Hugging Face checkpoint directory: architecture and routing variant, parameter\n"
                    "counts (total, active per token, per component), on-disk dtypes and bytes, whether the MTP\n"
                    "layer is stored, and whether a tokenizer and chat template are present. Reads only\n"
-                   "config.json and the safetensors headers, and checks every tensor's name, shape and dtype.",
+                   "config.json and the safetensors headers, and checks every tensor's name, shape and dtype.\n\n"
+                   "examples:\n"
+                   "  dsedge inspect deepseek-v3-tiny                 a shipped demo model\n"
+                   "  dsedge inspect deepseek-ai/DeepSeek-V2-Lite     a repo id from the local Hugging Face cache\n"
+                   "  dsedge inspect ./my-checkpoint --json",
                    _run_inspect, _render_inspect)
-    cmd.add_argument("checkpoint", help="checkpoint directory (config.json + *.safetensors) or a shipped demo model "
-                                        "name (deepseek-v3-tiny, qwen2-tiny)")
+    cmd.add_argument("checkpoint", help=CHECKPOINT_HELP)
     cmd.add_argument("--no-validate", action="store_true", help="skip checking tensors against config.json")
 
 
@@ -237,11 +259,17 @@ def _add_plan(sub) -> None:
                    "From config.json alone (no weights needed): weight bytes at bf16 / int8 / int4 / int4-experts,\n"
                    "KV-cache bytes per token and at the context length (latent MLA cache vs a naive per-head\n"
                    "cache), whether it fits the target's memory budget, how many routed experts can stay\n"
-                   "resident otherwise, and an upper bound on decode tokens/s from memory bandwidth.",
+                   "resident otherwise, and an upper bound on decode tokens/s from memory bandwidth.\n\n"
+                   "examples:\n"
+                   "  dsedge plan deepseek-r1 --target gpu-24g\n"
+                   "  dsedge plan deepseek-ai/DeepSeek-R1 --target x86-cpu-16g   a repo id (cache or published)\n"
+                   "  dsedge plan deepseek-r1:7b --target arm-sbc-8g             ollama's tag: the Qwen 7B distill\n"
+                   "  dsedge plan ./DeepSeek-V2-Lite --target auto --context 2048",
                    _run_plan, _render_plan)
-    cmd.add_argument("model", help="checkpoint directory, config.json path, or a published name: "
-                                   "deepseek-v3, deepseek-r1, deepseek-v2, deepseek-v2-lite, r1-distill-qwen-1.5b, "
-                                   "r1-distill-qwen-7b, r1-distill-llama-8b")
+    cmd.add_argument("model", help="checkpoint directory, config.json path, a Hugging Face repo id (local cache, "
+                                   "else its published config), or a published name: deepseek-v3, deepseek-r1, "
+                                   "deepseek-v2, deepseek-v2-lite, r1-distill-qwen-1.5b, r1-distill-qwen-7b, "
+                                   "r1-distill-llama-8b (ollama tags such as deepseek-r1:7b too)")
     cmd.add_argument("--target",
                      help="device target: a built-in name (see `dsedge targets`), `auto` or a .toml/.json file")
     cmd.add_argument("--context", type=int, help="context length in tokens (default: the target's max_context)")
@@ -270,10 +298,14 @@ def _add_export(sub) -> None:
                    "onnxruntime against the PyTorch reference (prefill logits, 16 greedy tokens, decode through\n"
                    "the cache, batch 2 with left padding); a miss fails with exit code 4 and writes nothing.\n"
                    "A checkpoint written by `dsedge compress` exports its int8/int4 linears as MatMulNBits over the\n"
-                   "stored integers (repacked, never re-quantized) and is validated against its dequantized weights.",
+                   "stored integers (repacked, never re-quantized) and is validated against its dequantized\n"
+                   "weights.\n\n"
+                   "examples:\n"
+                   "  dsedge export deepseek-v3-tiny -o demo.bundle\n"
+                   "  dsedge export demo.ckpt -o demo.bundle --layout partitioned --target x86-cpu-16g\n"
+                   "  dsedge export ./DeepSeek-V2-Lite -o v2lite.bundle --dtype fp16 --max-context 4096",
                    _run_export, _render_export)
-    cmd.add_argument("checkpoint", help="checkpoint directory (config.json + *.safetensors) or a shipped demo model "
-                                        "name (deepseek-v3-tiny, qwen2-tiny)")
+    cmd.add_argument("checkpoint", help=CHECKPOINT_HELP)
     cmd.add_argument("-o", "--output", required=True, help="bundle directory to write")
     cmd.add_argument("--target", help="device target (name, file or `auto`): sets the default max context")
     cmd.add_argument("--layout", default="monolithic", choices=["monolithic", "partitioned"],
@@ -300,17 +332,43 @@ def _add_export(sub) -> None:
 def _add_run(sub) -> None:
     cmd = _command(sub, "run", "generate text from a bundle",
                    "Generate from a bundle written by `dsedge export`, on onnxruntime alone (no torch). Text streams\n"
-                   "to stdout as it is produced; timings go to stderr. Greedy unless --temperature > 0; a --seed\n"
-                   "makes sampling reproducible. With --json, one object with the text, token ids, finish reason\n"
-                   "(eos, stop, length) and timings is printed at the end instead.", _run_run, _render_run)
-    cmd.add_argument("bundle", help="bundle directory")
+                   "to stdout as it is produced; timings go to stderr. Sampling follows the model's own\n"
+                   "generation_config (temperature, top_p, repetition penalty) unless flags say otherwise;\n"
+                   "--greedy decodes deterministically, a --seed makes sampling reproducible. With --json, one\n"
+                   "object with the text, token ids, finish reason (eos, stop, length) and timings is printed at\n"
+                   "the end instead. A model name (not a directory) is looked up in the bundle store and, the\n"
+                   "first time, exported into it (`dsedge list`, `dsedge rm NAME`).\n\n"
+                   "examples:\n"
+                   "  dsedge run deepseek-v3-tiny -p \"The json module\"           exported into the store once\n"
+                   "  dsedge run demo.bundle -p \"The json module\" -n 60 --greedy\n"
+                   "  echo \"The os module\" | dsedge run demo.bundle -p -          the prompt from stdin\n"
+                   "  dsedge run demo.bundle --index demo.index --show-sources -p \"What was the model trained on?\"",
+                   _run_run, _render_run)
+    cmd.add_argument("bundle", help=BUNDLE_HELP)
     cmd.add_argument("-p", "--prompt", required=True,
-                     help="prompt text (raw, no chat template; with --index/--rag: the question, sent through the "
-                          "bundle's chat template with the retrieved sources)")
-    cmd.add_argument("-n", "--max-new-tokens", type=int, default=128, metavar="N", help="default 128")
+                     help="prompt text, or - to read it from stdin (raw, no chat template; with --index/--rag: the "
+                          "question, sent through the bundle's chat template with the retrieved sources)")
+    cmd.add_argument("-n", "--max-new-tokens", type=int, default=128, metavar="N",
+                     help="default 128; capped (with a note) at the context the prompt leaves")
     add_sampling_flags(cmd)
+    add_think_flags(cmd)
     add_engine_flags(cmd)
     add_rag_flags(cmd)
+
+
+CHECKPOINT_HELP = ("checkpoint directory (config.json + *.safetensors), a shipped demo model name (deepseek-v3-tiny, "
+                   "qwen2-tiny) or a Hugging Face repo id in the local Hugging Face cache (offline)")
+BUNDLE_HELP = ("bundle directory, or a model name: a stored bundle (`dsedge list`), else a demo model or a Hugging "
+               "Face repo id from the local cache, exported into the store on first use")
+
+
+def add_think_flags(cmd) -> None:
+    """R1 reasoning (chat, and run with --index/--rag): whether the reply opens a think block, and its length."""
+    cmd.add_argument("--think", choices=["auto", "on", "off"], default="auto",
+                     help="open the reply in a <think> block: auto (default) when the model is a reasoning model "
+                          "(its record, else an R1-family template), on, or off (answer directly)")
+    cmd.add_argument("--reasoning-budget", type=int, metavar="N",
+                     help="reasoning tokens allowed; then </think> is forced and the answer follows")
 
 
 def add_rag_flags(cmd) -> None:
@@ -326,10 +384,15 @@ def add_rag_flags(cmd) -> None:
 
 def add_sampling_flags(cmd) -> None:
     """Sampling flags shared by run and chat (names match ``Engine.generate``'s keywords)."""
-    cmd.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    cmd.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
-    cmd.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
-    cmd.add_argument("--repetition-penalty", type=float, default=1.0, help="CTRL-style penalty (1 = off)")
+    cmd.add_argument("--temperature", type=float,
+                     help="0 = greedy (default: the model's generation_config, else 0)")
+    cmd.add_argument("--top-k", type=int, help="keep the k most likely tokens (0 = off; default: the model's)")
+    cmd.add_argument("--top-p", type=float, help="nucleus sampling mass (1 = off; default: the model's)")
+    cmd.add_argument("--repetition-penalty", type=float,
+                     help="CTRL-style penalty (1 = off; default: the model's generation_config, else 1)")
+    cmd.add_argument("--greedy", action="store_true",
+                     help="deterministic: always the most likely token (drops the model's temperature/top-p/top-k; "
+                          "keeps its repetition penalty)")
     cmd.add_argument("--seed", type=int, help="seed for reproducible sampling")
     cmd.add_argument("--stop", action="append", metavar="TEXT", help="stop before this text (repeatable)")
 
@@ -358,8 +421,9 @@ def _run_inspect(args):
 
 def _run_plan(args):
     from dsedge.planning import plan
+    from dsedge.sources import resolve_model_name
 
-    return plan(args.model, target=args.target, context=args.context)
+    return plan(resolve_model_name(args.model), target=args.target, context=args.context)
 
 
 class _TargetList:
@@ -389,28 +453,106 @@ def _run_export(args):
 
 def load_engine(args):
     """load_bundle from the engine flags, and the retriever the RAG flags ask for (run, chat): (engine, retriever
-    or None). The index is opened (and verified) now, so a bad one fails before the first question."""
+    or None). The index is opened (and verified) now, so a bad one fails before the first question.
+
+    ``args.bundle`` may be a model name (dsedge.store). Without --target the bundle's export target is used,
+    else this machine's (`auto`)."""
     from dsedge.errors import UserError
     from dsedge.rag import open_retriever
     from dsedge.runtime import load_bundle
+    from dsedge.store import resolve_bundle
 
-    engine = load_bundle(args.bundle, target=args.target, threads=args.threads,
+    bundle = resolve_bundle(args.bundle)
+    engine = load_bundle(bundle, target=args.target or default_target(bundle), threads=args.threads,
                          memory_budget_bytes=args.memory_budget, prefetch_experts=args.prefetch_experts,
                          verify="full" if args.verify else True)
     retriever = open_retriever(engine, args.index) if (args.index or args.rag) else None
     if args.rag and retriever is None:
         raise UserError("this bundle has no embedded index", where=args.bundle,
                         hint="pass --index INDEX, or re-export with `dsedge export ... --index INDEX`")
+    if getattr(args, "show_sources", False) and retriever is None:
+        note(args, "--show-sources has no effect without --index INDEX or --rag: there are no sources")
     return engine, retriever
 
 
+def default_target(bundle):
+    """The target a bundle runs on without --target: the one it was exported for, else this machine (`auto`)."""
+    from pathlib import Path
+
+    from dsedge.targets import parse_target
+
+    try:
+        recorded = json.loads((Path(bundle) / "manifest.json").read_text(encoding="utf-8")).get("target")
+        return parse_target(recorded, where="manifest.json target") if isinstance(recorded, dict) else "auto"
+    except (OSError, ValueError, AttributeError, DsedgeError):  # an old or odd record: this machine's defaults
+        return "auto"
+
+
+def sampling_options(args, engine) -> dict[str, Any]:
+    """``Engine.stream`` sampling keywords: the flags given, else the model's generation_config, else greedy
+    with no penalty. --greedy drops the model's temperature/top-p/top-k (its repetition penalty stays)."""
+    from dsedge.runtime.chat import model_sampling
+
+    flags = {k: getattr(args, k) for k in ("temperature", "top_k", "top_p", "repetition_penalty")
+             if getattr(args, k, None) is not None}
+    model = model_sampling(engine)
+    if args.greedy:
+        if flags.get("temperature"):
+            raise UsageError("--greedy and --temperature > 0 contradict each other", where="--greedy",
+                             hint="drop one of them")
+        flags["temperature"] = 0.0
+    if flags.get("temperature") == 0.0:  # greedy: the model's temperature/top-p/top-k do not apply
+        model = {k: v for k, v in model.items() if k == "repetition_penalty"}
+    chosen = {"temperature": 0.0, "top_k": 0, "top_p": 1.0, "repetition_penalty": 1.0} | model | flags
+    from_model = {k: v for k, v in model.items() if k not in flags}
+    if from_model:
+        said = ", ".join(f"{k} {v:g}" for k, v in from_model.items())
+        hint = "; --greedy for deterministic output" if chosen["temperature"] > 0 else ""
+        note(args, f"sampling: {said} (the model's generation_config){hint}")
+    return chosen | {"seed": args.seed, "stop": args.stop}
+
+
+def read_prompt(args) -> str:
+    """``-p -`` reads the prompt from stdin (as llama.cpp's ``-f -``, mlx-lm's ``--prompt -``)."""
+    if args.prompt != "-":
+        return args.prompt
+    text = sys.stdin.read()
+    if not text.strip():
+        raise UsageError("-p - read an empty prompt from stdin", where="--prompt", hint="pipe some text in")
+    return text.rstrip("\n")
+
+
+def capped_new_tokens(args, engine, prompt_tokens: int) -> int:
+    """``-n``, capped (with a note) at the room the bundle's context leaves after the prompt."""
+    from dsedge.errors import UserError
+
+    room = engine.max_context - prompt_tokens
+    if room < 1:
+        raise UserError(f"the prompt ({prompt_tokens} tokens) fills the bundle's max context of "
+                        f"{engine.max_context}", where="--prompt",
+                        hint="shorten the prompt, or re-export with a larger --max-context (up to the model's "
+                             f"max_position_embeddings, {engine.spec.get('max_position_embeddings', '?')})")
+    if args.max_new_tokens > room:
+        note(args, f"-n {args.max_new_tokens} capped at {room}: the prompt's {prompt_tokens} tokens leave that much "
+                   f"of the bundle's {engine.max_context}-token context")
+        return room
+    return args.max_new_tokens
+
+
 def _run_run(args):
+    from dsedge.errors import UserError
+
     engine, retriever = load_engine(args)
+    args.prompt = read_prompt(args)
+    if args.max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens must be ≥ 1, got {args.max_new_tokens}", where="--max-new-tokens")
     if retriever is not None:
         return _run_rag(engine, retriever, args)
-    stream = engine.stream(args.prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                           top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
-                           stop=args.stop)
+    if args.reasoning_budget is not None or args.think != "auto":
+        note(args, "--think/--reasoning-budget apply to chat templates (chat, run --index/--rag); run -p is raw text")
+    ids = engine.codec.encode(args.prompt) if engine.codec is not None else None
+    max_new = capped_new_tokens(args, engine, len(ids)) if ids else args.max_new_tokens
+    stream = engine.stream(ids or args.prompt, max_new, **sampling_options(args, engine))
     for event in stream:
         if not args.json:
             print(event.text, end="", flush=True)
@@ -440,15 +582,28 @@ def _render_export(r) -> None:
 def _run_rag(engine, retriever, args):
     from dsedge.rag import ask
 
-    replies = ask(engine, args.prompt, retriever=retriever, k=args.top_chunks, max_new_tokens=args.max_new_tokens,
-                  stream=True, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                  repetition_penalty=args.repetition_penalty, seed=args.seed, stop=args.stop)
+    max_new = min(args.max_new_tokens, engine.max_context // 2)
+    if max_new < args.max_new_tokens:
+        note(args, f"-n {args.max_new_tokens} capped at {max_new}: half the bundle's {engine.max_context}-token "
+                   "context stays for the sources")
+    replies = ask(engine, args.prompt, retriever=retriever, k=args.top_chunks, max_new_tokens=max_new,
+                  stream=True, force_think=args.think, reasoning_budget=args.reasoning_budget,
+                  **sampling_options(args, engine))
     for piece in replies:
         if not args.json:
             print(piece.text, end="", flush=True)
     result = replies.result
     result.show_sources = args.show_sources
+    sources_note(args, result)
     return result
+
+
+def sources_note(args, result) -> None:
+    """Say when fewer sources than -k went into the prompt (the context could not hold them)."""
+    given, dropped = len(getattr(result, "sources", [])), getattr(result, "dropped", 0)
+    if dropped:
+        note(args, f"{given} of the {given + dropped} retrieved sources fit in the context (-k {args.top_chunks}); "
+                   "lower -n or re-export with a larger --max-context for more")
 
 
 def render_sources(sources: list[dict], cited: list[int]) -> str:

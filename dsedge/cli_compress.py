@@ -98,11 +98,30 @@ def register(sub, command) -> None:
 def _run(args):
     from dsedge.compress.pipeline import compress
 
+    if args.prune_experts:
+        _say_prune_rounding(args)
     return compress(args.checkpoint, args.output, recipe=args.recipe, target=args.target, calib=args.calib,
                     calib_tokens=args.calib_tokens, heldout_tokens=args.heldout_tokens, seq_len=args.seq_len,
                     prune_experts=args.prune_experts, method=args.method, overwrite=args.overwrite,
                     evaluate=not args.no_eval, expert_statistics=args.expert_statistics,
                     min_expert_tokens=args.min_expert_tokens)
+
+
+def _say_prune_rounding(args) -> None:
+    """--prune-experts F removes whole experts per group: say what F becomes when that is not F exactly
+    (12 experts in 4 groups at 0.25: 3 → 1 per group → 4 removed, 33%)."""
+    from dsedge.cli import note
+    from dsedge.compress.pruning import plan_pruning
+    from dsedge.models.checkpoint import Checkpoint
+    from dsedge.sources import resolve_checkpoint
+
+    prune = plan_pruning(Checkpoint(resolve_checkpoint(args.checkpoint)).spec.moe, args.prune_experts)
+    removed = prune.n_group * prune.per_group_removed
+    actual = removed / prune.experts_before
+    if abs(actual - args.prune_experts) > 1e-9:
+        note(args, f"--prune-experts {args.prune_experts:g} removes {removed} of {prune.experts_before} routed "
+                   f"experts per layer ({actual:.0%}): whole experts, the same number in each of the "
+                   f"{prune.n_group} routing groups")
 
 
 def _render(report) -> None:

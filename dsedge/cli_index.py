@@ -21,6 +21,11 @@ manifest and sha256s, usable by `dsedge run/chat --index` on a device without to
   dsedge index add INDEX DOCS...           add new and replace changed documents (deleted ones marked)
   dsedge index query INDEX "question"      ranked chunks with scores and sources
   dsedge index stats INDEX                 counts, parameters, sizes
+
+examples:
+  dsedge index build README.md docs -o docs.index
+  dsedge index query docs.index "How do I export a bundle?"
+  dsedge run demo.bundle --index docs.index --show-sources -p "How do I export a bundle?"
 """
 
 
@@ -47,7 +52,11 @@ def _add_build(actions, command) -> None:
                   "default of 200 keeps every chunk whole with room for [CLS]/[SEP]. HNSW: M links per node,\n"
                   "ef-construction while building, ef at query time (stored in the manifest; hnswlib does not\n"
                   "save it). The first build converts the embedder to ONNX once (needs `dsedge[embedder]`);\n"
-                  "later builds reuse it from $DSEDGE_CACHE (default ~/.cache/dsedge).", _run_build, _render_build)
+                  "later builds reuse it from $DSEDGE_CACHE (default ~/.cache/dsedge).\n\n"
+                  "examples:\n"
+                  "  dsedge index build README.md docs -o docs.index\n"
+                  "  dsedge index build notes/ -o notes.index --chunk-tokens 120 --overwrite",
+                  _run_build, _render_build)
     cmd.add_argument("docs", nargs="+", metavar="DOCS", help="document files or folders (searched recursively)")
     cmd.add_argument("-o", "--output", required=True, help="index directory to write")
     cmd.add_argument("--chunk-tokens", type=int, default=200, metavar="N", help="chunk budget in embedder tokens "
@@ -67,7 +76,10 @@ def _add_add(actions, command) -> None:
                   "Update an index in place (atomically): new documents are added, changed ones (by content\n"
                   "sha256) replaced, unchanged ones skipped. A folder is taken as complete: documents indexed\n"
                   "from it that no longer exist are removed. Old chunks are marked deleted in the HNSW graph\n"
-                  "and never returned; their slots are reused.", _run_add, _render_build)
+                  "and never returned; their slots are reused.\n\n"
+                  "examples:\n"
+                  "  dsedge index add docs.index docs/new-page.md\n"
+                  "  dsedge index add docs.index --remove docs/old", _run_add, _render_build)
     cmd.add_argument("index", help="index directory")
     cmd.add_argument("docs", nargs="*", metavar="DOCS", help="document files or folders")
     cmd.add_argument("--remove", action="append", metavar="PATH", default=[],
@@ -78,7 +90,10 @@ def _add_add(actions, command) -> None:
 def _add_query(actions, command) -> None:
     cmd = command(actions, "query", "ranked chunks for a question",
                   "Embed the question and search the index: the k most similar chunks (cosine), with their\n"
-                  "sources and character offsets, and the time spent embedding and searching.",
+                  "sources and character offsets, and the time spent embedding and searching.\n\n"
+                  "examples:\n"
+                  "  dsedge index query docs.index \"What text was the demo model trained on?\" -k 3\n"
+                  "  dsedge index query docs.index \"rotate log files\" --json",
                   _run_query, _render_query)
     cmd.add_argument("index", help="index directory")
     cmd.add_argument("question", help="question or search text")
@@ -90,7 +105,10 @@ def _add_query(actions, command) -> None:
 def _add_stats(actions, command) -> None:
     cmd = command(actions, "stats", "describe an index",
                   "Documents, chunks, deleted slots, parameters, embedder and bytes on disk; every file's sha256\n"
-                  "is checked first.", _run_stats, _render_stats)
+                  "is checked first.\n\n"
+                  "examples:\n"
+                  "  dsedge index stats docs.index\n"
+                  "  dsedge index stats docs.index --json", _run_stats, _render_stats)
     cmd.add_argument("index", help="index directory")
 
 

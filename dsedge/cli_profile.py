@@ -19,7 +19,9 @@ def register(sub, command) -> None:
                   "  dsedge profile v2lite.bundle --target x86-cpu-16g --prompt-tokens 512 --gen-tokens 128 --json\n"
                   "  dsedge profile demo.bundle --by-op --plot profile.png",
                   _run, _render)
-    cmd.add_argument("bundle", help="bundle directory written by `dsedge export`")
+    from dsedge.cli import BUNDLE_HELP
+
+    cmd.add_argument("bundle", help=BUNDLE_HELP)
     cmd.add_argument("--prompt-tokens", type=int, default=128, metavar="N", help="prompt length (default 128)")
     cmd.add_argument("--gen-tokens", type=int, default=64, metavar="N", help="tokens generated per trial (default 64)")
     cmd.add_argument("--trials", type=int, default=3, metavar="N", help="timed trials after the warm-up (default 3)")
@@ -35,10 +37,14 @@ def register(sub, command) -> None:
 
 
 def _run(args):
+    from dsedge.cli import default_target
     from dsedge.rag import open_retriever
     from dsedge.runtime import load_bundle
     from dsedge.runtime.profile import profile_engine
+    from dsedge.store import resolve_bundle
 
+    args.bundle = str(resolve_bundle(args.bundle))
+    args.target = args.target or default_target(args.bundle)  # the export target, else this machine (auto)
     engine = load_bundle(args.bundle, target=args.target, threads=args.threads,
                          memory_budget_bytes=args.memory_budget, prefetch_experts=args.prefetch_experts,
                          verify="full" if args.verify else True)

@@ -17,6 +17,7 @@ One worker thread runs the model; requests queue in arrival order (at most 64 wa
 --parallel N, N generations advance together, one step each in turn. Binds 127.0.0.1 unless --host says
 otherwise; use --api-key when anything but this machine can reach it. Needs `pip install 'dsedge[serve]'`.
 
+examples:
   dsedge serve model.bundle --port 8000
   python -c "from openai import OpenAI; c = OpenAI(base_url='http://127.0.0.1:8000/v1', api_key='-'); \\
 print(c.chat.completions.create(model='model.bundle', messages=[{'role': 'user', 'content': 'Hi'}]))"

@@ -33,6 +33,7 @@ class RagResult(ChatResult):
     sources: list[dict[str, Any]] = field(default_factory=list)
     cited: list[int] = field(default_factory=list)  # source numbers the answer cites as [n]
     retrieval: dict[str, float] = field(default_factory=dict)  # embed_ms, search_ms, assembly_ms
+    dropped: int = 0  # retrieved sources that did not fit in the context
     show_sources: bool = field(default=False, repr=False)  # a rendering choice of the CLI, not data
 
     def to_json(self) -> dict:
@@ -104,7 +105,7 @@ class RagSources:
 def with_sources(result: ChatResult, rag) -> RagResult:
     return RagResult(**result.__dict__, sources=[s.to_json() for s in rag.sources],
                      cited=[s.number for s in cited_sources(result.answer, rag.sources)],
-                     retrieval={k: round(v, 3) for k, v in rag.timings.items()})
+                     retrieval={k: round(v, 3) for k, v in rag.timings.items()}, dropped=rag.dropped)
 
 
 def _required_retriever(engine, index) -> Retriever:

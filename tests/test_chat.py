@@ -213,7 +213,7 @@ def test_chat_without_a_template_uses_the_family_builtin(engine, monkeypatch):
 
 def run_chat(monkeypatch, capsys, bundle, lines, *flags):
     monkeypatch.setattr(sys, "stdin", io.StringIO("".join(f"{line}\n" for line in lines)))
-    code = main(["chat", str(bundle), "-n", "5", *flags])
+    code = main(["chat", str(bundle), "-n", "5", "--greedy", *flags])
     captured = capsys.readouterr()
     return code, captured.out, captured.err
 
@@ -298,8 +298,10 @@ def _plain(turn):
 
 
 def test_chat_cli_errors_and_commands(monkeypatch, capsys, bundle, tmp_path):
-    code, out, err = run_chat(monkeypatch, capsys, bundle, ["/help", "spider " * 200, "/quit"])
-    assert code == 0 and out == "" and "unknown command /help" in err and "max context" in err
+    code, out, err = run_chat(monkeypatch, capsys, bundle, ["/help", "/nope", "spider " * 200, "/quit"])
+    # the only turn failed: the chat exits with its code (3), after saying why and going on to /quit
+    assert code == 3 and out == "" and "/set temperature" in err and "unknown command '/nope'" in err
+    assert "max context" in err
     code, out, _ = run_chat(monkeypatch, capsys, tmp_path, ["hi"], "--json")
     assert code == 3 and json.loads(out)["ok"] is False
     code, _, err = run_chat(monkeypatch, capsys, bundle, ["hi"], "--template", "nope")

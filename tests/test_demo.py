@@ -52,7 +52,7 @@ def test_resolve_checkpoint_prefers_a_local_directory(tmp_path, monkeypatch):
     (tmp_path / "qwen2-tiny").mkdir()
     monkeypatch.chdir(tmp_path)
     assert resolve_checkpoint("qwen2-tiny") == Path("qwen2-tiny")
-    with pytest.raises(UserError, match="checkpoint directory not found"):
+    with pytest.raises(UserError, match="no checkpoint directory or known name"):
         resolve_checkpoint("no/such/dir")
     with pytest.raises(UserError, match="did you mean 'qwen2-tiny'"):
         resolve_checkpoint("qwen2-tine")
@@ -162,7 +162,7 @@ def test_evaluate_checkpoint_accepts_a_demo_name():
     report = evaluate_checkpoint("qwen2-tiny", max_tokens=300, window=128, batch_size=2)
     assert report.tokens == 300 - 3  # windows of 128, 128, 44: each window's first token unscored
     assert math.isclose(report.perplexity, math.exp(report.nll))
-    with pytest.raises(UserError, match="unknown demo model"):
+    with pytest.raises(UserError, match="did you mean 'qwen2-tiny'"):
         evaluate_checkpoint("qwen3-tiny")
 
 

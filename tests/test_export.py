@@ -203,7 +203,7 @@ def test_bad_input_errors(tiny_checkpoint, tmp_path, capsys):
     with pytest.raises(UserError, match="layout"):
         export_bundle(tiny_checkpoint("v3"), tmp_path / "b", layout="sideways")
     assert main(["export", str(tmp_path / "missing"), "-o", str(tmp_path / "b")]) == 3
-    assert "checkpoint directory not found" in capsys.readouterr().err
+    assert "no checkpoint directory or known name" in capsys.readouterr().err
 
 
 def test_cli_export_human_output(tiny_checkpoint, tmp_path, capsys):

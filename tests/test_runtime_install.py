@@ -24,7 +24,8 @@ def test_runtime_only_install_runs_a_bundle(tmp_path, tiny_checkpoint):
                               "('torch', 'transformers', 'onnx', 'safetensors') if u.find_spec(m)])"],
                              check=True, capture_output=True, text=True).stdout.strip()
     assert missing == "[]", f"a runtime-only install pulled in {missing}"
-    run = subprocess.run([str(venv / "bin" / "dsedge"), "run", bundle, "--prompt", "def f(x):", "-n", "6", "--json"],
+    run = subprocess.run([str(venv / "bin" / "dsedge"), "run", bundle, "--prompt", "def f(x):", "-n", "6", "--greedy",
+                          "--json"],
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     result = json.loads(run.stdout)

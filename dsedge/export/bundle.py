@@ -104,6 +104,9 @@ def export_bundle(checkpoint: str | Path, output: str | Path, *, target=None, la
                                dtype == "fp16")
         _copy_tokenizer(ckpt.path, tmp)
         manifest = _manifest(ckpt, tgt, layout, dtype, context, graphs, accuracy_level)
+        if max_context and max_context > context:
+            manifest["notes"].append(f"--max-context {max_context} capped at {context}, the model's "
+                                     "max_position_embeddings")
         if index is not None:
             manifest["retriever"] = _embed_index(index, tmp)
         if layout == "partitioned":
@@ -146,6 +149,8 @@ def _max_context(ckpt: Checkpoint, tgt, requested: int | None) -> int:
     context = requested if requested is not None else (tgt.max_context if tgt else DEFAULT_MAX_CONTEXT)
     if context < 1:
         raise UserError(f"--max-context must be ≥ 1, got {context}", where="--max-context")
+    if requested and context > limit:  # said, not silent: the bundle serves fewer tokens than asked for
+        log.warning("export: --max-context %d capped at %d, the model's max_position_embeddings", context, limit)
     return min(context, limit)
 
 

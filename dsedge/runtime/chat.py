@@ -273,25 +273,76 @@ class ChatPrompt:
     thinking: bool  # the prompt ends inside an open <think> block: output starts as reasoning
 
 
+THINK_MODES = ("auto", "on", "off")
+
+
+def think_flag(mode: str | bool | None) -> bool | None:
+    """``--think auto|on|off`` as ``prepare_prompt``'s ``force_think``: None (auto), True or False."""
+    if mode is None or isinstance(mode, bool):
+        return mode
+    if mode not in THINK_MODES:
+        raise UserError(f"unknown think mode {mode!r}", where="--think", hint="use auto, on or off")
+    return {"auto": None, "on": True, "off": False}[mode]
+
+
+def reasoning_model(engine, chat_template: ChatTemplate) -> bool:
+    """Whether the bundle's model reasons before it answers (what ``--think auto`` follows).
+
+    The model's own record wins: ``reasoning_model`` in its generation_config.json, which export copies
+    into the manifest (the shipped demo models record ``false``: they were trained on documentation, not on
+    ``<think>`` transcripts, so a forced think block swallows their whole reply). Without a record, the
+    template decides: an R1-family template (it strips ``…</think>`` from history, or ends its generation
+    prompt in ``<think>``) belongs to a reasoning model — published R1 checkpoints carry no record.
+    """
+    info = engine.manifest.data.get("tokenizer") or {}
+    for record in (info.get("reasoning_model"), (info.get("generation_defaults") or {}).get("reasoning_model")):
+        if isinstance(record, bool):
+            return record
+    return chat_template.strips_reasoning or _ends_in_think(chat_template.render([{"role": "user", "content": ""}]))
+
+
 def prepare_prompt(engine, messages: list[dict], *, template: str | Path | ChatTemplate | None = None,
-                   force_think: bool | None = None) -> ChatPrompt:
+                   force_think: bool | str | None = None) -> ChatPrompt:
     """Render ``messages`` with the generation prompt and encode it as transformers does (no extra BOS).
 
-    ``force_think``: None (default) appends ``<think>\\n`` when an R1-family template does not end with it
-    (R1's January template; DeepSeek recommends forcing it, and their later templates do); True appends it
-    to any template; False leaves the rendered prompt alone.
+    ``force_think`` (or "auto"/"on"/"off"): None/"auto" (default) thinks when the model is a reasoning model
+    (:func:`reasoning_model`): ``<think>\\n`` is appended when the template does not end with it (R1's January
+    template; DeepSeek recommends forcing it). True/"on" appends it to any template. False/"off" — and auto
+    for a model that does not reason — leaves the prompt out of a think block: a template that opens
+    ``<think>`` itself gets it closed at once (``</think>``), so the model answers directly.
     """
     chat_template = load_chat_template(engine, template)
     text = chat_template.render(messages, add_generation_prompt=True)
     thinking = _ends_in_think(text)
-    wants_think = chat_template.strips_reasoning if force_think is None else force_think
+    force_think = think_flag(force_think)
+    wants_think = reasoning_model(engine, chat_template) if force_think is None else force_think
     if wants_think and not thinking:
         text, thinking = text + THINK_OPEN + "\n", True
+    elif not wants_think and thinking:
+        text, thinking = text.rstrip() + "\n" + THINK_CLOSE + "\n\n", False
     codec = engine.codec
     if codec is None:
         raise UserError("this bundle has no tokenizer, so it cannot chat", where=str(engine.manifest.root),
                         hint="re-export from a checkpoint directory that holds tokenizer.json")
     return ChatPrompt(text, codec.tokenizer.encode(text, add_special_tokens=False).ids, thinking)
+
+
+def model_sampling(engine) -> dict[str, Any]:
+    """The sampling the bundle's model asks for (its generation_config.json, kept in the manifest as
+    ``tokenizer.generation_defaults``), as ``Engine.stream`` keywords; {} when it asks for nothing.
+
+    As in transformers, ``do_sample: false`` means greedy whatever temperature it lists; a model that
+    samples gets its temperature/top_p/top_k, and its repetition_penalty either way.
+    """
+    info = (engine.manifest.data.get("tokenizer") or {}).get("generation_defaults") or {}
+    out: dict[str, Any] = {}
+    if info.get("do_sample"):
+        for key, kind in (("temperature", float), ("top_p", float), ("top_k", int)):
+            if isinstance(info.get(key), (int, float)) and not isinstance(info.get(key), bool):
+                out[key] = kind(info[key])
+    if isinstance(info.get("repetition_penalty"), (int, float)) and info["repetition_penalty"] > 0:
+        out["repetition_penalty"] = float(info["repetition_penalty"])
+    return out
 
 
 def _ends_in_think(text: str) -> bool:
@@ -322,6 +373,11 @@ class ReasoningSplitter:
         self._phase = "reasoning" if thinking else "start"
         self._buffer = ""
         self._started = False  # whether the current phase has emitted its first non-space text
+
+    @property
+    def in_reasoning(self) -> bool:
+        """Whether the text so far is inside a think block that has not closed."""
+        return self._phase == "reasoning"
 
     def feed(self, text: str) -> list[tuple[str, str]]:
         """(kind, text) pairs releasable after ``text``."""
@@ -397,32 +453,45 @@ class ChatStream:
     """Iterates ChatPieces as tokens arrive; ``result`` (a ChatResult) is set once iteration ends.
 
     ``finish`` (optional) turns the ChatResult into a richer one (RAG adds its sources) before ``on_done``
-    sees it and ``result`` holds it. ``cache``: one holding a prefix of the prompt's tokens (a prompt cache's).
+    sees it and ``result`` holds it. ``sampling`` may hold ``reasoning_budget`` (N tokens): a reply still
+    inside its think block after N tokens gets ``</think>`` appended and goes on as the answer. ``cache``: one
+    holding a prefix of the prompt's tokens (a prompt cache's); it ends holding the prompt and the reply.
     """
 
     def __init__(self, engine, prompt: ChatPrompt, max_new_tokens: int, sampling: dict[str, Any], on_done=None,
                  finish=None, cache=None):
+        sampling = dict(sampling)
+        self.reasoning_budget = _budget(sampling.pop("reasoning_budget", None))
+        if self.reasoning_budget == 0 and prompt.thinking:  # no reasoning at all: close the block in the prompt
+            prompt = _closed_think(engine, prompt)
         self.engine, self.prompt, self.sampling, self.cache = engine, prompt, sampling, cache
         self.max_new_tokens = _fit_context(engine, prompt, max_new_tokens)
         self.result: ChatResult | None = None
         self._on_done, self._finish = on_done, finish
 
     def __iter__(self) -> Iterator[ChatPiece]:
-        splitter, fed = ReasoningSplitter(self.prompt.thinking), ""
-        text_stream = self.engine.stream(self.prompt.token_ids, self.max_new_tokens, **self.sampling, cache=self.cache)
-        for event in text_stream:
-            # Feed from the whole text decoded so far (the stream's ``text``), holding back while it ends in
-            # U+FFFD: a character split over tokens shows as U+FFFD until its last byte arrives, and the
-            # event's own text piece keeps that placeholder.
-            text = text_stream.text
-            if text.endswith("\ufffd") or not text.startswith(fed):
-                continue
-            for kind, piece in splitter.feed(text[len(fed):]):
-                yield ChatPiece(kind, piece, event.token_id)
-            fed = text
-        generated = text_stream.result
-        tail = generated.text[len(fed):] if generated.text.startswith(fed) else ""
-        for kind, piece in splitter.feed(tail) + splitter.finish():
+        splitter = ReasoningSplitter(self.prompt.thinking)
+        budget = self.reasoning_budget if self.prompt.thinking else None
+        first = self.engine.stream(self.prompt.token_ids, min(budget or self.max_new_tokens, self.max_new_tokens),
+                                   **self.sampling, cache=self.cache)
+        yield from _stream_pieces(first, splitter)
+        generated = first.result
+        left = self.max_new_tokens - len(generated.token_ids)
+        if budget is not None and generated.finish_reason == "length" and left > 0:
+            # Over budget: close the think block if it is still open (forced tokens, as llama.cpp does), then
+            # continue the answer from the whole sequence so far (one more prefill of it).
+            closing = "\n" + THINK_CLOSE + "\n\n" if splitter.in_reasoning else ""
+            closing_ids = self.engine.codec.tokenizer.encode(closing, add_special_tokens=False).ids if closing else []
+            for kind, piece in splitter.feed(closing):
+                yield ChatPiece(kind, piece)
+            left -= len(closing_ids)
+            if left > 0:
+                # The same cache holds the prompt and the reply so far: only the closing tokens are prefilled.
+                rest = self.engine.stream([*self.prompt.token_ids, *generated.token_ids, *closing_ids], left,
+                                          **self.sampling, cache=self.cache)
+                yield from _stream_pieces(rest, splitter)
+                generated = _joined(generated, closing, closing_ids, rest.result)
+        for kind, piece in splitter.finish():
             yield ChatPiece(kind, piece)
         reasoning, answer = split_reasoning(generated.text, thinking=self.prompt.thinking)
         result = ChatResult(**generated.__dict__, reasoning=reasoning, answer=answer, prompt=self.prompt.text)
@@ -435,6 +504,47 @@ class ChatStream:
         for _ in self:
             pass
         return self.result
+
+
+def _closed_think(engine, prompt: ChatPrompt) -> ChatPrompt:
+    text = prompt.text.rstrip() + "\n" + THINK_CLOSE + "\n\n"
+    return ChatPrompt(text, engine.codec.tokenizer.encode(text, add_special_tokens=False).ids, False)
+
+
+def _stream_pieces(text_stream, splitter: ReasoningSplitter) -> Iterator[ChatPiece]:
+    """The ChatPieces of one TextStream, fed through ``splitter`` (which keeps its state across streams)."""
+    fed = ""
+    for event in text_stream:
+        # Feed from the whole text decoded so far (the stream's ``text``), holding back while it ends in
+        # U+FFFD: a character split over tokens shows as U+FFFD until its last byte arrives, and the
+        # event's own text piece keeps that placeholder.
+        text = text_stream.text
+        if text.endswith("\ufffd") or not text.startswith(fed):
+            continue
+        for kind, piece in splitter.feed(text[len(fed):]):
+            yield ChatPiece(kind, piece, event.token_id)
+        fed = text
+    generated = text_stream.result
+    tail = generated.text[len(fed):] if generated.text.startswith(fed) else ""
+    for kind, piece in splitter.feed(tail):
+        yield ChatPiece(kind, piece)
+
+
+def _joined(first: GenerationResult, closing: str, closing_ids: list[int], rest: GenerationResult):
+    """One GenerationResult of a reply generated in two parts around forced ``</think>`` tokens."""
+    timings = dict(first.timings)
+    timings["total_s"] = first.timings.get("total_s", 0.0) + rest.timings.get("total_s", 0.0)
+    timings["reasoning_budget_hit"] = bool(closing)
+    return GenerationResult(first.text + closing + rest.text, [*first.token_ids, *closing_ids, *rest.token_ids],
+                            rest.finish_reason, first.prompt_tokens, timings)
+
+
+def _budget(value) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise UserError(f"the reasoning budget must be a whole number ≥ 0, got {value!r}", where="--reasoning-budget")
+    return value
 
 
 def _fit_context(engine, prompt: ChatPrompt, max_new_tokens: int) -> int:
@@ -451,17 +561,18 @@ def _fit_context(engine, prompt: ChatPrompt, max_new_tokens: int) -> int:
 
 def chat(engine, messages: list[dict], *, max_new_tokens: int = 512, temperature: float = 0.0, top_k: int = 0,
          top_p: float = 1.0, repetition_penalty: float = 1.0, seed: int | None = None, stop: list[str] | None = None,
-         stream: bool = False, template: str | Path | ChatTemplate | None = None, force_think: bool | None = None):
+         stream: bool = False, template: str | Path | ChatTemplate | None = None, force_think: bool | str | None = None,
+         reasoning_budget: int | None = None):
     """Reply to ``messages`` ([{"role": ..., "content": ...}]) through the bundle's chat template.
 
     Returns a ChatResult (text, reasoning, answer, token ids, finish reason, timings, prompt), or with
     ``stream=True`` a ChatStream of ChatPieces whose ``result`` is set at the end. ``max_new_tokens`` is
     capped at the room the context has left. ``template`` and ``force_think``: see ``load_chat_template``
-    and ``prepare_prompt``.
+    and ``prepare_prompt``; ``reasoning_budget``: see ``ChatStream``.
     """
     prompt = prepare_prompt(engine, messages, template=template, force_think=force_think)
     sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
-                    seed=seed, stop=stop)
+                    seed=seed, stop=stop, reasoning_budget=reasoning_budget)
     replies = ChatStream(engine, prompt, max_new_tokens, sampling)
     return replies if stream else replies.run()
 
