@@ -24,6 +24,7 @@ LOAD_CASES = [  # (variant, recipe, fraction of routed experts pruned)
     ("v2", "int8", 0.0), ("v2", "int4-g32", 0.0), ("v2", "int8", 0.34),
     ("v3", "int8", 0.0), ("v3", "int4-g32", 0.0), ("v3", "int4-g128", 0.0), ("v3", "int4-experts", 0.25),
     ("qwen2", "int8", 0.0), ("llama", "int4-g32", 0.0),
+    ("qwen2", "int4-asym-g32", 0.0), ("v3", "int4-asym-g128", 0.0),  # zero points on the dense linears
 ]
 
 
@@ -57,7 +58,8 @@ def test_v3_sized_config_is_small_and_groups_families():
     for layer in range(61):
         p = f"model.layers.{layer}."
         for proj, shape in (("q_a_proj", (1536, 7168)), ("q_b_proj", (24576, 1536)),
-                            ("kv_a_proj_with_mqa", (576, 7168)), ("kv_b_proj", (32768, 512)), ("o_proj", (7168, 16384))):
+                            ("kv_a_proj_with_mqa", (576, 7168)), ("kv_b_proj", (32768, 512)),
+                            ("o_proj", (7168, 16384))):
             schemes[p + "self_attn." + proj], shapes[p + "self_attn." + proj] = dense, shape
         if layer < 3:
             for proj, shape in (("gate_proj", (18432, 7168)), ("up_proj", (18432, 7168)), ("down_proj", (7168, 18432))):
@@ -105,7 +107,8 @@ def _ct_match(name: str, target: str) -> bool:
 # --- vLLM's rules --------------------------------------------------------------------------------
 # vLLM is not installable here (CUDA). These are the rules its compressed-tensors loader applies to a DeepSeek
 # MoE checkpoint, as read from vllm-project/vllm:
-# * vllm/model_executor/layers/quantization/compressed_tensors/utils.py (commit 008014e8503b206a8ae3eb9d17fd46b48b8d2606):
+# * vllm/model_executor/layers/quantization/compressed_tensors/utils.py
+#   (commit 008014e8503b206a8ae3eb9d17fd46b48b8d2606):
 #   find_matched_target: a layer's scheme is the first target (in config order) equal to its name or whose
 #   "re:" pattern re.match-es it; a fused layer (vLLM's DeepSeek packed_modules_mapping: fused_qkv_a_proj =
 #   q_a_proj + kv_a_proj_with_mqa, gate_up_proj = gate_proj + up_proj) needs every shard matched;

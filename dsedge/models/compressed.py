@@ -74,7 +74,8 @@ def check_packed(t: TensorSpec, scheme: QuantScheme, tensors: dict[str, TensorIn
     problems = []
     layout = _layout(scheme, stored, t.shape[1], tensors.get(f"{module}.weight_scale"))
     if layout is None:
-        return [f"{module}: config.json stores it as {stored.label}, which does not hold {scheme.label}'s groups exactly"]
+        return [f"{module}: config.json stores it as {stored.label}, which does not hold {scheme.label}'s "
+                "groups exactly"]
     scheme = layout
     for param, shape in packed_shapes(scheme, t.shape).items():
         info = tensors.get(f"{module}.{param}")

@@ -126,7 +126,8 @@ def read_quantization_config(config: dict[str, Any], module_names: list[str] | N
     """Module name → scheme from a config.json dict (``{}`` when it is not a compressed-tensors one).
 
     Schemes are the recipe's (nominal group size, method) when dsedge wrote the file, else built from
-    the ``weights`` args; with ``stored``, always the ``weights`` args (the layout the tensors are in). ``re:`` targets (written by other tools) are resolved against ``module_names``
+    the ``weights`` args; with ``stored``, always the ``weights`` args (the layout the tensors are in).
+    ``re:`` targets are resolved against ``module_names``
     with compressed-tensors' semantics (``re.match``); ``ignore`` wins over targets.
     """
     qc = config.get("quantization_config") if isinstance(config, dict) else None

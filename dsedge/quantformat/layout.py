@@ -26,7 +26,8 @@ paths take one config group, one stored group size, for gate, up and down) is st
 ``gcd(g, in₁, in₂, …)`` over the family's input widths (:func:`family_storage_group`): for DeepSeek-V3 at
 g128 that is 128 (hidden 7168, moe_intermediate 2048), for the demo model 16 (224, 144).
 The reader takes the stored group size from the scales' shape (:func:`stored_scheme`), so any exact
-storage of the nominal groups reads back. The nominal group size is recorded in an extra ``dsedge`` entry of ``quantization_config``
+storage of the nominal groups reads back. The nominal group size is recorded in an extra ``dsedge`` entry of
+``quantization_config``
 (:mod:`.config`), so the reader returns the recipe's schemes and :func:`~.packing.regroup` restores the
 nominal layout for the exporter.
 """
