@@ -138,7 +138,8 @@ def test_quantization_config_block(packed_checkpoint):
     assert sorted(targets) == sorted(quantized)  # each module in exactly one group
     by_target = {t: g["weights"] for g in qc["config_groups"].values() for t in g["targets"]}
     assert by_target["model.layers.0.self_attn.o_proj"] == {
-        "num_bits": 8, "type": "int", "symmetric": True, "strategy": "channel", "group_size": None, "dynamic": False}
+        "num_bits": 8, "type": "int", "symmetric": True, "strategy": "channel", "group_size": None, "dynamic": False,
+        "actorder": None, "observer": "minmax"}
     assert by_target["model.layers.0.self_attn.q_b_proj"]["group_size"] == 8  # 72 columns in groups of 32
     assert by_target["model.layers.0.mlp.gate_proj"]["group_size"] == 64
     assert qc["dsedge"]["recipe"] == "int4"

@@ -50,7 +50,7 @@ from dsedge.compress.writer import (
 from dsedge.errors import UserError
 from dsedge.models.checkpoint import FP8_DTYPE, Checkpoint, torch_dtype
 from dsedge.planning import plan
-from dsedge.quantformat.config import quantization_config
+from dsedge.quantformat.config import quantization_config, stored_group
 from dsedge.quantformat.packing import pack
 from dsedge.quantformat.tensor import QuantizedTensor, dequantize
 from dsedge.sources import resolve_checkpoint
@@ -177,6 +177,10 @@ class _Run:
         self.ignored: list[str] = []  # linears the recipe leaves unquantized
         self.quality: dict | None = None
         self.head_record: dict | None = None  # the LM head's scheme and SQNR when the recipe quantizes it
+        self.scale_dtype = _scale_dtype(self.recipe.dtype or self.spec.config.get("torch_dtype")
+                                        or self.spec.config.get("dtype"))
+        # routed experts share one stored group size over these input widths (quantformat.config.stored_group)
+        self.expert_widths = (self.spec.hidden_size, self.spec.moe.moe_intermediate_size) if self.spec.moe else None
 
     # -- driver --
     def write(self, directory: Path, max_shard_bytes: int) -> None:
@@ -232,8 +236,8 @@ class _Run:
             for start in range(0, self.x.shape[0], self.runner.batch_size):
                 hessian.add(final_norm(self.x[start:start + self.runner.batch_size], norm, self.spec.rms_norm_eps,
                                        self.classes.norm))
-        qt = quantize(weight, scheme, hessian, name="lm_head")
-        writer.add(pack("lm_head", qt))
+        qt = quantize(weight, scheme, hessian, name="lm_head", scale_dtype=self.scale_dtype)
+        writer.add(pack("lm_head", qt, scale_dtype=self.scale_dtype))
         self.schemes["lm_head"], self.shapes["lm_head"] = scheme, tuple(weight.shape)
         dequantized = dequantize(qt)
         self.head_record = {"scheme": scheme.label, "sqnr_db": _json_db(sqnr_db(weight, dequantized))}
@@ -342,7 +346,8 @@ class _Run:
         for group, hessian in _joint_groups(names, selected, hessian_of):
             scheme = selected[group[0]]
             weights = [state[n + ".weight"] for n in group]
-            joint = quantize(_cat(weights), scheme, hessian if scheme.method == "gptq" else None)
+            joint = quantize(_cat(weights), scheme, hessian if scheme.method == "gptq" else None,
+                             scale_dtype=self.scale_dtype)
             for name, weight, qt in zip(group, weights, _split_rows(joint, [w.shape[0] for w in weights]), strict=True):
                 quantized[name] = qt
                 self.schemes[name], self.shapes[name] = scheme, tuple(weight.shape)
@@ -369,7 +374,9 @@ class _Run:
         for name, tensor in state.items():
             module = name.removesuffix(".weight")
             if name.endswith(".weight") and module in quantized:
-                out |= pack(module, quantized[module])
+                qt = quantized[module]
+                out |= pack(module, qt, stored_group=stored_group(module, qt.scheme, self.expert_widths),
+                            scale_dtype=self.scale_dtype)
             else:
                 out[name] = self._stored(name, tensor)
         return out
@@ -414,8 +421,9 @@ class _Run:
         if self.schemes:
             kept_head = "lm_head.weight" in self.ckpt.tensors and self.head_scheme is None
             ignore = self.ignored + (["lm_head"] if kept_head else [])
+            stored = {n: stored_group(n, s, self.expert_widths) for n, s in self.schemes.items()}
             config["quantization_config"] = quantization_config(self.recipe.name, self.schemes, ignore,
-                                                                shapes=self.shapes)
+                                                                shapes=self.shapes, stored_groups=stored)
         return config
 
     def report(self, out: Path, started: float, directory: Path) -> CompressReport:
@@ -475,6 +483,11 @@ def _split_rows(qt, rows: list[int]) -> list:
                                    (n, qt.shape[1])))
         start += n
     return out
+
+
+def _scale_dtype(model_dtype: str | None):
+    """Scales are stored in the model's 16-bit dtype (vLLM allocates them in it); float16 otherwise."""
+    return torch.bfloat16 if model_dtype == "bfloat16" else torch.float16
 
 
 def _json_db(value: float) -> float | None:

@@ -14,8 +14,9 @@ Conventions follow compressed-tensors (vllm-project/compressed-tensors, ``calcul
 The stored format itself — :class:`~dsedge.quantformat.tensor.QuantizedTensor`, dequantization, packing —
 is :mod:`dsedge.quantformat`; this module only chooses the integers.
 
-Scales are rounded to float16 *before* the integers are computed, because the checkpoint stores them
-as float16: the stored integers are then exactly the ones that minimize error for the stored scales.
+Scales are rounded to the stored scale dtype (``scale_dtype``: float16 by default, bfloat16 for bfloat16
+models, as vLLM and compressed-tensors keep scales in the model's dtype) *before* the integers are computed:
+the stored integers are then exactly the ones that minimize error for the stored scales.
 
 GPTQ is Frantar et al. 2022, "GPTQ: Accurate Post-Training Quantization for Generative Pre-trained
 Transformers" (arXiv:2210.17323), Algorithm 1, following the authors' reference code
@@ -50,31 +51,34 @@ SCALE_MAX = 65504.0  # largest finite float16
 # ----------------------------------------------------------------------------- RTN
 
 
-def quantize(w: torch.Tensor, scheme: QuantScheme, hessian=None, *, name: str = "") -> QuantizedTensor:
+def quantize(w: torch.Tensor, scheme: QuantScheme, hessian=None, *, name: str = "",
+             scale_dtype: torch.dtype = torch.float16) -> QuantizedTensor:
     """Dispatch on ``scheme.method``: GPTQ when asked for and a Hessian is given, else RTN.
 
-    ``name`` (the module's) only labels GPTQ's log messages (fallbacks to RTN, extra damping).
+    ``name`` (the module's) only labels GPTQ's log messages (fallbacks to RTN, extra damping);
+    ``scale_dtype`` is the dtype the scales will be stored in (float16 or bfloat16).
     """
     if scheme.method == "gptq" and hessian is not None:
-        return quantize_gptq(w, hessian, scheme, name=name)
-    return quantize_rtn(w, scheme)
+        return quantize_gptq(w, hessian, scheme, name=name, scale_dtype=scale_dtype)
+    return quantize_rtn(w, scheme, scale_dtype=scale_dtype)
 
 
-def quantize_rtn(w: torch.Tensor, scheme: QuantScheme) -> QuantizedTensor:
+def quantize_rtn(w: torch.Tensor, scheme: QuantScheme, *, scale_dtype: torch.dtype = torch.float16
+                 ) -> QuantizedTensor:
     """Round-to-nearest with min/max scales per group (per output channel when ``group_size`` is None)."""
     w = _as_matrix(w)
     out, cols = w.shape
     g = group_len(scheme, cols)
     groups = _padded_groups(w, g)  # [out, n_groups, g]; zero padding cannot change a range that contains 0
-    scale, zero = qparams(groups.amin(-1), groups.amax(-1), scheme)
+    scale, zero = qparams(groups.amin(-1), groups.amax(-1), scheme, scale_dtype)
     q = _round(groups, scale[..., None], None if zero is None else zero[..., None], scheme.bits)
     q = q.reshape(out, -1)[:, :cols].contiguous()
     return QuantizedTensor(q, scale, zero, scheme, (out, cols))
 
 
-def qparams(wmin: torch.Tensor, wmax: torch.Tensor, scheme: QuantScheme,
+def qparams(wmin: torch.Tensor, wmax: torch.Tensor, scheme: QuantScheme, scale_dtype: torch.dtype = torch.float16,
             ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Scale (float32, float16-representable) and int8 zero point (asymmetric only) from ranges."""
+    """Scale (float32, ``scale_dtype``-representable) and int8 zero point (asymmetric only) from ranges."""
     qmin, qmax = qrange(scheme.bits)
     wmin = wmin.float().clamp(max=0)
     wmax = wmax.float().clamp(min=0)
@@ -82,7 +86,7 @@ def qparams(wmin: torch.Tensor, wmax: torch.Tensor, scheme: QuantScheme,
     scale = torch.maximum(-wmin, wmax) / half_range if scheme.symmetric else (wmax - wmin) / (qmax - qmin)
     # An all-zero group gets scale 1 (its integers are 0 anyway): never 0, never NaN downstream.
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    scale = scale.clamp(SCALE_MIN, SCALE_MAX).half().float()
+    scale = scale.clamp(SCALE_MIN, SCALE_MAX).to(scale_dtype).float()  # the float16 range fits bfloat16 too
     if scheme.symmetric:
         return scale, None
     zero = torch.round(qmin - wmin / scale).clamp(qmin, qmax).to(torch.int8)
@@ -159,7 +163,8 @@ class HessianAccumulator:
 
 
 def quantize_gptq(w: torch.Tensor, hessian: torch.Tensor | HessianAccumulator, scheme: QuantScheme, *,
-                  block_size: int = GPTQ_BLOCK, name: str = "") -> QuantizedTensor:
+                  block_size: int = GPTQ_BLOCK, name: str = "", scale_dtype: torch.dtype = torch.float16,
+                  ) -> QuantizedTensor:
     """GPTQ (arXiv:2210.17323, Alg. 1): quantize column by column, folding each column's error into the
     columns not yet quantized through the Cholesky factor of ``H⁻¹``, with lazy block updates.
 
@@ -177,10 +182,10 @@ def quantize_gptq(w: torch.Tensor, hessian: torch.Tensor | HessianAccumulator, s
     H = H.detach().to(device=w.device, dtype=torch.float64).clone()
     if n_samples == 0 or not bool(H.diagonal().any()):
         log.info("%s: no calibration inputs, using RTN", label)
-        return quantize_rtn(w, scheme)
+        return quantize_rtn(w, scheme, scale_dtype=scale_dtype)
     if not bool(torch.isfinite(H).all()):
         log.warning("%s: Hessian has NaN/Inf values, falling back to RTN", label)
-        return quantize_rtn(w, scheme)
+        return quantize_rtn(w, scheme, scale_dtype=scale_dtype)
     dead = H.diagonal() == 0
     H[dead, dead] = 1.0  # decouples the column: its error then propagates nowhere, so it stays RTN
     perm = torch.argsort(H.diagonal(), descending=True, stable=True) if scheme.act_order else None
@@ -188,8 +193,8 @@ def quantize_gptq(w: torch.Tensor, hessian: torch.Tensor | HessianAccumulator, s
         H = H[perm][:, perm]
     u = _inverse_hessian_cholesky(H, scheme.damp, label)
     if u is None:
-        return quantize_rtn(w, scheme)
-    return _gptq_columns(w, u, scheme, perm, block_size)
+        return quantize_rtn(w, scheme, scale_dtype=scale_dtype)
+    return _gptq_columns(w, u, scheme, perm, block_size, scale_dtype)
 
 
 def _inverse_hessian_cholesky(H: torch.Tensor, damp: float, label: str) -> torch.Tensor | None:
@@ -212,7 +217,7 @@ def _inverse_hessian_cholesky(H: torch.Tensor, damp: float, label: str) -> torch
 
 
 def _gptq_columns(w: torch.Tensor, u: torch.Tensor, scheme: QuantScheme, perm: torch.Tensor | None,
-                  block_size: int) -> QuantizedTensor:
+                  block_size: int, scale_dtype: torch.dtype) -> QuantizedTensor:
     out, cols = w.shape
     g = group_len(scheme, cols)
     # Groups whose scales are fixed before any update: per-channel (one group), and act-order, where we
@@ -222,7 +227,7 @@ def _gptq_columns(w: torch.Tensor, u: torch.Tensor, scheme: QuantScheme, perm: t
     # loader and ONNX MatMulNBits cannot take).
     static = scheme.group_size is None or perm is not None
     if static:
-        fixed = quantize_rtn(w, scheme)
+        fixed = quantize_rtn(w, scheme, scale_dtype=scale_dtype)
         scale, zero = fixed.scale.clone(), None if fixed.zero_point is None else fixed.zero_point.clone()
     else:
         n = math.ceil(cols / g)
@@ -243,7 +248,7 @@ def _gptq_columns(w: torch.Tensor, u: torch.Tensor, scheme: QuantScheme, perm: t
             grp = col // g
             if not static and col % g == 0:  # a group starts: its scale from the updated weights
                 span = W1[:, i:i + g]
-                s, z = qparams(span.amin(1), span.amax(1), scheme)
+                s, z = qparams(span.amin(1), span.amax(1), scheme, scale_dtype)
                 scale[:, grp] = s
                 if zero is not None:
                     zero[:, grp] = z

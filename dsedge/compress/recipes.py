@@ -145,6 +145,13 @@ def _all(bits: int, group: int | None, method: str) -> list[dict[str, Any]]:
     return [{"match": "re:.*", "quant": _scheme(bits, group, method)}]
 
 
+def _asym(group: int) -> list[dict[str, Any]]:
+    # Routed experts stay symmetric: vLLM's fused-MoE WNA16 kernels assert symmetric weights and transformers'
+    # fused-experts decompression reads no zero points, so asymmetric experts would not load as they are.
+    return [{"match": _EXPERTS, "quant": _scheme(4, group, "gptq")},
+            {"match": "re:.*", "quant": {**_scheme(4, group, "gptq"), "symmetric": False}}]
+
+
 # name → (one-line description, recipe JSON). Int4 presets default to GPTQ (calibration is run anyway
 # for the quality report, and GPTQ beats RTN at 4 bits); int8 RTN is already close to lossless.
 _PRESET_DATA: dict[str, tuple[str, dict[str, Any]]] = {
@@ -161,6 +168,10 @@ _PRESET_DATA: dict[str, tuple[str, dict[str, Any]]] = {
     "int4-experts": ("routed experts int4 g128 (GPTQ); attention, shared experts, dense MLPs int8 per channel",
                      {"method": "gptq", "rules": [{"match": _EXPERTS, "quant": _scheme(4, 128, "gptq")},
                                                   {"match": "re:.*", "quant": _scheme(8, None, "gptq")}]}),
+    "int4-asym-g32": ("every linear int4, groups of 32, asymmetric (GPTQ); routed experts symmetric",
+                      {"method": "gptq", "rules": _asym(32)}),
+    "int4-asym-g128": ("every linear int4, groups of 128, asymmetric (GPTQ); routed experts symmetric",
+                       {"method": "gptq", "rules": _asym(128)}),
     "fp16": ("no quantization; float tensors stored as float16",
              {"method": "rtn", "dtype": "float16", "rules": [{"match": "re:.*", "quant": None}]}),
     "none": ("no quantization; tensors kept in the checkpoint's dtype (prune only)",

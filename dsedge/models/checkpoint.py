@@ -72,6 +72,9 @@ class Checkpoint:
         # module name -> scheme of each quantized module; {} for a plain (float or FP8) checkpoint
         self.quantization: dict[str, QuantScheme] = compressed.read_schemes(
             self.spec.config, self.tensors, str(self.path / "config.json"))
+        # ... and the layout its tensors are stored in (config.json's weights args; may differ in group size)
+        self.storage: dict[str, QuantScheme] = compressed.read_schemes(
+            self.spec.config, self.tensors, str(self.path / "config.json"), stored=True)
 
     # --- what is there ----------------------------------------------------------------------------
     @property
@@ -153,7 +156,7 @@ class Checkpoint:
                  if f"{module}.{p}" in self.tensors}
         scale_info = self._info(module + ".weight_scale")
         _check_finite(parts["weight_scale"].float(), scale_info)
-        return unpack(parts, scheme, where=f"{scale_info.file}: {module}")
+        return unpack(parts, scheme, stored=self.storage.get(module), where=f"{scale_info.file}: {module}")
 
     def read_many(self, names: Iterable[str], dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
         return {n: self.read(n, dtype) for n in names}
@@ -208,7 +211,7 @@ class Checkpoint:
     def _check_expected(self, name: str, t: TensorSpec) -> list[str]:
         scheme = self.quantization.get(name.removesuffix(".weight")) if name.endswith(".weight") else None
         if scheme is not None:
-            return compressed.check_packed(t, scheme, self.tensors)
+            return compressed.check_packed(t, scheme, self.tensors, self.storage.get(name.removesuffix(".weight")))
         info = self.tensors.get(name)
         if info is None:
             return [f"missing tensor {name} (expected shape {list(t.shape)})"]

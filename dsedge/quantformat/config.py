@@ -12,49 +12,104 @@ import re
 from typing import Any
 
 from dsedge.errors import UserError
-from dsedge.quantformat.layout import storage_group
+from dsedge.quantformat.layout import family_storage_group, storage_group
 from dsedge.quantformat.scheme import QuantScheme
 
-__all__ = ["FORMAT", "QUANT_METHOD", "quantization_config", "read_quantization_config"]
+__all__ = ["FORMAT", "QUANT_METHOD", "compact_targets", "quantization_config", "read_quantization_config",
+           "stored_group"]
 
 QUANT_METHOD = "compressed-tensors"
 FORMAT = "pack-quantized"
+FORMAT_VERSION = "0.20.1"  # the compressed-tensors release whose layout and config this follows
 EXTRA_KEY = "dsedge"  # our own entry in quantization_config: nominal schemes per config group
 EXTRA_SCHEMA = 1
+ROUTED_EXPERT = re.compile(r"^(?P<prefix>.*\.mlp\.experts)\.\d+\.(gate|up|down)_proj$")
+# Numbered parts of a module name: a family is the modules equal up to these numbers.
+_NUMBERED = re.compile(r"(?<=\.)(layers|experts)\.\d+(?=\.)")
 
 
 def _weights_args(scheme: QuantScheme, group: int | None) -> dict[str, Any]:
-    # The QuantizationArgs fields vLLM and compressed-tensors read; observer/actorder describe how
-    # llm-compressor would calibrate and do not affect loading, so they are left out.
+    # The QuantizationArgs fields vLLM and compressed-tensors read. actorder as recorded: our act-order GPTQ
+    # keeps contiguous groups with scales fixed up front ("static" in compressed-tensors' ActivationOrdering),
+    # so no g_idx is stored, which vLLM's fused-MoE kernels require (they refuse "group"/"dynamic").
     return {"num_bits": scheme.bits, "type": "int", "symmetric": scheme.symmetric,
-            "strategy": "channel" if group is None else "group", "group_size": group, "dynamic": False}
+            "strategy": "channel" if group is None else "group", "group_size": group, "dynamic": False,
+            "actorder": "static" if scheme.method == "gptq" and scheme.act_order else None,
+            "observer": "minmax"}
 
 
 def quantization_config(recipe_name: str | None, module_schemes: dict[str, Any], ignore: list[str], *,
-                        shapes: dict[str, tuple[int, int]] | None = None) -> dict[str, Any]:
+                        shapes: dict[str, tuple[int, int]] | None = None,
+                        stored_groups: dict[str, int | None] | None = None) -> dict[str, Any]:
     """The ``quantization_config`` block of config.json for the modules in ``module_schemes``.
 
     Values are :class:`QuantScheme` (then a grouped scheme needs its module's ``[out, in]`` in
     ``shapes``, because a group size that does not divide ``in`` is stored differently) or
-    :class:`~dsedge.quantformat.tensor.QuantizedTensor`. One config group per distinct (scheme, stored
-    group size), targeting exact module names; ``ignore`` lists the linears left unquantized;
-    ``recipe_name`` is recorded in the ``dsedge`` entry.
+    :class:`~dsedge.quantformat.tensor.QuantizedTensor`. ``stored_groups``: a module's stored group size
+    when it is not its own (:func:`stored_group`). One config group per distinct (scheme, stored
+    group size), routed experts first; ``ignore`` lists the linears left unquantized. Targets and ignore
+    entries are written compactly (:func:`compact_targets`) over the modules named in ``module_schemes``
+    and ``ignore``, which must together be every linear of the model. ``recipe_name`` is recorded in the
+    ``dsedge`` entry.
     """
     groups: dict[tuple, list[str]] = {}
     for name, value in module_schemes.items():
         scheme, shape = _scheme_and_shape(name, value, shapes)
-        stored = None if scheme.group_size is None else storage_group(scheme, shape[1])
+        stored = (stored_groups or {}).get(name, "own")
+        if stored == "own":
+            stored = None if scheme.group_size is None else storage_group(scheme, shape[1])
         groups.setdefault((scheme, stored), []).append(name)
+    # transformers' fused-MoE loader takes the first group whose re: targets name experts: routed ones first.
+    ordered = sorted(groups.items(), key=lambda item: not any(ROUTED_EXPERT.match(n) for n in item[1]))
+    universe = [*module_schemes, *ignore]
     config_groups, nominal = {}, {}
-    for i, ((scheme, stored), names) in enumerate(groups.items()):
+    for i, ((scheme, stored), names) in enumerate(ordered):
         key = f"group_{i}"
-        config_groups[key] = {"targets": names, "weights": _weights_args(scheme, stored),
+        config_groups[key] = {"targets": compact_targets(names, universe), "weights": _weights_args(scheme, stored),
                               "input_activations": None, "output_activations": None, "format": FORMAT}
         nominal[key] = scheme.to_json()
     extra = {"schema_version": EXTRA_SCHEMA, "recipe": recipe_name, "schemes": nominal}
     return {"quant_method": QUANT_METHOD, "format": FORMAT, "quantization_status": "compressed",
-            "config_groups": config_groups, "ignore": sorted(ignore), "kv_cache_scheme": None,
-            EXTRA_KEY: extra}
+            "version": FORMAT_VERSION, "config_groups": config_groups,
+            "ignore": compact_targets(sorted(ignore), universe), "kv_cache_scheme": None, EXTRA_KEY: extra}
+
+
+def stored_group(name: str, scheme: QuantScheme, expert_widths: tuple[int, ...] | None) -> int | None | str:
+    """How module ``name`` is stored: ``"own"`` (its own layout, :func:`~.layout.storage_group`), or for a
+    routed expert projection the group size its whole family shares (gate, up and down of every layer, one
+    per scheme; :func:`~.layout.family_storage_group` over ``expert_widths`` = (hidden, moe_intermediate)),
+    because transformers' and vLLM's fused-MoE loaders read a layer's experts with one config group."""
+    if expert_widths and ROUTED_EXPERT.match(name):
+        return family_storage_group(scheme, expert_widths)
+    return "own"
+
+
+def compact_targets(names: list[str], universe: list[str]) -> list[str]:
+    """``names`` as compressed-tensors targets: one anchored ``re:`` pattern per family (modules equal up to
+    their layer and expert numbers) whose every member in ``universe`` is in ``names``, exact names for the
+    rest. Keeps the block small for V3 (58 MoE layers × 256 experts × 3 projections) and gives loaders the
+    family patterns they look for."""
+    wanted = set(names)
+    families: dict[str, list[str]] = {}
+    for name in universe:
+        families.setdefault(_family(name), []).append(name)
+    out: list[str] = []
+    for family in dict.fromkeys(_family(n) for n in names):
+        members = families[family]
+        if len(members) > 1 and all(m in wanted for m in members):
+            out.append("re:" + family)
+        else:
+            out += [m for m in members if m in wanted]
+    return out
+
+
+def _family(name: str) -> str:
+    """The anchored regex of ``name``'s family, e.g. ``model\\.layers\\.\\d+\\.mlp\\.experts\\.\\d+\\.up_proj$``."""
+    parts = _NUMBERED.split(name)
+    pattern = "".join(re.escape(p) if i % 2 == 0 else p + r"\.\d+" for i, p in enumerate(parts))
+    # transformers 5.x picks the experts' config group as the first whose re: targets contain "experts";
+    # shared experts are plain linears, so their pattern spells the word without that substring.
+    return pattern.replace("shared_experts", "shared_[e]xperts") + "$"
 
 
 def _scheme_and_shape(name: str, value: Any, shapes: dict | None) -> tuple[QuantScheme, tuple[int, int]]:
@@ -67,11 +122,12 @@ def _scheme_and_shape(name: str, value: Any, shapes: dict | None) -> tuple[Quant
 
 
 def read_quantization_config(config: dict[str, Any], module_names: list[str] | None = None, *,
-                             where: str = "config.json") -> dict[str, QuantScheme]:
+                             where: str = "config.json", stored: bool = False) -> dict[str, QuantScheme]:
     """Module name → scheme from a config.json dict (``{}`` when it is not a compressed-tensors one).
 
     Schemes are the recipe's (nominal group size, method) when dsedge wrote the file, else built from
-    the ``weights`` args. ``re:`` targets (written by other tools) are resolved against ``module_names``
+    the ``weights`` args; with ``stored``, always the ``weights`` args (the layout the tensors are in).
+    ``re:`` targets are resolved against ``module_names``
     with compressed-tensors' semantics (``re.match``); ``ignore`` wins over targets.
     """
     qc = config.get("quantization_config") if isinstance(config, dict) else None
@@ -87,7 +143,7 @@ def read_quantization_config(config: dict[str, Any], module_names: list[str] | N
     if not isinstance(groups, dict):
         raise UserError("quantization_config.config_groups must be an object", where=where)
     for key, group in groups.items():
-        scheme = _group_scheme(key, group, nominal.get(key), f"{where}: config_groups.{key}")
+        scheme = _group_scheme(key, group, None if stored else nominal.get(key), f"{where}: config_groups.{key}")
         for name in _targets(group.get("targets"), module_names, f"{where}: config_groups.{key}"):
             if not any(_ct_match(name, pattern) for pattern in ignore):
                 out.setdefault(name, scheme)

@@ -12,7 +12,7 @@ import math
 from typing import TYPE_CHECKING
 
 from dsedge.errors import CheckpointError
-from dsedge.quantformat.layout import packed_shapes, storage_scheme
+from dsedge.quantformat.layout import packed_shapes, storage_scheme, stored_scheme
 from dsedge.quantformat.scheme import QuantScheme
 from dsedge.quantformat.tensor import QuantizedTensor
 
@@ -25,12 +25,15 @@ __all__ = ["pack", "pack_bits", "regroup", "unpack", "unpack_bits"]
 # ----------------------------------------------------------------------------- regrouping
 
 
-def _expand(qt: QuantizedTensor) -> QuantizedTensor:
-    """``qt`` in its storage layout: each stored group repeats the scale of the group it lies in."""
+def _expand(qt: QuantizedTensor, group: int | None | str = "own") -> QuantizedTensor:
+    """``qt`` in a storage layout (its own, or stored ``group`` columns per scale, which must nest in
+    its groups): each stored group repeats the scale of the group it lies in."""
     cols = qt.shape[1]
-    stored = storage_scheme(qt.scheme, cols)
-    if stored.group_size == qt.scheme.group_size:
-        return qt
+    stored = storage_scheme(qt.scheme, cols, group)
+    if stored_scheme(qt.scheme, cols, 1 if stored.group_size is None else cols // stored.group_size) is None:
+        raise ValueError(f"groups of {stored.group_size} columns do not nest in {qt.scheme.label}'s groups")
+    if stored.group_size == qt.scheme.group_size or (stored.group_size or cols) == qt.group_len:
+        return QuantizedTensor(qt.q, qt.scale, qt.zero_point, stored, qt.shape)
     d, g = stored.group_size or cols, qt.group_len
     owner = [(k * d) // g for k in range(cols // d)]  # our group holding stored group k
     zero = None if qt.zero_point is None else qt.zero_point[:, owner].contiguous()
@@ -108,33 +111,43 @@ def _check_bits(bits: int) -> None:
 # ----------------------------------------------------------------------------- modules
 
 
-def pack(name_prefix: str, qt: QuantizedTensor) -> dict[str, torch.Tensor]:
-    """The safetensors entries of one quantized module ``name_prefix`` (e.g. ``model.layers.0.mlp.down_proj``)."""
+def pack(name_prefix: str, qt: QuantizedTensor, *, stored_group: int | None | str = "own",
+         scale_dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """The safetensors entries of one quantized module ``name_prefix`` (e.g. ``model.layers.0.mlp.down_proj``).
+
+    ``stored_group``: columns per stored scale (default: the module's own, :func:`~.layout.storage_group`;
+    a family's shared one from :func:`~.layout.family_storage_group`). ``scale_dtype``: float16 (default)
+    or bfloat16, the model's dtype; the scales must be representable in it (quantize with that dtype).
+    """
     import torch  # here, not at the top: the checkpoint reader imports this module without torch
 
-    stored = _expand(qt)
+    scale_dtype = scale_dtype or torch.float16
+    stored = _expand(qt, stored_group)
     bits = qt.scheme.bits
-    tensors = {"weight_packed": pack_bits(stored.q, bits), "weight_scale": stored.scale.to(torch.float16),
+    tensors = {"weight_packed": pack_bits(stored.q, bits), "weight_scale": stored.scale.to(scale_dtype),
                "weight_shape": torch.tensor(list(qt.shape), dtype=torch.int64, device=qt.q.device)}
     if not torch.equal(tensors["weight_scale"].float(), stored.scale):
-        raise ValueError(f"{name_prefix}: scales are not float16-representable; quantize with dsedge.compress.quant")
+        raise ValueError(f"{name_prefix}: scales are not {scale_dtype}-representable; quantize with "
+                         "dsedge.compress.quant and the same scale_dtype")
     if stored.zero_point is not None:
         tensors["weight_zero_point"] = pack_bits(stored.zero_point, bits, dim=0)
     return {f"{name_prefix}.{k}": v for k, v in tensors.items()}
 
 
 def unpack(tensors: dict[str, torch.Tensor], scheme: QuantScheme | None = None, *,
-           where: str = "") -> QuantizedTensor:
+           stored: QuantScheme | None = None, where: str = "") -> QuantizedTensor:
     """A :class:`QuantizedTensor` from one module's packed tensors (keys with or without the module prefix).
 
     ``scheme`` is the module's scheme from :func:`read_quantization_config` (nominal or stored group
     size); without it, bits, symmetry and group size are inferred from the shapes. The result has the
-    nominal group size when ``scheme`` has one the stored layout can be merged into exactly.
+    nominal group size when ``scheme`` has one the stored layout can be merged into exactly. ``stored``: the
+    layout config.json declares (its ``weights`` args); without it, the scales' shape decides.
     """
     parts = _by_param(tensors, where)
     shape = _weight_shape(parts["weight_shape"], where)
     scheme = scheme or _infer_scheme(parts, shape, where)
-    stored = storage_scheme(scheme, shape[1])
+    declared = stored
+    stored = _stored_layout(scheme, stored, shape[1], _scale_columns(parts["weight_scale"]), where)
     expected = packed_shapes(stored, shape)
     for key, want in expected.items():
         got = tuple(parts[key].shape) if key in parts else None
@@ -148,10 +161,35 @@ def unpack(tensors: dict[str, torch.Tensor], scheme: QuantScheme | None = None, 
         zero = unpack_bits(parts["weight_zero_point"], scheme.bits, shape[0], dim=0)
     qt = QuantizedTensor(q, parts["weight_scale"].float(), zero, stored, shape)
     if stored.group_size != scheme.group_size:
+        if declared is None and stored != storage_scheme(scheme, shape[1]):
+            # Inferred from the scales' shape alone: only a layout that is exactly ``scheme`` is accepted.
+            try:
+                return regroup(qt, scheme.group_size)
+            except ValueError:
+                raise CheckpointError(f"weight_scale has {qt.n_groups} groups that are not {scheme.label}'s",
+                                      where=where, hint="pass the stored scheme from config.json") from None
         # A checkpoint whose scales are not repeats keeps its stored (equally valid) layout.
         with contextlib.suppress(ValueError):
             qt = regroup(qt, scheme.group_size)
     return qt
+
+
+def _stored_layout(scheme: QuantScheme, declared: QuantScheme | None, cols: int, n_scales: int,
+                   where: str) -> QuantScheme:
+    if declared is None:
+        return stored_scheme(scheme, cols, n_scales) or storage_scheme(scheme, cols)
+    g = declared.group_size
+    n = 1 if g is None or g >= cols else (cols // g if cols % g == 0 else -1)
+    layout = stored_scheme(scheme, cols, n)
+    if layout is None:
+        raise CheckpointError(f"stored as {declared.label}, which does not hold {scheme.label}'s groups of a "
+                              f"{cols}-column weight exactly", where=where,
+                              hint="config.json's quantization_config and the tensors disagree")
+    return layout
+
+
+def _scale_columns(scale: torch.Tensor) -> int:
+    return int(scale.shape[-1]) if scale.dim() == 2 else -1
 
 
 def _by_param(tensors: dict[str, torch.Tensor], where: str) -> dict[str, torch.Tensor]:
