@@ -237,19 +237,23 @@ class OracleDrafter:
         return Draft(tuple((t + 1) % self.vocab if (self.calls + i) % 3 == 0 else t for i, t in enumerate(truth)))
 
 
-def _assert_speculative_greedy_matches(engine, new_tokens=24):
-    configure(engine, "off")
-    plain = _tokens(generate_step(engine, REPEATING, max_new_tokens=new_tokens))
+def _assert_speculative_greedy_matches(engine, new_tokens=20):
+    """Prompt lookup and the oracle against plain greedy, on a repeating prompt and on one that already
+    holds the continuation (a RAG-like quote: prompt lookup must find drafts there)."""
     vocab = int(engine.spec["vocab_size"])
     lookup = Speculation(PromptLookup(), 3)
-    for speculation in (lookup, Speculation(OracleDrafter(REPEATING, plain, vocab), 3)):
-        engine.speculation = speculation
-        assert _tokens(generate_step(engine, REPEATING, max_new_tokens=new_tokens)) == plain, speculation.mode
-    stats = engine.speculation.stats
-    assert sum(stats.accepted) > 0 and sum(stats.accepted) < sum(stats.drafted)
-    assert sum(lookup.stats.drafted) > 0  # the repeating prompt gives prompt lookup something to copy
+    configure(engine, "off")
+    first = _tokens(generate_step(engine, REPEATING, max_new_tokens=new_tokens))
+    for prompt in (REPEATING, REPEATING + first):
+        engine.speculation = None
+        plain = _tokens(generate_step(engine, prompt, max_new_tokens=new_tokens))
+        oracle = Speculation(OracleDrafter(prompt, plain, vocab), 3)
+        for speculation in (lookup, oracle):
+            engine.speculation = speculation
+            assert _tokens(generate_step(engine, prompt, max_new_tokens=new_tokens)) == plain, speculation.mode
+        assert 0 < sum(oracle.stats.accepted) < sum(oracle.stats.drafted)
+    assert sum(lookup.stats.drafted) > 0
     engine.speculation = None
-    return lookup.stats
 
 
 @pytest.fixture(scope="module")
