@@ -343,6 +343,12 @@ def add_engine_flags(cmd) -> None:
                      help="partitioned bundles: expert partitions kept loaded, e.g. 2G or 512M (LRU beyond)")
     cmd.add_argument("--prefetch-experts", action="store_true",
                      help="partitioned bundles: load the next layer's likely partitions in the background")
+    cmd.add_argument("--speculative", choices=["off", "ngram", "mtp"], default="off",
+                     help="speculative decoding: draft tokens by copying from the prompt and output (ngram) or with "
+                          "the bundle's MTP head (mtp); the model verifies them, so greedy output is unchanged "
+                          "(default off: not yet measured faster)")
+    cmd.add_argument("--draft-tokens", type=int, metavar="K",
+                     help="tokens drafted per verify step (default 3 for ngram, 1 for mtp)")
 
 
 # --- handlers -----------------------------------------------------------------------------------
@@ -390,9 +396,11 @@ def load_engine(args):
     from dsedge.errors import UserError
     from dsedge.rag import open_retriever
     from dsedge.runtime import load_bundle
+    from dsedge.runtime.speculative import configure
 
     engine = load_bundle(args.bundle, target=args.target, threads=args.threads,
                          memory_budget_bytes=args.memory_budget, prefetch_experts=args.prefetch_experts)
+    configure(engine, args.speculative, args.draft_tokens)
     retriever = open_retriever(engine, args.index) if (args.index or args.rag) else None
     if args.rag and retriever is None:
         raise UserError("this bundle has no embedded index", where=args.bundle,

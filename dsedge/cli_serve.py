@@ -35,13 +35,17 @@ def register(sub, command) -> None:
     cmd.add_argument("--parallel", type=int, default=1, metavar="N",
                      help="generations advancing together, one step each in turn (default 1)")
     cmd.add_argument("-t", "--target", help="device target: execution providers and threads")
+    cmd.add_argument("--speculative", choices=["off", "ngram", "mtp"], default="off",
+                     help="speculative decoding (see `dsedge run --help`; default off)")
+    cmd.add_argument("--draft-tokens", type=int, metavar="K", help="tokens drafted per verify step")
 
 
 def _run_serve(args):
     from dsedge.serve import serve
 
     return serve(args.bundle, host=args.host, port=args.port, index=args.index, rag=args.rag,
-                 api_key=args.api_key, parallel=args.parallel, target=args.target)
+                 api_key=args.api_key, parallel=args.parallel, target=args.target,
+                 speculative=args.speculative, draft_tokens=args.draft_tokens)
 
 
 def _render(report) -> None:

@@ -291,3 +291,55 @@ def test_speculative_greedy_equals_greedy_on_compressed_bundles(variant, recipe,
     ckpt = tmp_path_factory.mktemp(f"{variant}-{recipe}") / "ckpt"
     compress(tiny_checkpoint(variant), ckpt, recipe=recipe, method="rtn", calib_tokens=64, evaluate=False)
     _assert_speculative_greedy_matches(load_bundle(exported(ckpt, layout)))
+
+
+# --- flags: run, profile, serve's backend ---------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def text_bundle(tiny_checkpoint, exported):
+    return exported(tiny_checkpoint("v3"), "monolithic")
+
+
+def test_run_cli_speculative_gives_the_same_greedy_text(text_bundle, capsys):
+    import json
+
+    from dsedge.cli import main
+
+    outputs = {}
+    for mode in ("off", "ngram"):
+        prompt = "def f(x): return x + 1\ndef g(x): return x + 1\ndef h(x):"
+        assert main(["run", str(text_bundle), "-p", prompt, "-n", "12", "--speculative", mode, "--json"]) == 0
+        outputs[mode] = json.loads(capsys.readouterr().out)["token_ids"]
+    assert outputs["ngram"] == outputs["off"] and len(outputs["off"]) == 12
+    assert main(["run", str(text_bundle), "-p", "x", "--speculative", "ngram", "--draft-tokens", "0", "--json"]) == 3
+    assert "draft-tokens" in json.loads(capsys.readouterr().out)["error"]["message"]
+    assert main(["run", str(text_bundle), "-p", "x", "--speculative", "mtp", "--json"]) == 3
+    assert "MTP" in json.loads(capsys.readouterr().out)["error"]["message"]
+    assert main(["run", str(text_bundle), "-p", "x", "--speculative", "medusa"]) == 2
+
+
+def test_profile_reports_acceptance_tokens_per_step_and_speedup(text_bundle, capsys):
+    import json
+
+    from dsedge.cli import main
+
+    assert main(["profile", str(text_bundle), "--prompt-tokens", "8", "--gen-tokens", "12", "--trials", "1",
+                 "--speculative", "ngram", "--draft-tokens", "2", "--json"]) == 0
+    spec = json.loads(capsys.readouterr().out)["speculative"]
+    assert spec["mode"] == "ngram" and spec["draft_tokens"] == 2 and spec["same_tokens"] is True
+    assert spec["verify_steps"] >= 1 and 1.0 <= spec["tokens_per_verify_step"] <= 3.0
+    assert len(spec["acceptance_by_position"]) <= 2 and spec["speedup"] > 0
+    assert main(["profile", str(text_bundle), "--prompt-tokens", "8", "--gen-tokens", "4", "--trials", "1",
+                 "--speculative", "ngram"]) == 0
+    assert "tokens per verify step" in capsys.readouterr().out
+    assert main(["profile", str(text_bundle), "--prompt-tokens", "8", "--gen-tokens", "4", "--trials", "1",
+                 "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["speculative"] is None
+
+
+def test_serve_backend_takes_the_speculative_option(text_bundle):
+    from dsedge.serve.backend import Backend
+
+    backend = Backend.open(text_bundle, speculative="ngram", draft_tokens=2)
+    assert backend.engine.speculation.mode == "ngram" and backend.engine.speculation.draft_tokens == 2
+    assert Backend.open(text_bundle).engine.speculation is None
