@@ -80,12 +80,17 @@ class DecodeState:
     def length(self) -> int:
         return self.cache.length
 
-    def forward(self, ids: np.ndarray, new_mask: np.ndarray | None = None) -> np.ndarray:
-        """Run ``ids`` [B, T] after what is cached (``new_mask``: their mask, default all tokens); logits [B, T, V]."""
+    def forward(self, ids: np.ndarray, new_mask: np.ndarray | None = None, *,
+                outputs: dict | None = None) -> np.ndarray:
+        """Run ``ids`` [B, T] after what is cached (``new_mask``: their mask, default all tokens); logits [B, T, V].
+        ``outputs``: a dict to receive every graph output (``Engine.forward``), e.g. the MTP draft's input."""
         ids = np.asarray(ids, dtype=np.int64)
         new_mask = np.ones(ids.shape, np.int64) if new_mask is None else new_mask
         mask = np.concatenate([self.mask, new_mask.astype(np.int64)], axis=1)
-        logits = self.engine.forward(ids, mask, self.cache)
+        if outputs is None:
+            logits = self.engine.forward(ids, mask, self.cache)
+        else:
+            logits = self.engine.forward(ids, mask, self.cache, outputs=outputs)
         self.mask = mask  # only once the cache holds the new entries
         return logits
 
@@ -95,14 +100,15 @@ class DecodeState:
         self.mask = self.mask[:, :length]
 
 
-def prefill(engine, rows: list[list[int]], *, cache: CacheBuffers | None = None,
-            room: int = 0) -> tuple[DecodeState, np.ndarray]:
+def prefill(engine, rows: list[list[int]], *, cache: CacheBuffers | None = None, room: int = 0,
+            outputs: dict | None = None) -> tuple[DecodeState, np.ndarray]:
     """Prefill ``rows`` (left-padded to one width W) and return the state and the logits of the new columns.
 
     ``cache``: one that already holds the first ``cache.length`` columns of the padded prompt (a prompt cache;
     the caller knows what it holds). Only the rest is run; at least the last column is always run, since its
     logits give the first token, so a cache holding the whole prompt (or more) is truncated to W - 1.
     ``room``: the tokens to be generated after it; a new cache is allocated for W + ``room`` positions.
+    ``outputs``: see ``DecodeState.forward``.
     """
     ids, mask = left_padded(rows)
     width = ids.shape[1]
@@ -115,7 +121,7 @@ def prefill(engine, rows: list[list[int]], *, cache: CacheBuffers | None = None,
     cache.truncate(reused)
     cache.check_room(width - reused + max(0, room - 1))  # the last new token is never forwarded
     state = DecodeState(engine, cache, mask[:, :reused])
-    return state, state.forward(ids[:, reused:], mask[:, reused:])
+    return state, state.forward(ids[:, reused:], mask[:, reused:], outputs=outputs)
 
 
 def generate_step(engine, prompt_ids: Sequence[int] | Sequence[Sequence[int]], *,

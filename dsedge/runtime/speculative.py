@@ -28,7 +28,7 @@ import numpy as np
 from dsedge.errors import UserError
 from dsedge.runtime.cache import CacheBuffers
 from dsedge.runtime.decode import TokenEvent, prefill, token_logprobs
-from dsedge.runtime.drafts import Draft, Drafter, PromptLookup
+from dsedge.runtime.drafts import Draft, Drafter, MTPDrafter, PromptLookup
 
 __all__ = ["MODES", "Speculation", "SpeculationStats", "accept_draft", "configure"]
 
@@ -94,13 +94,18 @@ class Speculation:
             raise UserError("speculative decoding needs a dsedge Sampler (it accepts drafts against the sampler's "
                             "distribution), not a plain function", where="sampler",
                             hint="pass dsedge.runtime.sampling.Sampler(params), or switch speculation off")
+        drafter = self.drafter.fresh() if hasattr(self.drafter, "fresh") else self.drafter  # per-generation state
+        wants_hidden = getattr(drafter, "needs_hidden", False)
         started = time.perf_counter()
-        state, logits = prefill(engine, [list(prompt)], cache=cache, room=max_new_tokens)
+        outputs = {} if wants_hidden else None
+        state, logits = prefill(engine, [list(prompt)], cache=cache, room=max_new_tokens, outputs=outputs)
         prefilled = time.perf_counter()
         history = list(prompt)
         last = logits[:, -1]
         first = sampler(last[0], history)
         history.append(first)
+        if wants_hidden:
+            drafter.begin(history, outputs, state.length - logits.shape[1])
         now = time.perf_counter()
         yield TokenEvent(0, (first,), token_logprobs(last, [first]), now - started, prefilled - started,
                          now - started)
@@ -109,11 +114,14 @@ class Speculation:
             step_started = time.perf_counter()
             # a step yields up to k + 1 tokens; the last kept one is never forwarded, so k ≤ remaining - 1
             room = min(self.draft_tokens, max_new_tokens - produced - 1, state.cache.room - 1)
-            draft = self.drafter.propose(history, room).first(room) if room > 0 else Draft()
+            draft = drafter.propose(history, room).first(room) if room > 0 else Draft()
             cached = state.length
-            rows = state.forward(np.asarray([[history[-1], *draft.tokens]], np.int64))[0]
+            outputs = {} if wants_hidden else None
+            rows = state.forward(np.asarray([[history[-1], *draft.tokens]], np.int64), outputs=outputs)[0]
             kept = accept_draft(draft, rows, sampler, history)
             state.truncate(cached + len(kept))  # the pending token and the accepted drafts stay cached
+            if wants_hidden:
+                drafter.advance(kept, outputs, cached)
             self.stats.record(len(draft.tokens), len(kept) - 1)
             share = (time.perf_counter() - step_started) / len(kept)
             for position, token in enumerate(kept):
@@ -176,12 +184,4 @@ def configure(engine, mode: str = "off", draft_tokens: int | None = None) -> Spe
 
 
 def _drafter(engine, mode: str) -> Drafter:
-    if mode == "ngram":
-        return PromptLookup()
-    draft_graphs = engine.graph("draft") if hasattr(engine, "graph") else []
-    if not draft_graphs:
-        raise UserError("this bundle has no MTP draft graph", where="--speculative mtp",
-                        hint="use --speculative ngram, or export a checkpoint that has an MTP layer "
-                             "(num_nextn_predict_layers ≥ 1)")
-    raise UserError("MTP drafting is not available in this runtime yet", where="--speculative mtp",
-                    hint="use --speculative ngram")
+    return PromptLookup() if mode == "ngram" else MTPDrafter(engine)
