@@ -41,6 +41,7 @@ def _run(args):
     from dsedge.rag import open_retriever
     from dsedge.runtime import load_bundle
     from dsedge.runtime.profile import profile_engine
+    from dsedge.runtime.speculative import configure
     from dsedge.store import resolve_bundle
 
     args.bundle = str(resolve_bundle(args.bundle))
@@ -48,6 +49,7 @@ def _run(args):
     engine = load_bundle(args.bundle, target=args.target, threads=args.threads,
                          memory_budget_bytes=args.memory_budget, prefetch_experts=args.prefetch_experts,
                          verify="full" if args.verify else True)
+    configure(engine, args.speculative, args.draft_tokens)
     return profile_engine(engine, prompt_tokens=args.prompt_tokens, gen_tokens=args.gen_tokens, trials=args.trials,
                           by_op=args.by_op, seed=args.seed, plot=args.plot, target=args.target,
                           memory_budget_bytes=args.memory_budget, retriever=open_retriever(engine, args.index),
@@ -84,6 +86,13 @@ def render_profile(r) -> str:
         lines.append(f"  retrieval       embed {q['embed_ms']:.2f} ms + search {q['search_ms']:.3f} ms + assembly "
                      f"{q['assembly_ms']:.2f} ms = {q['share_of_ttft']:.1%} of a {q['ttft_ms']:.1f} ms TTFT "
                      f"({q['sources']} sources, {q['prompt_tokens']}-token prompt)")
+    if r.speculative:
+        s = r.speculative
+        by_position = ", ".join(f"{a:.0%}" for a in s["acceptance_by_position"]) or "nothing drafted"
+        lines.append(f"  speculative     {s['mode']} k={s['draft_tokens']}: {s['tokens_per_verify_step']:.2f} tokens "
+                     f"per verify step, accepted by position {by_position}; {s['decode_tokens_per_s']:,.1f} vs "
+                     f"{s['off_decode_tokens_per_s']:,.1f} tokens/s off ({s['speedup']:.2f}x)"
+                     f"{'' if s['same_tokens'] else '  GREEDY OUTPUT DIFFERS'}")
     if r.plot:
         lines.append(f"  plot: {r.plot}")
     return "\n".join(lines)

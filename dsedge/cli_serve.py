@@ -45,7 +45,10 @@ def register(sub, command) -> None:
     cmd.add_argument("--prompt-cache", type=_cache_size, default="512M", metavar="SIZE",
                      help="memory for cached prompt prefixes, reused by requests that start the same way "
                           "(default 512M; 0 turns it off)")
-    cmd.add_argument("-t", "--target", help="device target: execution providers and threads")
+    cmd.add_argument("--target", help="device target: execution providers and threads (a name, a file or `auto`)")
+    cmd.add_argument("--speculative", choices=["off", "ngram", "mtp"], default="off",
+                     help="speculative decoding (see `dsedge run --help`; default off)")
+    cmd.add_argument("--draft-tokens", type=int, metavar="K", help="tokens drafted per verify step")
 
 
 def _run_serve(args):
@@ -53,7 +56,8 @@ def _run_serve(args):
 
     return serve(args.bundle, host=args.host, port=args.port, index=args.index, rag=args.rag,
                  api_key=args.api_key, parallel=args.parallel, target=args.target,
-                 prompt_cache_bytes=args.prompt_cache)
+                 prompt_cache_bytes=args.prompt_cache, speculative=args.speculative,
+                 draft_tokens=args.draft_tokens)
 
 
 def _render(report) -> None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-# Graph roles. "draft" is reserved for a speculative/MTP draft graph (same I/O as the decoder).
+# Graph roles. "draft": DeepSeek-V3's MTP module, the speculative-decoding draft (``draft_io``).
 DECODER, PRELUDE, LAYER, EXPERTS, HEAD, DRAFT = "decoder", "prelude", "layer", "experts", "head", "draft"
 ROLES = (DECODER, PRELUDE, LAYER, EXPERTS, HEAD, DRAFT)
 TRUNK_ROLES = (PRELUDE, LAYER, HEAD)
@@ -23,6 +23,9 @@ INPUT_IDS, POSITION_IDS, ATTENTION_MASK = "input_ids", "position_ids", "attentio
 HIDDEN, COS, SIN, ALLOWED = "hidden", "cos", "sin", "allowed"
 RESIDUAL, MOE_INPUT, EXPERT_IDS, EXPERT_WEIGHTS = "residual", "moe_input", "expert_ids", "expert_weights"
 ROUTED, LOGITS = "routed", "logits"
+# The main model's last hidden state after its final norm (decoder output when the model has an MTP module),
+# and the MTP module's own output hidden state (the next draft depth's input).
+FINAL_HIDDEN, DRAFT_HIDDEN = "final_hidden", "draft_hidden"
 PAST, PRESENT = "past", "present"
 
 DTYPES = ("float32", "float16", "int64", "bool")
@@ -67,6 +70,7 @@ class GraphShapes:
     cache_tensors: tuple[str, ...]
     cache_dims: tuple[Dim, ...]  # with "S" for the cached length
     act: str = "float32"  # activations and cache: float32 or float16
+    final_hidden: bool = False  # the decoder also returns FINAL_HIDDEN (models with an MTP draft module)
 
 
 def _tokens() -> tuple[TensorSpec, ...]:
@@ -102,7 +106,16 @@ def decoder_io(s: GraphShapes) -> Signature:
     """The whole model: tokens and every layer's cache in; every layer's new entries, then logits, out."""
     pasts = tuple(p for i in range(s.layers) for p in _pasts(s, i))
     presents = tuple(p for i in range(s.layers) for p in _presents(s, i))
-    return Signature(_tokens() + pasts, presents + (_logits(s),))
+    hidden = (TensorSpec(FINAL_HIDDEN, s.act, ("B", "T", s.hidden)),) if s.final_hidden else ()
+    return Signature(_tokens() + pasts, presents + (_logits(s),) + hidden)
+
+
+def draft_io(s: GraphShapes) -> Signature:
+    """The MTP module: at each position, the next token and the main model's FINAL_HIDDEN there, plus its own
+    one-layer cache (``past.0.*``); out its new cache entries, logits for the token after next, DRAFT_HIDDEN."""
+    inputs = _tokens() + (TensorSpec(FINAL_HIDDEN, s.act, ("B", "T", s.hidden)),) + _pasts(s, 0)
+    outputs = _presents(s, 0) + (_logits(s), TensorSpec(DRAFT_HIDDEN, s.act, ("B", "T", s.hidden)))
+    return Signature(inputs, outputs)
 
 
 def prelude_io(s: GraphShapes) -> Signature:

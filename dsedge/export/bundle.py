@@ -10,10 +10,11 @@ from pathlib import Path
 from typing import Any
 
 from dsedge import __version__, safe_json
-from dsedge.contract import DECODER, decoder_io
+from dsedge.contract import DECODER, DRAFT, decoder_io
 from dsedge.errors import UserError
 from dsedge.export.decoder import build_decoder, cache_spec, graph_shapes
 from dsedge.export.graph import save_graph
+from dsedge.export.mtp import write_draft
 from dsedge.export.partitioned import placement_plan, write_partitioned
 from dsedge.export.quantized import QuantizedWeight
 from dsedge.export.validate import raise_on_failure, validate_engine
@@ -203,7 +204,10 @@ def _write_graphs(ckpt: Checkpoint, weights, root: Path, context: int, layout: s
         return build_decoder(ckpt.spec, weights, max_positions=context, expert_path=expert_path, data_path=data,
                              half=half)
 
-    return [save_graph(build, decoder_io(graph_shapes(ckpt.spec, half)), root, GRAPH_DIR, DECODER, DECODER)]
+    graphs = [save_graph(build, decoder_io(graph_shapes(ckpt.spec, half)), root, GRAPH_DIR, DECODER, DECODER)]
+    if ckpt.has_mtp:  # the MTP module as the speculative draft graph (dsedge.export.mtp)
+        graphs.append(write_draft(ckpt.spec, weights, root, GRAPH_DIR, max_positions=context, half=half))
+    return graphs
 
 
 def _copy_tokenizer(src: Path, root: Path) -> list[str]:
@@ -252,8 +256,10 @@ def _manifest(ckpt: Checkpoint, tgt, layout: str, dtype: str, context: int, grap
               accuracy_level: int) -> dict[str, Any]:
     spec = ckpt.spec
     notes = []
-    if spec.num_mtp_layers:
-        notes.append("the MTP (multi-token prediction) layer is not exported yet; decoding is one token per step")
+    mtp_exported = any(g.role == DRAFT for g in graphs)
+    if spec.num_mtp_layers and not mtp_exported:
+        notes.append("the MTP (multi-token prediction) layer is not exported (monolithic layout only, and only when "
+                     "the checkpoint stores it): `--speculative mtp` is unavailable, `ngram` works")
     return {
         "dsedge_version": __version__,
         "created_unix": int(time.time()),
@@ -266,7 +272,7 @@ def _manifest(ckpt: Checkpoint, tgt, layout: str, dtype: str, context: int, grap
         "cache": cache_spec(spec).layout(half=dtype == "fp16"),
         "graphs": graphs,
         "tokenizer": _tokenizer_info(ckpt.path, spec),
-        "mtp": {"in_checkpoint": ckpt.has_mtp, "exported": False},
+        "mtp": {"in_checkpoint": ckpt.has_mtp, "exported": mtp_exported},
         "notes": notes,
     }
 

@@ -16,6 +16,7 @@ import onnx
 
 from dsedge.contract import (
     ATTENTION_MASK,
+    FINAL_HIDDEN,
     INPUT_IDS,
     LOGITS,
     POSITION_IDS,
@@ -58,7 +59,8 @@ def graph_shapes(spec: ModelSpec, half: bool) -> GraphShapes:
     cache = cache_spec(spec)
     return GraphShapes(layers=spec.num_hidden_layers, hidden=spec.hidden_size, vocab=spec.vocab_size,
                        rope_width=rope_table_dim(spec), top_k=spec.moe.num_experts_per_tok if spec.moe else 0,
-                       cache_tensors=cache.names, cache_dims=cache.shape, act="float16" if half else "float32")
+                       cache_tensors=cache.names, cache_dims=cache.shape, act="float16" if half else "float32",
+                       final_hidden=spec.num_mtp_layers > 0)  # the MTP draft reads it (dsedge.export.mtp)
 
 
 def build_decoder(spec: ModelSpec, weights: WeightsFn, *, max_positions: int, name: str = "decoder",
@@ -83,6 +85,8 @@ def build_decoder(spec: ModelSpec, weights: WeightsFn, *, max_positions: int, na
         g.scope = ""
         values |= {present_name(i, t): value for t, value in zip(cache.names, presents, strict=True)}
     x = g.rms_norm(x, top["model.norm.weight"], "model.norm", spec.rms_norm_eps)
+    if any(t.name == FINAL_HIDDEN for t in signature.outputs):
+        values[FINAL_HIDDEN] = x
     head = top["model.embed_tokens.weight"] if spec.tie_word_embeddings else top["lm_head.weight"]
     values[LOGITS] = g.to_float(g.linear(x, head, "lm_head"))
     g.declare_outputs(signature, values)

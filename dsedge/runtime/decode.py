@@ -12,6 +12,10 @@ new tokens per row and returns one logits row per token, and ``truncate`` rolls 
 a speculative-decoding verify step needs (forward the last token plus k drafted ones, keep the accepted
 prefix, truncate the rest) without a second loop.
 
+Speculative decoding (``dsedge.runtime.speculative``) is this loop's other step: when the engine carries a
+``speculation`` (set by ``speculative.configure``) and there is one prompt, ``generate_step`` hands the
+request to it; its events are the same, one per token. Without one (or for a batch) nothing changes.
+
 numpy only; the engine is anything with ``new_cache(batch, max_len)`` and ``forward(ids, mask, cache)``.
 """
 
@@ -30,7 +34,7 @@ from dsedge.runtime.sampling import Sampler, SamplingParams
 # A sampler picks a token from one row's logits [V] given that row's history (prompt + generated so far).
 TokenSampler = Callable[[np.ndarray, Sequence[int]], int]
 
-__all__ = ["DecodeState", "TokenEvent", "TokenSampler", "generate_step", "left_padded", "prefill"]
+__all__ = ["DecodeState", "TokenEvent", "TokenSampler", "generate_step", "left_padded", "prefill", "token_logprobs"]
 
 
 def left_padded(sequences: list[list[int]], pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -76,12 +80,17 @@ class DecodeState:
     def length(self) -> int:
         return self.cache.length
 
-    def forward(self, ids: np.ndarray, new_mask: np.ndarray | None = None) -> np.ndarray:
-        """Run ``ids`` [B, T] after what is cached (``new_mask``: their mask, default all tokens); logits [B, T, V]."""
+    def forward(self, ids: np.ndarray, new_mask: np.ndarray | None = None, *,
+                outputs: dict | None = None) -> np.ndarray:
+        """Run ``ids`` [B, T] after what is cached (``new_mask``: their mask, default all tokens); logits [B, T, V].
+        ``outputs``: a dict to receive every graph output (``Engine.forward``), e.g. the MTP draft's input."""
         ids = np.asarray(ids, dtype=np.int64)
         new_mask = np.ones(ids.shape, np.int64) if new_mask is None else new_mask
         mask = np.concatenate([self.mask, new_mask.astype(np.int64)], axis=1)
-        logits = self.engine.forward(ids, mask, self.cache)
+        if outputs is None:
+            logits = self.engine.forward(ids, mask, self.cache)
+        else:
+            logits = self.engine.forward(ids, mask, self.cache, outputs=outputs)
         self.mask = mask  # only once the cache holds the new entries
         return logits
 
@@ -91,14 +100,15 @@ class DecodeState:
         self.mask = self.mask[:, :length]
 
 
-def prefill(engine, rows: list[list[int]], *, cache: CacheBuffers | None = None,
-            room: int = 0) -> tuple[DecodeState, np.ndarray]:
+def prefill(engine, rows: list[list[int]], *, cache: CacheBuffers | None = None, room: int = 0,
+            outputs: dict | None = None) -> tuple[DecodeState, np.ndarray]:
     """Prefill ``rows`` (left-padded to one width W) and return the state and the logits of the new columns.
 
     ``cache``: one that already holds the first ``cache.length`` columns of the padded prompt (a prompt cache;
     the caller knows what it holds). Only the rest is run; at least the last column is always run, since its
     logits give the first token, so a cache holding the whole prompt (or more) is truncated to W - 1.
     ``room``: the tokens to be generated after it; a new cache is allocated for W + ``room`` positions.
+    ``outputs``: see ``DecodeState.forward``.
     """
     ids, mask = left_padded(rows)
     width = ids.shape[1]
@@ -111,7 +121,7 @@ def prefill(engine, rows: list[list[int]], *, cache: CacheBuffers | None = None,
     cache.truncate(reused)
     cache.check_room(width - reused + max(0, room - 1))  # the last new token is never forwarded
     state = DecodeState(engine, cache, mask[:, :reused])
-    return state, state.forward(ids[:, reused:], mask[:, reused:])
+    return state, state.forward(ids[:, reused:], mask[:, reused:], outputs=outputs)
 
 
 def generate_step(engine, prompt_ids: Sequence[int] | Sequence[Sequence[int]], *,
@@ -130,6 +140,10 @@ def generate_step(engine, prompt_ids: Sequence[int] | Sequence[Sequence[int]], *
         raise UserError("max_new_tokens must be ≥ 0", where="generate")
     if max_new_tokens == 0:
         return
+    speculation = getattr(engine, "speculation", None)
+    if speculation is not None and len(rows) == 1:  # a batch's rows would accept drafts of different lengths
+        yield from speculation.steps(engine, rows[0], samplers[0], cache=cache, max_new_tokens=max_new_tokens)
+        return
     started = time.perf_counter()
     state, logits = prefill(engine, rows, cache=cache, room=max_new_tokens)
     prefilled = time.perf_counter()
@@ -144,10 +158,10 @@ def generate_step(engine, prompt_ids: Sequence[int] | Sequence[Sequence[int]], *
             history.append(token)
         now = time.perf_counter()
         if step == 0:
-            yield TokenEvent(0, tuple(tokens), _logprobs(last, tokens), now - started, prefilled - started,
+            yield TokenEvent(0, tuple(tokens), token_logprobs(last, tokens), now - started, prefilled - started,
                              now - started)
         else:
-            yield TokenEvent(step, tuple(tokens), _logprobs(last, tokens), now - step_started)
+            yield TokenEvent(step, tuple(tokens), token_logprobs(last, tokens), now - step_started)
 
 
 def greedy_sampler() -> Sampler:
@@ -176,7 +190,7 @@ def _samplers(sampler, batch: int) -> list[TokenSampler]:
     return samplers
 
 
-def _logprobs(last: np.ndarray, tokens: list[int]) -> tuple[float, ...]:
+def token_logprobs(last: np.ndarray, tokens: list[int]) -> tuple[float, ...]:
     """log softmax at the chosen tokens: one pass over each row, cheap next to the forward pass."""
     scores = last.astype(np.float64)
     top = scores.max(-1, keepdims=True)

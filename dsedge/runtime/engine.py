@@ -68,15 +68,19 @@ class Engine(ABC):
                             hint="shorten the prompt or max_new_tokens, or re-export with a larger --max-context")
         return CacheBuffers(self.cache_layout, self.layers, batch, max_len or self.max_context)
 
-    def forward(self, input_ids: np.ndarray, mask: np.ndarray, cache: CacheBuffers) -> np.ndarray:
-        """Run new tokens [B, T] (mask covers cache + new) and append their cache entries; logits [B, T, V]."""
+    def forward(self, input_ids: np.ndarray, mask: np.ndarray, cache: CacheBuffers,
+                outputs: dict | None = None) -> np.ndarray:
+        """Run new tokens [B, T] (mask covers cache + new) and append their cache entries; logits [B, T, V].
+        ``outputs``: a dict to receive every graph output too (e.g. ``final_hidden`` for the MTP draft)."""
         new_tokens = input_ids.shape[1]
         cache.check_room(new_tokens)
         feeds = {INPUT_IDS: input_ids.astype(np.int64), ATTENTION_MASK: mask.astype(np.int64),
                  POSITION_IDS: positions_from_mask(mask, new_tokens)}
-        outputs = self.run_graph(feeds, cache)
-        cache.append(outputs, new_tokens)
-        return outputs["logits"]
+        result = self.run_graph(feeds, cache)
+        cache.append(result, new_tokens)
+        if outputs is not None:
+            outputs.update(result)
+        return result["logits"]
 
     def logits(self, token_ids: list[int]) -> np.ndarray:
         """Logits [T, vocab] of a whole sequence in one prefill pass."""

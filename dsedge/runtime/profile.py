@@ -50,6 +50,7 @@ class ProfileReport:
     ops: list[dict[str, Any]] = field(default_factory=list)
     retrieval: dict[str, Any] | None = None
     plot: str | None = None
+    speculative: dict[str, Any] | None = None  # with engine.speculation: acceptance, tokens/verify, speedup vs off
 
     def to_json(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -92,8 +93,13 @@ def profile_engine(engine, *, prompt_tokens: int = 128, gen_tokens: int = 64, tr
     _run_trial(engine, prompt, min(gen_tokens, 4))  # warm-up: first-run allocations, page faults, lazy loads
     if getattr(engine, "experts", None) is not None:
         engine.experts.reset_stats()
+    speculation = getattr(engine, "speculation", None)
+    if speculation is not None:
+        speculation.stats.reset()
     runs = [_run_trial(engine, prompt, gen_tokens) for _ in range(trials)]
     report = _report(engine, bundle, runs, prompt_tokens, gen_tokens)
+    if speculation is not None:
+        report.speculative = _speculative_profile(engine, speculation, prompt, gen_tokens, runs)
     if retriever is not None:
         report.retrieval = _retrieval_profile(engine, retriever, question, trials, gen_tokens)
     if by_op or (plot and engine.layout == "monolithic"):
@@ -121,6 +127,30 @@ def _retrieval_profile(engine, retriever, question: str, trials: int, gen_tokens
     ttft = retrieval + float(np.median(prefill))
     return stats | {"prompt_tokens": len(ids), "sources": len(rag.sources), "prefill_ms": float(np.median(prefill)),
                     "ttft_ms": ttft, "share_of_ttft": retrieval / ttft, "question": question}
+
+
+def _speculative_profile(engine, speculation, prompt: list[int], gen_tokens: int,
+                         runs: list[_Trial]) -> dict[str, Any]:
+    """The speculative trials' acceptance per draft position and tokens per verify step, and the same number
+    of trials with speculation off: decode tokens/s both ways (total decode time over tokens, since a verify
+    step's tokens share its time) and whether greedy gave the same tokens (it must)."""
+    stats = speculation.stats.to_json()
+    speculative_tokens = [e.token_id for e in generate_step(engine, prompt, max_new_tokens=gen_tokens)]
+    engine.speculation = None
+    try:
+        off_runs = [_run_trial(engine, prompt, gen_tokens) for _ in range(len(runs))]
+        plain_tokens = [e.token_id for e in generate_step(engine, prompt, max_new_tokens=gen_tokens)]
+    finally:
+        engine.speculation = speculation
+    on, off = _decode_tokens_per_s(runs), _decode_tokens_per_s(off_runs)
+    return {"mode": speculation.mode, "draft_tokens": speculation.draft_tokens, **stats,
+            "decode_tokens_per_s": on, "off_decode_tokens_per_s": off, "speedup": on / off if off else 0.0,
+            "same_tokens": speculative_tokens == plain_tokens}
+
+
+def _decode_tokens_per_s(runs: list[_Trial]) -> float:
+    seconds = sum(sum(r.step_s) for r in runs)
+    return sum(len(r.step_s) for r in runs) / seconds if seconds else 0.0
 
 
 def _check_args(prompt_tokens: int, gen_tokens: int, trials: int) -> None:

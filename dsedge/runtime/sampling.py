@@ -45,12 +45,34 @@ class Sampler:
         self.params = params
         self.rng = np.random.default_rng(params.seed)
 
+    @property
+    def greedy(self) -> bool:
+        return self.params.temperature == 0
+
     def __call__(self, logits: np.ndarray, history: Iterable[int] = ()) -> int:
         scores = penalize_repetition(logits.astype(np.float64), history, self.params.repetition_penalty)
         if self.params.temperature == 0:
             return int(np.argmax(scores))
         probs = filtered_probs(scores / self.params.temperature, self.params.top_k, self.params.top_p)
+        return self.draw(probs)
+
+    def distribution(self, logits: np.ndarray, history: Iterable[int] = ()) -> np.ndarray:
+        """The processed distribution [V] that ``__call__`` draws from (penalty, temperature, top-k, top-p);
+        one-hot at the argmax when greedy. Speculative decoding accepts drafts against exactly this."""
+        scores = penalize_repetition(logits.astype(np.float64), history, self.params.repetition_penalty)
+        if self.params.temperature == 0:
+            probs = np.zeros(scores.size)
+            probs[int(np.argmax(scores))] = 1.0
+            return probs
+        return filtered_probs(scores / self.params.temperature, self.params.top_k, self.params.top_p)
+
+    def draw(self, probs: np.ndarray) -> int:
+        """A token from ``probs`` [V] (summing to 1) with this sampler's generator."""
         return int(self.rng.choice(len(probs), p=probs))
+
+    def uniform(self) -> float:
+        """A uniform number in [0, 1) from this sampler's generator (speculative acceptance tests)."""
+        return float(self.rng.random())
 
 
 def penalize_repetition(scores: np.ndarray, history: Iterable[int], penalty: float) -> np.ndarray:

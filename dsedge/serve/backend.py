@@ -23,6 +23,7 @@ from dsedge.rag import open_retriever, rag_prompt, with_sources
 from dsedge.runtime import load_bundle
 from dsedge.runtime.chat import ChatStream, prepare_prompt
 from dsedge.runtime.prefix_cache import DEFAULT_CAPACITY_BYTES, PrefixCache, PrefixCacheStats
+from dsedge.runtime.speculative import configure as configure_speculation
 from dsedge.serve.wire import FINISH_REASONS, Defaults, Sampling, WireError
 
 log = logging.getLogger(__name__)
@@ -68,8 +69,10 @@ class Backend:
 
     @classmethod
     def open(cls, bundle: str | Path, *, index: str | Path | None = None, rag: bool = False,
-             target: str | None = None, prompt_cache_bytes: int = DEFAULT_CAPACITY_BYTES) -> Backend:
+             target: str | None = None, prompt_cache_bytes: int = DEFAULT_CAPACITY_BYTES, speculative: str = "off",
+             draft_tokens: int | None = None) -> Backend:
         engine = load_bundle(bundle, target=target)
+        configure_speculation(engine, speculative, draft_tokens)  # each generation is one row: it applies to all
         if engine.codec is None:
             raise UserError("this bundle has no tokenizer, so it cannot serve text", where=str(bundle),
                             hint="re-export from a checkpoint directory that holds tokenizer.json")

@@ -1,0 +1,149 @@
+"""Speculative decoding: what a verify step costs, and what MTP / prompt-lookup drafting buys.
+
+Three measurements, each in one run on an idle machine (batch 1, greedy, EOS ignored):
+
+* ``verify``: on ds3bench (int4 and int8 by default, built like decode_bench.py), the median time of one
+  forward over 1, 2, 3, 4 new tokens after a ``--context``-token cache, relative to the 1-token step. On a
+  bandwidth-bound CPU a 2- or 3-token step should cost little more than a 1-token one; this ratio bounds any
+  speedup (speedup ≤ tokens per verify step / relative verify cost).
+* ``decode``: decode tokens/s with ``--speculative`` off vs mtp / ngram on a bundle (default: the demo model,
+  exported here), over prompts from the demo's held-out text, checking the greedy tokens are identical;
+  acceptance per draft position and tokens per verify step.
+* ``rag``: the same with ``ngram`` on RAG-shaped prompts (numbered source passages from the held-out text,
+  then a question about them, through the chat template): answers that quote their sources.
+
+    .venv/bin/python benchmarks/speculative_bench.py verify [--precisions int4 int8] [--context 256]
+    .venv/bin/python benchmarks/speculative_bench.py decode --bundle B --mode mtp [--draft-tokens 1] [--gen 128]
+    .venv/bin/python benchmarks/speculative_bench.py rag [--bundle B] [--draft-tokens 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parent))
+from decode_bench import bundle as bench_bundle  # noqa: E402 — sibling script
+from export_bench import OUT, checkpoint  # noqa: E402
+
+from dsedge.runtime import load_bundle  # noqa: E402
+from dsedge.runtime.chat import prepare_prompt  # noqa: E402
+from dsedge.runtime.decode import generate_step, prefill  # noqa: E402
+from dsedge.runtime.speculative import configure  # noqa: E402
+
+HELDOUT = Path(__file__).parents[1] / "dsedge" / "demo" / "data" / "heldout.txt"
+
+
+def verify_cost(precisions: list[str], context: int, repeats: int, threads: int | None) -> dict:
+    """ms of a forward over T = 1..4 new tokens after ``context`` cached ones, per precision."""
+    ckpt = checkpoint("ds3bench")
+    results = {}
+    for precision in precisions:
+        engine = load_bundle(bench_bundle(ckpt, precision), threads=threads)
+        prompt = [int(t) for t in np.random.default_rng(0).integers(0, int(engine.spec["vocab_size"]), context)]
+        state, _ = prefill(engine, [prompt], room=8)
+        ms = {}
+        for width in (1, 2, 3, 4):
+            times = []
+            for _ in range(repeats + 2):  # two warm-ups
+                started = time.perf_counter()
+                state.forward(np.asarray([prompt[:width]]))
+                times.append(time.perf_counter() - started)
+                state.truncate(context)
+            ms[width] = float(np.median(times[2:]) * 1e3)
+        results[precision] = {"ms": ms, "relative": {w: ms[w] / ms[1] for w in ms}}
+        print(f"ds3bench {precision}: " + ", ".join(f"{w} tokens {ms[w]:.2f} ms ({ms[w] / ms[1]:.2f}x)"
+                                                     for w in ms), file=sys.stderr)
+    return results
+
+
+def heldout_prompts(engine, count: int, tokens: int) -> list[list[int]]:
+    text = HELDOUT.read_text(encoding="utf-8")
+    step = max(1, len(text) // (count + 1))
+    codec = engine.codec
+    return [codec.encode(text[i * step: i * step + 8 * tokens])[:tokens] for i in range(count)]
+
+
+def rag_prompts(engine, count: int, passages: int = 3) -> list[list[int]]:
+    paragraphs = [p.strip() for p in HELDOUT.read_text(encoding="utf-8").split("\n\n") if len(p.strip()) > 200]
+    prompts = []
+    for i in range(count):
+        chosen = paragraphs[i * passages: (i + 1) * passages]
+        sources = "\n\n".join(f"[{j + 1}] {p[:600]}" for j, p in enumerate(chosen))
+        question = f"Sources:\n{sources}\n\nUsing the sources, explain what [1] says, quoting it."
+        prompts.append(prepare_prompt(engine, [{"role": "user", "content": question}]).token_ids)
+    return prompts
+
+
+def decode_compare(engine, prompts: list[list[int]], mode: str, draft_tokens: int | None, gen: int) -> dict:
+    """Decode tokens/s off vs ``mode`` over ``prompts`` (after one warm-up each way), greedy identity."""
+    runs = {}
+    for setting in ("off", mode):
+        speculation = configure(engine, setting, draft_tokens)
+        list(generate_step(engine, prompts[0], max_new_tokens=8))  # warm-up
+        if speculation is not None:
+            speculation.stats.reset()
+        tokens, seconds, count = [], 0.0, 0
+        for prompt in prompts:
+            events = list(generate_step(engine, prompt, max_new_tokens=gen))
+            tokens.append([e.token_id for e in events])
+            seconds += sum(e.step_s for e in events[1:])
+            count += len(events) - 1
+        runs[setting] = {"tokens": tokens, "tokens_per_s": count / seconds,
+                         "stats": speculation.stats.to_json() if speculation else None}
+    configure(engine, "off")
+    on, off = runs[mode], runs["off"]
+    result = {"mode": mode, "draft_tokens": draft_tokens, "off_tokens_per_s": off["tokens_per_s"],
+              "tokens_per_s": on["tokens_per_s"], "speedup": on["tokens_per_s"] / off["tokens_per_s"],
+              "same_tokens": on["tokens"] == off["tokens"], **on["stats"]}
+    print(f"{mode}: {result['tokens_per_s']:.1f} vs {result['off_tokens_per_s']:.1f} tokens/s off "
+          f"({result['speedup']:.2f}x), {result['tokens_per_verify_step']:.2f} tokens/verify, acceptance by "
+          f"position {[round(a, 3) for a in result['acceptance_by_position']]}, same tokens: "
+          f"{result['same_tokens']}", file=sys.stderr)
+    return result
+
+
+def demo_bundle() -> Path:
+    from dsedge.export.bundle import export_bundle
+
+    out = OUT / "deepseek-v3-tiny.bundle"
+    if not (out / "manifest.json").exists():
+        export_bundle("deepseek-v3-tiny", out, max_context=1024, overwrite=True)
+    return out
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("what", choices=["verify", "decode", "rag"])
+    parser.add_argument("--bundle", help="bundle to decode with (default: the demo model, exported here)")
+    parser.add_argument("--mode", default="mtp", choices=["mtp", "ngram"])
+    parser.add_argument("--draft-tokens", type=int)
+    parser.add_argument("--precisions", nargs="+", default=["int4", "int8"])
+    parser.add_argument("--context", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--prompts", type=int, default=8)
+    parser.add_argument("--prompt-tokens", type=int, default=128)
+    parser.add_argument("--gen", type=int, default=128)
+    parser.add_argument("-t", "--threads", type=int)
+    parser.add_argument("--json", help="write the results here")
+    args = parser.parse_args(argv)
+    if args.what == "verify":
+        result = verify_cost(args.precisions, args.context, args.repeats, args.threads)
+    else:
+        engine = load_bundle(args.bundle or demo_bundle(), threads=args.threads)
+        if args.what == "rag":
+            result = decode_compare(engine, rag_prompts(engine, args.prompts), "ngram", args.draft_tokens, args.gen)
+        else:
+            prompts = heldout_prompts(engine, args.prompts, args.prompt_tokens)
+            result = decode_compare(engine, prompts, args.mode, args.draft_tokens, args.gen)
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
