@@ -6,7 +6,9 @@ name is spelled here and nowhere else, as optimum's exporters declare a model's 
 architecture.
 
 Dims are ints or symbols: ``B`` batch, ``T`` new tokens, ``S`` cached tokens, ``S_plus_T`` both, ``N`` rows
-routed to experts (B·T).
+routed to experts (B·T), ``M`` a cache buffer's whole length: a cache with ``M`` (GQA's key/value) is passed
+whole and its present is the same buffer with the new entries written at S (the runtime binds both to one
+array); a cache with ``S`` (MLA's latent) is passed as the filled prefix and returns only the new entries.
 """
 
 from __future__ import annotations
@@ -65,7 +67,7 @@ class GraphShapes:
     rope_width: int  # cos/sin columns (half the rotary dim)
     top_k: int  # experts per token (0 for dense models)
     cache_tensors: tuple[str, ...]
-    cache_dims: tuple[Dim, ...]  # with "S" for the cached length
+    cache_dims: tuple[Dim, ...]  # with "S" for the cached length, or "M" for a whole buffer updated in place
     act: str = "float32"  # activations and cache: float32 or float16
 
 
@@ -79,7 +81,7 @@ def _pasts(s: GraphShapes, layer: int) -> tuple[TensorSpec, ...]:
 
 
 def _presents(s: GraphShapes, layer: int) -> tuple[TensorSpec, ...]:
-    dims = tuple("T" if d == "S" else d for d in s.cache_dims)  # only the new tokens' entries come back
+    dims = tuple("T" if d == "S" else d for d in s.cache_dims)  # only the new tokens' entries (or the M buffer)
     return tuple(TensorSpec(present_name(layer, t), s.act, dims) for t in s.cache_tensors)
 
 

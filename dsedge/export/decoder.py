@@ -24,7 +24,7 @@ from dsedge.contract import (
     past_name,
     present_name,
 )
-from dsedge.export.attention import Positional, gqa_attention, mla_attention
+from dsedge.export.attention import Positional, fused_gqa, gqa_attention, mla_attention
 from dsedge.export.graph import GraphBuilder
 from dsedge.export.moe import moe_block
 from dsedge.manifest import CacheLayout
@@ -48,9 +48,13 @@ class CacheSpec:
 
 
 def cache_spec(spec: ModelSpec) -> CacheSpec:
+    """MLA: the latent, [B, S, W] views of the filled prefix (contiguous at batch 1), new entries returned.
+    GQA: whole [B, KV, M, d] buffers (M = the cache's length), written in place by GroupQueryAttention (head
+    sizes its kernel does not take: [B, KV, S, d] prefixes and new entries, as MLA)."""
     if spec.mla is not None:
         return CacheSpec("mla_latent", ("latent",), ("B", "S", spec.mla.latent_cache_width))
-    return CacheSpec("kv", ("key", "value"), ("B", spec.num_key_value_heads, "S", spec.head_dim))
+    length = "M" if fused_gqa(spec) else "S"
+    return CacheSpec("kv", ("key", "value"), ("B", spec.num_key_value_heads, length, spec.head_dim))
 
 
 def graph_shapes(spec: ModelSpec, half: bool) -> GraphShapes:
@@ -75,7 +79,7 @@ def build_decoder(spec: ModelSpec, weights: WeightsFn, *, max_positions: int, na
     pasts = [[past_name(i, t) for t in cache.names] for i in range(spec.num_hidden_layers)]
     top = weights(None)
     x = g.op("Gather", g.weight("model.embed_tokens.weight", top["model.embed_tokens.weight"]), INPUT_IDS, axis=0)
-    pos = _positional(g, spec, POSITION_IDS, ATTENTION_MASK, pasts[0][0], cache, max_positions)
+    pos = _positional(g, spec, max_positions)
     values: dict[str, str] = {}
     for i in range(spec.num_hidden_layers):
         g.scope = f"layers.{i}/"
@@ -89,11 +93,12 @@ def build_decoder(spec: ModelSpec, weights: WeightsFn, *, max_positions: int, na
     return g.model()
 
 
-def _positional(g: GraphBuilder, spec: ModelSpec, position_ids: str, mask: str, past0: str, cache: CacheSpec,
-                max_positions: int) -> Positional:
-    cos_t, sin_t = rope_lookup(g, spec, position_ids, max_positions)
-    past_len = g.shape_dim(past0, cache.shape.index("S"))
-    return positional(g, cos_t, sin_t, allowed_mask(g, position_ids, mask, past_len), past_len)
+def _positional(g: GraphBuilder, spec: ModelSpec, max_positions: int) -> Positional:
+    """RoPE tables indexed by the position ids, and the mask, for a whole-model graph."""
+    cos, sin = cos_sin_tables(spec, max_positions)
+    past_len = g.op("Sub", g.shape_dim(ATTENTION_MASK, 1), g.shape_dim(INPUT_IDS, 1))
+    allowed = allowed_mask(g, POSITION_IDS, ATTENTION_MASK, past_len)
+    return positional(g, spec, POSITION_IDS, g.weight("rope.cos", cos), g.weight("rope.sin", sin), allowed, past_len)
 
 
 def rope_lookup(g: GraphBuilder, spec: ModelSpec, position_ids: str, max_positions: int) -> tuple[str, str]:
@@ -103,10 +108,28 @@ def rope_lookup(g: GraphBuilder, spec: ModelSpec, position_ids: str, max_positio
             g.op("Gather", g.weight("rope.sin", sin), position_ids, axis=0))
 
 
-def positional(g: GraphBuilder, cos_t: str, sin_t: str, allowed: str, past_len: str) -> Positional:
-    axis1 = g.const([1])
-    return Positional(cos_heads=g.op("Unsqueeze", cos_t, axis1), sin_heads=g.op("Unsqueeze", sin_t, axis1),
-                      cos_tokens=cos_t, sin_tokens=sin_t, allowed=allowed, past_len=past_len)
+def positional(g: GraphBuilder, spec: ModelSpec, positions: str, cos_table: str, sin_table: str, allowed: str,
+               past_len: str) -> Positional:
+    """What every layer's attention reads; GQA also gets its additive mask and lengths (computed once)."""
+    if not fused_gqa(spec):
+        return Positional(positions, cos_table, sin_table, allowed, past_len)
+    lowest = np.finfo(np.float16 if g.half else np.float32).min  # finite: a fully masked pad row stays NaN-free
+    act = np.float16 if g.half else np.float32
+    bias = g.op("Where", allowed, g.const(0.0, act), g.const(lowest, act))
+    total = g.op("Cast", g.shape_dim(allowed, 3), to=onnx.TensorProto.INT32)  # [1] = S+T
+    seqlens = g.op("Expand", g.op("Sub", total, g.const([1], np.int32)), g.shape_dim(allowed, 0))
+    return Positional(positions, cos_table, sin_table, allowed, past_len, attention_bias=bias, seqlens_k=seqlens,
+                      total_len=g.op("Reshape", total, g.const([])))
+
+
+def per_token_tables(g: GraphBuilder, cos: str, sin: str) -> tuple[str, str, str]:
+    """Positions and tables for RotaryEmbedding from already gathered cos/sin [B, T, r/2] (a layer graph):
+    the tables become [B·T, r/2] and token (b, t) reads row b·T + t."""
+    width = g.shape_dim(cos, 2)
+    flat_shape = g.op("Concat", g.const([-1]), width, axis=0)
+    rows = g.op("Reshape", g.op("Mul", g.shape_dim(cos, 0), g.shape_dim(cos, 1)), g.const([]))
+    positions = g.op("Reshape", g.op("Range", g.const(0), rows, g.const(1)), g.op("Shape", cos, start=0, end=2))
+    return positions, g.op("Reshape", cos, flat_shape), g.op("Reshape", sin, flat_shape)
 
 
 def allowed_mask(g: GraphBuilder, position_ids: str, mask: str, past_len: str) -> str:

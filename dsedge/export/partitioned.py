@@ -50,6 +50,7 @@ from dsedge.export.decoder import (
     attention_block,
     cache_spec,
     graph_shapes,
+    per_token_tables,
     positional,
     rope_lookup,
 )
@@ -116,7 +117,8 @@ def build_layer(spec: ModelSpec, w: dict[str, np.ndarray], i: int, data_path: Pa
     signature = layer_io(graph_shapes(spec, half), i, spec.is_moe_layer(i))
     g.declare_inputs(signature)
     past = [past_name(i, t) for t in cache.names]
-    pos = positional(g, COS, SIN, ALLOWED, g.shape_dim(past[0], cache.shape.index("S")))
+    past_len = g.op("Sub", g.shape_dim(ALLOWED, 3), g.shape_dim(ALLOWED, 2))  # S = (S+T) − T
+    pos = positional(g, spec, *per_token_tables(g, COS, SIN), ALLOWED, past_len)
     x, h, presents = attention_block(g, spec, w, i, HIDDEN, past, pos)
     values = {present_name(i, t): value for t, value in zip(cache.names, presents, strict=True)}
     p = f"model.layers.{i}.mlp."

@@ -72,6 +72,11 @@ class Engine(ABC):
         """Run new tokens [B, T] (mask covers cache + new) and append their cache entries; logits [B, T, V]."""
         new_tokens = input_ids.shape[1]
         cache.check_room(new_tokens)
+        if cache.in_place and cache.length and new_tokens > 1 and input_ids.shape[0] > 1:
+            # GroupQueryAttention takes several new tokens after a cache only at batch 1: one at a time here
+            cached = mask.shape[1] - new_tokens
+            return np.concatenate([self.forward(input_ids[:, j:j + 1], mask[:, :cached + j + 1], cache)
+                                   for j in range(new_tokens)], axis=1)
         feeds = {INPUT_IDS: input_ids.astype(np.int64), ATTENTION_MASK: mask.astype(np.int64),
                  POSITION_IDS: positions_from_mask(mask, new_tokens)}
         outputs = self.run_graph(feeds, cache)

@@ -7,6 +7,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import onnxruntime as ort
 
 
@@ -60,8 +61,40 @@ class TimedSession:
         finally:
             self._timers.add(self._name, time.perf_counter() - started)
 
+    def run_with_iobinding(self, binding, run_options=None):
+        started = time.perf_counter()
+        try:
+            return self._session.run_with_iobinding(binding, run_options)
+        finally:
+            self._timers.add(self._name, time.perf_counter() - started)
+
     def __getattr__(self, attr):
         return getattr(self._session, attr)
+
+
+def run_bound(session, input_names, output_names, values: dict[str, np.ndarray],
+              in_place: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Run with IO binding: each output named in ``in_place`` is written into that (contiguous) array, which
+    is also bound as whatever input is the same array, so a cache buffer is read and updated without a copy.
+    The other outputs come back as new arrays. CPU only (the arrays live in host memory)."""
+    binding = session.io_binding()
+    keep = []  # contiguous copies must outlive the run
+    for name in input_names:
+        array = values[name]
+        if not array.flags.c_contiguous:
+            array = np.ascontiguousarray(array)
+            keep.append(array)
+        binding.bind_input(name, "cpu", 0, array.dtype, list(array.shape), array.ctypes.data)
+    for name in output_names:
+        if name in in_place:
+            target = in_place[name]
+            binding.bind_output(name, "cpu", 0, target.dtype, list(target.shape), target.ctypes.data)
+        else:
+            binding.bind_output(name, "cpu")
+    session.run_with_iobinding(binding)
+    outputs = binding.get_outputs()
+    return {name: in_place[name] if name in in_place else value.numpy()
+            for name, value in zip(output_names, outputs, strict=True)}
 
 
 def make_session(path: Path, config: SessionConfig) -> ort.InferenceSession:
