@@ -83,3 +83,9 @@ def test_batched_chunk_after_cache_matches_recompute(fused):
     first = state.forward(ids[:, :3], mask[:, :3])
     rest = state.forward(ids[:, 3:], mask[:, 3:])
     np.testing.assert_allclose(np.concatenate([first, rest], axis=1), full, atol=1e-4)
+
+
+def test_load_bundle_spins_a_monolithic_bundle_unless_told_not_to(fused):
+    _, path = fused
+    assert load_bundle(path).session_config.spin is True
+    assert load_bundle(path, spin=False).session_config.spin is False

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -17,11 +17,19 @@ class SessionConfig:
     threads: int | None = None
     # onnxruntime's pool threads spin after each run. With several sessions run in turn (a partitioned
     # bundle runs ~2 per layer) the idle pools spin against the active one: on ds3bench under load,
-    # decode took 447 ms/token spinning vs 40 without (monolithic 61 vs 36). See benchmarks/README.md.
-    spin: bool = False
+    # decode took 447 ms/token spinning vs 40 without (monolithic 61 vs 36). A single monolithic session on
+    # cores it has to itself gains 17–44% from spinning (issue #12). None: decided per layout (``for_layout``).
+    spin: bool | None = None
     # onnxruntime's per-node profiler (a JSON trace per session under this prefix); `dsedge profile` uses it
     # for one extra trial to split a monolithic graph's time by layer and operator.
     profile_prefix: str | None = None
+
+    def for_layout(self, layout: str) -> SessionConfig:
+        """The automatic spinning policy: on for one monolithic session, off for partitioned bundles (many
+        sessions in turn). An explicit ``spin`` is kept (force it off when other work shares the cores)."""
+        if self.spin is not None:
+            return self
+        return replace(self, spin=layout == "monolithic")
 
 
 log = logging.getLogger(__name__)
@@ -104,8 +112,7 @@ def make_session(path: Path, config: SessionConfig) -> ort.InferenceSession:
         options.profile_file_prefix = f"{config.profile_prefix}{path.stem}"
     if config.threads:
         options.intra_op_num_threads = config.threads
-    if not config.spin:
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if config.spin else "0")
     available = set(ort.get_available_providers())
     providers = [p for p in config.providers if p in available] or ["CPUExecutionProvider"]
     missing = [p for p in config.providers if p not in available]
