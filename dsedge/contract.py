@@ -6,9 +6,10 @@ name is spelled here and nowhere else, as optimum's exporters declare a model's 
 architecture.
 
 Dims are ints or symbols: ``B`` batch, ``T`` new tokens, ``S`` cached tokens, ``S_plus_T`` both, ``N`` rows
-routed to experts (B·T), ``M`` a cache buffer's whole length: a cache with ``M`` (GQA's key/value) is passed
-whole and its present is the same buffer with the new entries written at S (the runtime binds both to one
-array); a cache with ``S`` (MLA's latent) is passed as the filled prefix and returns only the new entries.
+routed to experts (B·T), ``L`` positions with logits (T − logits_from), ``M`` a cache buffer's whole length:
+a cache with ``M`` (GQA's key/value) is passed whole and its present is the same buffer with the new entries
+written at S (the runtime binds both to one array); a cache with ``S`` (MLA's latent) is passed as the
+filled prefix and returns only the new entries.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ INPUT_IDS, POSITION_IDS, ATTENTION_MASK = "input_ids", "position_ids", "attentio
 HIDDEN, COS, SIN, ALLOWED = "hidden", "cos", "sin", "allowed"
 RESIDUAL, MOE_INPUT, EXPERT_IDS, EXPERT_WEIGHTS = "residual", "moe_input", "expert_ids", "expert_weights"
 ROUTED, LOGITS = "routed", "logits"
+LOGITS_FROM = "logits_from"  # int64 [1]: the first new position whose logits are computed (prefill: T − 1)
 PAST, PRESENT = "past", "present"
 
 DTYPES = ("float32", "float16", "int64", "bool")
@@ -86,7 +88,13 @@ def _presents(s: GraphShapes, layer: int) -> tuple[TensorSpec, ...]:
 
 
 def _logits(s: GraphShapes) -> TensorSpec:
-    return TensorSpec(LOGITS, "float32", ("B", "T", s.vocab))  # always fp32: sampling reads it
+    return TensorSpec(LOGITS, "float32", ("B", "L", s.vocab))  # always fp32: sampling reads it
+
+
+def _logits_from() -> TensorSpec:
+    """Logits for positions logits_from … T−1 only: a prefill needs the last (the head is ~27% of a
+    512-token prefill's work on qwen2bench), validation all (0)."""
+    return TensorSpec(LOGITS_FROM, "int64", (1,))
 
 
 def _positional(s: GraphShapes) -> tuple[TensorSpec, ...]:
@@ -104,7 +112,7 @@ def decoder_io(s: GraphShapes) -> Signature:
     """The whole model: tokens and every layer's cache in; every layer's new entries, then logits, out."""
     pasts = tuple(p for i in range(s.layers) for p in _pasts(s, i))
     presents = tuple(p for i in range(s.layers) for p in _presents(s, i))
-    return Signature(_tokens() + pasts, presents + (_logits(s),))
+    return Signature(_tokens() + (_logits_from(),) + pasts, presents + (_logits(s),))
 
 
 def prelude_io(s: GraphShapes) -> Signature:
@@ -125,7 +133,7 @@ def experts_io(s: GraphShapes) -> Signature:
 
 
 def head_io(s: GraphShapes) -> Signature:
-    return Signature((TensorSpec(HIDDEN, s.act, ("B", "T", s.hidden)),), (_logits(s),))
+    return Signature((TensorSpec(HIDDEN, s.act, ("B", "T", s.hidden)), _logits_from()), (_logits(s),))
 
 
 # --- names ------------------------------------------------------------------------------------------

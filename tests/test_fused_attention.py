@@ -27,7 +27,7 @@ def _with_head_dim(tmp, variant: str, head_dim: int):
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**config))
     with torch.no_grad():
         for p in model.parameters():
-            p.normal_(0.0, 0.2) if p.dim() > 1 else p.uniform_(0.8, 1.2)
+            p.normal_(0.0, 0.05) if p.dim() > 1 else p.uniform_(0.8, 1.2)
     model.save_pretrained(out)
     for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
         if (base / name).exists():
@@ -89,3 +89,13 @@ def test_load_bundle_spins_a_monolithic_bundle_unless_told_not_to(fused):
     _, path = fused
     assert load_bundle(path).session_config.spin is True
     assert load_bundle(path, spin=False).session_config.spin is False
+
+
+def test_fp16_gqa_bundle_validates(tmp_path):
+    """Half precision through GroupQueryAttention and RotaryEmbedding (bias at fp16's lowest, not −inf)."""
+    ckpt = _with_head_dim(tmp_path, "qwen2", 16)
+    report = export_bundle(ckpt, tmp_path / "b16", max_context=64, dtype="fp16")
+    assert all(c["passed"] for c in report.validation)
+    engine = load_bundle(tmp_path / "b16")
+    assert engine.cache_layout["shape"][2] == "M"
+    assert all(buf.dtype == np.float16 for buf in engine.new_cache(max_len=8).buffers.values())

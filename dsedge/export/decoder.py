@@ -18,6 +18,7 @@ from dsedge.contract import (
     ATTENTION_MASK,
     INPUT_IDS,
     LOGITS,
+    LOGITS_FROM,
     POSITION_IDS,
     GraphShapes,
     decoder_io,
@@ -81,16 +82,23 @@ def build_decoder(spec: ModelSpec, weights: WeightsFn, *, max_positions: int, na
     x = g.op("Gather", g.weight("model.embed_tokens.weight", top["model.embed_tokens.weight"]), INPUT_IDS, axis=0)
     pos = _positional(g, spec, max_positions)
     values: dict[str, str] = {}
+    delta = None  # the last layer's MLP output, added to x inside the next norm
     for i in range(spec.num_hidden_layers):
         g.scope = f"layers.{i}/"
-        x, presents = _layer(g, spec, weights(i), i, x, pasts[i], pos, expert_path)
+        x, delta, presents = _layer(g, spec, weights(i), i, x, delta, pasts[i], pos, expert_path)
         g.scope = ""
         values |= {present_name(i, t): value for t, value in zip(cache.names, presents, strict=True)}
-    x = g.rms_norm(x, top["model.norm.weight"], "model.norm", spec.rms_norm_eps)
+    x, delta = logit_positions(g, x), delta and logit_positions(g, delta)
+    x, _ = g.add_rms_norm(x, delta, top["model.norm.weight"], "model.norm", spec.rms_norm_eps)
     head = top["model.embed_tokens.weight"] if spec.tie_word_embeddings else top["lm_head.weight"]
     values[LOGITS] = g.to_float(g.linear(x, head, "lm_head"))
     g.declare_outputs(signature, values)
     return g.model()
+
+
+def logit_positions(g: GraphBuilder, x: str) -> str:
+    """x [B, T, H] from position ``logits_from`` on: only those go through the final norm and the head."""
+    return g.op("Slice", x, LOGITS_FROM, g.const([np.iinfo(np.int64).max]), g.const([1]))
 
 
 def _positional(g: GraphBuilder, spec: ModelSpec, max_positions: int) -> Positional:
@@ -145,30 +153,34 @@ def allowed_mask(g: GraphBuilder, position_ids: str, mask: str, past_len: str) -
     return g.op("And", g.op("Unsqueeze", causal, g.const([0, 1])), not_pad)
 
 
-def _layer(g: GraphBuilder, spec: ModelSpec, w: dict[str, np.ndarray], i: int, x: str, past: list[str],
-           pos: Positional, expert_path: str) -> tuple[str, list[str]]:
-    x, h, presents = attention_block(g, spec, w, i, x, past, pos)
+def _layer(g: GraphBuilder, spec: ModelSpec, w: dict[str, np.ndarray], i: int, x: str, delta: str | None,
+           past: list[str], pos: Positional, expert_path: str) -> tuple[str, str, list[str]]:
+    """One layer: (residual stream after attention, the MLP output still to be added to it, new cache)."""
+    x, h, presents = attention_block(g, spec, w, i, x, past, pos, delta)
     p = f"model.layers.{i}.mlp."
     if spec.is_moe_layer(i):
         mlp = moe_block(g, spec, w, p, h, expert_path)
     else:
         mlp = g.swiglu_mlp(h, w[p + "gate_proj.weight"], w[p + "up_proj.weight"], w[p + "down_proj.weight"], p[:-1])
-    return g.op("Add", x, mlp), presents
+    return x, mlp, presents
 
 
 def attention_block(g: GraphBuilder, spec: ModelSpec, w: dict[str, np.ndarray], i: int, x: str, past: list[str],
-                    pos: Positional) -> tuple[str, str, list[str]]:
-    """Residual stream after attention, the post-attention-normed input of the MLP, and the new cache entries."""
+                    pos: Positional, delta: str | None = None) -> tuple[str, str, list[str]]:
+    """Residual stream after attention, the post-attention-normed input of the MLP, and the new cache entries.
+
+    ``delta``: the previous layer's MLP output, not yet added to x (the add is fused into this layer's norm).
+    """
     p = f"model.layers.{i}."
-    h = g.rms_norm(x, w[p + "input_layernorm.weight"], p + "input_layernorm", spec.rms_norm_eps)
+    h, x = g.add_rms_norm(x, delta, w[p + "input_layernorm.weight"], p + "input_layernorm", spec.rms_norm_eps)
     if spec.mla is not None:
         attn, new = mla_attention(g, spec, w, p + "self_attn.", h, past[0], pos)
         presents = [new]
     else:
         attn, k, v = gqa_attention(g, spec, w, p + "self_attn.", h, past[0], past[1], pos)
         presents = [k, v]
-    x = g.op("Add", x, attn)
-    h = g.rms_norm(x, w[p + "post_attention_layernorm.weight"], p + "post_attention_layernorm", spec.rms_norm_eps)
+    h, x = g.add_rms_norm(x, attn, w[p + "post_attention_layernorm.weight"], p + "post_attention_layernorm",
+                          spec.rms_norm_eps)
     return x, h, presents
 
 

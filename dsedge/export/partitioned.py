@@ -50,6 +50,7 @@ from dsedge.export.decoder import (
     attention_block,
     cache_spec,
     graph_shapes,
+    logit_positions,
     per_token_tables,
     positional,
     rope_lookup,
@@ -138,7 +139,7 @@ def build_head(spec: ModelSpec, top: dict[str, np.ndarray], data_path: Path | No
     g = GraphBuilder(HEAD, data_path, half)
     signature = head_io(graph_shapes(spec, half))
     g.declare_inputs(signature)
-    x = g.rms_norm(HIDDEN, top["model.norm.weight"], "model.norm", spec.rms_norm_eps)
+    x = g.rms_norm(logit_positions(g, HIDDEN), top["model.norm.weight"], "model.norm", spec.rms_norm_eps)
     head = top["model.embed_tokens.weight"] if spec.tie_word_embeddings else top["lm_head.weight"]
     g.declare_outputs(signature, {LOGITS: g.to_float(g.linear(x, head, "lm_head"))})
     return g.model()
