@@ -99,3 +99,14 @@ def test_fp16_gqa_bundle_validates(tmp_path):
     engine = load_bundle(tmp_path / "b16")
     assert engine.cache_layout["shape"][2] == "M"
     assert all(buf.dtype == np.float16 for buf in engine.new_cache(max_len=8).buffers.values())
+
+
+def test_last_only_prefill_runs_the_head_for_the_last_position(fused):
+    """logits_from = T − 1: the graph returns one row, equal to the last row of a full prefill."""
+    _, path = fused
+    engine = load_bundle(path)
+    ids = np.array([[3, 17, 99, 250, 4, 8]])
+    full = engine.forward(ids, np.ones_like(ids), engine.new_cache(max_len=8))
+    last = engine.forward(ids, np.ones_like(ids), engine.new_cache(max_len=8), last_only=True)
+    assert full.shape[1] == 6 and last.shape[1] == 1
+    np.testing.assert_allclose(last[:, 0], full[:, -1], atol=1e-5)
