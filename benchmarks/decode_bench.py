@@ -9,6 +9,11 @@ llama.cpp's figures from ../shared/bench/README.md as anchors.
 
     .venv/bin/python benchmarks/decode_bench.py [--models ds3bench qwen2bench] [--precisions fp32 fp16 int8 int4]
                                                 [--decode 64] [--threads 2] [--json out.json]
+
+``--llamacpp``: side by side in one run with llama.cpp's llama-bench (../shared/bench/llamacpp.sh builds it and
+converts the same checkpoints to F32/F16/Q8_0/Q4_0 GGUF), alternating dsedge and llama-bench per round (≥ 3,
+a bandwidth probe and the load average each round): decode tokens/s at 16/512/2048/4096 cached tokens and
+prefill, for 1 and 2 threads and dsedge's spinning on and off, each with min/median/max and the ratio.
 """
 
 from __future__ import annotations
@@ -169,13 +174,170 @@ def main() -> None:
     parser.add_argument("--decode", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--llamacpp", action="store_true",
+                        help="side by side with llama-bench, alternating per round (see benchmarks/README.md)")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--contexts", type=int, nargs="+", default=list(CONTEXTS),
+                        help="cached tokens before each measured decode step (--llamacpp)")
+    parser.add_argument("--thread-counts", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--spin", type=lambda v: v == "on", nargs="+", default=[True, False], metavar="on|off")
+    parser.add_argument("--prompt", type=int, default=TTFT_PROMPT, help="prefill length (--llamacpp)")
+    parser.add_argument("--checkpoint", help="(--llamacpp) this checkpoint instead of the bench models (smoke runs)")
     args = parser.parse_args()
     OUT.mkdir(exist_ok=True)
+    if args.llamacpp:
+        result = side_by_side(args)
+        print(side_by_side_table(result), flush=True)
+        (args.json or OUT / "decode_bench_llamacpp.json").write_text(json.dumps(result, indent=2))
+        return
     results = {}
     for name in args.models:
         results[name] = run_model(name, args.precisions, args.decode, args.threads)
         print(table(name, results[name], args.precisions), flush=True)
     (args.json or OUT / "decode_bench.json").write_text(json.dumps(results, indent=2))
+
+
+
+# --- side by side with llama.cpp (--llamacpp) -----------------------------------------------------------
+GGUF_TYPES = {"fp32": "f32", "fp16": "f16", "int8": "q8_0", "int4": "Q4_0"}
+CONTEXTS = (16, 512, 2048, 4096)
+
+
+def llamacpp_script() -> Path:
+    """../shared/bench/llamacpp.sh beside the checkout (or $DSEDGE_LLAMACPP_SH)."""
+    import os
+
+    if os.environ.get("DSEDGE_LLAMACPP_SH"):
+        return Path(os.environ["DSEDGE_LLAMACPP_SH"])
+    for parent in Path(__file__).resolve().parents:
+        candidate = parent / "shared" / "bench" / "llamacpp.sh"
+        if candidate.exists():
+            return candidate
+    raise SystemExit("llamacpp.sh not found: set DSEDGE_LLAMACPP_SH")
+
+
+def gguf(ckpt: Path, precision: str) -> Path:
+    out = OUT / f"{ckpt.name}.{GGUF_TYPES[precision]}.gguf"
+    if not out.exists():
+        subprocess.run(["bash", str(llamacpp_script()), "gguf", str(ckpt), str(out), GGUF_TYPES[precision]],
+                       check=True, env={**__import__("os").environ, "PYTHON": sys.executable})
+    return out
+
+
+def long_bundle(ckpt: Path, precision: str, context: int) -> Path:
+    """A bundle with room for the longest measured context (decode per token at 16 … 4096 cached)."""
+    source = compressed(ckpt, precision) if precision in RECIPES else ckpt
+    out = OUT / f"{ckpt.name}.{precision}.ctx{context}.bundle"
+    if not (out / "manifest.json").exists():
+        _dsedge("export", str(source), "-o", str(out), "--max-context", str(context), "--overwrite", "--no-validate",
+                "--dtype", "fp16" if precision == "fp16" else "fp32")
+    return out
+
+
+def dsedge_context_curve(engine, vocab: int, contexts: list[int], steps: int) -> dict[int, float]:
+    """Decode tokens/s after each cached length (the cache content is random tokens' entries)."""
+    rng = np.random.default_rng(0)
+    cache = engine.new_cache(max_len=max(contexts) + steps + 1)
+    engine.forward(np.asarray([rng.integers(2, vocab, size=max(contexts)).tolist()]),
+                   np.ones((1, max(contexts)), np.int64), cache, last_only=True)
+    speeds = {}
+    for n in contexts:
+        times = []
+        for _ in range(steps):
+            cache.truncate(n)
+            started = time.perf_counter()
+            engine.forward(np.asarray([[int(rng.integers(2, vocab))]]), np.ones((1, n + 1), np.int64), cache)
+            times.append(time.perf_counter() - started)
+        speeds[n] = 1.0 / float(np.median(times))
+    return speeds
+
+
+def dsedge_prefill_tps(engine, vocab: int, prompt: int) -> float:
+    rng = np.random.default_rng(1)
+    ids = np.asarray([rng.integers(2, vocab, size=prompt).tolist()])
+    seconds = _timed(lambda: engine.forward(ids, np.ones_like(ids), engine.new_cache(max_len=prompt), last_only=True))
+    return prompt / seconds
+
+
+def llamacpp_speeds(path: Path, threads: int, contexts: list[int], decode: int, prompt: int) -> dict:
+    """llama-bench tokens/s: prompt processing, and generation at each depth (-d)."""
+    depths = ",".join(str(n) for n in contexts)
+    result = subprocess.run(["bash", str(llamacpp_script()), "bench", str(path), "-t", str(threads), "-p", str(prompt),
+                             "-n", str(decode), "-d", depths, "-r", "1", "-o", "json"],
+                            check=True, capture_output=True, text=True)
+    out = {"decode": {}, "prefill": None}
+    for row in json.loads(result.stdout):
+        if row.get("n_gen"):
+            out["decode"][int(row.get("n_depth", 0))] = float(row["avg_ts"])
+        elif row.get("n_prompt") and int(row.get("n_depth", 0)) == contexts[0]:
+            out["prefill"] = float(row["avg_ts"])
+    return out
+
+
+def side_by_side(args) -> dict:
+    """Alternate dsedge and llama-bench per round; cells: model × precision × threads × spin."""
+    import os
+
+    from dsedge.runtime import load_bundle
+
+    rounds: list[dict] = []
+    models = [(Path(args.checkpoint).name, Path(args.checkpoint))] if args.checkpoint else \
+        [(name, checkpoint(name)) for name in args.models]
+    prepared = {}
+    for name, ckpt in models:
+        vocab = json.loads((ckpt / "config.json").read_text())["vocab_size"]
+        for precision in args.precisions:
+            prepared[(name, precision)] = (long_bundle(ckpt, precision, max(args.contexts) + args.decode + 8),
+                                           gguf(ckpt, precision), vocab)
+    for r in range(args.rounds):
+        record = {"round": r, "loadavg": os.getloadavg(), "cells": [],
+                  "bandwidth_gbps": read_bandwidth_gbps(max(args.thread_counts))}
+        for (name, precision), (path, gguf_path, vocab) in prepared.items():
+            for threads in args.thread_counts:
+                for spin in args.spin:
+                    engine = load_bundle(path, threads=threads, spin=spin)
+                    cell = {"model": name, "precision": precision, "threads": threads, "spin": spin,
+                            "dsedge": {"decode": dsedge_context_curve(engine, vocab, args.contexts, args.decode),
+                                       "prefill": dsedge_prefill_tps(engine, vocab, args.prompt)}}
+                    del engine
+                    cell["llamacpp"] = llamacpp_speeds(gguf_path, threads, args.contexts, args.decode, args.prompt)
+                    record["cells"].append(cell)
+        record["loadavg_after"] = os.getloadavg()
+        rounds.append(record)
+        print(f"round {r + 1}/{args.rounds} done (load {record['loadavg'][0]:.2f} → {record['loadavg_after'][0]:.2f})",
+              file=sys.stderr, flush=True)
+    return {"rounds": rounds}
+
+
+def side_by_side_table(result: dict) -> str:
+    """tokens/s min/median/max over rounds per cell, and the dsedge ÷ llama.cpp ratio per round."""
+    cells: dict[tuple, dict[str, list]] = {}
+    for record in result["rounds"]:
+        for c in record["cells"]:
+            metrics = [(f"decode@{n}", v, c["llamacpp"]["decode"].get(n)) for n, v in c["dsedge"]["decode"].items()]
+            metrics.append(("prefill", c["dsedge"]["prefill"], c["llamacpp"]["prefill"]))
+            for metric, ours, theirs in metrics:
+                key = (c["model"], c["precision"], c["threads"], c["spin"], metric)
+                entry = cells.setdefault(key, {"dsedge": [], "llamacpp": [], "ratio": []})
+                entry["dsedge"].append(ours)
+                if theirs:
+                    entry["llamacpp"].append(theirs)
+                    entry["ratio"].append(ours / theirs)
+
+    def spread(values: list[float], fmt: str = ".1f") -> str:
+        if not values:
+            return "–"
+        return "/".join(format(v, fmt) for v in (min(values), float(np.median(values)), max(values)))
+
+    lines = ["| model | precision | threads | spin | metric | dsedge tok/s min/med/max | llama.cpp tok/s min/med/max "
+             "| ratio min/med/max |", "|---|---|---|---|---|---|---|---|"]
+    for (model, precision, threads, spin, metric), e in cells.items():
+        lines.append(f"| {model} | {precision} | {threads} | {spin} | {metric} | {spread(e['dsedge'])} "
+                     f"| {spread(e['llamacpp'])} | {spread(e['ratio'], '.2f')} |")
+    loads = [f"{r['loadavg'][0]:.2f}→{r['loadavg_after'][0]:.2f}" for r in result["rounds"]]
+    bandwidth = [f"{r['bandwidth_gbps']:.1f}" for r in result["rounds"]]
+    footer = f"load average per round: {', '.join(loads)}; read GB/s per round: {', '.join(bandwidth)}"
+    return "\n".join([*lines, footer])
 
 
 if __name__ == "__main__":

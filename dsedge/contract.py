@@ -6,7 +6,10 @@ name is spelled here and nowhere else, as optimum's exporters declare a model's 
 architecture.
 
 Dims are ints or symbols: ``B`` batch, ``T`` new tokens, ``S`` cached tokens, ``S_plus_T`` both, ``N`` rows
-routed to experts (B·T).
+routed to experts (B·T), ``L`` positions with logits (T − logits_from), ``M`` a cache buffer's whole length:
+a cache with ``M`` (GQA's key/value) is passed whole and its present is the same buffer with the new entries
+written at S (the runtime binds both to one array); a cache with ``S`` (MLA's latent) is passed as the
+filled prefix and returns only the new entries.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ ROUTED, LOGITS = "routed", "logits"
 # The main model's last hidden state after its final norm (decoder output when the model has an MTP module),
 # and the MTP module's own output hidden state (the next draft depth's input).
 FINAL_HIDDEN, DRAFT_HIDDEN = "final_hidden", "draft_hidden"
+LOGITS_FROM = "logits_from"  # int64 [1]: the first new position whose logits are computed (prefill: T − 1)
 PAST, PRESENT = "past", "present"
 
 DTYPES = ("float32", "float16", "int64", "bool")
@@ -68,7 +72,7 @@ class GraphShapes:
     rope_width: int  # cos/sin columns (half the rotary dim)
     top_k: int  # experts per token (0 for dense models)
     cache_tensors: tuple[str, ...]
-    cache_dims: tuple[Dim, ...]  # with "S" for the cached length
+    cache_dims: tuple[Dim, ...]  # with "S" for the cached length, or "M" for a whole buffer updated in place
     act: str = "float32"  # activations and cache: float32 or float16
     final_hidden: bool = False  # the decoder also returns FINAL_HIDDEN (models with an MTP draft module)
 
@@ -83,12 +87,18 @@ def _pasts(s: GraphShapes, layer: int) -> tuple[TensorSpec, ...]:
 
 
 def _presents(s: GraphShapes, layer: int) -> tuple[TensorSpec, ...]:
-    dims = tuple("T" if d == "S" else d for d in s.cache_dims)  # only the new tokens' entries come back
+    dims = tuple("T" if d == "S" else d for d in s.cache_dims)  # only the new tokens' entries (or the M buffer)
     return tuple(TensorSpec(present_name(layer, t), s.act, dims) for t in s.cache_tensors)
 
 
 def _logits(s: GraphShapes) -> TensorSpec:
-    return TensorSpec(LOGITS, "float32", ("B", "T", s.vocab))  # always fp32: sampling reads it
+    return TensorSpec(LOGITS, "float32", ("B", "L", s.vocab))  # always fp32: sampling reads it
+
+
+def _logits_from() -> TensorSpec:
+    """Logits for positions logits_from … T−1 only: a prefill needs the last (the head is ~27% of a
+    512-token prefill's work on qwen2bench), validation all (0)."""
+    return TensorSpec(LOGITS_FROM, "int64", (1,))
 
 
 def _positional(s: GraphShapes) -> tuple[TensorSpec, ...]:
@@ -107,14 +117,15 @@ def decoder_io(s: GraphShapes) -> Signature:
     pasts = tuple(p for i in range(s.layers) for p in _pasts(s, i))
     presents = tuple(p for i in range(s.layers) for p in _presents(s, i))
     hidden = (TensorSpec(FINAL_HIDDEN, s.act, ("B", "T", s.hidden)),) if s.final_hidden else ()
-    return Signature(_tokens() + pasts, presents + (_logits(s),) + hidden)
+    return Signature(_tokens() + (_logits_from(),) + pasts, presents + (_logits(s),) + hidden)
 
 
 def draft_io(s: GraphShapes) -> Signature:
     """The MTP module: at each position, the next token and the main model's FINAL_HIDDEN there, plus its own
     one-layer cache (``past.0.*``); out its new cache entries, logits for the token after next, DRAFT_HIDDEN."""
     inputs = _tokens() + (TensorSpec(FINAL_HIDDEN, s.act, ("B", "T", s.hidden)),) + _pasts(s, 0)
-    outputs = _presents(s, 0) + (_logits(s), TensorSpec(DRAFT_HIDDEN, s.act, ("B", "T", s.hidden)))
+    logits = TensorSpec(LOGITS, "float32", ("B", "T", s.vocab))  # every position: a draft reads the last ones
+    outputs = _presents(s, 0) + (logits, TensorSpec(DRAFT_HIDDEN, s.act, ("B", "T", s.hidden)))
     return Signature(inputs, outputs)
 
 
@@ -136,7 +147,7 @@ def experts_io(s: GraphShapes) -> Signature:
 
 
 def head_io(s: GraphShapes) -> Signature:
-    return Signature((TensorSpec(HIDDEN, s.act, ("B", "T", s.hidden)),), (_logits(s),))
+    return Signature((TensorSpec(HIDDEN, s.act, ("B", "T", s.hidden)), _logits_from()), (_logits(s),))
 
 
 # --- names ------------------------------------------------------------------------------------------

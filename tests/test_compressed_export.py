@@ -6,6 +6,8 @@ activations inside the kernel) → 0.43–0.87 % of the largest logit, top-1 agr
 checks the mean KL divergence there (≤ 0.05 nats; see QUANTIZED_KL_TOLERANCE for the demo-model numbers).
 """
 
+import json
+
 import numpy as np
 import onnx
 import pytest
@@ -46,7 +48,8 @@ def _quantized_nodes(bundle) -> list[onnx.NodeProto]:
 @pytest.mark.parametrize(("recipe", "method"), [("int8", "rtn"), ("int4-g32", "gptq")])
 def test_compressed_export_validates_exactly_at_accuracy_level_0(variant, recipe, method, compressed, tmp_path):
     ckpt = compressed(variant, recipe, method)
-    report = export_bundle(ckpt, tmp_path / "b", max_context=64, accuracy_level=0)  # validation runs inside
+    # 8-bit weights reach level 0 only when named by bit width (a plain 0 keeps them at 4: see quantized.py)
+    report = export_bundle(ckpt, tmp_path / "b", max_context=64, accuracy_level={4: 0, 8: 0})  # validates inside
     assert all(c["passed"] for c in report.validation)
     worst = max(c["max_abs_err"] for c in report.validation if c["max_abs_err"] is not None)
     assert worst <= 1e-4
@@ -63,6 +66,17 @@ def test_compressed_export_validates_exactly_at_accuracy_level_0(variant, recipe
     assert bits == {8 if recipe == "int8" else 4}
     # The fixture's widths (72, 40) are not multiples of 32: int4-g32 experts stay per-expert MatMulNBits.
     assert any(n.op_type == "QMoE" for n in nodes) == (recipe == "int8" and reader.spec.moe is not None)
+
+
+def test_plain_accuracy_level_0_keeps_8bit_weights_at_4(compressed, tmp_path):
+    """int8 MatMulNBits at level 0 dequantizes the whole matrix per call: only {8: 0} asks for it."""
+    ckpt = compressed("qwen2", "int8")
+    report = export_bundle(ckpt, tmp_path / "b", max_context=64, accuracy_level=0)
+    assert all(c["passed"] for c in report.validation)
+    levels = {int(a.i) for n in _quantized_nodes(tmp_path / "b") for a in n.attribute if a.name == "accuracy_level"}
+    assert levels == {4}
+    manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    assert manifest["validation"]["accuracy_level"] == 4  # validated at the tolerance of what runs
 
 
 @pytest.mark.parametrize("layout", ["monolithic", "partitioned"])

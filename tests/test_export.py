@@ -294,8 +294,8 @@ def test_partitioned_runs_only_chosen_partitions(partitioned):
     engine = load_bundle(path)
     chosen: dict[int, set[int]] = {}
     for i, session in enumerate(engine.layer_sessions):
-        def recording(values, run=session.run_with, layer=i):
-            result = run(values)
+        def recording(values, in_place=None, run=session.run_with, layer=i):
+            result = run(values, in_place)
             if "expert_ids" in result:
                 chosen.setdefault(layer, set()).update(int(e) for e in result["expert_ids"].ravel())
             return result

@@ -118,8 +118,8 @@ class _ScriptedEngine:
 
         return CacheBuffers({"tensors": [], "shape": ["B", "S"]}, 0, batch, max_len)  # no layers: positions only
 
-    def forward(self, ids, mask, cache):
-        logits = np.zeros((1, ids.shape[1], self.vocab), np.float32)
+    def forward(self, ids, mask, cache, last_only=False):
+        logits = np.zeros((1, 1 if last_only else ids.shape[1], self.vocab), np.float32)
         logits[0, -1, self.script[min(self.calls, len(self.script) - 1)]] = 1.0
         self.calls += 1
         cache.append({}, ids.shape[1])
@@ -229,7 +229,7 @@ def test_starting_from_a_cached_prefix_gives_the_full_prefill_tokens(bundle, cac
     state, _ = prefill(engine, [longer[:cached]], room=len(PROMPT) + 8)
     calls = []
     forward = engine.forward
-    engine.forward = lambda ids, mask, cache: calls.append(ids.shape[1]) or forward(ids, mask, cache)
+    engine.forward = lambda ids, mask, cache, **kw: calls.append(ids.shape[1]) or forward(ids, mask, cache, **kw)
     assert _tokens(generate_step(engine, PROMPT, cache=state.cache, max_new_tokens=8)) == full
     assert calls[0] == len(PROMPT) - min(cached, len(PROMPT) - 1)  # the prefill ran only the uncached tokens
 

@@ -1,9 +1,16 @@
 """Attention subgraphs with an explicit cache: absorbed MLA (DeepSeek) and GQA (Qwen2/Llama).
 
-Both attend over [past | new] without concatenating the cache: scores against the past and the new
-tokens are computed separately and only the small score matrices are concatenated, so a decode step
-never copies the cache inside the graph. The graph returns only the new tokens' cache entries; the
-runtime writes them into its preallocated buffers.
+MLA attends over [past | new] without concatenating the cache: scores against the past and the new tokens
+are computed separately and only the small score matrices are concatenated, so a decode step never copies
+the cache inside the graph; it returns only the new tokens' latent entries, which the runtime writes into
+its buffers (a batch-1 prefix of a [B, M, W] buffer is contiguous, so onnxruntime reads it in place).
+
+GQA is one ``com.microsoft::GroupQueryAttention`` node over the whole [B, KV, M, d] key/value buffers (M: the
+cache's full length): the kernel reads the first S+T positions (``seqlens_k``) and writes the new tokens'
+entries at S. The runtime binds past and present to the same buffer (IO binding), so nothing is copied; a
+[B, KV, S, d] prefix view of a longer buffer would not be contiguous, and onnxruntime would copy it every
+step (decode time growing with the context). RoPE is one ``com.microsoft::RotaryEmbedding`` per tensor,
+outside the attention op: the op's own rotary assumes contiguous positions per row, left padding breaks that.
 """
 
 from __future__ import annotations
@@ -24,24 +31,23 @@ INT_MAX = np.iinfo(np.int64).max
 class Positional:
     """Per-call tensors every layer shares."""
 
-    cos_heads: str  # [B, 1, T, r/2] for per-head q (and GQA k)
-    sin_heads: str
-    cos_tokens: str  # [B, T, r/2] for DeepSeek's single shared k_pe
-    sin_tokens: str
+    positions: str  # int64 [B, T]: rows of the rope tables for each new token
+    cos_table: str  # [P, r/2] (act dtype)
+    sin_table: str
     allowed: str  # bool [B, 1, T, S+T]: causal and not padding
     past_len: str  # int64 [1]
+    attention_bias: str | None = None  # GQA: [B, 1, T, S+T] 0 where allowed, the dtype's lowest elsewhere
+    seqlens_k: str | None = None  # GQA: int32 [B], S+T−1 for every row (left padding is in the bias)
+    total_len: str | None = None  # GQA: int32 scalar S+T
 
 
-def rotate(g: GraphBuilder, x: str, cos: str, sin: str, dim: int) -> str:
-    """Rotate-half RoPE: halves a, b → (a·cos − b·sin, b·cos + a·sin).
+def rotate(g: GraphBuilder, x: str, pos: Positional) -> str:
+    """Rotate-half RoPE of x ([B, T, n·r] or [B, n, T, r]) as one ``com.microsoft::RotaryEmbedding``.
 
     DeepSeek rotates interleaved pairs (2i, 2i+1); the exporter permutes those weight rows into halves
     first, which makes the same rotation exact for it too (dot products are permutation-invariant).
     """
-    a, b = g.slice_last(x, 0, dim // 2), g.slice_last(x, dim // 2, dim)
-    first = g.op("Sub", g.op("Mul", a, cos), g.op("Mul", b, sin))
-    second = g.op("Add", g.op("Mul", b, cos), g.op("Mul", a, sin))
-    return g.op("Concat", first, second, axis=-1)
+    return g.op("RotaryEmbedding", x, pos.positions, pos.cos_table, pos.sin_table, domain=MS_DOMAIN, interleaved=0)
 
 
 def interleaved_to_halves(dim: int) -> np.ndarray:
@@ -71,14 +77,14 @@ def mla_attention(g: GraphBuilder, spec: ModelSpec, w: dict[str, np.ndarray], pr
                              mla.qk_head_dim)
     q = _mla_query(g, spec, w, prefix, h)  # [B, T, H·qk]
     q = g.op("Transpose", g.op("Reshape", q, g.const([0, 0, heads, qk])), perm=[0, 2, 1, 3])  # [B, H, T, qk]
-    q_pe = rotate(g, g.slice_last(q, nope, qk), pos.cos_heads, pos.sin_heads, rope)
+    q_pe = rotate(g, g.slice_last(q, nope, qk), pos)
 
     kv_a = take_rows(w[prefix + "kv_a_proj_with_mqa.weight"],
                      np.concatenate([np.arange(kv), kv + interleaved_to_halves(rope)]))
     compressed = g.linear(h, kv_a, prefix + "kv_a_proj_with_mqa")  # [B, T, kv + rope]
     latent = g.rms_norm(g.slice_last(compressed, 0, kv), w[prefix + "kv_a_layernorm.weight"],
                         prefix + "kv_a_layernorm", spec.rms_norm_eps)
-    k_pe = rotate(g, g.slice_last(compressed, kv, kv + rope), pos.cos_tokens, pos.sin_tokens, rope)
+    k_pe = rotate(g, g.slice_last(compressed, kv, kv + rope), pos)
     new = g.op("Concat", latent, k_pe, axis=-1)  # [B, T, kv + rope]: what the cache keeps
 
     # Absorption multiplies kv_b into the query and output per head, so it is needed as a matrix: a quantized
@@ -110,19 +116,48 @@ def _mla_query(g: GraphBuilder, spec: ModelSpec, w: dict[str, np.ndarray], prefi
     return g.linear(q_a, weight, prefix + name)
 
 
+GQA_HEAD_MULTIPLE = 8  # GroupQueryAttention's CPU kernel needs head_size % 8 == 0
+
+
+def fused_gqa(spec: ModelSpec) -> bool:
+    """Whether this dense model's attention is one GroupQueryAttention node (else the explicit subgraph)."""
+    return spec.mla is None and spec.head_dim % GQA_HEAD_MULTIPLE == 0
+
+
 def gqa_attention(g: GraphBuilder, spec: ModelSpec, w: dict[str, np.ndarray], prefix: str, h: str,
                   past_k: str, past_v: str, pos: Positional) -> tuple[str, str, str]:
-    """Grouped-query attention; queries grouped per KV head so the cache is never repeated."""
+    """Grouped-query attention as one GroupQueryAttention node over the [B, KV, M, d] cache buffers.
+
+    Returns the attention output and the present key/value buffers (the same buffers as past, when bound).
+    Head sizes the kernel does not take run the explicit subgraph over a [B, KV, S, d] cache instead.
+    """
+    heads, kv_heads = spec.num_attention_heads, spec.num_key_value_heads
+
+    def project(name: str) -> str:  # [B, T, n·d]
+        return g.linear(h, w[f"{prefix}{name}.weight"], prefix + name, w.get(f"{prefix}{name}.bias"))
+
+    q, k = rotate(g, project("q_proj"), pos), rotate(g, project("k_proj"), pos)
+    if not fused_gqa(spec):
+        return _gqa_subgraph(g, spec, w, prefix, q, k, project("v_proj"), past_k, past_v, pos)
+    out, present_k, present_v = g.op(
+        "GroupQueryAttention", q, k, project("v_proj"), past_k, past_v, pos.seqlens_k, pos.total_len, None, None,
+        None, pos.attention_bias, outputs=3, domain=MS_DOMAIN, num_heads=heads, kv_num_heads=kv_heads,
+        scale=spec.softmax_scale)
+    o_bias = w.get(prefix + "o_proj.bias")
+    return g.linear(out, w[prefix + "o_proj.weight"], prefix + "o_proj", o_bias), present_k, present_v
+
+
+def _gqa_subgraph(g: GraphBuilder, spec: ModelSpec, w: dict[str, np.ndarray], prefix: str, q: str, k: str, v: str,
+                  past_k: str, past_v: str, pos: Positional) -> tuple[str, str, str]:
+    """GQA as explicit nodes, queries grouped per KV head so the cache is never repeated; returns the new
+    tokens' keys/values [B, KV, T, d]."""
     heads, kv_heads, d = spec.num_attention_heads, spec.num_key_value_heads, spec.head_dim
     group = heads // kv_heads
 
-    def project(name: str, n: int) -> str:
-        y = g.linear(h, w[f"{prefix}{name}.weight"], prefix + name, w.get(f"{prefix}{name}.bias"))
-        return g.op("Transpose", g.op("Reshape", y, g.const([0, 0, n, d])), perm=[0, 2, 1, 3])  # [B, n, T, d]
+    def heads_first(x: str, n: int) -> str:  # [B, T, n·d] → [B, n, T, d]
+        return g.op("Transpose", g.op("Reshape", x, g.const([0, 0, n, d])), perm=[0, 2, 1, 3])
 
-    q = rotate(g, project("q_proj", heads), pos.cos_heads, pos.sin_heads, d)
-    k = rotate(g, project("k_proj", kv_heads), pos.cos_heads, pos.sin_heads, d)
-    v = project("v_proj", kv_heads)
+    q, k, v = heads_first(q, heads), heads_first(k, kv_heads), heads_first(v, kv_heads)
     q5 = g.op("Reshape", q, g.const([0, kv_heads, group, -1, d]))  # [B, KV, G, T, d]
     axis2 = g.const([2])
     keys = (g.op("Unsqueeze", past_k, axis2), g.op("Unsqueeze", k, axis2))

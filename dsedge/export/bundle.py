@@ -16,7 +16,7 @@ from dsedge.export.decoder import build_decoder, cache_spec, graph_shapes
 from dsedge.export.graph import save_graph
 from dsedge.export.mtp import write_draft
 from dsedge.export.partitioned import placement_plan, write_partitioned
-from dsedge.export.quantized import QuantizedWeight
+from dsedge.export.quantized import QuantizedWeight, effective_accuracy_level, valid_accuracy_level
 from dsedge.export.validate import raise_on_failure, validate_engine
 from dsedge.manifest import MANIFEST_FILE, GraphEntry, write_manifest
 from dsedge.models.checkpoint import Checkpoint
@@ -61,7 +61,7 @@ class ExportReport:
 def export_bundle(checkpoint: str | Path, output: str | Path, *, target=None, layout: str = "monolithic",
                   dtype: str = "fp32", max_context: int | None = None, overwrite: bool = False,
                   validate: bool = True, experts_per_partition: int | None = None,
-                  expert_path: str = "dispatch", accuracy_level: int = 4,
+                  expert_path: str = "dispatch", accuracy_level: int | dict[int, int] = 4,
                   index: str | Path | None = None) -> ExportReport:
     """Export a checkpoint to an ONNX bundle (manifest + graphs + tokenizer), validated against the reference.
 
@@ -94,8 +94,9 @@ def export_bundle(checkpoint: str | Path, output: str | Path, *, target=None, la
     if quantized and expert_path == "moe_op":
         raise UserError("expert_path 'moe_op' takes float experts; this checkpoint is quantized", where="expert_path",
                         hint="use the default 'dispatch' path (per-expert MatMulNBits)")
-    if accuracy_level not in (0, 1, 2, 3, 4):
-        raise UserError(f"--accuracy-level must be 0-4, got {accuracy_level}", where="--accuracy-level")
+    if not valid_accuracy_level(accuracy_level):
+        raise UserError(f"--accuracy-level must be 0-4 (or {{bits: 0-4}}), got {accuracy_level}",
+                        where="--accuracy-level")
     if experts_per_partition is not None and experts_per_partition < 1:
         raise UserError(f"--experts-per-partition must be ≥ 1, got {experts_per_partition}",
                         where="--experts-per-partition")
@@ -114,7 +115,8 @@ def export_bundle(checkpoint: str | Path, output: str | Path, *, target=None, la
             manifest["placement"] = placement_plan(graphs, budget=tgt.memory_budget_bytes if tgt else None,
                                                    kv_bytes=_kv_bytes(ckpt.spec, context, dtype))
         write_manifest(tmp, manifest)
-        level = accuracy_level if quantized else None
+        level = effective_accuracy_level(accuracy_level, (q.bits for q in ckpt.quantization.values())) \
+            if quantized else None
         checks = _validate(ckpt, tmp, dtype, level) if validate else []
         manifest["validation"] = {"dtype": dtype, "accuracy_level": level, "checks": [c.to_json() for c in checks],
                                   "passed": bool(checks)}

@@ -19,13 +19,14 @@ from dsedge.contract import (
     FINAL_HIDDEN,
     INPUT_IDS,
     LOGITS,
+    LOGITS_FROM,
     POSITION_IDS,
     GraphShapes,
     decoder_io,
     past_name,
     present_name,
 )
-from dsedge.export.attention import Positional, gqa_attention, mla_attention
+from dsedge.export.attention import Positional, fused_gqa, gqa_attention, mla_attention
 from dsedge.export.graph import GraphBuilder
 from dsedge.export.moe import moe_block
 from dsedge.manifest import CacheLayout
@@ -49,9 +50,13 @@ class CacheSpec:
 
 
 def cache_spec(spec: ModelSpec) -> CacheSpec:
+    """MLA: the latent, [B, S, W] views of the filled prefix (contiguous at batch 1), new entries returned.
+    GQA: whole [B, KV, M, d] buffers (M = the cache's length), written in place by GroupQueryAttention (head
+    sizes its kernel does not take: [B, KV, S, d] prefixes and new entries, as MLA)."""
     if spec.mla is not None:
         return CacheSpec("mla_latent", ("latent",), ("B", "S", spec.mla.latent_cache_width))
-    return CacheSpec("kv", ("key", "value"), ("B", spec.num_key_value_heads, "S", spec.head_dim))
+    length = "M" if fused_gqa(spec) else "S"
+    return CacheSpec("kv", ("key", "value"), ("B", spec.num_key_value_heads, length, spec.head_dim))
 
 
 def graph_shapes(spec: ModelSpec, half: bool) -> GraphShapes:
@@ -77,27 +82,39 @@ def build_decoder(spec: ModelSpec, weights: WeightsFn, *, max_positions: int, na
     pasts = [[past_name(i, t) for t in cache.names] for i in range(spec.num_hidden_layers)]
     top = weights(None)
     x = g.op("Gather", g.weight("model.embed_tokens.weight", top["model.embed_tokens.weight"]), INPUT_IDS, axis=0)
-    pos = _positional(g, spec, POSITION_IDS, ATTENTION_MASK, pasts[0][0], cache, max_positions)
+    pos = _positional(g, spec, max_positions)
     values: dict[str, str] = {}
+    delta = None  # the last layer's MLP output, added to x inside the next norm
     for i in range(spec.num_hidden_layers):
         g.scope = f"layers.{i}/"
-        x, presents = _layer(g, spec, weights(i), i, x, pasts[i], pos, expert_path)
+        x, delta, presents = _layer(g, spec, weights(i), i, x, delta, pasts[i], pos, expert_path)
         g.scope = ""
         values |= {present_name(i, t): value for t, value in zip(cache.names, presents, strict=True)}
-    x = g.rms_norm(x, top["model.norm.weight"], "model.norm", spec.rms_norm_eps)
     if any(t.name == FINAL_HIDDEN for t in signature.outputs):
+        # The MTP draft reads the normed hidden state at every position; only the head is sliced then.
+        x, _ = g.add_rms_norm(x, delta, top["model.norm.weight"], "model.norm", spec.rms_norm_eps)
         values[FINAL_HIDDEN] = x
+        x = logit_positions(g, x)
+    else:  # slice first: the norm and the head run for the logit positions alone
+        x, delta = logit_positions(g, x), delta and logit_positions(g, delta)
+        x, _ = g.add_rms_norm(x, delta, top["model.norm.weight"], "model.norm", spec.rms_norm_eps)
     head = top["model.embed_tokens.weight"] if spec.tie_word_embeddings else top["lm_head.weight"]
     values[LOGITS] = g.to_float(g.linear(x, head, "lm_head"))
     g.declare_outputs(signature, values)
     return g.model()
 
 
-def _positional(g: GraphBuilder, spec: ModelSpec, position_ids: str, mask: str, past0: str, cache: CacheSpec,
-                max_positions: int) -> Positional:
-    cos_t, sin_t = rope_lookup(g, spec, position_ids, max_positions)
-    past_len = g.shape_dim(past0, cache.shape.index("S"))
-    return positional(g, cos_t, sin_t, allowed_mask(g, position_ids, mask, past_len), past_len)
+def logit_positions(g: GraphBuilder, x: str) -> str:
+    """x [B, T, H] from position ``logits_from`` on: only those go through the final norm and the head."""
+    return g.op("Slice", x, LOGITS_FROM, g.const([np.iinfo(np.int64).max]), g.const([1]))
+
+
+def _positional(g: GraphBuilder, spec: ModelSpec, max_positions: int) -> Positional:
+    """RoPE tables indexed by the position ids, and the mask, for a whole-model graph."""
+    cos, sin = cos_sin_tables(spec, max_positions)
+    past_len = g.op("Sub", g.shape_dim(ATTENTION_MASK, 1), g.shape_dim(INPUT_IDS, 1))
+    allowed = allowed_mask(g, POSITION_IDS, ATTENTION_MASK, past_len)
+    return positional(g, spec, POSITION_IDS, g.weight("rope.cos", cos), g.weight("rope.sin", sin), allowed, past_len)
 
 
 def rope_lookup(g: GraphBuilder, spec: ModelSpec, position_ids: str, max_positions: int) -> tuple[str, str]:
@@ -107,10 +124,28 @@ def rope_lookup(g: GraphBuilder, spec: ModelSpec, position_ids: str, max_positio
             g.op("Gather", g.weight("rope.sin", sin), position_ids, axis=0))
 
 
-def positional(g: GraphBuilder, cos_t: str, sin_t: str, allowed: str, past_len: str) -> Positional:
-    axis1 = g.const([1])
-    return Positional(cos_heads=g.op("Unsqueeze", cos_t, axis1), sin_heads=g.op("Unsqueeze", sin_t, axis1),
-                      cos_tokens=cos_t, sin_tokens=sin_t, allowed=allowed, past_len=past_len)
+def positional(g: GraphBuilder, spec: ModelSpec, positions: str, cos_table: str, sin_table: str, allowed: str,
+               past_len: str) -> Positional:
+    """What every layer's attention reads; GQA also gets its additive mask and lengths (computed once)."""
+    if not fused_gqa(spec):
+        return Positional(positions, cos_table, sin_table, allowed, past_len)
+    lowest = np.finfo(np.float16 if g.half else np.float32).min  # finite: a fully masked pad row stays NaN-free
+    act = np.float16 if g.half else np.float32
+    bias = g.op("Where", allowed, g.const(0.0, act), g.const(lowest, act))
+    total = g.op("Cast", g.shape_dim(allowed, 3), to=onnx.TensorProto.INT32)  # [1] = S+T
+    seqlens = g.op("Expand", g.op("Sub", total, g.const([1], np.int32)), g.shape_dim(allowed, 0))
+    return Positional(positions, cos_table, sin_table, allowed, past_len, attention_bias=bias, seqlens_k=seqlens,
+                      total_len=g.op("Reshape", total, g.const([])))
+
+
+def per_token_tables(g: GraphBuilder, cos: str, sin: str) -> tuple[str, str, str]:
+    """Positions and tables for RotaryEmbedding from already gathered cos/sin [B, T, r/2] (a layer graph):
+    the tables become [B·T, r/2] and token (b, t) reads row b·T + t."""
+    width = g.shape_dim(cos, 2)
+    flat_shape = g.op("Concat", g.const([-1]), width, axis=0)
+    rows = g.op("Reshape", g.op("Mul", g.shape_dim(cos, 0), g.shape_dim(cos, 1)), g.const([]))
+    positions = g.op("Reshape", g.op("Range", g.const(0), rows, g.const(1)), g.op("Shape", cos, start=0, end=2))
+    return positions, g.op("Reshape", cos, flat_shape), g.op("Reshape", sin, flat_shape)
 
 
 def allowed_mask(g: GraphBuilder, position_ids: str, mask: str, past_len: str) -> str:
@@ -126,30 +161,34 @@ def allowed_mask(g: GraphBuilder, position_ids: str, mask: str, past_len: str) -
     return g.op("And", g.op("Unsqueeze", causal, g.const([0, 1])), not_pad)
 
 
-def _layer(g: GraphBuilder, spec: ModelSpec, w: dict[str, np.ndarray], i: int, x: str, past: list[str],
-           pos: Positional, expert_path: str) -> tuple[str, list[str]]:
-    x, h, presents = attention_block(g, spec, w, i, x, past, pos)
+def _layer(g: GraphBuilder, spec: ModelSpec, w: dict[str, np.ndarray], i: int, x: str, delta: str | None,
+           past: list[str], pos: Positional, expert_path: str) -> tuple[str, str, list[str]]:
+    """One layer: (residual stream after attention, the MLP output still to be added to it, new cache)."""
+    x, h, presents = attention_block(g, spec, w, i, x, past, pos, delta)
     p = f"model.layers.{i}.mlp."
     if spec.is_moe_layer(i):
         mlp = moe_block(g, spec, w, p, h, expert_path)
     else:
         mlp = g.swiglu_mlp(h, w[p + "gate_proj.weight"], w[p + "up_proj.weight"], w[p + "down_proj.weight"], p[:-1])
-    return g.op("Add", x, mlp), presents
+    return x, mlp, presents
 
 
 def attention_block(g: GraphBuilder, spec: ModelSpec, w: dict[str, np.ndarray], i: int, x: str, past: list[str],
-                    pos: Positional) -> tuple[str, str, list[str]]:
-    """Residual stream after attention, the post-attention-normed input of the MLP, and the new cache entries."""
+                    pos: Positional, delta: str | None = None) -> tuple[str, str, list[str]]:
+    """Residual stream after attention, the post-attention-normed input of the MLP, and the new cache entries.
+
+    ``delta``: the previous layer's MLP output, not yet added to x (the add is fused into this layer's norm).
+    """
     p = f"model.layers.{i}."
-    h = g.rms_norm(x, w[p + "input_layernorm.weight"], p + "input_layernorm", spec.rms_norm_eps)
+    h, x = g.add_rms_norm(x, delta, w[p + "input_layernorm.weight"], p + "input_layernorm", spec.rms_norm_eps)
     if spec.mla is not None:
         attn, new = mla_attention(g, spec, w, p + "self_attn.", h, past[0], pos)
         presents = [new]
     else:
         attn, k, v = gqa_attention(g, spec, w, p + "self_attn.", h, past[0], past[1], pos)
         presents = [k, v]
-    x = g.op("Add", x, attn)
-    h = g.rms_norm(x, w[p + "post_attention_layernorm.weight"], p + "post_attention_layernorm", spec.rms_norm_eps)
+    h, x = g.add_rms_norm(x, attn, w[p + "post_attention_layernorm.weight"], p + "post_attention_layernorm",
+                          spec.rms_norm_eps)
     return x, h, presents
 
 

@@ -183,6 +183,17 @@ class GraphBuilder:
         return self.op("SimplifiedLayerNormalization", x, self.weight(name, weight), axis=-1, epsilon=eps,
                        stash_type=1)
 
+    def add_rms_norm(self, x: str, delta: str | None, weight: np.ndarray, name: str, eps: float) -> tuple[str, str]:
+        """(RMSNorm(x + delta), x + delta) as one ``SkipSimplifiedLayerNormalization`` (the residual add fused
+        into the norm that follows it); without ``delta``, a plain RMSNorm of x and x itself."""
+        if delta is None:
+            return self.rms_norm(x, weight, name, eps), x
+        normed, total = self.fresh("skip_norm"), self.fresh("residual")
+        self.nodes.append(helper.make_node("SkipSimplifiedLayerNormalization", [x, delta, self.weight(name, weight)],
+                                           [normed, "", "", total], domain=MS_DOMAIN, epsilon=eps,
+                                           name=self.fresh(f"{self.scope}SkipSimplifiedLayerNormalization")))
+        return normed, total
+
     def silu(self, x: str) -> str:
         return self.op("Mul", x, self.op("Sigmoid", x))
 

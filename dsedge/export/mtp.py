@@ -34,11 +34,11 @@ from dsedge.export.decoder import (
     cache_spec,
     graph_shapes,
     positional,
-    rope_lookup,
 )
 from dsedge.export.graph import GraphBuilder, save_graph
 from dsedge.export.moe import moe_block
 from dsedge.manifest import GraphEntry
+from dsedge.models.rope import cos_sin_tables
 from dsedge.models.spec import ModelSpec
 
 
@@ -61,9 +61,10 @@ def build_draft(spec: ModelSpec, weights: WeightsFn, *, max_positions: int, name
     hid = g.rms_norm(FINAL_HIDDEN, w[p + "hnorm.weight"], p + "hnorm", eps)
     x = g.linear(g.op("Concat", emb, hid, axis=-1), w[p + "eh_proj.weight"], p + "eh_proj")
     past = [past_name(0, t) for t in cache.names]
-    cos_t, sin_t = rope_lookup(g, spec, POSITION_IDS, max_positions)
+    cos, sin = cos_sin_tables(spec, max_positions)
     past_len = g.shape_dim(past[0], cache.shape.index("S"))
-    pos = positional(g, cos_t, sin_t, allowed_mask(g, POSITION_IDS, ATTENTION_MASK, past_len), past_len)
+    allowed = allowed_mask(g, POSITION_IDS, ATTENTION_MASK, past_len)
+    pos = positional(g, spec, POSITION_IDS, g.weight("rope.cos", cos), g.weight("rope.sin", sin), allowed, past_len)
     g.scope = "mtp/"
     x, h, presents = attention_block(g, spec, w, layer, x, past, pos)
     mlp = moe_block(g, spec, w, p + "mlp.", h, "dispatch") if spec.is_moe_layer(layer) else g.swiglu_mlp(

@@ -50,6 +50,8 @@ from dsedge.export.decoder import (
     attention_block,
     cache_spec,
     graph_shapes,
+    logit_positions,
+    per_token_tables,
     positional,
     rope_lookup,
 )
@@ -116,7 +118,8 @@ def build_layer(spec: ModelSpec, w: dict[str, np.ndarray], i: int, data_path: Pa
     signature = layer_io(graph_shapes(spec, half), i, spec.is_moe_layer(i))
     g.declare_inputs(signature)
     past = [past_name(i, t) for t in cache.names]
-    pos = positional(g, COS, SIN, ALLOWED, g.shape_dim(past[0], cache.shape.index("S")))
+    past_len = g.op("Sub", g.shape_dim(ALLOWED, 3), g.shape_dim(ALLOWED, 2))  # S = (S+T) − T
+    pos = positional(g, spec, *per_token_tables(g, COS, SIN), ALLOWED, past_len)
     x, h, presents = attention_block(g, spec, w, i, HIDDEN, past, pos)
     values = {present_name(i, t): value for t, value in zip(cache.names, presents, strict=True)}
     p = f"model.layers.{i}.mlp."
@@ -136,7 +139,7 @@ def build_head(spec: ModelSpec, top: dict[str, np.ndarray], data_path: Path | No
     g = GraphBuilder(HEAD, data_path, half)
     signature = head_io(graph_shapes(spec, half))
     g.declare_inputs(signature)
-    x = g.rms_norm(HIDDEN, top["model.norm.weight"], "model.norm", spec.rms_norm_eps)
+    x = g.rms_norm(logit_positions(g, HIDDEN), top["model.norm.weight"], "model.norm", spec.rms_norm_eps)
     head = top["model.embed_tokens.weight"] if spec.tie_word_embeddings else top["lm_head.weight"]
     g.declare_outputs(signature, {LOGITS: g.to_float(g.linear(x, head, "lm_head"))})
     return g.model()

@@ -15,11 +15,36 @@ float rounding; validation tolerances are stated per level in ``validate.py``.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 
 import numpy as np
 
 MIN_BLOCK = 16  # MatMulNBits: block_size is a power of two, at least 16
+FAST_LEVEL = 4  # int8 activations: the fast CPU kernels
+LEVELS = (0, 1, 2, 3, 4)
+# An accuracy level for the whole export (int) or per weight bit width ({bits: level}, other widths: 4).
+AccuracyLevel = int | Mapping[int, int]
+
+
+def accuracy_level_for(bits: int, requested: AccuracyLevel) -> int:
+    """The MatMulNBits level of a ``bits``-wide weight. A single level below 4 applies to 4-bit weights only:
+    8-bit MatMulNBits below level 4 dequantizes the whole matrix on every call (0.2–0.3 GB/s; a bundle then
+    decodes at ~4 tokens/s), so 8-bit weights get a lower level only when asked by bit width ({8: 0})."""
+    if isinstance(requested, Mapping):
+        return int(requested.get(bits, FAST_LEVEL))
+    return FAST_LEVEL if bits == 8 and requested < FAST_LEVEL else int(requested)
+
+
+def valid_accuracy_level(requested) -> bool:
+    if isinstance(requested, Mapping):
+        return all(isinstance(b, int) and v in LEVELS for b, v in requested.items())
+    return requested in LEVELS
+
+
+def effective_accuracy_level(requested: AccuracyLevel, bit_widths: Iterable[int]) -> int:
+    """The loosest level any weight of these widths runs at (what validation's tolerance must allow)."""
+    return max((accuracy_level_for(b, requested) for b in set(bit_widths)), default=FAST_LEVEL)
 PER_CHANNEL_BLOCK = 32  # per-channel scales are repeated over blocks of this size (exact: same scale)
 
 
@@ -35,11 +60,13 @@ class QuantizedWeight:
     accuracy_level: int = 4  # MatMulNBits compute precision: 0 = float, 4 = int8 activations (fast on CPU)
 
     @classmethod
-    def from_tensor(cls, qt, accuracy_level: int = 4) -> QuantizedWeight:
-        """From ``dsedge.quantformat.tensor.QuantizedTensor`` (torch), as ``Checkpoint.quantized`` returns it."""
+    def from_tensor(cls, qt, accuracy_level: AccuracyLevel = FAST_LEVEL) -> QuantizedWeight:
+        """From ``dsedge.quantformat.tensor.QuantizedTensor`` (torch), as ``Checkpoint.quantized`` returns it;
+        the level per bit width as ``accuracy_level_for`` resolves it."""
         zero = None if qt.zero_point is None else qt.zero_point.numpy().astype(np.int8)
-        return cls(qt.q.numpy().astype(np.int8), qt.scale.float().numpy(), zero, int(qt.scheme.bits),
-                   qt.scheme.group_size, accuracy_level)
+        bits = int(qt.scheme.bits)
+        return cls(qt.q.numpy().astype(np.int8), qt.scale.float().numpy(), zero, bits, qt.scheme.group_size,
+                   accuracy_level_for(bits, accuracy_level))
 
     @property
     def shape(self) -> tuple[int, int]:

@@ -14,7 +14,8 @@ from dsedge.targets import load_target
 
 def load_bundle(path: str | Path, target=None, memory_budget_bytes: int | None = None,
                 providers: list[str] | None = None, threads: int | None = None, *, verify: bool | str = True,
-                profile_dir: str | Path | None = None, prefetch_experts: bool = False) -> Engine:
+                profile_dir: str | Path | None = None, prefetch_experts: bool = False,
+                spin: bool | None = None) -> Engine:
     """Open a bundle written by `dsedge export`: verify it, create sessions, return an Engine.
 
     ``target`` (name, file or Target) supplies default providers and threads; explicit arguments win.
@@ -27,13 +28,16 @@ def load_bundle(path: str | Path, target=None, memory_budget_bytes: int | None =
     while the layer before it runs.
     Retrieval (RAG) is not the runtime's: ``dsedge.rag.open_retriever(engine, index)`` / ``dsedge.rag.ask``.
     ``profile_dir``: write onnxruntime's per-node profiler traces there (slower; `dsedge profile --by-op`).
+    ``spin``: onnxruntime's thread-pool spinning. None (default): on for a monolithic bundle (one session with
+    the cores to itself: faster), off for a partitioned one (its many sessions' idle pools would spin against
+    the running one); True/False force it (pass False when other work shares the cores).
     """
     tgt = load_target(target) if target is not None else None
     providers = providers or (list(tgt.execution_providers) if tgt else ["CPUExecutionProvider"])
     threads = threads or (_available_threads(tgt.threads) if tgt else None)
     manifest = open_manifest(path, verify=verify)
     prefix = f"{Path(profile_dir)}/" if profile_dir is not None else None
-    config = SessionConfig(tuple(providers), threads, profile_prefix=prefix)
+    config = SessionConfig(tuple(providers), threads, spin, profile_prefix=prefix).for_layout(manifest.contract.layout)
     if manifest.contract.layout == "partitioned":
         engine = PartitionedEngine(manifest, config, memory_budget_bytes, prefetch=prefetch_experts)
     else:

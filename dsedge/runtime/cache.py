@@ -1,4 +1,11 @@
-"""Preallocated cache buffers; the graphs return only the new tokens' entries and we write them in place.
+"""Preallocated cache buffers, contiguous per layer and tensor, sized to ``max_len``.
+
+Two layouts (the manifest's cache shape says which): with ``S`` (MLA's latent, [B, S, W]) the graphs read
+the filled prefix, a contiguous view at batch 1, and return only the new tokens' entries, which ``append``
+writes at the end; with ``M`` (GQA's key/value, [B, KV, M, d]) the graphs read the whole buffer and write
+the new entries into it themselves: ``in_place_outputs()`` names the buffers to bind each present to, so
+no step copies the cache (a [B, KV, S, d] prefix of a longer buffer is not contiguous, and onnxruntime
+would copy it on every call).
 
 ``length`` positions are filled. ``truncate(n)`` rolls back to a prefix (a rejected speculative draft, or a
 prompt cache reused up to the first token that differs); ``copy()`` snapshots the filled part (a server's
@@ -21,8 +28,9 @@ class CacheBuffers:
         self.names = tuple(cache["tensors"])
         self.layout_spec = cache
         dtype = np.dtype(cache.get("dtype", "float32"))
-        layout = [batch if d == "B" else max_len if d == "S" else int(d) for d in cache["shape"]]
-        self.axis = cache["shape"].index("S")
+        layout = [batch if d == "B" else max_len if d in ("S", "M") else int(d) for d in cache["shape"]]
+        self.in_place = "M" in cache["shape"]
+        self.axis = cache["shape"].index("M" if self.in_place else "S")
         self.layers, self.batch, self.max_len, self.length = layers, batch, max_len, 0
         self.buffers = {f"{i}.{t}": np.zeros(layout, dtype) for i in range(layers) for t in self.names}
 
@@ -38,9 +46,16 @@ class CacheBuffers:
         return 0 <= new_tokens <= self.room
 
     def past(self) -> dict[str, np.ndarray]:
-        """Graph inputs ``past.{i}.{t}``: views of the filled part (contiguous for batch 1 MLA caches)."""
+        """Graph inputs ``past.{i}.{t}``: the whole buffers (in place), else views of the filled part
+        (contiguous for batch 1)."""
+        if self.in_place:
+            return {f"past.{key}": buf for key, buf in self.buffers.items()}
         window = self._window(0, self.length)
         return {f"past.{key}": buf[window] for key, buf in self.buffers.items()}
+
+    def in_place_outputs(self) -> dict[str, np.ndarray]:
+        """``present.{i}.{t}`` → the buffer a run should write it into (empty when presents are new entries)."""
+        return {f"present.{key}": buf for key, buf in self.buffers.items()} if self.in_place else {}
 
     def check_room(self, new_tokens: int) -> None:
         if not self.fits(new_tokens):
@@ -48,11 +63,20 @@ class CacheBuffers:
                             f"of {self.max_len}", where="kv cache", hint=_CONTEXT_HINT)
 
     def append(self, presents: dict[str, np.ndarray], new_tokens: int) -> None:
-        """Write ``present.{i}.{t}`` outputs at the current end, then advance."""
+        """Write ``present.{i}.{t}`` outputs at the current end, then advance.
+
+        In place: a present that is the buffer itself (bound) needs nothing; one a run allocated (unbound)
+        holds the whole updated buffer and replaces it."""
         self.check_room(new_tokens)
-        window = self._window(self.length, self.length + new_tokens)
-        for key, buf in self.buffers.items():
-            buf[window] = presents[f"present.{key}"]
+        if self.in_place:
+            for key, buf in self.buffers.items():
+                present = presents[f"present.{key}"]
+                if present is not buf:
+                    self.buffers[key] = np.ascontiguousarray(present, dtype=buf.dtype)
+        else:
+            window = self._window(self.length, self.length + new_tokens)
+            for key, buf in self.buffers.items():
+                buf[window] = presents[f"present.{key}"]
         self.length += new_tokens
 
     def truncate(self, length: int) -> None:

@@ -16,7 +16,7 @@ Speculative decoding (``dsedge.runtime.speculative``) is this loop's other step:
 ``speculation`` (set by ``speculative.configure``) and there is one prompt, ``generate_step`` hands the
 request to it; its events are the same, one per token. Without one (or for a batch) nothing changes.
 
-numpy only; the engine is anything with ``new_cache(batch, max_len)`` and ``forward(ids, mask, cache)``.
+numpy only; the engine is anything with ``new_cache(batch, max_len)`` and ``forward(ids, mask, cache, last_only=)``.
 """
 
 from __future__ import annotations
@@ -80,17 +80,15 @@ class DecodeState:
     def length(self) -> int:
         return self.cache.length
 
-    def forward(self, ids: np.ndarray, new_mask: np.ndarray | None = None, *,
+    def forward(self, ids: np.ndarray, new_mask: np.ndarray | None = None, *, last_only: bool = False,
                 outputs: dict | None = None) -> np.ndarray:
-        """Run ``ids`` [B, T] after what is cached (``new_mask``: their mask, default all tokens); logits [B, T, V].
-        ``outputs``: a dict to receive every graph output (``Engine.forward``), e.g. the MTP draft's input."""
+        """Run ``ids`` [B, T] after what is cached (``new_mask``: their mask, default all tokens); logits [B, T, V]
+        (``last_only``: [B, 1, V], the last position's only). ``outputs``: a dict to receive every graph output
+        (``Engine.forward``), e.g. the MTP draft's input."""
         ids = np.asarray(ids, dtype=np.int64)
         new_mask = np.ones(ids.shape, np.int64) if new_mask is None else new_mask
         mask = np.concatenate([self.mask, new_mask.astype(np.int64)], axis=1)
-        if outputs is None:
-            logits = self.engine.forward(ids, mask, self.cache)
-        else:
-            logits = self.engine.forward(ids, mask, self.cache, outputs=outputs)
+        logits = self.engine.forward(ids, mask, self.cache, last_only=last_only, outputs=outputs)
         self.mask = mask  # only once the cache holds the new entries
         return logits
 
@@ -101,13 +99,14 @@ class DecodeState:
 
 
 def prefill(engine, rows: list[list[int]], *, cache: CacheBuffers | None = None, room: int = 0,
-            outputs: dict | None = None) -> tuple[DecodeState, np.ndarray]:
+            last_only: bool = False, outputs: dict | None = None) -> tuple[DecodeState, np.ndarray]:
     """Prefill ``rows`` (left-padded to one width W) and return the state and the logits of the new columns.
 
     ``cache``: one that already holds the first ``cache.length`` columns of the padded prompt (a prompt cache;
     the caller knows what it holds). Only the rest is run; at least the last column is always run, since its
     logits give the first token, so a cache holding the whole prompt (or more) is truncated to W - 1.
     ``room``: the tokens to be generated after it; a new cache is allocated for W + ``room`` positions.
+    ``last_only``: return (and compute) only the last column's logits [B, 1, V] — all a decode loop needs.
     ``outputs``: see ``DecodeState.forward``.
     """
     ids, mask = left_padded(rows)
@@ -121,7 +120,7 @@ def prefill(engine, rows: list[list[int]], *, cache: CacheBuffers | None = None,
     cache.truncate(reused)
     cache.check_room(width - reused + max(0, room - 1))  # the last new token is never forwarded
     state = DecodeState(engine, cache, mask[:, :reused])
-    return state, state.forward(ids[:, reused:], mask[:, reused:], outputs=outputs)
+    return state, state.forward(ids[:, reused:], mask[:, reused:], last_only=last_only, outputs=outputs)
 
 
 def generate_step(engine, prompt_ids: Sequence[int] | Sequence[Sequence[int]], *,
@@ -145,7 +144,7 @@ def generate_step(engine, prompt_ids: Sequence[int] | Sequence[Sequence[int]], *
         yield from speculation.steps(engine, rows[0], samplers[0], cache=cache, max_new_tokens=max_new_tokens)
         return
     started = time.perf_counter()
-    state, logits = prefill(engine, rows, cache=cache, room=max_new_tokens)
+    state, logits = prefill(engine, rows, cache=cache, room=max_new_tokens, last_only=True)
     prefilled = time.perf_counter()
     histories, tokens = [list(r) for r in rows], []
     for step in range(max_new_tokens):

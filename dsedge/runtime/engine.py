@@ -6,7 +6,7 @@ from abc import ABC, abstractmethod
 
 import numpy as np
 
-from dsedge.contract import ATTENTION_MASK, INPUT_IDS, POSITION_IDS
+from dsedge.contract import ATTENTION_MASK, INPUT_IDS, LOGITS_FROM, POSITION_IDS
 from dsedge.errors import UserError
 from dsedge.manifest import TAMPERED, BundleError, GraphEntry, Manifest
 from dsedge.runtime.bundle import DeclaredSession, verified_graph_path
@@ -68,19 +68,28 @@ class Engine(ABC):
                             hint="shorten the prompt or max_new_tokens, or re-export with a larger --max-context")
         return CacheBuffers(self.cache_layout, self.layers, batch, max_len or self.max_context)
 
-    def forward(self, input_ids: np.ndarray, mask: np.ndarray, cache: CacheBuffers,
-                outputs: dict | None = None) -> np.ndarray:
-        """Run new tokens [B, T] (mask covers cache + new) and append their cache entries; logits [B, T, V].
-        ``outputs``: a dict to receive every graph output too (e.g. ``final_hidden`` for the MTP draft)."""
+    def forward(self, input_ids: np.ndarray, mask: np.ndarray, cache: CacheBuffers, *,
+                last_only: bool = False, outputs: dict | None = None) -> np.ndarray:
+        """Run new tokens [B, T] (mask covers cache + new) and append their cache entries; logits [B, T, V]
+        (``last_only``: [B, 1, V], the last position's, and the head runs for it alone). ``outputs``: a dict to
+        receive every graph output too (e.g. ``final_hidden`` for the MTP draft)."""
         new_tokens = input_ids.shape[1]
         cache.check_room(new_tokens)
+        if cache.in_place and cache.length and new_tokens > 1 and input_ids.shape[0] > 1:
+            # GroupQueryAttention takes several new tokens after a cache only at batch 1: one at a time here
+            cached = mask.shape[1] - new_tokens
+            steps = [self.forward(input_ids[:, j:j + 1], mask[:, :cached + j + 1], cache)
+                     for j in range(new_tokens)]
+            return steps[-1] if last_only else np.concatenate(steps, axis=1)
+        first = new_tokens - 1 if last_only else 0
         feeds = {INPUT_IDS: input_ids.astype(np.int64), ATTENTION_MASK: mask.astype(np.int64),
-                 POSITION_IDS: positions_from_mask(mask, new_tokens)}
+                 POSITION_IDS: positions_from_mask(mask, new_tokens), LOGITS_FROM: np.array([first], np.int64)}
         result = self.run_graph(feeds, cache)
         cache.append(result, new_tokens)
         if outputs is not None:
             outputs.update(result)
-        return result["logits"]
+        logits = result["logits"]
+        return logits[:, first - new_tokens:] if logits.shape[1] == new_tokens else logits  # bundles before it
 
     def logits(self, token_ids: list[int]) -> np.ndarray:
         """Logits [T, vocab] of a whole sequence in one prefill pass."""

@@ -21,4 +21,4 @@ class MonolithicEngine(Engine):
         self.decoder = self.session(self.graph(DECODER)[0])
 
     def run_graph(self, feeds: dict[str, np.ndarray], cache: CacheBuffers) -> dict[str, np.ndarray]:
-        return self.decoder.run_with({**feeds, **cache.past()})
+        return self.decoder.run_with({**feeds, **cache.past()}, cache.in_place_outputs())

@@ -62,12 +62,13 @@ class PartitionedEngine(Engine):
 
     def run_graph(self, feeds: dict[str, np.ndarray], cache: CacheBuffers) -> dict[str, np.ndarray]:
         values = {**feeds, **cache.past()}
+        in_place = cache.in_place_outputs()
         values |= self.prelude.run_with(values)
         outputs: dict[str, np.ndarray] = {}
         for i, session in enumerate(self.layer_sessions):
             if self.prefetch and i + 1 in self.recent:
                 self.experts.prefetch(self.recent[i + 1])  # loads overlap this layer's compute
-            result = session.run_with(values)
+            result = session.run_with(values, in_place)
             outputs |= {name: result[name] for name in self.presents[i]}
             hidden = result[RESIDUAL]
             if EXPERT_IDS in result:  # experts summed in fp32, added in the graph's precision

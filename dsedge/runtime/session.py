@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
+import numpy as np
 import onnxruntime as ort
 
 
@@ -16,11 +17,19 @@ class SessionConfig:
     threads: int | None = None
     # onnxruntime's pool threads spin after each run. With several sessions run in turn (a partitioned
     # bundle runs ~2 per layer) the idle pools spin against the active one: on ds3bench under load,
-    # decode took 447 ms/token spinning vs 40 without (monolithic 61 vs 36). See benchmarks/README.md.
-    spin: bool = False
+    # decode took 447 ms/token spinning vs 40 without (monolithic 61 vs 36). A single monolithic session on
+    # cores it has to itself gains 17–44% from spinning (issue #12). None: decided per layout (``for_layout``).
+    spin: bool | None = None
     # onnxruntime's per-node profiler (a JSON trace per session under this prefix); `dsedge profile` uses it
     # for one extra trial to split a monolithic graph's time by layer and operator.
     profile_prefix: str | None = None
+
+    def for_layout(self, layout: str) -> SessionConfig:
+        """The automatic spinning policy: on for one monolithic session, off for partitioned bundles (many
+        sessions in turn). An explicit ``spin`` is kept (force it off when other work shares the cores)."""
+        if self.spin is not None:
+            return self
+        return replace(self, spin=layout == "monolithic")
 
 
 log = logging.getLogger(__name__)
@@ -60,8 +69,40 @@ class TimedSession:
         finally:
             self._timers.add(self._name, time.perf_counter() - started)
 
+    def run_with_iobinding(self, binding, run_options=None):
+        started = time.perf_counter()
+        try:
+            return self._session.run_with_iobinding(binding, run_options)
+        finally:
+            self._timers.add(self._name, time.perf_counter() - started)
+
     def __getattr__(self, attr):
         return getattr(self._session, attr)
+
+
+def run_bound(session, input_names, output_names, values: dict[str, np.ndarray],
+              in_place: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Run with IO binding: each output named in ``in_place`` is written into that (contiguous) array, which
+    is also bound as whatever input is the same array, so a cache buffer is read and updated without a copy.
+    The other outputs come back as new arrays. CPU only (the arrays live in host memory)."""
+    binding = session.io_binding()
+    keep = []  # contiguous copies must outlive the run
+    for name in input_names:
+        array = values[name]
+        if not array.flags.c_contiguous:
+            array = np.ascontiguousarray(array)
+            keep.append(array)
+        binding.bind_input(name, "cpu", 0, array.dtype, list(array.shape), array.ctypes.data)
+    for name in output_names:
+        if name in in_place:
+            target = in_place[name]
+            binding.bind_output(name, "cpu", 0, target.dtype, list(target.shape), target.ctypes.data)
+        else:
+            binding.bind_output(name, "cpu")
+    session.run_with_iobinding(binding)
+    outputs = binding.get_outputs()
+    return {name: in_place[name] if name in in_place else value.numpy()
+            for name, value in zip(output_names, outputs, strict=True)}
 
 
 def make_session(path: Path, config: SessionConfig) -> ort.InferenceSession:
@@ -71,8 +112,7 @@ def make_session(path: Path, config: SessionConfig) -> ort.InferenceSession:
         options.profile_file_prefix = f"{config.profile_prefix}{path.stem}"
     if config.threads:
         options.intra_op_num_threads = config.threads
-    if not config.spin:
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if config.spin else "0")
     available = set(ort.get_available_providers())
     providers = [p for p in config.providers if p in available] or ["CPUExecutionProvider"]
     missing = [p for p in config.providers if p not in available]
