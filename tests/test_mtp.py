@@ -139,8 +139,8 @@ def test_speculative_mtp_greedy_equals_greedy(bundle, draft_tokens, capsys):
     assert len(speculation.stats.drafted) == draft_tokens and speculation.stats.forwards > 0
     by_mode = {}
     for mode in ("off", "mtp"):
-        assert main(["run", str(bundle), "-p", "def f(x):", "-n", "8", "--speculative", mode, "--draft-tokens",
-                     str(draft_tokens), "--json"]) == 0
+        assert main(["run", str(bundle), "-p", "def f(x):", "-n", "8", "--greedy", "--speculative", mode,
+                     "--draft-tokens", str(draft_tokens), "--json"]) == 0
         by_mode[mode] = json.loads(capsys.readouterr().out)["token_ids"]
     assert by_mode["mtp"] == by_mode["off"] and len(by_mode["off"]) == 8
 

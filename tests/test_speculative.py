@@ -37,7 +37,7 @@ class MarkovEngine:
     def new_cache(self, batch: int = 1, max_len: int | None = None) -> CacheBuffers:
         return CacheBuffers(self.layout, 1, batch, max_len or 64)
 
-    def forward(self, ids: np.ndarray, mask: np.ndarray, cache: CacheBuffers) -> np.ndarray:
+    def forward(self, ids: np.ndarray, mask: np.ndarray, cache: CacheBuffers, *, last_only: bool = False) -> np.ndarray:
         assert ids.shape[0] == 1
         seen = [int(t) for t in cache.buffers["0.token"][0, :cache.length]]
         logits = []
@@ -45,7 +45,7 @@ class MarkovEngine:
             seen.append(int(token))
             logits.append(self.table[seen[-2] if len(seen) > 1 else 0, seen[-1]])
         cache.append({"present.0.token": ids.astype(np.float32)}, ids.shape[1])
-        return np.asarray(logits)[None]
+        return np.asarray(logits)[None, -1:] if last_only else np.asarray(logits)[None]
 
 
 class GreedyChainDrafter:
@@ -308,7 +308,8 @@ def test_run_cli_speculative_gives_the_same_greedy_text(text_bundle, capsys):
     outputs = {}
     for mode in ("off", "ngram"):
         prompt = "def f(x): return x + 1\ndef g(x): return x + 1\ndef h(x):"
-        assert main(["run", str(text_bundle), "-p", prompt, "-n", "12", "--speculative", mode, "--json"]) == 0
+        assert main(["run", str(text_bundle), "-p", prompt, "-n", "12", "--greedy", "--speculative", mode,
+                     "--json"]) == 0
         outputs[mode] = json.loads(capsys.readouterr().out)["token_ids"]
     assert outputs["ngram"] == outputs["off"] and len(outputs["off"]) == 12
     assert main(["run", str(text_bundle), "-p", "x", "--speculative", "ngram", "--draft-tokens", "0", "--json"]) == 3

@@ -88,7 +88,10 @@ class DecodeState:
         ids = np.asarray(ids, dtype=np.int64)
         new_mask = np.ones(ids.shape, np.int64) if new_mask is None else new_mask
         mask = np.concatenate([self.mask, new_mask.astype(np.int64)], axis=1)
-        logits = self.engine.forward(ids, mask, self.cache, last_only=last_only, outputs=outputs)
+        options = {"last_only": True} if last_only else {}  # only what is asked: engines are duck-typed
+        if outputs is not None:
+            options["outputs"] = outputs
+        logits = self.engine.forward(ids, mask, self.cache, **options)
         self.mask = mask  # only once the cache holds the new entries
         return logits
 
