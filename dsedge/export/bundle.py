@@ -24,6 +24,7 @@ from dsedge.models.params import count_params
 from dsedge.models.reference import reference_model
 from dsedge.planning import KV_BYTES, kv_bytes_per_token
 from dsedge.runtime import load_bundle
+from dsedge.runtime.generation import encoding_rule
 from dsedge.sources import resolve_checkpoint
 from dsedge.staging import Artifact, check_output, staged_output
 from dsedge.targets import load_target
@@ -254,6 +255,8 @@ def _tokenizer_info(src: Path, spec) -> dict[str, Any]:
     import json
 
     info: dict[str, Any] = {"dir": "tokenizer", "bos_token_id": spec.bos_token_id, "eos_token_id": spec.eos_token_id}
+    if (src / "tokenizer.json").is_file():  # the rule that makes `run -p TEXT` give transformers' ids
+        info["encoding"] = encoding_rule(src).to_json()
     config = src / "tokenizer_config.json"
     if config.is_file():
         info["chat_template"] = json.loads(config.read_text(encoding="utf-8")).get("chat_template")

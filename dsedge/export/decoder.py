@@ -74,7 +74,8 @@ def build_decoder(spec: ModelSpec, weights: WeightsFn, *, max_positions: int, na
     g.declare_inputs(signature)
     pasts = [[past_name(i, t) for t in cache.names] for i in range(spec.num_hidden_layers)]
     top = weights(None)
-    x = g.op("Gather", g.weight("model.embed_tokens.weight", top["model.embed_tokens.weight"]), INPUT_IDS, axis=0)
+    embed = g.weight("model.embed_tokens.weight", top["model.embed_tokens.weight"])
+    x = g.op("Gather", embed, INPUT_IDS, axis=0)
     pos = _positional(g, spec, POSITION_IDS, ATTENTION_MASK, pasts[0][0], cache, max_positions)
     values: dict[str, str] = {}
     for i in range(spec.num_hidden_layers):
@@ -83,10 +84,20 @@ def build_decoder(spec: ModelSpec, weights: WeightsFn, *, max_positions: int, na
         g.scope = ""
         values |= {present_name(i, t): value for t, value in zip(cache.names, presents, strict=True)}
     x = g.rms_norm(x, top["model.norm.weight"], "model.norm", spec.rms_norm_eps)
-    head = top["model.embed_tokens.weight"] if spec.tie_word_embeddings else top["lm_head.weight"]
-    values[LOGITS] = g.to_float(g.linear(x, head, "lm_head"))
+    values[LOGITS] = g.to_float(lm_head(g, spec, x, top, embed))
     g.declare_outputs(signature, values)
     return g.model()
+
+
+def lm_head(g: GraphBuilder, spec: ModelSpec, x: str, top: dict[str, np.ndarray], embed: str | None) -> str:
+    """Logits [B, T, V]. A tied head (``tie_word_embeddings``) multiplies by the embedding initializer
+    ``embed`` itself (Gemm transB over [B·T, H]: no transposed copy), so the bundle stores the matrix once."""
+    if not spec.tie_word_embeddings:
+        return g.linear(x, top["lm_head.weight"], "lm_head")
+    flat = g.op("Reshape", x, g.const([-1, spec.hidden_size]))
+    logits = g.op("Gemm", flat, embed, transB=1)
+    batch_time = g.op("Shape", x, start=0, end=2)
+    return g.op("Reshape", logits, g.op("Concat", batch_time, g.const([spec.vocab_size]), axis=0))
 
 
 def _positional(g: GraphBuilder, spec: ModelSpec, position_ids: str, mask: str, past0: str, cache: CacheSpec,

@@ -13,7 +13,7 @@ from dsedge.runtime.bundle import DeclaredSession, verified_graph_path
 from dsedge.runtime.cache import CacheBuffers
 from dsedge.runtime.chat import chat
 from dsedge.runtime.decode import generate_step
-from dsedge.runtime.generation import SamplingParams, TextCodec, TextStream
+from dsedge.runtime.generation import EncodingRule, SamplingParams, TextCodec, TextStream, encoding_rule
 from dsedge.runtime.session import GraphTimers, SessionConfig, TimedSession, make_session
 
 
@@ -143,4 +143,7 @@ def _load_codec(manifest: Manifest):
     eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
     generation_eos = (info.get("generation_defaults") or {}).get("eos_token_id")
     eos_ids |= set(generation_eos if isinstance(generation_eos, list) else [generation_eos] if generation_eos else [])
-    return TextCodec(Tokenizer.from_file(str(manifest.path(rel))), info.get("bos_token_id"), eos_ids)
+    tokenizer = Tokenizer.from_file(str(manifest.path(rel)))
+    recorded = info.get("encoding")  # export records the model's rule; older bundles: derived from their files
+    rule = EncodingRule.from_json(recorded) if recorded else encoding_rule(manifest.path(rel).parent, tokenizer)
+    return TextCodec(tokenizer, info.get("bos_token_id"), eos_ids, rule)
