@@ -81,12 +81,15 @@ class PlanReport:
 
 
 def plan(model: str | Path, *, target: str | Path | Target | None = None, context: int | None = None,
-         dtype: str = "fp32") -> PlanReport:
+         dtype: str = "fp32", layout: str = "monolithic") -> PlanReport:
     """Plan a model (checkpoint dir, config.json, or a published short name) for a target.
 
-    ``dtype``: the export's float dtype (its --dtype, default fp32) for the quantized rows' float tensors."""
+    ``dtype`` and ``layout``: the export's (--dtype, default fp32, sets the quantized rows' float tensors;
+    --layout, default monolithic, where quantized routed experts are one fused QMoE per layer)."""
     if dtype not in FLOAT_BYTES:
         raise ConfigError(f"dtype must be one of {', '.join(FLOAT_BYTES)}, got {dtype!r}", where="plan")
+    if layout not in ("monolithic", "partitioned"):
+        raise ConfigError(f"layout must be monolithic or partitioned, got {layout!r}", where="plan")
     spec, label = resolve_model(model)
     tgt = load_target(target) if target is not None else None
     ctx = _context(spec, tgt, context)
@@ -94,7 +97,7 @@ def plan(model: str | Path, *, target: str | Path | Target | None = None, contex
     kv_at_ctx = (latent if latent is not None else naive) * ctx
     tensors = spec.expected_tensors()
     extra = _tokenizer_bytes(model)
-    rows = [_precision_plan(spec, tensors, scheme, tgt, kv_at_ctx, ctx, dtype, extra) for scheme in SCHEMES]
+    rows = [_precision_plan(spec, tensors, scheme, tgt, kv_at_ctx, ctx, dtype, extra, layout) for scheme in SCHEMES]
     n_experts = len(spec.moe_layers) * spec.moe.n_routed_experts if spec.moe else 0
     return PlanReport(
         model=label, model_type=spec.model_type, params=count_params(spec).to_json(), context=ctx,
@@ -157,6 +160,24 @@ def tensor_bytes(t: TensorSpec, quant: tuple[int, int | None] | None, float_byte
     return rows * blocks * block * bits // 8 + rows * blocks * float_bytes
 
 
+def qmoe_bytes(t: TensorSpec, quant: tuple[int, int | None], float_bytes: int) -> int:
+    """A routed-expert linear inside a monolithic bundle's fused ``QMoE`` node: codes packed along each row
+    (no block padding) and one scale per group, or per row (dsedge.export.moe._qmoe_weights)."""
+    bits, group = quant
+    rows, cols = t.shape
+    return rows * cols * bits // 8 + rows * (cols // group if group else 1) * float_bytes
+
+
+def _fused_experts(spec: ModelSpec, quant: tuple[int, int | None] | None, layout: str) -> bool:
+    """Whether export fuses a layer's quantized routed experts into one QMoE (dsedge.export.moe.qmoe_scheme):
+    monolithic, symmetric (every preset is), 4/8 bits, even widths that the group divides."""
+    if layout != "monolithic" or quant is None or spec.moe is None:
+        return False
+    bits, group = quant
+    widths = (spec.hidden_size, spec.moe.moe_intermediate_size)
+    return bits in (4, 8) and not any(d % 2 for d in widths) and not (group and any(d % group for d in widths))
+
+
 def rope_table_bytes(spec: ModelSpec, context: int, float_bytes: int) -> int:
     """The cos and sin tables baked into the graphs: context × rotary dim / 2 each."""
     rotary = spec.mla.qk_rope_head_dim if spec.mla is not None else spec.head_dim
@@ -164,10 +185,11 @@ def rope_table_bytes(spec: ModelSpec, context: int, float_bytes: int) -> int:
 
 
 def _precision_plan(spec: ModelSpec, tensors: list[TensorSpec], scheme: str, tgt: Target | None,
-                    kv_at_ctx: int, ctx: int, dtype: str, extra_bytes: int) -> PrecisionPlan:
+                    kv_at_ctx: int, ctx: int, dtype: str, extra_bytes: int, layout: str) -> PrecisionPlan:
     expert_quant, other_quant = SCHEMES[scheme]
     float_bytes = 2 if scheme == "bf16" else FLOAT_BYTES[dtype]
-    routed = sum(tensor_bytes(t, expert_quant, float_bytes) for t in tensors if t.component == "routed_experts")
+    expert_bytes = qmoe_bytes if _fused_experts(spec, expert_quant, layout) else tensor_bytes
+    routed = sum(expert_bytes(t, expert_quant, float_bytes) for t in tensors if t.component == "routed_experts")
     other = sum(tensor_bytes(t, other_quant, float_bytes) for t in tensors if t.component != "routed_experts")
     other += rope_table_bytes(spec, ctx, float_bytes) + extra_bytes
     embed = sum(tensor_bytes(t, None, float_bytes) for t in tensors if t.component == "embeddings")

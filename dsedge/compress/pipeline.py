@@ -36,6 +36,7 @@ import torch
 from dsedge.compress import calibration as cal
 from dsedge.compress.layers import LayerRunner, build_layer, classes_for, final_norm, hf_config, layer_state
 from dsedge.compress.pruning import PrunePlan, choose_kept, plan_pruning, prune_state
+from dsedge.models.routing import write_frequencies
 from dsedge.compress.quant import HessianAccumulator, quantize, sqnr_db
 from dsedge.compress.recipes import load_recipe
 from dsedge.compress.report import REPORT_FILE, CompressReport, peak_rss_bytes, quality
@@ -187,10 +188,24 @@ class _Run:
             writer.flush_if_full()
         self._head(writer)
         writer.finish()
+        self._write_frequencies(directory)
         self._warn_mtp()
         write_json(directory / "config.json", self._config())
         write_json(directory / RECIPE_FILE, self.recipe.to_json())
         copy_tokenizer_files(self.ckpt.path, directory)
+
+    def _write_frequencies(self, directory: Path) -> None:
+        """Routed calibration tokens per expert of the written checkpoint (kept experts, renumbered, when
+        pruned): export ranks expert partitions by them (dsedge.models.routing)."""
+        counts = {}
+        for record in self.layers:
+            routed = (record.get("experts") or {}).get("routed_tokens")
+            if routed is None:
+                continue
+            kept = self.kept.get(record["layer"])
+            counts[record["layer"]] = [routed[e] for e in kept] if kept else list(routed)
+        if counts:
+            write_frequencies(directory, counts, source=self.calibset.source, tokens=int(self.calibset.calib.numel()))
 
     def _embed(self, writer: ShardWriter) -> None:
         weight = self.ckpt.read("model.embed_tokens.weight")

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from dsedge import __version__
-from dsedge.contract import DECODER, decoder_io
+from dsedge.contract import DECODER, EXPERTS, decoder_io
 from dsedge.errors import UserError
 from dsedge.export.decoder import build_decoder, cache_spec, graph_shapes
 from dsedge.export.graph import save_graph
@@ -22,6 +22,7 @@ from dsedge.manifest import MANIFEST_FILE, GraphEntry, write_manifest
 from dsedge.models.checkpoint import Checkpoint
 from dsedge.models.params import count_params
 from dsedge.models.reference import reference_model
+from dsedge.models.routing import read_frequencies
 from dsedge.planning import KV_BYTES, kv_bytes_per_token
 from dsedge.runtime import load_bundle
 from dsedge.runtime.generation import encoding_rule
@@ -107,7 +108,8 @@ def export_bundle(checkpoint: str | Path, output: str | Path, *, target=None, la
             manifest["retriever"] = _embed_index(index, tmp)
         if layout == "partitioned":
             manifest["placement"] = placement_plan(graphs, budget=tgt.memory_budget_bytes if tgt else None,
-                                                   kv_bytes=_kv_bytes(ckpt.spec, context, dtype))
+                                                   kv_bytes=_kv_bytes(ckpt.spec, context, dtype),
+                                                   frequencies=partition_frequencies(ckpt, graphs))
         write_manifest(tmp, manifest)
         level = accuracy_level if quantized else None
         checks = _validate(ckpt, tmp, dtype, level) if validate else []
@@ -175,6 +177,16 @@ def _layer_weights(ckpt: Checkpoint, accuracy_level: int):
         return {n: load(n) for n in names}
 
     return weights
+
+
+def partition_frequencies(ckpt: Checkpoint, graphs: list[GraphEntry]) -> dict[str, float] | None:
+    """Per expert partition, the share of its layer's routed picks that land in it, as compress measured
+    (dsedge.models.routing); None when the checkpoint carries no measurement (placement is then uniform)."""
+    moe = ckpt.spec.moe
+    measured = read_frequencies(ckpt.path, ckpt.spec.moe_layers, moe.n_routed_experts) if moe else None
+    if measured is None:
+        return None
+    return {g.name: sum(measured[g.layer][g.experts[0]:g.experts[1]]) for g in graphs if g.role == EXPERTS}
 
 
 def _kv_bytes(spec, context: int, dtype: str) -> int:
