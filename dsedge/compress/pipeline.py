@@ -36,7 +36,6 @@ import torch
 from dsedge.compress import calibration as cal
 from dsedge.compress.layers import LayerRunner, build_layer, classes_for, final_norm, hf_config, layer_state
 from dsedge.compress.pruning import PrunePlan, choose_kept, plan_pruning, prune_state
-from dsedge.models.routing import write_frequencies
 from dsedge.compress.quant import HessianAccumulator, quantize, sqnr_db
 from dsedge.compress.recipes import load_recipe
 from dsedge.compress.report import REPORT_FILE, CompressReport, peak_rss_bytes, quality
@@ -50,6 +49,7 @@ from dsedge.compress.writer import (
 )
 from dsedge.errors import UserError
 from dsedge.models.checkpoint import FP8_DTYPE, Checkpoint, torch_dtype
+from dsedge.models.routing import write_frequencies
 from dsedge.planning import plan
 from dsedge.quantformat.config import quantization_config
 from dsedge.quantformat.packing import pack
