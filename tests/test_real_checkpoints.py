@@ -84,7 +84,10 @@ def test_encoding_follows_the_models_tokenizer(tiny_checkpoint, variant, bos):
     tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
     codec = TextCodec(tokenizer, 0, {1}, encoding_rule(path, tokenizer))
     for text in TEXTS:
-        assert codec.encode(text) == theirs(text).input_ids, text
+        want = theirs(text).input_ids
+        if want[:2] == [0, 0]:  # the one deliberate difference: no double BOS (TextCodec.encode)
+            want = want[1:]
+        assert codec.encode(text) == want, text
     assert (codec.rule.prepend == (0,)) == bos
 
 

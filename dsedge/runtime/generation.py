@@ -78,6 +78,11 @@ def encoding_rule(tokenizer_dir: str | Path, tokenizer=None) -> EncodingRule:
         eos = _special_id(tokenizer, specials.get("eos_token")) if config.get("add_eos_token") else None
         return EncodingRule(() if bos is None else (bos,), () if eos is None else (eos,),
                             "tokenizer_config.json add_bos_token/add_eos_token")
+    return encoding_rule_of(tokenizer)
+
+
+def encoding_rule_of(tokenizer) -> EncodingRule:
+    """The rule ``tokenizer.json``'s own post-processor applies (what ``add_special_tokens=True`` adds)."""
     probe = "a"
     plain = tokenizer.encode(probe, add_special_tokens=False).ids
     full = tokenizer.encode(probe, add_special_tokens=True).ids
@@ -106,18 +111,20 @@ def _special_id(tokenizer, token) -> int | None:
 class TextCodec:
     """The bundle's tokenizer (``tokenizers`` only), its BOS/EOS ids and its encoding rule.
 
-    ``rule`` None (a bundle from before the rule was recorded): the tokenizer's own post-processor."""
+    ``rule`` None: the tokenizer's own post-processor."""
 
     def __init__(self, tokenizer, bos_id: int | None, eos_ids: set[int], rule: EncodingRule | None = None):
         self.tokenizer, self.bos_id, self.eos_ids = tokenizer, bos_id, eos_ids
         self.rule = rule
 
     def encode(self, text: str) -> list[int]:
-        """The ids transformers gives for ``text`` (``tokenizer(text).input_ids``)."""
-        if self.rule is None:
-            return self.tokenizer.encode(text, add_special_tokens=True).ids
+        """The ids transformers gives for ``text`` (``tokenizer(text).input_ids``), with one deliberate
+        difference: text that already opens with the prefix (a rendered chat prompt starts with the BOS
+        text) does not get it twice — transformers would give a double BOS, which models are not trained on."""
+        rule = self.rule or encoding_rule_of(self.tokenizer)
         ids = self.tokenizer.encode(text, add_special_tokens=False).ids
-        return [*self.rule.prepend, *ids, *self.rule.append]
+        prepend = [] if rule.prepend and tuple(ids[:len(rule.prepend)]) == rule.prepend else list(rule.prepend)
+        return [*prepend, *ids, *rule.append]
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
