@@ -9,7 +9,7 @@ from typing import Any
 
 from dsedge.models.checkpoint import Checkpoint
 from dsedge.models.params import count_params
-from dsedge.models.registry import ARCHITECTURES
+from dsedge.models.registry import architecture_label
 from dsedge.sources import resolve_checkpoint
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
@@ -56,7 +56,7 @@ def inspect_checkpoint(path: str | Path, *, validate: bool = True) -> InspectRep
         notes.append("config declares an MTP layer but the checkpoint does not store it")
     return InspectReport(
         path=str(ckpt.path), model_type=spec.model_type,
-        architecture=ARCHITECTURES[spec.model_type].description,
+        architecture=architecture_label(spec, ckpt.path),
         spec=spec.to_json(), params=count_params(spec).to_json(), params_on_disk=on_disk,
         files=len(ckpt.files), bytes_on_disk=sum(f.stat().st_size for f in ckpt.files),
         bytes_by_dtype=ckpt.bytes_by_dtype(), fp8=ckpt.is_fp8,

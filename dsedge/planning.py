@@ -22,22 +22,29 @@ from dsedge.models.spec import ModelSpec, TensorSpec
 from dsedge.targets import Target, load_target
 
 INT4_GROUP = 128
-SCALE_BYTES = 2  # fp16 scale per int8 row / int4 group (symmetric: no zero point)
+# MatMulNBits has no per-channel form: export repeats a per-channel scale over blocks of this many inputs
+# (dsedge.export.quantized.PER_CHANNEL_BLOCK; the value is repeated here so plan needs no onnx).
+PER_CHANNEL_BLOCK = 32
 KV_BYTES = 2  # cache values in fp16/bf16
 # Activations, onnxruntime arenas, tokenizer and Python: a fixed allowance. Estimate.
 RUNTIME_OVERHEAD_BYTES = 256 * 1024**2
+FLOAT_BYTES = {"fp32": 4, "fp16": 2}  # export's --dtype: every float tensor and quantization scale
+# The MLA up-projection export absorbs into per-head float matrices (w_uk, w_uv_t): float even when quantized.
+ABSORBED = ".self_attn.kv_b_proj.weight"
 
-# scheme → (bits of routed-expert linears, bits of other linears); None keeps 16-bit.
-SCHEMES: dict[str, tuple[int | None, int | None]] = {
+# scheme → ((bits, group) of routed-expert linears, (bits, group) of other linears); None keeps them float.
+# group None = one scale per output channel.
+SCHEMES: dict[str, tuple[tuple[int, int | None] | None, tuple[int, int | None] | None]] = {
     "bf16": (None, None),
-    "int8": (8, 8),
-    "int4": (4, 4),
-    "int4-experts": (4, 8),
+    "int8": ((8, None), (8, None)),
+    "int4": ((4, INT4_GROUP), (4, INT4_GROUP)),
+    "int4-experts": ((4, INT4_GROUP), (8, None)),
 }
-SCHEME_NOTE = ("int8 = per-channel; int4 = group 128; both symmetric with fp16 scales. Embeddings, LM head, "
-               "norms and routers stay 16-bit (dsedge's default recipes); MTP is not counted (not exported)")
-
-
+SCHEME_NOTE = ("sizes are what `dsedge compress` (the preset of that name) + `dsedge export` write: int8 = per "
+               "channel, int4 = group 128, symmetric, as MatMulNBits codes plus one scale per block of 32 inputs "
+               "(per channel) or per group, in the bundle's float dtype; embeddings, LM head, norms, routers "
+               "and MLA's absorbed kv_b stay float — fp32 in a default export (--dtype fp32), the bf16 row is a "
+               "16-bit export (--dtype fp16); a tied head is stored once; MTP is not counted (not exported)")
 @dataclass(frozen=True)
 class PrecisionPlan:
     scheme: str
@@ -49,6 +56,8 @@ class PrecisionPlan:
     offloaded_bytes: int | None
     fits_with_offload: bool | None  # trunk + resident experts on the device, the rest in host RAM / on disk
     decode_tokens_per_s_bound: float | None
+    # with the non-resident experts read from disk (CPU/SoC targets that state disk_bandwidth_gbps)
+    decode_tokens_per_s_disk_bound: float | None = None
 
 
 @dataclass(frozen=True)
@@ -71,15 +80,24 @@ class PlanReport:
         return out
 
 
-def plan(model: str | Path, *, target: str | Path | Target | None = None, context: int | None = None) -> PlanReport:
-    """Plan a model (checkpoint dir, config.json, or a published short name) for a target."""
+def plan(model: str | Path, *, target: str | Path | Target | None = None, context: int | None = None,
+         dtype: str = "fp32", layout: str = "monolithic") -> PlanReport:
+    """Plan a model (checkpoint dir, config.json, or a published short name) for a target.
+
+    ``dtype`` and ``layout``: the export's (--dtype, default fp32, sets the quantized rows' float tensors;
+    --layout, default monolithic, where quantized routed experts are one fused QMoE per layer)."""
+    if dtype not in FLOAT_BYTES:
+        raise ConfigError(f"dtype must be one of {', '.join(FLOAT_BYTES)}, got {dtype!r}", where="plan")
+    if layout not in ("monolithic", "partitioned"):
+        raise ConfigError(f"layout must be monolithic or partitioned, got {layout!r}", where="plan")
     spec, label = resolve_model(model)
     tgt = load_target(target) if target is not None else None
     ctx = _context(spec, tgt, context)
     latent, naive = kv_bytes_per_token(spec)
     kv_at_ctx = (latent if latent is not None else naive) * ctx
     tensors = spec.expected_tensors()
-    rows = [_precision_plan(spec, tensors, scheme, tgt, kv_at_ctx, ctx) for scheme in SCHEMES]
+    extra = _tokenizer_bytes(model)
+    rows = [_precision_plan(spec, tensors, scheme, tgt, kv_at_ctx, ctx, dtype, extra, layout) for scheme in SCHEMES]
     n_experts = len(spec.moe_layers) * spec.moe.n_routed_experts if spec.moe else 0
     return PlanReport(
         model=label, model_type=spec.model_type, params=count_params(spec).to_json(), context=ctx,
@@ -107,6 +125,19 @@ def resolve_model(model: str | Path) -> tuple[ModelSpec, str]:
     raise AssertionError("unreachable")
 
 
+# What export copies into the bundle besides the graphs (dsedge.export.bundle.TOKENIZER_FILES).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
+                   "chat_template.jinja")
+
+
+def _tokenizer_bytes(model: str | Path) -> int:
+    """The tokenizer files a checkpoint directory holds (a bundle carries them too); 0 for published names."""
+    path = Path(DEMO_MODELS.get(str(model), model))
+    if not path.is_dir():
+        return 0
+    return sum((path / name).stat().st_size for name in TOKENIZER_FILES if (path / name).is_file())
+
+
 def kv_bytes_per_token(spec: ModelSpec) -> tuple[int | None, int]:
     """(latent MLA cache, naive per-head K/V cache) bytes per token over all layers."""
     layers = spec.num_hidden_layers
@@ -117,25 +148,54 @@ def kv_bytes_per_token(spec: ModelSpec) -> tuple[int | None, int]:
     return None, layers * 2 * spec.num_key_value_heads * spec.head_dim * KV_BYTES
 
 
-def tensor_bytes(t: TensorSpec, bits: int | None) -> int:
-    """Stored bytes of one tensor when its linear weight is quantized to ``bits`` (None: 16-bit)."""
-    if bits is None or not t.linear:
-        return t.numel * 2
+def tensor_bytes(t: TensorSpec, quant: tuple[int, int | None] | None, float_bytes: int = 4) -> int:
+    """Bytes a bundle stores for one tensor: float at ``float_bytes``; a linear quantized to ``quant``
+    (bits, group or None per channel) as MatMulNBits codes (padded to whole blocks) + one scale per block."""
+    if quant is None or not t.linear or t.name.endswith(ABSORBED):
+        return t.numel * (4 if t.component == "router" else float_bytes)  # routers stay fp32 (DeepSeek does)
+    bits, group = quant
     rows, cols = t.shape
-    if bits == 8:
-        return rows * cols + rows * SCALE_BYTES
-    return math.ceil(rows * cols / 2) + rows * math.ceil(cols / INT4_GROUP) * SCALE_BYTES
+    block = group or PER_CHANNEL_BLOCK
+    blocks = math.ceil(cols / block)
+    return rows * blocks * block * bits // 8 + rows * blocks * float_bytes
+
+
+def qmoe_bytes(t: TensorSpec, quant: tuple[int, int | None], float_bytes: int) -> int:
+    """A routed-expert linear inside a monolithic bundle's fused ``QMoE`` node: codes packed along each row
+    (no block padding) and one scale per group, or per row (dsedge.export.moe._qmoe_weights)."""
+    bits, group = quant
+    rows, cols = t.shape
+    return rows * cols * bits // 8 + rows * (cols // group if group else 1) * float_bytes
+
+
+def _fused_experts(spec: ModelSpec, quant: tuple[int, int | None] | None, layout: str) -> bool:
+    """Whether export fuses a layer's quantized routed experts into one QMoE (dsedge.export.moe.qmoe_scheme):
+    monolithic, symmetric (every preset is), 4/8 bits, even widths that the group divides."""
+    if layout != "monolithic" or quant is None or spec.moe is None:
+        return False
+    bits, group = quant
+    widths = (spec.hidden_size, spec.moe.moe_intermediate_size)
+    return bits in (4, 8) and not any(d % 2 for d in widths) and not (group and any(d % group for d in widths))
+
+
+def rope_table_bytes(spec: ModelSpec, context: int, float_bytes: int) -> int:
+    """The cos and sin tables baked into the graphs: context × rotary dim / 2 each."""
+    rotary = spec.mla.qk_rope_head_dim if spec.mla is not None else spec.head_dim
+    return 2 * context * (rotary // 2) * float_bytes
 
 
 def _precision_plan(spec: ModelSpec, tensors: list[TensorSpec], scheme: str, tgt: Target | None,
-                    kv_at_ctx: int, ctx: int) -> PrecisionPlan:
-    expert_bits, other_bits = SCHEMES[scheme]
-    routed = sum(tensor_bytes(t, expert_bits) for t in tensors if t.component == "routed_experts")
-    other = sum(tensor_bytes(t, other_bits) for t in tensors if t.component != "routed_experts")
-    embed = sum(tensor_bytes(t, None) for t in tensors if t.component == "embeddings")
+                    kv_at_ctx: int, ctx: int, dtype: str, extra_bytes: int, layout: str) -> PrecisionPlan:
+    expert_quant, other_quant = SCHEMES[scheme]
+    float_bytes = 2 if scheme == "bf16" else FLOAT_BYTES[dtype]
+    expert_bytes = qmoe_bytes if _fused_experts(spec, expert_quant, layout) else tensor_bytes
+    routed = sum(expert_bytes(t, expert_quant, float_bytes) for t in tensors if t.component == "routed_experts")
+    other = sum(tensor_bytes(t, other_quant, float_bytes) for t in tensors if t.component != "routed_experts")
+    other += rope_table_bytes(spec, ctx, float_bytes) + extra_bytes
+    embed = sum(tensor_bytes(t, None, float_bytes) for t in tensors if t.component == "embeddings")
     active_routed = routed * spec.moe.num_experts_per_tok // spec.moe.n_routed_experts if spec.moe else 0
-    # One embedding row is read per token, not the table.
-    active = other - embed + spec.hidden_size * 2 + active_routed
+    # One embedding row is read per token, not the table — unless the table is also the (tied) head.
+    active = other + active_routed - (0 if spec.tie_word_embeddings else embed - spec.hidden_size * float_bytes)
     if tgt is None:
         return PrecisionPlan(scheme, routed + other, routed, active, None, None, None, None, None)
     need = routed + other + kv_at_ctx + RUNTIME_OVERHEAD_BYTES
@@ -144,7 +204,23 @@ def _precision_plan(spec: ModelSpec, tensors: list[TensorSpec], scheme: str, tgt
     bound = tgt.memory_bandwidth_gbps * 1e9 / per_token
     fits = need <= tgt.memory_budget_bytes
     return PrecisionPlan(scheme, routed + other, routed, active, fits, resident, offloaded,
-                         _fits_with_offload(fits, spec, routed, other, kv_at_ctx, offloaded, tgt), round(bound, 2))
+                         _fits_with_offload(fits, spec, routed, other, kv_at_ctx, offloaded, tgt), round(bound, 2),
+                         _disk_bound(spec, tgt, per_token, active_routed, resident))
+
+
+def _disk_bound(spec: ModelSpec, tgt: Target, per_token: int, active_routed: int, resident: int | None,
+                ) -> float | None:
+    """Decode tokens/s when the experts that do not fit are read from disk on demand: with routing spread
+    evenly, a token's routed experts miss the resident set in proportion to the offloaded share, and those
+    bytes come at the disk's speed (no page-cache reuse assumed: a lower bound for a cold cache)."""
+    if spec.moe is None or resident is None or tgt.disk_bandwidth_gbps is None or tgt.kind == "gpu":
+        return None
+    n_experts = len(spec.moe_layers) * spec.moe.n_routed_experts
+    from_disk = active_routed * (n_experts - resident) / n_experts
+    if from_disk == 0:
+        return None  # everything resident: the memory bound holds
+    seconds = (per_token - from_disk) / (tgt.memory_bandwidth_gbps * 1e9) + from_disk / (tgt.disk_bandwidth_gbps * 1e9)
+    return round(1 / seconds, 2)
 
 
 def _fits_with_offload(fits: bool, spec: ModelSpec, routed: int, other: int, kv: int, offloaded: int | None,

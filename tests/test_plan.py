@@ -17,7 +17,8 @@ def by_scheme(report):
 
 
 def test_v3_on_a_24g_gpu():
-    report = plan("deepseek-r1", target="gpu-24g", context=4096)
+    # a GPU bundle is exported in fp16: with fp32 floats (export's default) not even int8's trunk fits 24 GB
+    report = plan("deepseek-r1", target="gpu-24g", context=4096, dtype="fp16")
     assert report.params["total"] / 1e9 == pytest.approx(671, rel=0.01)
     assert report.params["total_with_mtp"] / 1e9 == pytest.approx(685, rel=0.01)
     # Latent MLA cache: 61 layers × 576 values × 2 bytes; the naive cache is ~71× larger.
@@ -54,12 +55,20 @@ def test_kv_cache_dense_gqa():
 
 
 def test_tensor_bytes_per_scheme():
+    """What export writes: MatMulNBits codes padded to whole blocks plus one scale per block, in the bundle's
+    float dtype; per-channel int8 repeats its scale over blocks of 32 inputs."""
     t = TensorSpec("w", (576, 7168), "attention", 0, linear=True)
-    assert tensor_bytes(t, None) == 576 * 7168 * 2
-    assert tensor_bytes(t, 8) == 576 * 7168 + 576 * 2
-    assert tensor_bytes(t, 4) == 576 * 7168 // 2 + 576 * 56 * 2
+    assert tensor_bytes(t, None) == 576 * 7168 * 4
+    assert tensor_bytes(t, None, 2) == 576 * 7168 * 2
+    assert tensor_bytes(t, (8, None)) == 576 * 7168 + 576 * 224 * 4
+    assert tensor_bytes(t, (4, 128), 2) == 576 * 7168 // 2 + 576 * 56 * 2
+    assert tensor_bytes(TensorSpec("w", (10, 100), "attention", 0, linear=True), (4, 128)) == 10 * 64 + 10 * 4
     norm = TensorSpec("n", (7168,), "norms", 0)
-    assert tensor_bytes(norm, 4) == 7168 * 2
+    assert tensor_bytes(norm, (4, 128)) == 7168 * 4
+    router = TensorSpec("r", (256, 7168), "router", 3)
+    assert tensor_bytes(router, None, 2) == 256 * 7168 * 4  # routers stay fp32
+    kv_b = TensorSpec("model.layers.0.self_attn.kv_b_proj.weight", (4096, 512), "attention", 0, linear=True)
+    assert tensor_bytes(kv_b, (4, 128)) == 4096 * 512 * 4  # absorbed into float per-head matrices
 
 
 def test_plan_without_target_and_from_config_path(tmp_path):

@@ -49,6 +49,7 @@ from dsedge.compress.writer import (
 )
 from dsedge.errors import UserError
 from dsedge.models.checkpoint import FP8_DTYPE, Checkpoint, torch_dtype
+from dsedge.models.routing import write_frequencies
 from dsedge.planning import plan
 from dsedge.quantformat.config import quantization_config, stored_group
 from dsedge.quantformat.packing import pack
@@ -191,10 +192,24 @@ class _Run:
             writer.flush_if_full()
         self._head(writer)
         writer.finish()
+        self._write_frequencies(directory)
         self._warn_mtp()
         write_json(directory / "config.json", self._config())
         write_json(directory / RECIPE_FILE, self.recipe.to_json())
         copy_tokenizer_files(self.ckpt.path, directory)
+
+    def _write_frequencies(self, directory: Path) -> None:
+        """Routed calibration tokens per expert of the written checkpoint (kept experts, renumbered, when
+        pruned): export ranks expert partitions by them (dsedge.models.routing)."""
+        counts = {}
+        for record in self.layers:
+            routed = (record.get("experts") or {}).get("routed_tokens")
+            if routed is None:
+                continue
+            kept = self.kept.get(record["layer"])
+            counts[record["layer"]] = [routed[e] for e in kept] if kept else list(routed)
+        if counts:
+            write_frequencies(directory, counts, source=self.calibset.source, tokens=int(self.calibset.calib.numel()))
 
     def _embed(self, writer: ShardWriter) -> None:
         weight = self.ckpt.read("model.embed_tokens.weight")

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from dsedge import __version__, safe_json
-from dsedge.contract import DECODER, DRAFT, decoder_io
+from dsedge.contract import DECODER, DRAFT, EXPERTS, decoder_io
 from dsedge.errors import UserError
 from dsedge.export.decoder import build_decoder, cache_spec, graph_shapes
 from dsedge.export.graph import save_graph
@@ -22,8 +22,10 @@ from dsedge.manifest import MANIFEST_FILE, GraphEntry, write_manifest
 from dsedge.models.checkpoint import Checkpoint
 from dsedge.models.params import count_params
 from dsedge.models.reference import reference_model
+from dsedge.models.routing import read_frequencies
 from dsedge.planning import KV_BYTES, kv_bytes_per_token
 from dsedge.runtime import load_bundle
+from dsedge.runtime.generation import encoding_rule
 from dsedge.sources import resolve_checkpoint
 from dsedge.staging import Artifact, check_output, staged_output
 from dsedge.targets import load_target
@@ -113,7 +115,8 @@ def export_bundle(checkpoint: str | Path, output: str | Path, *, target=None, la
             manifest["retriever"] = _embed_index(index, tmp)
         if layout == "partitioned":
             manifest["placement"] = placement_plan(graphs, budget=tgt.memory_budget_bytes if tgt else None,
-                                                   kv_bytes=_kv_bytes(ckpt.spec, context, dtype))
+                                                   kv_bytes=_kv_bytes(ckpt.spec, context, dtype),
+                                                   frequencies=partition_frequencies(ckpt, graphs))
         write_manifest(tmp, manifest)
         level = effective_accuracy_level(accuracy_level, (q.bits for q in ckpt.quantization.values())) \
             if quantized else None
@@ -187,6 +190,16 @@ def _layer_weights(ckpt: Checkpoint, accuracy_level: int):
         return {n: load(n) for n in names}
 
     return weights
+
+
+def partition_frequencies(ckpt: Checkpoint, graphs: list[GraphEntry]) -> dict[str, float] | None:
+    """Per expert partition, the share of its layer's routed picks that land in it, as compress measured
+    (dsedge.models.routing); None when the checkpoint carries no measurement (placement is then uniform)."""
+    moe = ckpt.spec.moe
+    measured = read_frequencies(ckpt.path, ckpt.spec.moe_layers, moe.n_routed_experts) if moe else None
+    if measured is None:
+        return None
+    return {g.name: sum(measured[g.layer][g.experts[0]:g.experts[1]]) for g in graphs if g.role == EXPERTS}
 
 
 def _kv_bytes(spec, context: int, dtype: str) -> int:
@@ -304,6 +317,8 @@ def _tokenizer_info(src: Path, spec) -> dict[str, Any]:
     import json
 
     info: dict[str, Any] = {"dir": "tokenizer", "bos_token_id": spec.bos_token_id, "eos_token_id": spec.eos_token_id}
+    if (src / "tokenizer.json").is_file():  # the rule that makes `run -p TEXT` give transformers' ids
+        info["encoding"] = encoding_rule(src).to_json()
     for name, key in (("tokenizer_config.json", "chat_template"), ("generation_config.json", None)):
         path = src / name
         if path.exists():

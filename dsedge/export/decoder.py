@@ -81,7 +81,8 @@ def build_decoder(spec: ModelSpec, weights: WeightsFn, *, max_positions: int, na
     g.declare_inputs(signature)
     pasts = [[past_name(i, t) for t in cache.names] for i in range(spec.num_hidden_layers)]
     top = weights(None)
-    x = g.op("Gather", g.weight("model.embed_tokens.weight", top["model.embed_tokens.weight"]), INPUT_IDS, axis=0)
+    embed = g.weight("model.embed_tokens.weight", top["model.embed_tokens.weight"])
+    x = g.op("Gather", embed, INPUT_IDS, axis=0)
     pos = _positional(g, spec, max_positions)
     values: dict[str, str] = {}
     delta = None  # the last layer's MLP output, added to x inside the next norm
@@ -98,8 +99,7 @@ def build_decoder(spec: ModelSpec, weights: WeightsFn, *, max_positions: int, na
     else:  # slice first: the norm and the head run for the logit positions alone
         x, delta = logit_positions(g, x), delta and logit_positions(g, delta)
         x, _ = g.add_rms_norm(x, delta, top["model.norm.weight"], "model.norm", spec.rms_norm_eps)
-    head = top["model.embed_tokens.weight"] if spec.tie_word_embeddings else top["lm_head.weight"]
-    values[LOGITS] = g.to_float(g.linear(x, head, "lm_head"))
+    values[LOGITS] = g.to_float(lm_head(g, spec, x, top, embed))
     g.declare_outputs(signature, values)
     return g.model()
 
@@ -115,6 +115,17 @@ def _positional(g: GraphBuilder, spec: ModelSpec, max_positions: int) -> Positio
     past_len = g.op("Sub", g.shape_dim(ATTENTION_MASK, 1), g.shape_dim(INPUT_IDS, 1))
     allowed = allowed_mask(g, POSITION_IDS, ATTENTION_MASK, past_len)
     return positional(g, spec, POSITION_IDS, g.weight("rope.cos", cos), g.weight("rope.sin", sin), allowed, past_len)
+
+
+def lm_head(g: GraphBuilder, spec: ModelSpec, x: str, top: dict[str, np.ndarray], embed: str | None) -> str:
+    """Logits [B, T, V]. A tied head (``tie_word_embeddings``) multiplies by the embedding initializer
+    ``embed`` itself (Gemm transB over [B·T, H]: no transposed copy), so the bundle stores the matrix once."""
+    if not spec.tie_word_embeddings:
+        return g.linear(x, top["lm_head.weight"], "lm_head")
+    flat = g.op("Reshape", x, g.const([-1, spec.hidden_size]))
+    logits = g.op("Gemm", flat, embed, transB=1)
+    batch_time = g.op("Shape", x, start=0, end=2)
+    return g.op("Reshape", logits, g.op("Concat", batch_time, g.const([spec.vocab_size]), axis=0))
 
 
 def rope_lookup(g: GraphBuilder, spec: ModelSpec, position_ids: str, max_positions: int) -> tuple[str, str]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -50,6 +50,7 @@ from dsedge.export.decoder import (
     attention_block,
     cache_spec,
     graph_shapes,
+    lm_head,
     logit_positions,
     per_token_tables,
     positional,
@@ -64,6 +65,7 @@ from dsedge.planning import RUNTIME_OVERHEAD_BYTES  # the same allowance `plan` 
 log = logging.getLogger(__name__)
 
 DEFAULT_PARTITION_BYTES = 64 * 1024**2
+EMBEDDING = "model.embed_tokens.weight"
 
 
 @dataclass(frozen=True)
@@ -135,14 +137,29 @@ def build_layer(spec: ModelSpec, w: dict[str, np.ndarray], i: int, data_path: Pa
 
 
 def build_head(spec: ModelSpec, top: dict[str, np.ndarray], data_path: Path | None = None,
-               half: bool = False) -> onnx.ModelProto:
+               half: bool = False, shared_embedding: onnx.TensorProto | None = None) -> onnx.ModelProto:
+    """Final norm and LM head. A tied head reads ``shared_embedding``: the prelude's embedding initializer,
+    whose external data (file, offset, length) it references instead of writing the matrix again."""
     g = GraphBuilder(HEAD, data_path, half)
     signature = head_io(graph_shapes(spec, half))
     g.declare_inputs(signature)
     x = g.rms_norm(logit_positions(g, HIDDEN), top["model.norm.weight"], "model.norm", spec.rms_norm_eps)
-    head = top["model.embed_tokens.weight"] if spec.tie_word_embeddings else top["lm_head.weight"]
-    g.declare_outputs(signature, {LOGITS: g.to_float(g.linear(x, head, "lm_head"))})
+    embed = None
+    if spec.tie_word_embeddings:
+        g.initializers.append(shared_embedding)
+        embed = shared_embedding.name
+    g.declare_outputs(signature, {LOGITS: g.to_float(lm_head(g, spec, x, top, embed))})
     return g.model()
+
+
+def prelude_embedding(root: Path, prelude: GraphEntry) -> tuple[onnx.TensorProto, tuple[str, ...]]:
+    """The prelude's embedding initializer (a reference only: its data stays in the prelude's file) and the
+    bundle files it lives in, for a tied head to point at."""
+    model = onnx.load_model(str(root / prelude.file), load_external_data=False)
+    tensor = next(t for t in model.graph.initializer if t.name == EMBEDDING)
+    if tensor.data_location != onnx.TensorProto.EXTERNAL:
+        return tensor, ()
+    return tensor, prelude.data_files
 
 
 def build_partition(spec: ModelSpec, w: dict[str, np.ndarray], part: Partition,
@@ -177,8 +194,12 @@ def write_partitioned(spec: ModelSpec, weights: WeightsFn, root: Path, graph_dir
             graphs.append(save_graph(lambda data, w=w, part=part: build_partition(spec, w, part, data, half),
                                      experts_io(shapes), root, f"{graph_dir}/experts", part.name, EXPERTS, layer=i,
                                      experts=(part.first, part.last)))
-    graphs.append(save_graph(lambda data: build_head(spec, top, data, half), head_io(shapes), root, graph_dir, HEAD,
-                             HEAD))
+    shared, shared_files = prelude_embedding(root, graphs[0]) if spec.tie_word_embeddings else (None, ())
+    head = save_graph(lambda data: build_head(spec, top, data, half, shared), head_io(shapes), root, graph_dir, HEAD,
+                      HEAD)
+    # The shared file is listed (hashed, and checked as the head's external data) but its bytes count once,
+    # under the prelude: placement's trunk size stays what is on disk.
+    graphs.append(replace(head, data_files=head.data_files + shared_files))
     return graphs
 
 

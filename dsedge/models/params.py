@@ -9,7 +9,8 @@ from dsedge.models.spec import COMPONENTS, ModelSpec
 # What "active" means here, stated once so every report says the same thing.
 ACTIVE_NOTE = ("active = parameters one token reads: every non-expert weight and the LM head, plus the "
                "top-k routed experts of each MoE layer; the input embedding is excluded (a lookup reads one "
-               "row), as are the MTP modules. This matches DeepSeek's published 37B (V3/R1), 21B (V2) and "
+               "row), as are the MTP modules; a head tied to the embeddings (tie_word_embeddings) is read whole every "
+               "token, so it counts as active. This matches DeepSeek's published 37B (V3/R1), 21B (V2) and "
                "2.4B (V2-Lite)")
 
 
@@ -42,6 +43,8 @@ def count_params(spec: ModelSpec) -> ParamCounts:
         else:
             by_component[t.component] += t.numel
     active = {k: v for k, v in by_component.items() if k not in ("mtp", "embeddings")}
+    if spec.tie_word_embeddings:  # the one matrix is also the head: every logit reads all of it
+        active["head"] = by_component["embeddings"]
     if spec.moe is not None:
         moe = spec.moe
         # Integer arithmetic: every routed expert has the same size.

@@ -35,10 +35,24 @@ def reference_model(ckpt: Checkpoint):
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     # assign=True swaps our tensors in instead of copying them, so the reference costs one model, not two.
     result = model.load_state_dict(fuse_experts(ckpt.state_dict()), strict=False, assign=True)
-    if result.missing_keys or result.unexpected_keys:
+    missing = tied_missing(model, ckpt.spec, result.missing_keys)
+    if missing or result.unexpected_keys:
         raise RuntimeError(f"reference weights do not fit transformers' {type(model).__name__}: missing "
-                           f"{result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}")
+                           f"{missing[:5]}, unexpected {result.unexpected_keys[:5]}")
     return model.eval()
+
+
+def tied_missing(model, spec, missing: list[str]) -> list[str]:
+    """``missing`` less the head when the config ties it to the embeddings (``tie_word_embeddings``: the
+    checkpoint stores the matrix once). ``assign=True`` replaced the embedding parameter, so the head is
+    pointed at the loaded one again (``tie_weights``), never left at its random init."""
+    if not spec.tie_word_embeddings:
+        return list(missing)
+    model.tie_weights()
+    head, embed = model.get_output_embeddings(), model.get_input_embeddings()
+    if head is not None and head.weight is not embed.weight:
+        head.weight = embed.weight
+    return [k for k in missing if k != "lm_head.weight"]
 
 
 def load_reference_model(path: str | Path, dtype: str = "float32"):

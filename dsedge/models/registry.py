@@ -7,6 +7,7 @@ transformers' class names, which compress uses to build one decoder layer at a t
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -29,9 +30,21 @@ class Architecture(NamedTuple):
 ARCHITECTURES: dict[str, Architecture] = {
     "deepseek_v2": Architecture(parse_deepseek, "DeepSeek-V2 / V2-Lite (MLA + MoE)", "DeepseekV2"),
     "deepseek_v3": Architecture(parse_deepseek, "DeepSeek-V3 / R1 (MLA + MoE, FP8, MTP)", "DeepseekV3"),
-    "qwen2": Architecture(parse_dense, "Qwen2 (DeepSeek-R1-Distill-Qwen)", "Qwen2"),
-    "llama": Architecture(parse_dense, "Llama (DeepSeek-R1-Distill-Llama)", "Llama"),
+    "qwen2": Architecture(parse_dense, "Qwen2 (dense GQA)", "Qwen2"),
+    "llama": Architecture(parse_dense, "Llama (dense GQA)", "Llama"),
 }
+# The DeepSeek distillations built on a dense architecture: named only when the checkpoint says it is one.
+DISTILLED_AS = {"qwen2": "DeepSeek-R1-Distill-Qwen", "llama": "DeepSeek-R1-Distill-Llama"}
+_DEEPSEEK_NAME = re.compile(r"deepseek|r1[-_]distill", re.IGNORECASE)
+
+
+def architecture_label(spec: ModelSpec, source: str | Path = "") -> str:
+    """What `inspect` calls the model: the architecture, plus the DeepSeek distillation only when the
+    config's ``_name_or_path`` or the checkpoint's directory name says so (any Llama is not R1-Distill)."""
+    label = ARCHITECTURES[spec.model_type].description
+    distilled = DISTILLED_AS.get(spec.model_type)
+    names = f"{spec.config.get('_name_or_path', '')} {Path(source).name if source else ''}"
+    return f"{label}: {distilled}" if distilled and _DEEPSEEK_NAME.search(names) else label
 
 
 def spec_from_config(config: dict[str, Any], where: str = "config.json") -> ModelSpec:

@@ -13,7 +13,7 @@ from dsedge.runtime.bundle import DeclaredSession, verified_graph_path
 from dsedge.runtime.cache import CacheBuffers
 from dsedge.runtime.chat import chat
 from dsedge.runtime.decode import generate_step
-from dsedge.runtime.generation import SamplingParams, TextCodec, TextStream
+from dsedge.runtime.generation import EncodingRule, SamplingParams, TextCodec, TextStream, encoding_rule_of
 from dsedge.runtime.session import GraphTimers, SessionConfig, TimedSession, make_session
 
 
@@ -167,7 +167,9 @@ def _load_codec(manifest: Manifest):
     eos_ids = _token_ids(info, "eos_token_id", manifest) | _token_ids(info.get("generation_defaults") or {},
                                                                       "eos_token_id", manifest)
     bos = _token_ids(info, "bos_token_id", manifest)
-    return TextCodec(tokenizer, min(bos) if bos else None, eos_ids)
+    recorded = info.get("encoding")  # export records the model's rule; a bundle without it: its post-processor's
+    rule = EncodingRule.from_json(recorded) if recorded else encoding_rule_of(tokenizer)
+    return TextCodec(tokenizer, min(bos) if bos else None, eos_ids, rule)
 
 
 def _token_ids(info: dict, key: str, manifest: Manifest) -> set[int]:

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from dsedge.errors import UserError
 from dsedge.runtime.decode import generate_step
 from dsedge.runtime.sampling import Sampler, SamplingParams
 
-__all__ = ["GenerationResult", "SamplingParams", "StreamEvent", "TextCodec", "TextStream"]
+__all__ = ["EncodingRule", "GenerationResult", "SamplingParams", "StreamEvent", "TextCodec", "TextStream",
+           "encoding_rule"]
 
 
 @dataclass(frozen=True)
@@ -31,15 +34,97 @@ class GenerationResult:
         return dict(self.__dict__)
 
 
-class TextCodec:
-    """The bundle's tokenizer (``tokenizers`` only) plus its BOS/EOS ids."""
+@dataclass(frozen=True)
+class EncodingRule:
+    """Which special tokens encoding plain text adds around it, as the model's own tokenizer does.
 
-    def __init__(self, tokenizer, bos_id: int | None, eos_ids: set[int]):
+    Resolved once, at export, from the checkpoint's tokenizer files (:func:`encoding_rule`) and recorded in
+    the manifest (``tokenizer.encoding``), so the runtime gives the ids ``transformers`` gives for the same
+    text (``tokenizer(text).input_ids``)."""
+
+    prepend: tuple[int, ...]
+    append: tuple[int, ...]
+    source: str  # which file and setting decided it
+
+    def to_json(self) -> dict:
+        return {"prepend": list(self.prepend), "append": list(self.append), "source": self.source}
+
+    @classmethod
+    def from_json(cls, data: dict) -> EncodingRule:
+        try:
+            return cls(tuple(int(i) for i in data["prepend"]), tuple(int(i) for i in data["append"]),
+                       str(data.get("source", "manifest")))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise UserError(f"manifest tokenizer.encoding is malformed ({exc})", where="manifest.json",
+                            hint="re-export the bundle") from exc
+
+
+def encoding_rule(tokenizer_dir: str | Path, tokenizer=None) -> EncodingRule:
+    """The special tokens transformers' fast tokenizer adds to plain text, from a tokenizer directory.
+
+    transformers 5 (``TokenizersBackend``) rebuilds the post-processor from ``add_bos_token``/``add_eos_token``
+    (both default false) when ``tokenizer_config.json`` sets either, or when ``tokenizer.json`` has no
+    post-processor; otherwise ``tokenizer.json``'s own post-processor decides. ``legacy`` concerns the slow
+    SentencePiece tokenizer's spacing after special tokens, which a ``tokenizer.json`` already encodes.
+    """
+    from tokenizers import Tokenizer  # the runtime's one tokenizer library, loaded only with a tokenizer
+
+    root = Path(tokenizer_dir)
+    tokenizer = tokenizer or Tokenizer.from_file(str(root / "tokenizer.json"))
+    config = _json_object(root / "tokenizer_config.json")
+    if "add_bos_token" in config or "add_eos_token" in config or tokenizer.post_processor is None:
+        specials = config | {k: v for k, v in _json_object(root / "special_tokens_map.json").items() if k not in config}
+        bos = _special_id(tokenizer, specials.get("bos_token")) if config.get("add_bos_token") else None
+        eos = _special_id(tokenizer, specials.get("eos_token")) if config.get("add_eos_token") else None
+        return EncodingRule(() if bos is None else (bos,), () if eos is None else (eos,),
+                            "tokenizer_config.json add_bos_token/add_eos_token")
+    return encoding_rule_of(tokenizer)
+
+
+def encoding_rule_of(tokenizer) -> EncodingRule:
+    """The rule ``tokenizer.json``'s own post-processor applies (what ``add_special_tokens=True`` adds)."""
+    probe = "a"
+    plain = tokenizer.encode(probe, add_special_tokens=False).ids
+    full = tokenizer.encode(probe, add_special_tokens=True).ids
+    start = next((i for i in range(len(full) - len(plain) + 1) if full[i:i + len(plain)] == plain), 0)
+    return EncodingRule(tuple(full[:start]), tuple(full[start + len(plain):]), "tokenizer.json post-processor")
+
+
+def _json_object(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot read {path.name} ({exc})", where=str(path),
+                        hint="copy the model's tokenizer files again") from exc
+    return data if isinstance(data, dict) else {}
+
+
+def _special_id(tokenizer, token) -> int | None:
+    """The id of a special token given as text or as an AddedToken object; None when absent (transformers
+    then drops the flag too)."""
+    text = token.get("content") if isinstance(token, dict) else token
+    return tokenizer.token_to_id(text) if isinstance(text, str) else None
+
+
+class TextCodec:
+    """The bundle's tokenizer (``tokenizers`` only), its BOS/EOS ids and its encoding rule.
+
+    ``rule`` None: the tokenizer's own post-processor."""
+
+    def __init__(self, tokenizer, bos_id: int | None, eos_ids: set[int], rule: EncodingRule | None = None):
         self.tokenizer, self.bos_id, self.eos_ids = tokenizer, bos_id, eos_ids
+        self.rule = rule
 
     def encode(self, text: str) -> list[int]:
+        """The ids transformers gives for ``text`` (``tokenizer(text).input_ids``), with one deliberate
+        difference: text that already opens with the prefix (a rendered chat prompt starts with the BOS
+        text) does not get it twice — transformers would give a double BOS, which models are not trained on."""
+        rule = self.rule or encoding_rule_of(self.tokenizer)
         ids = self.tokenizer.encode(text, add_special_tokens=False).ids
-        return [self.bos_id, *ids] if self.bos_id is not None and ids[:1] != [self.bos_id] else ids
+        prepend = [] if rule.prepend and tuple(ids[:len(rule.prepend)]) == rule.prepend else list(rule.prepend)
+        return [*prepend, *ids, *rule.append]
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)

@@ -41,7 +41,9 @@ REQUIRED_KEYS = (
     "name", "description", "kind", "memory_budget_bytes", "memory_bandwidth_gbps", "host_memory_bytes",
     "execution_providers", "precisions", "threads", "max_context", "default_recipe",
 )
-OPTIONAL_KEYS = ("notes",)
+# disk_bandwidth_gbps: sequential read speed of the storage offloaded experts are read from (plan's
+# disk-bound decode estimate); absent = unknown, and plan gives no such estimate.
+OPTIONAL_KEYS = ("notes", "disk_bandwidth_gbps")
 ALLOWED_KEYS = ("schema_version", *REQUIRED_KEYS, *OPTIONAL_KEYS)
 
 _NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
@@ -64,12 +66,15 @@ class Target:
     max_context: int
     default_recipe: str
     notes: str = ""
+    disk_bandwidth_gbps: float | None = None
     source: str = ""  # file the target was read from; not part of the file format
 
     def to_json(self) -> dict:
         """The file form (with ``schema_version``, without ``source``); `parse_target` reads it back."""
         fields = dataclasses.asdict(self)
         del fields["source"]
+        if fields["disk_bandwidth_gbps"] is None:  # optional: absent from the file form when unknown
+            del fields["disk_bandwidth_gbps"]
         fields["execution_providers"] = list(self.execution_providers)
         fields["precisions"] = list(self.precisions)
         return {"schema_version": SCHEMA_VERSION, **fields}
@@ -129,6 +134,8 @@ def parse_target(data: dict, *, where: str) -> Target:
         "max_context": _read_int(data, "max_context", where, minimum=1),
         "default_recipe": _read_choice(data, "default_recipe", RECIPE_PRESETS, where),
         "notes": _read_str(data, "notes", where) if "notes" in data else "",
+        "disk_bandwidth_gbps": (_read_positive_float(data, "disk_bandwidth_gbps", where)
+                                if "disk_bandwidth_gbps" in data else None),
     }
     if fields["kind"] == "cpu" and "CPUExecutionProvider" not in fields["execution_providers"]:
         raise ConfigError("a kind = \"cpu\" target must list CPUExecutionProvider in execution_providers",

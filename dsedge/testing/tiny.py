@@ -132,15 +132,18 @@ _LAYER_INDEX = re.compile(r"^model\.layers\.(\d+)\.")
 # ----------------------------------------------------------------------------- configs
 
 
-def tiny_config(variant: str, *, mtp: bool = False, fp8: bool = False, style: str = "published") -> dict:
+def tiny_config(variant: str, *, mtp: bool = False, fp8: bool = False, style: str = "published",
+                tied: bool = False) -> dict:
     """The ``config.json`` dict of a tiny ``variant`` checkpoint.
 
     ``style="published"`` lays it out like the released DeepSeek / R1-Distill files (``rope_scaling``,
     ``scoring_func``, ``topk_method``, ``auto_map``, ``torch_dtype``, FP8 ``quantization_config``);
     ``style="transformers"`` is that config as transformers 5 re-saves it (``rope_parameters``, ``dtype``).
+    ``tied``: ``tie_word_embeddings: true`` (the head is the embedding matrix, as in Qwen2.5-0.5B/1.5B and
+    Llama-3.2-1B), so the checkpoint holds no ``lm_head.weight``.
     """
     _check_options(variant, fp8=fp8, mtp=mtp, style=style)
-    config = _published_config(variant, mtp=mtp, fp8=fp8)
+    config = _published_config(variant, mtp=mtp, fp8=fp8, tied=tied)
     return config if style == "published" else _as_transformers_saves_it(config)
 
 
@@ -155,12 +158,13 @@ def _check_options(variant: str, *, fp8: bool, mtp: bool, style: str, dtype: str
         raise ValueError(f"fp8/mtp checkpoints exist only for v3, not {variant!r}")
 
 
-def _published_config(variant: str, *, mtp: bool, fp8: bool, dtype: str = "bfloat16") -> dict:
+def _published_config(variant: str, *, mtp: bool, fp8: bool, dtype: str = "bfloat16", tied: bool = False) -> dict:
     if variant in _DENSE_FIELDS:
         config = copy.deepcopy(_DENSE_FIELDS[variant])
     else:
         config = _published_deepseek_config(variant, mtp=mtp, fp8=fp8)
-    config.update(bos_token_id=BOS_ID, eos_token_id=EOS_ID, vocab_size=VOCAB_SIZE, torch_dtype=dtype)
+    config.update(bos_token_id=BOS_ID, eos_token_id=EOS_ID, vocab_size=VOCAB_SIZE, torch_dtype=dtype,
+                  tie_word_embeddings=tied)
     return dict(sorted(config.items()))  # the published files are key-sorted
 
 
@@ -202,7 +206,7 @@ def _transformers_config(config_dict: dict):
 
 def write_checkpoint(out_dir, variant: str, *, seed: int = 0, fp8: bool = False, mtp: bool = False,
                      num_shards: int = 1, style: str = "published", dtype: str = "bfloat16",
-                     tokenizer: bool = True) -> Path:
+                     tokenizer: bool = True, tied: bool = False, bos: bool = True) -> Path:
     """Write a seeded tiny random ``variant`` checkpoint into ``out_dir`` and return its path.
 
     ``fp8`` (v3 only) stores decoder projections as float8_e4m3fn with ``weight_scale_inv`` per
@@ -212,12 +216,14 @@ def write_checkpoint(out_dir, variant: str, *, seed: int = 0, fp8: bool = False,
     always float32 (as published) and, with ``style="transformers"``, the routers' ``mlp.gate.weight``
     too (as transformers 5 re-saves them); ``tokenizer`` also writes the tiny DeepSeek tokenizer
     with the chat template of the variant's published family (``VARIANT_CHAT_TEMPLATES``).
+    ``tied`` ties the head to the embeddings (no ``lm_head.weight``, see :func:`tiny_config`); ``bos=False``
+    writes a tokenizer that adds no BOS (no post-processor, ``add_bos_token: false``), as Qwen2's does.
     """
     _check_options(variant, fp8=fp8, mtp=mtp, style=style, dtype=dtype)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    published = _published_config(variant, mtp=mtp, fp8=fp8, dtype=dtype)
-    tensors = build_tensors(variant, seed=seed, mtp=mtp)
+    published = _published_config(variant, mtp=mtp, fp8=fp8, dtype=dtype, tied=tied)
+    tensors = build_tensors(variant, seed=seed, mtp=mtp, tied=tied)
     tensors = _storage_tensors(tensors, dtype=dtype, fp8=fp8, router_fp32=style == "transformers")
     _write_safetensors(out, tensors, num_shards=num_shards)
     config = published if style == "published" else _as_transformers_saves_it(published)
@@ -225,15 +231,33 @@ def write_checkpoint(out_dir, variant: str, *, seed: int = 0, fp8: bool = False,
     _write_json(out / "generation_config.json", _generation_config(style))
     if tokenizer:
         write_tokenizer(out, chat_template=VARIANT_CHAT_TEMPLATES[variant])
+        if not bos:
+            _tokenizer_without_bos(out)
     return out
 
 
-def build_tensors(variant: str, *, seed: int = 0, mtp: bool = False) -> dict:
-    """The float32 weights of a tiny checkpoint under their on-disk (per-expert) names, before FP8."""
+def _tokenizer_without_bos(out: Path) -> None:
+    """Qwen2's tokenizer rules: tokenizer.json has no post-processor, tokenizer_config.json says
+    ``add_bos_token: false`` — transformers then encodes text with no BOS in front."""
+    tokenizer = json.loads((out / "tokenizer.json").read_text(encoding="utf-8"))
+    tokenizer["post_processor"] = None
+    (out / "tokenizer.json").write_text(json.dumps(tokenizer, ensure_ascii=False, indent=2), encoding="utf-8")
+    config = json.loads((out / "tokenizer_config.json").read_text(encoding="utf-8"))
+    config["add_bos_token"] = False
+    _write_json(out / "tokenizer_config.json", config)
+
+
+def build_tensors(variant: str, *, seed: int = 0, mtp: bool = False, tied: bool = False) -> dict:
+    """The float32 weights of a tiny checkpoint under their on-disk (per-expert) names, before FP8.
+
+    ``tied``: no ``lm_head.weight`` (the head is ``model.embed_tokens.weight``)."""
     _check_options(variant, fp8=False, mtp=mtp, style="published")
-    config = _transformers_config(_published_config(variant, mtp=mtp, fp8=False))
+    config = _transformers_config(_published_config(variant, mtp=mtp, fp8=False, tied=tied))
     model = _build_model(config)
-    tensors = _per_expert(_randomized_state(model.state_dict(), seed=seed))
+    state = model.state_dict()
+    if tied:
+        state.pop("lm_head.weight", None)  # a second name for the embedding matrix, not stored
+    tensors = _per_expert(_randomized_state(state, seed=seed))
     if mtp:
         tensors.update(_mtp_tensors(config, tensors, seed=seed))
     return tensors
@@ -305,7 +329,7 @@ def _mtp_tensors(config, main: dict, *, seed: int) -> dict:
     state.update({prefix + name: _empty(shape) for name, shape in shapes.items()})
     tensors = _per_expert(_randomized_state(state, seed=seed))
     tensors[prefix + "embed_tokens.weight"] = main["model.embed_tokens.weight"].clone()
-    tensors[prefix + "shared_head.head.weight"] = main["lm_head.weight"].clone()
+    tensors[prefix + "shared_head.head.weight"] = main.get("lm_head.weight", main["model.embed_tokens.weight"]).clone()
     return tensors
 
 
