@@ -176,16 +176,49 @@ def test_existing_output_refused_and_overwrite(tiny_checkpoint, tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["b"]  # no temporary directories or lock left
 
 
-def test_failed_validation_exits_4_and_writes_nothing(tiny_checkpoint, tmp_path, monkeypatch, capsys):
-    from dsedge.export import validate
+def _perturbed_graph_weights(monkeypatch, layer: int, name: str):
+    """Export builds its graphs from weights with one tensor of ``layer`` scaled by 1.5; the reference (read
+    by its own loader) keeps the checkpoint's: a wrong exported layer, as a bug in a graph builder would be."""
+    from dsedge.export import bundle
 
-    monkeypatch.setitem(validate.TOLERANCES, "fp32", 1e-12)
+    original = bundle._layer_weights
+
+    def perturbed(ckpt, accuracy_level):
+        weights = original(ckpt, accuracy_level)
+
+        def read(i):
+            w = weights(i)
+            if i == layer:
+                w[name] = w[name] * 1.5
+            return w
+
+        return read
+
+    monkeypatch.setattr(bundle, "_layer_weights", perturbed)
+
+
+@pytest.mark.parametrize("layout", ["monolithic", "partitioned"])
+def test_a_wrong_layer_fails_validation_exits_4_and_writes_nothing(tiny_checkpoint, tmp_path, monkeypatch, capsys,
+                                                                   layout):
+    _perturbed_graph_weights(monkeypatch, 1, "model.layers.1.self_attn.o_proj.weight")
     out = tmp_path / "b"
-    with pytest.raises(CheckFailed, match="prefill.*max abs error"):
-        export_bundle(tiny_checkpoint("v2"), out, max_context=48)
+    with pytest.raises(CheckFailed, match="prefill.*max abs error") as failure:
+        export_bundle(tiny_checkpoint("v2"), out, max_context=48, layout=layout, experts_per_partition=4)
+    if layout == "partitioned":  # each layer is its own graph: validation names the first one that departs
+        assert "layer 1 is the first whose output departs" in failure.value.message
+    else:
+        assert "--layout partitioned to locate the layer" in failure.value.message
     assert not out.exists() and list(tmp_path.iterdir()) == []
-    assert main(["export", str(tiny_checkpoint("v2")), "-o", str(out), "--max-context", "48", "--json"]) == 4
+    assert main(["export", str(tiny_checkpoint("v2")), "-o", str(out), "--max-context", "48", "--layout", layout,
+                 "--json"]) == 4
     assert json.loads(capsys.readouterr().out)["error"]["exit_code"] == 4
+
+
+def test_the_located_layer_follows_the_perturbation(tiny_checkpoint, tmp_path, monkeypatch):
+    _perturbed_graph_weights(monkeypatch, 2, "model.layers.2.self_attn.o_proj.weight")
+    with pytest.raises(CheckFailed, match="layer 2 is the first whose output departs"):
+        export_bundle(tiny_checkpoint("v3"), tmp_path / "b", max_context=48, layout="partitioned",
+                      experts_per_partition=4)
 
 
 def test_interrupted_export_leaves_no_output(tiny_checkpoint, tmp_path, monkeypatch):

@@ -95,7 +95,43 @@ def validate_engine(engine, reference, *, dtype: str = "fp32", accuracy_level: i
     ours, theirs = engine.greedy(prompt, GREEDY_STEPS), _reference_greedy(reference, prompt, GREEDY_STEPS)
     checks.append(_token_check("greedy_16", ours, theirs, strict, "dsedge", "reference"))
     checks += _batch_checks(engine, reference, [prompt, short], tol, strict, kl)
+    if not all(c.passed for c in checks):
+        checks.append(locate_layer(engine, reference, prompt))
     return checks
+
+
+# A layer whose output hidden state is this far from the reference's (relative RMS error) is where a wrong
+# graph first shows; correct layers measure ≤ 1e-5 in fp32 on the fixtures, int8 activations ≤ ~5e-2.
+LAYER_RELATIVE_ERROR = 0.1
+
+
+def locate_layer(engine, reference, prompt: list[int]) -> Check:
+    """Which decoder layer's output first departs from the reference's (a partitioned bundle runs each layer
+    as its own graph, so its hidden states can be compared one by one); a failed check naming it."""
+    if getattr(engine, "trace", "absent") == "absent":
+        return Check("locate_layer", "hidden", None, None, passed=False,
+                     detail="a monolithic graph exposes no per-layer states: export with --layout partitioned "
+                            "to locate the layer")
+    import torch  # the reference side of validation runs in PyTorch
+
+    engine.trace = []
+    try:
+        engine.logits(prompt)
+        ours = engine.trace
+    finally:
+        engine.trace = None
+    with torch.no_grad():  # hidden_states[i + 1] is layer i's output; the last comes after the final norm
+        theirs = [h[0].float().numpy() for h in reference(torch.tensor([prompt]), output_hidden_states=True)
+                  .hidden_states[1:]]
+        ours[-1] = reference.model.norm(torch.from_numpy(np.ascontiguousarray(ours[-1], np.float32))).numpy()
+    for i, (got, want) in enumerate(zip(ours, theirs, strict=True)):
+        error = float(np.sqrt(np.mean((got[0] - want) ** 2)) / (np.sqrt(np.mean(want ** 2)) + 1e-12))
+        if error > LAYER_RELATIVE_ERROR:
+            return Check("locate_layer", f"layer {i}", error, LAYER_RELATIVE_ERROR, passed=False,
+                         detail=f"layer {i} is the first whose output departs from the reference (relative "
+                                f"error {error:.3g})")
+    return Check("locate_layer", "head", None, None, passed=False,
+                 detail="every layer's output matches the reference: the LM head departs")
 
 
 def tolerance(dtype: str, accuracy_level: int | None) -> tuple[float, bool]:
@@ -137,10 +173,12 @@ def raise_on_failure(checks: list[Check], graph: str) -> None:
     failed = [c for c in checks if not c.passed]
     if not failed:
         return
+    located = next((c for c in failed if c.name == "locate_layer"), None)
     worst = failed[0]
     detail = (f"max abs error {worst.max_abs_err:.3g} > tolerance {worst.tolerance:g}"
               if worst.tolerance is not None else worst.detail)
+    where = f"; {located.detail}" if located is not None else ""
     raise CheckFailed(f"validation failed: {', '.join(c.name for c in failed)}; {worst.name} on output "
-                      f"'{worst.output}' of graph '{graph}': {detail}", where=graph,
+                      f"'{worst.output}' of graph '{graph}': {detail}{where}", where=graph,
                       hint="the exported graph does not reproduce the reference; please report this with the "
                            "checkpoint's config.json")

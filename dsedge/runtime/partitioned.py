@@ -38,6 +38,7 @@ class PartitionedEngine(Engine):
         # consecutive tokens is strongly correlated (the "temporal locality" MoE offloading systems use).
         self.prefetch = prefetch
         self.recent: dict[int, list[str]] = {}
+        self.trace: list[np.ndarray] | None = None  # a list: each layer's output hidden state is appended
         self.prelude = self.session(self.graph(PRELUDE)[0])
         self.layer_sessions = [self.session(self.graph(LAYER, layer=i)[0]) for i in range(self.layers)]
         self.presents = [[present_name(i, t) for t in self.cache_layout["tensors"]] for i in range(self.layers)]
@@ -74,6 +75,8 @@ class PartitionedEngine(Engine):
             if EXPERT_IDS in result:  # experts summed in fp32, added in the graph's precision
                 hidden = (hidden + self._routed(i, result).reshape(hidden.shape)).astype(hidden.dtype)
             values[HIDDEN] = hidden
+            if self.trace is not None:  # validation locates a wrong layer from these
+                self.trace.append(hidden)
         outputs[LOGITS] = self.head.run_with(values)[LOGITS]
         return outputs
 
