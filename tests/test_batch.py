@@ -114,6 +114,7 @@ def test_the_batch_only_runs_active_rows_and_never_a_spent_rows_last_token(engin
     batch.step()
     batch.step()
     assert shapes == [(1, 1), (1, 1)] and a.remaining == 0
+    assert batch.rebuilds == 1  # when a joined; a step with the same rows copies nothing
     assert batch.step() == [] and shapes == [(1, 1), (1, 1)]  # a's last token is not forwarded
     with pytest.raises(UserError):
         for _ in range(3):

@@ -56,10 +56,6 @@ class BatchRow:
         """Tokens it may still sample."""
         return self.max_new_tokens - self.produced
 
-    @property
-    def generated(self) -> list[int]:
-        return self.history[self.prompt_tokens:]
-
 
 class DecodeBatch:
     """Up to ``max_rows`` rows decoding together over ``engine`` (anything with ``new_cache`` and ``forward``)."""
@@ -81,10 +77,6 @@ class DecodeBatch:
     def length(self) -> int:
         """Columns of the batch cache (the longest active row's span)."""
         return self._state.length if self._state is not None else 0
-
-    @property
-    def mask(self) -> np.ndarray | None:
-        return self._state.mask if self._state is not None else None
 
     def admit(self, prompt_ids: Sequence[int], *, max_new_tokens: int, sampler: TokenSampler | None = None,
               cache: CacheBuffers | None = None) -> tuple[BatchRow, TokenEvent]:
@@ -118,9 +110,12 @@ class DecodeBatch:
             self.rows, self._joining, self._state = [], [], None
 
     def row_cache(self, row: BatchRow) -> CacheBuffers:
-        """A one-row copy of what ``row`` holds (prompt + forwarded tokens), e.g. for a prompt cache."""
+        """A one-row copy of what ``row`` holds (prompt + forwarded tokens), e.g. for a prompt cache; asked
+        before the step after the row ended (that step drops it)."""
         if row.cache is not None:
             return row.cache
+        if row not in self.rows:
+            raise ValueError("the row has left the batch: ask for its cache before the next step")
         index = self.rows.index(row)
         past = self._state.cache.past()
         copy = self.engine.new_cache(batch=1, max_len=max(1, row.span))

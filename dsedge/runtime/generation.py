@@ -95,16 +95,16 @@ class TokenText:
 
     Detokenizes, holds back partial UTF-8, stops at EOS, a stop string or ``max_new_tokens``. ``push`` takes
     a step's event and returns the StreamEvent it releases (None at an EOS that releases no held-back text);
-    ``done`` says whether the stream has ended; ``text`` is the text released so far; ``result`` builds the
+    ``done`` says whether the stream has ended; ``text`` is the text so far; ``result`` builds the
     GenerationResult (also mid-way: what was generated up to there). Push-driven, so one decode loop
-    (``TextStream``) and a batch of rows decoded together (``runtime.batch``) share it.
+    (``TextStream``) and the rows of a batched decode (the server's, over ``runtime.batch``) share it.
     """
 
     def __init__(self, codec: TextCodec | None, stop: list[str] | None, max_new_tokens: int):
         self.codec, self.stop, self.max_new_tokens = codec, stop, max_new_tokens
         self.eos = codec.eos_ids if codec else set()
         self.tokens: list[int] = []  # the generated ids (an EOS that ended the stream is not one of them)
-        self.text = ""  # the text released so far (cut at a stop string)
+        self.text = ""  # the text so far (cut at a stop string)
         self.finish_reason = "length"
         self.done = False
         self.timings: dict[str, float] = {}
