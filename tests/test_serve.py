@@ -576,18 +576,54 @@ def _recording_batches(engine, monkeypatch) -> list[tuple[int, int]]:
     return shapes
 
 
-STAGGERED = [("The json module", 20, 0.0), ("def add(a, b):\n    return a + b\n\ndef sub(a, b):", 6, 0.05),
-             ("Cheese", 14, 0.1), ("Honey bees live in colonies with one queen and thousands of", 9, 0.3)]
+class Paced(Backend):
+    """The real backend; its first generation's batch row waits at token k until ``waits[k]`` requests are in
+    (active or queued; the worker thread waits, so nothing else moves meanwhile): the others join its batch
+    exactly there, however slowly their requests arrive."""
+
+    def __init__(self, backend: Backend, waits: dict[int, int]):
+        super().__init__(backend.engine, backend.model_id)
+        self.waits, self.scheduler, self._first = waits, None, True
+
+    def complete(self, prompt, sampling):
+        return self._paced(super().complete(prompt, sampling))
+
+    def chat(self, messages, sampling, retrieval_k=None):
+        return self._paced(super().chat(messages, sampling, retrieval_k))
+
+    def _paced(self, generation):
+        if self._first:
+            self._first, token, count = False, generation.row.token, iter(range(1, 1 << 30))
+
+            def paced(event):
+                depth = self.waits.get(next(count))
+                if depth:
+                    _wait_for(lambda: self.scheduler.queue_depth + self.scheduler.active >= depth)
+                return token(event)
+
+            generation.row.token = paced
+        return generation
+
+    def app(self, **options):
+        app = create_app(self, **options)
+        self.scheduler = app.state.server.scheduler
+        return app
 
 
-def test_staggered_clients_of_different_lengths_and_budgets_are_batched_and_exact(plain, engines, monkeypatch):
-    url, backend = plain
-    expected = [engines["plain"].generate(prompt, n) for prompt, n, _ in STAGGERED]
+# (prompt, max_tokens): the first runs longest; the others join its batch at its tokens 2, 4 and 6, each
+# shorter or longer than the batch is wide then
+STAGGERED = [("The json module", 20), ("def add(a, b):\n    return a + b\n\ndef sub(a, b):", 6), ("Cheese", 14),
+             ("Honey bees live in colonies with one queen and thousands of", 9)]
+
+
+def test_staggered_clients_of_different_lengths_and_budgets_are_batched_and_exact(bundles, engines, monkeypatch):
+    backend = Paced(Backend.open(bundles["plain"]), {2: 2, 4: 3, 6: 4})
+    expected = [engines["plain"].generate(prompt, n) for prompt, n in STAGGERED]
+    assert expected[0].finish_reason == "length"
     shapes = _recording_batches(backend.engine, monkeypatch)
 
     def ask(case):
-        (prompt, n, delay), stream = case, case[1] % 2 == 0
-        time.sleep(delay)
+        (prompt, n), stream = case, case[1] % 2 == 0
         body = {"model": backend.model_id, "prompt": prompt, "max_tokens": n, "temperature": 0}
         if stream:
             chunks = list(client(url).completions.create(stream=True, **body))
@@ -595,16 +631,24 @@ def test_staggered_clients_of_different_lengths_and_budgets_are_batched_and_exac
         choice = client(url).completions.create(**body).choices[0]
         return choice.text, choice.finish_reason
 
-    with ThreadPoolExecutor(4) as pool:
-        got = list(pool.map(ask, STAGGERED))
+    def active():
+        return httpx.get(f"{url}/health", timeout=TIMEOUT).json()["active"]
+
+    with background(backend.app(parallel=4)) as url, ThreadPoolExecutor(4) as pool:
+        futures = [pool.submit(ask, STAGGERED[0])]
+        for count, case in enumerate(STAGGERED[1:], start=2):
+            _wait_for(lambda n=count - 1: active() == n)  # the ones before have joined
+            futures.append(pool.submit(ask, case))
+        got = [f.result(timeout=TIMEOUT) for f in futures]
+        _wait_for(lambda: active() == 0)
     assert got == [(e.text, "length" if e.finish_reason == "length" else "stop") for e in expected]
-    assert max(b for b, t in shapes if t == 1) >= 2  # decode steps ran several rows in one forward pass
+    assert max(b for b, t in shapes if t == 1) == 4  # decode steps ran all four rows in one forward pass
     assert all(b == 1 for b, t in shapes if t > 1)  # prefills run alone
-    assert httpx.get(f"{url}/health", timeout=TIMEOUT).json()["active"] == 0
 
 
-def test_each_batched_row_stops_at_its_own_stop_string(plain, engines):
-    url, backend = plain
+def test_each_batched_row_stops_at_its_own_stop_string(bundles, engines, monkeypatch):
+    backend = Paced(Backend.open(bundles["plain"]), {1: 4})
+    shapes = _recording_batches(backend.engine, monkeypatch)
     texts = {p: engines["plain"].generate(p, 12).text for p in PROMPTS[:4]}
     stops = {p: [t[len(t) // 2:len(t) // 2 + 2]] if i % 2 == 0 else [] for i, (p, t) in enumerate(texts.items())}
     assert all(s[0].strip() for s in stops.values() if s), texts
@@ -620,10 +664,11 @@ def test_each_batched_row_stops_at_its_own_stop_string(plain, engines):
             stream.result.finish_reason, "length")
 
     engine = engines["plain"]
-    with ThreadPoolExecutor(4) as pool:
+    with background(backend.app(parallel=4)) as url, ThreadPoolExecutor(4) as pool:
         got = dict(zip(PROMPTS[:4], pool.map(ask, PROMPTS[:4]), strict=True))
     assert got == {prompt: alone(prompt) for prompt in PROMPTS[:4]}
     assert [finish for _, finish in got.values()] == ["stop", "length", "stop", "length"]
+    assert max(b for b, t in shapes if t == 1) == 4
 
 
 class SlowHog(Backend):
@@ -669,11 +714,11 @@ def test_a_row_cancelled_mid_batch_frees_its_slot_and_the_others_are_exact(bundl
 
 
 def test_batched_r1_rows_split_reasoning_from_answer(bundles, engines, monkeypatch):
-    backend = Backend.open(bundles["r1"])
+    backend = Paced(Backend.open(bundles["r1"]), {1: 4})  # the others join at the first one's first token
     shapes = _recording_batches(backend.engine, monkeypatch)
     conversations = [[SYSTEM, {"role": "user", "content": q}] for q in QUESTIONS]
     expected = [engines["r1"].chat(m, max_new_tokens=8 + 3 * i) for i, m in enumerate(conversations)]
-    with background(create_app(backend, parallel=4)) as url:
+    with background(backend.app(parallel=4)) as url:
         def ask(i):
             chunks = client(url).chat.completions.create(model=backend.model_id, messages=conversations[i],
                                                          stream=i % 2 == 0, temperature=0, max_tokens=8 + 3 * i)
@@ -688,7 +733,7 @@ def test_batched_r1_rows_split_reasoning_from_answer(bundles, engines, monkeypat
             got = list(pool.map(ask, range(4)))
     assert got == [(e.reasoning, e.answer) for e in expected]
     assert any(e.reasoning for e in expected)
-    assert max(b for b, t in shapes if t == 1) >= 2
+    assert max(b for b, t in shapes if t == 1) == 4  # all four rows in one forward pass
 
 
 @pytest.fixture(scope="module")
@@ -700,11 +745,11 @@ def partitioned_bundle(tiny_checkpoint, tmp_path_factory):
 
 
 def test_a_partitioned_bundle_batches_four_clients_exactly(partitioned_bundle, engines, monkeypatch):
-    backend = Backend.open(partitioned_bundle)
+    backend = Paced(Backend.open(partitioned_bundle), {1: 4})
     assert backend.engine.layout == "partitioned"
     shapes = _recording_batches(backend.engine, monkeypatch)
     expected = _single_client_answers(engines["plain"], PROMPTS[:4])  # the same checkpoint, monolithic
-    with background(create_app(backend, parallel=4)) as url, ThreadPoolExecutor(4) as pool:
+    with background(backend.app(parallel=4)) as url, ThreadPoolExecutor(4) as pool:
         got = list(pool.map(lambda p: _ask(url, backend.model_id, p, True), PROMPTS[:4]))
     assert got == [expected[p] for p in PROMPTS[:4]]
-    assert max(b for b, t in shapes if t == 1) >= 2
+    assert max(b for b, t in shapes if t == 1) == 4  # all four rows in one forward pass
