@@ -14,7 +14,7 @@ POST /v1/completions, GET /v1/models, POST /v1/embeddings (with an index), GET /
 then lists the numbered `sources` the model was given.
 
 One worker thread runs the model; requests queue in arrival order (at most 64 waiting, then 429). With
---parallel N, N generations advance together, one step each in turn. Binds 127.0.0.1 unless --host says
+--parallel N, N generations decode together, one forward pass a step. Binds 127.0.0.1 unless --host says
 otherwise; use --api-key when anything but this machine can reach it. Needs `pip install 'dsedge[serve]'`.
 
 examples:
@@ -41,7 +41,7 @@ def register(sub, command) -> None:
     rag.add_argument("--rag", action="store_true", help="use the index embedded in the bundle")
     cmd.add_argument("--api-key", metavar="KEY", help="require 'Authorization: Bearer KEY' (all but /health)")
     cmd.add_argument("--parallel", type=int, default=1, metavar="N",
-                     help="generations advancing together, one step each in turn (default 1)")
+                     help="generations decoded together in one batch, one forward pass a step (default 1)")
     cmd.add_argument("--prompt-cache", type=_cache_size, default="512M", metavar="SIZE",
                      help="memory for cached prompt prefixes, reused by requests that start the same way "
                           "(default 512M; 0 turns it off)")

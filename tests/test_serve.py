@@ -560,3 +560,196 @@ def test_the_worker_thread_stops_with_the_server(bundles):
     with background(app) as url:
         assert httpx.get(f"{url}/health", timeout=TIMEOUT).status_code == 200 and scheduler.running
     assert not scheduler.running
+
+
+# --- batched decode (--parallel N > 1) ----------------------------------------------------------
+
+def _recording_batches(engine, monkeypatch) -> list[tuple[int, int]]:
+    """The [B, T] shape of each forward pass of ``engine``, appended as they run."""
+    shapes, forward = [], engine.forward
+
+    def recording(ids, mask, cache):
+        shapes.append(ids.shape)
+        return forward(ids, mask, cache)
+
+    monkeypatch.setattr(engine, "forward", recording)
+    return shapes
+
+
+class Paced(Backend):
+    """The real backend; its first generation's batch row waits at token k until ``waits[k]`` requests are in
+    (active or queued; the worker thread waits, so nothing else moves meanwhile): the others join its batch
+    exactly there, however slowly their requests arrive."""
+
+    def __init__(self, backend: Backend, waits: dict[int, int]):
+        super().__init__(backend.engine, backend.model_id)
+        self.waits, self.scheduler, self._first = waits, None, True
+
+    def complete(self, prompt, sampling):
+        return self._paced(super().complete(prompt, sampling))
+
+    def chat(self, messages, sampling, retrieval_k=None):
+        return self._paced(super().chat(messages, sampling, retrieval_k))
+
+    def _paced(self, generation):
+        if self._first:
+            self._first, token, count = False, generation.row.token, iter(range(1, 1 << 30))
+
+            def paced(event):
+                depth = self.waits.get(next(count))
+                if depth:
+                    _wait_for(lambda: self.scheduler.queue_depth + self.scheduler.active >= depth)
+                return token(event)
+
+            generation.row.token = paced
+        return generation
+
+    def app(self, **options):
+        app = create_app(self, **options)
+        self.scheduler = app.state.server.scheduler
+        return app
+
+
+# (prompt, max_tokens): the first runs longest; the others join its batch at its tokens 2, 4 and 6, each
+# shorter or longer than the batch is wide then
+STAGGERED = [("The json module", 20), ("def add(a, b):\n    return a + b\n\ndef sub(a, b):", 6), ("Cheese", 14),
+             ("Honey bees live in colonies with one queen and thousands of", 9)]
+
+
+def test_staggered_clients_of_different_lengths_and_budgets_are_batched_and_exact(bundles, engines, monkeypatch):
+    backend = Paced(Backend.open(bundles["plain"]), {2: 2, 4: 3, 6: 4})
+    expected = [engines["plain"].generate(prompt, n) for prompt, n in STAGGERED]
+    assert expected[0].finish_reason == "length"
+    shapes = _recording_batches(backend.engine, monkeypatch)
+
+    def ask(case):
+        (prompt, n), stream = case, case[1] % 2 == 0
+        body = {"model": backend.model_id, "prompt": prompt, "max_tokens": n, "temperature": 0}
+        if stream:
+            chunks = list(client(url).completions.create(stream=True, **body))
+            return "".join(c.choices[0].text for c in chunks), chunks[-1].choices[0].finish_reason
+        choice = client(url).completions.create(**body).choices[0]
+        return choice.text, choice.finish_reason
+
+    def active():
+        return httpx.get(f"{url}/health", timeout=TIMEOUT).json()["active"]
+
+    with background(backend.app(parallel=4)) as url, ThreadPoolExecutor(4) as pool:
+        futures = [pool.submit(ask, STAGGERED[0])]
+        for count, case in enumerate(STAGGERED[1:], start=2):
+            _wait_for(lambda n=count - 1: active() == n)  # the ones before have joined
+            futures.append(pool.submit(ask, case))
+        got = [f.result(timeout=TIMEOUT) for f in futures]
+        _wait_for(lambda: active() == 0)
+    assert got == [(e.text, "length" if e.finish_reason == "length" else "stop") for e in expected]
+    assert max(b for b, t in shapes if t == 1) == 4  # decode steps ran all four rows in one forward pass
+    assert all(b == 1 for b, t in shapes if t > 1)  # prefills run alone
+
+
+def test_each_batched_row_stops_at_its_own_stop_string(bundles, engines, monkeypatch):
+    backend = Paced(Backend.open(bundles["plain"]), {1: 4})
+    shapes = _recording_batches(backend.engine, monkeypatch)
+    texts = {p: engines["plain"].generate(p, 12).text for p in PROMPTS[:4]}
+    stops = {p: [t[len(t) // 2:len(t) // 2 + 2]] if i % 2 == 0 else [] for i, (p, t) in enumerate(texts.items())}
+    assert all(s[0].strip() for s in stops.values() if s), texts
+
+    def ask(prompt):
+        choice = client(url).completions.create(model=backend.model_id, prompt=prompt, stop=stops[prompt] or None,
+                                                **GREEDY).choices[0]
+        return choice.text, choice.finish_reason
+
+    def alone(prompt):  # what one client gets: the stream's pieces (a stop string that began in an
+        stream = engine.stream(prompt, 12, stop=stops[prompt] or None)  # earlier piece is not taken back)
+        return "".join(event.text for event in stream), {"stop": "stop", "eos": "stop"}.get(
+            stream.result.finish_reason, "length")
+
+    engine = engines["plain"]
+    with background(backend.app(parallel=4)) as url, ThreadPoolExecutor(4) as pool:
+        got = dict(zip(PROMPTS[:4], pool.map(ask, PROMPTS[:4]), strict=True))
+    assert got == {prompt: alone(prompt) for prompt in PROMPTS[:4]}
+    assert [finish for _, finish in got.values()] == ["stop", "length", "stop", "length"]
+    assert max(b for b, t in shapes if t == 1) == 4
+
+
+class SlowHog(Backend):
+    """The real backend; the HOG prompt's batched row counts its tokens and takes 20 ms over each."""
+
+    def __init__(self, backend: Backend):
+        super().__init__(backend.engine, backend.model_id)
+        self.hog_tokens = 0
+
+    def complete(self, prompt, sampling):
+        generation = super().complete(prompt, sampling)
+        if prompt == HOG:
+            token = generation.row.token
+
+            def slow(event):
+                self.hog_tokens += 1
+                time.sleep(0.02)
+                return token(event)
+
+            generation.row.token = slow
+        return generation
+
+
+def test_a_row_cancelled_mid_batch_frees_its_slot_and_the_others_are_exact(bundles, engines):
+    backend = SlowHog(Backend.open(bundles["plain"]))
+    expected = _single_client_answers(engines["plain"], PROMPTS[:3])
+    with background(create_app(backend, parallel=4)) as url:
+        hog_body = {"model": backend.model_id, "prompt": HOG, "max_tokens": 200, "temperature": 0, "stream": True}
+        with ThreadPoolExecutor(3) as pool:
+            with httpx.Client(timeout=TIMEOUT) as http, http.stream("POST", f"{url}/v1/completions",
+                                                                    json=hog_body) as hog:
+                lines = hog.iter_lines()
+                next(lines)  # the hog's first chunk: it holds a row
+                others = [pool.submit(_ask, url, backend.model_id, p, True) for p in PROMPTS[:3]]
+                _wait_for(lambda: httpx.get(f"{url}/health", timeout=TIMEOUT).json()["active"] == 4)
+            # the hog left mid-stream, with the three others in its batch
+            assert [f.result(timeout=TIMEOUT) for f in others] == [expected[p] for p in PROMPTS[:3]]
+        _wait_for(lambda: httpx.get(f"{url}/health", timeout=TIMEOUT).json()["active"] == 0)
+        assert backend.hog_tokens < 100  # cancelled at the worker's next look, not run on to its end
+        assert client(url).completions.create(model=backend.model_id, prompt=PROMPTS[3],
+                                              **GREEDY).choices[0].text == engines["plain"].generate(PROMPTS[3],
+                                                                                                     12).text
+
+
+def test_batched_r1_rows_split_reasoning_from_answer(bundles, engines, monkeypatch):
+    backend = Paced(Backend.open(bundles["r1"]), {1: 4})  # the others join at the first one's first token
+    shapes = _recording_batches(backend.engine, monkeypatch)
+    conversations = [[SYSTEM, {"role": "user", "content": q}] for q in QUESTIONS]
+    expected = [engines["r1"].chat(m, max_new_tokens=8 + 3 * i) for i, m in enumerate(conversations)]
+    with background(backend.app(parallel=4)) as url:
+        def ask(i):
+            chunks = client(url).chat.completions.create(model=backend.model_id, messages=conversations[i],
+                                                         stream=i % 2 == 0, temperature=0, max_tokens=8 + 3 * i)
+            if i % 2:
+                message = chunks.choices[0].message
+                return message.reasoning_content or "", message.content
+            deltas = [c.choices[0].delta for c in chunks if c.choices]
+            return ("".join(getattr(d, "reasoning_content", None) or "" for d in deltas),
+                    "".join(d.content or "" for d in deltas))
+
+        with ThreadPoolExecutor(4) as pool:
+            got = list(pool.map(ask, range(4)))
+    assert got == [(e.reasoning, e.answer) for e in expected]
+    assert any(e.reasoning for e in expected)
+    assert max(b for b, t in shapes if t == 1) == 4  # all four rows in one forward pass
+
+
+@pytest.fixture(scope="module")
+def partitioned_bundle(tiny_checkpoint, tmp_path_factory):
+    out = tmp_path_factory.mktemp("serve-partitioned") / "parts.bundle"
+    export_bundle(tiny_checkpoint("v2_lite"), out, max_context=256, layout="partitioned", experts_per_partition=4,
+                  validate=False)
+    return out
+
+
+def test_a_partitioned_bundle_batches_four_clients_exactly(partitioned_bundle, engines, monkeypatch):
+    backend = Paced(Backend.open(partitioned_bundle), {1: 4})
+    assert backend.engine.layout == "partitioned"
+    shapes = _recording_batches(backend.engine, monkeypatch)
+    expected = _single_client_answers(engines["plain"], PROMPTS[:4])  # the same checkpoint, monolithic
+    with background(backend.app(parallel=4)) as url, ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda p: _ask(url, backend.model_id, p, True), PROMPTS[:4]))
+    assert got == [expected[p] for p in PROMPTS[:4]]
+    assert max(b for b, t in shapes if t == 1) == 4  # all four rows in one forward pass

@@ -53,6 +53,11 @@ class CacheBuffers:
         window = self._window(0, self.length)
         return {f"past.{key}": buf[window] for key, buf in self.buffers.items()}
 
+    def filled(self) -> dict[str, np.ndarray]:
+        """``past.{i}.{t}`` → a view of the filled part, whatever the layout (to copy a cache's contents)."""
+        window = self._window(0, self.length)
+        return {f"past.{key}": buf[window] for key, buf in self.buffers.items()}
+
     def in_place_outputs(self) -> dict[str, np.ndarray]:
         """``present.{i}.{t}`` → the buffer a run should write it into (empty when presents are new entries)."""
         return {f"present.{key}": buf for key, buf in self.buffers.items()} if self.in_place else {}
@@ -69,9 +74,14 @@ class CacheBuffers:
         holds the whole updated buffer and replaces it."""
         self.check_room(new_tokens)
         if self.in_place:
+            window = self._window(self.length, self.length + new_tokens)
             for key, buf in self.buffers.items():
                 present = presents[f"present.{key}"]
-                if present is not buf:
+                if present is buf:
+                    continue
+                if present.shape[self.axis] == new_tokens != buf.shape[self.axis]:
+                    buf[window] = present  # new entries only (a prompt-cache block, a batch being merged)
+                else:
                     self.buffers[key] = np.ascontiguousarray(present, dtype=buf.dtype)
         else:
             window = self._window(self.length, self.length + new_tokens)

@@ -30,8 +30,8 @@ from dsedge.runtime.generation import GenerationResult
 from dsedge.runtime.prefix_cache import ConversationCache
 from dsedge.verified import read_regular
 
-__all__ = ["ChatPiece", "ChatResult", "ChatSession", "ChatStream", "ChatTemplate", "ReasoningSplitter", "chat",
-           "load_chat_template", "prepare_prompt", "sources_prompt", "split_reasoning"]
+__all__ = ["ChatPiece", "ChatResult", "ChatSession", "ChatStream", "ChatText", "ChatTemplate", "ReasoningSplitter",
+           "chat", "load_chat_template", "prepare_prompt", "sources_prompt", "split_reasoning"]
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 ROLES = ("system", "user", "assistant", "tool")
@@ -449,6 +449,32 @@ class ChatResult(GenerationResult):
     prompt: str = ""
 
 
+class ChatText:
+    """The per-token side of a ChatStream: the text so far in (after each token), reasoning/answer pieces out.
+
+    Push-driven, so ``ChatStream`` and a batch of rows decoded together (the server's) share it.
+    """
+
+    def __init__(self, thinking: bool):
+        self.splitter, self.fed = ReasoningSplitter(thinking), ""
+
+    def feed(self, text: str, token_id: int | None) -> list[ChatPiece]:
+        """The pieces released once the decoded text has become ``text`` (with ``token_id``'s arrival)."""
+        # Feed from the whole text decoded so far (the stream's ``text``), holding back while it ends in
+        # U+FFFD: a character split over tokens shows as U+FFFD until its last byte arrives, and the
+        # event's own text piece keeps that placeholder.
+        if text.endswith("\ufffd") or not text.startswith(self.fed):
+            return []
+        pieces = [ChatPiece(kind, piece, token_id) for kind, piece in self.splitter.feed(text[len(self.fed):])]
+        self.fed = text
+        return pieces
+
+    def finish(self, text: str) -> list[ChatPiece]:
+        """What is left once the generation ended with ``text``."""
+        tail = text[len(self.fed):] if text.startswith(self.fed) else ""
+        return [ChatPiece(kind, piece) for kind, piece in self.splitter.feed(tail) + self.splitter.finish()]
+
+
 class ChatStream:
     """Iterates ChatPieces as tokens arrive; ``result`` (a ChatResult) is set once iteration ends.
 
@@ -468,6 +494,10 @@ class ChatStream:
         self.max_new_tokens = _fit_context(engine, prompt, max_new_tokens)
         self.result: ChatResult | None = None
         self._on_done, self._finish = on_done, finish
+
+    def text_stream(self):
+        """The TextStream under this reply (``__iter__`` runs it; a batched decode feeds its TokenText)."""
+        return self.engine.stream(self.prompt.token_ids, self.max_new_tokens, **self.sampling, cache=self.cache)
 
     def __iter__(self) -> Iterator[ChatPiece]:
         splitter = ReasoningSplitter(self.prompt.thinking)
@@ -493,11 +523,16 @@ class ChatStream:
                 generated = _joined(generated, closing, closing_ids, rest.result)
         for kind, piece in splitter.finish():
             yield ChatPiece(kind, piece)
+        self.complete(generated)
+
+    def complete(self, generated: GenerationResult) -> ChatResult:
+        """The ChatResult of the generation that ended (``finish`` and ``on_done`` applied); also ``result``."""
         reasoning, answer = split_reasoning(generated.text, thinking=self.prompt.thinking)
         result = ChatResult(**generated.__dict__, reasoning=reasoning, answer=answer, prompt=self.prompt.text)
         self.result = self._finish(result) if self._finish else result
         if self._on_done:
             self._on_done(self.result)
+        return self.result
 
     def run(self) -> ChatResult:
         """Iterate to the end; the result."""

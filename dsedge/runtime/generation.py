@@ -12,7 +12,7 @@ from dsedge.errors import UserError
 from dsedge.runtime.decode import generate_step
 from dsedge.runtime.sampling import Sampler, SamplingParams
 
-__all__ = ["EncodingRule", "GenerationResult", "SamplingParams", "StreamEvent", "TextCodec", "TextStream",
+__all__ = ["EncodingRule", "GenerationResult", "SamplingParams", "StreamEvent", "TextCodec", "TextStream", "TokenText",
            "encoding_rule"]
 
 
@@ -153,39 +153,81 @@ class TextStream:
             pass
         return self.result
 
+    def token_text(self) -> TokenText:
+        """Fresh per-token text state for this stream (its codec, stop strings and token budget): what
+        ``__iter__`` feeds one decode step at a time, and what a batched decode feeds a row's tokens to."""
+        return TokenText(self.codec, self.stop, self.max_new_tokens)
+
     def __iter__(self) -> Iterator[StreamEvent]:
-        codec, eos = self.codec, self.codec.eos_ids if self.codec else set()
-        out, text, finish, timings, started = [], "", "length", {}, time.perf_counter()
+        text = self.token_text()
         steps = generate_step(self.engine, self.prompt_ids, sampler=Sampler(self.sampling), cache=self.cache,
                               max_new_tokens=self.max_new_tokens)
         try:
             for event in steps:
-                token = event.token_id
-                if event.step == 0:
-                    started = time.perf_counter() - event.ttft_s
-                    timings.update(prefill_s=event.prefill_s, ttft_s=event.ttft_s)
-                if token in eos:
-                    finish = "eos"
-                    tail = codec.decode(out)[len(text):] if codec else ""
-                    if tail:  # a held-back partial character: flush it with the EOS token that ended it
-                        self.text = text + tail
-                        yield StreamEvent(token, tail)
+                released = text.push(event)
+                self.text = text.text
+                if released is not None:
+                    yield released
+                if text.done:
                     break
-                out.append(token)
-                piece, text = _new_text(codec, out, text, final=event.step == self.max_new_tokens - 1)
-                hit = _stop_hit(text, self.stop)
-                if hit is not None:
-                    self.text, finish = text[:hit], "stop"
-                    yield StreamEvent(token, piece[: max(0, hit - (len(text) - len(piece)))])
-                    break
-                self.text = text
-                yield StreamEvent(token, piece)
         finally:
             steps.close()
-            total = time.perf_counter() - started
-            decode_s = total - timings.get("ttft_s", total)  # the tokens after the first
-            timings.update(total_s=total, decode_tokens_per_s=(len(out) - 1) / decode_s if len(out) > 1 else 0.0)
-            self.result = GenerationResult(self.text, out, finish, len(self.prompt_ids), timings)
+            self.result = text.result(len(self.prompt_ids))
+
+
+class TokenText:
+    """The per-token text logic of one stream: token ids in (one ``TokenEvent`` per decode step), text out.
+
+    Detokenizes, holds back partial UTF-8, stops at EOS, a stop string or ``max_new_tokens``. ``push`` takes
+    a step's event and returns the StreamEvent it releases (None at an EOS that releases no held-back text);
+    ``done`` says whether the stream has ended; ``text`` is the text so far; ``result`` builds the
+    GenerationResult (also mid-way: what was generated up to there). Push-driven, so one decode loop
+    (``TextStream``) and the rows of a batched decode (the server's, over ``runtime.batch``) share it.
+    """
+
+    def __init__(self, codec: TextCodec | None, stop: list[str] | None, max_new_tokens: int):
+        self.codec, self.stop, self.max_new_tokens = codec, stop, max_new_tokens
+        self.eos = codec.eos_ids if codec else set()
+        self.tokens: list[int] = []  # the generated ids (an EOS that ended the stream is not one of them)
+        self.text = ""  # the text so far (cut at a stop string)
+        self.finish_reason = "length"
+        self.done = False
+        self.timings: dict[str, float] = {}
+        self._decoded = ""  # the text decoded so far, a partial character held back
+        self._started = time.perf_counter()
+
+    def push(self, event) -> StreamEvent | None:
+        """One decode step's token (``event``: a one-row ``decode.TokenEvent``)."""
+        if self.done:
+            raise ValueError("push after the stream ended")
+        token, codec = event.token_id, self.codec
+        if event.step == 0:
+            self._started = time.perf_counter() - event.ttft_s
+            self.timings.update(prefill_s=event.prefill_s, ttft_s=event.ttft_s)
+        if token in self.eos:
+            self.finish_reason, self.done = "eos", True
+            tail = codec.decode(self.tokens)[len(self._decoded):] if codec else ""
+            if tail:  # a held-back partial character: flush it with the EOS token that ended it
+                self.text = self._decoded + tail
+                return StreamEvent(token, tail)
+            return None
+        self.tokens.append(token)
+        final = event.step == self.max_new_tokens - 1
+        piece, self._decoded = _new_text(codec, self.tokens, self._decoded, final=final)
+        hit = _stop_hit(self._decoded, self.stop)
+        if hit is not None:
+            self.text, self.finish_reason, self.done = self._decoded[:hit], "stop", True
+            return StreamEvent(token, piece[: max(0, hit - (len(self._decoded) - len(piece)))])
+        self.text, self.done = self._decoded, final
+        return StreamEvent(token, piece)
+
+    def result(self, prompt_tokens: int) -> GenerationResult:
+        total = time.perf_counter() - self._started
+        decode_s = total - self.timings.get("ttft_s", total)  # the tokens after the first
+        out = self.tokens
+        timings = {**self.timings, "total_s": total,
+                   "decode_tokens_per_s": (len(out) - 1) / decode_s if len(out) > 1 else 0.0}
+        return GenerationResult(self.text, list(out), self.finish_reason, prompt_tokens, timings)
 
 
 def _new_text(codec: TextCodec | None, out: list[int], text: str, *, final: bool) -> tuple[str, str]:

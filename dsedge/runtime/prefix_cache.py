@@ -162,7 +162,7 @@ class PrefixCache:
             tokens = tuple(int(t) for t in token_ids[start:start + self.block_size])
             block = self._blocks.get((parent, tokens))
             if block is None:
-                past = cache.past() if past is None else past
+                past = cache.filled() if past is None else past
                 block = self._new_block(parent, tokens, past, cache.axis, start)
                 if block.nbytes > self.capacity_bytes:
                     break  # a block that can never fit: store nothing past it

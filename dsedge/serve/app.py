@@ -39,7 +39,8 @@ class Server:
         self.defaults = backend.defaults()
         self.metrics = Metrics(queue_depth=lambda: self.scheduler.queue_depth, active=lambda: self.scheduler.active,
                                expert_cache=backend.expert_cache, prompt_cache=backend.prompt_cache_stats)
-        self.scheduler = Scheduler(parallel=parallel, max_queue=max_queue, metrics=self.metrics)
+        batch = backend.new_batch(parallel) if parallel > 1 else None  # one forward pass for all active rows
+        self.scheduler = Scheduler(parallel=parallel, max_queue=max_queue, metrics=self.metrics, batch=batch)
 
 
 def create_app(backend: Backend, *, api_key: str | None = None, parallel: int = 1,

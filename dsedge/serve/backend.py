@@ -4,6 +4,11 @@ The scheduler asks for a ``Generation`` (prompt prepared, retrieval done) and ad
 each step yields the pieces of text that step released. Re-pointing the server at another decode loop means
 changing this file only.
 
+Batched decode (``--parallel`` N > 1): a Generation also carries a ``BatchedRow``, the same request as a row
+of the scheduler's ``runtime.batch.DecodeBatch`` (``new_batch``): prefilled on its own, then decoded with the
+other active rows in one forward pass a step, its tokens pushed through the same per-token text logic as
+``steps`` runs (``generation.TokenText``, ``chat.ChatText``), so either way a client gets the same text.
+
 Prompt cache: every generation runs on a cache that starts with the longest whole-block prefix of its prompt
 held by the backend's ``PrefixCache`` (filled at the generation's first step, so a request admitted together
 with another one sharing its system prompt finds the blocks the other's prefill stored just before); its
@@ -21,8 +26,12 @@ from pathlib import Path
 from dsedge.errors import UserError
 from dsedge.rag import open_retriever, rag_prompt, with_sources
 from dsedge.runtime import load_bundle
-from dsedge.runtime.chat import ChatStream, prepare_prompt
+from dsedge.runtime.batch import DecodeBatch
+from dsedge.runtime.chat import ChatStream, ChatText, prepare_prompt
+from dsedge.runtime.decode import TokenEvent
+from dsedge.runtime.generation import TextStream
 from dsedge.runtime.prefix_cache import DEFAULT_CAPACITY_BYTES, PrefixCache, PrefixCacheStats
+from dsedge.runtime.sampling import Sampler
 from dsedge.runtime.speculative import configure as configure_speculation
 from dsedge.serve.wire import FINISH_REASONS, Defaults, Sampling, WireError
 
@@ -51,10 +60,68 @@ class Generation:
     prompt_tokens: int
     sources: list[dict] | None = None  # the numbered sources the model was given (retrieval only)
     outcome: Outcome | None = None
+    row: BatchedRow | None = None  # the same generation as a row of a batch (None: steps only)
 
     def close(self) -> None:
-        """Stop early (client gone): the generator's cache is dropped with it."""
+        """Stop early (client gone): the generator's cache is dropped with it, a batch row leaves its batch."""
         self.steps.close()
+        if self.row is not None:
+            self.row.cancel()
+
+
+class BatchedRow:
+    """A generation decoded as one row of a ``DecodeBatch``: ``join`` prefills it alone and returns the
+    pieces of its first token; ``token`` takes each later step's event; once ``done``, ``finish`` returns the
+    last held-back pieces and the outcome (and hands the row back to the batch)."""
+
+    def __init__(self, backend: Backend, stream: TextStream, chat: ChatStream | None = None):
+        self.backend, self.stream, self.chat = backend, stream, chat
+        self.text = stream.token_text()
+        self.reply = ChatText(chat.prompt.thinking) if chat is not None else None
+        self.batch: DecodeBatch | None = None
+        self.row = None  # its runtime.batch.BatchRow once joined
+        self.reused = 0
+
+    @property
+    def done(self) -> bool:
+        return self.text.done
+
+    def join(self, batch: DecodeBatch) -> list[Piece]:
+        """Prefill (from the prompt cache's longest prefix) and sample the first token; the row then steps
+        with the batch."""
+        ids, cache = self.stream.prompt_ids, self.stream.cache
+        self.reused = self.backend._reuse(ids, cache)
+        self.row, event = batch.admit(ids, max_new_tokens=self.stream.max_new_tokens,
+                                      sampler=Sampler(self.stream.sampling), cache=cache)
+        self.batch = batch
+        if cache is not None:  # a prompt cache is on: the prompt's blocks, right after its prefill
+            self.backend._remember(ids, self.row.cache)
+        return self.token(event)
+
+    def token(self, event: TokenEvent) -> list[Piece]:
+        released = self.text.push(event)
+        if released is None:
+            return []
+        if self.reply is None:
+            return [Piece("text", released.text)] if released.text else []
+        return [Piece(p.kind, p.text) for p in self.reply.feed(self.text.text, released.token_id)]
+
+    def finish(self) -> tuple[list[Piece], Outcome]:
+        generated = self.text.result(len(self.stream.prompt_ids))
+        pieces = []
+        if self.chat is not None:
+            pieces = [Piece(p.kind, p.text) for p in self.reply.finish(generated.text)]
+            self.chat.complete(generated)
+        if self.stream.cache is not None:  # prompt + reply, for the conversation's next turn
+            self.backend._remember([*self.stream.prompt_ids, *generated.token_ids], self.batch.row_cache(self.row))
+        self.cancel()
+        return pieces, _outcome(generated, self.reused)
+
+    def cancel(self) -> None:
+        """Leave the batch (finished, or the client is gone)."""
+        if self.batch is not None:
+            self.batch.release(self.row)
+            self.batch = None
 
 
 class Backend:
@@ -126,7 +193,7 @@ class Backend:
             finally:
                 self._remember(held, cache)
 
-        generation = Generation(steps(), len(ids))
+        generation = Generation(steps(), len(ids), row=BatchedRow(self, events))
         return generation
 
     def chat(self, messages: list[dict], sampling: Sampling, retrieval_k: int | None = None) -> Generation:
@@ -159,7 +226,7 @@ class Backend:
             finally:
                 self._remember(held, cache)
 
-        generation = Generation(steps(), len(ids), sources)
+        generation = Generation(steps(), len(ids), sources, row=BatchedRow(self, replies.text_stream(), replies))
         return generation
 
     def _grounded(self, messages: list[dict], sampling: Sampling, k: int):
@@ -178,6 +245,10 @@ class Backend:
                              finish=lambda result: with_sources(result, rag),
                              cache=self._new_cache(prompt.token_ids, max_new))
         return replies, [s.to_json() for s in rag.sources]
+
+    def new_batch(self, rows: int) -> DecodeBatch:
+        """The batch that up to ``rows`` generations' ``BatchedRow``s decode in together."""
+        return DecodeBatch(self.engine, rows)
 
     # --- the prompt cache -------------------------------------------------------------------------
     def _new_cache(self, ids: list[int], max_new: int):

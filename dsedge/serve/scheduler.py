@@ -1,9 +1,12 @@
 """One worker thread runs every engine call; requests wait in a bounded FIFO queue.
 
 onnxruntime sessions (and the cache buffers a generation owns) are used from this thread only. Up to
-``parallel`` generations are active at once and advance round-robin, one step each, so N clients progress
-together; the rest wait in arrival order. Batched decode (one forward pass for all active rows) would
-replace ``_step_all`` — the admission, cancellation and event delivery around it stay as they are.
+``parallel`` generations are active at once; the rest wait in arrival order. With a ``batch`` (the server
+gives one when ``parallel`` > 1: ``Backend.new_batch``) the active generations are rows of one batched
+decode: a newly admitted one is prefilled on its own, then every loop runs one forward pass over all active
+rows (``runtime.batch.DecodeBatch.step``) and each row's token goes through that row's own text logic
+(sampler, stop strings, EOS, max_tokens). Generations without a batch row (and every generation when
+``parallel`` is 1) advance round-robin, one ``steps`` item each.
 
 Results go back to the asyncio side through each job's ``asyncio.Queue`` (``loop.call_soon_threadsafe``);
 a job cancelled by its client (disconnect) is closed at the worker's next look at it, freeing its slot.
@@ -69,10 +72,11 @@ class Job:
 class Scheduler:
     """FIFO admission into ``parallel`` slots; round-robin steps; bounded queue. ``metrics`` gets observations."""
 
-    def __init__(self, *, parallel: int = 1, max_queue: int = DEFAULT_MAX_QUEUE, metrics=None):
+    def __init__(self, *, parallel: int = 1, max_queue: int = DEFAULT_MAX_QUEUE, metrics=None, batch=None):
         if parallel < 1 or max_queue < 1:
             raise ValueError("parallel and max_queue must be ≥ 1")
-        self.parallel, self.max_queue, self.metrics = parallel, max_queue, metrics
+        self.parallel, self.max_queue, self.metrics, self.batch = parallel, max_queue, metrics, batch
+        self._rows: dict[Any, Job] = {}  # each batched job's runtime.batch.BatchRow -> the job
         self._waiting: deque[Job] = deque()
         self._active: list[Job] = []
         self._wake = threading.Condition()
@@ -147,12 +151,57 @@ class Scheduler:
         job.post("start", started)
 
     def _step_all(self) -> None:
-        """One step of every active generation, in admission order (round-robin)."""
+        """One step of every active generation: a new batch row's prefill, the others round-robin in
+        admission order, then one forward pass for all batch rows."""
         for job in list(self._active):
             if job.cancelled:
                 self._finish(job, None)
-                continue
-            self._step(job)
+            elif not self._batched(job):
+                self._step(job)
+            elif job.generation.row.batch is None:
+                self._join(job)
+        if self._rows:
+            self._step_batch()
+
+    def _batched(self, job: Job) -> bool:
+        return self.batch is not None and job.generation.row is not None
+
+    def _join(self, job: Job) -> None:
+        """Prefill a batched generation on its own; from its second token on it steps with the batch."""
+        row = job.generation.row
+        try:
+            pieces = row.join(self.batch)
+            self._rows[row.row] = job
+            self._deliver(job, pieces)
+        except Exception as exc:  # noqa: BLE001 — a failed prefill ends that generation only
+            self._finish(job, "error", _as_wire_error(exc))
+
+    def _step_batch(self) -> None:
+        try:
+            events = self.batch.step()
+        except Exception as exc:  # noqa: BLE001 — a failed batch step ends every row in it
+            for job in list(self._rows.values()):
+                self._finish(job, "error", _as_wire_error(exc))
+            return
+        for batch_row, event in events:
+            job = self._rows[batch_row]
+            try:
+                self._deliver(job, job.generation.row.token(event))
+            except Exception as exc:  # noqa: BLE001 — a row whose text fails ends alone
+                self._finish(job, "error", _as_wire_error(exc))
+
+    def _deliver(self, job: Job, pieces: list) -> None:
+        """A batched row's step: its pieces, and when its text has ended, the rest and its outcome."""
+        self._observe_step(job)
+        row = job.generation.row
+        if row.done:
+            tail, outcome = row.finish()
+            pieces = [*pieces, *tail]
+        if pieces:
+            job.post("pieces", pieces)
+        if row.done:
+            job.generation.outcome = outcome
+            self._finish(job, "done", outcome)
 
     def _step(self, job: Job) -> None:
         generation = job.generation
@@ -180,6 +229,9 @@ class Scheduler:
     def _finish(self, job: Job, kind: str | None, payload: Any = None) -> None:
         if job in self._active:
             self._active.remove(job)
+        row = job.generation.row if job.generation is not None else None
+        if row is not None and row.row is not None:
+            self._rows.pop(row.row, None)
         if job.generation is not None and kind != "done":
             job.generation.close()
         if kind is not None:
