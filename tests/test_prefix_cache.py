@@ -176,9 +176,9 @@ class Forwarded:
         self.calls: list[int] = []
         forward = engine.forward
 
-        def counting(ids, mask, cache):
+        def counting(ids, mask, cache, **options):
             self.calls.append(ids.shape[1])
-            return forward(ids, mask, cache)
+            return forward(ids, mask, cache, **options)
 
         monkeypatch.setattr(engine, "forward", counting)
 

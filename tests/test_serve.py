@@ -264,9 +264,9 @@ def _counting_forwards(engine, monkeypatch) -> list[int]:
     """The tokens each forward pass of ``engine`` runs, appended as they run."""
     calls, forward = [], engine.forward
 
-    def counting(ids, mask, cache):
+    def counting(ids, mask, cache, **options):
         calls.append(ids.shape[1])
-        return forward(ids, mask, cache)
+        return forward(ids, mask, cache, **options)
 
     monkeypatch.setattr(engine, "forward", counting)
     return calls
@@ -568,9 +568,9 @@ def _recording_batches(engine, monkeypatch) -> list[tuple[int, int]]:
     """The [B, T] shape of each forward pass of ``engine``, appended as they run."""
     shapes, forward = [], engine.forward
 
-    def recording(ids, mask, cache):
+    def recording(ids, mask, cache, **options):
         shapes.append(ids.shape)
-        return forward(ids, mask, cache)
+        return forward(ids, mask, cache, **options)
 
     monkeypatch.setattr(engine, "forward", recording)
     return shapes
