@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import logging
 import math
 import os
 import sys
@@ -24,7 +25,7 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
-from dsedge import __version__
+from dsedge import __version__, progress
 from dsedge.errors import DsedgeError, Terminated, UnitsFailed, UsageError
 from dsedge.extras import missing_extra
 from dsedge.units import size_argument
@@ -140,14 +141,40 @@ def all_units_failed(errors: list[DsedgeError], succeeded: int, unit: str) -> Un
 
 
 def _setup_logging(quiet: bool) -> None:
-    """Progress goes to stderr (results to stdout), silenced by -q."""
-    import logging
-
-    handler = logging.StreamHandler(sys.stderr)
+    """Progress goes to stderr (results to stdout), silenced by -q: tqdm bars on a terminal (log lines printed
+    above them), plain lines otherwise (dsedge.progress logs them), nothing with -q/--json."""
+    renderer = _progress_renderer(quiet)
+    progress.use_renderer(renderer)
+    handler = _AboveBars(renderer) if isinstance(renderer, progress.TqdmRenderer) else logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(message)s"))
     root = logging.getLogger("dsedge")
     root.handlers[:] = [handler]
     root.setLevel(logging.WARNING if quiet else logging.INFO)
+
+
+def _progress_renderer(quiet: bool) -> progress.Renderer:
+    if quiet:
+        return progress.Silent()
+    if sys.stderr.isatty() and os.environ.get("TERM") != "dumb":
+        try:
+            return progress.TqdmRenderer(sys.stderr)
+        except ImportError:  # tqdm missing (a bare runtime install): plain lines do
+            pass
+    return progress.PlainLines()
+
+
+class _AboveBars(logging.Handler):
+    """Log lines on a terminal with bars: written above the bars, which tqdm redraws below."""
+
+    def __init__(self, renderer):
+        super().__init__()
+        self.renderer = renderer
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.renderer.write(self.format(record))
+        except Exception:  # noqa: BLE001 — logging's own contract: a failing handler never raises
+            self.handleError(record)
 
 
 def _fail(args: argparse.Namespace, error: dict[str, Any], text: str, code: int) -> int:
