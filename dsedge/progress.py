@@ -19,6 +19,7 @@ where it is missing, as in a runtime-only install that lacks it).
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -137,14 +138,16 @@ class TqdmRenderer(Renderer):
         self._tqdm, self.stream = tqdm.tqdm, stream
 
     def start(self, bar: Bar) -> None:
-        bar._state = self._tqdm(total=bar.total or None, desc=bar.stage, unit=f" {bar.unit}", file=self.stream,
-                                dynamic_ncols=True, leave=True)
+        # A pty not sized yet (`script`, some CI runners) says 0 x 0: tqdm would then draw nothing at all.
+        sized = {"dynamic_ncols": True} if _sized(self.stream) else {"ncols": 80, "nrows": 24}
+        bar._state = self._tqdm(total=bar.total or None, desc=bar.stage, unit=bar.unit, file=self.stream,
+                                leave=True, **sized)
 
     def update(self, bar: Bar) -> None:
         shown = bar._state
-        shown.update(bar.done - shown.n)
         if bar.detail:
-            shown.set_postfix_str(bar.detail, refresh=False)
+            shown.set_postfix_str(bar.detail, refresh=False)  # drawn by the update below, with the count
+        shown.update(bar.done - shown.n)
 
     def close(self, bar: Bar) -> None:
         bar._state.close()
@@ -152,6 +155,14 @@ class TqdmRenderer(Renderer):
     def write(self, text: str) -> None:
         """A log line above the bars (tqdm redraws them below)."""
         self._tqdm.write(text, file=self.stream)
+
+
+def _sized(stream: IO[str]) -> bool:
+    try:
+        size = os.get_terminal_size(stream.fileno())
+    except (AttributeError, OSError, ValueError):  # not a real file (a StringIO in tests)
+        return False
+    return size.columns > 0 and size.lines > 0
 
 
 _renderer: Renderer = PlainLines()
