@@ -424,11 +424,17 @@ def add_sampling_flags(cmd) -> None:
     cmd.add_argument("--stop", action="append", metavar="TEXT", help="stop before this text (repeatable)")
 
 
-def add_engine_flags(cmd) -> None:
-    """How a bundle is loaded (``load_bundle``'s keywords): target, threads, expert budget and prefetch."""
+def add_engine_flags(cmd, *, threads_list: bool = False) -> None:
+    """How a bundle is loaded (``load_bundle``'s keywords): target, threads, expert budget and prefetch.
+    ``threads_list``: -t takes a comma list (profile sweeps)."""
     cmd.add_argument("--target", help="device target: execution providers and threads (a built-in name, a file, "
                                       "or `auto` for this machine; default: the bundle's export target)")
-    cmd.add_argument("-t", "--threads", type=int, help="intra-op threads (default: the target's, capped at the cores)")
+    if threads_list:
+        cmd.add_argument("-t", "--threads", type=int_list, metavar="N[,N...]",
+                         help="intra-op threads, or a comma list to sweep (default: the target's, capped at the cores)")
+    else:
+        cmd.add_argument("-t", "--threads", type=int, help="intra-op threads (default: the target's, capped at the "
+                                                           "cores)")
     cmd.add_argument("--memory-budget", type=size_argument, metavar="SIZE",
                      help="partitioned bundles: expert partitions kept loaded, e.g. 2G or 512M (LRU beyond)")
     cmd.add_argument("--prefetch-experts", action="store_true",
@@ -436,6 +442,17 @@ def add_engine_flags(cmd) -> None:
     cmd.add_argument("--verify", action="store_true",
                      help="hash every bundle (and index) file now, ignoring the record of earlier verifications "
                           "(by default a file is hashed when first opened, unless unchanged since it last matched)")
+
+
+def int_list(text: str) -> list[int]:
+    """``128,512`` -> [128, 512] (llama-bench's comma lists), each ≥ 1."""
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected integers separated by commas, e.g. 128,512; got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected integers ≥ 1 separated by commas, got {text!r}")
+    return values
 
 
 # --- handlers -----------------------------------------------------------------------------------
