@@ -220,7 +220,7 @@ class _Run:
             return
         self.quality = quality(self.h_orig, self.h_comp, self.calibset.heldout, norm, head, self.spec.rms_norm_eps,
                                 self.classes.norm, self.runner.batch_size, head_comp=head_comp)
-        log.info("held-out perplexity: original %.3f, compressed %.3f, top-1 agreement %.2f%%",
+        log.info("calib-tail perplexity: original %.3f, compressed %.3f, top-1 agreement %.2f%%",
                  self.quality["original"]["perplexity"], self.quality["compressed"]["perplexity"],
                  100 * self.quality["top1_agreement"])
 
