@@ -91,10 +91,19 @@ def test_long_loops_emit_at_most_a_line_a_second_and_always_the_last(monkeypatch
     assert lines[-1].startswith("index: chunk 500/500, ") and "chunks/s" in lines[-1]
 
 
-def test_default_renderer_logs_and_library_never_prints(caplog, capsys):
-    with caplog.at_level(logging.INFO, logger="dsedge.progress"), progress.progress("export", 2, "layer") as bar:
-        bar.advance()
-        bar.advance()
+def test_default_renderer_logs_and_library_never_prints(caplog, capsys, monkeypatch):
+    monkeypatch.setattr(logging.getLogger("dsedge"), "handlers", [])  # an earlier in-process CLI run's handler
+    previous = progress.use_renderer(PlainLines())  # the default (an earlier in-process CLI run may have replaced it)
+    try:
+        with caplog.at_level(logging.INFO, logger="dsedge.progress"), progress.progress("export", 2, "layer") as bar:
+            bar.advance()
+            bar.advance()
+    finally:
+        progress.use_renderer(previous)
+    fresh = subprocess.run([sys.executable, "-c", "from dsedge import progress; "
+                            "print(type(progress.current_renderer()).__name__)"], capture_output=True, text=True,
+                           env=_env(), check=True)
+    assert fresh.stdout.strip() == "PlainLines"  # a library user gets log lines, never a bar or a print
     assert [r.getMessage().split(",")[0] for r in caplog.records] == ["export: layer 1/2", "export: layer 2/2"]
     assert capsys.readouterr() == ("", "")
 
