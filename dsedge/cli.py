@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import logging
 import math
 import os
 import sys
@@ -24,7 +25,7 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
-from dsedge import __version__
+from dsedge import __version__, progress
 from dsedge.errors import DsedgeError, Terminated, UnitsFailed, UsageError
 from dsedge.extras import missing_extra
 from dsedge.units import size_argument
@@ -140,14 +141,40 @@ def all_units_failed(errors: list[DsedgeError], succeeded: int, unit: str) -> Un
 
 
 def _setup_logging(quiet: bool) -> None:
-    """Progress goes to stderr (results to stdout), silenced by -q."""
-    import logging
-
-    handler = logging.StreamHandler(sys.stderr)
+    """Progress goes to stderr (results to stdout), silenced by -q: tqdm bars on a terminal (log lines printed
+    above them), plain lines otherwise (dsedge.progress logs them), nothing with -q/--json."""
+    renderer = _progress_renderer(quiet)
+    progress.use_renderer(renderer)
+    handler = _AboveBars(renderer) if isinstance(renderer, progress.TqdmRenderer) else logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(message)s"))
     root = logging.getLogger("dsedge")
     root.handlers[:] = [handler]
     root.setLevel(logging.WARNING if quiet else logging.INFO)
+
+
+def _progress_renderer(quiet: bool) -> progress.Renderer:
+    if quiet:
+        return progress.Silent()
+    if sys.stderr.isatty() and os.environ.get("TERM") != "dumb":
+        try:
+            return progress.TqdmRenderer(sys.stderr)
+        except ImportError:  # tqdm missing (a bare runtime install): plain lines do
+            pass
+    return progress.PlainLines()
+
+
+class _AboveBars(logging.Handler):
+    """Log lines on a terminal with bars: written above the bars, which tqdm redraws below."""
+
+    def __init__(self, renderer):
+        super().__init__()
+        self.renderer = renderer
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.renderer.write(self.format(record))
+        except Exception:  # noqa: BLE001 — logging's own contract: a failing handler never raises
+            self.handleError(record)
 
 
 def _fail(args: argparse.Namespace, error: dict[str, Any], text: str, code: int) -> int:
@@ -397,11 +424,17 @@ def add_sampling_flags(cmd) -> None:
     cmd.add_argument("--stop", action="append", metavar="TEXT", help="stop before this text (repeatable)")
 
 
-def add_engine_flags(cmd) -> None:
-    """How a bundle is loaded (``load_bundle``'s keywords): target, threads, expert budget and prefetch."""
+def add_engine_flags(cmd, *, threads_list: bool = False) -> None:
+    """How a bundle is loaded (``load_bundle``'s keywords): target, threads, expert budget and prefetch.
+    ``threads_list``: -t takes a comma list (profile sweeps)."""
     cmd.add_argument("--target", help="device target: execution providers and threads (a built-in name, a file, "
                                       "or `auto` for this machine; default: the bundle's export target)")
-    cmd.add_argument("-t", "--threads", type=int, help="intra-op threads (default: the target's, capped at the cores)")
+    if threads_list:
+        cmd.add_argument("-t", "--threads", type=int_list, metavar="N[,N...]",
+                         help="intra-op threads, or a comma list to sweep (default: the target's, capped at the cores)")
+    else:
+        cmd.add_argument("-t", "--threads", type=int, help="intra-op threads (default: the target's, capped at the "
+                                                           "cores)")
     cmd.add_argument("--memory-budget", type=size_argument, metavar="SIZE",
                      help="partitioned bundles: expert partitions kept loaded, e.g. 2G or 512M (LRU beyond)")
     cmd.add_argument("--prefetch-experts", action="store_true",
@@ -415,6 +448,17 @@ def add_engine_flags(cmd) -> None:
                           "(default off: not yet measured faster)")
     cmd.add_argument("--draft-tokens", type=int, metavar="K",
                      help="tokens drafted per verify step (default 3 for ngram, 1 for mtp)")
+
+
+def int_list(text: str) -> list[int]:
+    """``128,512`` -> [128, 512] (llama-bench's comma lists), each ≥ 1."""
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected integers separated by commas, e.g. 128,512; got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected integers ≥ 1 separated by commas, got {text!r}")
+    return values
 
 
 # --- handlers -----------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ import sys
 
 
 def register(sub, command) -> None:
-    from dsedge.cli import add_engine_flags
+    from dsedge.cli import add_engine_flags, int_list
 
     cmd = command(sub, "profile", "measure TTFT, decode speed and where the time goes",
                   "Profile a bundle on this machine: a warm-up, then --trials runs of prefill (--prompt-tokens\n"
@@ -14,18 +14,24 @@ def register(sub, command) -> None:
                   "work). Reports TTFT, prefill tokens/s, decode ms/token p50/p90 and tokens/s, time per graph\n"
                   "and per layer (partitioned bundles: trunk and expert partitions), the runtime's own overhead\n"
                   "per token, expert-cache hits/misses/load time, peak RSS, providers and threads.\n\n"
+                  "Comma lists sweep, as llama-bench does: every (threads, prompt, generated) combination, printed\n"
+                  "as a markdown table of pp (prefill) and tg (decode) tokens/s, mean ± stddev over the trials.\n\n"
                   "examples:\n"
                   "  dsedge profile demo.bundle\n"
-                  "  dsedge profile v2lite.bundle --target x86-cpu-16g --prompt-tokens 512 --gen-tokens 128 --json\n"
-                  "  dsedge profile demo.bundle --by-op --plot profile.png",
+                  "  dsedge profile v2lite.bundle --target x86-cpu-16g -p 512 -n 128 --json\n"
+                  "  dsedge profile demo.bundle --by-op --plot profile.png\n"
+                  "  dsedge profile demo.bundle -p 128,512 -n 128 --threads 1,2      a sweep: one table row per test",
                   _run, _render)
     from dsedge.cli import BUNDLE_HELP
 
     cmd.add_argument("bundle", help=BUNDLE_HELP)
-    cmd.add_argument("--prompt-tokens", type=int, default=128, metavar="N", help="prompt length (default 128)")
-    cmd.add_argument("--gen-tokens", type=int, default=64, metavar="N", help="tokens generated per trial (default 64)")
-    cmd.add_argument("--trials", type=int, default=3, metavar="N", help="timed trials after the warm-up (default 3)")
-    add_engine_flags(cmd)
+    cmd.add_argument("-p", "--prompt-tokens", type=int_list, default=[128], metavar="N[,N...]",
+                     help="prompt length, or a comma list to sweep (default 128)")
+    cmd.add_argument("-n", "--gen-tokens", type=int_list, default=[64], metavar="N[,N...]",
+                     help="tokens generated per trial, or a comma list to sweep (default 64)")
+    cmd.add_argument("-r", "--trials", type=int, default=3, metavar="N",
+                     help="timed trials after the warm-up (default 3)")
+    add_engine_flags(cmd, threads_list=True)
     cmd.add_argument("--by-op", action="store_true",
                      help="one more trial under onnxruntime's node profiler: time per operator type and per layer")
     cmd.add_argument("--plot", metavar="FILE.png", help="write a PNG: decode step breakdown and time per layer")
@@ -46,18 +52,39 @@ def _run(args):
 
     args.bundle = str(resolve_bundle(args.bundle))
     args.target = args.target or default_target(args.bundle)  # the export target, else this machine (auto)
-    engine = load_bundle(args.bundle, target=args.target, threads=args.threads,
-                         memory_budget_bytes=args.memory_budget, prefetch_experts=args.prefetch_experts,
-                         verify="full" if args.verify else True)
-    configure(engine, args.speculative, args.draft_tokens)
-    return profile_engine(engine, prompt_tokens=args.prompt_tokens, gen_tokens=args.gen_tokens, trials=args.trials,
+
+    def open_engine(threads: int | None):
+        engine = load_bundle(args.bundle, target=args.target, threads=threads, memory_budget_bytes=args.memory_budget,
+                             prefetch_experts=args.prefetch_experts, verify="full" if args.verify else True)
+        configure(engine, args.speculative, args.draft_tokens)
+        return engine
+
+    threads = args.threads or [None]
+    if max(len(threads), len(args.prompt_tokens), len(args.gen_tokens)) > 1:
+        return _sweep(args, open_engine, threads)
+    engine = open_engine(threads[0])
+    return profile_engine(engine, prompt_tokens=args.prompt_tokens[0], gen_tokens=args.gen_tokens[0],
+                          trials=args.trials,
                           by_op=args.by_op, seed=args.seed, plot=args.plot, target=args.target,
                           memory_budget_bytes=args.memory_budget, retriever=open_retriever(engine, args.index),
                           **({"question": args.question} if args.question else {}))
 
 
+def _sweep(args, open_engine, threads: list[int | None]):
+    from dsedge.errors import UsageError
+    from dsedge.runtime.profile import sweep
+
+    single = [flag for flag, given in (("--by-op", args.by_op), ("--plot", args.plot), ("--index", args.index))
+              if given]
+    if single:
+        raise UsageError(f"{', '.join(single)} profile one configuration, not a sweep", where=single[0],
+                         hint="give -p, -n and --threads one value each, or drop " + ", ".join(single))
+    return sweep(open_engine, threads=threads, prompt_tokens=args.prompt_tokens, gen_tokens=args.gen_tokens,
+                 trials=args.trials, seed=args.seed)
+
+
 def _render(r) -> None:
-    print(render_profile(r))
+    print(r.markdown() if hasattr(r, "markdown") else render_profile(r))
 
 
 def render_profile(r) -> str:

@@ -105,3 +105,64 @@ def test_target_threads_are_capped_at_the_cores_available(bundles):
 
     engine = load_bundle(bundles["monolithic"], target="x86-cpu-16g")  # the profile says 8 threads
     assert engine.session_config.threads == min(8, len(os.sched_getaffinity(0)))
+
+
+# --- the ends of the model, the plot, sweeps ----------------------------------------------------------
+
+def test_embedding_and_lm_head_are_timed_in_both_layouts(bundles):
+    part = profile_bundle(bundles["partitioned"], prompt_tokens=8, gen_tokens=4, trials=2)
+    by_name = {g["name"]: g["decode_ms_per_token"] for g in part.graphs}
+    assert part.embed_ms_per_token == by_name["prelude"] and part.head_ms_per_token == by_name["head"] > 0
+    assert len(part.trial_prefill_tokens_per_s) == 2 and len(part.trial_decode_tokens_per_s) == 2
+    mono = profile_bundle(bundles["monolithic"], prompt_tokens=8, gen_tokens=4, trials=1, by_op=True)
+    assert mono.head_ms_per_token > 0 and mono.embed_ms_per_token > 0  # the nodes after / before the layers
+    layers = sum(r["ms_per_token"] for r in mono.layers)
+    total = sum(o["ms_per_token"] for o in mono.ops)
+    assert layers + mono.head_ms_per_token + mono.embed_ms_per_token == pytest.approx(total, rel=1e-3)
+
+
+def test_plot_puts_the_lm_head_beside_the_layers_and_decode_on_its_own_axis(bundles):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from dsedge.runtime.profile_plot import _decode_parts, profile_figure
+
+    r = profile_bundle(bundles["partitioned"], prompt_tokens=8, gen_tokens=4, trials=1)
+    parts = dict(_decode_parts(r))
+    assert parts["LM head"] == r.head_ms_per_token and parts["embedding"] == r.embed_ms_per_token
+    assert sum(parts.values()) == pytest.approx(r.decode_ms_per_token["mean"], rel=1e-3)
+    fig = profile_figure(r, plt)
+    ttft_ax, decode_ax, layer_ax = fig.axes
+    assert [t.get_text() for t in layer_ax.get_xticklabels()] == ["embed", "0", "1", "2", "LM head"]
+    # The decode step has an axis of its own, scaled to it, not to the TTFT beside it.
+    assert decode_ax.get_xlim()[1] < ttft_ax.get_xlim()[1] or r.ttft_ms["p50"] < r.decode_ms_per_token["mean"]
+    assert decode_ax.get_xlim()[1] == pytest.approx(max(parts.values()) * 1.45)
+    plt.close(fig)
+
+
+def test_sweep_prints_a_llama_bench_table(bundles, capsys):
+    assert main(["profile", bundles["partitioned"], "-p", "4,8", "-n", "3", "--threads", "1,2", "-r", "2"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0] == "| threads | test | t/s |"
+    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in lines[2:]]
+    assert [(t, test) for t, test, _ in rows] == [(t, test) for t in ("1", "2")
+                                                  for test in ("pp4", "tg3 @ pp4", "pp8", "tg3 @ pp8")]
+    for _, _, rate in rows:
+        mean, std = (float(v.replace(",", "")) for v in rate.split(" ± "))
+        assert mean > 0 and std >= 0
+
+
+def test_sweep_json_is_a_list_of_results(bundles, capsys):
+    assert main(["profile", bundles["monolithic"], "-p", "6", "-n", "2,4", "-r", "1", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["ok"] and [r["test"] for r in out["results"]] == ["pp6", "tg2", "tg4"]
+    assert all(r["tokens_per_s"] > 0 and r["threads"] for r in out["results"])
+
+
+def test_sweep_refuses_single_run_options_and_bad_lists(bundles, capsys):
+    assert main(["profile", bundles["monolithic"], "-p", "4,8", "--plot", "p.png"]) == 2
+    assert "--plot" in capsys.readouterr().err
+    assert main(["profile", bundles["monolithic"], "-p", "4,x"]) == 2
+    assert main(["profile", bundles["monolithic"], "--threads", "0,2"]) == 2

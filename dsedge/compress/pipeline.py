@@ -51,6 +51,7 @@ from dsedge.errors import UserError
 from dsedge.models.checkpoint import FP8_DTYPE, Checkpoint, torch_dtype
 from dsedge.models.routing import write_frequencies
 from dsedge.planning import plan
+from dsedge.progress import progress
 from dsedge.quantformat.config import quantization_config, stored_group
 from dsedge.quantformat.packing import pack
 from dsedge.quantformat.tensor import QuantizedTensor, dequantize
@@ -187,9 +188,10 @@ class _Run:
     def write(self, directory: Path, max_shard_bytes: int) -> None:
         writer = ShardWriter(directory, max_shard_bytes)
         self._embed(writer)
-        for i in range(self.spec.num_hidden_layers):
-            writer.add(self._layer(i))
-            writer.flush_if_full()
+        with progress("compress", total=self.spec.num_hidden_layers, unit="layer") as self.layers_done:
+            for i in range(self.spec.num_hidden_layers):
+                writer.add(self._layer(i))
+                writer.flush_if_full()
         self._head(writer)
         writer.finish()
         self._write_frequencies(directory)
@@ -237,7 +239,7 @@ class _Run:
             return
         self.quality = quality(self.h_orig, self.h_comp, self.calibset.heldout, norm, head, self.spec.rms_norm_eps,
                                 self.classes.norm, self.runner.batch_size, head_comp=head_comp)
-        log.info("held-out perplexity: original %.3f, compressed %.3f, top-1 agreement %.2f%%",
+        log.info("calib-tail perplexity: original %.3f, compressed %.3f, top-1 agreement %.2f%%",
                  self.quality["original"]["perplexity"], self.quality["compressed"]["perplexity"],
                  100 * self.quality["top1_agreement"])
 
@@ -411,8 +413,7 @@ class _Run:
         detail = f", {len(record['modules'])} linears" + (f", SQNR min {min(sqnr):.1f} dB" if sqnr else "")
         kept = record.get("experts", {}).get("kept")
         detail += f", kept {len(kept)} experts" if kept else ""
-        log.info("layer %d/%d done in %.1f s%s", record["layer"] + 1, self.spec.num_hidden_layers,
-                 record["seconds"], detail)
+        self.layers_done.advance(detail=detail.removeprefix(", "))  # "compress: layer 3/12, 1.2 s/layer, ETA …"
 
     def _warn_mtp(self) -> None:
         if self.ckpt.has_mtp:

@@ -51,10 +51,11 @@ class CompressReport:
         if self.pruning:
             lines.append(f"  experts {self.pruning['experts_before']} -> {self.pruning['experts_after']} per MoE layer")
         if self.quality:
-            q = self.quality
-            lines.append(f"  held-out perplexity {q['original']['perplexity']:.3f} -> "
-                         f"{q['compressed']['perplexity']:.3f} ({q['heldout_tokens']} tokens), "
-                         f"top-1 agreement {q['top1_agreement']:.2%}")
+            q, c = self.quality, self.calibration
+            lines.append(f"  calib-tail perplexity {q['original']['perplexity']:.3f} -> "
+                         f"{q['compressed']['perplexity']:.3f}, top-1 agreement {q['top1_agreement']:.2%}")
+            lines.append(f"    (calib-tail: the last {c['heldout_sequences']} x {c['seq_len']} = {q['heldout_tokens']} "
+                         f"tokens of {c['source']}, never used to calibrate)")
         lines.append(f"  {self.elapsed_s:.1f} s, peak RSS {self.peak_rss_bytes / 2**20:.0f} MiB")
         return "\n".join(lines)
 

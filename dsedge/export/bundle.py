@@ -24,6 +24,7 @@ from dsedge.models.params import count_params
 from dsedge.models.reference import reference_model
 from dsedge.models.routing import read_frequencies
 from dsedge.planning import KV_BYTES, kv_bytes_per_token
+from dsedge.progress import progress
 from dsedge.runtime import load_bundle
 from dsedge.runtime.generation import encoding_rule
 from dsedge.sources import resolve_checkpoint
@@ -103,9 +104,10 @@ def export_bundle(checkpoint: str | Path, output: str | Path, *, target=None, la
         raise UserError(f"--experts-per-partition must be ≥ 1, got {experts_per_partition}",
                         where="--experts-per-partition")
     with staged_output(out, inputs=inputs, overwrite=overwrite, artifact=BUNDLE) as tmp:
-        weights = _layer_weights(ckpt, accuracy_level)
-        graphs = _write_graphs(ckpt, weights, tmp, context, layout, tgt, experts_per_partition, expert_path,
-                               dtype == "fp16")
+        with progress("export", total=ckpt.spec.num_hidden_layers, unit="layer") as layers_done:
+            weights = _layer_weights(ckpt, accuracy_level, layers_done)
+            graphs = _write_graphs(ckpt, weights, tmp, context, layout, tgt, experts_per_partition, expert_path,
+                                   dtype == "fp16")
         _copy_tokenizer(ckpt.path, tmp)
         manifest = _manifest(ckpt, tgt, layout, dtype, context, graphs, accuracy_level)
         if max_context and max_context > context:
@@ -176,8 +178,9 @@ def _is_bundle(root: Path) -> bool:
 BUNDLE = Artifact("dsedge bundle (manifest.json with graphs)", _is_bundle)
 
 
-def _layer_weights(ckpt: Checkpoint, accuracy_level: int):
-    """Float tensors as numpy; quantized linears as their stored integer codes (never dequantized here)."""
+def _layer_weights(ckpt: Checkpoint, accuracy_level: int, layers_done):
+    """Float tensors as numpy; quantized linears as their stored integer codes (never dequantized here).
+    Each layer's graph is built right after its weights load, so a loaded layer is one step of ``layers_done``."""
 
     def load(name: str):
         stored = ckpt.quantized(name)
@@ -185,9 +188,10 @@ def _layer_weights(ckpt: Checkpoint, accuracy_level: int):
 
     def weights(layer: int | None):
         names = ckpt.non_layer_names() if layer is None else ckpt.layer_names(layer)
+        loaded = {n: load(n) for n in names}
         if layer is not None:
-            log.info("export: layer %d/%d", layer + 1, ckpt.spec.num_hidden_layers)
-        return {n: load(n) for n in names}
+            layers_done.advance()
+        return loaded
 
     return weights
 

@@ -13,6 +13,7 @@ import numpy as np
 
 from dsedge.errors import CheckFailed
 from dsedge.evaluation import log_softmax
+from dsedge.progress import progress
 from dsedge.runtime.decode import prefill
 
 # Max abs logit error allowed, per export dtype, against the fp32 reference. fp32 graphs differ only in the
@@ -90,11 +91,15 @@ def validate_engine(engine, reference, *, dtype: str = "fp32", accuracy_level: i
     want = _reference_logits(reference, prompt)
     tol, strict = tolerance(dtype, accuracy_level)
     kl = bool(accuracy_level)
-    checks = [_err_check("prefill", engine.logits(prompt), want, tol, kl),
-              _err_check("decode_vs_recompute", _stepwise_logits(engine, prompt, steps=8), want[-8:], tol, kl)]
-    ours, theirs = engine.greedy(prompt, GREEDY_STEPS), _reference_greedy(reference, prompt, GREEDY_STEPS)
-    checks.append(_token_check("greedy_16", ours, theirs, strict, "dsedge", "reference"))
-    checks += _batch_checks(engine, reference, [prompt, short], tol, strict, kl)
+    with progress("validate", total=3, unit="step") as checked:  # the reference's greedy run dominates
+        checks = [_err_check("prefill", engine.logits(prompt), want, tol, kl),
+                  _err_check("decode_vs_recompute", _stepwise_logits(engine, prompt, steps=8), want[-8:], tol, kl)]
+        checked.advance(detail="logits")
+        ours, theirs = engine.greedy(prompt, GREEDY_STEPS), _reference_greedy(reference, prompt, GREEDY_STEPS)
+        checks.append(_token_check("greedy_16", ours, theirs, strict, "dsedge", "reference"))
+        checked.advance(detail="greedy tokens")
+        checks += _batch_checks(engine, reference, [prompt, short], tol, strict, kl)
+        checked.advance(detail="batch of 2")
     if not all(c.passed for c in checks):
         checks.append(locate_layer(engine, reference, prompt))
     return checks

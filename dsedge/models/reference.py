@@ -29,7 +29,7 @@ def reference_model(ckpt: Checkpoint):
     import torch  # optional heavy dependencies: the reader itself works without them
     import transformers
 
-    transformers.logging.set_verbosity_error()
+    quiet_transformers()
     config_dict = {k: v for k, v in copy.deepcopy(ckpt.spec.config).items() if k not in DROP_CONFIG_KEYS}
     config = transformers.AutoConfig.for_model(**config_dict)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
@@ -60,10 +60,19 @@ def load_reference_model(path: str | Path, dtype: str = "float32"):
     import torch  # optional heavy dependencies: the reader itself works without them
     import transformers
 
-    transformers.logging.set_verbosity_error()  # the MTP layer is reported as "unexpected": that is expected
+    quiet_transformers()  # the MTP layer is reported as "unexpected": that is expected
     model = transformers.AutoModelForCausalLM.from_pretrained(str(path), dtype=getattr(torch, dtype),
                                                               trust_remote_code=False)
     return model.eval()
+
+
+def quiet_transformers() -> None:
+    """transformers says nothing on its own: errors only, and no tqdm bar of its own ("Loading weights") on
+    dsedge's stderr, where dsedge.progress draws the bars."""
+    import transformers  # optional heavy dependency
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
 
 
 def on_disk_state_dict(model) -> dict:

@@ -198,6 +198,9 @@ def _torch_embeddings(src: Path, texts: list[str]) -> np.ndarray:
     import torch
     from transformers import AutoModel, AutoTokenizer
 
+    from dsedge.models.reference import quiet_transformers  # with transformers: only where torch is used
+
+    quiet_transformers()  # no "Loading weights" bar of transformers' own on dsedge's stderr
     tok = AutoTokenizer.from_pretrained(str(src))
     model = AutoModel.from_pretrained(str(src)).eval()
     batch = tok(texts, padding=True, truncation=True, max_length=MAX_TOKENS, return_tensors="pt")

@@ -36,6 +36,7 @@ import numpy as np
 from dsedge import __version__, safe_json
 from dsedge.errors import UserError
 from dsedge.manifest import MANIFEST_FILE, file_entry
+from dsedge.progress import progress
 from dsedge.retrieval.chunking import (
     DEFAULT_CHUNK_TOKENS,
     DEFAULT_OVERLAP,
@@ -211,7 +212,8 @@ class Index:
         log.info("index: embedding %d chunks (%d tokens) from %d documents", len(pieces),
                  sum(c.tokens for _, c in pieces), len(texts))
         started = time.perf_counter()
-        vectors = self.embedder.embed([c.text for _, c in pieces])  # [N, dim]
+        with progress("index", total=len(pieces), unit="chunk") as embedded:
+            vectors = self.embedder.embed([c.text for _, c in pieces], on_batch=embedded.advance)  # [N, dim]
         seconds = time.perf_counter() - started
         timer["embed_s"] = timer.get("embed_s", 0.0) + seconds
         if pieces:

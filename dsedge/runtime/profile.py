@@ -51,6 +51,13 @@ class ProfileReport:
     retrieval: dict[str, Any] | None = None
     plot: str | None = None
     speculative: dict[str, Any] | None = None  # with engine.speculation: acceptance, tokens/verify, speedup vs off
+    # Outside the layers, ms per decoded token (partitioned: the prelude and head graphs; monolithic: with
+    # by_op, the nodes before and after the layers). None where not measured.
+    embed_ms_per_token: float | None = None
+    head_ms_per_token: float | None = None
+    # Each timed trial's rates (a sweep's ± stddev).
+    trial_prefill_tokens_per_s: list[float] = field(default_factory=list)
+    trial_decode_tokens_per_s: list[float] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -103,9 +110,10 @@ def profile_engine(engine, *, prompt_tokens: int = 128, gen_tokens: int = 64, tr
     if retriever is not None:
         report.retrieval = _retrieval_profile(engine, retriever, question, trials, gen_tokens)
     if by_op or (plot and engine.layout == "monolithic"):
-        report.ops, op_layers = _op_profile(bundle, engine, prompt, gen_tokens, target, memory_budget_bytes)
+        report.ops, op_layers, ends = _op_profile(bundle, engine, prompt, gen_tokens, target, memory_budget_bytes)
         if engine.layout == "monolithic":
             report.layers = op_layers
+            report.embed_ms_per_token, report.head_ms_per_token = ends["embed"], ends["head"]
     if plot:
         report.plot = str(write_plot(report, plot))
     return report
@@ -191,6 +199,8 @@ def _report(engine, bundle, runs: list[_Trial], prompt_tokens: int, gen_tokens: 
     ms_per_token = float(np.median(steps))
     load_ms = sum(r.decode_load_s for r in runs) * 1e3 / decode_steps
     experts = engine.experts.stats.to_json() if getattr(engine, "experts", None) is not None else None
+    by_kind = {kind: sum(g["decode_ms_per_token"] for g in graphs if g["kind"] == kind) or None
+               for kind in ("prelude", "head")}
     return ProfileReport(
         bundle=str(bundle), layout=engine.layout, providers=engine.providers,
         threads=engine.session_config.threads, prompt_tokens=prompt_tokens, gen_tokens=gen_tokens,
@@ -200,7 +210,10 @@ def _report(engine, bundle, runs: list[_Trial], prompt_tokens: int, gen_tokens: 
         expert_load_ms_per_token=load_ms,
         graphs=graphs, layers=_layer_rows(graphs), experts=experts,
         peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-        graph_bytes=sum(int(f["bytes"]) for rel, f in engine.manifest.files.items() if rel.startswith("graphs/")))
+        graph_bytes=sum(int(f["bytes"]) for rel, f in engine.manifest.files.items() if rel.startswith("graphs/")),
+        embed_ms_per_token=by_kind["prelude"], head_ms_per_token=by_kind["head"],
+        trial_prefill_tokens_per_s=[prompt_tokens / r.ttft_s for r in runs],
+        trial_decode_tokens_per_s=[len(r.step_s) / sum(r.step_s) for r in runs if r.step_s])
 
 
 def _summary(ms: np.ndarray) -> dict[str, float]:
@@ -241,8 +254,9 @@ def _layer_rows(graphs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [layers[i] for i in sorted(layers)]
 
 
-def _op_profile(bundle, engine, prompt: list[int], gen_tokens: int, target, budget) -> tuple[list, list]:
-    """One trial under onnxruntime's node profiler: decode time per operator type and per layer."""
+def _op_profile(bundle, engine, prompt: list[int], gen_tokens: int, target, budget) -> tuple[list, list, dict]:
+    """One trial under onnxruntime's node profiler: time per operator type, per layer, and before/after the
+    layers (embedding; final norm + LM head)."""
     import tempfile
 
     with tempfile.TemporaryDirectory(prefix="dsedge-profile-") as tmp:
@@ -262,21 +276,96 @@ def _sessions(engine) -> list:
     return [s for s in found if s is not None]
 
 
-def _aggregate_ops(events: list[dict], gen_tokens: int) -> tuple[list, list]:
+def _aggregate_ops(events: list[dict], gen_tokens: int) -> tuple[list, list, dict]:
     by_op: dict[str, float] = {}
     by_layer: dict[int, float] = {}
+    outside: list[tuple[int, float]] = []  # (node number, ms) of nodes outside every layer
+    last_layer_node = -1
     for event in events:
         if event.get("cat") != "Node" or not event.get("name", "").endswith("_kernel_time"):
             continue
         ms = event.get("dur", 0) / 1e3 / gen_tokens  # the whole trial per generated token
         op = event.get("args", {}).get("op_name", "?")
         by_op[op] = by_op.get(op, 0.0) + ms
-        name = event["name"]
+        name = event["name"].removesuffix("_kernel_time")
+        number = _node_number(name)
         if name.startswith("layers.") and "/" in name:
             layer = int(name.split("/")[0].split(".")[1])
             by_layer[layer] = by_layer.get(layer, 0.0) + ms
+            last_layer_node = max(last_layer_node, number)
+        else:
+            outside.append((number, ms))
     total = sum(by_op.values()) or 1.0
     ops = sorted(({"op": k, "ms_per_token": round(v, 4), "share": round(v / total, 4)} for k, v in by_op.items()),
                  key=lambda r: -r["ms_per_token"])
     layers = [{"layer": i, "ms_per_token": round(by_layer[i], 4)} for i in sorted(by_layer)]
-    return ops, layers
+    # Nodes are numbered in build order (GraphBuilder): after the last layer's come the final norm and LM head.
+    head = sum(ms for n, ms in outside if n > last_layer_node) if by_layer else None
+    embed = sum(ms for n, ms in outside if n <= last_layer_node) if by_layer else None
+    return ops, layers, {"embed": embed, "head": head}
+
+
+def _node_number(name: str) -> int:
+    tail = name.rsplit("_", 1)[-1]
+    return int(tail) if tail.isdigit() else -1
+
+
+# --- sweeps (llama-bench style) ---------------------------------------------------------------------
+
+@dataclass
+class SweepRow:
+    threads: int | None
+    test: str  # "pp512": prefill of 512 tokens; "tg128": 128 decoded tokens (after a pp prompt, see ``prompt``)
+    tokens_per_s: float
+    stddev: float  # over the trials
+    prompt_tokens: int
+    gen_tokens: int
+
+    def to_json(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class SweepReport:
+    bundle: str
+    trials: int
+    rows: list[SweepRow]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"bundle": self.bundle, "trials": self.trials, "results": [r.to_json() for r in self.rows]}
+
+    def markdown(self) -> str:
+        """The table as llama-bench prints it: ``| threads | test | t/s |`` with ± stddev."""
+        lines = ["| threads | test | t/s |", "| ------: | ---: | ---: |"]
+        lines += [f"| {r.threads or 'default'} | {r.test} | {r.tokens_per_s:,.2f} ± {r.stddev:,.2f} |"
+                  for r in self.rows]
+        return "\n".join(lines)
+
+
+def sweep(open_engine, *, threads: list[int | None], prompt_tokens: list[int], gen_tokens: list[int],
+          trials: int = 3, seed: int = 0) -> SweepReport:
+    """Profile every (threads, prompt length, generated length) combination: a pp row per prompt length and
+    a tg row per generated length (labelled ``tgN @ ppM`` when several prompt lengths make its context differ).
+
+    ``open_engine(threads)`` loads the bundle with that many intra-op threads (one engine per thread count).
+    """
+    rows: list[SweepRow] = []
+    bundle = ""
+    for count in threads:
+        engine = open_engine(count)
+        bundle = str(engine.manifest.root)
+        for p in prompt_tokens:
+            for i, n in enumerate(gen_tokens):
+                r = profile_engine(engine, prompt_tokens=p, gen_tokens=n, trials=trials, seed=seed)
+                used = r.threads if count is None else count
+                if i == 0:
+                    rows.append(_row(used, f"pp{p}", r.trial_prefill_tokens_per_s, p, n))
+                if r.trial_decode_tokens_per_s:  # -n 1: the only token comes from the prefill, no decode step
+                    label = f"tg{n}" if len(prompt_tokens) == 1 else f"tg{n} @ pp{p}"
+                    rows.append(_row(used, label, r.trial_decode_tokens_per_s, p, n))
+        del engine  # one bundle's sessions at a time
+    return SweepReport(bundle, trials, rows)
+
+
+def _row(threads: int | None, test: str, rates: list[float], p: int, n: int) -> SweepRow:
+    return SweepRow(threads, test, float(np.mean(rates)), float(np.std(rates)), p, n)
