@@ -183,8 +183,8 @@ def _perturbed_graph_weights(monkeypatch, layer: int, name: str):
 
     original = bundle._layer_weights
 
-    def perturbed(ckpt, accuracy_level):
-        weights = original(ckpt, accuracy_level)
+    def perturbed(*args, **kwargs):
+        weights = original(*args, **kwargs)
 
         def read(i):
             w = weights(i)

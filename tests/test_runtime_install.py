@@ -35,3 +35,12 @@ def test_runtime_only_install_runs_a_bundle(tmp_path, tiny_checkpoint):
     here = load_bundle(bundle).generate("def f(x):", max_new_tokens=6)
     assert result["ok"] and result["finish_reason"] == "length" and len(result["token_ids"]) == 6
     assert result["token_ids"] == here.token_ids and result["prompt_tokens"] == here.prompt_tokens > 0
+    # The workstation commands need their extras: in this install they say which, as exit 3 (not a crash).
+    for argv, extra in ((["export", str(tiny_checkpoint("v3")), "-o", str(tmp_path / "never")], "export"),
+                        (["compress", str(tiny_checkpoint("v3")), "-o", str(tmp_path / "never")], "compress")):
+        out = subprocess.run([str(venv / "bin" / "dsedge"), *argv, "--json"], capture_output=True, text=True,
+                             timeout=300)
+        assert out.returncode == 3, out.stdout + out.stderr
+        error = json.loads(out.stdout)["error"]
+        assert extra in error["hint"] and "pip install" in error["hint"] and "not installed" in error["message"], error
+    assert not (tmp_path / "never").exists()
