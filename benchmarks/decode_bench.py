@@ -241,7 +241,7 @@ def dsedge_context_curve(engine, vocab: int, contexts: list[int], steps: int) ->
     engine.forward(np.asarray([rng.integers(2, vocab, size=max(contexts)).tolist()]),
                    np.ones((1, max(contexts)), np.int64), cache, last_only=True)
     speeds = {}
-    for n in contexts:
+    for n in sorted(contexts, reverse=True):  # truncate only shrinks: the longest context first
         times = []
         for _ in range(steps):
             cache.truncate(n)
