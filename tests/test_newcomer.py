@@ -190,8 +190,8 @@ def test_unknown_name_lists_what_exists(monkeypatch, capsys, home, tmp_path):
     (tmp_path / "ckpt").mkdir()
     with pytest.raises(UserError, match="no manifest.json"):  # a directory that is not a bundle says what to do
         resolve_bundle(tmp_path / "ckpt")
-    with pytest.raises(UserError, match="no bundle directory or known name"):
-        resolve_bundle("../../etc")
+    with pytest.raises(UserError, match="no bundle directory or known name"):  # a path that names nothing
+        resolve_bundle(str(tmp_path / "gone" / "model.bundle"))
     with pytest.raises(UserError, match="not a model name"):  # a name never leaves the store
         stored_path("../../etc")
 
