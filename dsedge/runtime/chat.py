@@ -469,10 +469,16 @@ class ChatText:
         self.fed = text
         return pieces
 
+    def flush(self, text: str) -> list[ChatPiece]:
+        """The held-back tail once one text stream ended with ``text``; the split state carries on (a reply
+        continued in a second stream, after a forced ``</think>``)."""
+        tail = text[len(self.fed):] if text.startswith(self.fed) else ""
+        self.fed = ""
+        return [ChatPiece(kind, piece) for kind, piece in self.splitter.feed(tail)]
+
     def finish(self, text: str) -> list[ChatPiece]:
         """What is left once the generation ended with ``text``."""
-        tail = text[len(self.fed):] if text.startswith(self.fed) else ""
-        return [ChatPiece(kind, piece) for kind, piece in self.splitter.feed(tail) + self.splitter.finish()]
+        return self.flush(text) + [ChatPiece(kind, piece) for kind, piece in self.splitter.finish()]
 
 
 class ChatStream:
@@ -500,29 +506,28 @@ class ChatStream:
         return self.engine.stream(self.prompt.token_ids, self.max_new_tokens, **self.sampling, cache=self.cache)
 
     def __iter__(self) -> Iterator[ChatPiece]:
-        splitter = ReasoningSplitter(self.prompt.thinking)
+        reply = ChatText(self.prompt.thinking)
         budget = self.reasoning_budget if self.prompt.thinking else None
         first = self.engine.stream(self.prompt.token_ids, min(budget or self.max_new_tokens, self.max_new_tokens),
                                    **self.sampling, cache=self.cache)
-        yield from _stream_pieces(first, splitter)
+        yield from _stream_pieces(first, reply)
         generated = first.result
         left = self.max_new_tokens - len(generated.token_ids)
         if budget is not None and generated.finish_reason == "length" and left > 0:
             # Over budget: close the think block if it is still open (forced tokens, as llama.cpp does), then
             # continue the answer from the whole sequence so far (one more prefill of it).
-            closing = "\n" + THINK_CLOSE + "\n\n" if splitter.in_reasoning else ""
+            closing = "\n" + THINK_CLOSE + "\n\n" if reply.splitter.in_reasoning else ""
             closing_ids = self.engine.codec.tokenizer.encode(closing, add_special_tokens=False).ids if closing else []
-            for kind, piece in splitter.feed(closing):
+            for kind, piece in reply.splitter.feed(closing):
                 yield ChatPiece(kind, piece)
             left -= len(closing_ids)
             if left > 0:
                 # The same cache holds the prompt and the reply so far: only the closing tokens are prefilled.
                 rest = self.engine.stream([*self.prompt.token_ids, *generated.token_ids, *closing_ids], left,
                                           **self.sampling, cache=self.cache)
-                yield from _stream_pieces(rest, splitter)
+                yield from _stream_pieces(rest, reply)
                 generated = _joined(generated, closing, closing_ids, rest.result)
-        for kind, piece in splitter.finish():
-            yield ChatPiece(kind, piece)
+        yield from reply.finish("")
         self.complete(generated)
 
     def complete(self, generated: GenerationResult) -> ChatResult:
@@ -546,23 +551,11 @@ def _closed_think(engine, prompt: ChatPrompt) -> ChatPrompt:
     return ChatPrompt(text, engine.codec.tokenizer.encode(text, add_special_tokens=False).ids, False)
 
 
-def _stream_pieces(text_stream, splitter: ReasoningSplitter) -> Iterator[ChatPiece]:
-    """The ChatPieces of one TextStream, fed through ``splitter`` (which keeps its state across streams)."""
-    fed = ""
+def _stream_pieces(text_stream, reply: ChatText) -> Iterator[ChatPiece]:
+    """The ChatPieces of one TextStream through ``reply`` (whose split state carries across streams)."""
     for event in text_stream:
-        # Feed from the whole text decoded so far (the stream's ``text``), holding back while it ends in
-        # U+FFFD: a character split over tokens shows as U+FFFD until its last byte arrives, and the
-        # event's own text piece keeps that placeholder.
-        text = text_stream.text
-        if text.endswith("\ufffd") or not text.startswith(fed):
-            continue
-        for kind, piece in splitter.feed(text[len(fed):]):
-            yield ChatPiece(kind, piece, event.token_id)
-        fed = text
-    generated = text_stream.result
-    tail = generated.text[len(fed):] if generated.text.startswith(fed) else ""
-    for kind, piece in splitter.feed(tail):
-        yield ChatPiece(kind, piece)
+        yield from reply.feed(text_stream.text, event.token_id)
+    yield from reply.flush(text_stream.result.text)
 
 
 def _joined(first: GenerationResult, closing: str, closing_ids: list[int], rest: GenerationResult):
