@@ -91,7 +91,7 @@ def prepare(args) -> None:
     work.mkdir(parents=True, exist_ok=True)
     docs = demo_corpus.read_documents(args.corpus)
     train_docs, heldout_docs = demo_corpus.split_documents(docs, seed=args.split_seed)
-    tokenizer = train_deepseek_bpe([d.text for d in train_docs], BPE_VOCAB_SIZE)
+    tokenizer = _prepare_tokenizer(args.tokenizer, [d.text for d in train_docs], train_deepseek_bpe)
     (work / "tokenizer.json").write_text(tokenizer.to_str(pretty=True), encoding="utf-8")
     chats = [demo_corpus.render_chat(q, a) for d in train_docs for q, a in demo_corpus.chat_pairs(d)]
     # Pages as bos + text + eos; chat exchanges already carry bos/eos from the template.
@@ -398,6 +398,17 @@ def _write_generation_config(out: Path) -> None:
 # ----------------------------------------------------------------------------- command line
 
 
+def _prepare_tokenizer(existing: str | None, texts: list[str], train_bpe):
+    """A fresh BPE, or a shipped model's own tokenizer: BPE training is not reproducible across tokenizers
+    releases (the same corpus gave a different vocabulary under a later one), so work that continues a shipped
+    model (scripts/train_mtp.py) must tokenize with that model's tokenizer.json."""
+    if existing is None:
+        return train_bpe(texts, BPE_VOCAB_SIZE)
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(existing)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -405,6 +416,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     prep.add_argument("--corpus", required=True, help="where python3.11-doc was extracted (dpkg -x target)")
     prep.add_argument("--work", required=True, help="working directory for data and training state")
     prep.add_argument("--split-seed", type=int, default=0, help="seed of the held-out page hash")
+    prep.add_argument("--tokenizer", help="tokenize with this tokenizer.json instead of training one "
+                      "(to continue a shipped demo model, e.g. for scripts/train_mtp.py)")
     run = commands.add_parser("train", help="train one model (run `prepare` first)")
     run.add_argument("--arch", choices=ARCHES, required=True)
     run.add_argument("--work", required=True)
