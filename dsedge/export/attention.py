@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from dsedge.export.graph import MS_DOMAIN, GraphBuilder
-from dsedge.export.quantized import as_float, take_rows
+from dsedge.export.quantized import as_float, stack_rows, take_rows
 from dsedge.models.spec import ModelSpec
 
 NEG = float(np.finfo(np.float32).min)  # masked score: finite, so a fully masked (padding) row stays NaN-free
@@ -75,13 +75,12 @@ def mla_attention(g: GraphBuilder, spec: ModelSpec, w: dict[str, np.ndarray], pr
     mla, heads = spec.mla, spec.num_attention_heads
     nope, rope, kv, v, qk = (mla.qk_nope_head_dim, mla.qk_rope_head_dim, mla.kv_lora_rank, mla.v_head_dim,
                              mla.qk_head_dim)
-    q = _mla_query(g, spec, w, prefix, h)  # [B, T, H·qk]
+    kv_a = take_rows(w[prefix + "kv_a_proj_with_mqa.weight"],
+                     np.concatenate([np.arange(kv), kv + interleaved_to_halves(rope)]))
+    q, compressed = _mla_query(g, spec, w, prefix, h, kv_a)  # [B, T, H·qk], [B, T, kv + rope]
     q = g.op("Transpose", g.op("Reshape", q, g.const([0, 0, heads, qk])), perm=[0, 2, 1, 3])  # [B, H, T, qk]
     q_pe = rotate(g, g.slice_last(q, nope, qk), pos)
 
-    kv_a = take_rows(w[prefix + "kv_a_proj_with_mqa.weight"],
-                     np.concatenate([np.arange(kv), kv + interleaved_to_halves(rope)]))
-    compressed = g.linear(h, kv_a, prefix + "kv_a_proj_with_mqa")  # [B, T, kv + rope]
     latent = g.rms_norm(g.slice_last(compressed, 0, kv), w[prefix + "kv_a_layernorm.weight"],
                         prefix + "kv_a_layernorm", spec.rms_norm_eps)
     k_pe = rotate(g, g.slice_last(compressed, kv, kv + rope), pos)
@@ -102,7 +101,10 @@ def mla_attention(g: GraphBuilder, spec: ModelSpec, w: dict[str, np.ndarray], pr
     return g.linear(out, w[prefix + "o_proj.weight"], prefix + "o_proj"), new
 
 
-def _mla_query(g: GraphBuilder, spec: ModelSpec, w: dict[str, np.ndarray], prefix: str, h: str) -> str:
+def _mla_query(g: GraphBuilder, spec: ModelSpec, w: dict[str, np.ndarray], prefix: str, h: str, kv_a,
+               ) -> tuple[str, str]:
+    """The query [B, T, H·qk] and the compressed KV [B, T, kv + rope]. With a q LoRA, q_a_proj and
+    kv_a_proj_with_mqa read the same input: one product and a Split when both are stored alike."""
     mla, heads = spec.mla, spec.num_attention_heads
     name = "q_proj" if mla.q_lora_rank is None else "q_b_proj"
     per_head = np.concatenate([np.arange(mla.qk_nope_head_dim),
@@ -110,10 +112,27 @@ def _mla_query(g: GraphBuilder, spec: ModelSpec, w: dict[str, np.ndarray], prefi
     rows = (np.arange(heads)[:, None] * mla.qk_head_dim + per_head).reshape(-1)
     weight = take_rows(w[prefix + name + ".weight"], rows)
     if mla.q_lora_rank is None:
-        return g.linear(h, weight, prefix + name)
-    q_a = g.linear(h, w[prefix + "q_a_proj.weight"], prefix + "q_a_proj")
+        return g.linear(h, weight, prefix + name), g.linear(h, kv_a, prefix + "kv_a_proj_with_mqa")
+    q_a, compressed = fused_linears(g, h, [w[prefix + "q_a_proj.weight"], kv_a], [None, None],
+                                    [prefix + "q_a_proj", prefix + "kv_a_proj_with_mqa"], prefix + "qkv_a_proj")
     q_a = g.rms_norm(q_a, w[prefix + "q_a_layernorm.weight"], prefix + "q_a_layernorm", spec.rms_norm_eps)
-    return g.linear(q_a, weight, prefix + name)
+    return g.linear(q_a, weight, prefix + name), compressed
+
+
+def fused_linears(g: GraphBuilder, x: str, weights: list, biases: list, names: list[str], fused_name: str,
+                  ) -> list[str]:
+    """x @ Wᵢᵀ (+ bᵢ) for projections of one input: one MatMul / MatMulNBits over the stacked rows and a
+    Split (each node costs dispatch time at decode), or one product each when they are stored differently."""
+    stacked = stack_rows(weights)
+    if stacked is None:
+        return [g.linear(x, wt, name, b) for wt, b, name in zip(weights, biases, names, strict=True)]
+    bias = None
+    if any(b is not None for b in biases):
+        bias = np.concatenate([b if b is not None else np.zeros(wt.shape[0], np.float32)
+                               for wt, b in zip(weights, biases, strict=True)])
+    y = g.linear(x, stacked, fused_name, bias)
+    sizes = [wt.shape[0] for wt in weights]
+    return list(g.op("Split", y, g.const(sizes), axis=-1, outputs=len(sizes)))
 
 
 GQA_HEAD_MULTIPLE = 8  # GroupQueryAttention's CPU kernel needs head_size % 8 == 0
@@ -133,14 +152,14 @@ def gqa_attention(g: GraphBuilder, spec: ModelSpec, w: dict[str, np.ndarray], pr
     """
     heads, kv_heads = spec.num_attention_heads, spec.num_key_value_heads
 
-    def project(name: str) -> str:  # [B, T, n·d]
-        return g.linear(h, w[f"{prefix}{name}.weight"], prefix + name, w.get(f"{prefix}{name}.bias"))
-
-    q, k = rotate(g, project("q_proj"), pos), rotate(g, project("k_proj"), pos)
+    names = ("q_proj", "k_proj", "v_proj")
+    q, k, v = fused_linears(g, h, [w[f"{prefix}{n}.weight"] for n in names], [w.get(f"{prefix}{n}.bias") for n in names],
+                            [prefix + n for n in names], prefix + "qkv_proj")  # [B, T, n·d] each
+    q, k = rotate(g, q, pos), rotate(g, k, pos)
     if not fused_gqa(spec):
-        return _gqa_subgraph(g, spec, w, prefix, q, k, project("v_proj"), past_k, past_v, pos)
+        return _gqa_subgraph(g, spec, w, prefix, q, k, v, past_k, past_v, pos)
     out, present_k, present_v = g.op(
-        "GroupQueryAttention", q, k, project("v_proj"), past_k, past_v, pos.seqlens_k, pos.total_len, None, None,
+        "GroupQueryAttention", q, k, v, past_k, past_v, pos.seqlens_k, pos.total_len, None, None,
         None, pos.attention_bias, outputs=3, domain=MS_DOMAIN, num_heads=heads, kv_num_heads=kv_heads,
         scale=spec.softmax_scale)
     o_bias = w.get(prefix + "o_proj.bias")

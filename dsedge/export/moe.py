@@ -16,10 +16,13 @@ export time.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
+from onnx import TensorProto, helper
 
 from dsedge.export.graph import MS_DOMAIN, GraphBuilder
-from dsedge.export.quantized import QuantizedWeight, packed_rows
+from dsedge.export.quantized import FAST_LEVEL, MIN_BLOCK, QuantizedWeight, packed_rows
 from dsedge.models.spec import ModelSpec, MoESpec
 
 NEG_INF = float("-inf")
@@ -49,22 +52,26 @@ def route(g: GraphBuilder, moe: MoESpec, logits: str, bias: np.ndarray | None, p
 
 
 def _limit_groups(g: GraphBuilder, moe: MoESpec, scores: str, group_score: str) -> str:
-    """Mask (−inf) every expert outside the ``topk_group`` best groups."""
+    """Mask (−inf) every expert outside the ``topk_group`` best groups.
+
+    Kept 3-D ([N, G, E/G], group scores [N, G, 1]) so the group choice broadcasts over its experts without
+    Unsqueeze/Expand/Shape glue: 9 nodes (8 for ``max``) where the 2-D form took 13. TopK breaks ties by
+    the lower index, as the reference's stable sort does, so the groups kept are the same ones.
+    """
     if moe.n_group <= 1:
         return scores
     per_group = moe.n_routed_experts // moe.n_group
     grouped = g.op("Reshape", scores, g.const([0, moe.n_group, per_group]))  # [N, G, E/G]
     if group_score == "max":
-        group_scores = g.op("ReduceMax", grouped, g.const([-1]), keepdims=0)
+        group_scores = g.op("ReduceMax", grouped, g.const([-1]), keepdims=1)
     else:
         top2, _ = g.op("TopK", grouped, g.const([2]), outputs=2, axis=-1)
-        group_scores = g.op("ReduceSum", top2, g.const([-1]), keepdims=0)
-    _, best = g.op("TopK", group_scores, g.const([moe.topk_group]), outputs=2, axis=-1)  # [N, topk_group]
-    chosen = g.op("ReduceSum", g.op("OneHot", best, g.const(moe.n_group), g.const([0.0, 1.0], np.float32), axis=-1),
-                  g.const([1]), keepdims=0)  # [N, G] 0/1
-    mask = g.op("Expand", g.op("Unsqueeze", chosen, g.const([-1])), g.const([1, 1, per_group]))
-    mask = g.op("Cast", g.op("Reshape", mask, g.op("Shape", scores)), to=9)  # bool [N, E]
-    return g.op("Where", mask, scores, g.const(NEG_INF, np.float32))
+        group_scores = g.op("ReduceSum", top2, g.const([-1]), keepdims=1)  # [N, G, 1]
+    _, best = g.op("TopK", group_scores, g.const([moe.topk_group]), outputs=2, axis=1)  # [N, topk_group, 1]
+    one_hot = g.op("OneHot", best, g.const(moe.n_group), g.const([0.0, 1.0], np.float32), axis=1)  # [N, G, tg, 1]
+    chosen = g.op("Cast", g.op("ReduceSum", one_hot, g.const([2]), keepdims=0), to=9)  # bool [N, G, 1]
+    masked = g.op("Where", chosen, grouped, g.const(NEG_INF, np.float32))
+    return g.op("Reshape", masked, g.const([0, moe.n_routed_experts]))
 
 
 def moe_block(g: GraphBuilder, spec: ModelSpec, w: dict[str, np.ndarray], prefix: str, h: str,
@@ -114,66 +121,114 @@ def dense_routing_weights(g: GraphBuilder, n_experts: int, idx: str, weights: st
     return selected, dense
 
 
-def qmoe_scheme(spec: ModelSpec, w: dict, prefix: str) -> tuple[int, int] | None:
-    """(bits, block) when every routed expert is quantized alike in a layout ``com.microsoft::QMoE`` takes:
-    symmetric, 4 or 8 bits, one power-of-two block size that divides hidden and expert widths."""
-    kinds = [w[f"{prefix}experts.{e}.{k}.weight"] for e in range(spec.moe.n_routed_experts)
-             for k in ("gate_proj", "up_proj", "down_proj")]
+def qmoe_scheme(spec: ModelSpec, w: dict, prefix: str, experts: range | None = None) -> tuple[int, int] | None:
+    """(bits, block) when the routed experts (all, or ``experts``) are quantized alike in a layout
+    ``com.microsoft::QMoE`` runs on its fast CPU kernels: symmetric, 4 or 8 bits, even widths, and either one
+    scale per row (block 0) or groups that a power-of-two block of at least 16 tiles exactly (see
+    ``qmoe_block``). 8-bit block-wise experts run with int8 activations in the kernel at every level, so they
+    take QMoE only at accuracy level 4 (a level asked for below that keeps per-expert MatMulNBits)."""
+    experts = range(spec.moe.n_routed_experts) if experts is None else experts
+    kinds = [w[f"{prefix}experts.{e}.{k}.weight"] for e in experts for k in ("gate_proj", "up_proj", "down_proj")]
     if not all(isinstance(q, QuantizedWeight) and q.zero_point is None for q in kinds):
         return None
-    layouts = {(q.bits, q.group_size) for q in kinds}
+    layouts = {(q.bits, q.group_size, q.accuracy_level) for q in kinds}
     if len(layouts) != 1:
         return None
-    bits, group = layouts.pop()
+    bits, group, level = layouts.pop()
     widths = (spec.hidden_size, spec.moe.moe_intermediate_size)
     if bits not in (4, 8) or any(d % 2 for d in widths):
         return None
-    if group is not None and (group < 16 or group & (group - 1) or any(d % group for d in widths)):
+    if group is None:
+        return bits, 0
+    block = qmoe_block(group, widths)
+    if block is None or (bits == 8 and level != FAST_LEVEL):
         return None
-    return bits, group or 0
+    return bits, block
+
+
+def qmoe_block(group: int, widths: tuple[int, ...]) -> int | None:
+    """The QMoE block for ``group``-wide scale groups: the largest power of two (≥ 16) that divides the group
+    and every input width, the group's scale repeated over its blocks (exact). A partial last group (a width
+    the group does not divide) is tiled too when such a block exists; without one (or with blocks that do not
+    divide the widths) the kernel would fall back to dequantize + SGEMM, an order of magnitude slower than
+    per-expert MatMulNBits, so there is no QMoE then."""
+    common = math.gcd(group, *widths)
+    block = common & -common  # largest power of two dividing all of them
+    return block if block >= MIN_BLOCK else None
 
 
 def qmoe_experts(g: GraphBuilder, spec: ModelSpec, w: dict, prefix: str, flat: str, idx: str, weights: str,
-                 layout: tuple[int, int]) -> str:
-    """All routed experts of a layer as one ``com.microsoft::QMoE`` over the stored integer codes.
+                 layout: tuple[int, int], experts: range | None = None) -> str:
+    """The routed experts of a layer (all, or a partition's ``experts``) as one ``com.microsoft::QMoE``.
 
-    The op picks top-k from ``router_probs`` and weights outputs by ``router_weights`` when given: we pass
-    0 for the experts our exact router chose and −1e9 elsewhere (so it picks exactly those), and DeepSeek's
-    aggregation weights (0 elsewhere) — V2's unnormalised weights included. Gate and up rows are
-    interleaved (swiglu_fusion=1, the CPU kernel's layout); SwiGLU with alpha 1, beta 0 is silu(g)·u.
-    3.3× faster than per-expert MatMulNBits dispatch for one token on ds3bench shapes, 2.5× for 8 tokens
-    (`benchmarks/quantized_ops_bench.py`).
+    The op picks top-k from ``router_probs`` and weights outputs by ``router_weights`` when given; both get
+    DeepSeek's aggregation weights scattered over the experts (0 elsewhere, V2's unnormalised weights
+    included), so the op's top-k holds exactly the experts our exact router chose — every other expert has
+    weight 0, and the kernel skips routes of weight ≤ 1e-8. For a partition the columns are its experts and
+    k is capped at their number: a row's experts elsewhere simply do not appear, and the slots they leave
+    pick weight-0 experts that are skipped. Gate and up rows are interleaved (swiglu_fusion=1, the CPU
+    kernel's layout); SwiGLU with alpha 1, beta 0 is silu(g)·u. 3.3× faster than per-expert MatMulNBits
+    dispatch for one token on ds3bench shapes, 2.5× for 8 tokens (`benchmarks/quantized_ops_bench.py`).
     """
     moe = spec.moe
+    experts = range(moe.n_routed_experts) if experts is None else experts
     bits, block = layout  # from qmoe_scheme
-    selected, dense = dense_routing_weights(g, moe.n_routed_experts, idx, weights)
-    probs = g.op("Where", g.op("Cast", selected, to=9), g.const(0.0, np.float32), g.const(-1e9, np.float32))
-    fc1, fc1_scales, fc2, fc2_scales = _qmoe_weights(moe, w, prefix)
-    level = w[f"{prefix}experts.0.down_proj.weight"].accuracy_level
-    out = g.op("QMoE", flat, g.to_act(probs), g._initializer(prefix + "experts.fc1.qweight", fc1),
-               g.weight(prefix + "experts.fc1.scales", fc1_scales), None,
-               g._initializer(prefix + "experts.fc2.qweight", fc2), g.weight(prefix + "experts.fc2.scales", fc2_scales),
-               None, None, None, None, None, None, None, g.to_act(dense), domain=MS_DOMAIN,
-               k=moe.num_experts_per_tok, activation_type="swiglu", swiglu_fusion=1, expert_weight_bits=bits,
-               normalize_routing_weights=0, activation_alpha=1.0, activation_beta=0.0, accuracy_level=level,
-               **({"block_size": block} if block else {}))
-    return out
+    dense = g.to_act(scattered_weights(g, moe.n_routed_experts, idx, weights, experts))
+    fc1, fc1_scales, fc2, fc2_scales = _qmoe_weights(w, prefix, experts, block)
+    level = w[f"{prefix}experts.{experts[0]}.down_proj.weight"].accuracy_level
+    tag = f"{prefix}experts" if len(experts) == moe.n_routed_experts else f"{prefix}experts.{experts[0]}-{experts[-1]}"
+    return g.op("QMoE", flat, dense, g._initializer(tag + ".fc1.qweight", fc1), g.weight(tag + ".fc1.scales", fc1_scales),
+                None, g._initializer(tag + ".fc2.qweight", fc2), g.weight(tag + ".fc2.scales", fc2_scales),
+                None, None, None, None, None, None, None, dense, domain=MS_DOMAIN,
+                k=min(moe.num_experts_per_tok, len(experts)), activation_type="swiglu", swiglu_fusion=1,
+                expert_weight_bits=bits, normalize_routing_weights=0, activation_alpha=1.0, activation_beta=0.0,
+                accuracy_level=level, **({"block_size": block} if block else {}))
 
 
-def _qmoe_weights(moe: MoESpec, w: dict, prefix: str) -> tuple[np.ndarray, ...]:
-    """Stacked [E, 2I, H·b/8] interleaved gate/up codes, [E, H, I·b/8] down codes, and their scales."""
+def scattered_weights(g: GraphBuilder, n_experts: int, idx: str, weights: str, experts: range) -> str:
+    """[N, k] choices → fp32 [N, len(experts)]: each chosen expert's weight in its column, 0 elsewhere
+    (one ScatterElements over zeros; a partition then keeps its own columns)."""
+    rows = g.shape_dim(idx, 0)
+    zeros = g.op("ConstantOfShape", g.op("Concat", rows, g.const([n_experts]), axis=0),
+                 value=helper.make_tensor("zero", TensorProto.FLOAT, [1], [0.0]))
+    dense = g.op("ScatterElements", zeros, idx, weights, axis=1)
+    if len(experts) == n_experts:
+        return dense
+    return g.op("Slice", dense, g.const([experts[0]]), g.const([experts[-1] + 1]), g.const([1]))
+
+
+def _qmoe_weights(w: dict, prefix: str, experts: range, block: int) -> tuple[np.ndarray, ...]:
+    """Stacked [E, 2I, H·b/8] interleaved gate/up codes, [E, H, I·b/8] down codes, and their scales
+    ([E, rows, blocks] with each group's scale repeated over its blocks; per-channel: [E, rows])."""
     fc1, fc1_scales, fc2, fc2_scales = [], [], [], []
-    for e in range(moe.n_routed_experts):
+    for e in experts:
         p = f"{prefix}experts.{e}."
-        (gate, gate_s), (up, up_s), (down, down_s) = (packed_rows(w[p + k + ".weight"])
+        (gate, gate_s), (up, up_s), (down, down_s) = (_qmoe_rows(w[p + k + ".weight"], block)
                                                       for k in ("gate_proj", "up_proj", "down_proj"))
         fc1.append(np.stack([gate, up], axis=1).reshape(2 * gate.shape[0], -1))  # rows g0, u0, g1, u1, …
         fc1_scales.append(np.stack([gate_s, up_s], axis=1).reshape(2 * gate.shape[0], -1))
         fc2.append(down)
         fc2_scales.append(down_s)
-    per_channel = fc1_scales[0].shape[1] == 1  # QMoE takes per-channel scales as [E, N]
-    stack = (lambda arrays: np.stack(arrays)[..., 0]) if per_channel else np.stack
+    stack = (lambda arrays: np.stack(arrays)[..., 0]) if not block else np.stack  # per-channel: [E, N]
     return np.stack(fc1), stack(fc1_scales), np.stack(fc2), stack(fc2_scales)
+
+
+def _qmoe_rows(weight: QuantizedWeight, block: int) -> tuple[np.ndarray, np.ndarray]:
+    """Packed codes and [N, K/block] scales: group g's scale on every block it covers."""
+    codes, scales = packed_rows(weight)
+    if block and weight.group != block:
+        starts = np.arange(0, weight.shape[1], block)
+        scales = scales[:, starts // weight.group]
+    return codes, np.ascontiguousarray(scales)
+
+
+def routed_experts(g: GraphBuilder, spec: ModelSpec, w: dict, prefix: str, flat: str, idx: str, weights: str,
+                   experts: range) -> str:
+    """A partition's (or a layer's) routed experts: one QMoE when their layout allows it, else dispatch."""
+    layout = qmoe_scheme(spec, w, prefix, experts)
+    if layout is not None:
+        return qmoe_experts(g, spec, w, prefix, flat, idx, weights, layout, experts)
+    return dispatch_experts(g, spec.moe, w, prefix, flat, idx, weights, experts)
 
 
 def dispatch_experts(g: GraphBuilder, moe: MoESpec, w: dict[str, np.ndarray], prefix: str, flat: str, idx: str,

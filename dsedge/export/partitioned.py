@@ -57,7 +57,7 @@ from dsedge.export.decoder import (
     rope_lookup,
 )
 from dsedge.export.graph import GraphBuilder, save_graph
-from dsedge.export.moe import dispatch_experts, moe_router_and_shared
+from dsedge.export.moe import moe_router_and_shared, routed_experts
 from dsedge.manifest import GraphEntry, Placement, RankedPartition, longest_prefix
 from dsedge.models.spec import ModelSpec
 from dsedge.planning import RUNTIME_OVERHEAD_BYTES  # the same allowance `plan` uses
@@ -164,12 +164,13 @@ def prelude_embedding(root: Path, prelude: GraphEntry) -> tuple[onnx.TensorProto
 
 def build_partition(spec: ModelSpec, w: dict[str, np.ndarray], part: Partition,
                     data_path: Path | None = None, half: bool = False) -> onnx.ModelProto:
-    """Σ over this partition's chosen experts; rows routed elsewhere contribute nothing."""
+    """Σ over this partition's chosen experts (one QMoE when quantized in a layout it takes); rows routed
+    elsewhere contribute nothing."""
     g = GraphBuilder(part.name, data_path, half)
     signature = experts_io(graph_shapes(spec, half))
     g.declare_inputs(signature)
-    routed = dispatch_experts(g, spec.moe, w, f"model.layers.{part.layer}.mlp.", MOE_INPUT, EXPERT_IDS,
-                              EXPERT_WEIGHTS, range(part.first, part.last))
+    routed = routed_experts(g, spec, w, f"model.layers.{part.layer}.mlp.", MOE_INPUT, EXPERT_IDS, EXPERT_WEIGHTS,
+                            range(part.first, part.last))
     g.declare_outputs(signature, {ROUTED: g.to_float(routed)})  # summed by the runtime in fp32
     return g.model()
 

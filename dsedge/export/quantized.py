@@ -95,6 +95,24 @@ def take_rows(weight, index: np.ndarray):
     return weight.take_rows(index) if isinstance(weight, QuantizedWeight) else weight[index]
 
 
+def stack_rows(weights: list) -> np.ndarray | QuantizedWeight | None:
+    """Matrices sharing an input as one [Σout, in] matrix (their outputs are then a Split of one product),
+    or None when they are stored differently: float with quantized, or quantized with different bits,
+    groups, zero-point presence or accuracy level (one MatMulNBits node has one of each)."""
+    if all(isinstance(w, np.ndarray) for w in weights):
+        return np.concatenate(weights, axis=0)
+    if not all(isinstance(w, QuantizedWeight) for w in weights):
+        return None
+    first = weights[0]
+    if any((w.bits, w.group_size, w.zero_point is None, w.accuracy_level, w.shape[1])
+           != (first.bits, first.group_size, first.zero_point is None, first.accuracy_level, first.shape[1])
+           for w in weights):
+        return None
+    zero = None if first.zero_point is None else np.concatenate([w.zero_point for w in weights])
+    return replace(first, q=np.concatenate([w.q for w in weights]), scale=np.concatenate([w.scale for w in weights]),
+                   zero_point=zero)
+
+
 def as_float(weight) -> np.ndarray:
     """A float view for the few places that need the matrix itself (absorbed MLA's kv_b per head)."""
     return weight.dequantize() if isinstance(weight, QuantizedWeight) else weight
