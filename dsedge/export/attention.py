@@ -153,8 +153,9 @@ def gqa_attention(g: GraphBuilder, spec: ModelSpec, w: dict[str, np.ndarray], pr
     heads, kv_heads = spec.num_attention_heads, spec.num_key_value_heads
 
     names = ("q_proj", "k_proj", "v_proj")
-    q, k, v = fused_linears(g, h, [w[f"{prefix}{n}.weight"] for n in names], [w.get(f"{prefix}{n}.bias") for n in names],
-                            [prefix + n for n in names], prefix + "qkv_proj")  # [B, T, n·d] each
+    q, k, v = fused_linears(g, h, [w[f"{prefix}{n}.weight"] for n in names],
+                            [w.get(f"{prefix}{n}.bias") for n in names], [prefix + n for n in names],
+                            prefix + "qkv_proj")  # [B, T, n·d] each
     q, k = rotate(g, q, pos), rotate(g, k, pos)
     if not fused_gqa(spec):
         return _gqa_subgraph(g, spec, w, prefix, q, k, v, past_k, past_v, pos)

@@ -17,6 +17,7 @@ export time.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 from onnx import TensorProto, helper
@@ -28,27 +29,54 @@ from dsedge.models.spec import ModelSpec, MoESpec
 NEG_INF = float("-inf")
 
 
-def route(g: GraphBuilder, moe: MoESpec, logits: str, bias: np.ndarray | None, prefix: str) -> tuple[str, str]:
-    """Router logits [N, E] → (expert indices [N, k] int64, aggregation weights [N, k])."""
+@dataclass(frozen=True)
+class Selection:
+    """The exact expert choice of a router: what both the weights and the fused QMoE path start from."""
+
+    idx: str  # int64 [N, k]: the chosen experts
+    values: str  # [N, k]: the selection scores of the chosen (finite: biased for noaux_tc, masked otherwise)
+    scores: str  # fp32 [N, E]: the unbiased, unmasked scores the aggregation weights are taken from
+    finite: bool  # whether every chosen value is finite (k ≤ the experts the group limit keeps)
+
+
+def select_experts(g: GraphBuilder, moe: MoESpec, logits: str, bias: np.ndarray | None, prefix: str) -> Selection:
+    """Router logits [N, E] → the chosen experts (DeepSeek's selection, ties to the lower index like its sort)."""
     k = g.const([moe.num_experts_per_tok])
+    kept = moe.topk_group * (moe.n_routed_experts // moe.n_group) if moe.n_group > 1 else moe.n_routed_experts
+    finite = moe.routing not in ("noaux_tc", "group_limited_greedy") or moe.num_experts_per_tok <= kept
     if moe.routing == "noaux_tc":
         scores = g.op("Sigmoid", logits)
         choice = g.op("Add", scores, g.weight(prefix + "e_score_correction_bias", bias.astype(np.float32),
                                               keep_fp32=True))
         choice = _limit_groups(g, moe, choice, group_score="top2_sum")
-        _, idx = g.op("TopK", choice, k, outputs=2, axis=-1)
-        weights = g.op("GatherElements", scores, idx, axis=1)
     else:
         scores = g.op("Softmax", logits, axis=-1)
-        if moe.routing == "group_limited_greedy":
-            scores = _limit_groups(g, moe, scores, group_score="max")
-        weights, idx = g.op("TopK", scores, k, outputs=2, axis=-1)
-    if moe.norm_topk_prob and moe.num_experts_per_tok > 1:
+        choice = _limit_groups(g, moe, scores, group_score="max") if moe.routing == "group_limited_greedy" else scores
+    values, idx = g.op("TopK", choice, k, outputs=2, axis=-1)
+    return Selection(idx, values, scores, finite)
+
+
+def route(g: GraphBuilder, moe: MoESpec, logits: str, bias: np.ndarray | None, prefix: str) -> tuple[str, str]:
+    """Router logits [N, E] → (expert indices [N, k] int64, aggregation weights [N, k])."""
+    chosen = select_experts(g, moe, logits, bias, prefix)
+    return chosen.idx, aggregation_weights(g, moe, chosen)
+
+
+def aggregation_weights(g: GraphBuilder, moe: MoESpec, chosen: Selection) -> str:
+    """DeepSeek's weights [N, k] of the chosen experts: unbiased scores, optionally renormalised, × the scale."""
+    # softmax routings select on the (masked) scores themselves: the chosen values are the weights
+    weights = (g.op("GatherElements", chosen.scores, chosen.idx, axis=1) if moe.routing == "noaux_tc"
+               else chosen.values)
+    if _normalized(moe):
         total = g.op("ReduceSum", weights, g.const([-1]), keepdims=1)
         weights = g.op("Div", weights, g.op("Add", total, g.const(1e-20, np.float32)))
     if moe.routed_scaling_factor != 1.0:
         weights = g.op("Mul", weights, g.const(moe.routed_scaling_factor, np.float32))
-    return idx, weights
+    return weights
+
+
+def _normalized(moe: MoESpec) -> bool:
+    return moe.norm_topk_prob and moe.num_experts_per_tok > 1
 
 
 def _limit_groups(g: GraphBuilder, moe: MoESpec, scores: str, group_score: str) -> str:
@@ -81,35 +109,47 @@ def moe_block(g: GraphBuilder, spec: ModelSpec, w: dict[str, np.ndarray], prefix
     ``expert_path="dense"`` runs every expert on every row and zeroes the unchosen: exact too, but it
     reads all experts' weights per token; it exists only as the baseline the benchmark compares against.
     """
-    flat, idx, weights, shared = moe_router_and_shared(g, spec, w, prefix, h)
-    experts = range(spec.moe.n_routed_experts)
     layout = qmoe_scheme(spec, w, prefix) if expert_path == "dispatch" else None
-    if layout is not None:
-        out = qmoe_experts(g, spec, w, prefix, flat, idx, weights, layout)
-    elif expert_path == "dense":
-        out = _dense_experts(g, spec.moe, w, prefix, flat, idx, weights, experts)
-    elif expert_path == "moe_op":
-        out = _moe_op_experts(g, spec.moe, w, prefix, flat, idx, weights)
+    flat = g.op("Reshape", h, g.const([-1, spec.hidden_size]))  # [N, H]
+    chosen = select_experts(g, spec.moe, router_logits(g, w, prefix, flat),
+                            w.get(prefix + "gate.e_score_correction_bias"), prefix + "gate.")
+    if layout is not None and chosen.finite:
+        out = qmoe_layer(g, spec, w, prefix, flat, chosen, layout)
     else:
-        out = dispatch_experts(g, spec.moe, w, prefix, flat, idx, weights, experts)
+        idx, weights = chosen.idx, aggregation_weights(g, spec.moe, chosen)
+        if layout is not None:
+            out = qmoe_experts(g, spec, w, prefix, flat, idx, weights, layout)
+        elif expert_path == "dense":
+            out = _dense_experts(g, spec.moe, w, prefix, flat, idx, weights, range(spec.moe.n_routed_experts))
+        elif expert_path == "moe_op":
+            out = _moe_op_experts(g, spec.moe, w, prefix, flat, idx, weights)
+        else:
+            out = dispatch_experts(g, spec.moe, w, prefix, flat, idx, weights, range(spec.moe.n_routed_experts))
+    shared = shared_experts(g, spec, w, prefix, flat)
     if shared is not None:
         out = g.op("Add", out, shared)
     return g.op("Reshape", out, g.op("Shape", h))
 
 
+def router_logits(g: GraphBuilder, w: dict, prefix: str, flat: str) -> str:
+    """fp32 router logits [N, E] (the router stays fp32, as DeepSeek runs it)."""
+    return g.linear(g.to_float(flat), w[prefix + "gate.weight"], prefix + "gate", keep_fp32=True)
+
+
+def shared_experts(g: GraphBuilder, spec: ModelSpec, w: dict, prefix: str, flat: str) -> str | None:
+    if not spec.moe.n_shared_experts:
+        return None
+    p = prefix + "shared_experts."
+    return g.swiglu_mlp(flat, w[p + "gate_proj.weight"], w[p + "up_proj.weight"], w[p + "down_proj.weight"], p[:-1])
+
+
 def moe_router_and_shared(g: GraphBuilder, spec: ModelSpec, w: dict[str, np.ndarray], prefix: str, h: str,
                           ) -> tuple[str, str, str, str | None]:
     """Everything of a MoE layer but the routed experts: rows [N, H], routing, shared-expert output [N, H]."""
-    moe = spec.moe
     flat = g.op("Reshape", h, g.const([-1, spec.hidden_size]))  # [N, H]
-    logits = g.linear(g.to_float(flat), w[prefix + "gate.weight"], prefix + "gate", keep_fp32=True)  # fp32 router
-    idx, weights = route(g, moe, logits, w.get(prefix + "gate.e_score_correction_bias"), prefix + "gate.")
-    shared = None
-    if moe.n_shared_experts:
-        p = prefix + "shared_experts."
-        shared = g.swiglu_mlp(flat, w[p + "gate_proj.weight"], w[p + "up_proj.weight"], w[p + "down_proj.weight"],
-                              p[:-1])
-    return flat, idx, weights, shared
+    idx, weights = route(g, spec.moe, router_logits(g, w, prefix, flat),
+                         w.get(prefix + "gate.e_score_correction_bias"), prefix + "gate.")
+    return flat, idx, weights, shared_experts(g, spec, w, prefix, flat)
 
 
 def dense_routing_weights(g: GraphBuilder, n_experts: int, idx: str, weights: str) -> tuple[str, str]:
@@ -172,16 +212,49 @@ def qmoe_experts(g: GraphBuilder, spec: ModelSpec, w: dict, prefix: str, flat: s
     """
     moe = spec.moe
     experts = range(moe.n_routed_experts) if experts is None else experts
-    bits, block = layout  # from qmoe_scheme
     dense = g.to_act(scattered_weights(g, moe.n_routed_experts, idx, weights, experts))
+    return _qmoe_node(g, w, prefix, flat, dense, dense, layout, experts, k=min(moe.num_experts_per_tok, len(experts)),
+                      normalize=False, fc2_factor=1.0)
+
+
+def qmoe_layer(g: GraphBuilder, spec: ModelSpec, w: dict, prefix: str, flat: str, chosen: Selection,
+               layout: tuple[int, int]) -> str:
+    """A whole layer's routed experts as one QMoE that also computes DeepSeek's aggregation weights.
+
+    ``router_probs`` is −inf except the chosen experts' (finite) selection values, so the op's top-k is exactly
+    our choice whatever its tie-breaking; ``router_weights`` are the unbiased scores [N, E], which the op
+    gathers at those experts and, with normalize_routing_weights, divides by their sum — the reference's
+    renormalisation; routed_scaling_factor is folded into the down projection's scales (fp32 graphs; in half
+    precision one Mul after the op, so the scales are not rounded twice). Replaces ~10 weight/scatter nodes.
+    """
+    moe = spec.moe
+    experts = range(moe.n_routed_experts)
+    floor = g.op("ConstantOfShape", g.op("Shape", chosen.scores),
+                 value=helper.make_tensor("floor", TensorProto.FLOAT, [1], [NEG_INF]))
+    probs = g.op("ScatterElements", floor, chosen.idx, chosen.values, axis=1)
+    scale = moe.routed_scaling_factor
+    out = _qmoe_node(g, w, prefix, flat, g.to_act(probs), g.to_act(chosen.scores), layout, experts,
+                     k=moe.num_experts_per_tok, normalize=_normalized(moe), fc2_factor=1.0 if g.half else scale)
+    if g.half and scale != 1.0:
+        out = g.op("Mul", out, g.const(np.array(scale, np.float16), np.float16))
+    return out
+
+
+def _qmoe_node(g: GraphBuilder, w: dict, prefix: str, flat: str, probs: str, weights: str, layout: tuple[int, int],
+               experts: range, *, k: int, normalize: bool, fc2_factor: float) -> str:
+    """One QMoE over ``experts``' stored codes (gate/up rows interleaved: swiglu_fusion=1, the CPU kernel's
+    layout; SwiGLU with alpha 1, beta 0 is silu(g)·u)."""
+    bits, block = layout  # from qmoe_scheme
     fc1, fc1_scales, fc2, fc2_scales = _qmoe_weights(w, prefix, experts, block)
+    if fc2_factor != 1.0:
+        fc2_scales = fc2_scales * np.float32(fc2_factor)
     level = w[f"{prefix}experts.{experts[0]}.down_proj.weight"].accuracy_level
-    tag = f"{prefix}experts" if len(experts) == moe.n_routed_experts else f"{prefix}experts.{experts[0]}-{experts[-1]}"
-    return g.op("QMoE", flat, dense, g._initializer(tag + ".fc1.qweight", fc1), g.weight(tag + ".fc1.scales", fc1_scales),
-                None, g._initializer(tag + ".fc2.qweight", fc2), g.weight(tag + ".fc2.scales", fc2_scales),
-                None, None, None, None, None, None, None, dense, domain=MS_DOMAIN,
-                k=min(moe.num_experts_per_tok, len(experts)), activation_type="swiglu", swiglu_fusion=1,
-                expert_weight_bits=bits, normalize_routing_weights=0, activation_alpha=1.0, activation_beta=0.0,
+    tag = f"{prefix}experts"  # one QMoE per layer in a graph (a partition's graph holds only its experts)
+    fc1_in = (g._initializer(tag + ".fc1.qweight", fc1), g.weight(tag + ".fc1.scales", fc1_scales), None)
+    fc2_in = (g._initializer(tag + ".fc2.qweight", fc2), g.weight(tag + ".fc2.scales", fc2_scales), None)
+    return g.op("QMoE", flat, probs, *fc1_in, *fc2_in, None, None, None, None, None, None, weights, domain=MS_DOMAIN,
+                k=k, activation_type="swiglu", swiglu_fusion=1, expert_weight_bits=bits,
+                normalize_routing_weights=int(normalize), activation_alpha=1.0, activation_beta=0.0,
                 accuracy_level=level, **({"block_size": block} if block else {}))
 
 
