@@ -77,13 +77,12 @@ def mla_attention(g: GraphBuilder, spec: ModelSpec, w: dict[str, np.ndarray], pr
                              mla.qk_head_dim)
     kv_a = take_rows(w[prefix + "kv_a_proj_with_mqa.weight"],
                      np.concatenate([np.arange(kv), kv + interleaved_to_halves(rope)]))
-    q, compressed = _mla_query(g, spec, w, prefix, h, kv_a)  # [B, T, H·qk], [B, T, kv + rope]
+    q, latent, k_pe = _mla_query(g, spec, w, prefix, h, kv_a)  # [B, T, H·qk], [B, T, kv], [B, T, rope]
     q = g.op("Transpose", g.op("Reshape", q, g.const([0, 0, heads, qk])), perm=[0, 2, 1, 3])  # [B, H, T, qk]
     q_pe = rotate(g, g.slice_last(q, nope, qk), pos)
 
-    latent = g.rms_norm(g.slice_last(compressed, 0, kv), w[prefix + "kv_a_layernorm.weight"],
-                        prefix + "kv_a_layernorm", spec.rms_norm_eps)
-    k_pe = rotate(g, g.slice_last(compressed, kv, kv + rope), pos)
+    latent = g.rms_norm(latent, w[prefix + "kv_a_layernorm.weight"], prefix + "kv_a_layernorm", spec.rms_norm_eps)
+    k_pe = rotate(g, k_pe, pos)
     new = g.op("Concat", latent, k_pe, axis=-1)  # [B, T, kv + rope]: what the cache keeps
 
     # Absorption multiplies kv_b into the query and output per head, so it is needed as a matrix: a quantized
@@ -102,21 +101,31 @@ def mla_attention(g: GraphBuilder, spec: ModelSpec, w: dict[str, np.ndarray], pr
 
 
 def _mla_query(g: GraphBuilder, spec: ModelSpec, w: dict[str, np.ndarray], prefix: str, h: str, kv_a,
-               ) -> tuple[str, str]:
-    """The query [B, T, H·qk] and the compressed KV [B, T, kv + rope]. With a q LoRA, q_a_proj and
-    kv_a_proj_with_mqa read the same input: one product and a Split when both are stored alike."""
+               ) -> tuple[str, str, str]:
+    """The query [B, T, H·qk] and the compressed KV's latent [B, T, kv] and rope part [B, T, rope]. With a
+    q LoRA, q_a_proj and kv_a_proj_with_mqa read the same input: one product whose Split also separates the
+    latent from the rope part, when both are stored alike."""
     mla, heads = spec.mla, spec.num_attention_heads
+    kv = mla.kv_lora_rank
     name = "q_proj" if mla.q_lora_rank is None else "q_b_proj"
     per_head = np.concatenate([np.arange(mla.qk_nope_head_dim),
                                mla.qk_nope_head_dim + interleaved_to_halves(mla.qk_rope_head_dim)])
     rows = (np.arange(heads)[:, None] * mla.qk_head_dim + per_head).reshape(-1)
     weight = take_rows(w[prefix + name + ".weight"], rows)
-    if mla.q_lora_rank is None:
-        return g.linear(h, weight, prefix + name), g.linear(h, kv_a, prefix + "kv_a_proj_with_mqa")
-    q_a, compressed = fused_linears(g, h, [w[prefix + "q_a_proj.weight"], kv_a], [None, None],
-                                    [prefix + "q_a_proj", prefix + "kv_a_proj_with_mqa"], prefix + "qkv_a_proj")
+    q_a_weight = w.get(prefix + "q_a_proj.weight")
+    stacked = None if mla.q_lora_rank is None else stack_rows([q_a_weight, kv_a])
+    if stacked is not None:
+        fused = g.linear(h, stacked, prefix + "qkv_a_proj")
+        q_a, latent, k_pe = g.op("Split", fused, g.const([mla.q_lora_rank, kv, mla.qk_rope_head_dim]), axis=-1,
+                                 outputs=3)
+    else:
+        compressed = g.linear(h, kv_a, prefix + "kv_a_proj_with_mqa")
+        latent, k_pe = g.slice_last(compressed, 0, kv), g.slice_last(compressed, kv, kv + mla.qk_rope_head_dim)
+        if mla.q_lora_rank is None:
+            return g.linear(h, weight, prefix + name), latent, k_pe
+        q_a = g.linear(h, q_a_weight, prefix + "q_a_proj")
     q_a = g.rms_norm(q_a, w[prefix + "q_a_layernorm.weight"], prefix + "q_a_layernorm", spec.rms_norm_eps)
-    return g.linear(q_a, weight, prefix + name), compressed
+    return g.linear(q_a, weight, prefix + name), latent, k_pe
 
 
 def fused_linears(g: GraphBuilder, x: str, weights: list, biases: list, names: list[str], fused_name: str,
