@@ -11,7 +11,6 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-
 from test_routing import moe_spec, reference_gate
 
 from dsedge.export.graph import FLOAT, GraphBuilder

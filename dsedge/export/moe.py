@@ -9,9 +9,10 @@ V2 checkpoints' ``MoEGate``):
 Then optional renormalisation (honoured for V2 too, though V2's reference ignores the flag; every
 released V2 config sets it false) and × routed_scaling_factor.
 
-Dispatch: each expert gathers the rows routed to it (NonZero → Gather), runs its SwiGLU MLP and
-scatter-adds the weighted result. Only routed rows are computed, and nothing about routing is fixed at
-export time.
+Experts: quantized routed experts in a layout onnxruntime's ``com.microsoft::QMoE`` runs on its fast kernels
+(``qmoe_scheme``) are one QMoE per layer, or per expert partition, fed our exact selection. Otherwise dispatch:
+each expert gathers the rows routed to it (NonZero → Gather), runs its SwiGLU MLP and scatter-adds the
+weighted result. Either way only routed rows are computed, and nothing about routing is fixed at export time.
 """
 
 from __future__ import annotations
