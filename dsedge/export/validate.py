@@ -44,23 +44,26 @@ class Bound:
 # One table, per precision. Logit errors are relative to the reference logits' spread (their std), so a
 # bound fitted to tiny fixtures (logits O(0.1)) holds on real models (logits O(10)): a real 135M model's
 # good fp16 bundle differs 0.0255 in absolute terms, transformers' own fp16 0.087-0.095 on the same prompts.
-# Measured maxima (fixtures: every variant and layout; demo models: deepseek-v3-tiny, qwen2-tiny; random-token
-# prompts; see docs/validation.md for the table):
-# * fp32: graphs differ only in the order of float32 sums, ≤ 3e-6 × std; greedy identical.
+# Measured maxima (scripts/validation_tolerances.py: the demo models deepseek-v3-tiny and qwen2-tiny and the
+# fixtures, monolithic and partitioned, random-token prompts; the full table is in docs/validation.md):
+# * fp32: graphs differ only in the order of float32 sums: ≤ 7.1e-6 × std, layers ≤ 5.2e-7; greedy identical.
 # * fp16: weights, activations and cache rounded to 11 significant bits (norms, softmax, router and expert
-#   sums in fp32): ≤ 3e-3 × std, mean KL ≤ 2e-6. Greedy tokens may flip at near-ties: reported, not required.
+#   sums in fp32): ≤ 3.4e-3 × std (0.0069 absolute on the demo model: the old absolute 5e-3 failed it), mean
+#   KL ≤ 7.2e-7, layers ≤ 7.8e-4. Greedy tokens may flip at near-ties: reported, not required.
 # * int8 / int4: weight-only quantized checkpoints are compared with the *dequantized* reference (the same
 #   integers as floats). At accuracy_level 0 MatMulNBits dequantizes in float and the dtype row above holds.
 #   At levels 1-4 the kernel also quantizes activations (level 4: int8 per block), which no float reference
-#   reproduces: single logits move (0.8-1.0 on the trained demo model) while perplexity barely does (33.421
-#   vs 33.402), so the bound is on the distributions. The random-token prompt inflates KL over real text
-#   (0.0017 vs 0.0008 nats on the demo model; a real 135M int4 model measured 0.07 with perplexity equal to
-#   transformers' compressed-tensors loader), so the bounds leave that room.
+#   reproduces: single logits move (up to 0.81 × std on the int4 demo model) while perplexity barely does
+#   (33.421 vs 33.402 on the int4-experts demo), so the bound is on the distributions: measured mean KL
+#   ≤ 8.1e-4 (int8) and ≤ 0.012 (int4), top-1 ≥ 0.95, layers ≤ 0.028 / 0.11. The random-token prompt inflates
+#   KL over real text (0.0017 vs 0.0008 nats on the demo model), and a real 135M int4 model measured 0.07 with
+#   perplexity equal to transformers' compressed-tensors loader, so the bounds leave that room; the layer
+#   bounds there only catch gross errors (deep models accumulate activation rounding layer over layer).
 TOLERANCES = {
     "fp32": Bound(relative_logit=1e-4, mean_kl=None, top1=None, greedy_identical=True, relative_layer=1e-3),
     "fp16": Bound(relative_logit=0.05, mean_kl=0.01, top1=None, greedy_identical=False, relative_layer=0.05),
-    "int8": Bound(relative_logit=None, mean_kl=0.1, top1=0.75, greedy_identical=False, relative_layer=0.15),
-    "int4": Bound(relative_logit=None, mean_kl=0.2, top1=0.6, greedy_identical=False, relative_layer=0.25),
+    "int8": Bound(relative_logit=None, mean_kl=0.1, top1=0.75, greedy_identical=False, relative_layer=0.3),
+    "int4": Bound(relative_logit=None, mean_kl=0.2, top1=0.6, greedy_identical=False, relative_layer=0.5),
 }
 GREEDY_STEPS = 16
 PROMPT_TOKENS = 24
