@@ -159,15 +159,10 @@ def reference_pass(reference, tokens: list[int], keep: int, advance=None) -> Ref
     return ReferencePass(reference.logits(hidden)[0].numpy(), layers)
 
 
-def validate_engine(engine, reference, *, precision: str = "fp32", seed: int = 0) -> list[Check]:
-    """Observe ``engine``, run the streamed reference, compare (the caller raises on failure). Export uses
-    :func:`validate_bundle`, which drops the engine before the reference runs."""
-    return compare(observe_bundle(engine, seed), reference, precision)
-
-
 def validate_bundle(open_engine, reference, *, precision: str = "fp32", seed: int = 0) -> list[Check]:
-    """As :func:`validate_engine`, holding the engine only while it runs: peak memory is the larger of the
-    loaded bundle and one reference layer, not their sum."""
+    """Observe the bundle ``open_engine()`` loads, drop it, run the streamed reference, compare (the caller
+    raises on failure). The engine lives only while it runs: peak memory is the larger of the loaded bundle
+    and one reference layer, not their sum."""
     observed = observe_bundle(open_engine(), seed)
     gc.collect()  # the engine's sessions are released before the reference loads anything
     return compare(observed, reference, precision)
