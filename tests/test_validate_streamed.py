@@ -7,6 +7,7 @@ peaks within 1.3x the bundle + 512 MiB (measured in a subprocess, as a ratio).
 """
 
 import json
+import os
 import subprocess
 import sys
 import weakref
@@ -16,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 
+import dsedge
 from dsedge.errors import CheckFailed
 from dsedge.export import validate
 from dsedge.export.bundle import export_bundle
@@ -206,8 +208,10 @@ print(json.dumps({"peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1
 def test_validated_export_peak_rss_is_within_the_bundle_plus_slack(tmp_path, layout):
     """The whole-model reference peaked ~3.8x the fp32 model (1.1 GiB here); streamed it is ~0.65 GiB."""
     _write_wide_llama(tmp_path / "ckpt", **WIDE)
+    root = str(Path(dsedge.__file__).resolve().parents[1])  # the dsedge under test, whatever the environment
     run = subprocess.run([sys.executable, "-c", _EXPORT_AND_MEASURE, str(tmp_path / "ckpt"), str(tmp_path / "b"),
-                          layout], capture_output=True, text=True, timeout=600)
+                          layout], capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "PYTHONPATH": root}, cwd=root)
     assert run.returncode == 0, run.stderr[-2000:]
     measured = json.loads(run.stdout.strip().splitlines()[-1])
     ratio = (measured["peak"] - SLACK) / measured["bundle"]

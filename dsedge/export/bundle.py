@@ -337,7 +337,7 @@ def _tokenizer_info(src: Path, spec) -> dict[str, Any]:
 
 
 def _validate(ckpt: Checkpoint, root: Path, layout: str, dtype: str, accuracy_level: int | None):
-    log.info("export: validating against the transformers reference, streamed one layer at a time")
+    log.info("export: validating against the PyTorch reference (transformers' decoder layers, one at a time)")
     precision = precision_of(dtype, accuracy_level, [q.bits for q in ckpt.quantization.values()])
     checks = validate_bundle(lambda: load_bundle(root), StreamedReference(ckpt), precision=precision)
     raise_on_failure(checks, "decoder" if layout == "monolithic" else "partitioned trunk + experts")

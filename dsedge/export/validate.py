@@ -56,10 +56,11 @@ class Bound:
 #   reproduces: single logits move (up to 0.81 × std on the int4 demo model) while perplexity barely does
 #   (33.421 vs 33.402 on the int4-experts demo), so the bound is on the distributions: measured mean KL
 #   ≤ 8.1e-4 (int8) and ≤ 0.012 (int4), layers ≤ 0.028 / 0.11. Top-1 agreement is reported, not bounded: on
-#   near-flat distributions near-ties flip it at no cost (the v3 fixture's good int4 bundle: 0.75 at KL 5e-7). The random-token prompt inflates
-#   KL over real text (0.0017 vs 0.0008 nats on the demo model), and a real 135M int4 model measured 0.07 with
-#   perplexity equal to transformers' compressed-tensors loader, so the bounds leave that room; the layer
-#   bounds there only catch gross errors (deep models accumulate activation rounding layer over layer).
+#   near-flat distributions near-ties flip it at no cost (the v3 fixture's good int4 bundle: 0.75 at KL 5e-7).
+#   The random-token prompt inflates KL over real text (0.0017 vs 0.0008 nats on the demo model), and a real
+#   135M int4 model measured 0.07 with perplexity equal to transformers' compressed-tensors loader, so the
+#   bounds leave that room; the layer bounds there only catch gross errors (deep models accumulate activation
+#   rounding layer over layer).
 TOLERANCES = {
     "fp32": Bound(relative_logit=1e-4, mean_kl=None, top1=None, greedy_identical=True, relative_layer=1e-3),
     "fp16": Bound(relative_logit=0.05, mean_kl=0.01, top1=None, greedy_identical=False, relative_layer=0.05),
