@@ -17,11 +17,11 @@ from dsedge.export.graph import save_graph
 from dsedge.export.mtp import write_draft
 from dsedge.export.partitioned import placement_plan, write_partitioned
 from dsedge.export.quantized import QuantizedWeight, effective_accuracy_level, valid_accuracy_level
-from dsedge.export.validate import raise_on_failure, validate_engine
+from dsedge.export.validate import precision_of, raise_on_failure, validate_bundle
 from dsedge.manifest import MANIFEST_FILE, GraphEntry, write_manifest
 from dsedge.models.checkpoint import Checkpoint
 from dsedge.models.params import count_params
-from dsedge.models.reference import reference_model
+from dsedge.models.reference import StreamedReference
 from dsedge.models.routing import read_frequencies
 from dsedge.planning import KV_BYTES, kv_bytes_per_token
 from dsedge.progress import progress
@@ -122,7 +122,7 @@ def export_bundle(checkpoint: str | Path, output: str | Path, *, target=None, la
         write_manifest(tmp, manifest)
         level = effective_accuracy_level(accuracy_level, (q.bits for q in ckpt.quantization.values())) \
             if quantized else None
-        checks = _validate(ckpt, tmp, dtype, level) if validate else []
+        checks = _validate(ckpt, tmp, layout, dtype, level) if validate else []
         manifest["validation"] = {"dtype": dtype, "accuracy_level": level, "checks": [c.to_json() for c in checks],
                                   "passed": bool(checks)}
         written = write_manifest(tmp, manifest)
@@ -336,11 +336,11 @@ def _tokenizer_info(src: Path, spec) -> dict[str, Any]:
     return info
 
 
-def _validate(ckpt: Checkpoint, root: Path, dtype: str, accuracy_level: int | None):
-    log.info("export: validating against the PyTorch reference")
-    engine = load_bundle(root)
-    checks = validate_engine(engine, reference_model(ckpt), dtype=dtype, accuracy_level=accuracy_level)
-    raise_on_failure(checks, "decoder" if engine.layout == "monolithic" else "partitioned trunk + experts")
+def _validate(ckpt: Checkpoint, root: Path, layout: str, dtype: str, accuracy_level: int | None):
+    log.info("export: validating against the PyTorch reference (transformers' decoder layers, one at a time)")
+    precision = precision_of(dtype, accuracy_level, [q.bits for q in ckpt.quantization.values()])
+    checks = validate_bundle(lambda: load_bundle(root), StreamedReference(ckpt), precision=precision)
+    raise_on_failure(checks, "decoder" if layout == "monolithic" else "partitioned trunk + experts")
     return checks
 
 

@@ -1,8 +1,11 @@
-"""transformers as the reference: its own model class for a checkpoint, loaded two ways.
+"""transformers as the reference: its own model class for a checkpoint, loaded three ways.
 
 * :func:`reference_model` — the class for the checkpoint's config, with weights from *our* reader.
-  Export validation uses it: bf16, FP8 and compressed checkpoints get the same reference, because FP8
-  blocks and quantized weights are dequantized exactly as the export sees them (MTP tensors skipped).
+  Scripts and tests use it: bf16, FP8 and compressed checkpoints get the same reference, because FP8 blocks
+  and quantized weights are dequantized exactly as the export sees them (MTP tensors skipped).
+* :class:`StreamedReference` — the same classes one decoder layer at a time (transformers' ``DecoderLayer``
+  with only that layer's weights): export validation carries hidden states through it, so a validated
+  export never holds more than one reference layer.
 * :func:`load_reference_model` — transformers' own ``from_pretrained`` (never remote code): the
   independent oracle that tests check our reader against, and what evaluation scores.
 
@@ -17,6 +20,7 @@ from pathlib import Path
 
 from dsedge.models.checkpoint import Checkpoint
 from dsedge.models.experts import fuse_experts
+from dsedge.models.registry import ARCHITECTURES
 
 # Dropped before building transformers' config: FP8 and pack-quantized weights are dequantized by our
 # reader, and remote code is never used.
@@ -92,3 +96,82 @@ def on_disk_state_dict(model) -> dict:
                 out[f"{prefix}.{j}.gate_proj.weight"] = gate
                 out[f"{prefix}.{j}.up_proj.weight"] = up
     return out
+
+
+class StreamedReference:
+    """transformers' own model, one decoder layer at a time: what export validation compares a bundle with.
+
+    Each layer is transformers' ``DecoderLayer`` class for the architecture, built on the meta device and given
+    only that layer's tensors (read from the checkpoint tensor by tensor, FP8 and quantized weights
+    dequantized as export sees them), run once over the carried hidden states, then dropped; the embedding
+    reads only the rows it needs and the head runs last. So the reference never holds more than one layer
+    (plus the embedding or head matrix while they run), whatever the model's size. MTP layers are skipped.
+    """
+
+    def __init__(self, ckpt: Checkpoint):
+        import importlib
+
+        import transformers  # optional heavy dependencies: the reader itself works without them
+
+        quiet_transformers()
+        self.ckpt, self.spec = ckpt, ckpt.spec
+        config_dict = {k: v for k, v in copy.deepcopy(ckpt.spec.config).items() if k not in DROP_CONFIG_KEYS}
+        self.config = transformers.AutoConfig.for_model(**config_dict)
+        self.config._attn_implementation = "sdpa"  # what the full model runs by default
+        model_type = self.config.model_type
+        module = importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}")
+        stem = ARCHITECTURES[model_type].hf_class_stem
+        self.layer_class = getattr(module, f"{stem}DecoderLayer")
+        self.rotary_class = getattr(module, f"{stem}RotaryEmbedding")
+        self.norm_class = getattr(module, f"{stem}RMSNorm")
+
+    @property
+    def num_layers(self) -> int:
+        return self.spec.num_hidden_layers
+
+    def embed(self, token_ids):
+        """Hidden states ``[N, S, H]`` (float32 torch) of equal-length token sequences ``[N, S]``."""
+        import torch  # optional heavy dependency
+
+        weight = self.ckpt.read("model.embed_tokens.weight")
+        rows = weight[torch.as_tensor(token_ids, dtype=torch.long)].clone()
+        del weight  # the matrix is dropped at once: only the rows the prompts use are kept
+        return rows
+
+    def layer(self, index: int):
+        """transformers' decoder layer ``index`` holding the checkpoint's weights (float32, eval mode)."""
+        import torch  # optional heavy dependency
+
+        prefix = f"model.layers.{index}."
+        state = {n.removeprefix(prefix): t for n, t in self.ckpt.read_layer(index).items()}
+        with torch.device("meta"):
+            layer = self.layer_class(self.config, layer_idx=index)
+        layer.load_state_dict(fuse_experts(state), strict=True, assign=True)
+        return layer.eval()
+
+    def run_layer(self, index: int, hidden):
+        """``hidden`` ``[N, S, H]`` through layer ``index`` (causal, positions 0..S-1); the layer is freed after."""
+        import torch  # optional heavy dependency
+
+        seq = hidden.shape[1]
+        positions = torch.arange(seq)[None]
+        cos_sin = self.rotary_class(self.config)(hidden, positions)
+        upper = torch.ones(seq, seq, dtype=torch.bool).triu(1)
+        mask = torch.zeros(seq, seq).masked_fill(upper, torch.finfo(torch.float32).min)[None, None]
+        layer = self.layer(index)
+        with torch.no_grad():
+            out = layer(hidden, attention_mask=mask, position_ids=positions, position_embeddings=cos_sin)
+        out = out[0] if isinstance(out, tuple) else out
+        del layer
+        return out
+
+    def logits(self, hidden):
+        """The final norm and LM head (the embedding matrix when tied) on ``hidden`` ``[N, S, H]``."""
+        import torch  # optional heavy dependency
+
+        names = set(self.ckpt.non_layer_names())
+        norm = self.norm_class(hidden.shape[-1], eps=self.spec.rms_norm_eps)
+        head = self.ckpt.read("lm_head.weight" if "lm_head.weight" in names else "model.embed_tokens.weight")
+        with torch.no_grad():
+            norm.weight.copy_(self.ckpt.read("model.norm.weight"))
+            return torch.nn.functional.linear(norm(hidden), head)
