@@ -288,8 +288,14 @@ def _save(out: Path, results: list[dict]) -> None:
     (out / "side_by_side.json").write_text(json.dumps(results, indent=2) + "\n")
 
 
-def side_by_side_markdown(results: list[dict]) -> str:
-    lines = ["| model | recipe | tool | `heldout-all` ppl | Δ ppl | top-1 agreement | size (MiB) | wall (s) | export |",
+def slice_name(max_tokens: int | None) -> str:
+    """The demo model card's name of the scored slice (``heldout-16k`` = the first 16,384 tokens)."""
+    return "heldout-all" if max_tokens is None else f"heldout-{max_tokens // 1024}k"
+
+
+def side_by_side_markdown(results: list[dict], max_tokens: int | None = None) -> str:
+    lines = [f"| model | recipe | tool | `{slice_name(max_tokens)}` ppl | Δ ppl | top-1 agreement | size (MiB) "
+             "| wall (s) | export |",
              "|---|---|---|---:|---:|---:|---:|---:|---|"]
     base = {r["model"]: r for r in results if r["tool"] == "original"}
     for r in results:
@@ -451,7 +457,7 @@ def main() -> None:
     if args.part in ("all", "gptq-layers"):
         print(gptq_layers_markdown(gptq_layers(args, python)))
     if args.part in ("all", "side-by-side"):
-        print(side_by_side_markdown(side_by_side(args, python)))
+        print(side_by_side_markdown(side_by_side(args, python), args.max_tokens))
 
 
 if __name__ == "__main__":
