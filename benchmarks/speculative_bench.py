@@ -12,7 +12,7 @@ Three measurements, each in one run on an idle machine (batch 1, greedy, EOS ign
 * ``rag``: the same with ``ngram`` on RAG-shaped prompts (numbered source passages from the held-out text,
   then a question about them, through the chat template): answers that quote their sources.
 
-    .venv/bin/python benchmarks/speculative_bench.py verify [--precisions int4 int8] [--context 256]
+    .venv/bin/python benchmarks/speculative_bench.py verify [--precisions int4 int8] [--context 256] [--checkpoint C]
     .venv/bin/python benchmarks/speculative_bench.py decode --bundle B --mode mtp [--draft-tokens 1] [--gen 128]
     .venv/bin/python benchmarks/speculative_bench.py rag [--bundle B] [--draft-tokens 3]
 """
@@ -39,9 +39,11 @@ from dsedge.runtime.speculative import configure  # noqa: E402
 HELDOUT = Path(__file__).parents[1] / "dsedge" / "demo" / "data" / "heldout.txt"
 
 
-def verify_cost(precisions: list[str], context: int, repeats: int, threads: int | None) -> dict:
-    """ms of a forward over T = 1..4 new tokens after ``context`` cached ones, per precision."""
-    ckpt = checkpoint("ds3bench")
+def verify_cost(precisions: list[str], context: int, repeats: int, threads: int | None,
+                source: str = "ds3bench") -> dict:
+    """ms of a forward over T = 1..4 new tokens after ``context`` cached ones, per precision. ``source``: a bench
+    model name (built here) or a checkpoint directory (a tiny one smoke-tests the script)."""
+    ckpt = Path(source) if Path(source).is_dir() else checkpoint(source)
     results = {}
     for precision in precisions:
         engine = load_bundle(bench_bundle(ckpt, precision), threads=threads)
@@ -57,7 +59,7 @@ def verify_cost(precisions: list[str], context: int, repeats: int, threads: int 
                 state.truncate(context)
             ms[width] = float(np.median(times[2:]) * 1e3)
         results[precision] = {"ms": ms, "relative": {w: ms[w] / ms[1] for w in ms}}
-        print(f"ds3bench {precision}: " + ", ".join(f"{w} tokens {ms[w]:.2f} ms ({ms[w] / ms[1]:.2f}x)"
+        print(f"{ckpt.name} {precision}: " + ", ".join(f"{w} tokens {ms[w]:.2f} ms ({ms[w] / ms[1]:.2f}x)"
                                                      for w in ms), file=sys.stderr)
     return results
 
@@ -124,6 +126,7 @@ def main(argv=None) -> None:
     parser.add_argument("--mode", default="mtp", choices=["mtp", "ngram"])
     parser.add_argument("--draft-tokens", type=int)
     parser.add_argument("--precisions", nargs="+", default=["int4", "int8"])
+    parser.add_argument("--checkpoint", default="ds3bench", help="verify: bench model name or checkpoint dir")
     parser.add_argument("--context", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--prompts", type=int, default=8)
@@ -133,7 +136,7 @@ def main(argv=None) -> None:
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args(argv)
     if args.what == "verify":
-        result = verify_cost(args.precisions, args.context, args.repeats, args.threads)
+        result = verify_cost(args.precisions, args.context, args.repeats, args.threads, args.checkpoint)
     else:
         engine = load_bundle(args.bundle or demo_bundle(), threads=args.threads)
         if args.what == "rag":

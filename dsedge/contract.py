@@ -147,7 +147,9 @@ def experts_io(s: GraphShapes) -> Signature:
 
 
 def head_io(s: GraphShapes) -> Signature:
-    return Signature((TensorSpec(HIDDEN, s.act, ("B", "T", s.hidden)), _logits_from()), (_logits(s),))
+    """Final norm and LM head; with an MTP draft module also the normed hidden state at every position."""
+    hidden = (TensorSpec(FINAL_HIDDEN, s.act, ("B", "T", s.hidden)),) if s.final_hidden else ()
+    return Signature((TensorSpec(HIDDEN, s.act, ("B", "T", s.hidden)), _logits_from()), (_logits(s),) + hidden)
 
 
 # --- names ------------------------------------------------------------------------------------------

@@ -40,7 +40,8 @@ def test_compress_every_variant(tiny_checkpoint, tmp_path, case, recipe, method)
     report = compress(src, tmp_path / "out", recipe=recipe, method=method, **FAST)
     out = tmp_path / "out"
     spec = Checkpoint(src).spec
-    planned = {m: s for m, s in load_recipe(recipe).plan(spec).items() if s is not None}
+    has_mtp = Checkpoint(src).has_mtp  # the MTP layer is compressed too (tests/test_mtp_compressed.py)
+    planned = {m: s for m, s in load_recipe(recipe).plan(spec, include_mtp=has_mtp).items() if s is not None}
     assert report.quantized_modules == len(planned)  # every selected linear, experts included
     assert {s for layer in report.layers for s in (m["scheme"] for m in layer["modules"].values())} == \
         {load_recipe(recipe).with_method(method).scheme_for(next(iter(planned))).label}
@@ -51,7 +52,7 @@ def test_compress_every_variant(tiny_checkpoint, tmp_path, case, recipe, method)
     assert q["compressed"]["perplexity"] < q["original"]["perplexity"] * (1.01 if recipe == "int8" else 1.05)
     config = json.loads((out / "config.json").read_text())
     assert config["quantization_config"]["quant_method"] == "compressed-tensors"
-    assert config.get("num_nextn_predict_layers", 0) == 0  # the MTP layer is not written
+    assert config.get("num_nextn_predict_layers", 0) == (1 if has_mtp else 0)  # the MTP layer is kept
     assert {"recipe.json", "compress_report.json", "tokenizer.json"} <= {p.name for p in out.iterdir()}
     Checkpoint(out).validate()
     if spec.moe:
@@ -68,7 +69,8 @@ def _check_every_expert_quantized(report, spec):
         assert experts == expected, layer["layer"]
         if layer["moe"]:
             assert sum(layer["experts"]["routed_tokens"]) == FAST["calib_tokens"] * spec.moe.num_experts_per_tok
-    assert report.quantized_experts == len(spec.moe_layers) * spec.moe.n_routed_experts
+    moe_layers = len(spec.moe_layers) + sum(1 for layer in report.layers if layer.get("mtp"))
+    assert report.quantized_experts == moe_layers * spec.moe.n_routed_experts
 
 
 @pytest.mark.parametrize("statistics", ["all-tokens", "routed"])

@@ -31,10 +31,10 @@ def checkpoint(tiny_checkpoint):
     return tiny_checkpoint("v3", mtp=True)
 
 
-@pytest.fixture(scope="module")
-def bundle(checkpoint, tmp_path_factory):
-    out = tmp_path_factory.mktemp("mtp") / "b"
-    export_bundle(checkpoint, out, max_context=64)  # validation of the main graph included
+@pytest.fixture(scope="module", params=["monolithic", "partitioned"])
+def bundle(checkpoint, tmp_path_factory, request):
+    out = tmp_path_factory.mktemp(f"mtp-{request.param}") / "b"
+    export_bundle(checkpoint, out, max_context=64, layout=request.param)  # validation of the main graph included
     return out
 
 
@@ -56,9 +56,12 @@ def _main_hidden(main_reference, ids: list[int]) -> torch.Tensor:
 
 def test_export_writes_the_draft_graph(bundle):
     manifest = json.loads((bundle / "manifest.json").read_text())
-    assert [g["role"] for g in manifest["graphs"]] == ["decoder", "draft"]
-    assert manifest["mtp"] == {"in_checkpoint": True, "exported": True}
-    assert FINAL_HIDDEN in [t["name"] for t in manifest["graphs"][0]["outputs"]]
+    roles = [g["role"] for g in manifest["graphs"]]
+    assert roles[-1] == "draft" and roles.count("draft") == 1
+    assert roles[0] == ("decoder" if manifest["layout"] == "monolithic" else "prelude")
+    assert manifest["mtp"] == {"in_checkpoint": True, "exported": True} and not manifest["notes"]
+    last_main = manifest["graphs"][0 if manifest["layout"] == "monolithic" else -2]  # the decoder, or the head
+    assert FINAL_HIDDEN in [t["name"] for t in last_main["outputs"]]
     assert_declared_io_matches_onnx(bundle)
 
 
@@ -145,12 +148,10 @@ def test_speculative_mtp_greedy_equals_greedy(bundle, draft_tokens, capsys):
     assert by_mode["mtp"] == by_mode["off"] and len(by_mode["off"]) == 8
 
 
-def test_mtp_needs_a_draft_graph(checkpoint, tmp_path, tiny_checkpoint):
-    export_bundle(checkpoint, tmp_path / "p", max_context=32, layout="partitioned", validate=False)
-    manifest = json.loads((tmp_path / "p" / "manifest.json").read_text())
-    assert manifest["mtp"]["exported"] is False and any("MTP" in n for n in manifest["notes"])
-    with pytest.raises(UserError, match="no MTP draft graph"):
-        configure(load_bundle(tmp_path / "p"), "mtp")
-    export_bundle(tiny_checkpoint("llama"), tmp_path / "l", max_context=32, validate=False)
-    with pytest.raises(UserError, match="no MTP draft graph"):
-        configure(load_bundle(tmp_path / "l"), "mtp")
+def test_mtp_needs_a_draft_graph(tmp_path, tiny_checkpoint):
+    for variant, layout in (("v3", "partitioned"), ("v3", "monolithic"), ("llama", "monolithic")):
+        out = tmp_path / f"{variant}-{layout}"
+        export_bundle(tiny_checkpoint(variant), out, max_context=32, layout=layout, validate=False)
+        assert json.loads((out / "manifest.json").read_text())["mtp"]["exported"] is False
+        with pytest.raises(UserError, match="no MTP draft graph"):
+            configure(load_bundle(out), "mtp")

@@ -170,7 +170,8 @@ class _Run:
         self.pruned_config = (hf_config(self.spec.config, n_routed_experts=prune.experts_after)
                               if prune else self.config)
         self.runner = LayerRunner(self.classes, self.config, calibset.seq_len, batch_size)
-        self.linear_names = {t.name for t in self.spec.expected_tensors() if t.linear}
+        self.mtp_layers = self.spec.mtp_layers if ckpt.has_mtp else []  # compressed too: the speculative draft
+        self.linear_names = {t.name for t in self.spec.expected_tensors(include_mtp=ckpt.has_mtp) if t.linear}
         self.layers: list[dict] = []
         self.kept: dict[int, list[int]] = {}
         self.warnings: list[str] = []
@@ -188,14 +189,19 @@ class _Run:
     def write(self, directory: Path, max_shard_bytes: int) -> None:
         writer = ShardWriter(directory, max_shard_bytes)
         self._embed(writer)
-        with progress("compress", total=self.spec.num_hidden_layers, unit="layer") as self.layers_done:
+        total = self.spec.num_hidden_layers + len(self.mtp_layers)
+        with progress("compress", total=total, unit="layer") as self.layers_done:
             for i in range(self.spec.num_hidden_layers):
                 writer.add(self._layer(i))
+                writer.flush_if_full()
+            hidden = None  # module k reads module k-1's output; the first reads the main model's
+            for depth, i in enumerate(self.mtp_layers):
+                tensors, hidden = self._mtp_layer(i, depth, hidden)
+                writer.add(tensors)
                 writer.flush_if_full()
         self._head(writer)
         writer.finish()
         self._write_frequencies(directory)
-        self._warn_mtp()
         write_json(directory / "config.json", self._config())
         write_json(directory / RECIPE_FILE, self.recipe.to_json())
         copy_tokenizer_files(self.ckpt.path, directory)
@@ -206,7 +212,7 @@ class _Run:
         counts = {}
         for record in self.layers:
             routed = (record.get("experts") or {}).get("routed_tokens")
-            if routed is None:
+            if routed is None or record.get("mtp"):  # export ranks the trunk's expert partitions only
                 continue
             kept = self.kept.get(record["layer"])
             counts[record["layer"]] = [routed[e] for e in kept] if kept else list(routed)
@@ -262,17 +268,22 @@ class _Run:
         return dequantized
 
     # -- one layer --
-    def _layer(self, i: int) -> dict:
+    def _layer(self, i: int, names: list[str] | None = None, *, mtp: bool = False) -> dict:
+        """Layer ``i`` (``names``: its decoder-block tensors; an MTP layer's own extras are not) compressed on
+        the calibration states ``self.x``, which it then carries to the next layer's input."""
         t0 = time.perf_counter()
         prefix = f"model.layers.{i}."
-        names = self.ckpt.layer_names(i)
+        names = self.ckpt.layer_names(i) if names is None else names
         layer = build_layer(self.classes, self.config, i, _relative(self.ckpt.read_many(names), prefix))
         state = layer_state(layer, names, prefix)  # views into the layer: the weights are held once
-        if self.evaluate:
+        evaluate = self.evaluate and not mtp  # the held-out quality is the main model's
+        if evaluate:
             self.h_orig = self.runner.run(layer, self.h_orig)
         selected = self._selected(state)
         stats = self._calibrate(layer, prefix, selected)
         record: dict[str, Any] = {"layer": i, "moe": self.spec.is_moe_layer(i), "modules": {}}
+        if mtp:
+            record["mtp"] = True
         kept = None
         if stats.moe is not None:
             activity = cal.expert_activity(layer.mlp.experts, *stats.moe)
@@ -289,7 +300,7 @@ class _Run:
         if kept:  # fewer experts: a layer of the pruned shape
             layer = build_layer(self.classes, self.pruned_config, i, _relative(state, prefix))
         self.x = self.runner.run(layer, self.x)
-        if self.evaluate:
+        if evaluate:
             self.h_comp = self.runner.run(layer, self.h_comp)
         del layer
         record["seconds"] = round(time.perf_counter() - t0, 3)
@@ -415,17 +426,70 @@ class _Run:
         detail += f", kept {len(kept)} experts" if kept else ""
         self.layers_done.advance(detail=detail.removeprefix(", "))  # "compress: layer 3/12, 1.2 s/layer, ETA …"
 
-    def _warn_mtp(self) -> None:
-        if self.ckpt.has_mtp:
-            msg = ("the MTP layer (speculative decoding head) is not written: transformers and dsedge export "
-                   "do not use it; num_nextn_predict_layers is set to 0")
-            self.warnings.append(msg)
-            log.warning("%s", msg)
+    # -- the MTP module (DeepSeek-V3 report §2.2; dsedge.testing.mtp_reference) --
+    def _mtp_layer(self, i: int, depth: int, hidden) -> tuple[dict, Any]:
+        """MTP module ``depth`` at layer ``i``, compressed like a layer on its own calibration input: at
+        position j, eh_proj([enorm(Emb(t_{j+1+depth})); hnorm(h_j)]) with h_j the compressed main model's
+        normed final state (module k > 0: module k-1's output). eh_proj is a linear under the recipe, the norms
+        stay float, the embedding and head are the main model's (not written again when they are its copies).
+        Returns the tensors to write and the module's output states."""
+        prefix = f"model.layers.{i}."
+        names = self.ckpt.layer_names(i)
+        extras = [n for n in names if n.removeprefix(prefix) in MTP_OWN]
+        own = {n.removeprefix(prefix): self.ckpt.read(n) for n in extras}
+        main_embed = self.ckpt.read("model.embed_tokens.weight")
+        embed = own.get("embed_tokens.weight", main_embed)
+        if hidden is None:
+            hidden = final_norm(self.x, self.ckpt.read("model.norm.weight"), self.spec.rms_norm_eps, self.classes.norm)
+        ids = self.calibset.calib
+        # the token after next at each position; the last positions (no such token) repeat the last one
+        ahead = torch.cat([ids[:, depth + 1:], ids[:, -1:].expand(-1, depth + 1)], dim=1)
+        joined = torch.cat([self._rms(embed[ahead], own["enorm.weight"]), self._rms(hidden, own["hnorm.weight"])], -1)
+        out, eh_proj = self._mtp_eh_proj(prefix, own["eh_proj.weight"], joined)
+        saved, self.x = self.x, (joined @ eh_proj.T.float()).to(self.x.dtype)
+        try:
+            out |= self._layer(i, [n for n in names if n not in extras], mtp=True)
+            block_out = self.x
+        finally:
+            self.x = saved
+        for name in ("enorm.weight", "hnorm.weight", "shared_head.norm.weight"):
+            out[prefix + name] = self._stored(prefix + name, own[name])
+        main_head = self.ckpt.read("lm_head.weight") if "lm_head.weight" in self.ckpt.tensors else main_embed
+        for name, main in (("embed_tokens.weight", main_embed), ("shared_head.head.weight", main_head)):
+            if name in own and not torch.equal(own[name], main):  # a module trained with its own: kept
+                out[prefix + name] = self._stored(prefix + name, own[name])
+        return out, block_out
+
+    def _mtp_eh_proj(self, prefix: str, weight, joined) -> tuple[dict, Any]:
+        """eh_proj under the recipe (GPTQ on the module's joined inputs); its tensors and the weight it now
+        computes with (dequantized when quantized)."""
+        module = prefix + "eh_proj"
+        scheme = self.recipe.scheme_for(module)
+        if scheme is None:
+            self.ignored.append(module)
+            return {module + ".weight": self._stored(module + ".weight", weight)}, weight.float()
+        hessian = None
+        if scheme.method == "gptq":
+            hessian = HessianAccumulator(weight.shape[1])
+            for start in range(0, joined.shape[0], self.runner.batch_size):
+                hessian.add(joined[start:start + self.runner.batch_size])
+        qt = quantize(weight.float(), scheme, hessian, name=module, scale_dtype=self.scale_dtype)
+        self.schemes[module], self.shapes[module] = scheme, tuple(weight.shape)
+        dequantized = dequantize(qt)
+        log.info("%s: %s, SQNR %.1f dB", module, scheme.label, sqnr_db(weight.float(), dequantized))
+        tensors = pack(module, qt, stored_group=stored_group(module, scheme, self.expert_widths),
+                       scale_dtype=self.scale_dtype)
+        return tensors, dequantized
+
+    def _rms(self, x, weight):
+        """RMSNorm in fp32, as the MTP reference computes enorm/hnorm."""
+        x = x.float()
+        return weight.float() * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.spec.rms_norm_eps))
 
     # -- config and report --
     def _config(self) -> dict:
         config = {k: v for k, v in self.spec.config.items() if k != "quantization_config"}
-        if "num_nextn_predict_layers" in config:
+        if "num_nextn_predict_layers" in config and not self.mtp_layers:  # the checkpoint stored none
             config["num_nextn_predict_layers"] = 0
         if self.prune:
             config["n_routed_experts"] = self.prune.experts_after
@@ -464,6 +528,11 @@ class _Run:
 class _LayerStats:
     hessians: dict  # layer-relative module name -> HessianAccumulator
     moe: tuple | None  # (hidden [T, H], top-k index [T, k], top-k weights [T, k]) of the fused experts
+
+
+# An MTP layer's tensors outside its decoder block (models/deepseek.py::_mtp_layer)
+MTP_OWN = ("embed_tokens.weight", "enorm.weight", "hnorm.weight", "eh_proj.weight", "shared_head.norm.weight",
+           "shared_head.head.weight")
 
 
 def _all_tokens_hessian(hidden):

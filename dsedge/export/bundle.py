@@ -218,14 +218,15 @@ def _write_graphs(ckpt: Checkpoint, weights, root: Path, context: int, layout: s
     if layout == "partitioned":
         return write_partitioned(ckpt.spec, weights, root, GRAPH_DIR, max_positions=context,
                                  target_budget=tgt.memory_budget_bytes if tgt else None, per_partition=per_partition,
-                                 half=half)
+                                 half=half, has_mtp=ckpt.has_mtp)
     def build(data: Path):
         return build_decoder(ckpt.spec, weights, max_positions=context, expert_path=expert_path, data_path=data,
                              half=half)
 
     graphs = [save_graph(build, decoder_io(graph_shapes(ckpt.spec, half)), root, GRAPH_DIR, DECODER, DECODER)]
-    if ckpt.has_mtp:  # the MTP module as the speculative draft graph (dsedge.export.mtp)
-        graphs.append(write_draft(ckpt.spec, weights, root, GRAPH_DIR, max_positions=context, half=half))
+    if ckpt.has_mtp:  # the MTP module as the speculative draft graph, reading the decoder's embedding and head
+        graphs.append(write_draft(ckpt.spec, weights, root, GRAPH_DIR, max_positions=context, half=half,
+                                  shares=graphs[:1]))
     return graphs
 
 
@@ -277,8 +278,8 @@ def _manifest(ckpt: Checkpoint, tgt, layout: str, dtype: str, context: int, grap
     notes = []
     mtp_exported = any(g.role == DRAFT for g in graphs)
     if spec.num_mtp_layers and not mtp_exported:
-        notes.append("the MTP (multi-token prediction) layer is not exported (monolithic layout only, and only when "
-                     "the checkpoint stores it): `--speculative mtp` is unavailable, `ngram` works")
+        notes.append("the MTP (multi-token prediction) layer is not exported (the checkpoint does not store it): "
+                     "`--speculative mtp` is unavailable, `ngram` works")
     return {
         "dsedge_version": __version__,
         "created_unix": int(time.time()),

@@ -24,6 +24,7 @@ from dsedge.contract import (
     EXPERT_IDS,
     EXPERT_WEIGHTS,
     EXPERTS,
+    FINAL_HIDDEN,
     HEAD,
     HIDDEN,
     INPUT_IDS,
@@ -58,6 +59,7 @@ from dsedge.export.decoder import (
 )
 from dsedge.export.graph import GraphBuilder, save_graph
 from dsedge.export.moe import moe_router_and_shared, routed_experts
+from dsedge.export.mtp import graph_initializer, write_draft
 from dsedge.manifest import GraphEntry, Placement, RankedPartition, longest_prefix
 from dsedge.models.spec import ModelSpec
 from dsedge.planning import RUNTIME_OVERHEAD_BYTES  # the same allowance `plan` uses
@@ -143,23 +145,24 @@ def build_head(spec: ModelSpec, top: dict[str, np.ndarray], data_path: Path | No
     g = GraphBuilder(HEAD, data_path, half)
     signature = head_io(graph_shapes(spec, half))
     g.declare_inputs(signature)
-    x = g.rms_norm(logit_positions(g, HIDDEN), top["model.norm.weight"], "model.norm", spec.rms_norm_eps)
+    values = {}
+    if any(t.name == FINAL_HIDDEN for t in signature.outputs):  # the MTP draft reads every position's, normed
+        values[FINAL_HIDDEN] = g.rms_norm(HIDDEN, top["model.norm.weight"], "model.norm", spec.rms_norm_eps)
+        x = logit_positions(g, values[FINAL_HIDDEN])
+    else:  # slice first: the norm and the head run for the logit positions alone
+        x = g.rms_norm(logit_positions(g, HIDDEN), top["model.norm.weight"], "model.norm", spec.rms_norm_eps)
     embed = None
     if spec.tie_word_embeddings:
         g.initializers.append(shared_embedding)
         embed = shared_embedding.name
-    g.declare_outputs(signature, {LOGITS: g.to_float(lm_head(g, spec, x, top, embed))})
+    g.declare_outputs(signature, values | {LOGITS: g.to_float(lm_head(g, spec, x, top, embed))})
     return g.model()
 
 
 def prelude_embedding(root: Path, prelude: GraphEntry) -> tuple[onnx.TensorProto, tuple[str, ...]]:
     """The prelude's embedding initializer (a reference only: its data stays in the prelude's file) and the
     bundle files it lives in, for a tied head to point at."""
-    model = onnx.load_model(str(root / prelude.file), load_external_data=False)
-    tensor = next(t for t in model.graph.initializer if t.name == EMBEDDING)
-    if tensor.data_location != onnx.TensorProto.EXTERNAL:
-        return tensor, ()
-    return tensor, prelude.data_files
+    return graph_initializer(root, prelude, EMBEDDING)
 
 
 def build_partition(spec: ModelSpec, w: dict[str, np.ndarray], part: Partition,
@@ -177,7 +180,7 @@ def build_partition(spec: ModelSpec, w: dict[str, np.ndarray], part: Partition,
 
 def write_partitioned(spec: ModelSpec, weights: WeightsFn, root: Path, graph_dir: str, *, max_positions: int,
                       target_budget: int | None, per_partition: int | None = None, half: bool = False,
-                      ) -> list[GraphEntry]:
+                      has_mtp: bool = False) -> list[GraphEntry]:
     """Write every graph of the partitioned layout; returns their manifest entries."""
     shapes = graph_shapes(spec, half)
     top = weights(None)
@@ -201,6 +204,9 @@ def write_partitioned(spec: ModelSpec, weights: WeightsFn, root: Path, graph_dir
     # The shared file is listed (hashed, and checked as the head's external data) but its bytes count once,
     # under the prelude: placement's trunk size stays what is on disk.
     graphs.append(replace(head, data_files=head.data_files + shared_files))
+    if has_mtp:  # the MTP draft, reading the prelude's embedding and the head's matrix (dsedge.export.mtp)
+        graphs.append(write_draft(spec, weights, root, graph_dir, max_positions=max_positions, half=half,
+                                  shares=[graphs[0], graphs[-1]]))
     return graphs
 
 

@@ -40,6 +40,7 @@ FP8_DTYPE = "F8_E4M3"
 SCALE_SUFFIX = "_scale_inv"  # weight_scale_inv next to each FP8 weight
 IGNORED = re.compile(r".*\.rotary_emb\.inv_freq$")  # buffers some old exports saved; recomputed anyway
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
+MTP_SHARED = (".embed_tokens.weight", ".shared_head.head.weight")  # an MTP layer's copies of the main tensors
 
 
 def torch_dtype(safetensors_dtype: str) -> torch.dtype:
@@ -213,6 +214,8 @@ class Checkpoint:
         if scheme is not None:
             return compressed.check_packed(t, scheme, self.tensors, self.storage.get(name.removesuffix(".weight")))
         info = self.tensors.get(name)
+        if info is None and t.component == "mtp" and name.endswith(MTP_SHARED):
+            return []  # the MTP module shares the main embedding/head; `dsedge compress` does not store copies
         if info is None:
             return [f"missing tensor {name} (expected shape {list(t.shape)})"]
         if info.shape != t.shape:

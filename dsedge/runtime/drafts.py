@@ -106,11 +106,12 @@ class MTPDrafter:
 
     def __init__(self, engine):
         graphs = engine.graph(DRAFT)
-        decoder_outputs = {t.name for g in engine.graph("decoder") for t in g.outputs}
-        if not graphs or FINAL_HIDDEN not in decoder_outputs:
+        # the main model's last graph (monolithic decoder, or the partitioned head) returns the hidden state
+        main_outputs = {t.name for role in ("decoder", "head") for g in engine.graph(role) for t in g.outputs}
+        if not graphs or FINAL_HIDDEN not in main_outputs:
             raise UserError("this bundle has no MTP draft graph", where="--speculative mtp",
-                            hint="use --speculative ngram, or export (monolithic layout) a checkpoint that stores "
-                                 "an MTP layer (num_nextn_predict_layers ≥ 1: DeepSeek-V3/R1)")
+                            hint="use --speculative ngram, or export a checkpoint that stores an MTP layer "
+                                 "(num_nextn_predict_layers ≥ 1: DeepSeek-V3/R1)")
         self.engine, self.session = engine, engine.session(graphs[0])
         self.cache: CacheBuffers | None = None
         self._ids: list[int] = []

@@ -12,7 +12,6 @@ from dsedge.contract import (
     HEAD,
     HIDDEN,
     LAYER,
-    LOGITS,
     MOE_INPUT,
     PRELUDE,
     RESIDUAL,
@@ -77,7 +76,7 @@ class PartitionedEngine(Engine):
             values[HIDDEN] = hidden
             if self.trace is not None:  # validation locates a wrong layer from these
                 self.trace.append(hidden)
-        outputs[LOGITS] = self.head.run_with(values)[LOGITS]
+        outputs |= self.head.run_with(values)  # logits, and final_hidden where the bundle has an MTP draft
         return outputs
 
     def _routed(self, layer: int, result: dict[str, np.ndarray]) -> np.ndarray:
