@@ -56,6 +56,7 @@ from dsedge.export.decoder import (
     positional,
     rope_lookup,
 )
+from dsedge.export.embedding import EMBEDDING, embedding_initializers, embedding_lookup
 from dsedge.export.graph import GraphBuilder, save_graph
 from dsedge.export.moe import dispatch_experts, moe_router_and_shared
 from dsedge.manifest import GraphEntry, Placement, RankedPartition, longest_prefix
@@ -65,7 +66,6 @@ from dsedge.planning import RUNTIME_OVERHEAD_BYTES  # the same allowance `plan` 
 log = logging.getLogger(__name__)
 
 DEFAULT_PARTITION_BYTES = 64 * 1024**2
-EMBEDDING = "model.embed_tokens.weight"
 
 
 @dataclass(frozen=True)
@@ -103,8 +103,7 @@ def build_prelude(spec: ModelSpec, top: dict[str, np.ndarray], max_positions: in
     """Token ids, positions and mask → the embeddings and the positional tensors every layer reads."""
     g = GraphBuilder(PRELUDE, data_path, half)
     g.declare_inputs(prelude_io(graph_shapes(spec, half)))
-    hidden = g.op("Gather", g.weight("model.embed_tokens.weight", top["model.embed_tokens.weight"]), INPUT_IDS,
-                  axis=0)
+    hidden = embedding_lookup(g, top[EMBEDDING], INPUT_IDS)
     cos, sin = rope_lookup(g, spec, POSITION_IDS, max_positions)
     past_len = g.op("Sub", g.shape_dim(ATTENTION_MASK, 1), g.shape_dim(INPUT_IDS, 1))
     g.declare_outputs(prelude_io(graph_shapes(spec, half)), {
@@ -156,7 +155,7 @@ def prelude_embedding(root: Path, prelude: GraphEntry) -> tuple[onnx.TensorProto
     """The prelude's embedding initializer (a reference only: its data stays in the prelude's file) and the
     bundle files it lives in, for a tied head to point at."""
     model = onnx.load_model(str(root / prelude.file), load_external_data=False)
-    tensor = next(t for t in model.graph.initializer if t.name == EMBEDDING)
+    tensor = next(t for t in model.graph.initializer if t.name in embedding_initializers([t.name]))
     if tensor.data_location != onnx.TensorProto.EXTERNAL:
         return tensor, ()
     return tensor, prelude.data_files
