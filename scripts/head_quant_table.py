@@ -1,14 +1,16 @@
 """Held-out perplexity of the demo models per preset with the LM head (and the token embedding) quantized.
 
-For each model and preset: the preset as shipped, then with a rule naming ``lm_head`` at the preset's own
-bits (and group size) and at int8 per channel; for each of those, the embedding quantized round-to-nearest at
-the same bits the head got (what ``dsedge export --quantize-embedding`` does) is scored too, by swapping the
-dequantized embedding into the reference model. Scored on the named slice ``heldout-all`` (all of
+For each model and preset: the preset as shipped (float head and embedding), then with the LM head quantized
+round-to-nearest at the preset's own bits and group size and at int8 per channel (exactly what a rule
+``{"match": "lm_head", "quant": {..., "method": "rtn"}}`` writes: the head is quantized after every layer, so
+the layers are the same), and with the embedding quantized as ``dsedge export --quantize-embedding`` does —
+both by swapping the dequantized matrices into the reference model of the one compressed checkpoint. Scored
+on the named slice ``heldout-all`` (all of
 ``dsedge/demo/data/heldout.txt``, 512-token windows) as the model card and scripts/compress_table.py do.
 
     nice -n 10 .venv/bin/python scripts/head_quant_table.py --out /tmp/head-table [--max-tokens 1000000]
 
-Writes head_table.json (one object per row) in --out and prints a Markdown table.
+Writes head_table.json (one object per row) in --out (rerunning resumes) and prints a Markdown table.
 """
 
 from __future__ import annotations
@@ -19,25 +21,17 @@ import time
 from pathlib import Path
 
 MODELS = ("deepseek-v3-tiny", "qwen2-tiny")
-PRESETS = ("int8", "int4-g128", "int4-experts")
-# the head's scheme per preset: (label, scheme JSON or None = as the preset has it, kept float)
-HEAD_VARIANTS = {"int8": [("float head", None), ("head int8", {"bits": 8})],
-                 "int4-g128": [("float head", None), ("head int4-g128", {"bits": 4, "group_size": 128}),
-                               ("head int8", {"bits": 8})],
-                 "int4-experts": [("float head", None), ("head int8", {"bits": 8})]}
-
-
-def recipe_with_head(preset_name: str, head: dict | None, directory: Path) -> str:
-    from dsedge.compress.recipes import preset
-
-    recipe = preset(preset_name).to_json()
-    if head is None:
-        return preset_name
-    recipe["name"] = f"{preset_name}+head"
-    recipe["rules"] = [{"match": "lm_head", "quant": {**head, "method": recipe["method"]}}, *recipe["rules"]]
-    path = directory / f"{preset_name}-head{head['bits']}.json"
-    path.write_text(json.dumps(recipe))
-    return str(path)
+PRESETS = {"deepseek-v3-tiny": ("int8", "int4-g128", "int4-experts"),
+           "qwen2-tiny": ("int8", "int4-g128")}  # a dense model's int4-experts is int8 everywhere
+# (label, head scheme, embedding scheme) per preset; None = float. Head and embedding are round-to-nearest.
+VARIANTS = {
+    "int8": [("head int8", (8, None), None), ("head int8 + embedding int8", (8, None), (8, None))],
+    "int4-g128": [("head int4-g128", (4, 128), None), ("head int8", (8, None), None),
+                  ("head int8 + embedding int8", (8, None), (8, None)),
+                  ("head int8 + embedding int4-g32", (8, None), (4, 32))],
+    "int4-experts": [("head int8", (8, None), None), ("head int8 + embedding int8", (8, None), (8, None)),
+                     ("head int8 + embedding int4-g32", (8, None), (4, 32))],
+}
 
 
 def score(model, ids: list[int]) -> dict:
@@ -46,12 +40,14 @@ def score(model, ids: list[int]) -> dict:
     return evaluate_perplexity(torch_logits_fn(model), ids, window=512, batch_size=8).to_json()
 
 
-def quantized_embedding(weight, bits: int, group: int | None):
+def rtn(weight, scheme: tuple[int, int | None], scale_dtype):
+    """What a ``{"bits": b, "group_size": g, "method": "rtn"}`` rule writes (the head: scales in the checkpoint's
+    16-bit dtype) and what export's --quantize-embedding computes (the embedding: float16 scales), dequantized."""
     from dsedge.compress.quant import quantize_rtn
     from dsedge.quantformat.scheme import QuantScheme
     from dsedge.quantformat.tensor import dequantize
 
-    return dequantize(quantize_rtn(weight.float(), QuantScheme(bits, group)))
+    return dequantize(quantize_rtn(weight.detach().float(), QuantScheme(*scheme), scale_dtype=scale_dtype))
 
 
 def main() -> None:
@@ -72,42 +68,47 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     rows_file = args.out / "head_table.json"
     rows = json.loads(rows_file.read_text()) if rows_file.exists() else []
-    done = {(r["model"], r["preset"], r["head"], r["embedding"]) for r in rows}
+    done = {(r["model"], r["preset"], r["variant"]) for r in rows}
+
+    def record(row: dict) -> None:
+        rows.append(row)
+        rows_file.write_text(json.dumps(rows, indent=1))
+        print(json.dumps(row), flush=True)
+
     for model_name in args.models:
-        src = resolve_checkpoint(model_name)
-        ids = encode_text_file(Path(src) / "tokenizer.json", heldout_path())[:args.max_tokens]
-        for preset_name in PRESETS:
-            for label, head in HEAD_VARIANTS[preset_name]:
-                embeddings = ["float"] + ([f"int{head['bits']}"] if head else [])
-                if all((model_name, preset_name, label, e) in done for e in embeddings):
+        tokenizer = Path(resolve_checkpoint(model_name)) / "tokenizer.json"
+        ids = encode_text_file(tokenizer, heldout_path())[:args.max_tokens]
+        for preset_name in PRESETS[model_name]:
+            started = time.perf_counter()
+            path = args.out / f"{model_name}--{preset_name}"
+            if not (path / "config.json").exists():
+                compress(model_name, path, recipe=preset_name, evaluate=False, overwrite=True)
+            model = reference_model(Checkpoint(path))
+            head, embed = model.get_output_embeddings().weight, model.get_input_embeddings().weight
+            float_head, float_embed = head.detach().clone(), embed.detach().clone()
+            if (model_name, preset_name, "as shipped") not in done:
+                record({"model": model_name, "preset": preset_name, "variant": "as shipped",
+                        "heldout_all": score(model, ids), "seconds": round(time.perf_counter() - started, 1)})
+            for label, head_scheme, embed_scheme in VARIANTS[preset_name]:
+                if (model_name, preset_name, label) in done:
                     continue
-                started = time.perf_counter()
-                path = args.out / f"{model_name}--{preset_name}--{label.replace(' ', '-')}"
-                compress(model_name, path, recipe=recipe_with_head(preset_name, head, args.out), overwrite=True)
-                model = reference_model(Checkpoint(path))
-                size = sum(f.stat().st_size for f in path.glob("*.safetensors"))
-                for embedding in embeddings:
-                    if embedding != "float":
-                        emb = model.get_input_embeddings()
-                        with torch.no_grad():
-                            emb.weight.copy_(quantized_embedding(emb.weight, head["bits"], head.get("group_size")))
-                    row = {"model": model_name, "preset": preset_name, "head": label, "embedding": embedding,
-                           "bytes": size, "heldout_all": score(model, ids),
-                           "seconds": round(time.perf_counter() - started, 1)}
-                    rows.append(row)
-                    rows_file.write_text(json.dumps(rows, indent=1))
-                    print(json.dumps(row), flush=True)
+                with torch.no_grad():
+                    head.copy_(float_head if head_scheme is None else rtn(float_head, head_scheme, torch.bfloat16))
+                    embed.copy_(float_embed if embed_scheme is None else rtn(float_embed, embed_scheme, torch.float16))
+                record({"model": model_name, "preset": preset_name, "variant": label,
+                        "heldout_all": score(model, ids), "seconds": round(time.perf_counter() - started, 1)})
     print(markdown(rows))
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| model | preset | head | embedding | `heldout-all` ppl | Δ vs preset | top-1 |", "|---|---|---|---|---:|---:|---:|"]
+    lines = ["| model | preset | head / embedding | `heldout-all` ppl | Δ vs as shipped | top-1 |",
+             "|---|---|---|---:|---:|---:|"]
     for r in rows:
         base = next(b for b in rows if b["model"] == r["model"] and b["preset"] == r["preset"]
-                    and b["head"] == "float head" and b["embedding"] == "float")
+                    and b["variant"] == "as shipped")
         ppl, ref = r["heldout_all"]["perplexity"], base["heldout_all"]["perplexity"]
-        lines.append(f"| {r['model']} | {r['preset']} | {r['head']} | {r['embedding']} | {ppl:.3f} | "
-                     f"{100 * (ppl / ref - 1):+.2f}% | {100 * r['heldout_all']['top1_accuracy']:.2f}% |")
+        lines.append(f"| {r['model']} | {r['preset']} | {r['variant']} | {ppl:.3f} | {100 * (ppl / ref - 1):+.2f}% | "
+                     f"{100 * r['heldout_all']['top1_accuracy']:.2f}% |")
     return "\n".join(lines)
 
 

@@ -32,7 +32,7 @@ def test_first_match_wins_exact_and_regex():
     assert Recipe("r", (Rule(r"re:model\.layers\.1", INT4),)).scheme_for("model.layers.1.mlp.up_proj") is None
 
 
-@pytest.mark.parametrize("name", ["model.embed_tokens", "model.norm", "model.layers.2.mlp.gate",
+@pytest.mark.parametrize("name", ["model.norm", "model.layers.2.mlp.gate",
                                   "model.layers.2.input_layernorm", "model.layers.1.self_attn.kv_a_layernorm",
                                   "model.layers.3.shared_head.head", "model.layers.3.embed_tokens",
                                   "model.layers.3.enorm"])
