@@ -10,7 +10,8 @@ with it its ``e_score_correction_bias``), norms, the MTP layer's embedding and `
 quantized. The LM head (``lm_head``) and the token embedding (``model.embed_tokens``) are kept too unless a
 recipe rule names them exactly (``{"match": "lm_head", "quant": {"bits": 8}}``): at int4 an fp32 head is two
 thirds of the bytes a small model reads per decoded token, which is why llama.cpp's Q4/Q8 files quantize it
-too. The embedding is always quantized round-to-nearest (a lookup has no input activations for GPTQ to
+too; the ``int8`` preset quantizes both (measured lossless, docs/compress.md). The embedding is always
+quantized round-to-nearest (a lookup has no input activations for GPTQ to
 weigh); with ``tie_word_embeddings`` the embedding's rule decides the head as well (one matrix is stored).
 Only 2-D linear weights are candidates at all
 (:meth:`Recipe.plan` takes them from the spec's ``linear`` flag), so biases and buffers never are.
@@ -154,11 +155,22 @@ def _asym(group: int) -> list[dict[str, Any]]:
             {"match": "re:.*", "quant": {**_scheme(4, group, "gptq"), "symmetric": False}}]
 
 
+# The LM head int8 per output channel (round-to-nearest) and the embedding int8 per row (quantized at export:
+# GatherBlockQuantized), in the presets where held-out perplexity on both demo models stayed within 0.5% of the
+# preset without them (docs/compress.md, "The LM head and the embedding"; scripts/head_quant_table.py).
+_HEAD_INT8 = {"match": "lm_head", "quant": {"bits": 8, "group_size": None, "method": "rtn"}}
+_EMBEDDING_INT8 = {"match": "model.embed_tokens", "quant": {"bits": 8, "group_size": None, "method": "rtn"}}
+
+
+def _with_head_and_embedding(rules: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [_HEAD_INT8, _EMBEDDING_INT8, *rules]
+
+
 # name → (one-line description, recipe JSON). Int4 presets default to GPTQ (calibration is run anyway
 # for the quality report, and GPTQ beats RTN at 4 bits); int8 RTN is already close to lossless.
 _PRESET_DATA: dict[str, tuple[str, dict[str, Any]]] = {
-    "int8": ("every linear int8, per output channel, symmetric (RTN)",
-             {"method": "rtn", "rules": _all(8, None, "rtn")}),
+    "int8": ("every linear, the LM head and the embedding int8, per output channel / row, symmetric (RTN)",
+             {"method": "rtn", "rules": _with_head_and_embedding(_all(8, None, "rtn"))}),
     "int4": ("every linear int4, groups of 128, symmetric (GPTQ) — same as int4-g128",
              {"method": "gptq", "rules": _all(4, 128, "gptq")}),
     "int4-g128": ("every linear int4, groups of 128, symmetric (GPTQ)",
