@@ -96,6 +96,7 @@ def test_compress_records_the_embedding_rule_quantizes_the_head_and_transformers
     from dsedge.compress.pipeline import compress
     from dsedge.evaluation import evaluate_perplexity, torch_logits_fn
     from dsedge.export.bundle import export_bundle
+    from dsedge.inspection import inspect_checkpoint
     from dsedge.models.checkpoint import Checkpoint
     from dsedge.models.reference import load_reference_model
 
@@ -112,6 +113,9 @@ def test_compress_records_the_embedding_rule_quantizes_the_head_and_transformers
     assert "lm_head" not in qc["ignore"] and any("lm_head" in g["targets"] for g in qc["config_groups"].values())
     ckpt = Checkpoint(out)
     assert ckpt.quantized("lm_head") is not None and ckpt.quantized("model.embed_tokens") is None
+    inspected = inspect_checkpoint(out)
+    assert inspected.quantized_modules["int4-g32"] == len(ckpt.quantization)  # the head among them
+    assert any("embedding as int4-g32" in note for note in inspected.notes)
     model = load_reference_model(out)  # transformers' own from_pretrained
     calibset = load_calibration(src / "tokenizer.json", None, **FAST)
     got = evaluate_perplexity(torch_logits_fn(model), calibset.heldout.reshape(-1).tolist(), window=64, batch_size=8)
