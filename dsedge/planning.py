@@ -43,12 +43,13 @@ SCHEMES: dict[str, tuple[tuple[int, int | None] | None, tuple[int, int | None] |
 # scheme → (bits, group) of the LM head and of the token embedding where that preset quantizes them (the
 # head by a recipe rule, MatMulNBits; the embedding at export, GatherBlockQuantized with a tied head reading
 # the same codes: dsedge.export.embedding); absent = kept float. Mirrors dsedge.compress.recipes' presets.
-HEAD_QUANT: dict[str, tuple[int, int | None]] = {"int8": (8, None)}
-EMBEDDING_QUANT: dict[str, tuple[int, int | None]] = {"int8": (8, None)}
+HEAD_QUANT: dict[str, tuple[int, int | None]] = {"int8": (8, None), "int4": (8, None)}
+EMBEDDING_QUANT: dict[str, tuple[int, int | None]] = {"int8": (8, None), "int4": (8, None)}
 SCHEME_NOTE = ("sizes are what `dsedge compress` (the preset of that name) + `dsedge export` write: int8 = per "
                "channel, int4 = group 128, symmetric, as MatMulNBits codes plus one scale per block of 32 inputs "
-               "(per channel) or per group, in the bundle's float dtype; int8 also quantizes the LM head "
-               "(MatMulNBits) and the embedding (GatherBlockQuantized) per row; other rows keep them float, and "
+               "(per channel) or per group, in the bundle's float dtype; int8 and int4 also quantize the LM head "
+               "(MatMulNBits) and the embedding (GatherBlockQuantized) int8 per row; int4-experts keeps them "
+               "float, and "
                "norms, routers and MLA's absorbed kv_b stay float — fp32 in a default export (--dtype fp32), "
                "the bf16 row is a 16-bit export (--dtype fp16); a tied head is stored once; MTP is not counted "
                "(not exported)")

@@ -10,7 +10,8 @@ with it its ``e_score_correction_bias``), norms, the MTP layer's embedding and `
 quantized. The LM head (``lm_head``) and the token embedding (``model.embed_tokens``) are kept too unless a
 recipe rule names them exactly (``{"match": "lm_head", "quant": {"bits": 8}}``): at int4 an fp32 head is two
 thirds of the bytes a small model reads per decoded token, which is why llama.cpp's Q4/Q8 files quantize it
-too; the ``int8`` preset quantizes both (measured lossless, docs/compress.md). The embedding is always
+too; the ``int8``, ``int4`` and ``int4-g128`` presets quantize both at int8 (measured within 0.05%,
+docs/compress.md). The embedding is always
 quantized round-to-nearest (a lookup has no input activations for GPTQ to
 weigh); with ``tie_word_embeddings`` the embedding's rule decides the head as well (one matrix is stored).
 Only 2-D linear weights are candidates at all
@@ -171,10 +172,10 @@ def _with_head_and_embedding(rules: list[dict[str, Any]]) -> list[dict[str, Any]
 _PRESET_DATA: dict[str, tuple[str, dict[str, Any]]] = {
     "int8": ("every linear, the LM head and the embedding int8, per output channel / row, symmetric (RTN)",
              {"method": "rtn", "rules": _with_head_and_embedding(_all(8, None, "rtn"))}),
-    "int4": ("every linear int4, groups of 128, symmetric (GPTQ) — same as int4-g128",
-             {"method": "gptq", "rules": _all(4, 128, "gptq")}),
-    "int4-g128": ("every linear int4, groups of 128, symmetric (GPTQ)",
-                  {"method": "gptq", "rules": _all(4, 128, "gptq")}),
+    "int4": ("every linear int4, groups of 128, symmetric (GPTQ); LM head and embedding int8 — same as int4-g128",
+             {"method": "gptq", "rules": _with_head_and_embedding(_all(4, 128, "gptq"))}),
+    "int4-g128": ("every linear int4, groups of 128, symmetric (GPTQ); LM head and embedding int8 (RTN)",
+                  {"method": "gptq", "rules": _with_head_and_embedding(_all(4, 128, "gptq"))}),
     "int4-g64": ("every linear int4, groups of 64, symmetric (GPTQ)",
                  {"method": "gptq", "rules": _all(4, 64, "gptq")}),
     "int4-g32": ("every linear int4, groups of 32, symmetric (GPTQ): larger, more accurate",
