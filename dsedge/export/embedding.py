@@ -68,7 +68,7 @@ def quantize_embedding(weight: np.ndarray, scheme: QuantScheme, accuracy_level: 
     MatMulNBits would read them at ``accuracy_level``."""
     import torch  # reason: compress's RTN is torch; the exporter reads checkpoints through torch anyway
 
-    from dsedge.compress.quant import quantize_rtn
+    from dsedge.compress.quant import quantize_rtn  # reason: torch, imported with it only on this path
 
     _check_scheme(scheme)
     stored = quantize_rtn(torch.from_numpy(np.ascontiguousarray(weight, dtype=np.float32)), scheme.with_method("rtn"))
