@@ -348,6 +348,10 @@ def _add_export(sub) -> None:
                      help="compressed checkpoints: MatMulNBits compute precision. 4 (default) quantizes activations "
                           "to int8 inside the kernel (the fast CPU path; validated to 5%% of the logit range); 0 "
                           "computes in float (exact vs the dequantized reference, slower)")
+    cmd.add_argument("--quantize-embedding", choices=["int8", "int4", "none"],
+                     help="token embedding as GatherBlockQuantized (int8 per row, int4 groups of 32; a tied head "
+                          "reads the same codes through MatMulNBits); default: what the compress recipe recorded, "
+                          "else kept float")
     cmd.add_argument("--max-context", type=int, help="longest prompt + generation the bundle serves (default: "
                                                      "the target's max_context, else 4096)")
     cmd.add_argument("--index", metavar="INDEX", help="embed this retrieval index (`dsedge index build`) in the "
@@ -498,7 +502,7 @@ def _run_export(args):
     return export_bundle(args.checkpoint, args.output, target=args.target, layout=args.layout, dtype=args.dtype,
                          max_context=args.max_context, overwrite=args.overwrite, validate=not args.no_validate,
                          experts_per_partition=args.experts_per_partition, accuracy_level=args.accuracy_level,
-                         index=args.index)
+                         index=args.index, quantize_embedding=args.quantize_embedding)
 
 
 def load_engine(args):

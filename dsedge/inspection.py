@@ -10,6 +10,7 @@ from typing import Any
 from dsedge.models.checkpoint import Checkpoint
 from dsedge.models.params import count_params
 from dsedge.models.registry import architecture_label
+from dsedge.quantformat.config import export_embedding_scheme
 from dsedge.sources import resolve_checkpoint
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
@@ -54,6 +55,10 @@ def inspect_checkpoint(path: str | Path, *, validate: bool = True) -> InspectRep
     notes = []
     if spec.num_mtp_layers and not ckpt.has_mtp:
         notes.append("config declares an MTP layer but the checkpoint does not store it")
+    embedding = export_embedding_scheme(spec.config, str(ckpt.path / "config.json"))
+    if embedding is not None:  # kept float on disk (transformers loads no packed Embedding): export quantizes it
+        notes.append(f"the recipe asks for the embedding as {embedding.label}: kept float here, quantized by "
+                     "`dsedge export` (GatherBlockQuantized)")
     return InspectReport(
         path=str(ckpt.path), model_type=spec.model_type,
         architecture=architecture_label(spec, ckpt.path),

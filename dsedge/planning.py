@@ -40,11 +40,19 @@ SCHEMES: dict[str, tuple[tuple[int, int | None] | None, tuple[int, int | None] |
     "int4": ((4, INT4_GROUP), (4, INT4_GROUP)),
     "int4-experts": ((4, INT4_GROUP), (8, None)),
 }
+# scheme → (bits, group) of the LM head and of the token embedding where that preset quantizes them (the
+# head by a recipe rule, MatMulNBits; the embedding at export, GatherBlockQuantized with a tied head reading
+# the same codes: dsedge.export.embedding); absent = kept float. Mirrors dsedge.compress.recipes' presets.
+HEAD_QUANT: dict[str, tuple[int, int | None]] = {"int8": (8, None), "int4": (8, None)}
+EMBEDDING_QUANT: dict[str, tuple[int, int | None]] = {"int8": (8, None), "int4": (8, None)}
 SCHEME_NOTE = ("sizes are what `dsedge compress` (the preset of that name) + `dsedge export` write: int8 = per "
                "channel, int4 = group 128, symmetric, as MatMulNBits codes plus one scale per block of 32 inputs "
-               "(per channel) or per group, in the bundle's float dtype; embeddings, LM head, norms, routers "
-               "and MLA's absorbed kv_b stay float — fp32 in a default export (--dtype fp32), the bf16 row is a "
-               "16-bit export (--dtype fp16); a tied head is stored once; MTP is not counted (not exported)")
+               "(per channel) or per group, in the bundle's float dtype; int8 and int4 also quantize the LM head "
+               "(MatMulNBits) and the embedding (GatherBlockQuantized) int8 per row; int4-experts keeps them "
+               "float, and "
+               "norms, routers and MLA's absorbed kv_b stay float — fp32 in a default export (--dtype fp32), "
+               "the bf16 row is a 16-bit export (--dtype fp16); a tied head is stored once; MTP is not counted "
+               "(not exported)")
 @dataclass(frozen=True)
 class PrecisionPlan:
     scheme: str
@@ -153,11 +161,33 @@ def tensor_bytes(t: TensorSpec, quant: tuple[int, int | None] | None, float_byte
     (bits, group or None per channel) as MatMulNBits codes (padded to whole blocks) + one scale per block."""
     if quant is None or not t.linear or t.name.endswith(ABSORBED):
         return t.numel * (4 if t.component == "router" else float_bytes)  # routers stay fp32 (DeepSeek does)
+    return blocked_bytes(t.shape, quant, float_bytes)
+
+
+def blocked_bytes(shape: tuple[int, int], quant: tuple[int, int | None], float_bytes: int, scale_copies: int = 1
+                  ) -> int:
+    """A [rows, cols] matrix as MatMulNBits / GatherBlockQuantized codes (padded to whole blocks) plus
+    ``scale_copies`` sets of one scale per block (a tied embedding keeps a second set for its head)."""
     bits, group = quant
-    rows, cols = t.shape
+    rows, cols = shape
     block = group or PER_CHANNEL_BLOCK
     blocks = math.ceil(cols / block)
-    return rows * blocks * block * bits // 8 + rows * blocks * float_bytes
+    return rows * blocks * block * bits // 8 + scale_copies * rows * blocks * float_bytes
+
+
+def _head_and_embedding_bytes(spec: ModelSpec, tensors: list[TensorSpec], scheme: str, float_bytes: int
+                              ) -> tuple[int, int, int]:
+    """(head bytes, embedding bytes, embedding bytes one token reads) as export writes them for ``scheme``."""
+    head_quant, embed_quant = HEAD_QUANT.get(scheme), EMBEDDING_QUANT.get(scheme)
+    head = sum(t.numel * float_bytes if head_quant is None else blocked_bytes(t.shape, head_quant, float_bytes)
+               for t in tensors if t.component == "head")
+    table = next(t for t in tensors if t.component == "embeddings")
+    tied = 2 if spec.tie_word_embeddings else 1
+    embed = table.numel * float_bytes if embed_quant is None else blocked_bytes(table.shape, embed_quant,
+                                                                                float_bytes, tied)
+    row = spec.hidden_size * float_bytes if embed_quant is None else blocked_bytes((1, spec.hidden_size),
+                                                                                   embed_quant, float_bytes)
+    return head, embed, row
 
 
 def qmoe_bytes(t: TensorSpec, quant: tuple[int, int | None], float_bytes: int) -> int:
@@ -190,12 +220,13 @@ def _precision_plan(spec: ModelSpec, tensors: list[TensorSpec], scheme: str, tgt
     float_bytes = 2 if scheme == "bf16" else FLOAT_BYTES[dtype]
     expert_bytes = qmoe_bytes if _fused_experts(spec, expert_quant, layout) else tensor_bytes
     routed = sum(expert_bytes(t, expert_quant, float_bytes) for t in tensors if t.component == "routed_experts")
-    other = sum(tensor_bytes(t, other_quant, float_bytes) for t in tensors if t.component != "routed_experts")
-    other += rope_table_bytes(spec, ctx, float_bytes) + extra_bytes
-    embed = sum(tensor_bytes(t, None, float_bytes) for t in tensors if t.component == "embeddings")
+    head, embed, row = _head_and_embedding_bytes(spec, tensors, scheme, float_bytes)
+    other = sum(tensor_bytes(t, other_quant, float_bytes) for t in tensors
+                if t.component not in ("routed_experts", "head", "embeddings"))
+    other += head + embed + rope_table_bytes(spec, ctx, float_bytes) + extra_bytes
     active_routed = routed * spec.moe.num_experts_per_tok // spec.moe.n_routed_experts if spec.moe else 0
     # One embedding row is read per token, not the table — unless the table is also the (tied) head.
-    active = other + active_routed - (0 if spec.tie_word_embeddings else embed - spec.hidden_size * float_bytes)
+    active = other + active_routed - (0 if spec.tie_word_embeddings else embed - row)
     if tgt is None:
         return PrecisionPlan(scheme, routed + other, routed, active, None, None, None, None, None)
     need = routed + other + kv_at_ctx + RUNTIME_OVERHEAD_BYTES

@@ -37,7 +37,7 @@ from dsedge.compress import calibration as cal
 from dsedge.compress.layers import LayerRunner, build_layer, classes_for, final_norm, hf_config, layer_state
 from dsedge.compress.pruning import PrunePlan, choose_kept, plan_pruning, prune_state
 from dsedge.compress.quant import HessianAccumulator, quantize, sqnr_db
-from dsedge.compress.recipes import load_recipe
+from dsedge.compress.recipes import EMBEDDING, load_recipe
 from dsedge.compress.report import REPORT_FILE, CompressReport, peak_rss_bytes, quality
 from dsedge.compress.writer import (
     DEFAULT_MAX_SHARD_BYTES,
@@ -52,7 +52,7 @@ from dsedge.models.checkpoint import FP8_DTYPE, Checkpoint, torch_dtype
 from dsedge.models.routing import write_frequencies
 from dsedge.planning import plan
 from dsedge.progress import progress
-from dsedge.quantformat.config import quantization_config, stored_group
+from dsedge.quantformat.config import EXPORT_EMBEDDING_KEY, quantization_config, stored_group
 from dsedge.quantformat.packing import pack
 from dsedge.quantformat.tensor import QuantizedTensor, dequantize
 from dsedge.sources import resolve_checkpoint
@@ -498,6 +498,9 @@ class _Run:
                                         "kept_experts": {str(k): v for k, v in self.kept.items()}}
         if self.recipe.dtype:
             config.update({k: self.recipe.dtype for k in ("dtype", "torch_dtype") if k in config})
+        embedding = self.recipe.scheme_for(EMBEDDING)
+        if embedding is not None:  # transformers cannot load a packed Embedding: export quantizes it (config.py)
+            config[EXPORT_EMBEDDING_KEY] = embedding.with_method("rtn").to_json()
         if self.schemes:
             kept_head = "lm_head.weight" in self.ckpt.tensors and self.head_scheme is None
             ignore = self.ignored + (["lm_head"] if kept_head else [])

@@ -6,10 +6,14 @@ matched against the whole name (``re.fullmatch``). The first matching rule wins;
 (``"none"`` in TOML) keeps the module unquantized; a module no rule matches stays unquantized.
 
 Safety rules come before every recipe's own and cannot be overridden: the router (``mlp.gate``, and
-with it its ``e_score_correction_bias``), norms, embeddings and the MTP ``shared_head.head`` are never
-quantized. The LM head (``lm_head``) is kept too unless a recipe rule names it exactly
-(``{"match": "lm_head", "quant": {"bits": 8}}``): at int4 an fp32 head is two thirds of the bytes a small
-model reads per decoded token, which is why llama.cpp's Q4/Q8 files quantize it too; no preset does.
+with it its ``e_score_correction_bias``), norms, the MTP layer's embedding and ``shared_head.head`` are never
+quantized. The LM head (``lm_head``) and the token embedding (``model.embed_tokens``) are kept too unless a
+recipe rule names them exactly (``{"match": "lm_head", "quant": {"bits": 8}}``): at int4 an fp32 head is two
+thirds of the bytes a small model reads per decoded token, which is why llama.cpp's Q4/Q8 files quantize it
+too; the ``int8``, ``int4`` and ``int4-g128`` presets quantize both at int8 (measured within 0.05%,
+docs/compress.md). The embedding is always
+quantized round-to-nearest (a lookup has no input activations for GPTQ to
+weigh); with ``tie_word_embeddings`` the embedding's rule decides the head as well (one matrix is stored).
 Only 2-D linear weights are candidates at all
 (:meth:`Recipe.plan` takes them from the spec's ``linear`` flag), so biases and buffers never are.
 
@@ -45,7 +49,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - exercised only on 3.10
     import tomli as tomllib
 
-__all__ = ["PRESETS", "SAFETY_RULES", "Recipe", "Rule", "load_recipe", "parse_recipe", "preset"]
+__all__ = ["EMBEDDING", "HEAD", "PRESETS", "SAFETY_RULES", "Recipe", "Rule", "load_recipe", "parse_recipe", "preset"]
 
 SCHEMA_VERSION = 1
 RECIPE_SUFFIXES = (".json", ".toml")
@@ -105,8 +109,8 @@ class Recipe:
 
     def rule_for(self, module_name: str) -> Rule | None:
         """The rule that decides a module (a safety rule included), or None when none matches."""
-        if module_name == HEAD:
-            named = next((r for r in self.rules if r.match == HEAD), None)
+        if module_name in NAMED_ONLY:
+            named = next((r for r in self.rules if r.match == module_name), None)
             if named is not None:
                 return named
         return next((r for r in (*SAFETY_RULES, *self.rules) if r.matches(module_name)), None)
@@ -152,15 +156,26 @@ def _asym(group: int) -> list[dict[str, Any]]:
             {"match": "re:.*", "quant": {**_scheme(4, group, "gptq"), "symmetric": False}}]
 
 
+# The LM head int8 per output channel (round-to-nearest) and the embedding int8 per row (quantized at export:
+# GatherBlockQuantized), in the presets where held-out perplexity on both demo models stayed within 0.5% of the
+# preset without them (docs/compress.md, "The LM head and the embedding"; scripts/head_quant_table.py).
+_HEAD_INT8 = {"match": "lm_head", "quant": {"bits": 8, "group_size": None, "method": "rtn"}}
+_EMBEDDING_INT8 = {"match": "model.embed_tokens", "quant": {"bits": 8, "group_size": None, "method": "rtn"}}
+
+
+def _with_head_and_embedding(rules: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [_HEAD_INT8, _EMBEDDING_INT8, *rules]
+
+
 # name → (one-line description, recipe JSON). Int4 presets default to GPTQ (calibration is run anyway
 # for the quality report, and GPTQ beats RTN at 4 bits); int8 RTN is already close to lossless.
 _PRESET_DATA: dict[str, tuple[str, dict[str, Any]]] = {
-    "int8": ("every linear int8, per output channel, symmetric (RTN)",
-             {"method": "rtn", "rules": _all(8, None, "rtn")}),
-    "int4": ("every linear int4, groups of 128, symmetric (GPTQ) — same as int4-g128",
-             {"method": "gptq", "rules": _all(4, 128, "gptq")}),
-    "int4-g128": ("every linear int4, groups of 128, symmetric (GPTQ)",
-                  {"method": "gptq", "rules": _all(4, 128, "gptq")}),
+    "int8": ("every linear, the LM head and the embedding int8, per output channel / row, symmetric (RTN)",
+             {"method": "rtn", "rules": _with_head_and_embedding(_all(8, None, "rtn"))}),
+    "int4": ("every linear int4, groups of 128, symmetric (GPTQ); LM head and embedding int8 — same as int4-g128",
+             {"method": "gptq", "rules": _with_head_and_embedding(_all(4, 128, "gptq"))}),
+    "int4-g128": ("every linear int4, groups of 128, symmetric (GPTQ); LM head and embedding int8 (RTN)",
+                  {"method": "gptq", "rules": _with_head_and_embedding(_all(4, 128, "gptq"))}),
     "int4-g64": ("every linear int4, groups of 64, symmetric (GPTQ)",
                  {"method": "gptq", "rules": _all(4, 64, "gptq")}),
     "int4-g32": ("every linear int4, groups of 32, symmetric (GPTQ): larger, more accurate",
@@ -271,9 +286,11 @@ def _compiled(pattern: str) -> re.Pattern:
 
 
 HEAD = "lm_head"
+EMBEDDING = "model.embed_tokens"
+NAMED_ONLY = (HEAD, EMBEDDING)  # quantized only by a rule that names them exactly (module docstring)
 
-# Never quantized, whatever the recipe says (checked before the recipe's own rules); the LM head only
-# unless a rule names it exactly (see the module docstring).
+# Never quantized, whatever the recipe says (checked before the recipe's own rules); the LM head and the
+# embedding only unless a rule names them exactly (see the module docstring).
 SAFETY_RULES: tuple[Rule, ...] = (
     Rule(r"re:(.*\.)?mlp\.gate", None),  # the MoE router; e_score_correction_bias belongs to it
     Rule(r"re:(.*\.)?embed_tokens", None),

@@ -13,6 +13,7 @@ from dsedge import __version__, safe_json
 from dsedge.contract import DECODER, DRAFT, EXPERTS, decoder_io
 from dsedge.errors import UserError
 from dsedge.export.decoder import build_decoder, cache_spec, graph_shapes
+from dsedge.export.embedding import EMBEDDING, embedding_scheme, float_embedding_view, quantize_embedding
 from dsedge.export.graph import save_graph
 from dsedge.export.mtp import write_draft
 from dsedge.export.partitioned import placement_plan, write_partitioned
@@ -25,6 +26,7 @@ from dsedge.models.reference import StreamedReference
 from dsedge.models.routing import read_frequencies
 from dsedge.planning import KV_BYTES, kv_bytes_per_token
 from dsedge.progress import progress
+from dsedge.quantformat.scheme import QuantScheme
 from dsedge.runtime import load_bundle
 from dsedge.runtime.generation import encoding_rule
 from dsedge.sources import resolve_checkpoint
@@ -65,7 +67,7 @@ def export_bundle(checkpoint: str | Path, output: str | Path, *, target=None, la
                   dtype: str = "fp32", max_context: int | None = None, overwrite: bool = False,
                   validate: bool = True, experts_per_partition: int | None = None,
                   expert_path: str = "dispatch", accuracy_level: int | dict[int, int] = 4,
-                  index: str | Path | None = None) -> ExportReport:
+                  index: str | Path | None = None, quantize_embedding: str | None = None) -> ExportReport:
     """Export a checkpoint to an ONNX bundle (manifest + graphs + tokenizer), validated against the reference.
 
     The bundle appears at ``output`` only when complete and validated; a failure leaves nothing behind.
@@ -75,7 +77,9 @@ def export_bundle(checkpoint: str | Path, output: str | Path, *, target=None, la
     A compressed checkpoint (``dsedge compress``) exports its quantized linears as MatMulNBits over the stored
     integers; ``accuracy_level`` is that operator's compute precision (4: int8 activations, the fast CPU
     kernels; 0: float) and sets the validation tolerance. ``index`` (`dsedge index build`) is copied into the
-    bundle's ``retriever/`` so that the bundle answers from it (`dsedge run --rag`).
+    bundle's ``retriever/`` so that the bundle answers from it (`dsedge run --rag`). ``quantize_embedding``
+    (int8, int4, none; default: what the recipe recorded) runs the token embedding as GatherBlockQuantized, and a
+    tied head as MatMulNBits over the same codes (dsedge.export.embedding).
     """
     started = time.perf_counter()
     _check_choice("layout", layout, LAYOUTS)
@@ -103,13 +107,17 @@ def export_bundle(checkpoint: str | Path, output: str | Path, *, target=None, la
     if experts_per_partition is not None and experts_per_partition < 1:
         raise UserError(f"--experts-per-partition must be ≥ 1, got {experts_per_partition}",
                         where="--experts-per-partition")
+    embedding = embedding_scheme(quantize_embedding, ckpt.spec.config)
     with staged_output(out, inputs=inputs, overwrite=overwrite, artifact=BUNDLE) as tmp:
         with progress("export", total=ckpt.spec.num_hidden_layers, unit="layer") as layers_done:
-            weights = _layer_weights(ckpt, accuracy_level, layers_done)
+            weights = _layer_weights(ckpt, accuracy_level, layers_done, embedding)
             graphs = _write_graphs(ckpt, weights, tmp, context, layout, tgt, experts_per_partition, expert_path,
                                    dtype == "fp16")
         _copy_tokenizer(ckpt.path, tmp)
         manifest = _manifest(ckpt, tgt, layout, dtype, context, graphs, accuracy_level)
+        if embedding is not None:
+            manifest["quantization"]["embedding"] = f"{embedding.label} (GatherBlockQuantized" + \
+                (", tied head MatMulNBits)" if ckpt.spec.tie_word_embeddings else ")")
         if max_context and max_context > context:
             manifest["notes"].append(f"--max-context {max_context} capped at {context}, the model's "
                                      "max_position_embeddings")
@@ -120,9 +128,11 @@ def export_bundle(checkpoint: str | Path, output: str | Path, *, target=None, la
                                                    kv_bytes=_kv_bytes(ckpt.spec, context, dtype),
                                                    frequencies=partition_frequencies(ckpt, graphs))
         write_manifest(tmp, manifest)
-        level = effective_accuracy_level(accuracy_level, (q.bits for q in ckpt.quantization.values())) \
-            if quantized else None
-        checks = _validate(ckpt, tmp, layout, dtype, level) if validate else []
+        head_bits = [embedding.bits] if embedding is not None and ckpt.spec.tie_word_embeddings else []
+        level = effective_accuracy_level(accuracy_level, [*(q.bits for q in ckpt.quantization.values()), *head_bits]) \
+            if quantized or head_bits else None
+        checks = _validate(ckpt, tmp, layout, dtype, level, weights(None)[EMBEDDING] if embedding else None) \
+            if validate else []
         manifest["validation"] = {"dtype": dtype, "accuracy_level": level, "checks": [c.to_json() for c in checks],
                                   "passed": bool(checks)}
         written = write_manifest(tmp, manifest)
@@ -178,20 +188,28 @@ def _is_bundle(root: Path) -> bool:
 BUNDLE = Artifact("dsedge bundle (manifest.json with graphs)", _is_bundle)
 
 
-def _layer_weights(ckpt: Checkpoint, accuracy_level: int, layers_done):
-    """Float tensors as numpy; quantized linears as their stored integer codes (never dequantized here).
+def _layer_weights(ckpt: Checkpoint, accuracy_level: int, layers_done, embedding: QuantScheme | None = None):
+    """Float tensors as numpy; quantized linears as their stored integer codes (never dequantized here); the
+    embedding quantized with ``embedding`` when given (once: the top weights are cached).
     Each layer's graph is built right after its weights load, so a loaded layer is one step of ``layers_done``."""
+    top: dict = {}
 
     def load(name: str):
         stored = ckpt.quantized(name)
         return ckpt.read(name).numpy() if stored is None else QuantizedWeight.from_tensor(stored, accuracy_level)
 
     def weights(layer: int | None):
+        if layer is None and top:
+            return top
         names = ckpt.non_layer_names() if layer is None else ckpt.layer_names(layer)
         loaded = {n: load(n) for n in names}
         if layer is not None:
             layers_done.advance()
-        return loaded
+            return loaded
+        if embedding is not None:
+            loaded[EMBEDDING] = quantize_embedding(loaded[EMBEDDING], embedding, accuracy_level)
+        top.update(loaded)
+        return top
 
     return weights
 
@@ -225,8 +243,8 @@ def _write_graphs(ckpt: Checkpoint, weights, root: Path, context: int, layout: s
 
     graphs = [save_graph(build, decoder_io(graph_shapes(ckpt.spec, half)), root, GRAPH_DIR, DECODER, DECODER)]
     if ckpt.has_mtp:  # the MTP module as the speculative draft graph, reading the decoder's embedding and head
-        graphs.append(write_draft(ckpt.spec, weights, root, GRAPH_DIR, max_positions=context, half=half,
-                                  shares=graphs[:1]))
+        graphs.append(write_draft(ckpt.spec, float_embedding_view(weights), root, GRAPH_DIR, max_positions=context,
+                                  half=half, shares=graphs[:1]))
     return graphs
 
 
@@ -337,10 +355,15 @@ def _tokenizer_info(src: Path, spec) -> dict[str, Any]:
     return info
 
 
-def _validate(ckpt: Checkpoint, root: Path, layout: str, dtype: str, accuracy_level: int | None):
+def _validate(ckpt: Checkpoint, root: Path, layout: str, dtype: str, accuracy_level: int | None,
+              embedding: QuantizedWeight | None = None):
+    """Validate against transformers' decoder layers on our weights, one at a time; a quantized ``embedding``
+    (and with it a tied head) is dequantized into the reference, as the checkpoint's quantized linears are."""
     log.info("export: validating against the PyTorch reference (transformers' decoder layers, one at a time)")
-    precision = precision_of(dtype, accuracy_level, [q.bits for q in ckpt.quantization.values()])
-    checks = validate_bundle(lambda: load_bundle(root), StreamedReference(ckpt), precision=precision)
+    bits = [q.bits for q in ckpt.quantization.values()] + ([embedding.bits] if embedding is not None else [])
+    precision = precision_of(dtype, accuracy_level, bits)
+    reference = StreamedReference(ckpt, embedding=embedding.dequantize() if embedding is not None else None)
+    checks = validate_bundle(lambda: load_bundle(root), reference, precision=precision)
     raise_on_failure(checks, "decoder" if layout == "monolithic" else "partitioned trunk + experts")
     return checks
 

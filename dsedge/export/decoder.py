@@ -27,8 +27,10 @@ from dsedge.contract import (
     present_name,
 )
 from dsedge.export.attention import Positional, fused_gqa, gqa_attention, mla_attention
+from dsedge.export.embedding import EMBEDDING, embedding_lookup, tied_quantized_head
 from dsedge.export.graph import GraphBuilder
 from dsedge.export.moe import moe_block
+from dsedge.export.quantized import QuantizedWeight
 from dsedge.manifest import CacheLayout
 from dsedge.models.rope import cos_sin_tables, rope_dim
 from dsedge.models.spec import ModelSpec
@@ -81,8 +83,8 @@ def build_decoder(spec: ModelSpec, weights: WeightsFn, *, max_positions: int, na
     g.declare_inputs(signature)
     pasts = [[past_name(i, t) for t in cache.names] for i in range(spec.num_hidden_layers)]
     top = weights(None)
-    embed = g.weight("model.embed_tokens.weight", top["model.embed_tokens.weight"])
-    x = g.op("Gather", embed, INPUT_IDS, axis=0)
+    x = embedding_lookup(g, top[EMBEDDING], INPUT_IDS)
+    embed = EMBEDDING  # the lookup's initializer, for a tied float head
     pos = _positional(g, spec, max_positions)
     values: dict[str, str] = {}
     delta = None  # the last layer's MLP output, added to x inside the next norm
@@ -122,6 +124,8 @@ def lm_head(g: GraphBuilder, spec: ModelSpec, x: str, top: dict[str, np.ndarray]
     ``embed`` itself (Gemm transB over [B·T, H]: no transposed copy), so the bundle stores the matrix once."""
     if not spec.tie_word_embeddings:
         return g.linear(x, top["lm_head.weight"], "lm_head")
+    if isinstance(top[EMBEDDING], QuantizedWeight):  # the lookup's codes, read by MatMulNBits (embedding.py)
+        return tied_quantized_head(g, x, top[EMBEDDING])
     flat = g.op("Reshape", x, g.const([-1, spec.hidden_size]))
     logits = g.op("Gemm", flat, embed, transB=1)
     batch_time = g.op("Shape", x, start=0, end=2)

@@ -57,6 +57,7 @@ from dsedge.export.decoder import (
     positional,
     rope_lookup,
 )
+from dsedge.export.embedding import EMBEDDING, embedding_initializers, embedding_lookup, float_embedding_view
 from dsedge.export.graph import GraphBuilder, save_graph
 from dsedge.export.moe import moe_router_and_shared, routed_experts
 from dsedge.export.mtp import graph_initializer, write_draft
@@ -67,7 +68,6 @@ from dsedge.planning import RUNTIME_OVERHEAD_BYTES  # the same allowance `plan` 
 log = logging.getLogger(__name__)
 
 DEFAULT_PARTITION_BYTES = 64 * 1024**2
-EMBEDDING = "model.embed_tokens.weight"
 
 
 @dataclass(frozen=True)
@@ -105,8 +105,7 @@ def build_prelude(spec: ModelSpec, top: dict[str, np.ndarray], max_positions: in
     """Token ids, positions and mask → the embeddings and the positional tensors every layer reads."""
     g = GraphBuilder(PRELUDE, data_path, half)
     g.declare_inputs(prelude_io(graph_shapes(spec, half)))
-    hidden = g.op("Gather", g.weight("model.embed_tokens.weight", top["model.embed_tokens.weight"]), INPUT_IDS,
-                  axis=0)
+    hidden = embedding_lookup(g, top[EMBEDDING], INPUT_IDS)
     cos, sin = rope_lookup(g, spec, POSITION_IDS, max_positions)
     past_len = g.op("Sub", g.shape_dim(ATTENTION_MASK, 1), g.shape_dim(INPUT_IDS, 1))
     g.declare_outputs(prelude_io(graph_shapes(spec, half)), {
@@ -162,7 +161,8 @@ def build_head(spec: ModelSpec, top: dict[str, np.ndarray], data_path: Path | No
 def prelude_embedding(root: Path, prelude: GraphEntry) -> tuple[onnx.TensorProto, tuple[str, ...]]:
     """The prelude's embedding initializer (a reference only: its data stays in the prelude's file) and the
     bundle files it lives in, for a tied head to point at."""
-    return graph_initializer(root, prelude, EMBEDDING)
+    names = [t.name for t in onnx.load_model(str(root / prelude.file), load_external_data=False).graph.initializer]
+    return graph_initializer(root, prelude, embedding_initializers(names)[0])
 
 
 def build_partition(spec: ModelSpec, w: dict[str, np.ndarray], part: Partition,
@@ -205,8 +205,8 @@ def write_partitioned(spec: ModelSpec, weights: WeightsFn, root: Path, graph_dir
     # under the prelude: placement's trunk size stays what is on disk.
     graphs.append(replace(head, data_files=head.data_files + shared_files))
     if has_mtp:  # the MTP draft, reading the prelude's embedding and the head's matrix (dsedge.export.mtp)
-        graphs.append(write_draft(spec, weights, root, graph_dir, max_positions=max_positions, half=half,
-                                  shares=[graphs[0], graphs[-1]]))
+        graphs.append(write_draft(spec, float_embedding_view(weights), root, graph_dir, max_positions=max_positions,
+                                  half=half, shares=[graphs[0], graphs[-1]]))
     return graphs
 
 

@@ -18,6 +18,8 @@ import copy
 import re
 from pathlib import Path
 
+import numpy as np
+
 from dsedge.models.checkpoint import Checkpoint
 from dsedge.models.experts import fuse_experts
 from dsedge.models.registry import ARCHITECTURES
@@ -108,13 +110,15 @@ class StreamedReference:
     (plus the embedding or head matrix while they run), whatever the model's size. MTP layers are skipped.
     """
 
-    def __init__(self, ckpt: Checkpoint):
+    def __init__(self, ckpt: Checkpoint, embedding=None):
+        """``embedding``: a float matrix ``[V, H]`` replacing the checkpoint's (an export-quantized embedding,
+        dequantized: the numbers the bundle's GatherBlockQuantized returns, and its tied head reads)."""
         import importlib
 
         import transformers  # optional heavy dependencies: the reader itself works without them
 
         quiet_transformers()
-        self.ckpt, self.spec = ckpt, ckpt.spec
+        self.ckpt, self.spec, self.embedding = ckpt, ckpt.spec, embedding
         config_dict = {k: v for k, v in copy.deepcopy(ckpt.spec.config).items() if k not in DROP_CONFIG_KEYS}
         self.config = transformers.AutoConfig.for_model(**config_dict)
         self.config._attn_implementation = "sdpa"  # what the full model runs by default
@@ -133,10 +137,17 @@ class StreamedReference:
         """Hidden states ``[N, S, H]`` (float32 torch) of equal-length token sequences ``[N, S]``."""
         import torch  # optional heavy dependency
 
-        weight = self.ckpt.read("model.embed_tokens.weight")
+        weight = self._embedding_matrix()
         rows = weight[torch.as_tensor(token_ids, dtype=torch.long)].clone()
         del weight  # the matrix is dropped at once: only the rows the prompts use are kept
         return rows
+
+    def _embedding_matrix(self):
+        import torch  # optional heavy dependency
+
+        if self.embedding is None:
+            return self.ckpt.read("model.embed_tokens.weight")
+        return torch.from_numpy(np.ascontiguousarray(self.embedding, dtype=np.float32))
 
     def layer(self, index: int):
         """transformers' decoder layer ``index`` holding the checkpoint's weights (float32, eval mode)."""
@@ -171,7 +182,7 @@ class StreamedReference:
 
         names = set(self.ckpt.non_layer_names())
         norm = self.norm_class(hidden.shape[-1], eps=self.spec.rms_norm_eps)
-        head = self.ckpt.read("lm_head.weight" if "lm_head.weight" in names else "model.embed_tokens.weight")
+        head = self.ckpt.read("lm_head.weight") if "lm_head.weight" in names else self._embedding_matrix()
         with torch.no_grad():
             norm.weight.copy_(self.ckpt.read("model.norm.weight"))
             return torch.nn.functional.linear(norm(hidden), head)

@@ -15,8 +15,8 @@ from dsedge.errors import UserError
 from dsedge.quantformat.layout import family_storage_group, storage_group
 from dsedge.quantformat.scheme import QuantScheme
 
-__all__ = ["FORMAT", "QUANT_METHOD", "compact_targets", "quantization_config", "read_quantization_config",
-           "stored_group"]
+__all__ = ["EXPORT_EMBEDDING_KEY", "FORMAT", "QUANT_METHOD", "compact_targets", "export_embedding_scheme",
+           "quantization_config", "read_quantization_config", "stored_group"]
 
 QUANT_METHOD = "compressed-tensors"
 FORMAT = "pack-quantized"
@@ -24,6 +24,11 @@ FORMAT_VERSION = "0.20.1"  # the compressed-tensors release whose layout and con
 EXTRA_KEY = "dsedge"  # our own entry in quantization_config: nominal schemes per config group
 EXTRA_SCHEMA = 1
 ROUTED_EXPERT = re.compile(r"^(?P<prefix>.*\.mlp\.experts)\.\d+\.(gate|up|down)_proj$")
+# config.json key (beside quantization_config) holding the scheme a recipe asked for the token embedding. The
+# checkpoint keeps the embedding float: compressed-tensors 0.20.1 packs Embedding modules, but transformers 5.24's
+# from_pretrained then fails before decompressing (its _init_weights reads the replaced Embedding.weight), so the
+# embedding is quantized where it runs — the ONNX bundle (dsedge.export.embedding, GatherBlockQuantized).
+EXPORT_EMBEDDING_KEY = "dsedge_export_embedding"
 # Numbered parts of a module name: a family is the modules equal up to these numbers.
 _NUMBERED = re.compile(r"(?<=\.)(layers|experts)\.\d+(?=\.)")
 
@@ -189,3 +194,9 @@ def _ct_match(name: str, pattern: str) -> bool:
     if pattern.startswith("re:"):
         return re.match(pattern[3:], name) is not None
     return name == pattern
+
+
+def export_embedding_scheme(config: dict[str, Any], where: str = "config.json") -> QuantScheme | None:
+    """The token embedding's scheme a recipe recorded for export (:data:`EXPORT_EMBEDDING_KEY`), or None."""
+    data = config.get(EXPORT_EMBEDDING_KEY) if isinstance(config, dict) else None
+    return None if data is None else QuantScheme.from_json(data, f"{where}: {EXPORT_EMBEDDING_KEY}")
