@@ -131,3 +131,50 @@ def test_a_stop_string_across_the_think_close_never_reaches_the_answer():
     pieces = [*_stream_pieces(stream, reply), *reply.finish("")]
     assert [(p.kind, p.text) for p in pieces] == [("reasoning", "<s"), ("answer", "xyz")]
     assert stream.result.finish_reason == "stop"
+
+
+# --- a real bundle: the CLI's stream -------------------------------------------------------------
+
+def spanning_stop(codec, token_ids: list[int]) -> str | None:
+    """A stop string over three tokens of a generation (else over two) — from the last character of one
+    token's text to the first of the token after next (after) — that first occurs there; None when the text
+    has none."""
+    ends = [len(codec.decode(token_ids[:k])) for k in range(len(token_ids) + 1)]
+    text = codec.decode(token_ids)
+    for span in (2, 1):
+        for i in range(1, len(token_ids) - span):
+            if ends[i] - ends[i - 1] < 1 or any(ends[j + 1] == ends[j] for j in range(i, i + span + 1)):
+                continue
+            start, stop = ends[i] - 1, ends[i + span - 1] + 1
+            candidate = text[start:stop]
+            if "\ufffd" not in candidate and text.find(candidate) == start:
+                return candidate
+    return None
+
+
+@pytest.fixture(scope="module")
+def bundle(tiny_checkpoint, tmp_path_factory):
+    from dsedge.export.bundle import export_bundle
+
+    out = tmp_path_factory.mktemp("stops") / "b"
+    export_bundle(tiny_checkpoint("v3"), out, max_context=64, validate=False)
+    return out
+
+
+def test_dsedge_run_streams_nothing_of_a_stop_string_over_three_tokens(bundle, capsys):
+    import json
+
+    from dsedge.cli import main
+    from dsedge.runtime import load_bundle
+
+    args = ["run", str(bundle), "-p", "def hello():", "-n", "16", "--greedy"]
+    assert main([*args, "--json"]) == 0
+    full = json.loads(capsys.readouterr().out)
+    stop = spanning_stop(load_bundle(bundle).codec, full["token_ids"])
+    assert stop is not None, full["text"]
+    assert main([*args, "--stop", stop, "--json"]) == 0
+    stopped = json.loads(capsys.readouterr().out)
+    assert stopped["finish_reason"] == "stop" and stopped["text"] == full["text"][:full["text"].find(stop)]
+    assert main([*args, "--stop", stop]) == 0
+    streamed = capsys.readouterr().out
+    assert streamed in (stopped["text"], stopped["text"] + "\n")  # what the terminal got: not a character more
