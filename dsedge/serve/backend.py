@@ -137,8 +137,10 @@ class Backend:
     @classmethod
     def open(cls, bundle: str | Path, *, index: str | Path | None = None, rag: bool = False,
              target: str | None = None, prompt_cache_bytes: int = DEFAULT_CAPACITY_BYTES, speculative: str = "off",
-             draft_tokens: int | None = None) -> Backend:
-        engine = load_bundle(bundle, target=target)
+             draft_tokens: int | None = None, verify: bool = False) -> Backend:
+        """Load ``bundle``; ``verify``: hash every file now (``load_bundle(verify="full")``), so a changed file
+        fails the start rather than a request."""
+        engine = load_bundle(bundle, target=target, verify="full" if verify else True)
         configure_speculation(engine, speculative, draft_tokens)  # each generation is one row: it applies to all
         if engine.codec is None:
             raise UserError("this bundle has no tokenizer, so it cannot serve text", where=str(bundle),

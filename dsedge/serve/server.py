@@ -47,9 +47,10 @@ def require_serve_extra() -> None:
 def serve(bundle: str | Path, *, host: str = "127.0.0.1", port: int = 8000, index: str | Path | None = None,
           rag: bool = False, api_key: str | None = None, parallel: int = 1, target: str | None = None,
           max_queue: int = 64, prompt_cache_bytes: int = DEFAULT_CAPACITY_BYTES, speculative: str = "off",
-          draft_tokens: int | None = None) -> ServeReport:
+          draft_tokens: int | None = None, verify: bool = False) -> ServeReport:
     """Serve ``bundle`` over the OpenAI API on ``host:port`` until interrupted (Ctrl-C / SIGTERM).
-    ``prompt_cache_bytes``: the prompt cache's bound (0: none); ``speculative``/``draft_tokens``: as `dsedge run`."""
+    ``prompt_cache_bytes``: the prompt cache's bound (0: none); ``speculative``/``draft_tokens``/``verify`` (hash
+    every file before serving): as `dsedge run`."""
     require_serve_extra()
     import uvicorn
 
@@ -59,7 +60,7 @@ def serve(bundle: str | Path, *, host: str = "127.0.0.1", port: int = 8000, inde
     if host not in LOOPBACK and not api_key:
         log.warning("serving on %s without --api-key: anyone who can reach this address can use the model", host)
     backend = Backend.open(bundle, index=index, rag=rag, target=target, prompt_cache_bytes=prompt_cache_bytes,
-                           speculative=speculative, draft_tokens=draft_tokens)
+                           speculative=speculative, draft_tokens=draft_tokens, verify=verify)
     app = create_app(backend, api_key=api_key, parallel=parallel, max_queue=max_queue)
     sock = bind(host, port)
     url = f"http://{_url_host(host)}:{sock.getsockname()[1]}/v1"
