@@ -65,3 +65,75 @@ def test_serve_verify_refuses_a_changed_file_before_it_listens(plain_bundle, tmp
     err = capsys.readouterr().err
     assert code == main(["run", str(bundle), "-p", "x", "-n", "1", "--verify"]) != 0
     assert code in (3, 4) and "sha256" in err and "tokenizer_config.json" in err, err
+
+
+# --- the model's generation defaults ---------------------------------------------------------------
+
+PROMPTS = ["The json module", "def add(a, b):", "Honey bees live", "Steam locomotives"]
+PENALTY = 2.0  # strong, so that the tiny random model's greedy replies change with it
+
+
+@pytest.fixture(scope="module")
+def penalized(tiny_checkpoint, tmp_path_factory):
+    """A bundle whose generation_config asks for greedy decoding with a repetition penalty (the demo models
+    ship repetition_penalty 1.1)."""
+    from dsedge.runtime import load_bundle
+
+    root = tmp_path_factory.mktemp("serve-penalty")
+    checkpoint = Path(shutil.copytree(tiny_checkpoint("v2_lite"), root / "checkpoint"))
+    config_file = checkpoint / "generation_config.json"
+    config = json.loads(config_file.read_text()) if config_file.exists() else {}
+    config.update(do_sample=False, repetition_penalty=PENALTY)
+    config.pop("temperature", None)
+    config.pop("top_p", None)
+    config_file.write_text(json.dumps(config))
+    bundle = Path(export_bundle(checkpoint, root / "penalized.bundle", max_context=256, validate=False).output)
+    return bundle, load_bundle(bundle)
+
+
+def _served(url, model, prompt, **extra):
+    import openai
+
+    c = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=60.0)
+    body = {"model": model, "prompt": prompt, "max_tokens": 12, **extra}
+    whole = c.completions.create(**body).choices[0].text
+    streamed = "".join(ch.choices[0].text for ch in c.completions.create(stream=True, **body) if ch.choices)
+    assert streamed == whole
+    return whole
+
+
+@pytest.mark.parametrize("parallel", [1, 4])
+def test_served_replies_apply_the_models_repetition_penalty(penalized, parallel):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from dsedge.runtime.chat import model_sampling
+    from dsedge.serve import background, create_app
+
+    bundle, engine = penalized
+    assert model_sampling(engine) == {"repetition_penalty": PENALTY}
+    expected = {p: engine.generate(p, 12, **model_sampling(engine)).text for p in PROMPTS}
+    plain = {p: engine.generate(p, 12).text for p in PROMPTS}
+    assert expected != plain  # the penalty changes what the model says: this test can tell
+    backend = Backend.open(bundle)
+    with background(create_app(backend, parallel=parallel)) as url, ThreadPoolExecutor(4) as pool:
+        got = dict(zip(PROMPTS, pool.map(lambda p: _served(url, backend.model_id, p, temperature=0), PROMPTS),
+                       strict=True))
+        overridden = _served(url, backend.model_id, PROMPTS[0], temperature=0,
+                             extra_body={"repetition_penalty": 1.0})
+    assert got == expected
+    assert overridden == plain[PROMPTS[0]]  # the request's repetition_penalty (vLLM's extension field) wins
+
+
+def test_the_defaults_follow_the_generation_config():
+    from dsedge.serve import wire
+
+    defaults = wire.Defaults(temperature=0.6, top_p=0.95, top_k=20, repetition_penalty=1.1)
+    taken = wire.parse_completion({"model": "m", "prompt": "x"}, defaults).sampling
+    assert (taken.temperature, taken.top_p, taken.top_k, taken.repetition_penalty) == (0.6, 0.95, 20, 1.1)
+    given = wire.parse_completion({"model": "m", "prompt": "x", "temperature": 0, "top_k": 5,
+                                   "repetition_penalty": 1.0}, defaults).sampling
+    assert (given.temperature, given.top_k, given.repetition_penalty) == (0.0, 5, 1.0)
+    for bad in ({"repetition_penalty": 0}, {"repetition_penalty": "1"}, {"top_k": 1.5}, {"top_k": -2}):
+        with pytest.raises(wire.WireError) as error:
+            wire.parse_completion({"model": "m", "prompt": "x", **bad}, defaults)
+        assert error.value.status == 400 and error.value.param == next(iter(bad))

@@ -27,7 +27,7 @@ from dsedge.errors import UserError
 from dsedge.rag import open_retriever, rag_prompt, with_sources
 from dsedge.runtime import load_bundle
 from dsedge.runtime.batch import DecodeBatch
-from dsedge.runtime.chat import ChatStream, ChatText, prepare_prompt
+from dsedge.runtime.chat import ChatStream, ChatText, model_sampling, prepare_prompt
 from dsedge.runtime.decode import TokenEvent
 from dsedge.runtime.generation import TextStream
 from dsedge.runtime.prefix_cache import DEFAULT_CAPACITY_BYTES, PrefixCache, PrefixCacheStats
@@ -161,9 +161,13 @@ class Backend:
         return self.retriever.index.embedder.id if self.retriever else None
 
     def defaults(self) -> Defaults:
-        """Sampling defaults from the bundle's generation_config (R1 ships temperature 0.6, top_p 0.95)."""
+        """Sampling defaults from the bundle's generation_config (R1 ships temperature 0.6, top_p 0.95; the
+        demo models repetition_penalty 1.1), as `dsedge run` applies them (``chat.model_sampling``)."""
         info = (self.engine.manifest.data.get("tokenizer") or {}).get("generation_defaults") or {}
-        return Defaults(float(info.get("temperature", 1.0)), float(info.get("top_p", 1.0)))
+        model = model_sampling(self.engine)
+        return Defaults(float(model.get("temperature", info.get("temperature", 1.0))),
+                        float(model.get("top_p", info.get("top_p", 1.0))), int(model.get("top_k", 0)),
+                        float(model.get("repetition_penalty", 1.0)))
 
     def expert_cache(self) -> tuple[int, int] | None:
         """(hits, misses) of a partitioned bundle's expert cache; None for a monolithic one."""
@@ -287,7 +291,8 @@ DEFAULT_RAG_TOKENS = 256  # as `dsedge run --index`: the answer's room decides h
 
 
 def _engine_sampling(sampling: Sampling) -> dict:
-    return {"temperature": sampling.temperature, "top_p": sampling.top_p, "seed": sampling.seed,
+    return {"temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": sampling.top_k,
+            "repetition_penalty": sampling.repetition_penalty, "seed": sampling.seed,
             "stop": list(sampling.stop) or None}
 
 
