@@ -137,3 +137,47 @@ def test_the_defaults_follow_the_generation_config():
         with pytest.raises(wire.WireError) as error:
             wire.parse_completion({"model": "m", "prompt": "x", **bad}, defaults)
         assert error.value.status == 400 and error.value.param == next(iter(bad))
+
+
+# --- speculative counters per generation ------------------------------------------------------------
+
+SPECULATED = ["def add(a, b): return a + b\ndef add(a, b):", "The json module. The json module. The"]
+
+
+def test_each_reply_reports_its_own_speculative_counters_and_metrics_sum_them(plain_bundle):
+    import httpx2 as httpx
+
+    from dsedge.runtime import load_bundle
+    from dsedge.runtime.speculative import configure
+    from dsedge.serve import background, create_app
+
+    alone = load_bundle(plain_bundle)
+    configure(alone, "ngram")
+    expected = []
+    for prompt in SPECULATED:
+        alone.speculation.stats.reset()
+        alone.generate(prompt, 12)
+        expected.append(alone.speculation.stats.to_json())
+    assert all(e["verify_steps"] > 0 for e in expected)
+    backend = Backend.open(plain_bundle, speculative="ngram")
+    with background(create_app(backend)) as url:
+        got = []
+        for prompt, stream in zip(SPECULATED, (False, True), strict=True):
+            body = {"model": backend.model_id, "prompt": prompt, "max_tokens": 12, "temperature": 0}
+            if stream:
+                body |= {"stream": True, "stream_options": {"include_usage": True}}
+                with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60.0) as response:
+                    chunks = [json.loads(line[6:]) for line in response.iter_lines()
+                              if line.startswith("data: {")]
+                got.append(chunks[-1]["usage"]["speculative"])
+            else:
+                got.append(httpx.post(f"{url}/v1/completions", json=body, timeout=60.0).json()["usage"]["speculative"])
+        metrics = httpx.get(f"{url}/metrics", timeout=60.0).text
+    assert got == expected  # the second reply does not carry the first one's counts
+    totals = {name: sum(e[key] if key != "accepted_by_position" else sum(e[key]) for e in expected)
+              for name, key in (("verify_steps", "verify_steps"), ("tokens", "tokens"),
+                                ("accepted_tokens", "accepted_by_position"))}
+    for name, value in totals.items():
+        assert f"dsedge_serve_speculative_{name}_total {value}\n" in metrics
+    drafted = sum(sum(e["drafted_by_position"]) for e in expected)
+    assert f"dsedge_serve_speculative_drafted_tokens_total {drafted}\n" in metrics

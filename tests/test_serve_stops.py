@@ -8,11 +8,11 @@ from pathlib import Path
 
 import openai
 import pytest
+from test_generation_stops import spanning_stop
 
 from dsedge.export.bundle import export_bundle
 from dsedge.runtime import load_bundle
 from dsedge.serve import Backend, background, create_app
-from test_generation_stops import spanning_stop
 
 TIMEOUT = 60.0
 PROMPTS = ["The json module", "def add(a, b):", "Honey bees live", "Steam locomotives"]

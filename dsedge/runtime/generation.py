@@ -133,8 +133,9 @@ class TextCodec:
 class TextStream:
     """Text over ``decode.generate_step``: detokenize, hold back partial UTF-8, stop at EOS or a stop string.
 
-    Iterate it for StreamEvents; ``text`` is the text released so far (the events' pieces joined) and ``result`` (a GenerationResult) is set when
-    iteration ends (also when the consumer stops early: then with what was generated up to there).
+    Iterate it for StreamEvents; ``text`` is the text released so far (the events' pieces joined) and
+    ``result`` (a GenerationResult) is set when iteration ends (also when the consumer stops early: then with
+    what was generated up to there).
     """
 
     def __init__(self, engine, codec: TextCodec | None, prompt: str | list[int], *, max_new_tokens: int,

@@ -252,6 +252,7 @@ async def _respond(call: _Call, body, fmt) -> Response:
         return Response(status_code=499)
     outcome = event.payload
     call.server.metrics.count_tokens(generation.prompt_tokens, outcome.completion_tokens)
+    call.server.metrics.count_speculation(outcome.speculation)
     return JSONResponse(fmt.whole(texts, outcome, generation))
 
 
@@ -337,6 +338,7 @@ class EventStream(Response):
             return
         outcome = event.payload
         self.call.server.metrics.count_tokens(self.generation.prompt_tokens, outcome.completion_tokens)
+        self.call.server.metrics.count_speculation(outcome.speculation)
         yield wire.sse(self.fmt.closing(outcome.finish_reason))
         if self.include_usage:
             use = _usage(self.generation, outcome)
@@ -348,4 +350,7 @@ __all__ = ["MAX_BODY_BYTES", "EventStream", "Server", "create_app", "read_json"]
 
 
 def _usage(generation: Generation, outcome) -> dict:
-    return wire.usage(generation.prompt_tokens, outcome.completion_tokens, outcome.cached_tokens)
+    use = wire.usage(generation.prompt_tokens, outcome.completion_tokens, outcome.cached_tokens)
+    if outcome.speculation is not None:  # an extension: this generation's own acceptance (speculation on)
+        use["speculative"] = outcome.speculation.to_json()
+    return use

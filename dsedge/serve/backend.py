@@ -32,6 +32,7 @@ from dsedge.runtime.decode import TokenEvent
 from dsedge.runtime.generation import TextStream
 from dsedge.runtime.prefix_cache import DEFAULT_CAPACITY_BYTES, PrefixCache, PrefixCacheStats
 from dsedge.runtime.sampling import Sampler
+from dsedge.runtime.speculative import SpeculationStats
 from dsedge.runtime.speculative import configure as configure_speculation
 from dsedge.serve.wire import FINISH_REASONS, Defaults, Sampling, WireError
 
@@ -49,6 +50,7 @@ class Outcome:
     finish_reason: str  # OpenAI's: "stop" | "length"
     completion_tokens: int
     cached_tokens: int = 0  # prompt tokens taken from the prompt cache (not prefilled)
+    speculation: SpeculationStats | None = None  # this generation's verify steps (speculative decoding on)
 
 
 @dataclass
@@ -61,6 +63,7 @@ class Generation:
     sources: list[dict] | None = None  # the numbered sources the model was given (retrieval only)
     outcome: Outcome | None = None
     row: BatchedRow | None = None  # the same generation as a row of a batch (None: steps only)
+    speculation: SpeculationStats | None = None  # its own share of the engine's speculative counters
 
     def close(self) -> None:
         """Stop early (client gone): the generator's cache is dropped with it, a batch row leaves its batch."""
@@ -190,16 +193,16 @@ class Backend:
             reused = self._reuse(ids, cache)
             held = ids  # the tokens whose blocks are worth keeping once this generation ends
             try:
-                for step, event in enumerate(events):
+                for step, event in enumerate(self._counted(events, generation)):
                     if step == 0:
                         self._remember(ids, cache)
                     yield [Piece("text", event.text)] if event.text else []
                 held = [*ids, *events.result.token_ids]
-                generation.outcome = _outcome(events.result, reused)
+                generation.outcome = _outcome(events.result, reused, generation.speculation)
             finally:
                 self._remember(held, cache)
 
-        generation = Generation(steps(), len(ids), row=BatchedRow(self, events))
+        generation = Generation(steps(), len(ids), row=BatchedRow(self, events), speculation=self._own_stats())
         return generation
 
     def chat(self, messages: list[dict], sampling: Sampling, retrieval_k: int | None = None) -> Generation:
@@ -222,17 +225,18 @@ class Backend:
             reused = self._reuse(ids, cache)
             held, prefilled = ids, False
             try:
-                for piece in replies:
+                for piece in self._counted(replies, generation):
                     if not prefilled:  # the first piece comes after the prefill (and maybe more steps)
                         self._remember(ids, cache)
                         prefilled = True
                     yield [Piece(piece.kind, piece.text)]
                 held = [*ids, *replies.result.token_ids]
-                generation.outcome = _outcome(replies.result, reused)
+                generation.outcome = _outcome(replies.result, reused, generation.speculation)
             finally:
                 self._remember(held, cache)
 
-        generation = Generation(steps(), len(ids), sources, row=BatchedRow(self, replies.text_stream(), replies))
+        generation = Generation(steps(), len(ids), sources, row=BatchedRow(self, replies.text_stream(), replies),
+                                speculation=self._own_stats())
         return generation
 
     def _grounded(self, messages: list[dict], sampling: Sampling, k: int):
@@ -255,6 +259,29 @@ class Backend:
     def new_batch(self, rows: int) -> DecodeBatch:
         """The batch that up to ``rows`` generations' ``BatchedRow``s decode in together."""
         return DecodeBatch(self.engine, rows)
+
+    # --- speculative counters, per generation -----------------------------------------------------------
+    def _own_stats(self) -> SpeculationStats | None:
+        return SpeculationStats() if getattr(self.engine, "speculation", None) is not None else None
+
+    def _counted(self, items, generation: Generation):
+        """``items`` (a generation's events or pieces), each pull's share of the engine's speculative counters
+        added to ``generation.speculation``. The engine's counters run over every generation it served; the
+        worker runs one generation's code at a time, so what changes during a pull belongs to that one."""
+        speculation = getattr(self.engine, "speculation", None)
+        if generation.speculation is None or speculation is None:
+            yield from items
+            return
+        pulled = iter(items)
+        while True:
+            before = _counters(speculation.stats)
+            try:
+                item = next(pulled)
+            except StopIteration:
+                return
+            finally:
+                _add_since(generation.speculation, speculation.stats, before)
+            yield item
 
     # --- the prompt cache -------------------------------------------------------------------------
     def _new_cache(self, ids: list[int], max_new: int):
@@ -296,5 +323,24 @@ def _engine_sampling(sampling: Sampling) -> dict:
             "stop": list(sampling.stop) or None}
 
 
-def _outcome(result, cached_tokens: int = 0) -> Outcome:
-    return Outcome(FINISH_REASONS[result.finish_reason], len(result.token_ids), cached_tokens)
+def _outcome(result, cached_tokens: int = 0, speculation: SpeculationStats | None = None) -> Outcome:
+    return Outcome(FINISH_REASONS[result.finish_reason], len(result.token_ids), cached_tokens, speculation)
+
+
+def _counters(stats: SpeculationStats) -> tuple[int, int, list[int], list[int]]:
+    return stats.forwards, stats.tokens, list(stats.drafted), list(stats.accepted)
+
+
+def _add_since(own: SpeculationStats, engine_stats: SpeculationStats, before: tuple) -> None:
+    """Add to ``own`` what ``engine_stats`` gained since ``before`` (``_counters``); a reset in between (another
+    caller's ``stats.reset()``) counts from zero."""
+    forwards, tokens, drafted, accepted = before
+    if engine_stats.forwards < forwards:
+        forwards, tokens, drafted, accepted = 0, 0, [], []
+    own.forwards += engine_stats.forwards - forwards
+    own.tokens += engine_stats.tokens - tokens
+    pairs = ((own.drafted, engine_stats.drafted, drafted), (own.accepted, engine_stats.accepted, accepted))
+    for mine, now, then in pairs:
+        mine += [0] * max(0, len(now) - len(mine))
+        for position, count in enumerate(now):
+            mine[position] += count - (then[position] if position < len(then) else 0)
