@@ -38,6 +38,8 @@ from dsedge.serve.wire import FINISH_REASONS, Defaults, Sampling, WireError
 
 log = logging.getLogger(__name__)
 
+DEFAULT_PREFILL_CHUNK = 256  # tokens of a newcomer's prompt prefilled between two decode steps of the others
+
 
 @dataclass(frozen=True)
 class Piece:
@@ -73,9 +75,9 @@ class Generation:
 
 
 class BatchedRow:
-    """A generation decoded as one row of a ``DecodeBatch``: ``join`` prefills it alone and returns the
-    pieces of its first token; ``token`` takes each later step's event; once ``done``, ``finish`` returns the
-    last held-back pieces and the outcome (and hands the row back to the batch)."""
+    """A generation decoded as one row of a ``DecodeBatch``: ``join`` prefills it alone, a chunk a call, and
+    returns the pieces of its first token; ``token`` takes each later step's event; once ``done``, ``finish``
+    returns the last held-back pieces and the outcome (and hands the row back to the batch)."""
 
     def __init__(self, backend: Backend, stream: TextStream, chat: ChatStream | None = None):
         self.backend, self.stream, self.chat = backend, stream, chat
@@ -83,19 +85,26 @@ class BatchedRow:
         self.reply = ChatText(chat.prompt.thinking) if chat is not None else None
         self.batch: DecodeBatch | None = None
         self.row = None  # its runtime.batch.BatchRow once joined
+        self.admission = None  # its runtime.batch.Admission while it is prefilled chunk by chunk
         self.reused = 0
 
     @property
     def done(self) -> bool:
         return self.text.done
 
-    def join(self, batch: DecodeBatch) -> list[Piece]:
-        """Prefill (from the prompt cache's longest prefix) and sample the first token; the row then steps
-        with the batch."""
+    def join(self, batch: DecodeBatch) -> list[Piece] | None:
+        """One chunk of its prefill (from the prompt cache's longest prefix; ``batch.prefill_chunk`` tokens a
+        call, all of it when chunking is off): None while chunks remain, else the pieces of the first token it
+        sampled. The row then steps with the batch."""
         ids, cache = self.stream.prompt_ids, self.stream.cache
-        self.reused = self.backend._reuse(ids, cache)
-        self.row, event = batch.admit(ids, max_new_tokens=self.stream.max_new_tokens,
-                                      sampler=Sampler(self.stream.sampling), cache=cache)
+        if self.admission is None:
+            self.reused = self.backend._reuse(ids, cache)
+            self.admission = batch.begin(ids, max_new_tokens=self.stream.max_new_tokens,
+                                         sampler=Sampler(self.stream.sampling), cache=cache)
+        joined = self.admission.advance()
+        if joined is None:
+            return None
+        self.row, event = joined
         self.batch = batch
         if cache is not None:  # a prompt cache is on: the prompt's blocks, right after its prefill
             self.backend._remember(ids, self.row.cache)
@@ -121,7 +130,9 @@ class BatchedRow:
         return pieces, _outcome(generated, self.reused)
 
     def cancel(self) -> None:
-        """Leave the batch (finished, or the client is gone)."""
+        """Leave the batch (finished, or the client is gone; also mid-prefill)."""
+        if self.admission is not None:
+            self.admission.cancel()
         if self.batch is not None:
             self.batch.release(self.row)
             self.batch = None
@@ -256,9 +267,10 @@ class Backend:
                              cache=self._new_cache(prompt.token_ids, max_new))
         return replies, [s.to_json() for s in rag.sources]
 
-    def new_batch(self, rows: int) -> DecodeBatch:
-        """The batch that up to ``rows`` generations' ``BatchedRow``s decode in together."""
-        return DecodeBatch(self.engine, rows)
+    def new_batch(self, rows: int, prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK) -> DecodeBatch:
+        """The batch that up to ``rows`` generations' ``BatchedRow``s decode in together; newcomers are
+        prefilled ``prefill_chunk`` tokens at a time between the active rows' decode steps (0: whole)."""
+        return DecodeBatch(self.engine, rows, prefill_chunk=prefill_chunk)
 
     # --- speculative counters, per generation -----------------------------------------------------------
     def _own_stats(self) -> SpeculationStats | None:
