@@ -181,3 +181,7 @@ def test_each_reply_reports_its_own_speculative_counters_and_metrics_sum_them(pl
         assert f"dsedge_serve_speculative_{name}_total {value}\n" in metrics
     drafted = sum(sum(e["drafted_by_position"]) for e in expected)
     assert f"dsedge_serve_speculative_drafted_tokens_total {drafted}\n" in metrics
+
+
+def test_a_negative_prefill_chunk_is_refused(plain_bundle):
+    assert main(["serve", str(plain_bundle), "--port", "0", "--parallel", "2", "--prefill-chunk", "-1"]) == 3
