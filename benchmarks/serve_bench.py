@@ -9,6 +9,15 @@ streamed, greedy chat requests of ``--max-tokens`` each (a random-weight model r
 counted are the usage's). TTFT is measured at the client: request sent → first chunk with text (answer or
 reasoning). A warm-up request runs before each level.
 
+MoE bundles (partitioned layout: the runtime sees each layer's routing): for every batched decode step (B
+rows, one token each) the distinct routed experts the step touched, summed over layers, next to one row's
+(the mean over its rows), and the same in expert bytes (each expert's share of its partition) and in
+partition bytes (what the partitioned engine reads: every partition holding a chosen expert). Their ratio
+is the bandwidth bound of the batched speedup: a step over B rows reads that many times one row's expert
+weights, so with memory-bound experts aggregate decode can gain at most B / ratio over B single streams. The
+independent-routing value E·(1 − (1 − k/E)^B) / k is printed beside it (random weights route nearly so:
+4 rows at 32 experts top-4 touch ~3.3× one row's experts). Counted, not timed.
+
 The conversation sends the same user message every turn (so every turn's new part has the same length),
 keeps each answer in the history, and runs twice on one engine: through a server with the prompt cache and
 through one without (``--prompt-cache 0``). Goal (issue 14): turn 10's TTFT within 1.2× of turn 1's with the
@@ -86,20 +95,126 @@ def _client(url: str):
     return openai.OpenAI(base_url=f"{url}/v1", api_key="-", max_retries=0, timeout=600)
 
 
-def concurrency_level(url: str, model: str, clients: int, requests: int, max_tokens: int) -> dict:
-    """``requests`` chats spread over ``clients`` threads: aggregate tokens/s, p50/p99 TTFT."""
+class ExpertTally:
+    """Routed-expert traffic of each batched decode step of a partitioned MoE engine.
+
+    Observes, never changes: ``engine.forward`` notes each pass's [B, T]; the engine's per-layer routing step
+    (``_routed``, handed the layer's ``expert_ids`` [B·T, top_k]) notes which experts each row chose. A pass
+    with T = 1 and B > 1 is a batched decode step."""
+
+    def __init__(self, engine):
+        self.engine, self.steps = engine, []
+        self._shape, self._layers = None, []
+        self._forward, self._routed = engine.forward, engine._routed
+        engine.forward, engine._routed = self._observed_forward, self._observed_routed
+
+    @staticmethod
+    def applies(engine) -> bool:
+        """Whether the engine routes rows to expert partitions (a partitioned MoE bundle)."""
+        return hasattr(engine, "_routed") and bool(getattr(engine, "partitions_by_layer", None))
+
+    def close(self) -> None:
+        self.engine.forward, self.engine._routed = self._forward, self._routed
+
+    def _observed_forward(self, ids, mask, cache, **options):
+        self._shape, self._layers = ids.shape, []
+        try:
+            return self._forward(ids, mask, cache, **options)
+        finally:
+            rows, width = self._shape
+            if width == 1 and rows > 1 and self._layers:
+                self.steps.append(step_traffic(self._layers, rows))
+
+    def _observed_routed(self, layer, result):
+        from dsedge.contract import EXPERT_IDS
+
+        self._layers.append((np.asarray(result[EXPERT_IDS]).reshape(self._shape[0], -1),
+                             self.engine.partitions_by_layer.get(layer, [])))
+        return self._routed(layer, result)
+
+    def summary(self) -> dict | None:
+        """Mean traffic ratios per batch size over the steps seen (None: no batched step)."""
+        if not self.steps:
+            return None
+        out = {}
+        for rows in sorted({s["rows"] for s in self.steps}):
+            steps = [s for s in self.steps if s["rows"] == rows]
+            mean = {key: float(np.mean([s[key] for s in steps])) for key in steps[0] if key != "rows"}
+            out[str(rows)] = {"steps": len(steps), **{k: round(v, 3) for k, v in mean.items()},
+                              "experts_ratio": round(mean["experts"] / mean["experts_one_row"], 3),
+                              "expert_bytes_ratio": round(mean["expert_bytes"] / mean["expert_bytes_one_row"], 3),
+                              "partition_bytes_ratio": round(mean["partition_bytes"]
+                                                             / mean["partition_bytes_one_row"], 3),
+                              "independent_routing_ratio": round(independent_ratio(steps[0], rows), 3)}
+        return out
+
+
+def step_traffic(layers: list[tuple[np.ndarray, list]], rows: int) -> dict:
+    """One batched decode step's expert traffic, summed over MoE layers: for all rows together and for one
+    row (the mean over rows). ``layers``: per layer, the experts each row chose [rows, top_k] and the layer's
+    partitions (``experts`` [first, last), ``bytes``)."""
+    totals = dict.fromkeys(("experts", "expert_bytes", "partition_bytes"), 0.0)
+    one = dict.fromkeys(totals, 0.0)
+    top_k = experts_per_layer = 0
+    for chosen, partitions in layers:
+        top_k, experts_per_layer = chosen.shape[1], sum(p.experts[1] - p.experts[0] for p in partitions)
+        for key, value in _traffic(np.unique(chosen), partitions).items():
+            totals[key] += value
+        for row in chosen:
+            for key, value in _traffic(np.unique(row), partitions).items():
+                one[key] += value / rows
+    return {"rows": rows, **totals, **{f"{k}_one_row": v for k, v in one.items()}, "top_k": top_k,
+            "experts_per_layer": experts_per_layer}
+
+
+def _traffic(experts: np.ndarray, partitions: list) -> dict:
+    """Distinct experts, their bytes (each its share of its partition) and the bytes of the partitions they
+    fall in."""
+    expert_bytes = partition_bytes = 0.0
+    for p in partitions:
+        inside = int(np.count_nonzero((experts >= p.experts[0]) & (experts < p.experts[1])))
+        expert_bytes += p.bytes * inside / (p.experts[1] - p.experts[0])
+        partition_bytes += p.bytes if inside else 0
+    return {"experts": float(len(experts)), "expert_bytes": expert_bytes, "partition_bytes": partition_bytes}
+
+
+def independent_ratio(step: dict, rows: int) -> float:
+    """E·(1 − (1 − k/E)^B) / k: distinct experts of B rows routed independently and uniformly, over one row's."""
+    experts, k = step["experts_per_layer"], step["top_k"]
+    return experts * (1 - (1 - k / experts) ** rows) / k if experts and k else float("nan")
+
+
+def concurrency_level(url: str, model: str, clients: int, requests: int, max_tokens: int, engine=None) -> dict:
+    """``requests`` chats spread over ``clients`` threads: aggregate tokens/s, p50/p99 TTFT; with a partitioned
+    MoE ``engine``, the expert traffic of its batched decode steps (``ExpertTally``)."""
     client = _client(url)
     streamed_chat(client, model, [{"role": "user", "content": "warm-up"}], 4)
     jobs = [[{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}] for i in range(requests)]
+    tally = ExpertTally(engine) if engine is not None and ExpertTally.applies(engine) else None
     started = time.perf_counter()
-    with ThreadPoolExecutor(clients) as pool:
-        results = list(pool.map(lambda m: streamed_chat(client, model, m, max_tokens), jobs))
+    try:
+        with ThreadPoolExecutor(clients) as pool:
+            results = list(pool.map(lambda m: streamed_chat(client, model, m, max_tokens), jobs))
+    finally:
+        if tally is not None:
+            tally.close()
     wall = time.perf_counter() - started
     ttfts = np.array([r["ttft_s"] for r in results]) * 1e3
     tokens = sum(r["tokens"] for r in results)
-    return {"clients": clients, "requests": requests, "tokens": tokens, "wall_s": round(wall, 3),
-            "tokens_per_s": round(tokens / wall, 2), "ttft_p50_ms": round(float(np.percentile(ttfts, 50)), 2),
-            "ttft_p99_ms": round(float(np.percentile(ttfts, 99)), 2)}
+    level = {"clients": clients, "requests": requests, "tokens": tokens, "wall_s": round(wall, 3),
+             "tokens_per_s": round(tokens / wall, 2), "ttft_p50_ms": round(float(np.percentile(ttfts, 50)), 2),
+             "ttft_p99_ms": round(float(np.percentile(ttfts, 99)), 2)}
+    if tally is not None:
+        level["expert_traffic"] = tally.summary()
+    return level
+
+
+def print_traffic(traffic: dict | None) -> None:
+    for rows, t in (traffic or {}).items():
+        print(f"      {rows} rows/step ({t['steps']} steps): routed experts {t['experts']:.1f} vs one row's "
+              f"{t['experts_one_row']:.1f} = {t['experts_ratio']:.2f}x (independent routing "
+              f"{t['independent_routing_ratio']:.2f}x); expert bytes/step {t['expert_bytes_ratio']:.2f}x, "
+              f"partition bytes/step {t['partition_bytes_ratio']:.2f}x one row's")
 
 
 def conversation(url: str, model: str, turns: int, max_tokens: int) -> dict:
@@ -126,10 +241,11 @@ def run(bundle: Path, levels: list[int], requests: int, max_tokens: int, turns: 
     result = {"bundle": str(bundle), "model": backend.model_id, "max_tokens": max_tokens, "levels": []}
     for clients in levels:
         with background(create_app(backend, parallel=clients)) as url:
-            level = concurrency_level(url, backend.model_id, clients, requests, max_tokens)
+            level = concurrency_level(url, backend.model_id, clients, requests, max_tokens, engine)
         result["levels"].append(level)
         print(f"{clients:>3} clients  {level['tokens_per_s']:>9.1f} tokens/s  TTFT p50 {level['ttft_p50_ms']:>8.1f} "
               f"ms  p99 {level['ttft_p99_ms']:>8.1f} ms  ({level['requests']} requests, {level['tokens']} tokens)")
+        print_traffic(level.get("expert_traffic"))
     if len(result["levels"]) > 1:
         one = result["levels"][0]["tokens_per_s"]
         for level in result["levels"]:

@@ -42,9 +42,16 @@ def register(sub, command) -> None:
     cmd.add_argument("--api-key", metavar="KEY", help="require 'Authorization: Bearer KEY' (all but /health)")
     cmd.add_argument("--parallel", type=int, default=1, metavar="N",
                      help="generations decoded together in one batch, one forward pass a step (default 1)")
+    cmd.add_argument("--prefill-chunk", type=int, default=256, metavar="TOKENS",
+                     help="with --parallel: prefill a new request's prompt this many tokens at a time, between "
+                          "decode steps of the active streams, so a long prompt does not stall them "
+                          "(default 256; 0: whole prompts)")
     cmd.add_argument("--prompt-cache", type=_cache_size, default="512M", metavar="SIZE",
                      help="memory for cached prompt prefixes, reused by requests that start the same way "
                           "(default 512M; 0 turns it off)")
+    cmd.add_argument("--verify", action="store_true",
+                     help="hash every bundle (and index) file now, before serving, ignoring the record of earlier "
+                          "verifications (as `dsedge run --verify`; by default a file is hashed when first opened)")
     cmd.add_argument("--target", help="device target: execution providers and threads (a name, a file or `auto`)")
     cmd.add_argument("--speculative", choices=["off", "ngram", "mtp"], default="off",
                      help="speculative decoding (see `dsedge run --help`; default off)")
@@ -57,7 +64,7 @@ def _run_serve(args):
     return serve(args.bundle, host=args.host, port=args.port, index=args.index, rag=args.rag,
                  api_key=args.api_key, parallel=args.parallel, target=args.target,
                  prompt_cache_bytes=args.prompt_cache, speculative=args.speculative,
-                 draft_tokens=args.draft_tokens)
+                 draft_tokens=args.draft_tokens, verify=args.verify, prefill_chunk=args.prefill_chunk)
 
 
 def _render(report) -> None:

@@ -7,7 +7,11 @@ there, 0 on its left padding. The graphs take that mask and position ids counted
 column weighs exactly 0 and a row decodes as it would alone (up to fp32 summation order).
 
 A new row is prefilled on its own (``decode.generate_step`` on a one-row cache, possibly holding a prompt-cache
-prefix), its first token sampled there; it joins the batch at the next step. Whenever the rows change (one
+prefix), its first token sampled there; it joins the batch at the next step. With ``prefill_chunk`` C, a
+newcomer is prefilled C tokens at a time (``begin`` → ``Admission.advance``, one chunk a call), so that the
+caller can run decode steps of the active rows between its chunks (vLLM's chunked prefill): a long prompt no
+longer pauses every other stream for its whole prefill. Each chunk extends the row's own cache, as a
+prompt-cache prefix does, so the output is the same either way. Whenever the rows change (one
 joins, one leaves) the batch cache is rebuilt for exactly the active rows: every row copied right-aligned at
 the new common end, which is the longest active row's span. Why rebuild rather than keep N fixed slots:
 each forward then runs only active rows (no dead rows masked out and paid for in every step, no fully masked
@@ -30,9 +34,17 @@ import numpy as np
 
 from dsedge.errors import UserError
 from dsedge.runtime.cache import CacheBuffers
-from dsedge.runtime.decode import DecodeState, TokenEvent, TokenSampler, generate_step, greedy_sampler, token_logprobs
+from dsedge.runtime.decode import (
+    DecodeState,
+    TokenEvent,
+    TokenSampler,
+    generate_step,
+    greedy_sampler,
+    prefill,
+    token_logprobs,
+)
 
-__all__ = ["BatchRow", "DecodeBatch"]
+__all__ = ["Admission", "BatchRow", "DecodeBatch"]
 
 
 @dataclass(eq=False)
@@ -57,21 +69,67 @@ class BatchRow:
         return self.max_new_tokens - self.produced
 
 
-class DecodeBatch:
-    """Up to ``max_rows`` rows decoding together over ``engine`` (anything with ``new_cache`` and ``forward``)."""
+class Admission:
+    """A newcomer being prefilled chunk by chunk (``DecodeBatch.begin``): ``advance`` runs the next chunk and
+    returns None, or — the last chunk — samples the first token and returns ``(row, event)`` as ``admit``
+    does; ``cancel`` drops it (the client left mid-prefill)."""
 
-    def __init__(self, engine, max_rows: int):
+    def __init__(self, batch: DecodeBatch, ids: list[int], max_new_tokens: int, sampler: TokenSampler,
+                 cache: CacheBuffers, chunk: int):
+        self.batch, self.ids, self.max_new_tokens, self.sampler = batch, ids, max_new_tokens, sampler
+        self.cache, self.chunk = cache, chunk
+        self.chunks = 0  # chunks run so far (the last one included)
+        self.done = False
+
+    def advance(self) -> tuple[BatchRow, TokenEvent] | None:
+        if self.done:
+            raise ValueError("the admission has ended")
+        self.chunks += 1
+        end = self.cache.length + self.chunk
+        if self.chunk and end < len(self.ids):  # not the last chunk: only extend the row's cache
+            prefill(self.batch.engine, [self.ids[:end]], cache=self.cache, last_only=True)
+            return None
+        self.done = True
+        self.batch._admitting.remove(self)
+        # One step of the one decode loop: its prefill (only what ``cache`` lacks) and first token; the
+        # generator is closed before it forwards anything more.
+        steps = generate_step(self.batch.engine, self.ids, sampler=self.sampler, cache=self.cache, max_new_tokens=1)
+        try:
+            event = next(steps)
+        finally:
+            steps.close()
+        row = BatchRow([*self.ids, event.token_id], len(self.ids), self.sampler, self.max_new_tokens, self.cache,
+                       self.cache.length)
+        self.batch._joining.append(row)
+        return row, event
+
+    def cancel(self) -> None:
+        if not self.done:
+            self.done = True
+            self.batch._admitting.remove(self)
+
+
+class DecodeBatch:
+    """Up to ``max_rows`` rows decoding together over ``engine`` (anything with ``new_cache`` and ``forward``).
+
+    ``prefill_chunk``: prefill newcomers this many tokens at a time (``begin``); 0 or None: whole prompts."""
+
+    def __init__(self, engine, max_rows: int, prefill_chunk: int | None = None):
         if max_rows < 1:
             raise ValueError("a batch holds at least one row")
-        self.engine, self.max_rows = engine, max_rows
+        if prefill_chunk is not None and prefill_chunk < 0:
+            raise UserError(f"the prefill chunk must be ≥ 0 tokens (0: whole prompts), got {prefill_chunk}",
+                            where="--prefill-chunk")
+        self.engine, self.max_rows, self.prefill_chunk = engine, max_rows, prefill_chunk or 0
         self.rows: list[BatchRow] = []  # in batch order, once joined
         self._joining: list[BatchRow] = []
+        self._admitting: list[Admission] = []  # newcomers still prefilling
         self._state: DecodeState | None = None
         self.rebuilds = 0  # how often the batch cache was rebuilt (rows joined or left)
 
     def __len__(self) -> int:
-        """Rows admitted and not released."""
-        return len(self._live())
+        """Rows admitted (or being prefilled) and not released."""
+        return len(self._live()) + len(self._admitting)
 
     @property
     def length(self) -> int:
@@ -80,8 +138,18 @@ class DecodeBatch:
 
     def admit(self, prompt_ids: Sequence[int], *, max_new_tokens: int, sampler: TokenSampler | None = None,
               cache: CacheBuffers | None = None) -> tuple[BatchRow, TokenEvent]:
-        """Prefill ``prompt_ids`` on its own and sample its first token (step 0); the row joins the batch at
-        the next ``step``. ``cache``: an empty or prefix-holding one-row cache (``decode.prefill``)."""
+        """Prefill ``prompt_ids`` on its own (all its chunks at once) and sample its first token (step 0); the
+        row joins the batch at the next ``step``. ``cache``: an empty or prefix-holding one-row cache
+        (``decode.prefill``)."""
+        admission = self.begin(prompt_ids, max_new_tokens=max_new_tokens, sampler=sampler, cache=cache)
+        while (joined := admission.advance()) is None:
+            pass
+        return joined
+
+    def begin(self, prompt_ids: Sequence[int], *, max_new_tokens: int, sampler: TokenSampler | None = None,
+              cache: CacheBuffers | None = None) -> Admission:
+        """Start admitting ``prompt_ids``: each ``advance`` of the Admission prefills ``prefill_chunk`` more
+        tokens; the last one samples the first token (see ``admit``). It holds a row of the batch meanwhile."""
         if len(self) >= self.max_rows:
             raise UserError(f"the batch holds {self.max_rows} rows already", where="batch",
                             hint="release a row before admitting another")
@@ -90,17 +158,9 @@ class DecodeBatch:
         ids = [int(t) for t in prompt_ids]
         if cache is None:
             cache = self.engine.new_cache(batch=1, max_len=len(ids))
-        sampler = sampler or greedy_sampler()
-        # One step of the one decode loop: its prefill (only what ``cache`` lacks) and first token; the
-        # generator is closed before it forwards anything more.
-        steps = generate_step(self.engine, ids, sampler=sampler, cache=cache, max_new_tokens=1)
-        try:
-            event = next(steps)
-        finally:
-            steps.close()
-        row = BatchRow([*ids, event.token_id], len(ids), sampler, max_new_tokens, cache, cache.length)
-        self._joining.append(row)
-        return row, event
+        admission = Admission(self, ids, max_new_tokens, sampler or greedy_sampler(), cache, self.prefill_chunk)
+        self._admitting.append(admission)
+        return admission
 
     def release(self, row: BatchRow) -> None:
         """The row is done (finished, stopped or cancelled): it leaves at the next step; the last one to go

@@ -133,8 +133,9 @@ class TextCodec:
 class TextStream:
     """Text over ``decode.generate_step``: detokenize, hold back partial UTF-8, stop at EOS or a stop string.
 
-    Iterate it for StreamEvents; ``text`` is the text so far and ``result`` (a GenerationResult) is set when
-    iteration ends (also when the consumer stops early: then with what was generated up to there).
+    Iterate it for StreamEvents; ``text`` is the text released so far (the events' pieces joined) and
+    ``result`` (a GenerationResult) is set when iteration ends (also when the consumer stops early: then with
+    what was generated up to there).
     """
 
     def __init__(self, engine, codec: TextCodec | None, prompt: str | list[int], *, max_new_tokens: int,
@@ -180,7 +181,8 @@ class TokenText:
 
     Detokenizes, holds back partial UTF-8, stops at EOS, a stop string or ``max_new_tokens``. ``push`` takes
     a step's event and returns the StreamEvent it releases (None at an EOS that releases no held-back text);
-    ``done`` says whether the stream has ended; ``text`` is the text so far; ``result`` builds the
+    ``done`` says whether the stream has ended; ``text`` is the text released so far (text that may begin a stop
+    string is held back until it can no longer match; all of it once ``done``); ``result`` builds the
     GenerationResult (also mid-way: what was generated up to there). Push-driven, so one decode loop
     (``TextStream``) and the rows of a batched decode (the server's, over ``runtime.batch``) share it.
     """
@@ -189,7 +191,7 @@ class TokenText:
         self.codec, self.stop, self.max_new_tokens = codec, stop, max_new_tokens
         self.eos = codec.eos_ids if codec else set()
         self.tokens: list[int] = []  # the generated ids (an EOS that ended the stream is not one of them)
-        self.text = ""  # the text so far (cut at a stop string)
+        self.text = ""  # the text released so far (cut at a stop string; the whole text once done)
         self.finish_reason = "length"
         self.done = False
         self.timings: dict[str, float] = {}
@@ -207,27 +209,37 @@ class TokenText:
         if token in self.eos:
             self.finish_reason, self.done = "eos", True
             tail = codec.decode(self.tokens)[len(self._decoded):] if codec else ""
-            if tail:  # a held-back partial character: flush it with the EOS token that ended it
-                self.text = self._decoded + tail
-                return StreamEvent(token, tail)
-            return None
+            self._decoded += tail  # a held-back partial character, completed by the EOS that ended it
+            piece = self._release(final=True)
+            return StreamEvent(token, piece) if piece else None
         self.tokens.append(token)
         final = event.step == self.max_new_tokens - 1
-        piece, self._decoded = _new_text(codec, self.tokens, self._decoded, final=final)
+        _, self._decoded = _new_text(codec, self.tokens, self._decoded, final=final)
+        self.done = final
+        return StreamEvent(token, self._release(final=final))
+
+    def _release(self, *, final: bool) -> str:
+        """The text that can go out now, and ``text`` advanced past it. A stop string ends the stream before
+        it (none of it is ever released); without one, a tail that may still grow into a stop string is held
+        back (as vLLM does) until it diverges, or the stream ends."""
         hit = _stop_hit(self._decoded, self.stop)
         if hit is not None:
-            self.text, self.finish_reason, self.done = self._decoded[:hit], "stop", True
-            return StreamEvent(token, piece[: max(0, hit - (len(self._decoded) - len(piece)))])
-        self.text, self.done = self._decoded, final
-        return StreamEvent(token, piece)
+            end = max(hit, len(self.text))  # never below what went out (held-back text cannot hold a stop)
+            self.finish_reason, self.done = "stop", True
+        else:
+            end = len(self._decoded) - (0 if final else _stop_prefix_tail(self._decoded, self.stop))
+        piece = self._decoded[len(self.text):end]
+        self.text = self._decoded[:end]
+        return piece
 
     def result(self, prompt_tokens: int) -> GenerationResult:
         total = time.perf_counter() - self._started
         decode_s = total - self.timings.get("ttft_s", total)  # the tokens after the first
         out = self.tokens
+        text = self.text if self.done else self._decoded  # stopped early: also what was held back
         timings = {**self.timings, "total_s": total,
                    "decode_tokens_per_s": (len(out) - 1) / decode_s if len(out) > 1 else 0.0}
-        return GenerationResult(self.text, list(out), self.finish_reason, prompt_tokens, timings)
+        return GenerationResult(text, list(out), self.finish_reason, prompt_tokens, timings)
 
 
 def _new_text(codec: TextCodec | None, out: list[int], text: str, *, final: bool) -> tuple[str, str]:
@@ -253,6 +265,18 @@ def _prompt_ids(codec: TextCodec | None, prompt: str | list[int]) -> list[int]:
     if not ids:
         raise UserError("empty prompt", where="prompt", hint="pass some text or at least one token id")
     return ids
+
+
+def _stop_prefix_tail(text: str, stop: list[str] | None) -> int:
+    """Length of the longest tail of ``text`` that is a proper prefix of some stop string (0: none): text
+    that may still become a stop string once more tokens arrive."""
+    longest = 0
+    for s in stop or ():
+        for k in range(min(len(s) - 1, len(text)), longest, -1):
+            if s.startswith(text[len(text) - k:]):
+                longest = k
+                break
+    return longest
 
 
 def _stop_hit(text: str, stop: list[str] | None) -> int | None:

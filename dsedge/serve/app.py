@@ -19,7 +19,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from dsedge.serve import wire
-from dsedge.serve.backend import Backend, Generation
+from dsedge.serve.backend import DEFAULT_PREFILL_CHUNK, Backend, Generation
 from dsedge.serve.metrics import CONTENT_TYPE, Metrics
 from dsedge.serve.scheduler import DEFAULT_MAX_QUEUE, Event, Job, QueueFull, Scheduler
 from dsedge.serve.wire import WireError
@@ -34,19 +34,25 @@ ENDPOINTS = ("/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/c
 class Server:
     """What the handlers share: the backend, the scheduler, the metrics and the limits."""
 
-    def __init__(self, backend: Backend, *, api_key: str | None, parallel: int, max_queue: int, max_body: int):
+    def __init__(self, backend: Backend, *, api_key: str | None, parallel: int, max_queue: int, max_body: int,
+                 prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK):
         self.backend, self.api_key, self.max_body = backend, api_key, max_body
         self.defaults = backend.defaults()
         self.metrics = Metrics(queue_depth=lambda: self.scheduler.queue_depth, active=lambda: self.scheduler.active,
                                expert_cache=backend.expert_cache, prompt_cache=backend.prompt_cache_stats)
-        batch = backend.new_batch(parallel) if parallel > 1 else None  # one forward pass for all active rows
+        # one forward pass for all active rows; newcomers prefilled in chunks between its steps
+        batch = backend.new_batch(parallel, prefill_chunk) if parallel > 1 else None
         self.scheduler = Scheduler(parallel=parallel, max_queue=max_queue, metrics=self.metrics, batch=batch)
 
 
 def create_app(backend: Backend, *, api_key: str | None = None, parallel: int = 1,
-               max_queue: int = DEFAULT_MAX_QUEUE, max_body: int = MAX_BODY_BYTES) -> Starlette:
-    """The OpenAI-compatible app over ``backend``; the worker thread runs while the app's lifespan does."""
-    server = Server(backend, api_key=api_key, parallel=parallel, max_queue=max_queue, max_body=max_body)
+               max_queue: int = DEFAULT_MAX_QUEUE, max_body: int = MAX_BODY_BYTES,
+               prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK) -> Starlette:
+    """The OpenAI-compatible app over ``backend``; the worker thread runs while the app's lifespan does.
+    ``prefill_chunk``: with ``parallel`` > 1, a newcomer's prompt is prefilled this many tokens at a time
+    between the active rows' decode steps (0: whole prompts)."""
+    server = Server(backend, api_key=api_key, parallel=parallel, max_queue=max_queue, max_body=max_body,
+                    prefill_chunk=prefill_chunk)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -252,6 +258,7 @@ async def _respond(call: _Call, body, fmt) -> Response:
         return Response(status_code=499)
     outcome = event.payload
     call.server.metrics.count_tokens(generation.prompt_tokens, outcome.completion_tokens)
+    call.server.metrics.count_speculation(outcome.speculation)
     return JSONResponse(fmt.whole(texts, outcome, generation))
 
 
@@ -337,6 +344,7 @@ class EventStream(Response):
             return
         outcome = event.payload
         self.call.server.metrics.count_tokens(self.generation.prompt_tokens, outcome.completion_tokens)
+        self.call.server.metrics.count_speculation(outcome.speculation)
         yield wire.sse(self.fmt.closing(outcome.finish_reason))
         if self.include_usage:
             use = _usage(self.generation, outcome)
@@ -348,4 +356,7 @@ __all__ = ["MAX_BODY_BYTES", "EventStream", "Server", "create_app", "read_json"]
 
 
 def _usage(generation: Generation, outcome) -> dict:
-    return wire.usage(generation.prompt_tokens, outcome.completion_tokens, outcome.cached_tokens)
+    use = wire.usage(generation.prompt_tokens, outcome.completion_tokens, outcome.cached_tokens)
+    if outcome.speculation is not None:  # an extension: this generation's own acceptance (speculation on)
+        use["speculative"] = outcome.speculation.to_json()
+    return use

@@ -27,15 +27,18 @@ from dsedge.errors import UserError
 from dsedge.rag import open_retriever, rag_prompt, with_sources
 from dsedge.runtime import load_bundle
 from dsedge.runtime.batch import DecodeBatch
-from dsedge.runtime.chat import ChatStream, ChatText, prepare_prompt
+from dsedge.runtime.chat import ChatStream, ChatText, model_sampling, prepare_prompt
 from dsedge.runtime.decode import TokenEvent
 from dsedge.runtime.generation import TextStream
 from dsedge.runtime.prefix_cache import DEFAULT_CAPACITY_BYTES, PrefixCache, PrefixCacheStats
 from dsedge.runtime.sampling import Sampler
+from dsedge.runtime.speculative import SpeculationStats
 from dsedge.runtime.speculative import configure as configure_speculation
 from dsedge.serve.wire import FINISH_REASONS, Defaults, Sampling, WireError
 
 log = logging.getLogger(__name__)
+
+DEFAULT_PREFILL_CHUNK = 256  # tokens of a newcomer's prompt prefilled between two decode steps of the others
 
 
 @dataclass(frozen=True)
@@ -49,6 +52,7 @@ class Outcome:
     finish_reason: str  # OpenAI's: "stop" | "length"
     completion_tokens: int
     cached_tokens: int = 0  # prompt tokens taken from the prompt cache (not prefilled)
+    speculation: SpeculationStats | None = None  # this generation's verify steps (speculative decoding on)
 
 
 @dataclass
@@ -61,6 +65,7 @@ class Generation:
     sources: list[dict] | None = None  # the numbered sources the model was given (retrieval only)
     outcome: Outcome | None = None
     row: BatchedRow | None = None  # the same generation as a row of a batch (None: steps only)
+    speculation: SpeculationStats | None = None  # its own share of the engine's speculative counters
 
     def close(self) -> None:
         """Stop early (client gone): the generator's cache is dropped with it, a batch row leaves its batch."""
@@ -70,9 +75,9 @@ class Generation:
 
 
 class BatchedRow:
-    """A generation decoded as one row of a ``DecodeBatch``: ``join`` prefills it alone and returns the
-    pieces of its first token; ``token`` takes each later step's event; once ``done``, ``finish`` returns the
-    last held-back pieces and the outcome (and hands the row back to the batch)."""
+    """A generation decoded as one row of a ``DecodeBatch``: ``join`` prefills it alone, a chunk a call, and
+    returns the pieces of its first token; ``token`` takes each later step's event; once ``done``, ``finish``
+    returns the last held-back pieces and the outcome (and hands the row back to the batch)."""
 
     def __init__(self, backend: Backend, stream: TextStream, chat: ChatStream | None = None):
         self.backend, self.stream, self.chat = backend, stream, chat
@@ -80,19 +85,26 @@ class BatchedRow:
         self.reply = ChatText(chat.prompt.thinking) if chat is not None else None
         self.batch: DecodeBatch | None = None
         self.row = None  # its runtime.batch.BatchRow once joined
+        self.admission = None  # its runtime.batch.Admission while it is prefilled chunk by chunk
         self.reused = 0
 
     @property
     def done(self) -> bool:
         return self.text.done
 
-    def join(self, batch: DecodeBatch) -> list[Piece]:
-        """Prefill (from the prompt cache's longest prefix) and sample the first token; the row then steps
-        with the batch."""
+    def join(self, batch: DecodeBatch) -> list[Piece] | None:
+        """One chunk of its prefill (from the prompt cache's longest prefix; ``batch.prefill_chunk`` tokens a
+        call, all of it when chunking is off): None while chunks remain, else the pieces of the first token it
+        sampled. The row then steps with the batch."""
         ids, cache = self.stream.prompt_ids, self.stream.cache
-        self.reused = self.backend._reuse(ids, cache)
-        self.row, event = batch.admit(ids, max_new_tokens=self.stream.max_new_tokens,
-                                      sampler=Sampler(self.stream.sampling), cache=cache)
+        if self.admission is None:
+            self.reused = self.backend._reuse(ids, cache)
+            self.admission = batch.begin(ids, max_new_tokens=self.stream.max_new_tokens,
+                                         sampler=Sampler(self.stream.sampling), cache=cache)
+        joined = self.admission.advance()
+        if joined is None:
+            return None
+        self.row, event = joined
         self.batch = batch
         if cache is not None:  # a prompt cache is on: the prompt's blocks, right after its prefill
             self.backend._remember(ids, self.row.cache)
@@ -118,7 +130,9 @@ class BatchedRow:
         return pieces, _outcome(generated, self.reused)
 
     def cancel(self) -> None:
-        """Leave the batch (finished, or the client is gone)."""
+        """Leave the batch (finished, or the client is gone; also mid-prefill)."""
+        if self.admission is not None:
+            self.admission.cancel()
         if self.batch is not None:
             self.batch.release(self.row)
             self.batch = None
@@ -137,8 +151,10 @@ class Backend:
     @classmethod
     def open(cls, bundle: str | Path, *, index: str | Path | None = None, rag: bool = False,
              target: str | None = None, prompt_cache_bytes: int = DEFAULT_CAPACITY_BYTES, speculative: str = "off",
-             draft_tokens: int | None = None) -> Backend:
-        engine = load_bundle(bundle, target=target)
+             draft_tokens: int | None = None, verify: bool = False) -> Backend:
+        """Load ``bundle``; ``verify``: hash every file now (``load_bundle(verify="full")``), so a changed file
+        fails the start rather than a request."""
+        engine = load_bundle(bundle, target=target, verify="full" if verify else True)
         configure_speculation(engine, speculative, draft_tokens)  # each generation is one row: it applies to all
         if engine.codec is None:
             raise UserError("this bundle has no tokenizer, so it cannot serve text", where=str(bundle),
@@ -159,9 +175,13 @@ class Backend:
         return self.retriever.index.embedder.id if self.retriever else None
 
     def defaults(self) -> Defaults:
-        """Sampling defaults from the bundle's generation_config (R1 ships temperature 0.6, top_p 0.95)."""
+        """Sampling defaults from the bundle's generation_config (R1 ships temperature 0.6, top_p 0.95; the
+        demo models repetition_penalty 1.1), as `dsedge run` applies them (``chat.model_sampling``)."""
         info = (self.engine.manifest.data.get("tokenizer") or {}).get("generation_defaults") or {}
-        return Defaults(float(info.get("temperature", 1.0)), float(info.get("top_p", 1.0)))
+        model = model_sampling(self.engine)
+        return Defaults(float(model.get("temperature", info.get("temperature", 1.0))),
+                        float(model.get("top_p", info.get("top_p", 1.0))), int(model.get("top_k", 0)),
+                        float(model.get("repetition_penalty", 1.0)))
 
     def expert_cache(self) -> tuple[int, int] | None:
         """(hits, misses) of a partitioned bundle's expert cache; None for a monolithic one."""
@@ -184,16 +204,16 @@ class Backend:
             reused = self._reuse(ids, cache)
             held = ids  # the tokens whose blocks are worth keeping once this generation ends
             try:
-                for step, event in enumerate(events):
+                for step, event in enumerate(self._counted(events, generation)):
                     if step == 0:
                         self._remember(ids, cache)
                     yield [Piece("text", event.text)] if event.text else []
                 held = [*ids, *events.result.token_ids]
-                generation.outcome = _outcome(events.result, reused)
+                generation.outcome = _outcome(events.result, reused, generation.speculation)
             finally:
                 self._remember(held, cache)
 
-        generation = Generation(steps(), len(ids), row=BatchedRow(self, events))
+        generation = Generation(steps(), len(ids), row=BatchedRow(self, events), speculation=self._own_stats())
         return generation
 
     def chat(self, messages: list[dict], sampling: Sampling, retrieval_k: int | None = None) -> Generation:
@@ -216,17 +236,18 @@ class Backend:
             reused = self._reuse(ids, cache)
             held, prefilled = ids, False
             try:
-                for piece in replies:
+                for piece in self._counted(replies, generation):
                     if not prefilled:  # the first piece comes after the prefill (and maybe more steps)
                         self._remember(ids, cache)
                         prefilled = True
                     yield [Piece(piece.kind, piece.text)]
                 held = [*ids, *replies.result.token_ids]
-                generation.outcome = _outcome(replies.result, reused)
+                generation.outcome = _outcome(replies.result, reused, generation.speculation)
             finally:
                 self._remember(held, cache)
 
-        generation = Generation(steps(), len(ids), sources, row=BatchedRow(self, replies.text_stream(), replies))
+        generation = Generation(steps(), len(ids), sources, row=BatchedRow(self, replies.text_stream(), replies),
+                                speculation=self._own_stats())
         return generation
 
     def _grounded(self, messages: list[dict], sampling: Sampling, k: int):
@@ -246,9 +267,33 @@ class Backend:
                              cache=self._new_cache(prompt.token_ids, max_new))
         return replies, [s.to_json() for s in rag.sources]
 
-    def new_batch(self, rows: int) -> DecodeBatch:
-        """The batch that up to ``rows`` generations' ``BatchedRow``s decode in together."""
-        return DecodeBatch(self.engine, rows)
+    def new_batch(self, rows: int, prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK) -> DecodeBatch:
+        """The batch that up to ``rows`` generations' ``BatchedRow``s decode in together; newcomers are
+        prefilled ``prefill_chunk`` tokens at a time between the active rows' decode steps (0: whole)."""
+        return DecodeBatch(self.engine, rows, prefill_chunk=prefill_chunk)
+
+    # --- speculative counters, per generation -----------------------------------------------------------
+    def _own_stats(self) -> SpeculationStats | None:
+        return SpeculationStats() if getattr(self.engine, "speculation", None) is not None else None
+
+    def _counted(self, items, generation: Generation):
+        """``items`` (a generation's events or pieces), each pull's share of the engine's speculative counters
+        added to ``generation.speculation``. The engine's counters run over every generation it served; the
+        worker runs one generation's code at a time, so what changes during a pull belongs to that one."""
+        speculation = getattr(self.engine, "speculation", None)
+        if generation.speculation is None or speculation is None:
+            yield from items
+            return
+        pulled = iter(items)
+        while True:
+            before = _counters(speculation.stats)
+            try:
+                item = next(pulled)
+            except StopIteration:
+                return
+            finally:
+                _add_since(generation.speculation, speculation.stats, before)
+            yield item
 
     # --- the prompt cache -------------------------------------------------------------------------
     def _new_cache(self, ids: list[int], max_new: int):
@@ -285,9 +330,29 @@ DEFAULT_RAG_TOKENS = 256  # as `dsedge run --index`: the answer's room decides h
 
 
 def _engine_sampling(sampling: Sampling) -> dict:
-    return {"temperature": sampling.temperature, "top_p": sampling.top_p, "seed": sampling.seed,
+    return {"temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": sampling.top_k,
+            "repetition_penalty": sampling.repetition_penalty, "seed": sampling.seed,
             "stop": list(sampling.stop) or None}
 
 
-def _outcome(result, cached_tokens: int = 0) -> Outcome:
-    return Outcome(FINISH_REASONS[result.finish_reason], len(result.token_ids), cached_tokens)
+def _outcome(result, cached_tokens: int = 0, speculation: SpeculationStats | None = None) -> Outcome:
+    return Outcome(FINISH_REASONS[result.finish_reason], len(result.token_ids), cached_tokens, speculation)
+
+
+def _counters(stats: SpeculationStats) -> tuple[int, int, list[int], list[int]]:
+    return stats.forwards, stats.tokens, list(stats.drafted), list(stats.accepted)
+
+
+def _add_since(own: SpeculationStats, engine_stats: SpeculationStats, before: tuple) -> None:
+    """Add to ``own`` what ``engine_stats`` gained since ``before`` (``_counters``); a reset in between (another
+    caller's ``stats.reset()``) counts from zero."""
+    forwards, tokens, drafted, accepted = before
+    if engine_stats.forwards < forwards:
+        forwards, tokens, drafted, accepted = 0, 0, [], []
+    own.forwards += engine_stats.forwards - forwards
+    own.tokens += engine_stats.tokens - tokens
+    pairs = ((own.drafted, engine_stats.drafted, drafted), (own.accepted, engine_stats.accepted, accepted))
+    for mine, now, then in pairs:
+        mine += [0] * max(0, len(now) - len(mine))
+        for position, count in enumerate(now):
+            mine[position] += count - (then[position] if position < len(then) else 0)

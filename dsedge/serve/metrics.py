@@ -45,6 +45,9 @@ class Metrics:
         self._lock = threading.Lock()
         self.requests: dict[tuple[str, int], int] = {}  # (endpoint, status) -> count
         self.prompt_tokens = self.generated_tokens = 0
+        # speculative decoding, summed over the generations that completed: verify steps, the tokens they
+        # produced, the draft tokens proposed and those accepted
+        self.verify_steps = self.speculative_tokens = self.drafted_tokens = self.accepted_tokens = 0
         self.ttft, self.token_latency = Histogram(TTFT_BUCKETS), Histogram(TOKEN_BUCKETS)
         self._queue_depth, self._active, self._expert_cache = queue_depth, active, expert_cache
         self._prompt_cache = prompt_cache
@@ -57,6 +60,16 @@ class Metrics:
         with self._lock:
             self.prompt_tokens += prompt
             self.generated_tokens += generated
+
+    def count_speculation(self, stats) -> None:
+        """One completed generation's ``SpeculationStats`` (None: speculation off)."""
+        if stats is None:
+            return
+        with self._lock:
+            self.verify_steps += stats.forwards
+            self.speculative_tokens += stats.tokens
+            self.drafted_tokens += sum(stats.drafted)
+            self.accepted_tokens += sum(stats.accepted)
 
     def observe_ttft(self, seconds: float) -> None:
         with self._lock:
@@ -85,7 +98,16 @@ class Metrics:
                         [f"{PREFIX}_prompt_tokens_total {self.prompt_tokens}"])
                 + _family("generated_tokens_total", "counter", "tokens generated",
                           [f"{PREFIX}_generated_tokens_total {self.generated_tokens}"])
-                + self._prompt_cache_lines())
+                + self._prompt_cache_lines() + self._speculation_lines())
+
+    def _speculation_lines(self) -> list[str]:
+        counters = (("speculative_verify_steps_total", "speculative decoding verify steps (main-model forwards)",
+                     self.verify_steps),
+                    ("speculative_tokens_total", "tokens those verify steps produced", self.speculative_tokens),
+                    ("speculative_drafted_tokens_total", "draft tokens proposed", self.drafted_tokens),
+                    ("speculative_accepted_tokens_total", "draft tokens accepted", self.accepted_tokens))
+        return [line for name, help_text, value in counters
+                for line in _family(name, "counter", help_text, [f"{PREFIX}_{name} {value}"])]
 
     def _prompt_cache_lines(self) -> list[str]:
         stats = self._prompt_cache()

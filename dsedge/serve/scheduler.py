@@ -3,7 +3,8 @@
 onnxruntime sessions (and the cache buffers a generation owns) are used from this thread only. Up to
 ``parallel`` generations are active at once; the rest wait in arrival order. With a ``batch`` (the server
 gives one when ``parallel`` > 1: ``Backend.new_batch``) the active generations are rows of one batched
-decode: a newly admitted one is prefilled on its own, then every loop runs one forward pass over all active
+decode: a newly admitted one is prefilled on its own, one chunk (``--prefill-chunk`` tokens) per loop, so
+the active rows' decode steps run between its chunks; then every loop runs one forward pass over all active
 rows (``runtime.batch.DecodeBatch.step``) and each row's token goes through that row's own text logic
 (sampler, stop strings, EOS, max_tokens). Generations without a batch row (and every generation when
 ``parallel`` is 1) advance round-robin, one ``steps`` item each.
@@ -167,10 +168,14 @@ class Scheduler:
         return self.batch is not None and job.generation.row is not None
 
     def _join(self, job: Job) -> None:
-        """Prefill a batched generation on its own; from its second token on it steps with the batch."""
+        """One chunk of a batched generation's prefill (run on its own); once its first token is sampled it
+        steps with the batch. The loop runs the batch's decode step between two chunks: a long prompt does
+        not pause the active streams for its whole prefill."""
         row = job.generation.row
         try:
             pieces = row.join(self.batch)
+            if pieces is None:  # chunks remain
+                return
             self._rows[row.row] = job
             self._deliver(job, pieces)
         except Exception as exc:  # noqa: BLE001 — a failed prefill ends that generation only

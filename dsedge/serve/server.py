@@ -14,7 +14,7 @@ from pathlib import Path
 
 from dsedge.errors import UserError
 from dsedge.runtime.prefix_cache import DEFAULT_CAPACITY_BYTES
-from dsedge.serve.backend import Backend
+from dsedge.serve.backend import DEFAULT_PREFILL_CHUNK, Backend
 
 log = logging.getLogger(__name__)
 
@@ -47,20 +47,22 @@ def require_serve_extra() -> None:
 def serve(bundle: str | Path, *, host: str = "127.0.0.1", port: int = 8000, index: str | Path | None = None,
           rag: bool = False, api_key: str | None = None, parallel: int = 1, target: str | None = None,
           max_queue: int = 64, prompt_cache_bytes: int = DEFAULT_CAPACITY_BYTES, speculative: str = "off",
-          draft_tokens: int | None = None) -> ServeReport:
+          draft_tokens: int | None = None, verify: bool = False,
+          prefill_chunk: int = DEFAULT_PREFILL_CHUNK) -> ServeReport:
     """Serve ``bundle`` over the OpenAI API on ``host:port`` until interrupted (Ctrl-C / SIGTERM).
-    ``prompt_cache_bytes``: the prompt cache's bound (0: none); ``speculative``/``draft_tokens``: as `dsedge run`."""
+    ``prompt_cache_bytes``: the prompt cache's bound (0: none); ``speculative``/``draft_tokens``/``verify`` (hash
+    every file before serving): as `dsedge run`; ``prefill_chunk``: see ``create_app``."""
     require_serve_extra()
     import uvicorn
 
     from dsedge.serve.app import create_app  # starlette: the [serve] extra
 
-    _check_options(parallel, max_queue, port)
+    _check_options(parallel, max_queue, port, prefill_chunk)
     if host not in LOOPBACK and not api_key:
         log.warning("serving on %s without --api-key: anyone who can reach this address can use the model", host)
     backend = Backend.open(bundle, index=index, rag=rag, target=target, prompt_cache_bytes=prompt_cache_bytes,
-                           speculative=speculative, draft_tokens=draft_tokens)
-    app = create_app(backend, api_key=api_key, parallel=parallel, max_queue=max_queue)
+                           speculative=speculative, draft_tokens=draft_tokens, verify=verify)
+    app = create_app(backend, api_key=api_key, parallel=parallel, max_queue=max_queue, prefill_chunk=prefill_chunk)
     sock = bind(host, port)
     url = f"http://{_url_host(host)}:{sock.getsockname()[1]}/v1"
     log.info("serving %s (context %d tokens) at %s", backend.model_id, backend.context_length, url)
@@ -69,11 +71,14 @@ def serve(bundle: str | Path, *, host: str = "127.0.0.1", port: int = 8000, inde
     return ServeReport(url, backend.model_id, served)
 
 
-def _check_options(parallel: int, max_queue: int, port: int) -> None:
+def _check_options(parallel: int, max_queue: int, port: int, prefill_chunk: int = 0) -> None:
     if parallel < 1:
         raise UserError(f"--parallel must be ≥ 1 (got {parallel})", where="dsedge serve")
     if max_queue < 1:
         raise UserError(f"the queue must hold at least one request (got {max_queue})", where="dsedge serve")
+    if prefill_chunk < 0:
+        raise UserError(f"--prefill-chunk must be ≥ 0 tokens (0: whole prompts; got {prefill_chunk})",
+                        where="dsedge serve")
     if not 0 <= port <= 65535:
         raise UserError(f"--port must be in 0..65535 (got {port})", where="dsedge serve")
 

@@ -50,14 +50,21 @@ class Sampling:
     top_p: float
     seed: int | None
     stop: tuple[str, ...]
+    top_k: int = 0  # extension (vLLM's): 0 = off
+    repetition_penalty: float = 1.0  # extension (vLLM's): 1 = off
 
 
 @dataclass(frozen=True)
 class Defaults:
-    """What a request that leaves a field out gets: the bundle's generation_config (as vLLM does), else OpenAI's."""
+    """What a request that leaves a field out gets: the bundle's generation_config (as vLLM does), else OpenAI's.
+
+    ``top_k`` applies only when sampling; a request with ``temperature: 0`` is greedy whatever the model lists
+    (its ``repetition_penalty`` still applies, as `dsedge run --greedy` keeps it)."""
 
     temperature: float = 1.0
     top_p: float = 1.0
+    top_k: int = 0
+    repetition_penalty: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -212,7 +219,14 @@ def _sampling(body: dict, defaults: Defaults) -> Sampling:
     seed = body.get("seed")
     if seed is not None and not _is_int(seed):
         raise bad("seed must be an integer", "seed")
-    return Sampling(max_tokens, float(temperature), float(top_p), seed, _stop(body.get("stop")))
+    top_k = defaults.top_k if body.get("top_k") is None else body["top_k"]
+    if not _is_int(top_k) or top_k < -1:
+        raise bad("top_k must be an integer ≥ 0 (0 or -1: off)", "top_k")
+    penalty = _number(body, "repetition_penalty", defaults.repetition_penalty)
+    if not 0 < penalty <= 10:
+        raise bad("repetition_penalty must be in (0, 10] (1: off)", "repetition_penalty")
+    return Sampling(max_tokens, float(temperature), float(top_p), seed, _stop(body.get("stop")), max(0, top_k),
+                    float(penalty))
 
 
 def _number(body: dict, name: str, default: float) -> float:
