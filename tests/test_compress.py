@@ -42,7 +42,9 @@ def test_compress_every_variant(tiny_checkpoint, tmp_path, case, recipe, method)
     spec = Checkpoint(src).spec
     has_mtp = Checkpoint(src).has_mtp  # the MTP layer is compressed too (tests/test_mtp_compressed.py)
     planned = {m: s for m, s in load_recipe(recipe).plan(spec, include_mtp=has_mtp).items() if s is not None}
-    assert report.quantized_modules == len(planned)  # every selected linear, experts included
+    head_quantized = load_recipe(recipe).scheme_for("lm_head") is not None  # the int8/int4 presets quantize it
+    assert report.quantized_modules == len(planned) + head_quantized  # every selected linear, experts included
+    assert (report.lm_head is not None) == head_quantized
     assert {s for layer in report.layers for s in (m["scheme"] for m in layer["modules"].values())} == \
         {load_recipe(recipe).with_method(method).scheme_for(next(iter(planned))).label}
     sqnr = [m["sqnr_db"] for layer in report.layers for m in layer["modules"].values()]
