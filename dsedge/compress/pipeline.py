@@ -34,7 +34,8 @@ from typing import Any
 import torch
 
 from dsedge.compress import calibration as cal
-from dsedge.compress.layers import LayerRunner, build_layer, classes_for, final_norm, hf_config, layer_state
+from dsedge.compress.held import Held, HeldExperts, HeldQuantized, is_held
+from dsedge.compress.layers import LayerRunner, build_layer, classes_for, final_norm, hf_config
 from dsedge.compress.pruning import PrunePlan, choose_kept, plan_pruning, prune_state
 from dsedge.compress.quant import HessianAccumulator, quantize, sqnr_db
 from dsedge.compress.recipes import load_recipe
@@ -190,8 +191,7 @@ class _Run:
         self._embed(writer)
         with progress("compress", total=self.spec.num_hidden_layers, unit="layer") as self.layers_done:
             for i in range(self.spec.num_hidden_layers):
-                writer.add(self._layer(i))
-                writer.flush_if_full()
+                self._layer(i, writer)
         self._head(writer)
         writer.finish()
         self._write_frequencies(directory)
@@ -262,12 +262,11 @@ class _Run:
         return dequantized
 
     # -- one layer --
-    def _layer(self, i: int) -> dict:
+    def _layer(self, i: int, writer: ShardWriter) -> None:
         t0 = time.perf_counter()
         prefix = f"model.layers.{i}."
-        names = self.ckpt.layer_names(i)
-        layer = build_layer(self.classes, self.config, i, _relative(self.ckpt.read_many(names), prefix))
-        state = layer_state(layer, names, prefix)  # views into the layer: the weights are held once
+        state = {n: self._hold(n) for n in self.ckpt.layer_names(i)}  # linears as stored, the rest float32
+        layer = build_layer(self.classes, self.config, i, _relative(state, prefix))
         if self.evaluate:
             self.h_orig = self.runner.run(layer, self.h_orig)
         selected = self._selected(state)
@@ -282,20 +281,29 @@ class _Run:
                 record["experts"]["kept"] = self.kept[i] = kept
                 state = prune_state(state, kept)
                 selected = self._selected(state)
-        quantized = self._quantize_layer(i, layer, state, selected, stats, kept, record)
+        # each module is written as soon as it is quantized, and its held weight becomes the packed integers
+        # (the layer reads them through the same slot, so it now computes compressed)
+        quantized = self._quantize_layer(i, layer, state, selected, stats, kept, record, writer)
         self.ignored += [n for n, s in self._linears(state).items() if s is None]
-        for name, qt in quantized.items():  # in place: ``state`` views the layer, which now computes compressed
-            state[name + ".weight"].copy_(dequantize(qt))
-        if kept:  # fewer experts: a layer of the pruned shape
+        if kept:  # fewer experts: a layer of the pruned shape, over the same held weights
             layer = build_layer(self.classes, self.pruned_config, i, _relative(state, prefix))
         self.x = self.runner.run(layer, self.x)
         if self.evaluate:
             self.h_comp = self.runner.run(layer, self.h_comp)
         del layer
+        self._write_unquantized(writer, state, quantized)
         record["seconds"] = round(time.perf_counter() - t0, 3)
         self._log_layer(record)
         self.layers.append(record)
-        return self._layer_tensors(state, quantized)
+
+    def _hold(self, name: str):
+        """A layer tensor as compress keeps it: a linear (matmul) weight held as stored, upcast per use
+        (:mod:`.held`); norms, router and biases — small — read in float32 as before."""
+        info = self.ckpt.tensors.get(name)
+        linear = name in self.linear_names or (".mlp.experts." in name and name.endswith("_proj.weight"))
+        if linear and (info is None or len(info.shape) == 2):
+            return Held(self.ckpt.read_stored(name))
+        return self.ckpt.read(name)
 
     def _selected(self, state: dict) -> dict[str, Any]:
         """Module name -> scheme of every linear of the layer the recipe quantizes."""
@@ -313,7 +321,7 @@ class _Run:
         modules = dict(layer.named_modules())
         hooks = cal.LinearInputs(layer, [n for n in gptq if n in modules])
         experts = getattr(getattr(layer, "mlp", None), "experts", None)
-        moe = cal.MoEInputs(experts) if experts is not None and hasattr(experts, "gate_up_proj") else None
+        moe = cal.MoEInputs(experts) if isinstance(experts, HeldExperts) else None
         try:
             self.runner.run(layer, self.x)
         finally:
@@ -322,9 +330,10 @@ class _Run:
                 moe.remove()
         return _LayerStats(hooks.hessians, moe.tensors() if moe else None)
 
-    def _quantize_layer(self, i, layer, state, selected, stats, kept, record) -> dict:
+    def _quantize_layer(self, i, layer, state, selected, stats, kept, record, writer) -> set[str]:
         """Quantize the selected linears: the others with their layer-pass Hessians, then the routed
-        experts one at a time (an expert's Hessians exist only while it is quantized)."""
+        experts one at a time (an expert's Hessians exist only while it is quantized). Returns the names of
+        the quantized modules; each is written and its held weight replaced as it is made."""
         prefix = f"model.layers.{i}."
         experts: dict[int, list[str]] = {}
         for name in selected:
@@ -332,21 +341,23 @@ class _Run:
                 experts.setdefault(_expert_id(name), []).append(name)
         others = [n for n in selected if ".mlp.experts." not in n]
         layer_hessian = lambda n: stats.hessians.get(n.removeprefix(prefix))  # noqa: E731
-        quantized = self._quantize_modules(others, selected, state, layer_hessian, prefix, record)
+        quantize = lambda names, hessian_of: self._quantize_modules(  # noqa: E731
+            names, selected, state, hessian_of, prefix, record, writer)
+        quantized = quantize(others, layer_hessian)
         fallback, pending = [], []
         shared = _all_tokens_hessian(stats.moe[0]) if experts and stats.moe is not None else None
-        flush = lambda names: self._quantize_modules(names, selected, state, lambda n: shared, prefix, record)  # noqa: E731
+        flush = lambda names: quantize(names, lambda n: shared)  # noqa: E731
         for new_id, names in sorted(experts.items()):
             old_id = kept[new_id] if kept else new_id
             hessians = self._expert_hessians(layer, stats, names, selected, old_id, shared, fallback)
             # gate/up on the all-token Hessian: batched across experts (one factorization for many)
             later = [n for n in names if shared is not None and hessians.get(n) is shared]
             now = [n for n in names if n not in later]
-            quantized |= self._quantize_modules(now, selected, state, hessians.get, prefix, record)
+            quantized |= quantize(now, hessians.get)
             pending += later
             if sum(state[n + ".weight"].shape[0] for n in pending) >= MAX_JOINT_ROWS:
                 quantized, pending = quantized | flush(pending), []
-        quantized |= flush(pending) if pending else {}
+        quantized |= flush(pending) if pending else set()
         if experts:
             record.setdefault("experts", {})["all_token_statistics"] = fallback
         if fallback:
@@ -356,20 +367,28 @@ class _Run:
             log.warning("%s", msg)
         return quantized
 
-    def _quantize_modules(self, names, selected, state, hessian_of, prefix, record) -> dict:
+    def _quantize_modules(self, names, selected, state, hessian_of, prefix, record, writer) -> set[str]:
         """Quantize ``names``; GPTQ modules sharing one Hessian (same input) and scheme are quantized as one
-        row-stacked matrix — GPTQ treats rows independently, so this is exact and factors H once."""
-        quantized = {}
+        row-stacked matrix — GPTQ treats rows independently, so this is exact and factors H once. Each
+        module is upcast here (only this group is float32 at once), written packed at once, and its held
+        weight replaced by its packed integers."""
+        quantized = set()
         for group, hessian in _joint_groups(names, selected, hessian_of):
             scheme = selected[group[0]]
-            weights = [state[n + ".weight"] for n in group]
+            weights = [state[n + ".weight"].float() for n in group]
+            rows = [w.shape[0] for w in weights]
             joint = quantize(_cat(weights), scheme, hessian if scheme.method == "gptq" else None,
                              scale_dtype=self.scale_dtype)
-            for name, weight, qt in zip(group, weights, _split_rows(joint, [w.shape[0] for w in weights]), strict=True):
-                quantized[name] = qt
+            for name, weight, qt in zip(group, weights, _split_rows(joint, rows), strict=True):
+                quantized.add(name)
                 self.schemes[name], self.shapes[name] = scheme, tuple(weight.shape)
                 record["modules"][name.removeprefix(prefix)] = {
                     "scheme": scheme.label, "sqnr_db": _json_db(sqnr_db(weight, dequantize(qt)))}
+                writer.add(pack(name, qt, stored_group=stored_group(name, qt.scheme, self.expert_widths),
+                                scale_dtype=self.scale_dtype))
+                writer.flush_if_full()
+                state[name + ".weight"].replace(HeldQuantized(qt))
+            del weights, joint
         return quantized
 
     def _expert_hessians(self, layer, stats, names, selected, old_id, shared, fallback) -> dict:
@@ -377,26 +396,23 @@ class _Run:
         if stats.moe is None or not any(selected[n].method == "gptq" for n in names):
             return {}
         hidden, index, _ = stats.moe
-        fused = layer.mlp.experts
+        experts = layer.mlp.experts
+        gate_up, down = experts.weights(old_id)
         h_in, h_down, source = cal.expert_hessians(
-            fused.gate_up_proj[old_id], fused.down_proj[old_id], hidden, index, old_id, fused.act_fn,
+            gate_up, down, hidden, index, old_id, experts.act_fn,
             min_tokens=self.min_expert_tokens, all_tokens_hessian=shared)
         if source != "routed" and self.min_expert_tokens is not None:
             fallback.append(old_id)
         base = names[0].rsplit(".", 1)[0] + "."
         return {base + "gate_proj": h_in, base + "up_proj": h_in, base + "down_proj": h_down}
 
-    def _layer_tensors(self, state: dict, quantized: dict) -> dict:
-        out = {}
-        for name, tensor in state.items():
-            module = name.removesuffix(".weight")
-            if name.endswith(".weight") and module in quantized:
-                qt = quantized[module]
-                out |= pack(module, qt, stored_group=stored_group(module, qt.scheme, self.expert_widths),
-                            scale_dtype=self.scale_dtype)
-            else:
-                out[name] = self._stored(name, tensor)
-        return out
+    def _write_unquantized(self, writer: ShardWriter, state: dict, quantized: set[str]) -> None:
+        """The layer's tensors that were not quantized (norms, router, ignored linears), in the output dtype."""
+        for name, value in state.items():
+            if name.removesuffix(".weight") in quantized and name.endswith(".weight"):
+                continue
+            writer.add({name: self._stored(name, value.float() if is_held(value) else value)})
+            writer.flush_if_full()
 
     def _stored(self, name: str, tensor):
         """An unquantized tensor in the recipe's dtype, else its on-disk one (FP8, dequantized by the reader,
