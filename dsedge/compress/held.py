@@ -47,11 +47,11 @@ class HeldQuantized:
 
     def __init__(self, qt: QuantizedTensor):
         self.bits, self.cols = qt.scheme.bits, qt.q.shape[1]
-        self.packed = pack_bits(qt.q, self.bits) if self.bits in (2, 4) else qt.q
+        self.packed = pack_bits(qt.q, self.bits) if self.bits < 8 else qt.q
         self.scale, self.zero_point, self.scheme, self.shape = qt.scale, qt.zero_point, qt.scheme, qt.shape
 
     def quantized(self) -> QuantizedTensor:
-        q = unpack_bits(self.packed, self.bits, self.cols) if self.bits in (2, 4) else self.packed
+        q = unpack_bits(self.packed, self.bits, self.cols) if self.bits < 8 else self.packed
         return QuantizedTensor(q, self.scale, self.zero_point, self.scheme, self.shape)
 
     def float(self) -> torch.Tensor:

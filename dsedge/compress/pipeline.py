@@ -2,24 +2,28 @@
 
 For each decoder layer, in order (DESIGN.md §5):
 
-1. read the layer's tensors from the shards (FP8 dequantized by the reader) and build transformers' own
-   decoder layer with them (:mod:`.layers`), so the forward is the reference's;
+1. read the layer's tensors from the shards and build transformers' own decoder layer with them
+   (:mod:`.layers`), so the forward is the reference's; its linear weights are *held as stored* (bf16/fp16,
+   FP8 with its block scales) and upcast to float32 one module / one expert at a time (:mod:`.held`), to the
+   very values a float32 read gives, so every result below is what a float32 layer computes;
 2. run the calibration hidden states through it with the *original* weights, collecting each selected
    linear's GPTQ Hessian and, for MoE layers, the router's choices (:mod:`.calibration`);
 3. MoE layers: routing counts and REAP saliency for every routed expert, then pruning (:mod:`.pruning`);
    each kept expert's Hessians from its routed tokens (all tokens when too few were routed to it);
-4. quantize every linear the recipe selects (RTN or GPTQ, :mod:`.quant`) and pack it
-   (:mod:`dsedge.quantformat.packing`);
-5. put the dequantized weights in the layer (pruned: rebuild it smaller) and run the calibration states through it:
+4. quantize every linear the recipe selects (RTN or GPTQ, :mod:`.quant`), a module or a row-stacked group
+   at a time, pack it (:mod:`dsedge.quantformat.packing`) and hand it to the shard writer at once; its held
+   weight becomes its bit-packed integers (the original's bytes are freed module by module);
+5. the layer now computes with the dequantized weights (pruned: rebuilt smaller over the same held weights);
+   run the calibration states through it:
    the next layer is calibrated on what the *compressed* model feeds it — GPTQ's sequential practice
    (arXiv:2210.17323 §4, "quantize one layer, then pass the quantized outputs on"), so each layer corrects
    for the error before it. Held-out windows go through both the original and the compressed layer,
    which yields the quality report at the end without holding either model;
-6. write the layer's tensors to the output shards, free it.
+6. write the layer's unquantized tensors (norms, router, ignored linears), free it.
 
-Peak memory: the largest layer in float32 (its dequantized weights are written over the originals in place;
-a pruned layer is rebuilt at its smaller size), its quantized integers, the calibration and held-out hidden
-states, and one buffered output shard.
+Peak memory: the largest layer *as stored* (a DeepSeek-V3 MoE layer: 10.5 GiB FP8, not 42 GiB float32), one
+module or joint GPTQ group in float32 with its Hessian, the calibration and held-out hidden states, and one
+buffered output shard (``max_shard_bytes``). tests/test_compress_memory.py holds the peak to the stored size.
 """
 
 from __future__ import annotations
