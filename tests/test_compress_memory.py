@@ -4,8 +4,7 @@ Two random MoE checkpoints that differ only in their number of routed experts (s
 set — one expert upcast, its quantization, the calibration states — is the same): the compress peak RSS
 (VmHWM of a fresh process, reset after its imports) may grow by at most 1.3× the growth of the layer's
 stored (bf16) bytes, plus a fixed allowance. Holding the layer in float32, as compress did before, grows it
-by ≥ 2× (measured
-on main: 2.7×, here 0.97×). A ratio of memory, not a time.
+by ≥ 2× (measured on main: 2.7×, here 0.97×). A ratio of memory, not a time.
 """
 
 from __future__ import annotations
