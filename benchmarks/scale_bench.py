@@ -18,6 +18,17 @@ delete the bf16 checkpoint, export, delete the compressed one, run.
 
 ``--layers`` keeps full width and cuts depth (per-layer figures extrapolate; docs/scale.md). Timing numbers
 are only meaningful on a quiet machine.
+
+``--model v3-layer``: one full-size DeepSeek-V3 MoE layer (``DeepSeek-V3-Base.json``: hidden 7168, 256 routed
+experts + 1 shared, moe_intermediate 2048, q_lora 1536, kv_lora 512), FP8 e4m3 weights with 128×128 block
+scales, random values — 11.3B parameters, ≈10.5 GiB on disk (vocab cut to 4096: the layer is what is
+measured). Compressed int4-experts with RTN for every module in a fresh process (peak RSS: goal ≤ 8 GiB, must
+be ≤ 12 GiB; seconds per layer and per billion parameters), then GPTQ vs RTN timed on ``--gptq-experts``
+experts of that layer (all-token Hessian from random MoE inputs: GPTQ's time does not depend on the values).
+Disk: the FP8 layer (10.5 GiB) plus its int4 output (≈5.8 GiB); both deleted after.
+
+    nice -n 10 .venv/bin/python benchmarks/scale_bench.py --model v3-layer --work /data/scale --json v3-layer.json
+    .venv/bin/python benchmarks/scale_bench.py --model v3-layer --width-div 16   # smoke: widths / 16
 """
 
 from __future__ import annotations
@@ -35,7 +46,9 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = next((p for p in (ROOT.parent / "shared" / "configs", ROOT.parents[1] / "shared" / "configs") if p.is_dir()),
                ROOT.parent / "shared" / "configs")
 MODELS = {"r1-distill-qwen-1.5b": "DeepSeek-R1-Distill-Qwen-1.5B.json",
-          "v2-lite": "deepseek-v3-repo-inference-config_16B.json"}
+          "v2-lite": "deepseek-v3-repo-inference-config_16B.json",
+          "v3-layer": "DeepSeek-V3-Base.json"}
+V3_LAYER_GOAL_BYTES, V3_LAYER_LIMIT_BYTES = 8 << 30, 12 << 30
 
 
 def v2_lite_hf_config(ref: dict) -> dict:
@@ -123,6 +136,10 @@ started = time.perf_counter()
 if args["step"] == "compress":
     from dsedge.compress.pipeline import compress
     compress(args["src"], args["out"], recipe="int4-experts", method="rtn", evaluate=False, calib_tokens=512)
+elif args["step"] == "compress-v3-layer":  # RTN everywhere; shards of 256 MiB so the writer's buffer stays small
+    from dsedge.compress.pipeline import compress
+    compress(args["src"], args["out"], recipe="int4-experts", method="rtn", evaluate=False,
+             calib_tokens=args["calib_tokens"], seq_len=512, max_shard_bytes=256 << 20)
 elif args["step"] == "export":
     from dsedge.export.bundle import export_bundle
     export_bundle(args["src"], args["out"], layout="partitioned", max_context=1024)
@@ -178,17 +195,121 @@ def run(model: str, layers: int | None, smoke: bool, work: Path, configs: Path =
     return result
 
 
+def v3_layer_config(configs: Path = CONFIGS, width_div: int = 1) -> dict:
+    """DeepSeek-V3's published config cut to one MoE decoder layer (no dense layers, no MTP, vocab 4096);
+    ``width_div`` divides every width (hidden, intermediates, LoRA ranks, heads) for a smoke run."""
+    config = json.loads((configs / MODELS["v3-layer"]).read_text())
+    config |= {"num_hidden_layers": 1, "first_k_dense_replace": 0, "num_nextn_predict_layers": 0,
+               "vocab_size": 4096}
+    config.pop("quantization_config", None)  # write_random_checkpoint writes the FP8 one it stores
+    if width_div > 1:
+        for key in ("hidden_size", "intermediate_size", "moe_intermediate_size", "q_lora_rank", "kv_lora_rank",
+                    "num_attention_heads", "num_key_value_heads"):
+            config[key] = max(1, config[key] // width_div)
+    return config
+
+
+GPTQ_STEP = """
+import json, sys, time, torch
+from dsedge.compress.calibration import expert_forward
+from dsedge.compress.quant import HessianAccumulator, quantize
+from dsedge.compress.recipes import load_recipe
+from dsedge.models.checkpoint import Checkpoint
+args = json.loads(sys.argv[1])
+ckpt = Checkpoint(args["src"])
+base = "model.layers.0.mlp.experts."
+recipe = load_recipe("int4-experts")
+x = torch.randn(args["tokens"], ckpt.spec.hidden_size) * 0.5  # the MoE input's scale after the norm
+h_in = HessianAccumulator(x.shape[1]); h_in.add(x)
+timed = {"gptq": 0.0, "rtn": 0.0}
+params = 0
+for e in range(args["experts"]):
+    gate, up, down = (ckpt.read(f"{base}{e}.{k}.weight") for k in ("gate_proj", "up_proj", "down_proj"))
+    params += gate.numel() + up.numel() + down.numel()
+    gate_up = torch.cat([gate, up])
+    h_down = HessianAccumulator(down.shape[1])
+    h_down.add(expert_forward(gate_up, down, x, torch.nn.functional.silu)[0])
+    for method in ("gptq", "rtn"):
+        scheme = recipe.scheme_for(base + f"{e}.down_proj").with_method(method)
+        t0 = time.perf_counter()
+        quantize(gate_up, scheme, h_in if method == "gptq" else None, scale_dtype=torch.bfloat16)
+        quantize(down, scheme, h_down if method == "gptq" else None, scale_dtype=torch.bfloat16)
+        timed[method] += time.perf_counter() - t0
+print(json.dumps({"experts": args["experts"], "params": params,
+                  **{f"{m}_seconds_per_expert": round(t / args["experts"], 3) for m, t in timed.items()},
+                  **{f"{m}_seconds_per_billion_params": round(t / params * 1e9, 2) for m, t in timed.items()}}))
+"""
+
+
+def run_v3_layer(work: Path, configs: Path = CONFIGS, width_div: int = 1, gptq_experts: int = 4,
+                 calib_tokens: int = 2048) -> dict:
+    """Build the FP8 V3 layer, compress it int4 (RTN) measuring peak RSS and time, time GPTQ vs RTN on a few
+    experts, delete both checkpoints."""
+    from dsedge.testing.random_checkpoint import write_random_checkpoint
+
+    config = v3_layer_config(configs, width_div)
+    ckpt, comp = work / "v3-layer-fp8", work / "v3-layer-int4"
+    for path in (ckpt, comp):
+        shutil.rmtree(path, ignore_errors=True)
+    try:
+        write_random_checkpoint(ckpt, config, fp8_block=128)
+        layer = [p for p in ckpt.glob("layer-*.safetensors")]
+        params = _layer_params(ckpt)
+        result = {"model": "v3-layer", "width_div": width_div, "layer_params": params,
+                  "layer_bytes_on_disk": sum(p.stat().st_size for p in layer), "calib_tokens": calib_tokens}
+        compressed = step("compress-v3-layer", src=str(ckpt), out=str(comp), calib_tokens=calib_tokens)
+        compressed["seconds_per_billion_params"] = round(compressed["seconds"] / params * 1e9, 2)
+        peak = compressed["peak_rss_bytes"]
+        compressed["peak_rss_gib"] = round(peak / 2**30, 2)
+        compressed["goal_8gib"] = "met" if peak <= V3_LAYER_GOAL_BYTES else "missed"
+        compressed["limit_12gib"] = "met" if peak <= V3_LAYER_LIMIT_BYTES else "EXCEEDED"
+        result["compress_rtn"] = compressed
+        result["compressed_bytes"] = bytes_in(comp)
+        shutil.rmtree(comp)
+        result["gptq_vs_rtn"] = _gptq_timing(ckpt, gptq_experts, calib_tokens)
+        experts = config["n_routed_experts"]
+        result["gptq_vs_rtn"]["gptq_seconds_per_layer_extrapolated"] = round(
+            result["gptq_vs_rtn"]["gptq_seconds_per_expert"] * experts, 1)
+        return result
+    finally:
+        for path in (ckpt, comp):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _layer_params(path: Path) -> int:
+    from dsedge.models.checkpoint import Checkpoint
+
+    ckpt = Checkpoint(path)
+    return sum(t.numel for n, t in ckpt.tensors.items() if n.startswith("model.layers.0.") and
+               not n.endswith("_scale_inv"))
+
+
+def _gptq_timing(ckpt: Path, experts: int, tokens: int) -> dict:
+    proc = subprocess.run([sys.executable, "-c", GPTQ_STEP, json.dumps({"src": str(ckpt), "experts": experts,
+                                                                       "tokens": tokens})],
+                          capture_output=True, text=True, cwd=ROOT, check=False)
+    if proc.returncode:
+        raise SystemExit(f"GPTQ timing failed:\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=sorted(MODELS), required=True)
     parser.add_argument("--layers", type=int, help="decoder layers kept (full width); default: all")
     parser.add_argument("--smoke", action="store_true", help="2 layers, widths / 16: checks the code path")
+    parser.add_argument("--width-div", type=int, default=1, help="v3-layer: divide every width by this (smoke)")
+    parser.add_argument("--gptq-experts", type=int, default=4, help="v3-layer: experts GPTQ is timed on")
+    parser.add_argument("--calib-tokens", type=int, default=2048, help="v3-layer: calibration tokens")
     parser.add_argument("--work", type=Path, help="working directory (default: a temporary one)")
     parser.add_argument("--json", type=Path, help="write the result here")
     parser.add_argument("--configs", type=Path, default=CONFIGS, help=f"published configs (default {CONFIGS})")
     args = parser.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="scale-bench-"))
-    result = run(args.model, args.layers, args.smoke, work, args.configs)
+    if args.model == "v3-layer":
+        result = run_v3_layer(work, args.configs, args.width_div, args.gptq_experts, args.calib_tokens)
+    else:
+        result = run(args.model, args.layers, args.smoke, work, args.configs)
     text = json.dumps(result, indent=1)
     print(text)
     if args.json:

@@ -292,10 +292,10 @@ def test_bad_input_exits_3(tiny_checkpoint, tmp_path, problem):
 def test_interrupted_compress_leaves_no_output(tiny_checkpoint, tmp_path, monkeypatch):
     original = pipeline._Run._layer
 
-    def fail_on_second_layer(self, i):
+    def fail_on_second_layer(self, i, *args):
         if i == 1:
             raise KeyboardInterrupt
-        return original(self, i)
+        return original(self, i, *args)
 
     monkeypatch.setattr(pipeline._Run, "_layer", fail_on_second_layer)
     with pytest.raises(KeyboardInterrupt):

@@ -177,16 +177,18 @@ def routed_rows(index, expert: int):
 
 
 def expert_activity(experts, hidden, index, weights) -> ExpertActivity:
-    """Routing counts and saliency of every routed expert of a fused-experts module."""
+    """Routing counts and saliency of every routed expert of a held-experts module
+    (:class:`dsedge.compress.held.HeldExperts`: one expert upcast at a time)."""
     counts, saliency = [], []
     with torch.no_grad():
-        for e in range(experts.gate_up_proj.shape[0]):
+        for e in range(experts.num_experts):
             rows, slot = routed_rows(index, e)
             counts.append(int(rows.numel()))
             if rows.numel() == 0:
                 saliency.append(0.0)
                 continue
-            _, out = expert_forward(experts.gate_up_proj[e], experts.down_proj[e], hidden[rows], experts.act_fn)
+            gate_up, down = experts.weights(e)
+            _, out = expert_forward(gate_up, down, hidden[rows], experts.act_fn)
             saliency.append(float((weights[rows, slot] * out.norm(dim=-1)).mean()))
     return ExpertActivity(counts, saliency)
 

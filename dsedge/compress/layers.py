@@ -1,7 +1,8 @@
 """One decoder layer at a time, as transformers' own class: the forward compress calibrates and propagates with.
 
-The layer is built on the meta device and given the checkpoint's tensors by assignment, so it costs one
-copy of the layer's weights; the rotary embedding, final norm and head come from the same transformers
+The layer is built on the meta device and given the checkpoint's tensors by assignment, its matmul weights
+held as stored and upcast one module / one expert at a time (:mod:`.held`), so it costs the layer's stored
+size, not its float32 size; the rotary embedding, final norm and head come from the same transformers
 module, so a streamed pass over all layers reproduces the full model's logits (tests check that).
 """
 
@@ -12,12 +13,11 @@ import importlib
 from dataclasses import dataclass
 from typing import Any
 
+from dsedge.compress.held import hold_modules
 from dsedge.errors import ConfigError
-from dsedge.models.experts import EXPERT_WEIGHT, fuse_experts
+from dsedge.models.experts import fuse_experts
 from dsedge.models.reference import DROP_CONFIG_KEYS
 from dsedge.models.registry import ARCHITECTURES
-
-_EXPERT = EXPERT_WEIGHT  # per-expert checkpoint names
 
 
 def hf_config(config_dict: dict[str, Any], **overrides):
@@ -55,33 +55,17 @@ def classes_for(model_type: str) -> Classes:
 def build_layer(classes: Classes, config, index: int, state: dict):
     """transformers' decoder layer ``index`` holding ``state`` (layer-relative, per-expert names), eval mode.
 
-    ``state`` is consumed: each entry is dropped once the layer holds it, so the weights exist once."""
+    Entries that are held weights (:mod:`.held`: stored bytes or packed integers, upcast per call) go into
+    :class:`~.held.HeldLinear` / :class:`~.held.HeldExperts` modules; plain tensors are assigned as
+    parameters. ``state`` is consumed: each entry is dropped once the layer holds it, so the weights exist once."""
     import torch  # heavy: imported only when compress runs a layer
 
     with torch.device("meta"):
         layer = classes.decoder_layer(config, layer_idx=index)
-    layer.load_state_dict(fuse_experts(state), strict=True, assign=True)
+    plain = hold_modules(layer, state)
+    state.clear()
+    layer.load_state_dict(fuse_experts(plain), strict=True, assign=True)
     return layer.eval()
-
-
-def layer_state(layer, names: list[str], prefix: str) -> dict:
-    """The layer's tensors under checkpoint names (``prefix`` + per-expert names): views, not copies."""
-    held = layer.state_dict()
-    out = {}
-    for name in names:
-        relative = name.removeprefix(prefix)
-        m = _EXPERT.match(relative)
-        if not m:
-            out[name] = held[relative]
-            continue
-        e, kind = int(m["e"]), m["kind"]
-        if kind == "down_proj":
-            out[name] = held[m["prefix"] + ".down_proj"][e]
-        else:
-            gate_up = held[m["prefix"] + ".gate_up_proj"][e]
-            half = gate_up.shape[0] // 2
-            out[name] = gate_up[:half] if kind == "gate_proj" else gate_up[half:]
-    return out
 
 
 class LayerRunner:

@@ -2,24 +2,28 @@
 
 For each decoder layer, in order (DESIGN.md §5):
 
-1. read the layer's tensors from the shards (FP8 dequantized by the reader) and build transformers' own
-   decoder layer with them (:mod:`.layers`), so the forward is the reference's;
+1. read the layer's tensors from the shards and build transformers' own decoder layer with them
+   (:mod:`.layers`), so the forward is the reference's; its linear weights are *held as stored* (bf16/fp16,
+   FP8 with its block scales) and upcast to float32 one module / one expert at a time (:mod:`.held`), to the
+   very values a float32 read gives, so every result below is what a float32 layer computes;
 2. run the calibration hidden states through it with the *original* weights, collecting each selected
    linear's GPTQ Hessian and, for MoE layers, the router's choices (:mod:`.calibration`);
 3. MoE layers: routing counts and REAP saliency for every routed expert, then pruning (:mod:`.pruning`);
    each kept expert's Hessians from its routed tokens (all tokens when too few were routed to it);
-4. quantize every linear the recipe selects (RTN or GPTQ, :mod:`.quant`) and pack it
-   (:mod:`dsedge.quantformat.packing`);
-5. put the dequantized weights in the layer (pruned: rebuild it smaller) and run the calibration states through it:
+4. quantize every linear the recipe selects (RTN or GPTQ, :mod:`.quant`), a module or a row-stacked group
+   at a time, pack it (:mod:`dsedge.quantformat.packing`) and hand it to the shard writer at once; its held
+   weight becomes its bit-packed integers (the original's bytes are freed module by module);
+5. the layer now computes with the dequantized weights (pruned: rebuilt smaller over the same held weights);
+   run the calibration states through it:
    the next layer is calibrated on what the *compressed* model feeds it — GPTQ's sequential practice
    (arXiv:2210.17323 §4, "quantize one layer, then pass the quantized outputs on"), so each layer corrects
    for the error before it. Held-out windows go through both the original and the compressed layer,
    which yields the quality report at the end without holding either model;
-6. write the layer's tensors to the output shards, free it.
+6. write the layer's unquantized tensors (norms, router, ignored linears), free it.
 
-Peak memory: the largest layer in float32 (its dequantized weights are written over the originals in place;
-a pruned layer is rebuilt at its smaller size), its quantized integers, the calibration and held-out hidden
-states, and one buffered output shard.
+Peak memory: the largest layer *as stored* (a DeepSeek-V3 MoE layer: 10.5 GiB FP8, not 42 GiB float32), one
+module or joint GPTQ group in float32 with its Hessian, the calibration and held-out hidden states, and one
+buffered output shard (``max_shard_bytes``). tests/test_compress_memory.py holds the peak to the stored size.
 """
 
 from __future__ import annotations
@@ -34,7 +38,8 @@ from typing import Any
 import torch
 
 from dsedge.compress import calibration as cal
-from dsedge.compress.layers import LayerRunner, build_layer, classes_for, final_norm, hf_config, layer_state
+from dsedge.compress.held import Held, HeldExperts, HeldQuantized, is_held
+from dsedge.compress.layers import LayerRunner, build_layer, classes_for, final_norm, hf_config
 from dsedge.compress.pruning import PrunePlan, choose_kept, plan_pruning, prune_state
 from dsedge.compress.quant import HessianAccumulator, quantize, sqnr_db
 from dsedge.compress.recipes import EMBEDDING, load_recipe
@@ -192,13 +197,10 @@ class _Run:
         total = self.spec.num_hidden_layers + len(self.mtp_layers)
         with progress("compress", total=total, unit="layer") as self.layers_done:
             for i in range(self.spec.num_hidden_layers):
-                writer.add(self._layer(i))
-                writer.flush_if_full()
+                self._layer(i, writer)
             hidden = None  # module k reads module k-1's output; the first reads the main model's
             for depth, i in enumerate(self.mtp_layers):
-                tensors, hidden = self._mtp_layer(i, depth, hidden)
-                writer.add(tensors)
-                writer.flush_if_full()
+                hidden = self._mtp_layer(i, depth, hidden, writer)
         self._head(writer)
         writer.finish()
         self._write_frequencies(directory)
@@ -268,14 +270,14 @@ class _Run:
         return dequantized
 
     # -- one layer --
-    def _layer(self, i: int, names: list[str] | None = None, *, mtp: bool = False) -> dict:
+    def _layer(self, i: int, writer: ShardWriter, names: list[str] | None = None, *, mtp: bool = False) -> None:
         """Layer ``i`` (``names``: its decoder-block tensors; an MTP layer's own extras are not) compressed on
-        the calibration states ``self.x``, which it then carries to the next layer's input."""
+        the calibration states ``self.x``, which it then carries to the next layer's input; written as made."""
         t0 = time.perf_counter()
         prefix = f"model.layers.{i}."
         names = self.ckpt.layer_names(i) if names is None else names
-        layer = build_layer(self.classes, self.config, i, _relative(self.ckpt.read_many(names), prefix))
-        state = layer_state(layer, names, prefix)  # views into the layer: the weights are held once
+        state = {n: self._hold(n) for n in names}  # linears as stored, the rest float32
+        layer = build_layer(self.classes, self.config, i, _relative(state, prefix))
         evaluate = self.evaluate and not mtp  # the held-out quality is the main model's
         if evaluate:
             self.h_orig = self.runner.run(layer, self.h_orig)
@@ -293,20 +295,29 @@ class _Run:
                 record["experts"]["kept"] = self.kept[i] = kept
                 state = prune_state(state, kept)
                 selected = self._selected(state)
-        quantized = self._quantize_layer(i, layer, state, selected, stats, kept, record)
+        # each module is written as soon as it is quantized, and its held weight becomes the packed integers
+        # (the layer reads them through the same slot, so it now computes compressed)
+        quantized = self._quantize_layer(i, layer, state, selected, stats, kept, record, writer)
         self.ignored += [n for n, s in self._linears(state).items() if s is None]
-        for name, qt in quantized.items():  # in place: ``state`` views the layer, which now computes compressed
-            state[name + ".weight"].copy_(dequantize(qt))
-        if kept:  # fewer experts: a layer of the pruned shape
+        if kept:  # fewer experts: a layer of the pruned shape, over the same held weights
             layer = build_layer(self.classes, self.pruned_config, i, _relative(state, prefix))
         self.x = self.runner.run(layer, self.x)
         if evaluate:
             self.h_comp = self.runner.run(layer, self.h_comp)
         del layer
+        self._write_unquantized(writer, state, quantized)
         record["seconds"] = round(time.perf_counter() - t0, 3)
         self._log_layer(record)
         self.layers.append(record)
-        return self._layer_tensors(state, quantized)
+
+    def _hold(self, name: str):
+        """A layer tensor as compress keeps it: a linear (matmul) weight held as stored, upcast per use
+        (:mod:`.held`); norms, router and biases — small — read in float32 as before."""
+        info = self.ckpt.tensors.get(name)
+        linear = name in self.linear_names or (".mlp.experts." in name and name.endswith("_proj.weight"))
+        if linear and (info is None or len(info.shape) == 2):
+            return Held(self.ckpt.read_stored(name))
+        return self.ckpt.read(name)
 
     def _selected(self, state: dict) -> dict[str, Any]:
         """Module name -> scheme of every linear of the layer the recipe quantizes."""
@@ -324,7 +335,7 @@ class _Run:
         modules = dict(layer.named_modules())
         hooks = cal.LinearInputs(layer, [n for n in gptq if n in modules])
         experts = getattr(getattr(layer, "mlp", None), "experts", None)
-        moe = cal.MoEInputs(experts) if experts is not None and hasattr(experts, "gate_up_proj") else None
+        moe = cal.MoEInputs(experts) if isinstance(experts, HeldExperts) else None
         try:
             self.runner.run(layer, self.x)
         finally:
@@ -333,9 +344,10 @@ class _Run:
                 moe.remove()
         return _LayerStats(hooks.hessians, moe.tensors() if moe else None)
 
-    def _quantize_layer(self, i, layer, state, selected, stats, kept, record) -> dict:
+    def _quantize_layer(self, i, layer, state, selected, stats, kept, record, writer) -> set[str]:
         """Quantize the selected linears: the others with their layer-pass Hessians, then the routed
-        experts one at a time (an expert's Hessians exist only while it is quantized)."""
+        experts one at a time (an expert's Hessians exist only while it is quantized). Returns the names of
+        the quantized modules; each is written and its held weight replaced as it is made."""
         prefix = f"model.layers.{i}."
         experts: dict[int, list[str]] = {}
         for name in selected:
@@ -343,21 +355,23 @@ class _Run:
                 experts.setdefault(_expert_id(name), []).append(name)
         others = [n for n in selected if ".mlp.experts." not in n]
         layer_hessian = lambda n: stats.hessians.get(n.removeprefix(prefix))  # noqa: E731
-        quantized = self._quantize_modules(others, selected, state, layer_hessian, prefix, record)
+        quantize = lambda names, hessian_of: self._quantize_modules(  # noqa: E731
+            names, selected, state, hessian_of, prefix, record, writer)
+        quantized = quantize(others, layer_hessian)
         fallback, pending = [], []
         shared = _all_tokens_hessian(stats.moe[0]) if experts and stats.moe is not None else None
-        flush = lambda names: self._quantize_modules(names, selected, state, lambda n: shared, prefix, record)  # noqa: E731
+        flush = lambda names: quantize(names, lambda n: shared)  # noqa: E731
         for new_id, names in sorted(experts.items()):
             old_id = kept[new_id] if kept else new_id
             hessians = self._expert_hessians(layer, stats, names, selected, old_id, shared, fallback)
             # gate/up on the all-token Hessian: batched across experts (one factorization for many)
             later = [n for n in names if shared is not None and hessians.get(n) is shared]
             now = [n for n in names if n not in later]
-            quantized |= self._quantize_modules(now, selected, state, hessians.get, prefix, record)
+            quantized |= quantize(now, hessians.get)
             pending += later
             if sum(state[n + ".weight"].shape[0] for n in pending) >= MAX_JOINT_ROWS:
                 quantized, pending = quantized | flush(pending), []
-        quantized |= flush(pending) if pending else {}
+        quantized |= flush(pending) if pending else set()
         if experts:
             record.setdefault("experts", {})["all_token_statistics"] = fallback
         if fallback:
@@ -367,20 +381,28 @@ class _Run:
             log.warning("%s", msg)
         return quantized
 
-    def _quantize_modules(self, names, selected, state, hessian_of, prefix, record) -> dict:
+    def _quantize_modules(self, names, selected, state, hessian_of, prefix, record, writer) -> set[str]:
         """Quantize ``names``; GPTQ modules sharing one Hessian (same input) and scheme are quantized as one
-        row-stacked matrix — GPTQ treats rows independently, so this is exact and factors H once."""
-        quantized = {}
+        row-stacked matrix — GPTQ treats rows independently, so this is exact and factors H once. Each
+        module is upcast here (only this group is float32 at once), written packed at once, and its held
+        weight replaced by its packed integers."""
+        quantized = set()
         for group, hessian in _joint_groups(names, selected, hessian_of):
             scheme = selected[group[0]]
-            weights = [state[n + ".weight"] for n in group]
+            weights = [state[n + ".weight"].float() for n in group]
+            rows = [w.shape[0] for w in weights]
             joint = quantize(_cat(weights), scheme, hessian if scheme.method == "gptq" else None,
                              scale_dtype=self.scale_dtype)
-            for name, weight, qt in zip(group, weights, _split_rows(joint, [w.shape[0] for w in weights]), strict=True):
-                quantized[name] = qt
+            for name, weight, qt in zip(group, weights, _split_rows(joint, rows), strict=True):
+                quantized.add(name)
                 self.schemes[name], self.shapes[name] = scheme, tuple(weight.shape)
                 record["modules"][name.removeprefix(prefix)] = {
                     "scheme": scheme.label, "sqnr_db": _json_db(sqnr_db(weight, dequantize(qt)))}
+                writer.add(pack(name, qt, stored_group=stored_group(name, qt.scheme, self.expert_widths),
+                                scale_dtype=self.scale_dtype))
+                writer.flush_if_full()
+                state[name + ".weight"].replace(HeldQuantized(qt))
+            del weights, joint
         return quantized
 
     def _expert_hessians(self, layer, stats, names, selected, old_id, shared, fallback) -> dict:
@@ -388,26 +410,23 @@ class _Run:
         if stats.moe is None or not any(selected[n].method == "gptq" for n in names):
             return {}
         hidden, index, _ = stats.moe
-        fused = layer.mlp.experts
+        experts = layer.mlp.experts
+        gate_up, down = experts.weights(old_id)
         h_in, h_down, source = cal.expert_hessians(
-            fused.gate_up_proj[old_id], fused.down_proj[old_id], hidden, index, old_id, fused.act_fn,
+            gate_up, down, hidden, index, old_id, experts.act_fn,
             min_tokens=self.min_expert_tokens, all_tokens_hessian=shared)
         if source != "routed" and self.min_expert_tokens is not None:
             fallback.append(old_id)
         base = names[0].rsplit(".", 1)[0] + "."
         return {base + "gate_proj": h_in, base + "up_proj": h_in, base + "down_proj": h_down}
 
-    def _layer_tensors(self, state: dict, quantized: dict) -> dict:
-        out = {}
-        for name, tensor in state.items():
-            module = name.removesuffix(".weight")
-            if name.endswith(".weight") and module in quantized:
-                qt = quantized[module]
-                out |= pack(module, qt, stored_group=stored_group(module, qt.scheme, self.expert_widths),
-                            scale_dtype=self.scale_dtype)
-            else:
-                out[name] = self._stored(name, tensor)
-        return out
+    def _write_unquantized(self, writer: ShardWriter, state: dict, quantized: set[str]) -> None:
+        """The layer's tensors that were not quantized (norms, router, ignored linears), in the output dtype."""
+        for name, value in state.items():
+            if name.removesuffix(".weight") in quantized and name.endswith(".weight"):
+                continue
+            writer.add({name: self._stored(name, value.float() if is_held(value) else value)})
+            writer.flush_if_full()
 
     def _stored(self, name: str, tensor):
         """An unquantized tensor in the recipe's dtype, else its on-disk one (FP8, dequantized by the reader,
@@ -427,12 +446,12 @@ class _Run:
         self.layers_done.advance(detail=detail.removeprefix(", "))  # "compress: layer 3/12, 1.2 s/layer, ETA …"
 
     # -- the MTP module (DeepSeek-V3 report §2.2; dsedge.testing.mtp_reference) --
-    def _mtp_layer(self, i: int, depth: int, hidden) -> tuple[dict, Any]:
+    def _mtp_layer(self, i: int, depth: int, hidden, writer: ShardWriter):
         """MTP module ``depth`` at layer ``i``, compressed like a layer on its own calibration input: at
         position j, eh_proj([enorm(Emb(t_{j+1+depth})); hnorm(h_j)]) with h_j the compressed main model's
         normed final state (module k > 0: module k-1's output). eh_proj is a linear under the recipe, the norms
         stay float, the embedding and head are the main model's (not written again when they are its copies).
-        Returns the tensors to write and the module's output states."""
+        Writes its tensors; returns the module's output states."""
         prefix = f"model.layers.{i}."
         names = self.ckpt.layer_names(i)
         extras = [n for n in names if n.removeprefix(prefix) in MTP_OWN]
@@ -448,7 +467,7 @@ class _Run:
         out, eh_proj = self._mtp_eh_proj(prefix, own["eh_proj.weight"], joined)
         saved, self.x = self.x, (joined @ eh_proj.T.float()).to(self.x.dtype)
         try:
-            out |= self._layer(i, [n for n in names if n not in extras], mtp=True)
+            self._layer(i, writer, [n for n in names if n not in extras], mtp=True)
             block_out = self.x
         finally:
             self.x = saved
@@ -458,7 +477,9 @@ class _Run:
         for name, main in (("embed_tokens.weight", main_embed), ("shared_head.head.weight", main_head)):
             if name in own and not torch.equal(own[name], main):  # a module trained with its own: kept
                 out[prefix + name] = self._stored(prefix + name, own[name])
-        return out, block_out
+        writer.add(out)
+        writer.flush_if_full()
+        return block_out
 
     def _mtp_eh_proj(self, prefix: str, weight, joined) -> tuple[dict, Any]:
         """eh_proj under the recipe (GPTQ on the module's joined inputs); its tensors and the weight it now

@@ -144,6 +144,20 @@ class Checkpoint:
             _check_finite(tensor, info)
         return tensor
 
+    def read_stored(self, name: str) -> StoredTensor:
+        """A weight as stored (bf16/fp16/fp32, or FP8 with its block scales), upcast later by
+        :meth:`StoredTensor.float` to exactly what :meth:`read` returns — so a layer can be held at its
+        on-disk size and upcast one module at a time. A quantized module of a compressed checkpoint is
+        held dequantized (float32): re-compressing one is not what this saves memory for."""
+        info = self._info(name) if self._quantized_module(name) is None else None
+        if info is None:
+            return StoredTensor(name, self.read(name), None, None, None)
+        scale, block = None, None
+        if info.dtype == FP8_DTYPE:
+            block = self._block(name)
+            scale = self.read_raw(name + SCALE_SUFFIX)
+        return StoredTensor(name, self.read_raw(name), scale, block, info)
+
     def quantized(self, name: str) -> QuantizedTensor | None:
         """The stored integers, scales and zero points of a quantized module (``X`` or ``X.weight``),
         None for an unquantized tensor. Scales are checked finite; shapes against config.json."""
@@ -278,6 +292,36 @@ class Checkpoint:
     @staticmethod
     def _ordered(tensors: dict[str, TensorInfo]) -> list[str]:
         return sorted(tensors, key=lambda n: (str(tensors[n].file), tensors[n].offset))
+
+
+class StoredTensor:
+    """One tensor's stored bytes (and FP8 block scales); ``.float()`` is :meth:`Checkpoint.read`'s float32.
+
+    NaN/Inf are refused on the first upcast (as :meth:`Checkpoint.read` refuses them on read)."""
+
+    def __init__(self, name: str, stored: torch.Tensor, scale_inv: torch.Tensor | None,
+                 block: tuple[int, int] | None, info: TensorInfo | None):
+        self.name, self.stored, self.scale_inv, self.block, self.info = name, stored, scale_inv, block, info
+        self.shape = tuple(stored.shape)
+        self._checked = info is None  # a tensor read through Checkpoint.read was checked there
+
+    @property
+    def nbytes(self) -> int:
+        scale = 0 if self.scale_inv is None else self.scale_inv.numel() * self.scale_inv.element_size()
+        return self.stored.numel() * self.stored.element_size() + scale
+
+    def float(self) -> torch.Tensor:
+        import torch  # optional heavy dependency: only reads need torch
+
+        if self.scale_inv is not None:
+            tensor = dequantize_fp8_blocks(self.stored, self.scale_inv, self.block,
+                                           where=f"{self.info.file}: {self.name}")
+        else:
+            tensor = self.stored.to(torch.float32)
+        if not self._checked and tensor.is_floating_point():
+            _check_finite(tensor, self.info)
+            self._checked = True
+        return tensor
 
 
 def _is_scale(name: str) -> bool:
