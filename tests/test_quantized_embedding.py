@@ -181,6 +181,8 @@ def test_plan_counts_a_quantized_head_and_embedding_as_export_writes_them(tiny_c
         {"match": "re:.*", "quant": {"bits": 8}}]}))
     compress("qwen2-tiny", tmp_path / "c", recipe=str(recipe), evaluate=False, calib_tokens=256, method="rtn")
     report = export_bundle(tmp_path / "c", tmp_path / "b", validate=False, max_context=512, layout=layout)
+    monkeypatch.delitem(planning.HEAD_QUANT, "int8")  # "before": an int8 row with a float head and embedding
+    monkeypatch.delitem(planning.EMBEDDING_QUANT, "int8")
     before = {r.scheme: r for r in planning.plan("qwen2-tiny", context=512, layout=layout).precisions}["int8"]
     monkeypatch.setitem(planning.HEAD_QUANT, "int8", (8, None))
     monkeypatch.setitem(planning.EMBEDDING_QUANT, "int8", (4, 32))
