@@ -7,6 +7,7 @@ budget check, how many routed experts can stay resident, and a bandwidth bound o
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -190,22 +191,32 @@ def _head_and_embedding_bytes(spec: ModelSpec, tensors: list[TensorSpec], scheme
     return head, embed, row
 
 
-def qmoe_bytes(t: TensorSpec, quant: tuple[int, int | None], float_bytes: int) -> int:
-    """A routed-expert linear inside a monolithic bundle's fused ``QMoE`` node: codes packed along each row
-    (no block padding) and one scale per group, or per row (dsedge.export.moe._qmoe_weights)."""
-    bits, group = quant
+def qmoe_bytes(t: TensorSpec, quant: tuple[int, int | None], float_bytes: int, block: int = 0) -> int:
+    """A routed-expert linear inside a fused ``QMoE`` node: codes packed along each row (no block padding) and
+    one scale per QMoE ``block`` (each group's scale repeated over its blocks), or per row when ``block`` is 0
+    (dsedge.export.moe._qmoe_weights)."""
+    bits, _ = quant
     rows, cols = t.shape
-    return rows * cols * bits // 8 + rows * (cols // group if group else 1) * float_bytes
+    return rows * cols * bits // 8 + rows * (cols // block if block else 1) * float_bytes
 
 
-def _fused_experts(spec: ModelSpec, quant: tuple[int, int | None] | None, layout: str) -> bool:
-    """Whether export fuses a layer's quantized routed experts into one QMoE (dsedge.export.moe.qmoe_scheme):
-    monolithic, symmetric (every preset is), 4/8 bits, even widths that the group divides."""
-    if layout != "monolithic" or quant is None or spec.moe is None:
-        return False
+def qmoe_layout(spec: ModelSpec, quant: tuple[int, int | None] | None) -> int | None:
+    """The QMoE block export fuses a layer's quantized routed experts with, in either layout (one QMoE per
+    layer, or per expert partition): 0 for one scale per row, else the largest power of two ≥ 16 dividing
+    the group and both widths; None when the experts stay per-expert MatMulNBits. Mirrors
+    dsedge.export.moe.qmoe_scheme/qmoe_block for the presets (symmetric; 8-bit at the default level 4);
+    planning cannot import export (export imports planning)."""
+    if quant is None or spec.moe is None:
+        return None
     bits, group = quant
     widths = (spec.hidden_size, spec.moe.moe_intermediate_size)
-    return bits in (4, 8) and not any(d % 2 for d in widths) and not (group and any(d % group for d in widths))
+    if bits not in (4, 8) or any(d % 2 for d in widths):
+        return None
+    if group is None:
+        return 0
+    common = math.gcd(group, *widths)
+    block = common & -common
+    return block if block >= 16 else None
 
 
 def rope_table_bytes(spec: ModelSpec, context: int, float_bytes: int) -> int:
@@ -218,7 +229,8 @@ def _precision_plan(spec: ModelSpec, tensors: list[TensorSpec], scheme: str, tgt
                     kv_at_ctx: int, ctx: int, dtype: str, extra_bytes: int, layout: str) -> PrecisionPlan:
     expert_quant, other_quant = SCHEMES[scheme]
     float_bytes = 2 if scheme == "bf16" else FLOAT_BYTES[dtype]
-    expert_bytes = qmoe_bytes if _fused_experts(spec, expert_quant, layout) else tensor_bytes
+    block = qmoe_layout(spec, expert_quant)
+    expert_bytes = tensor_bytes if block is None else functools.partial(qmoe_bytes, block=block)
     routed = sum(expert_bytes(t, expert_quant, float_bytes) for t in tensors if t.component == "routed_experts")
     head, embed, row = _head_and_embedding_bytes(spec, tensors, scheme, float_bytes)
     other = sum(tensor_bytes(t, other_quant, float_bytes) for t in tensors
