@@ -104,9 +104,9 @@ def acceptance(module, model, ids: np.ndarray, window: int) -> float:
         for start in range(0, len(ids) - window, window):
             chunk = torch.from_numpy(ids[start:start + window].astype(np.int64))[None]
             hidden, logits = main_outputs(model, chunk)
-            drafted = mtp_logits(module, model, chunk, hidden).argmax(-1)[0, :-1]  # positions 0 .. T-3
-            target = logits.argmax(-1)[0, 2:]  # the main model's greedy token after t_{i+1}: position i+1's argmax
-            hits += int((drafted == target[: drafted.shape[0]]).sum())
+            drafted = mtp_logits(module, model, chunk, hidden).argmax(-1)[0]  # t_{i+2} drafted at i = 0 .. T-2
+            target = logits.argmax(-1)[0, 1:]  # the main model's greedy t_{i+2}: position i+1's argmax
+            hits += int((drafted == target).sum())
             total += drafted.shape[0]
     module.train()
     return hits / max(total, 1)
