@@ -219,6 +219,20 @@ def qmoe_layout(spec: ModelSpec, quant: tuple[int, int | None] | None) -> int | 
     return block if block >= 16 else None
 
 
+def _draft_bytes(spec: ModelSpec, expert_quant, other_quant, float_bytes: int, expert_bytes) -> int:
+    """The MTP module's draft graph (dsedge.export.mtp): its decoder block, eh_proj and norms as a layer is
+    stored, routed experts like the decoder's; its embedding and head copies are the main model's, which the
+    draft references instead of storing (as are its RoPE tables)."""
+    total = 0
+    for t in spec.expected_tensors(include_mtp=True):
+        if t.component != "mtp" or t.name.endswith(("embed_tokens.weight", "shared_head.head.weight")):
+            continue
+        routed = ".mlp.experts." in t.name
+        total += expert_bytes(t, expert_quant, float_bytes) if routed and expert_quant else \
+            tensor_bytes(t, other_quant, float_bytes)
+    return total
+
+
 def rope_table_bytes(spec: ModelSpec, context: int, float_bytes: int) -> int:
     """The cos and sin tables baked into the graphs: context × rotary dim / 2 each."""
     rotary = spec.mla.qk_rope_head_dim if spec.mla is not None else spec.head_dim
@@ -236,9 +250,11 @@ def _precision_plan(spec: ModelSpec, tensors: list[TensorSpec], scheme: str, tgt
     other = sum(tensor_bytes(t, other_quant, float_bytes) for t in tensors
                 if t.component not in ("routed_experts", "head", "embeddings"))
     other += head + embed + rope_table_bytes(spec, ctx, float_bytes) + extra_bytes
+    draft = _draft_bytes(spec, expert_quant, other_quant, float_bytes, expert_bytes)
     active_routed = routed * spec.moe.num_experts_per_tok // spec.moe.n_routed_experts if spec.moe else 0
     # One embedding row is read per token, not the table — unless the table is also the (tied) head.
     active = other + active_routed - (0 if spec.tie_word_embeddings else embed - row)
+    other += draft  # stored, not read per token: the draft graph runs only under --speculative mtp
     if tgt is None:
         return PrecisionPlan(scheme, routed + other, routed, active, None, None, None, None, None)
     need = routed + other + kv_at_ctx + RUNTIME_OVERHEAD_BYTES

@@ -13,7 +13,7 @@ from dsedge import __version__, safe_json
 from dsedge.contract import DECODER, DRAFT, EXPERTS, decoder_io
 from dsedge.errors import UserError
 from dsedge.export.decoder import build_decoder, cache_spec, graph_shapes
-from dsedge.export.embedding import EMBEDDING, embedding_scheme, float_embedding_view, quantize_embedding
+from dsedge.export.embedding import EMBEDDING, embedding_scheme, quantize_embedding
 from dsedge.export.graph import save_graph
 from dsedge.export.mtp import write_draft
 from dsedge.export.partitioned import placement_plan, write_partitioned
@@ -243,7 +243,7 @@ def _write_graphs(ckpt: Checkpoint, weights, root: Path, context: int, layout: s
 
     graphs = [save_graph(build, decoder_io(graph_shapes(ckpt.spec, half)), root, GRAPH_DIR, DECODER, DECODER)]
     if ckpt.has_mtp:  # the MTP module as the speculative draft graph, reading the decoder's embedding and head
-        graphs.append(write_draft(ckpt.spec, float_embedding_view(weights), root, GRAPH_DIR, max_positions=context,
+        graphs.append(write_draft(ckpt.spec, weights, root, GRAPH_DIR, max_positions=context,
                                   half=half, shares=graphs[:1]))
     return graphs
 

@@ -104,15 +104,3 @@ def tied_quantized_head(g: GraphBuilder, x: str, embedding: QuantizedWeight) -> 
 def embedding_initializers(names) -> list[str]:
     """Of a graph's initializer names, those a tied head reads from the prelude: the float matrix or the codes."""
     return [n for n in names if n in (EMBEDDING, CODES)]
-
-
-def float_embedding_view(weights):
-    """``weights`` with a quantized embedding dequantized: the MTP draft (export/mtp.py) looks tokens up in a
-    float matrix; these are the numbers the decoder's GatherBlockQuantized returns."""
-    def view(layer: int | None):
-        loaded = weights(layer)
-        if layer is None and isinstance(loaded.get(EMBEDDING), QuantizedWeight):
-            return {**loaded, EMBEDDING: loaded[EMBEDDING].dequantize()}
-        return loaded
-
-    return view

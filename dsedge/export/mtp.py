@@ -43,8 +43,10 @@ from dsedge.export.decoder import (
     lm_head,
     positional,
 )
+from dsedge.export.embedding import embedding_lookup
 from dsedge.export.graph import GraphBuilder, save_graph
 from dsedge.export.moe import moe_block
+from dsedge.export.quantized import QuantizedWeight
 from dsedge.manifest import GraphEntry
 from dsedge.models.rope import cos_sin_tables
 from dsedge.models.spec import ModelSpec
@@ -125,12 +127,16 @@ def build_draft(spec: ModelSpec, weights: WeightsFn, *, max_positions: int, name
     layer = spec.num_hidden_layers
     p = f"model.layers.{layer}."
     w, top = weights(layer), weights(None)
-    embed = g.weight(EMBEDDING, w.get(p + "embed_tokens.weight", top[EMBEDDING]))
+    table = w.get(p + "embed_tokens.weight", top[EMBEDDING])
+    # a quantized main embedding is looked up as the decoder does (GatherBlockQuantized over the same codes and
+    # scales, so the draft references them rather than storing a float copy)
+    embed = None if isinstance(table, QuantizedWeight) else g.weight(EMBEDDING, table)
+    looked_up = embedding_lookup(g, table, INPUT_IDS) if embed is None else g.op("Gather", embed, INPUT_IDS, axis=0)
     head_top = dict(top)  # lm_head() reads the head from here; the module's own copy (if stored) wins
     if p + "shared_head.head.weight" in w and not spec.tie_word_embeddings:
         head_top["lm_head.weight"] = w[p + "shared_head.head.weight"]
     eps = spec.rms_norm_eps
-    emb = g.rms_norm(g.op("Gather", embed, INPUT_IDS, axis=0), w[p + "enorm.weight"], p + "enorm", eps)
+    emb = g.rms_norm(looked_up, w[p + "enorm.weight"], p + "enorm", eps)
     hid = g.rms_norm(FINAL_HIDDEN, w[p + "hnorm.weight"], p + "hnorm", eps)
     x = g.linear(g.op("Concat", emb, hid, axis=-1), w[p + "eh_proj.weight"], p + "eh_proj")
     past = [past_name(0, t) for t in cache.names]

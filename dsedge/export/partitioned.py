@@ -57,7 +57,7 @@ from dsedge.export.decoder import (
     positional,
     rope_lookup,
 )
-from dsedge.export.embedding import EMBEDDING, embedding_initializers, embedding_lookup, float_embedding_view
+from dsedge.export.embedding import EMBEDDING, embedding_initializers, embedding_lookup
 from dsedge.export.graph import GraphBuilder, save_graph
 from dsedge.export.moe import moe_router_and_shared, routed_experts
 from dsedge.export.mtp import graph_initializer, write_draft
@@ -205,7 +205,7 @@ def write_partitioned(spec: ModelSpec, weights: WeightsFn, root: Path, graph_dir
     # under the prelude: placement's trunk size stays what is on disk.
     graphs.append(replace(head, data_files=head.data_files + shared_files))
     if has_mtp:  # the MTP draft, reading the prelude's embedding and the head's matrix (dsedge.export.mtp)
-        graphs.append(write_draft(spec, float_embedding_view(weights), root, graph_dir, max_positions=max_positions,
+        graphs.append(write_draft(spec, weights, root, graph_dir, max_positions=max_positions,
                                   half=half, shares=[graphs[0], graphs[-1]]))
     return graphs
 
