@@ -254,15 +254,17 @@ def _precision_plan(spec: ModelSpec, tensors: list[TensorSpec], scheme: str, tgt
     active_routed = routed * spec.moe.num_experts_per_tok // spec.moe.n_routed_experts if spec.moe else 0
     # One embedding row is read per token, not the table — unless the table is also the (tied) head.
     active = other + active_routed - (0 if spec.tie_word_embeddings else embed - row)
-    other += draft  # stored, not read per token: the draft graph runs only under --speculative mtp
+    # the draft graph is stored but loaded only under --speculative mtp: in the bundle's bytes, not in what
+    # must be resident to decode
+    stored = routed + other + draft
     if tgt is None:
-        return PrecisionPlan(scheme, routed + other, routed, active, None, None, None, None, None)
+        return PrecisionPlan(scheme, stored, routed, active, None, None, None, None, None)
     need = routed + other + kv_at_ctx + RUNTIME_OVERHEAD_BYTES
     resident, offloaded = _residency(spec, routed, other, kv_at_ctx, tgt)
     per_token = active + kv_at_ctx  # decode attends over the whole cache
     bound = tgt.memory_bandwidth_gbps * 1e9 / per_token
     fits = need <= tgt.memory_budget_bytes
-    return PrecisionPlan(scheme, routed + other, routed, active, fits, resident, offloaded,
+    return PrecisionPlan(scheme, stored, routed, active, fits, resident, offloaded,
                          _fits_with_offload(fits, spec, routed, other, kv_at_ctx, offloaded, tgt), round(bound, 2),
                          _disk_bound(spec, tgt, per_token, active_routed, resident))
 
