@@ -6,14 +6,24 @@ Models (configs in ``../shared/configs/``):
   ``n_layers``, ``moe_inter_dim``…), mapped to an HF ``deepseek_v2`` config by :func:`v2_lite_hf_config`.
 
 Each checkpoint is written in bf16 one layer per shard, one tensor at a time (memory follows one tensor), with
-the tiny test tokenizer (random weights: the text is meaningless, the shapes are not). Per model, each step
-in a fresh process whose peak RSS (``ru_maxrss``) is recorded: compress ``int4-experts`` (RTN), export
-partitioned with validation, then greedy decode with all experts resident and under a budget that keeps 25%
-of the routed-expert bytes resident. Order (disk: V2-Lite ≈ 31 GB bf16 at full depth): build, compress,
-delete the bf16 checkpoint, export, delete the compressed one, run.
+the tiny test tokenizer (random weights: the text is meaningless, the shapes are not). Two phases, state in
+``WORK/<model>.state.json`` between them:
 
-    nice -n 10 .venv/bin/python benchmarks/scale_bench.py --model v2-lite --layers 8 --work /data/scale --json v2.json
-    nice -n 10 .venv/bin/python benchmarks/scale_bench.py --model r1-distill-qwen-1.5b --work /data/scale
+- ``prepare`` (untimed): build; convert to GGUF for llama.cpp (``--llamacpp``: bf16 then llama-quantize Q4_0
+  / Q8_0, with ``../shared/bench/llamacpp.sh``); per preset (``int4``, and ``int8`` for a dense model)
+  compress with RTN and export with validation (partitioned for MoE, monolithic for dense), each in a fresh
+  process whose peak RSS (``ru_maxrss``) and seconds are recorded; plan's size against the bundle's; the
+  bf16 and compressed checkpoints deleted once used (disk).
+- ``measure`` (a quiet machine): ``--rounds`` rounds, each with a bandwidth probe and the load average, of
+  dsedge with every expert resident, dsedge under a budget keeping 25% of the routed-expert bytes, and
+  llama-bench on the same checkpoint at the same bits — decode tokens/s at 16 and 512 cached tokens, prefill
+  of 512 (TTFT), load seconds, peak RSS, expert-cache hit rate.
+
+    B="benchmarks/scale_bench.py --work /work/scale --llamacpp"
+    nice -n 10 .venv/bin/python $B --model r1-distill-qwen-1.5b --phase prepare
+    .venv/bin/python $B --model r1-distill-qwen-1.5b --phase measure --json q.json    # nothing else running
+    nice -n 10 .venv/bin/python $B --model v2-lite --layers 8 --phase prepare
+    .venv/bin/python $B --model v2-lite --layers 8 --phase measure --json v2.json
     .venv/bin/python benchmarks/scale_bench.py --model v2-lite --smoke   # 2 layers, dims / 16: the code path only
 
 ``--layers`` keeps full width and cuts depth (per-layer figures extrapolate; docs/scale.md). Timing numbers
@@ -35,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -42,6 +53,7 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).parent))  # sibling scripts: decode_bench (llama.cpp), export_bench
 # ../shared/configs beside the checkout (or beside the worktrees' parent); --configs overrides
 CONFIGS = next((p for p in (ROOT.parent / "shared" / "configs", ROOT.parents[1] / "shared" / "configs") if p.is_dir()),
                ROOT.parent / "shared" / "configs")
@@ -130,27 +142,38 @@ def build_checkpoint(config: dict, out: Path, seed: int = 0) -> Path:
 
 
 STEP = """
-import json, resource, sys, time
+import json, os, resource, sys, time
 args = json.loads(sys.argv[1])
 started = time.perf_counter()
 if args["step"] == "compress":
     from dsedge.compress.pipeline import compress
-    compress(args["src"], args["out"], recipe="int4-experts", method="rtn", evaluate=False, calib_tokens=512)
+    compress(args["src"], args["out"], recipe=args["recipe"], method="rtn", evaluate=False, calib_tokens=512)
 elif args["step"] == "compress-v3-layer":  # RTN everywhere; shards of 256 MiB so the writer's buffer stays small
     from dsedge.compress.pipeline import compress
     compress(args["src"], args["out"], recipe="int4-experts", method="rtn", evaluate=False,
              calib_tokens=args["calib_tokens"], seq_len=512, max_shard_bytes=256 << 20)
 elif args["step"] == "export":
     from dsedge.export.bundle import export_bundle
-    export_bundle(args["src"], args["out"], layout="partitioned", max_context=1024)
-else:
+    export_bundle(args["src"], args["out"], layout=args["layout"], max_context=1024)
+else:  # measure: load, decode per token at each cached length, prefill of a prompt (decode_bench's code)
+    sys.path.insert(0, "benchmarks")
+    from decode_bench import dsedge_context_curve, dsedge_prefill_tps
     from dsedge.runtime import load_bundle
-    engine = load_bundle(args["src"], memory_budget_bytes=args.get("budget"))
-    result = engine.generate([0, 17, 99, 5], max_new_tokens=16)
-    print(json.dumps({"timings": result.timings}))
+    engine = load_bundle(args["src"], memory_budget_bytes=args.get("budget"), verify=args.get("verify", True))
+    loaded = time.perf_counter() - started
+    decode = dsedge_context_curve(engine, args["vocab"], args["contexts"], args["decode"])
+    prefill = dsedge_prefill_tps(engine, args["vocab"], args["prompt"])
+    experts = getattr(engine, "experts", None)
+    print(json.dumps({"load_seconds": round(loaded, 3), "decode": decode, "prefill": prefill,
+                      "experts": experts.stats.to_json() if experts is not None else None}))
 print(json.dumps({"seconds": round(time.perf_counter() - started, 2),
                   "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
 """
+# dsedge preset -> the llama.cpp type of the same bits. int4 is groups of 128 with a float scale each (4.25
+# bits per weight), Q4_0 blocks of 32 with an fp16 scale (4.5); int8 per channel, Q8_0 blocks of 32 (8.5).
+# Both presets also make the head and the embedding int8 (llama.cpp: Q6_K head, Q4_0/Q8_0 embedding).
+RECIPE_GGUF = {"int4": "Q4_0", "int8": "Q8_0"}
+CONTEXTS, DECODE, PROMPT = [16, 512], 32, 512
 
 
 def step(name: str, **args) -> dict:
@@ -170,28 +193,161 @@ def bytes_in(path: Path) -> int:
     return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
 
 
-def run(model: str, layers: int | None, smoke: bool, work: Path, configs: Path = CONFIGS) -> dict:
+def llamacpp_ggufs(ckpt: Path, work: Path, types: list[str]) -> dict[str, Path]:
+    """The checkpoint in GGUF at each llama.cpp type: converted once to bf16 (what it is stored in), then
+    llama-quantize per type, the bf16 file deleted (disk)."""
+    from decode_bench import llamacpp_script
+
+    script = llamacpp_script()
+    env = {**os.environ, "PYTHON": sys.executable}
+    out = {t: work / f"{ckpt.name}.{t}.gguf" for t in types}
+    if all(p.exists() for p in out.values()):
+        return out
+    bin_dir = subprocess.run(["bash", str(script), "build"], check=True, capture_output=True, text=True,
+                             env=env).stdout.strip().splitlines()[-1]
+    base = work / f"{ckpt.name}.bf16.gguf"
+    if not base.exists():
+        view = _converter_view(ckpt, work / f"{ckpt.name}.gguf-view")
+        subprocess.run(["bash", str(script), "gguf", str(view), str(base), "bf16"], check=True, env=env)
+        shutil.rmtree(view)
+    for t, path in out.items():
+        if not path.exists():
+            subprocess.run([f"{bin_dir}/llama-quantize", str(base), str(path), t, str(os.cpu_count())],
+                           check=True, env=env)
+    base.unlink()
+    return out
+
+
+def _converter_view(ckpt: Path, view: Path) -> Path:
+    """The checkpoint as llama.cpp's converter should see it: its files linked (no copy of the shards; the
+    script copies what it is given), config.json patched. llama.cpp 0.3.36 tells a DeepSeek-V2 without q
+    LoRA (V2-Lite) by its layer count (26 or 27, src/models/deepseek2.cpp ``is_lite``) and otherwise requires
+    ``deepseek2.attention.q_lora_rank``; a V2-Lite cut to fewer layers gets ``q_lora_rank: 0``, which it
+    reads as "no q LoRA" (``q_lora_rank > 0`` picks the tensors)."""
+    shutil.rmtree(view, ignore_errors=True)
+    view.mkdir(parents=True)
+    for path in ckpt.iterdir():
+        if path.name != "config.json":
+            (view / path.name).symlink_to(path.resolve())
+    config = json.loads((ckpt / "config.json").read_text())
+    if config.get("model_type") == "deepseek_v2" and config.get("q_lora_rank") is None:
+        config["q_lora_rank"] = 0
+    (view / "config.json").write_text(json.dumps(config, indent=1))
+    return view
+
+
+def prepare(model: str, config: dict, work: Path, recipes: list[str], llamacpp: bool) -> dict:
+    """Build the bf16 checkpoint, convert it for llama.cpp, compress each recipe (RTN) and export it with
+    validation, deleting what the next step no longer needs. Returns what was measured on the way."""
     from dsedge.planning import plan
 
-    config = hf_config(model, layers, smoke, configs)
-    ckpt, comp, bundle = work / f"{model}-bf16", work / f"{model}-int4", work / f"{model}-bundle"
-    for path in (ckpt, comp, bundle):
-        shutil.rmtree(path, ignore_errors=True)
+    ckpt = work / f"{model}-bf16"
+    moe = bool(config.get("n_routed_experts"))
+    layout = "partitioned" if moe else "monolithic"  # a dense model has no experts to place
+    result = {"model": model, "layers": config["num_hidden_layers"], "layout": layout, "recipes": {}}
+    shutil.rmtree(ckpt, ignore_errors=True)
     build_checkpoint(config, ckpt)
-    result = {"model": model, "layers": config["num_hidden_layers"], "smoke": smoke,
-              "checkpoint_bytes": bytes_in(ckpt)}
-    result["compress"] = step("compress", src=str(ckpt), out=str(comp))
-    shutil.rmtree(ckpt)  # disk: the bf16 checkpoint is no longer needed
-    result["export"] = step("export", src=str(comp), out=str(bundle))
-    planned = {r.scheme: r for r in plan(comp, context=1024, layout="partitioned").precisions}["int4-experts"]
-    shutil.rmtree(comp)
-    result["bundle_bytes"], result["plan_bytes"] = bytes_in(bundle), planned.weight_bytes
-    manifest = json.loads((bundle / "manifest.json").read_text())
-    placement = manifest.get("placement") or {}
-    result["run_resident"] = step("run", src=str(bundle))
-    if placement.get("expert_bytes"):
-        budget = placement["trunk_bytes"] + placement["kv_cache_bytes"] + placement["expert_bytes"] // 4 + 256 * 2**20
-        result["run_25pct"] = step("run", src=str(bundle), budget=budget)
+    result["checkpoint_bytes"] = bytes_in(ckpt)
+    if llamacpp:
+        ggufs = llamacpp_ggufs(ckpt, work, [RECIPE_GGUF[r] for r in recipes if r in RECIPE_GGUF])
+        result["gguf"] = {t: {"path": str(p), "bytes": p.stat().st_size} for t, p in ggufs.items()}
+    for recipe in recipes:
+        comp, bundle = work / f"{model}-{recipe}", work / f"{model}-{recipe}.bundle"
+        for path in (comp, bundle):
+            shutil.rmtree(path, ignore_errors=True)
+        entry = result["recipes"][recipe] = {"compress": step("compress", src=str(ckpt), out=str(comp),
+                                                                recipe=recipe)}
+        print(f"{model} {recipe}: compressed {entry['compress']}", file=sys.stderr, flush=True)
+        entry["export"] = step("export", src=str(comp), out=str(bundle), layout=layout)
+        print(f"{model} {recipe}: exported {entry['export']}", file=sys.stderr, flush=True)
+        planned = {r.scheme: r for r in plan(comp, context=1024, layout=layout).precisions}[recipe]
+        entry["bundle"], entry["bundle_bytes"], entry["plan_bytes"] = str(bundle), bytes_in(bundle), \
+            planned.weight_bytes
+        entry["plan_error"] = round(planned.weight_bytes / entry["bundle_bytes"] - 1, 4)
+        shutil.rmtree(comp)
+    shutil.rmtree(ckpt)  # disk: every recipe is compressed
+    return result
+
+
+def measure(result: dict, rounds: int, vocab: int) -> dict:
+    """Alternate dsedge (all experts resident; 25% of the routed-expert bytes under a budget) and llama-bench
+    on the same checkpoint, per round, each dsedge run in a fresh process (load time, peak RSS). The first
+    round's first load hashes every file (the verification is recorded); the later loads use the record."""
+    from decode_bench import llamacpp_speeds
+    from export_bench import read_bandwidth_gbps
+
+    shape = {"vocab": vocab, "contexts": CONTEXTS, "decode": DECODE, "prompt": PROMPT}
+    result["rounds"] = []
+    for r in range(rounds):
+        record = {"round": r, "loadavg": os.getloadavg(), "bandwidth_gbps": read_bandwidth_gbps(2), "cells": {}}
+        for recipe, entry in result["recipes"].items():
+            bundle = Path(entry["bundle"])
+            cells = record["cells"][recipe] = {"resident": step("measure", src=str(bundle), **shape)}
+            placement = json.loads((bundle / "manifest.json").read_text()).get("placement") or {}
+            if placement.get("expert_bytes"):
+                budget = placement["expert_bytes"] // 4  # the runtime's budget is over expert partitions only
+                cells["25pct"] = step("measure", src=str(bundle), budget=budget, **shape)
+            gguf_type = RECIPE_GGUF.get(recipe)
+            if gguf_type and gguf_type in result.get("gguf", {}):
+                cells["llamacpp"] = llamacpp_speeds(Path(result["gguf"][gguf_type]["path"]), 2, CONTEXTS, DECODE,
+                                                    PROMPT)
+        record["loadavg_after"] = os.getloadavg()
+        result["rounds"].append(record)
+        print(f"round {r + 1}/{rounds} (load {record['loadavg'][0]:.2f} -> {record['loadavg_after'][0]:.2f})",
+              file=sys.stderr, flush=True)
+    return result
+
+
+def summary(result: dict) -> dict:
+    """Medians over rounds per recipe: decode tokens/s at each context, TTFT, ratios to llama.cpp."""
+    import statistics
+
+    out = {}
+    for recipe in result["recipes"]:
+        cells = [r["cells"][recipe] for r in result.get("rounds", [])]
+        if not cells:
+            continue
+        row = {}
+        for kind in ("resident", "25pct", "llamacpp"):
+            runs = [c[kind] for c in cells if kind in c]
+            if not runs:
+                continue
+            row[kind] = {f"decode@{n}": statistics.median(float(x["decode"].get(n) or x["decode"].get(str(n)) or 0)
+                                                          for x in runs) for n in CONTEXTS}
+            row[kind]["ttft_ms"] = statistics.median(1000 * PROMPT / x["prefill"] for x in runs if x["prefill"])
+            if kind != "llamacpp":
+                row[kind]["load_seconds"] = [x["load_seconds"] for x in runs]
+                row[kind]["peak_rss_bytes"] = max(x["peak_rss_bytes"] for x in runs)
+                if runs[-1].get("experts"):
+                    row[kind]["hit_rate"] = statistics.median(x["experts"]["hit_rate"] for x in runs)
+        if "llamacpp" in row:
+            row["ratio_resident"] = {k: round(row["resident"][k] / row["llamacpp"][k], 3)
+                                     for k in row["llamacpp"] if k.startswith("decode") and row["llamacpp"][k]}
+            row["ratio_resident"]["ttft"] = round(row["llamacpp"]["ttft_ms"] / row["resident"]["ttft_ms"], 3)
+        if "25pct" in row:
+            row["25pct_time_per_token_vs_resident"] = {
+                k: round(row["resident"][k] / row["25pct"][k], 3) for k in row["resident"] if k.startswith("decode")}
+        out[recipe] = row
+    return out
+
+
+def run(model: str, layers: int | None, smoke: bool, work: Path, configs: Path = CONFIGS, *,
+        recipes: list[str] | None = None, rounds: int = 3, llamacpp: bool = False, phase: str = "all") -> dict:
+    """prepare (build → gguf → compress → export) then measure, with the state in ``work/<model>.json``
+    between phases (``phase``: prepare / measure / all)."""
+    config = hf_config(model, layers, smoke, configs)
+    recipes = recipes or (["int4"] if config.get("n_routed_experts") else ["int4", "int8"])
+    state = work / f"{model}.state.json"
+    work.mkdir(parents=True, exist_ok=True)
+    if phase in ("prepare", "all"):
+        result = prepare(model, config, work, recipes, llamacpp)
+        result["smoke"] = smoke
+        state.write_text(json.dumps(result, indent=1))
+    result = json.loads(state.read_text())
+    if phase in ("measure", "all"):
+        result = measure(result, rounds, config["vocab_size"])
+        result["summary"] = summary(result)
+        state.write_text(json.dumps(result, indent=1))
     return result
 
 
@@ -303,13 +459,19 @@ def main() -> None:
     parser.add_argument("--calib-tokens", type=int, default=2048, help="v3-layer: calibration tokens")
     parser.add_argument("--work", type=Path, help="working directory (default: a temporary one)")
     parser.add_argument("--json", type=Path, help="write the result here")
+    parser.add_argument("--recipes", nargs="+", help="compress presets; default: int4 (MoE), int4 int8 (dense)")
+    parser.add_argument("--rounds", type=int, default=3, help="measured rounds, dsedge and llama.cpp alternated")
+    parser.add_argument("--llamacpp", action="store_true", help="llama.cpp on the same checkpoint (Q4_0/Q8_0)")
+    parser.add_argument("--phase", choices=["prepare", "measure", "all"], default="all",
+                        help="prepare (untimed build/compress/export) and measure (quiet machine) apart")
     parser.add_argument("--configs", type=Path, default=CONFIGS, help=f"published configs (default {CONFIGS})")
     args = parser.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="scale-bench-"))
     if args.model == "v3-layer":
         result = run_v3_layer(work, args.configs, args.width_div, args.gptq_experts, args.calib_tokens)
     else:
-        result = run(args.model, args.layers, args.smoke, work, args.configs)
+        result = run(args.model, args.layers, args.smoke, work, args.configs, recipes=args.recipes,
+                     rounds=args.rounds, llamacpp=args.llamacpp, phase=args.phase)
     text = json.dumps(result, indent=1)
     print(text)
     if args.json:

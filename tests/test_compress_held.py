@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dsedge.compress.held import Held, HeldExperts, HeldFloat, HeldQuantized
+from dsedge.compress.held import Held, HeldExperts, HeldFloat, HeldQuantized, LazyStored, SpilledQuantized, SpillFile
 from dsedge.compress.layers import build_layer, classes_for, hf_config
 from dsedge.compress.quant import quantize
 from dsedge.errors import CheckpointError
@@ -67,3 +67,61 @@ def test_held_slot_swaps_what_the_module_computes_with():
     slot = Held(HeldFloat(torch.ones(3, 4)))
     slot.replace(HeldFloat(torch.zeros(3, 4)))
     assert torch.equal(slot.float(), torch.zeros(3, 4)) and slot.shape == (3, 4)
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+def test_lazy_expert_reads_the_stored_bytes_each_use_and_holds_none(tmp_path, fp8):
+    ckpt = Checkpoint(write_checkpoint(tmp_path / "c", "v3", fp8=fp8))
+    name = next(n for n in ckpt.layer_names(1) if ".mlp.experts." in n and n.endswith("down_proj.weight"))
+    lazy = LazyStored(ckpt, name)
+    assert lazy.nbytes == 0 and lazy.shape == tuple(ckpt.read(name).shape)
+    assert torch.equal(lazy.float(), ckpt.read(name)) and torch.equal(lazy.float(), lazy.float())
+
+
+@pytest.mark.parametrize("bits,symmetric", [(4, True), (4, False), (8, True)])
+def test_spilled_quantized_reads_back_what_was_held(bits, symmetric):
+    spill = SpillFile()
+    try:
+        qts = [quantize(torch.randn(rows, 64) * 0.02, QuantScheme(bits, 32, symmetric), None,
+                        scale_dtype=torch.float16) for rows in (24, 8, 40)]
+        spilled = [SpilledQuantized(qt, spill) for qt in qts]  # several records, read back out of order
+        for qt, held in reversed(list(zip(qts, spilled, strict=True))):
+            assert held.nbytes == 0
+            assert torch.equal(held.float(), HeldQuantized(qt).float())
+            assert torch.equal(held.float(), dequantize(qt))
+        assert spill.get(spill.put(torch.empty(0, 5))).shape == (0, 5)
+    finally:
+        spill.close()
+
+
+def test_moe_compress_keeps_no_routed_expert_in_memory(tmp_path, monkeypatch):
+    """Every routed expert is read per use and its quantized integers spilled, and the checkpoint written is
+    byte for byte the one written with every expert held in memory."""
+    from dsedge.compress import pipeline
+    from dsedge.compress.pipeline import compress
+
+    src = write_checkpoint(tmp_path / "c", "v3", fp8=True)
+    args = {"recipe": "int4-experts", "method": "gptq", "evaluate": False, "calib_tokens": 64}
+    seen: dict[str, int] = {"lazy": 0, "spilled": 0}
+
+    def lazy(ckpt, name):
+        seen["lazy"] += 1
+        return LazyStored(ckpt, name)
+
+    def spilled(qt, spill):
+        seen["spilled"] += 1
+        return SpilledQuantized(qt, spill)
+    monkeypatch.setattr(pipeline, "LazyStored", lazy)
+    monkeypatch.setattr(pipeline, "SpilledQuantized", spilled)
+    compress(src, tmp_path / "lazy", **args)
+    spec = Checkpoint(src).spec
+    routed = sum(spec.is_moe_layer(i) for i in range(spec.num_hidden_layers)) * spec.moe.n_routed_experts * 3
+    assert seen == {"lazy": routed, "spilled": routed}
+
+    monkeypatch.setattr(pipeline, "LazyStored", lambda ckpt, name: ckpt.read_stored(name))  # held as stored
+    monkeypatch.setattr(pipeline, "SpilledQuantized", lambda qt, spill: HeldQuantized(qt))
+    compress(src, tmp_path / "held", **args)
+    shards = sorted(p.name for p in (tmp_path / "held").glob("*.safetensors"))
+    assert shards == sorted(p.name for p in (tmp_path / "lazy").glob("*.safetensors")) and shards
+    for shard in shards:
+        assert (tmp_path / "lazy" / shard).read_bytes() == (tmp_path / "held" / shard).read_bytes(), shard

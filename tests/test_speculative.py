@@ -164,6 +164,51 @@ def test_speculative_greedy_equals_greedy_on_the_numpy_model():
         assert engine.speculation.stats.tokens == 29  # every token after the first came from a verify step
 
 
+class WrongDrafter:
+    """Always drafts a token greedy decoding will not pick: every draft is rejected."""
+
+    name = "wrong"
+
+    def __init__(self, engine: MarkovEngine):
+        self.engine = engine
+
+    def propose(self, history, k):
+        best = int(np.argmax(self.engine.table[history[-2], history[-1]]))
+        return Draft(((best + 1) % self.engine.vocab,) * k)
+
+
+def test_auto_speculates_on_greedy_only_and_keeps_every_output():
+    engine = MarkovEngine(vocab=7, seed=3)
+    prompt = [1, 2, 3, 4, 1, 2, 3, 4, 1, 2]
+    plain = _tokens(generate_step(engine, prompt, max_new_tokens=30))
+    sampled = Sampler(SamplingParams(temperature=0.9, seed=11))
+    plain_sampled = _tokens(generate_step(engine, prompt, sampler=sampled, max_new_tokens=30))
+    auto = configure(engine, "auto")
+    assert auto.mode == "auto" and auto.draft_tokens == 3
+    assert _tokens(generate_step(engine, prompt, max_new_tokens=30)) == plain
+    assert auto.stats.forwards > 0  # greedy went through verify steps
+    auto.stats.reset()
+    # sampling is left alone: the same seed gives the same tokens as with speculation off
+    assert _tokens(generate_step(engine, prompt, sampler=Sampler(SamplingParams(temperature=0.9, seed=11)),
+                                 max_new_tokens=30)) == plain_sampled
+    assert auto.stats.forwards == 0
+
+
+def test_auto_backs_off_after_rejected_drafts():
+    """Drafting pauses 1, 2, 4, … 16 steps after each all-rejected step; without backoff every step drafts."""
+    engine = MarkovEngine(vocab=5, seed=1)
+    plain = _tokens(generate_step(engine, [0, 1], max_new_tokens=80))
+    steady = Speculation(WrongDrafter(engine), 2)
+    engine.speculation = steady
+    assert _tokens(generate_step(engine, [0, 1], max_new_tokens=80)) == plain
+    backing = Speculation(WrongDrafter(engine), 2, backoff=True)
+    engine.speculation = backing
+    assert _tokens(generate_step(engine, [0, 1], max_new_tokens=80)) == plain
+    assert steady.stats.forwards == 79 and steady.stats.drafted[0] == 78  # all drafted but the last (no room)
+    # drafting steps at 1, 3, 6, 11, 20, 37, 54, 71 (pauses 1, 2, 4, 8, 16, 16, 16): 8 of 79
+    assert backing.stats.drafted[0] == 8 and backing.stats.accepted[0] == 0
+
+
 def test_accept_draft_greedy_keeps_the_argmax_prefix_and_the_bonus():
     rows = np.eye(4)[[2, 3, 1, 0]] * 5  # argmax after each position: 2, 3, 1, 0
     greedy = Sampler(SamplingParams())

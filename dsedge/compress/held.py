@@ -13,9 +13,18 @@ and only two kinds of module hold weights that matter for memory: every ``nn.Lin
 :class:`HeldLinear` (``F.linear`` on the upcast weight, which is what ``nn.Linear.forward`` runs), and the
 fused routed experts become :class:`HeldExperts`, a copy of transformers' eager experts loop that upcasts
 one expert's weights at a time. Norms, the router and its bias are small and stay float32 parameters.
+
+Routed experts are not even held as stored: at full size they are the layer (one DeepSeek-V3 MoE layer:
+10.5 GiB of FP8 experts, 0.2 GiB of everything else), so an expert is a :class:`LazyStored` read from the
+checkpoint each time it is upcast, and once quantized its packed integers go to a per-layer
+:class:`SpillFile` (5.6 GiB of int4 codes for that layer) and are read back per use. Compress memory then
+follows one expert, not the layer; the bytes read again come from the page cache when it has room.
 """
 
 from __future__ import annotations
+
+import os
+import tempfile
 
 import torch
 import torch.nn.functional as F
@@ -61,6 +70,70 @@ class HeldQuantized:
     def nbytes(self) -> int:
         zero = 0 if self.zero_point is None else self.zero_point.numel()
         return self.packed.numel() * self.packed.element_size() + self.scale.numel() * 4 + zero
+
+
+class LazyStored:
+    """A checkpoint weight read from disk at each upcast, never held (``nbytes`` 0): a routed expert.
+    ``.float()`` is ``Checkpoint.read_stored(name).float()`` — the same bytes and dequantization each time."""
+
+    def __init__(self, ckpt, name: str):
+        self.ckpt, self.name = ckpt, name
+        self.shape = tuple(ckpt.tensors[name].shape)
+
+    nbytes = 0
+
+    def float(self) -> torch.Tensor:
+        return self.ckpt.read_stored(self.name).float()
+
+
+class SpillFile:
+    """Tensors kept in an unlinked temporary file and read back on demand (``put`` → a record, ``get``).
+
+    Why a file and not memory: a full-size layer's quantized experts (V3: 5.6 GiB of int4 codes) are needed
+    again only once, for the compressed layer's forward. The file is gone when closed (or the process ends)."""
+
+    def __init__(self, directory: str | None = None):
+        self.file = tempfile.TemporaryFile(dir=directory)  # noqa: SIM115 — held open for the layer, closed by close()
+        self.end = 0
+
+    def put(self, tensor: torch.Tensor) -> tuple[int, torch.dtype, tuple[int, ...]]:
+        data = tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
+        written = os.pwrite(self.file.fileno(), data, self.end) if data.size else 0
+        if written != data.size:
+            raise OSError(f"spill file: wrote {written} of {data.size} bytes (disk full?)")
+        record = (self.end, tensor.dtype, tuple(tensor.shape))
+        self.end += data.size
+        return record
+
+    def get(self, record: tuple[int, torch.dtype, tuple[int, ...]]) -> torch.Tensor:
+        offset, dtype, shape = record
+        count = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+        raw = torch.empty(count, dtype=torch.uint8)
+        got = os.preadv(self.file.fileno(), [raw.numpy()], offset) if count else 0
+        if got != count:
+            raise OSError(f"spill file: read {got} of {count} bytes")
+        return raw.view(dtype).reshape(shape)
+
+    def close(self) -> None:
+        self.file.close()
+
+
+class SpilledQuantized(HeldQuantized):
+    """:class:`HeldQuantized` whose packed integers, scales and zero points live in a :class:`SpillFile`."""
+
+    def __init__(self, qt: QuantizedTensor, spill: SpillFile):
+        super().__init__(qt)
+        self.spill = spill
+        self.packed, self.scale = spill.put(self.packed), spill.put(self.scale)
+        self.zero_point = None if self.zero_point is None else spill.put(self.zero_point)
+
+    nbytes = 0
+
+    def quantized(self) -> QuantizedTensor:
+        packed, scale = self.spill.get(self.packed), self.spill.get(self.scale)
+        zero = None if self.zero_point is None else self.spill.get(self.zero_point)
+        q = unpack_bits(packed, self.bits, self.cols) if self.bits < 8 else packed
+        return QuantizedTensor(q, scale, zero, self.scheme, self.shape)
 
 
 class Held:

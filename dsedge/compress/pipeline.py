@@ -38,10 +38,10 @@ from typing import Any
 import torch
 
 from dsedge.compress import calibration as cal
-from dsedge.compress.held import Held, HeldExperts, HeldQuantized, is_held
+from dsedge.compress.held import Held, HeldExperts, HeldQuantized, LazyStored, SpilledQuantized, SpillFile, is_held
 from dsedge.compress.layers import LayerRunner, build_layer, classes_for, final_norm, hf_config
 from dsedge.compress.pruning import PrunePlan, choose_kept, plan_pruning, prune_state
-from dsedge.compress.quant import HessianAccumulator, quantize, sqnr_db
+from dsedge.compress.quant import ROW_BLOCK_ELEMENTS, HessianAccumulator, quantize, quantize_by_rows, sqnr_db
 from dsedge.compress.recipes import EMBEDDING, load_recipe
 from dsedge.compress.report import REPORT_FILE, CompressReport, peak_rss_bytes, quality
 from dsedge.compress.writer import (
@@ -185,6 +185,7 @@ class _Run:
         self.ignored: list[str] = []  # linears the recipe leaves unquantized
         self.quality: dict | None = None
         self.head_record: dict | None = None  # the LM head's scheme and SQNR when the recipe quantizes it
+        self.spill: SpillFile | None = None  # the current layer's quantized routed experts (.held)
         self.scale_dtype = _scale_dtype(self.recipe.dtype or self.spec.config.get("torch_dtype")
                                         or self.spec.config.get("dtype"))
         # routed experts share one stored group size over these input widths (quantformat.config.stored_group)
@@ -261,13 +262,13 @@ class _Run:
             for start in range(0, self.x.shape[0], self.runner.batch_size):
                 hessian.add(final_norm(self.x[start:start + self.runner.batch_size], norm, self.spec.rms_norm_eps,
                                        self.classes.norm))
-        qt = quantize(weight, scheme, hessian, name="lm_head", scale_dtype=self.scale_dtype)
+        qt = quantize_by_rows(weight, scheme, hessian, name="lm_head", scale_dtype=self.scale_dtype)
         writer.add(pack("lm_head", qt, scale_dtype=self.scale_dtype))
         self.schemes["lm_head"], self.shapes["lm_head"] = scheme, tuple(weight.shape)
-        dequantized = dequantize(qt)
-        self.head_record = {"scheme": scheme.label, "sqnr_db": _json_db(sqnr_db(weight, dequantized))}
-        log.info("lm_head: %s, SQNR %.1f dB", scheme.label, sqnr_db(weight, dequantized))
-        return dequantized
+        head_sqnr = _sqnr_by_rows(weight, qt)
+        self.head_record = {"scheme": scheme.label, "sqnr_db": _json_db(head_sqnr)}
+        log.info("lm_head: %s, SQNR %.1f dB", scheme.label, head_sqnr)
+        return dequantize(qt) if self.evaluate else None  # the held-out quality's compressed head
 
     # -- one layer --
     def _layer(self, i: int, writer: ShardWriter, names: list[str] | None = None, *, mtp: bool = False) -> None:
@@ -276,7 +277,9 @@ class _Run:
         t0 = time.perf_counter()
         prefix = f"model.layers.{i}."
         names = self.ckpt.layer_names(i) if names is None else names
-        state = {n: self._hold(n) for n in names}  # linears as stored, the rest float32
+        state = {n: self._hold(n) for n in names}  # linears as stored (routed experts: read per use), the rest fp32
+        # the quantized routed experts wait here for the compressed layer's forward (.held.SpillFile)
+        self.spill = SpillFile() if any(".mlp.experts." in n for n in names) else None
         layer = build_layer(self.classes, self.config, i, _relative(state, prefix))
         evaluate = self.evaluate and not mtp  # the held-out quality is the main model's
         if evaluate:
@@ -305,6 +308,9 @@ class _Run:
         if evaluate:
             self.h_comp = self.runner.run(layer, self.h_comp)
         del layer
+        if self.spill is not None:
+            self.spill.close()
+            self.spill = None
         self._write_unquantized(writer, state, quantized)
         record["seconds"] = round(time.perf_counter() - t0, 3)
         self._log_layer(record)
@@ -315,6 +321,8 @@ class _Run:
         (:mod:`.held`); norms, router and biases — small — read in float32 as before."""
         info = self.ckpt.tensors.get(name)
         linear = name in self.linear_names or (".mlp.experts." in name and name.endswith("_proj.weight"))
+        if linear and info is not None and ".mlp.experts." in name and len(info.shape) == 2:
+            return Held(LazyStored(self.ckpt, name))  # a routed expert: read per use (.held)
         if linear and (info is None or len(info.shape) == 2):
             return Held(self.ckpt.read_stored(name))
         return self.ckpt.read(name)
@@ -401,7 +409,8 @@ class _Run:
                 writer.add(pack(name, qt, stored_group=stored_group(name, qt.scheme, self.expert_widths),
                                 scale_dtype=self.scale_dtype))
                 writer.flush_if_full()
-                state[name + ".weight"].replace(HeldQuantized(qt))
+                spilled = self.spill is not None and ".mlp.experts." in name
+                state[name + ".weight"].replace(SpilledQuantized(qt, self.spill) if spilled else HeldQuantized(qt))
             del weights, joint
         return quantized
 
@@ -578,6 +587,22 @@ def _joint_groups(names, selected, hessian_of):
 
 def _cat(weights):
     return weights[0] if len(weights) == 1 else torch.cat(weights)
+
+
+def _sqnr_by_rows(weight, qt: QuantizedTensor) -> float:
+    """``sqnr_db(weight, dequantize(qt))`` without the whole dequantized matrix."""
+    rows = max(1, ROW_BLOCK_ELEMENTS // max(weight.shape[1], 1))
+    noise = signal = 0.0
+    for part, start in zip(_split_rows(qt, _row_blocks(weight.shape[0], rows)), range(0, weight.shape[0], rows),
+                           strict=True):
+        ref = weight[start:start + rows].double()
+        noise += (ref - dequantize(part).double()).pow(2).sum().item()
+        signal += ref.pow(2).sum().item()
+    return math.inf if noise == 0 else -math.inf if signal == 0 else 10 * math.log10(signal / noise)
+
+
+def _row_blocks(total: int, rows: int) -> list[int]:
+    return [min(rows, total - start) for start in range(0, total, rows)]
 
 
 def _split_rows(qt, rows: list[int]) -> list:

@@ -63,6 +63,31 @@ def quantize(w: torch.Tensor, scheme: QuantScheme, hessian=None, *, name: str = 
     return quantize_rtn(w, scheme, scale_dtype=scale_dtype)
 
 
+ROW_BLOCK_ELEMENTS = 1 << 24  # quantize_by_rows: weights quantized at once (64 MiB of float32)
+
+
+def quantize_by_rows(w: torch.Tensor, scheme: QuantScheme, hessian=None, *, name: str = "",
+                     scale_dtype: torch.dtype = torch.float16) -> QuantizedTensor:
+    """:func:`quantize` of a tall matrix (an LM head, an embedding: 151936 rows) a block of rows at a time.
+    RTN and GPTQ treat rows independently (GPTQ's Hessian is over the inputs), so only one block's float
+    temporaries exist at once; the result is the integers, scales and zero points of all blocks stacked."""
+    rows = max(1, ROW_BLOCK_ELEMENTS // max(w.shape[1], 1))
+    if w.shape[0] <= rows:
+        return quantize(w, scheme, hessian, name=name, scale_dtype=scale_dtype)
+    return stack_rows([quantize(w[start:start + rows], scheme, hessian, name=name, scale_dtype=scale_dtype)
+                       for start in range(0, w.shape[0], rows)])
+
+
+def stack_rows(parts: list[QuantizedTensor]) -> QuantizedTensor:
+    """Row blocks quantized with one scheme as one QuantizedTensor (integers, scales, zero points stacked)."""
+    if len(parts) == 1:
+        return parts[0]
+    zero = None if parts[0].zero_point is None else torch.cat([p.zero_point for p in parts])
+    shape = (sum(p.shape[0] for p in parts), parts[0].shape[1])
+    return QuantizedTensor(torch.cat([p.q for p in parts]), torch.cat([p.scale for p in parts]), zero,
+                           parts[0].scheme, shape)
+
+
 def quantize_rtn(w: torch.Tensor, scheme: QuantScheme, *, scale_dtype: torch.dtype = torch.float16
                  ) -> QuantizedTensor:
     """Round-to-nearest with min/max scales per group (per output channel when ``group_size`` is None)."""
@@ -119,11 +144,17 @@ def _as_matrix(w: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------- metrics
 
 
+SQNR_CHUNK = 1 << 22  # elements upcast to float64 at once: a 151936 x 1536 head whole was 1.9 GB per copy
+
+
 def sqnr_db(reference: torch.Tensor, approx: torch.Tensor) -> float:
-    """Signal-to-quantization-noise ratio in dB (``inf`` when identical)."""
-    reference = reference.double()
-    noise = (reference - approx.double()).pow(2).sum().item()
-    signal = reference.pow(2).sum().item()
+    """Signal-to-quantization-noise ratio in dB (``inf`` when identical), summed in float64 a chunk at a time."""
+    reference, approx = reference.reshape(-1), approx.reshape(-1)
+    noise = signal = 0.0
+    for start in range(0, reference.numel(), SQNR_CHUNK):
+        ref = reference[start:start + SQNR_CHUNK].double()
+        noise += (ref - approx[start:start + SQNR_CHUNK].double()).pow(2).sum().item()
+        signal += ref.pow(2).sum().item()
     if noise == 0:
         return math.inf
     if signal == 0:

@@ -131,8 +131,9 @@ def export_bundle(checkpoint: str | Path, output: str | Path, *, target=None, la
         head_bits = [embedding.bits] if embedding is not None and ckpt.spec.tie_word_embeddings else []
         level = effective_accuracy_level(accuracy_level, [*(q.bits for q in ckpt.quantization.values()), *head_bits]) \
             if quantized or head_bits else None
-        checks = _validate(ckpt, tmp, layout, dtype, level, weights(None)[EMBEDDING] if embedding else None) \
-            if validate else []
+        quantized_embedding = weights(None)[EMBEDDING] if embedding else None
+        del weights  # the head's and the norm's arrays: validation reads what it needs from the checkpoint
+        checks = _validate(ckpt, tmp, layout, dtype, level, quantized_embedding) if validate else []
         manifest["validation"] = {"dtype": dtype, "accuracy_level": level, "checks": [c.to_json() for c in checks],
                                   "passed": bool(checks)}
         written = write_manifest(tmp, manifest)
@@ -202,12 +203,12 @@ def _layer_weights(ckpt: Checkpoint, accuracy_level: int, layers_done, embedding
         if layer is None and top:
             return top
         names = ckpt.non_layer_names() if layer is None else ckpt.layer_names(layer)
-        loaded = {n: load(n) for n in names}
+        if layer is None and embedding is not None:  # quantized from row blocks: never whole in float32
+            top[EMBEDDING] = quantize_embedding(ckpt.row_blocks(EMBEDDING), embedding, accuracy_level)
+        loaded = {n: load(n) for n in names if n not in top}
         if layer is not None:
             layers_done.advance()
             return loaded
-        if embedding is not None:
-            loaded[EMBEDDING] = quantize_embedding(loaded[EMBEDDING], embedding, accuracy_level)
         top.update(loaded)
         return top
 
@@ -362,7 +363,7 @@ def _validate(ckpt: Checkpoint, root: Path, layout: str, dtype: str, accuracy_le
     log.info("export: validating against the PyTorch reference (transformers' decoder layers, one at a time)")
     bits = [q.bits for q in ckpt.quantization.values()] + ([embedding.bits] if embedding is not None else [])
     precision = precision_of(dtype, accuracy_level, bits)
-    reference = StreamedReference(ckpt, embedding=embedding.dequantize() if embedding is not None else None)
+    reference = StreamedReference(ckpt, embedding=embedding)  # dequantized by the reference, block by block
     checks = validate_bundle(lambda: load_bundle(root), reference, precision=precision)
     raise_on_failure(checks, "decoder" if layout == "monolithic" else "partitioned trunk + experts")
     return checks

@@ -62,16 +62,21 @@ def _check_scheme(scheme: QuantScheme) -> None:
                         hint="GatherBlockQuantized and MatMulNBits take blocks of 16, 32, 64, 128, …")
 
 
-def quantize_embedding(weight: np.ndarray, scheme: QuantScheme, accuracy_level: AccuracyLevel = 4
-                       ) -> QuantizedWeight:
+def quantize_embedding(weight, scheme: QuantScheme, accuracy_level: AccuracyLevel = 4) -> QuantizedWeight:
     """``weight`` [V, H] float → its round-to-nearest codes (compress's RTN, groups along H), as a tied head's
-    MatMulNBits would read them at ``accuracy_level``."""
+    MatMulNBits would read them at ``accuracy_level``. ``weight``: a float array, or ``(first row, float32
+    block)`` pairs in row order (``Checkpoint.row_blocks``: a 151936-row vocabulary without its whole float
+    copy — the float temporaries of quantizing it at once were GBs)."""
     import torch  # reason: compress's RTN is torch; the exporter reads checkpoints through torch anyway
 
-    from dsedge.compress.quant import quantize_rtn  # reason: torch, imported with it only on this path
+    from dsedge.compress.quant import quantize_by_rows, stack_rows  # reason: torch, imported only on this path
 
     _check_scheme(scheme)
-    stored = quantize_rtn(torch.from_numpy(np.ascontiguousarray(weight, dtype=np.float32)), scheme.with_method("rtn"))
+    rtn = scheme.with_method("rtn")
+    if isinstance(weight, np.ndarray):
+        stored = quantize_by_rows(torch.from_numpy(np.ascontiguousarray(weight, dtype=np.float32)), rtn)
+    else:
+        stored = stack_rows([quantize_by_rows(block, rtn) for _, block in weight])
     return QuantizedWeight.from_tensor(stored, accuracy_level)
 
 

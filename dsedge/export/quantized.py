@@ -133,13 +133,25 @@ def matmul_nbits_arrays(weight: QuantizedWeight) -> tuple[dict[str, np.ndarray],
     n, k = weight.shape
     block = block_size(weight)
     blocks = -(-k // block)
-    codes = _padded(_unsigned(weight.q, weight.bits), blocks * block)
     scales, zeros = _block_params(weight, blocks)
-    arrays = {"B": _pack(codes, weight.bits).reshape(n, blocks, block * weight.bits // 8),
-              "scales": np.ascontiguousarray(scales.reshape(-1))}
+    arrays = {"B": _packed_blocks(weight, blocks, block), "scales": np.ascontiguousarray(scales.reshape(-1))}
     if zeros is not None:
         arrays["zero_points"] = _pack_zero_points(zeros, weight.bits)
     return arrays, {"K": k, "N": n, "bits": weight.bits, "block_size": block}
+
+
+ROWS_ELEMENTS = 1 << 24  # codes converted at once: the int16/uint8 temporaries of a whole LM head are GBs
+
+
+def _packed_blocks(weight: QuantizedWeight, blocks: int, block: int) -> np.ndarray:
+    """MatMulNBits' ``B`` [N, blocks, block·b/8], converted a block of rows at a time (rows are independent)."""
+    n, k = weight.shape
+    out = np.empty((n, blocks, block * weight.bits // 8), np.uint8)
+    step = max(1, ROWS_ELEMENTS // max(k, 1))
+    for start in range(0, n, step):
+        codes = _padded(_unsigned(weight.q[start:start + step], weight.bits), blocks * block)
+        out[start:start + step] = _pack(codes, weight.bits).reshape(-1, blocks, block * weight.bits // 8)
+    return out
 
 
 def packed_rows(weight: QuantizedWeight) -> tuple[np.ndarray, np.ndarray]:

@@ -13,6 +13,7 @@ spec and read (dequantized) like any other weight; :meth:`Checkpoint.quantized` 
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -28,7 +29,7 @@ from dsedge.models.safetensors_file import TensorInfo, read_header
 from dsedge.models.spec import ModelSpec, TensorSpec
 from dsedge.quantformat.packing import unpack
 from dsedge.quantformat.scheme import QuantScheme
-from dsedge.quantformat.tensor import QuantizedTensor
+from dsedge.quantformat.tensor import QuantizedTensor, dequantize
 
 if TYPE_CHECKING:  # torch is imported on first read, so listing/validating works without it
     import torch
@@ -50,6 +51,9 @@ def torch_dtype(safetensors_dtype: str) -> torch.dtype:
             "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64,
             "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
             "BOOL": torch.bool}[safetensors_dtype]
+
+
+ROW_BLOCK_ELEMENTS = 1 << 24  # row_blocks: values per float32 block (64 MiB)
 
 
 @dataclass(frozen=True)
@@ -143,6 +147,70 @@ class Checkpoint:
         if check_finite and tensor.is_floating_point():
             _check_finite(tensor, info)
         return tensor
+
+    def row_blocks(self, name: str, elements: int = ROW_BLOCK_ELEMENTS) -> Iterator[tuple[int, torch.Tensor]]:
+        """A 2-D weight as float32 blocks of whole rows (``(first row, block)``, about ``elements`` values
+        each): a vocabulary-sized matrix (embedding, LM head: 0.9 GB in float32 for 151936 × 1536) without
+        its whole float copy. Plain tensors are read a byte range at a time; a quantized module's integers
+        are read once and dequantized a block at a time; FP8 is dequantized whole, then sliced."""
+        import torch  # optional heavy dependency: only reads need torch
+
+        module = self._quantized_module(name)
+        if module is not None:
+            yield from self._quantized_blocks(module, elements)
+            return
+        info = self._info(name)
+        rows, cols = info.shape[0], math.prod(info.shape[1:])
+        step = max(1, elements // max(cols, 1))
+        whole = self.read(name) if info.dtype == FP8_DTYPE else None
+        for start in range(0, rows, step):
+            stop = min(rows, start + step)
+            if whole is not None:
+                block = whole[start:stop]
+            else:
+                block = self._read_rows(info, start, stop).to(torch.float32)
+                _check_finite(block, info)
+            yield start, block
+
+    def _quantized_blocks(self, module: str, elements: int) -> Iterator[tuple[int, torch.Tensor]]:
+        """row_blocks of a quantized module: its packed rows (int32 words along each row) unpacked and
+        dequantized a block at a time. Zero points are packed along the rows (8 per word at int4), so an
+        asymmetric module is unpacked whole."""
+        import torch  # optional heavy dependency: only reads need torch
+
+        if f"{module}.weight_zero_point" in self.tensors:
+            qt = self.quantized(module)
+            step = max(1, elements // max(qt.shape[1], 1))
+            for start in range(0, qt.shape[0], step):
+                part = slice(start, start + step)
+                yield start, dequantize(QuantizedTensor(qt.q[part], qt.scale[part], qt.zero_point[part], qt.scheme,
+                                                        (qt.q[part].shape[0], qt.shape[1])))
+            return
+        packed, scale = (self.read_raw(f"{module}.{p}") for p in ("weight_packed", "weight_scale"))
+        rows, cols = (int(v) for v in self.read_raw(f"{module}.weight_shape"))
+        scale_info = self._info(module + ".weight_scale")
+        _check_finite(scale.float(), scale_info)
+        step = max(1, elements // max(cols, 1))
+        for start in range(0, rows, step):
+            stop = min(rows, start + step)
+            parts = {"weight_packed": packed[start:stop], "weight_scale": scale[start:stop],
+                     "weight_shape": torch.tensor([stop - start, cols])}
+            qt = unpack(parts, self.quantization[module], stored=self.storage.get(module),
+                        where=f"{scale_info.file}: {module}")
+            yield start, dequantize(qt)
+
+    def _read_rows(self, info: TensorInfo, start: int, stop: int) -> torch.Tensor:
+        import torch  # optional heavy dependency: only reads need torch
+
+        row_bytes = info.nbytes // info.shape[0]
+        raw = torch.empty((stop - start) * row_bytes, dtype=torch.uint8)
+        with open(info.file, "rb") as f:
+            f.seek(info.offset + start * row_bytes)
+            got = f.readinto(raw.numpy()) if raw.numel() else 0
+        if got != raw.numel():
+            raise CheckpointError(f"read {got} of {raw.numel()} bytes", where=f"{info.file}: {info.name}",
+                                  hint="the file changed or is truncated; copy it again")
+        return raw.view(torch_dtype(info.dtype)).reshape(stop - start, *info.shape[1:])
 
     def read_stored(self, name: str) -> StoredTensor:
         """A weight as stored (bf16/fp16/fp32, or FP8 with its block scales), upcast later by

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dsedge.models.checkpoint import Checkpoint
+from dsedge.models.checkpoint import ROW_BLOCK_ELEMENTS, Checkpoint
 from dsedge.models.experts import fuse_experts
 from dsedge.models.registry import ARCHITECTURES
 
@@ -100,6 +100,9 @@ def on_disk_state_dict(model) -> dict:
     return out
 
 
+EMBED = "model.embed_tokens.weight"
+
+
 class StreamedReference:
     """transformers' own model, one decoder layer at a time: what export validation compares a bundle with.
 
@@ -111,8 +114,9 @@ class StreamedReference:
     """
 
     def __init__(self, ckpt: Checkpoint, embedding=None):
-        """``embedding``: a float matrix ``[V, H]`` replacing the checkpoint's (an export-quantized embedding,
-        dequantized: the numbers the bundle's GatherBlockQuantized returns, and its tied head reads)."""
+        """``embedding`` replaces the checkpoint's: a float matrix ``[V, H]``, or an export-quantized one (a
+        ``QuantizedWeight``, dequantized block by block: the numbers the bundle's GatherBlockQuantized returns,
+        and its tied head reads)."""
         import importlib
 
         import transformers  # optional heavy dependencies: the reader itself works without them
@@ -134,20 +138,38 @@ class StreamedReference:
         return self.spec.num_hidden_layers
 
     def embed(self, token_ids):
-        """Hidden states ``[N, S, H]`` (float32 torch) of equal-length token sequences ``[N, S]``."""
+        """Hidden states ``[N, S, H]`` (float32 torch) of equal-length token sequences ``[N, S]``: the rows the
+        prompts use, gathered block by block (the matrix is never whole in float32)."""
         import torch  # optional heavy dependency
 
-        weight = self._embedding_matrix()
-        rows = weight[torch.as_tensor(token_ids, dtype=torch.long)].clone()
-        del weight  # the matrix is dropped at once: only the rows the prompts use are kept
-        return rows
+        ids = torch.as_tensor(token_ids, dtype=torch.long)
+        flat = ids.reshape(-1)
+        out = None
+        for start, block in self._row_blocks(EMBED):
+            if out is None:
+                out = torch.zeros(flat.numel(), block.shape[1])
+            inside = (flat >= start) & (flat < start + block.shape[0])
+            if inside.any():
+                out[inside] = block[flat[inside] - start]
+        return out.reshape(*ids.shape, -1)
 
-    def _embedding_matrix(self):
+    def _row_blocks(self, name: str):
+        """``(first row, float32 block)`` of the embedding or head: from the override when it replaces the
+        embedding (an export-quantized one is dequantized a block at a time), else from the checkpoint."""
         import torch  # optional heavy dependency
 
-        if self.embedding is None:
-            return self.ckpt.read("model.embed_tokens.weight")
-        return torch.from_numpy(np.ascontiguousarray(self.embedding, dtype=np.float32))
+        if name != EMBED or self.embedding is None:
+            yield from self.ckpt.row_blocks(name)
+            return
+        rows, cols = self.embedding.shape
+        step = max(1, ROW_BLOCK_ELEMENTS // cols)
+        for start in range(0, rows, step):
+            index = np.arange(start, min(rows, start + step))
+            if isinstance(self.embedding, np.ndarray):
+                block = np.ascontiguousarray(self.embedding[index], dtype=np.float32)
+            else:  # a QuantizedWeight: the numbers the bundle's GatherBlockQuantized returns
+                block = self.embedding.take_rows(index).dequantize()
+            yield start, torch.from_numpy(block)
 
     def layer(self, index: int):
         """transformers' decoder layer ``index`` holding the checkpoint's weights (float32, eval mode)."""
@@ -177,12 +199,15 @@ class StreamedReference:
         return out
 
     def logits(self, hidden):
-        """The final norm and LM head (the embedding matrix when tied) on ``hidden`` ``[N, S, H]``."""
+        """The final norm and LM head (the embedding matrix when tied) on ``hidden`` ``[N, S, H]``, the head a
+        block of vocabulary rows at a time."""
         import torch  # optional heavy dependency
 
         names = set(self.ckpt.non_layer_names())
         norm = self.norm_class(hidden.shape[-1], eps=self.spec.rms_norm_eps)
-        head = self.ckpt.read("lm_head.weight") if "lm_head.weight" in names else self._embedding_matrix()
+        head = "lm_head.weight" if "lm_head.weight" in names else EMBED
         with torch.no_grad():
             norm.weight.copy_(self.ckpt.read("model.norm.weight"))
-            return torch.nn.functional.linear(norm(hidden), head)
+            normed = norm(hidden)
+            return torch.cat([torch.nn.functional.linear(normed, block) for _, block in self._row_blocks(head)],
+                             dim=-1)

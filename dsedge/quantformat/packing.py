@@ -68,6 +68,9 @@ def regroup(qt: QuantizedTensor, group_size: int | None) -> QuantizedTensor:
 # ----------------------------------------------------------------------------- bit packing
 
 
+PACK_CHUNK = 1 << 24  # values (un)packed at once, through int64 temporaries: rows are independent
+
+
 def pack_bits(values: torch.Tensor, bits: int, dim: int = 1) -> torch.Tensor:
     """Signed ``bits``-bit int8 values of a 2-D tensor → int32 words along ``dim`` (compressed-tensors'
     ``pack_to_int32``, for bit widths that divide 32)."""
@@ -77,6 +80,9 @@ def pack_bits(values: torch.Tensor, bits: int, dim: int = 1) -> torch.Tensor:
     if dim == 0:
         return pack_bits(values.T, bits).T.contiguous()
     rows, cols = values.shape
+    if rows > 1 and rows * cols > PACK_CHUNK:  # int64 working copies of a whole LM head: GBs
+        step = max(1, PACK_CHUNK // cols)
+        return torch.cat([pack_bits(values[r:r + step], bits) for r in range(0, rows, step)])
     per_word = 32 // bits
     words = math.ceil(cols / per_word)
     unsigned = values.to(torch.int64) + (1 << (bits - 1))
@@ -98,6 +104,9 @@ def unpack_bits(packed: torch.Tensor, bits: int, size: int, dim: int = 1) -> tor
     per_word = 32 // bits
     if words != math.ceil(size / per_word):
         raise ValueError(f"{words} int32 words cannot hold exactly {size} {bits}-bit values")
+    if rows > 1 and rows * words * per_word > PACK_CHUNK:
+        step = max(1, PACK_CHUNK // (words * per_word))
+        return torch.cat([unpack_bits(packed[r:r + step], bits, size) for r in range(0, rows, step)])
     shifts = torch.arange(per_word, dtype=torch.int64, device=packed.device) * bits
     unsigned = (packed.to(torch.int64)[..., None] >> shifts) & ((1 << bits) - 1)
     return (unsigned.reshape(rows, -1)[:, :size] - (1 << (bits - 1))).to(torch.int8).contiguous()

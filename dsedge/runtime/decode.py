@@ -143,7 +143,8 @@ def generate_step(engine, prompt_ids: Sequence[int] | Sequence[Sequence[int]], *
     if max_new_tokens == 0:
         return
     speculation = getattr(engine, "speculation", None)
-    if speculation is not None and len(rows) == 1:  # a batch's rows would accept drafts of different lengths
+    # a batch's rows would accept drafts of different lengths; auto speculates on greedy decoding only
+    if speculation is not None and len(rows) == 1 and speculation.applies(samplers[0]):
         yield from speculation.steps(engine, rows[0], samplers[0], cache=cache, max_new_tokens=max_new_tokens)
         return
     started = time.perf_counter()

@@ -14,6 +14,12 @@ accepts a draft iff it is the argmax, so its output is token for token the non-s
 ``configure(engine, mode, draft_tokens)`` switches it on for an engine: ``generate_step`` (and so every
 caller — run, chat, serve, profile, validation of one prompt) then decodes through ``Speculation.steps``.
 
+``auto`` (run's and chat's default) is prompt lookup where it cannot change the output and rarely costs:
+only while decoding greedily (a sampled run keeps its seed's exact token stream), drafts only from a repeated
+2-gram, and after a step whose drafts were all rejected drafting pauses for 1, 2, 4 … 16 steps (reset by an
+accepted draft) — a verify over k + 1 tokens costs more than one step (ds3bench int4: 1.71× for 3 tokens), so
+text that does not repeat itself runs as if speculation were off.
+
 numpy only.
 """
 
@@ -32,8 +38,9 @@ from dsedge.runtime.drafts import Draft, Drafter, MTPDrafter, PromptLookup
 
 __all__ = ["MODES", "Speculation", "SpeculationStats", "accept_draft", "configure"]
 
-MODES = ("off", "ngram", "mtp")
-DEFAULT_DRAFT_TOKENS = {"ngram": 3, "mtp": 1}
+MODES = ("off", "auto", "ngram", "mtp")
+DEFAULT_DRAFT_TOKENS = {"auto": 3, "ngram": 3, "mtp": 1}
+MAX_PAUSE = 16  # auto: the longest run of steps without drafting after rejected drafts
 
 
 @dataclass
@@ -77,15 +84,21 @@ class SpeculationStats:
 class Speculation:
     """Speculative decoding of one prompt with ``drafter`` proposing up to ``draft_tokens`` tokens a step."""
 
-    def __init__(self, drafter: Drafter, draft_tokens: int):
+    def __init__(self, drafter: Drafter, draft_tokens: int, *, greedy_only: bool = False, backoff: bool = False,
+                 name: str | None = None):
         if draft_tokens < 1:
             raise UserError(f"--draft-tokens must be ≥ 1, got {draft_tokens}", where="--draft-tokens")
         self.drafter, self.draft_tokens = drafter, draft_tokens
+        self.greedy_only, self.backoff, self.name = greedy_only, backoff, name or drafter.name
         self.stats = SpeculationStats()
 
     @property
     def mode(self) -> str:
-        return self.drafter.name
+        return self.name
+
+    def applies(self, sampler) -> bool:
+        """Whether a generation with ``sampler`` decodes speculatively (auto: greedy only)."""
+        return not self.greedy_only or bool(getattr(sampler, "greedy", False))
 
     def steps(self, engine, prompt: Sequence[int], sampler, *, cache: CacheBuffers | None,
               max_new_tokens: int) -> Iterator[TokenEvent]:
@@ -109,11 +122,13 @@ class Speculation:
         now = time.perf_counter()
         yield TokenEvent(0, (first,), token_logprobs(last, [first]), now - started, prefilled - started,
                          now - started)
-        produced = 1
+        produced, paused, pause = 1, 0, 1
         while produced < max_new_tokens:
             step_started = time.perf_counter()
             # a step yields up to k + 1 tokens; the last kept one is never forwarded, so k ≤ remaining - 1
             room = min(self.draft_tokens, max_new_tokens - produced - 1, state.cache.room - 1)
+            if paused:
+                room, paused = 0, paused - 1
             draft = drafter.propose(history, room).first(room) if room > 0 else Draft()
             cached = state.length
             outputs = {} if wants_hidden else None
@@ -123,6 +138,8 @@ class Speculation:
             if wants_hidden:
                 drafter.advance(kept, outputs, cached)
             self.stats.record(len(draft.tokens), len(kept) - 1)
+            if self.backoff and draft.tokens:  # rejected drafts: wait longer each time; an accepted one resets
+                paused, pause = (pause, min(2 * pause, MAX_PAUSE)) if len(kept) == 1 else (0, 1)
             share = (time.perf_counter() - step_started) / len(kept)
             for position, token in enumerate(kept):
                 history.append(token)
@@ -179,7 +196,11 @@ def configure(engine, mode: str = "off", draft_tokens: int | None = None) -> Spe
         engine.speculation = None
         return None
     tokens = DEFAULT_DRAFT_TOKENS[mode] if draft_tokens is None else draft_tokens
-    engine.speculation = Speculation(_drafter(engine, mode), tokens)
+    if mode == "auto":
+        engine.speculation = Speculation(PromptLookup(min_ngram=2), tokens, greedy_only=True, backoff=True,
+                                         name="auto")
+    else:
+        engine.speculation = Speculation(_drafter(engine, mode), tokens)
     return engine.speculation
 
 
