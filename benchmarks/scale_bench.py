@@ -177,7 +177,8 @@ CONTEXTS, DECODE, PROMPT = [16, 512], 32, 512
 
 
 def step(name: str, **args) -> dict:
-    """One pipeline step in a fresh process (its own peak RSS)."""
+    """One pipeline step in a fresh process (its own peak RSS; the load average around it)."""
+    load = os.getloadavg()[0]
     proc = subprocess.run([sys.executable, "-c", STEP, json.dumps({"step": name, **args})], capture_output=True,
                           text=True, cwd=ROOT, check=False)
     if proc.returncode:
@@ -186,7 +187,7 @@ def step(name: str, **args) -> dict:
     for line in proc.stdout.splitlines():
         if line.startswith("{"):
             out |= json.loads(line)
-    return out
+    return out | {"loadavg": [round(load, 2), round(os.getloadavg()[0], 2)]}
 
 
 def bytes_in(path: Path) -> int:

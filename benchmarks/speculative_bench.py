@@ -13,8 +13,8 @@ Three measurements, each in one run on an idle machine (batch 1, greedy, EOS ign
   then a question about them, through the chat template): answers that quote their sources.
 
     .venv/bin/python benchmarks/speculative_bench.py verify [--precisions int4 int8] [--context 256] [--checkpoint C]
-    .venv/bin/python benchmarks/speculative_bench.py decode --bundle B --mode mtp [--draft-tokens 1] [--gen 128]
-    .venv/bin/python benchmarks/speculative_bench.py rag [--bundle B] [--draft-tokens 3]
+    .venv/bin/python benchmarks/speculative_bench.py decode --bundle B --mode mtp|ngram|auto [--draft-tokens 1]
+    .venv/bin/python benchmarks/speculative_bench.py rag [--bundle B] [--mode ngram|auto] [--draft-tokens 3]
 """
 
 from __future__ import annotations
@@ -91,8 +91,8 @@ def decode_compare(engine, prompts: list[list[int]], mode: str, draft_tokens: in
         if speculation is not None:
             speculation.stats.reset()
         tokens, seconds, count = [], 0.0, 0
-        for prompt in prompts:
-            events = list(generate_step(engine, prompt, max_new_tokens=gen))
+        for prompt in prompts:  # as many new tokens as the bundle's context leaves room for, up to gen
+            events = list(generate_step(engine, prompt, max_new_tokens=min(gen, engine.max_context - len(prompt))))
             tokens.append([e.token_id for e in events])
             seconds += sum(e.step_s for e in events[1:])
             count += len(events) - 1
@@ -123,7 +123,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("what", choices=["verify", "decode", "rag"])
     parser.add_argument("--bundle", help="bundle to decode with (default: the demo model, exported here)")
-    parser.add_argument("--mode", default="mtp", choices=["mtp", "ngram"])
+    parser.add_argument("--mode", choices=["mtp", "ngram", "auto"], help="decode: default mtp; rag: default ngram")
     parser.add_argument("--draft-tokens", type=int)
     parser.add_argument("--precisions", nargs="+", default=["int4", "int8"])
     parser.add_argument("--checkpoint", default="ds3bench", help="verify: bench model name or checkpoint dir")
@@ -140,10 +140,11 @@ def main(argv=None) -> None:
     else:
         engine = load_bundle(args.bundle or demo_bundle(), threads=args.threads)
         if args.what == "rag":
-            result = decode_compare(engine, rag_prompts(engine, args.prompts), "ngram", args.draft_tokens, args.gen)
+            result = decode_compare(engine, rag_prompts(engine, args.prompts), args.mode or "ngram", args.draft_tokens,
+                                    args.gen)
         else:
             prompts = heldout_prompts(engine, args.prompts, args.prompt_tokens)
-            result = decode_compare(engine, prompts, args.mode, args.draft_tokens, args.gen)
+            result = decode_compare(engine, prompts, args.mode or "mtp", args.draft_tokens, args.gen)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
 

@@ -13,8 +13,9 @@ from dsedge.compress import quant
 from dsedge.compress.pipeline import compress
 from dsedge.compress.quant import HessianAccumulator, quantize, quantize_by_rows
 from dsedge.export import quantized as export_quantized
-from dsedge.export.embedding import quantize_embedding
+from dsedge.export.embedding import RequantizedEmbedding, quantize_embedding
 from dsedge.export.quantized import QuantizedWeight, matmul_nbits_arrays
+from dsedge.models import checkpoint as checkpoint_module
 from dsedge.models.checkpoint import Checkpoint
 from dsedge.models.reference import StreamedReference
 from dsedge.quantformat import packing
@@ -81,12 +82,13 @@ def test_chunked_bit_packing_and_matmul_nbits_arrays_are_exact(monkeypatch):
     assert all(np.array_equal(arrays[k], blocked[k]) for k in arrays)
 
 
-def test_embedding_quantized_from_row_blocks_and_the_reference_reading_it(tmp_path):
+def test_embedding_quantized_from_row_blocks_and_the_reference_reading_it(tmp_path, monkeypatch):
     ckpt = Checkpoint(write_checkpoint(tmp_path / "c", "v3", tied=True))
     name, scheme = "model.embed_tokens.weight", QuantScheme(8, None, True)
     dense = ckpt.read(name).numpy()
     whole = quantize_embedding(dense, scheme)
-    blocked = quantize_embedding(ckpt.row_blocks(name, 5 * dense.shape[1]), scheme)
+    monkeypatch.setattr(checkpoint_module, "ROW_BLOCK_ELEMENTS", 5 * dense.shape[1])
+    blocked = quantize_embedding(ckpt, scheme)
     assert np.array_equal(whole.q, blocked.q) and np.array_equal(whole.scale, blocked.scale)
     # the reference over the quantized embedding = over its dense dequantized matrix (tied head included)
     ids = [[3, 7, 7, 1, 30], [0, 2, 9, 4, 5]]
@@ -95,5 +97,8 @@ def test_embedding_quantized_from_row_blocks_and_the_reference_reading_it(tmp_pa
     assert torch.equal(by_blocks.embed(ids), by_matrix.embed(ids))
     hidden = by_blocks.embed(ids)
     torch.testing.assert_close(by_blocks.logits(hidden), by_matrix.logits(hidden), rtol=1e-6, atol=1e-6)
+    requantized = StreamedReference(ckpt, embedding=RequantizedEmbedding(ckpt, scheme))  # holds no codes
+    assert torch.equal(requantized.embed(ids), by_matrix.embed(ids))
+    torch.testing.assert_close(requantized.logits(hidden), by_matrix.logits(hidden), rtol=1e-6, atol=1e-6)
     plain = StreamedReference(ckpt)
     assert torch.equal(plain.embed(ids), torch.from_numpy(dense)[torch.tensor(ids)])

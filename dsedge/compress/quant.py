@@ -63,7 +63,7 @@ def quantize(w: torch.Tensor, scheme: QuantScheme, hessian=None, *, name: str = 
     return quantize_rtn(w, scheme, scale_dtype=scale_dtype)
 
 
-ROW_BLOCK_ELEMENTS = 1 << 24  # quantize_by_rows: weights quantized at once (64 MiB of float32)
+ROW_BLOCK_ELEMENTS = 1 << 22  # quantize_by_rows: weights quantized at once (16 MiB of float32)
 
 
 def quantize_by_rows(w: torch.Tensor, scheme: QuantScheme, hessian=None, *, name: str = "",

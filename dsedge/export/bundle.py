@@ -13,7 +13,7 @@ from dsedge import __version__, safe_json
 from dsedge.contract import DECODER, DRAFT, EXPERTS, decoder_io
 from dsedge.errors import UserError
 from dsedge.export.decoder import build_decoder, cache_spec, graph_shapes
-from dsedge.export.embedding import EMBEDDING, embedding_scheme, quantize_embedding
+from dsedge.export.embedding import EMBEDDING, RequantizedEmbedding, embedding_scheme, quantize_embedding
 from dsedge.export.graph import save_graph
 from dsedge.export.mtp import write_draft
 from dsedge.export.partitioned import placement_plan, write_partitioned
@@ -131,9 +131,9 @@ def export_bundle(checkpoint: str | Path, output: str | Path, *, target=None, la
         head_bits = [embedding.bits] if embedding is not None and ckpt.spec.tie_word_embeddings else []
         level = effective_accuracy_level(accuracy_level, [*(q.bits for q in ckpt.quantization.values()), *head_bits]) \
             if quantized or head_bits else None
-        quantized_embedding = weights(None)[EMBEDDING] if embedding else None
-        del weights  # the head's and the norm's arrays: validation reads what it needs from the checkpoint
-        checks = _validate(ckpt, tmp, layout, dtype, level, quantized_embedding) if validate else []
+        del weights  # the top arrays: validation reads (and re-quantizes) what it needs from the checkpoint
+        requantized = RequantizedEmbedding(ckpt, embedding, accuracy_level) if embedding else None
+        checks = _validate(ckpt, tmp, layout, dtype, level, requantized) if validate else []
         manifest["validation"] = {"dtype": dtype, "accuracy_level": level, "checks": [c.to_json() for c in checks],
                                   "passed": bool(checks)}
         written = write_manifest(tmp, manifest)
@@ -204,7 +204,7 @@ def _layer_weights(ckpt: Checkpoint, accuracy_level: int, layers_done, embedding
             return top
         names = ckpt.non_layer_names() if layer is None else ckpt.layer_names(layer)
         if layer is None and embedding is not None:  # quantized from row blocks: never whole in float32
-            top[EMBEDDING] = quantize_embedding(ckpt.row_blocks(EMBEDDING), embedding, accuracy_level)
+            top[EMBEDDING] = quantize_embedding(ckpt, embedding, accuracy_level)
         loaded = {n: load(n) for n in names if n not in top}
         if layer is not None:
             layers_done.advance()

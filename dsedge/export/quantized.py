@@ -63,10 +63,10 @@ class QuantizedWeight:
     def from_tensor(cls, qt, accuracy_level: AccuracyLevel = FAST_LEVEL) -> QuantizedWeight:
         """From ``dsedge.quantformat.tensor.QuantizedTensor`` (torch), as ``Checkpoint.quantized`` returns it;
         the level per bit width as ``accuracy_level_for`` resolves it."""
-        zero = None if qt.zero_point is None else qt.zero_point.numpy().astype(np.int8)
-        bits = int(qt.scheme.bits)
-        return cls(qt.q.numpy().astype(np.int8), qt.scale.float().numpy(), zero, bits, qt.scheme.group_size,
-                   accuracy_level_for(bits, accuracy_level))
+        zero = None if qt.zero_point is None else qt.zero_point.numpy().astype(np.int8, copy=False)
+        bits = int(qt.scheme.bits)  # the codes as they are (no copy: a vocabulary-sized head is 0.2 GB of them)
+        return cls(qt.q.numpy().astype(np.int8, copy=False), qt.scale.float().numpy(), zero, bits,
+                   qt.scheme.group_size, accuracy_level_for(bits, accuracy_level))
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -140,7 +140,7 @@ def matmul_nbits_arrays(weight: QuantizedWeight) -> tuple[dict[str, np.ndarray],
     return arrays, {"K": k, "N": n, "bits": weight.bits, "block_size": block}
 
 
-ROWS_ELEMENTS = 1 << 24  # codes converted at once: the int16/uint8 temporaries of a whole LM head are GBs
+ROWS_ELEMENTS = 1 << 22  # codes converted at once: the int16/uint8 temporaries of a whole LM head are GBs
 
 
 def _packed_blocks(weight: QuantizedWeight, blocks: int, block: int) -> np.ndarray:

@@ -53,7 +53,7 @@ def torch_dtype(safetensors_dtype: str) -> torch.dtype:
             "BOOL": torch.bool}[safetensors_dtype]
 
 
-ROW_BLOCK_ELEMENTS = 1 << 24  # row_blocks: values per float32 block (64 MiB)
+ROW_BLOCK_ELEMENTS = 1 << 22  # row_blocks: values per float32 block (16 MiB; int64 unpacking: 32 MiB)
 
 
 @dataclass(frozen=True)
@@ -148,13 +148,14 @@ class Checkpoint:
             _check_finite(tensor, info)
         return tensor
 
-    def row_blocks(self, name: str, elements: int = ROW_BLOCK_ELEMENTS) -> Iterator[tuple[int, torch.Tensor]]:
+    def row_blocks(self, name: str, elements: int | None = None) -> Iterator[tuple[int, torch.Tensor]]:
         """A 2-D weight as float32 blocks of whole rows (``(first row, block)``, about ``elements`` values
         each): a vocabulary-sized matrix (embedding, LM head: 0.9 GB in float32 for 151936 × 1536) without
         its whole float copy. Plain tensors are read a byte range at a time; a quantized module's integers
         are read once and dequantized a block at a time; FP8 is dequantized whole, then sliced."""
         import torch  # optional heavy dependency: only reads need torch
 
+        elements = elements or ROW_BLOCK_ELEMENTS
         module = self._quantized_module(name)
         if module is not None:
             yield from self._quantized_blocks(module, elements)

@@ -161,6 +161,9 @@ class StreamedReference:
         if name != EMBED or self.embedding is None:
             yield from self.ckpt.row_blocks(name)
             return
+        if hasattr(self.embedding, "row_blocks"):  # recomputed a block at a time (export.embedding)
+            yield from self.embedding.row_blocks()
+            return
         rows, cols = self.embedding.shape
         step = max(1, ROW_BLOCK_ELEMENTS // cols)
         for start in range(0, rows, step):

@@ -68,7 +68,7 @@ def regroup(qt: QuantizedTensor, group_size: int | None) -> QuantizedTensor:
 # ----------------------------------------------------------------------------- bit packing
 
 
-PACK_CHUNK = 1 << 24  # values (un)packed at once, through int64 temporaries: rows are independent
+PACK_CHUNK = 1 << 22  # values (un)packed at once, through int64 temporaries: rows are independent
 
 
 def pack_bits(values: torch.Tensor, bits: int, dim: int = 1) -> torch.Tensor:
