@@ -16,3 +16,38 @@ def test_auto_spin_follows_the_layout(layout, want):
 def test_explicit_spin_wins(forced):
     assert SessionConfig(spin=forced).for_layout("monolithic").spin is forced
     assert SessionConfig(spin=forced).for_layout("partitioned").spin is forced
+
+
+@pytest.mark.parametrize(("layout", "want"), [("monolithic", False), ("partitioned", True)])
+def test_shared_arena_follows_the_layout_unless_forced(layout, want):
+    assert SessionConfig().for_layout(layout).shared_arena is want
+    assert SessionConfig(shared_arena=not want).for_layout(layout).shared_arena is (not want)
+
+
+def test_partitioned_sessions_use_the_environments_shared_arena(tmp_path):
+    """Every session of a partitioned bundle (trunk, head, each expert partition) allocates from the one CPU
+    arena registered with onnxruntime's environment; a monolithic session keeps its own."""
+    from dsedge.export.bundle import export_bundle
+    from dsedge.runtime import load_bundle
+    from dsedge.testing.tiny import write_checkpoint
+
+    ckpt = write_checkpoint(tmp_path / "c", "v3")
+    for layout in ("partitioned", "monolithic"):
+        export_bundle(ckpt, tmp_path / layout, layout=layout, validate=False)
+        engine = load_bundle(tmp_path / layout)
+        if layout == "partitioned":
+            engine.generate([1, 2, 3], max_new_tokens=2)  # expert partitions load when first routed to
+            sessions = [engine.prelude, *engine.layer_sessions, engine.head, *engine.experts.loaded.values()]
+            assert engine.experts.loaded
+        else:
+            sessions = [engine.decoder]
+        entries = {_config_entry(s, "session.use_env_allocators") for s in sessions}
+        assert entries == ({"1"} if layout == "partitioned" else {""}), (layout, entries)
+
+
+def _config_entry(session, key: str) -> str:
+    options = session.get_session_options()
+    try:
+        return options.get_session_config_entry(key)
+    except RuntimeError:  # not set
+        return ""
