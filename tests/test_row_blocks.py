@@ -92,13 +92,20 @@ def test_embedding_quantized_from_row_blocks_and_the_reference_reading_it(tmp_pa
     assert np.array_equal(whole.q, blocked.q) and np.array_equal(whole.scale, blocked.scale)
     # the reference over the quantized embedding = over its dense dequantized matrix (tied head included)
     ids = [[3, 7, 7, 1, 30], [0, 2, 9, 4, 5]]
-    by_blocks = StreamedReference(ckpt, embedding=blocked)
-    by_matrix = StreamedReference(ckpt, embedding=whole.dequantize())
-    assert torch.equal(by_blocks.embed(ids), by_matrix.embed(ids))
-    hidden = by_blocks.embed(ids)
-    torch.testing.assert_close(by_blocks.logits(hidden), by_matrix.logits(hidden), rtol=1e-6, atol=1e-6)
+    by_matrix = StreamedReference(ckpt, embedding=_WholeMatrix(whole.dequantize()))
     requantized = StreamedReference(ckpt, embedding=RequantizedEmbedding(ckpt, scheme))  # holds no codes
-    assert torch.equal(requantized.embed(ids), by_matrix.embed(ids))
+    assert torch.equal(requantized.embed(ids), torch.from_numpy(whole.dequantize())[torch.tensor(ids)])
+    hidden = requantized.embed(ids)
     torch.testing.assert_close(requantized.logits(hidden), by_matrix.logits(hidden), rtol=1e-6, atol=1e-6)
     plain = StreamedReference(ckpt)
     assert torch.equal(plain.embed(ids), torch.from_numpy(dense)[torch.tensor(ids)])
+
+
+class _WholeMatrix:
+    """An embedding override as one block: what the blocked reference must agree with."""
+
+    def __init__(self, matrix: np.ndarray):
+        self.matrix = matrix
+
+    def row_blocks(self):
+        yield 0, torch.from_numpy(np.ascontiguousarray(self.matrix, dtype=np.float32))

@@ -41,7 +41,14 @@ from dsedge.compress import calibration as cal
 from dsedge.compress.held import Held, HeldExperts, HeldQuantized, LazyStored, SpilledQuantized, SpillFile, is_held
 from dsedge.compress.layers import LayerRunner, build_layer, classes_for, final_norm, hf_config
 from dsedge.compress.pruning import PrunePlan, choose_kept, plan_pruning, prune_state
-from dsedge.compress.quant import ROW_BLOCK_ELEMENTS, HessianAccumulator, quantize, quantize_by_rows, sqnr_db
+from dsedge.compress.quant import (
+    ROW_BLOCK_ELEMENTS,
+    HessianAccumulator,
+    quantize,
+    quantize_by_rows,
+    sqnr_db,
+    sqnr_db_of_blocks,
+)
 from dsedge.compress.recipes import EMBEDDING, load_recipe
 from dsedge.compress.report import REPORT_FILE, CompressReport, peak_rss_bytes, quality
 from dsedge.compress.writer import (
@@ -592,17 +599,10 @@ def _cat(weights):
 def _sqnr_by_rows(weight, qt: QuantizedTensor) -> float:
     """``sqnr_db(weight, dequantize(qt))`` without the whole dequantized matrix."""
     rows = max(1, ROW_BLOCK_ELEMENTS // max(weight.shape[1], 1))
-    noise = signal = 0.0
-    for part, start in zip(_split_rows(qt, _row_blocks(weight.shape[0], rows)), range(0, weight.shape[0], rows),
-                           strict=True):
-        ref = weight[start:start + rows].double()
-        noise += (ref - dequantize(part).double()).pow(2).sum().item()
-        signal += ref.pow(2).sum().item()
-    return math.inf if noise == 0 else -math.inf if signal == 0 else 10 * math.log10(signal / noise)
-
-
-def _row_blocks(total: int, rows: int) -> list[int]:
-    return [min(rows, total - start) for start in range(0, total, rows)]
+    starts = range(0, weight.shape[0], rows)
+    parts = _split_rows(qt, [min(rows, weight.shape[0] - start) for start in starts])
+    return sqnr_db_of_blocks((weight[start:start + rows], dequantize(part))
+                             for start, part in zip(starts, parts, strict=True))
 
 
 def _split_rows(qt, rows: list[int]) -> list:

@@ -150,10 +150,16 @@ SQNR_CHUNK = 1 << 22  # elements upcast to float64 at once: a 151936 x 1536 head
 def sqnr_db(reference: torch.Tensor, approx: torch.Tensor) -> float:
     """Signal-to-quantization-noise ratio in dB (``inf`` when identical), summed in float64 a chunk at a time."""
     reference, approx = reference.reshape(-1), approx.reshape(-1)
+    return sqnr_db_of_blocks((reference[start:start + SQNR_CHUNK], approx[start:start + SQNR_CHUNK])
+                             for start in range(0, reference.numel(), SQNR_CHUNK))
+
+
+def sqnr_db_of_blocks(blocks) -> float:
+    """:func:`sqnr_db` over ``(reference, approx)`` blocks of one weight, accumulated in float64."""
     noise = signal = 0.0
-    for start in range(0, reference.numel(), SQNR_CHUNK):
-        ref = reference[start:start + SQNR_CHUNK].double()
-        noise += (ref - approx[start:start + SQNR_CHUNK].double()).pow(2).sum().item()
+    for reference, approx in blocks:
+        ref = reference.double()
+        noise += (ref - approx.double()).pow(2).sum().item()
         signal += ref.pow(2).sum().item()
     if noise == 0:
         return math.inf

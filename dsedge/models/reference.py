@@ -18,9 +18,7 @@ import copy
 import re
 from pathlib import Path
 
-import numpy as np
-
-from dsedge.models.checkpoint import ROW_BLOCK_ELEMENTS, Checkpoint
+from dsedge.models.checkpoint import Checkpoint
 from dsedge.models.experts import fuse_experts
 from dsedge.models.registry import ARCHITECTURES
 
@@ -114,9 +112,9 @@ class StreamedReference:
     """
 
     def __init__(self, ckpt: Checkpoint, embedding=None):
-        """``embedding`` replaces the checkpoint's: a float matrix ``[V, H]``, or an export-quantized one (a
-        ``QuantizedWeight``, dequantized block by block: the numbers the bundle's GatherBlockQuantized returns,
-        and its tied head reads)."""
+        """``embedding`` replaces the checkpoint's: an object whose ``row_blocks()`` yields ``(first row, float32
+        block)`` — export's ``RequantizedEmbedding``, the numbers the bundle's GatherBlockQuantized returns and
+        its tied head reads."""
         import importlib
 
         import transformers  # optional heavy dependencies: the reader itself works without them
@@ -155,24 +153,11 @@ class StreamedReference:
 
     def _row_blocks(self, name: str):
         """``(first row, float32 block)`` of the embedding or head: from the override when it replaces the
-        embedding (an export-quantized one is dequantized a block at a time), else from the checkpoint."""
-        import torch  # optional heavy dependency
-
-        if name != EMBED or self.embedding is None:
-            yield from self.ckpt.row_blocks(name)
-            return
-        if hasattr(self.embedding, "row_blocks"):  # recomputed a block at a time (export.embedding)
+        embedding, else from the checkpoint."""
+        if name == EMBED and self.embedding is not None:
             yield from self.embedding.row_blocks()
-            return
-        rows, cols = self.embedding.shape
-        step = max(1, ROW_BLOCK_ELEMENTS // cols)
-        for start in range(0, rows, step):
-            index = np.arange(start, min(rows, start + step))
-            if isinstance(self.embedding, np.ndarray):
-                block = np.ascontiguousarray(self.embedding[index], dtype=np.float32)
-            else:  # a QuantizedWeight: the numbers the bundle's GatherBlockQuantized returns
-                block = self.embedding.take_rows(index).dequantize()
-            yield start, torch.from_numpy(block)
+        else:
+            yield from self.ckpt.row_blocks(name)
 
     def layer(self, index: int):
         """transformers' decoder layer ``index`` holding the checkpoint's weights (float32, eval mode)."""
