@@ -389,3 +389,21 @@ def test_serve_backend_takes_the_speculative_option(text_bundle):
     backend = Backend.open(text_bundle, speculative="ngram", draft_tokens=2)
     assert backend.engine.speculation.mode == "ngram" and backend.engine.speculation.draft_tokens == 2
     assert Backend.open(text_bundle).engine.speculation is None
+
+
+def test_speculative_prefill_computes_the_last_positions_logits_only():
+    """A long prompt's logits at every position are vocab × length floats (0.6 GB for a 970-token prompt at a
+    152k vocabulary): the speculative loop, like the plain one, asks the prefill for the last position only."""
+    engine = MarkovEngine(vocab=7, seed=3)
+    asked = []
+    forward = engine.forward
+
+    def recording(ids, mask, cache, **options):
+        asked.append((ids.shape[1], options.get("last_only", False)))
+        return forward(ids, mask, cache, **options)
+
+    engine.forward = recording
+    engine.speculation = Speculation(PromptLookup(), 3)
+    prompt = [1, 2, 3, 4, 1, 2, 3, 4, 1, 2]
+    list(generate_step(engine, prompt, max_new_tokens=8))
+    assert asked[0] == (len(prompt), True)

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from dsedge.contract import FINAL_HIDDEN
 from dsedge.errors import UserError
 from dsedge.runtime.cache import CacheBuffers
 from dsedge.runtime.decode import TokenEvent, prefill, token_logprobs
@@ -111,14 +112,17 @@ class Speculation:
         wants_hidden = getattr(drafter, "needs_hidden", False)
         started = time.perf_counter()
         outputs = {} if wants_hidden else None
-        state, logits = prefill(engine, [list(prompt)], cache=cache, room=max_new_tokens, outputs=outputs)
+        # last position's logits only (a 970-token prompt's full logits are 0.6 GB at a 152k vocabulary); the
+        # MTP drafter reads final_hidden, which the graphs return at every new position anyway
+        state, logits = prefill(engine, [list(prompt)], cache=cache, room=max_new_tokens, outputs=outputs,
+                                last_only=True)
         prefilled = time.perf_counter()
         history = list(prompt)
         last = logits[:, -1]
         first = sampler(last[0], history)
         history.append(first)
         if wants_hidden:
-            drafter.begin(history, outputs, state.length - logits.shape[1])
+            drafter.begin(history, outputs, state.length - outputs[FINAL_HIDDEN].shape[1])
         now = time.perf_counter()
         yield TokenEvent(0, (first,), token_logprobs(last, [first]), now - started, prefilled - started,
                          now - started)
