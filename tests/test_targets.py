@@ -280,6 +280,23 @@ def test_auto_target_describes_this_process(monkeypatch):
     assert 0 < target.memory_budget_bytes <= detect.physical_memory_bytes()
 
 
+def test_the_runtime_takes_auto_without_the_bandwidth_probe(tiny_checkpoint, tmp_path, monkeypatch):
+    """Loading a bundle reads a target's providers and threads only; the copy probe (two 64 MiB buffers) would
+    add 100 MiB to every `dsedge run`'s peak memory and 0.1 s to its start."""
+    from dsedge.export.bundle import export_bundle
+    from dsedge.runtime import load_bundle
+    from dsedge.targets import detect
+
+    export_bundle(tiny_checkpoint("qwen2"), tmp_path / "b", max_context=16, validate=False)
+
+    def probe(*args, **kwargs):
+        raise AssertionError("the runtime probed memory bandwidth")
+
+    monkeypatch.setattr(detect, "copy_bandwidth_gbps", probe)
+    engine = load_bundle(tmp_path / "b", target="auto")
+    assert engine.session_config.threads == detect.usable_cores()
+
+
 def test_cgroup_limit_caps_detected_memory(tmp_path, monkeypatch):
     from dsedge.targets import detect
 
