@@ -56,12 +56,13 @@ def speed_rows(result: dict) -> list[str]:
             ours = _per_round(result, recipe, "resident", metric)
             theirs = _per_round(result, recipe, "llamacpp", metric)
             quarter = _per_round(result, recipe, "25pct", metric)
+            split = _per_round(result, recipe, "resident_partitions", metric)
             if metric == "ttft_ms":
                 ratio = [t / o for o, t in zip(ours, theirs, strict=False)]
             else:
                 ratio = [o / t for o, t in zip(ours, theirs, strict=False)]
-            rows.append(f"| {result['model']} | {recipe} | {metric} | {_spread(ours)} | {_spread(quarter)} | "
-                        f"{_spread(theirs)} | {_spread(ratio, '.2f')} |")
+            rows.append(f"| {result['model']} | {recipe} | {metric} | {_spread(ours)} | {_spread(split)} | "
+                        f"{_spread(quarter)} | {_spread(theirs)} | {_spread(ratio, '.2f')} |")
     return rows
 
 
@@ -69,7 +70,7 @@ def run_rows(result: dict) -> list[str]:
     rows = []
     summary = result.get("summary", {})
     for recipe, row in summary.items():
-        for kind in ("resident", "25pct"):
+        for kind in ("resident", "resident_partitions", "25pct"):
             if kind not in row:
                 continue
             loads = row[kind]["load_seconds"]
@@ -96,8 +97,9 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|")
     for r in results:
         print("\n".join(pipeline_rows(r)))
-    print("\n| model | recipe | metric | dsedge resident | dsedge 25% resident | llama.cpp | dsedge ÷ llama.cpp |")
-    print("|---|---|---|---|---|---|---|")
+    print("\n| model | recipe | metric | dsedge resident | resident, per-partition graphs | dsedge 25% resident "
+          "| llama.cpp | dsedge ÷ llama.cpp |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in results:
         print("\n".join(speed_rows(r)))
     print("\n| model | recipe | experts | load first / later | peak RSS | expert-cache hit rate |")

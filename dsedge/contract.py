@@ -17,8 +17,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 # Graph roles. "draft": DeepSeek-V3's MTP module, the speculative-decoding draft (``draft_io``).
+# "layer_experts": all routed experts of one layer as one graph (one QMoE), over the same external data as
+# that layer's "experts" partitions: the runtime runs it instead of them when all of them are resident.
 DECODER, PRELUDE, LAYER, EXPERTS, HEAD, DRAFT = "decoder", "prelude", "layer", "experts", "head", "draft"
-ROLES = (DECODER, PRELUDE, LAYER, EXPERTS, HEAD, DRAFT)
+LAYER_EXPERTS = "layer_experts"
+ROLES = (DECODER, PRELUDE, LAYER, EXPERTS, HEAD, DRAFT, LAYER_EXPERTS)
+EXPERT_ROLES = (EXPERTS, LAYER_EXPERTS)
 TRUNK_ROLES = (PRELUDE, LAYER, HEAD)
 
 # Tensor names.
@@ -164,6 +168,11 @@ def index_width(count: int) -> int:
 
 def layer_graph_name(layer: int, layers: int) -> str:
     return f"layer.{layer:0{index_width(layers)}d}"
+
+
+def layer_experts_name(layer: int, layers: int) -> str:
+    """All routed experts of one layer as one graph, e.g. ``layer.02.experts``."""
+    return f"{layer_graph_name(layer, layers)}.experts"
 
 
 def partition_name(layer: int, first: int, last: int, layers: int, experts: int) -> str:

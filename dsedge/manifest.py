@@ -17,7 +17,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from dsedge import safe_json
-from dsedge.contract import DTYPES, EXPERTS, ROLES, TRUNK_ROLES, TensorSpec, past_name, present_name
+from dsedge.contract import DTYPES, EXPERT_ROLES, ROLES, TRUNK_ROLES, TensorSpec, past_name, present_name
 from dsedge.errors import UserError
 from dsedge.verified import VerifiedFiles, check_table, regular_path, scan_tree, sha256_file
 
@@ -244,13 +244,13 @@ def _graph(f: _Fields) -> GraphEntry:
         if len(experts) != 2:
             f._fail(f"{MANIFEST_FILE} key '{f.path('experts')}' must be [first, last)")
     role = f.choice("role", ROLES)
-    if role in (EXPERTS,) and experts is None:
+    if role in EXPERT_ROLES and experts is None:
         f.need("experts", list)
     return GraphEntry(
         name=f.need("name", str), role=role, file=f.need("file", str),
         data_files=tuple(f.items("data_files", str)), bytes=f.need("bytes", int),
         inputs=tuple(_tensor(t) for t in f.objects("inputs")), outputs=tuple(_tensor(t) for t in f.objects("outputs")),
-        layer=f.need("layer", int) if role in ("layer", EXPERTS) else f.opt("layer", int), experts=experts,
+        layer=f.need("layer", int) if role in ("layer", *EXPERT_ROLES) else f.opt("layer", int), experts=experts,
         sha256=f.opt("sha256", str), data_sha256=tuple(f.items("data_sha256", str)) if "data_sha256" in f.raw else ())
 
 

@@ -194,3 +194,8 @@ def test_bench_g32_layout_runs_qmoe_and_validates(layout, small_ds3_g32, tmp_pat
         for part in parts:
             ops = _ops(tmp_path / "b" / part["file"])
             assert ops.count("QMoE") == 1 and "MatMulNBits" not in ops and "NonZero" not in ops
+        fused = [g for g in manifest["graphs"] if g["role"] == "layer_experts"]  # each layer's experts, once
+        assert [g["experts"] for g in fused] == [[0, 8]] * moe_layers
+        assert all(_ops(tmp_path / "b" / g["file"]).count("QMoE") == 1 for g in fused)
+        assert {f for p in parts for f in p["data_files"]} == {f for g in fused for f in g["data_files"]}
+        assert any(c["name"] == "partitions.prefill" for c in report.validation)

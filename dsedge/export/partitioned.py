@@ -2,9 +2,12 @@
 
 The runtime runs the trunk layer by layer; after a MoE layer's graph it sends the rows to the expert
 partitions the router chose (and only those), adds their outputs to the residual stream, and moves on.
-Each partition has its own external-data file, so a device can keep the trunk and only some experts
-resident and load the rest on demand. Each layer's graphs are built from one layer's weights at a
-time, so partitioned export streams the checkpoint.
+Each partition is its own graph, so a device can keep the trunk and only some experts resident and load
+the rest on demand. Where a layer's experts fuse into one QMoE, that layer also gets a "layer_experts" graph
+over all of them, whose file holds the experts' codes once; the partitions reference their rows of it
+(``dsedge.export.shared_rows``), and the runtime runs the fused graph when the whole layer is resident.
+Each layer's graphs are built from one layer's weights at a time, so partitioned export streams the
+checkpoint.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from dsedge.contract import (
     ATTENTION_MASK,
     COS,
     EXPERT_IDS,
+    EXPERT_ROLES,
     EXPERT_WEIGHTS,
     EXPERTS,
     FINAL_HIDDEN,
@@ -29,6 +33,7 @@ from dsedge.contract import (
     HIDDEN,
     INPUT_IDS,
     LAYER,
+    LAYER_EXPERTS,
     LOGITS,
     MOE_INPUT,
     POSITION_IDS,
@@ -38,6 +43,7 @@ from dsedge.contract import (
     SIN,
     experts_io,
     head_io,
+    layer_experts_name,
     layer_graph_name,
     layer_io,
     partition_name,
@@ -59,8 +65,9 @@ from dsedge.export.decoder import (
 )
 from dsedge.export.embedding import EMBEDDING, embedding_initializers, embedding_lookup
 from dsedge.export.graph import GraphBuilder, save_graph
-from dsedge.export.moe import moe_router_and_shared, routed_experts
+from dsedge.export.moe import moe_router_and_shared, qmoe_scheme, routed_experts
 from dsedge.export.mtp import graph_initializer, write_draft
+from dsedge.export.shared_rows import FusedRows, RowSharingBuilder
 from dsedge.manifest import GraphEntry, Placement, RankedPartition, longest_prefix
 from dsedge.models.spec import ModelSpec
 from dsedge.planning import RUNTIME_OVERHEAD_BYTES  # the same allowance `plan` uses
@@ -166,10 +173,12 @@ def prelude_embedding(root: Path, prelude: GraphEntry) -> tuple[onnx.TensorProto
 
 
 def build_partition(spec: ModelSpec, w: dict[str, np.ndarray], part: Partition,
-                    data_path: Path | None = None, half: bool = False) -> onnx.ModelProto:
+                    data_path: Path | None = None, half: bool = False, rows: FusedRows | None = None,
+                    ) -> onnx.ModelProto:
     """Σ over this partition's chosen experts (one QMoE when quantized in a layout it takes); rows routed
-    elsewhere contribute nothing."""
-    g = GraphBuilder(part.name, data_path, half)
+    elsewhere contribute nothing. With ``rows`` its weights are references into the layer's fused file."""
+    g = GraphBuilder(part.name, data_path, half) if rows is None else \
+        RowSharingBuilder(part.name, data_path, half, rows, part.first)
     signature = experts_io(graph_shapes(spec, half))
     g.declare_inputs(signature)
     routed = routed_experts(g, spec, w, f"model.layers.{part.layer}.mlp.", MOE_INPUT, EXPERT_IDS, EXPERT_WEIGHTS,
@@ -194,10 +203,9 @@ def write_partitioned(spec: ModelSpec, weights: WeightsFn, root: Path, graph_dir
         graphs.append(save_graph(lambda data, w=w, i=i: build_layer(spec, w, i, data, half),
                                  layer_io(shapes, i, spec.is_moe_layer(i)), root, graph_dir,
                                  layer_graph_name(i, spec.num_hidden_layers), LAYER, layer=i))
-        for part in (p for p in parts if p.layer == i):
-            graphs.append(save_graph(lambda data, w=w, part=part: build_partition(spec, w, part, data, half),
-                                     experts_io(shapes), root, f"{graph_dir}/experts", part.name, EXPERTS, layer=i,
-                                     experts=(part.first, part.last)))
+        layer_parts = [p for p in parts if p.layer == i]
+        if layer_parts:
+            graphs += _expert_graphs(spec, w, i, layer_parts, root, f"{graph_dir}/experts", half)
     shared, shared_files = prelude_embedding(root, graphs[0]) if spec.tie_word_embeddings else (None, ())
     head = save_graph(lambda data: build_head(spec, top, data, half, shared), head_io(shapes), root, graph_dir, HEAD,
                       HEAD)
@@ -210,6 +218,32 @@ def write_partitioned(spec: ModelSpec, weights: WeightsFn, root: Path, graph_dir
     return graphs
 
 
+def _expert_graphs(spec: ModelSpec, w: dict, layer: int, parts: list[Partition], root: Path, folder: str,
+                   half: bool) -> list[GraphEntry]:
+    """A MoE layer's expert partitions, preceded (when its experts fuse into one QMoE and there is more than
+    one partition) by its layer_experts graph, which holds the codes the partitions reference."""
+    shapes = experts_io(graph_shapes(spec, half))
+    everything = range(spec.moe.n_routed_experts)
+    rows, out = None, []
+    if len(parts) > 1 and qmoe_scheme(spec, w, f"model.layers.{layer}.mlp.", everything) is not None:
+        whole = Partition(layer, 0, len(everything), spec.num_hidden_layers, len(everything))
+        fused = save_graph(lambda data: build_partition(spec, w, whole, data, half), shapes, root, folder,
+                           layer_experts_name(layer, spec.num_hidden_layers), LAYER_EXPERTS, layer=layer,
+                           experts=(0, len(everything)))
+        rows = FusedRows(root, fused)
+        out.append(fused)
+    for part in parts:
+        if rows is not None:
+            rows.start()
+        entry = save_graph(lambda data, part=part: build_partition(spec, w, part, data, half, rows), shapes, root,
+                           folder, part.name, EXPERTS, layer=layer, experts=(part.first, part.last))
+        if rows is not None and rows.used:  # its share of the fused file: what loading it reads and holds
+            entry = replace(entry, data_files=entry.data_files + tuple(sorted(rows.used - set(entry.data_files))),
+                            bytes=entry.bytes + rows.borrowed_bytes)
+        out.append(entry)
+    return out
+
+
 def placement_plan(graphs: list[GraphEntry], *, budget: int | None, kv_bytes: int,
                    frequencies: dict[str, float] | None = None) -> Placement:
     """Export's ranking of the expert partitions (hottest first) and the resident prefix under ``budget``.
@@ -218,7 +252,7 @@ def placement_plan(graphs: list[GraphEntry], *, budget: int | None, kv_bytes: in
     order is by layer. The trunk, the cache and a fixed runtime allowance come off the budget first. The
     runtime reads the ranking: under an explicit budget it keeps the longest prefix that fits there.
     """
-    trunk = sum(g.bytes for g in graphs if g.role != EXPERTS)
+    trunk = sum(g.bytes for g in graphs if g.role not in EXPERT_ROLES)
     parts = [g for g in graphs if g.role == EXPERTS]
     frequencies = frequencies or {}
     parts.sort(key=lambda g: -frequencies.get(g.name, 0.0))  # stable: layer order among equals

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import gc
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
@@ -161,34 +161,54 @@ def reference_pass(reference, tokens: list[int], keep: int, advance=None) -> Ref
     return ReferencePass(reference.logits(hidden)[0].numpy(), layers)
 
 
-def validate_bundle(open_engine, reference, *, precision: str = "fp32", seed: int = 0) -> list[Check]:
+def validate_bundle(open_engine, reference, *, precision: str = "fp32", seed: int = 0,
+                    open_partitions=None) -> list[Check]:
     """Observe the bundle ``open_engine()`` loads, drop it, run the streamed reference, compare (the caller
     raises on failure). The engine lives only while it runs: peak memory is the larger of the loaded bundle
-    and one reference layer, not their sum."""
+    and one reference layer, not their sum. ``open_partitions``: the same bundle run through its expert
+    partitions instead of its fused layer_experts graphs, observed after the first engine is dropped and
+    checked against the same reference pass (its checks are named ``partitions.*``)."""
     observed = observe_bundle(open_engine(), seed)
     gc.collect()  # the engine's sessions are released before the reference loads anything
-    return compare(observed, reference, precision)
+    partitions = None
+    if open_partitions is not None:
+        partitions = observe_bundle(open_partitions(), seed)
+        gc.collect()
+    return compare(observed, reference, precision, partitions)
 
 
-def compare(observed: Observed, reference, precision: str) -> list[Check]:
-    """Every check of ``observed`` against the streamed reference at ``precision`` (a TOLERANCES key)."""
+def compare(observed: Observed, reference, precision: str, partitions: Observed | None = None) -> list[Check]:
+    """Every check of ``observed`` (and of ``partitions``, the other way through the same bundle) against the
+    streamed reference at ``precision`` (a TOLERANCES key)."""
     bound = TOLERANCES[precision]
-    prompt, n = observed.prompt, len(observed.prompt)
-    sequence = prompt + observed.greedy[:-1]  # teacher-forced: one pass checks every greedy step
+    n = len(observed.prompt)
+    sequence = observed.prompt + observed.greedy[:-1]  # teacher-forced: one pass checks every greedy step
     with progress("validate", total=reference.num_layers, unit="layer") as done:
         ref = reference_pass(reference, sequence, n, done.advance)
-    want = ref.logits[:n]
-    checks = _layer_checks(observed.trace, ref.layers, bound) if observed.trace is not None else []
-    checks += [_logit_check("prefill", observed.prefill, want, bound),
-               _logit_check("decode_vs_recompute", observed.stepwise, want[-DECODE_STEPS:], bound),
-               _greedy_check(observed.greedy, ref.logits[n - 1:], bound.greedy_identical),
-               _logit_check("batch2_left_padding", observed.batch_logits,
-                            np.concatenate([want, want[:len(observed.short)]]), bound),
-               _token_check("batch2_greedy_16", observed.batch_greedy, observed.alone_greedy,
-                            bound.greedy_identical, "batched", "alone")]
+    checks = _checks(observed, ref, bound)
+    if partitions is not None:
+        same = partitions.greedy == observed.greedy  # the reference pass followed the first path's tokens
+        checks += [replace(c, name=f"partitions.{c.name}") for c in _checks(partitions, ref, bound, greedy=same)]
+        if not same:
+            checks.append(_token_check("partitions.greedy_16_vs_fused", partitions.greedy, observed.greedy,
+                                       bound.greedy_identical, "partitions", "fused"))
     if not all(c.passed for c in checks):
         checks.append(locate_layer(checks, observed.trace is not None))
     return checks
+
+
+def _checks(observed: Observed, ref: ReferencePass, bound: Bound, greedy: bool = True) -> list[Check]:
+    n = len(observed.prompt)
+    want = ref.logits[:n]
+    checks = _layer_checks(observed.trace, ref.layers, bound) if observed.trace is not None else []
+    checks += [_logit_check("prefill", observed.prefill, want, bound),
+               _logit_check("decode_vs_recompute", observed.stepwise, want[-DECODE_STEPS:], bound)]
+    if greedy:
+        checks.append(_greedy_check(observed.greedy, ref.logits[n - 1:], bound.greedy_identical))
+    return checks + [_logit_check("batch2_left_padding", observed.batch_logits,
+                                  np.concatenate([want, want[:len(observed.short)]]), bound),
+                     _token_check("batch2_greedy_16", observed.batch_greedy, observed.alone_greedy,
+                                  bound.greedy_identical, "batched", "alone")]
 
 
 def _layer_checks(trace: list[np.ndarray], want: list[np.ndarray], bound: Bound) -> list[Check]:
@@ -257,11 +277,12 @@ def locate_layer(checks: list[Check], traced: bool) -> Check:
         return Check("locate_layer", "hidden", None, None, passed=False,
                      detail="a monolithic graph exposes no per-layer states: export with --layout partitioned "
                             "to locate the layer")
-    first = next((c for c in checks if c.name.startswith("layer_") and not c.passed), None)
+    first = next((c for c in checks if c.name.removeprefix("partitions.").startswith("layer_") and not c.passed),
+                 None)
     if first is None:
         return Check("locate_layer", "head", None, None, passed=False,
                      detail="every layer's output matches the reference: the LM head departs")
-    layer = first.name.removeprefix("layer_")
+    layer = first.name.removeprefix("partitions.").removeprefix("layer_")
     return Check("locate_layer", f"layer {layer}", first.relative_err, first.tolerance, passed=False,
                  detail=f"layer {layer} is the first whose output departs from the reference (relative "
                         f"error {first.relative_err:.3g})")
@@ -288,7 +309,7 @@ def raise_on_failure(checks: list[Check], graph: str) -> None:
         return
     located = next((c for c in checks if c.name == "locate_layer"), None)
     # an end-to-end check leads the message when one failed; the located layer follows it
-    worst = next((c for c in failed if not c.name.startswith("layer_")), failed[0])
+    worst = next((c for c in failed if not c.name.removeprefix("partitions.").startswith("layer_")), failed[0])
     where = f"; {located.detail}" if located is not None else ""
     raise CheckFailed(f"validation failed: {', '.join(c.name for c in failed)}; {worst.name} on output "
                       f"'{worst.output}' of graph '{graph}': {worst.detail}{where}", where=graph,

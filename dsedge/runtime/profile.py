@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from dsedge.contract import EXPERT_ROLES
 from dsedge.errors import UserError
 from dsedge.runtime import load_bundle
 from dsedge.runtime.chat import prepare_prompt, sources_prompt
@@ -249,7 +250,7 @@ def _layer_rows(graphs: list[dict[str, Any]]) -> list[dict[str, Any]]:
                                                  "experts_ms_per_token": 0.0, "prefill_ms": 0.0})
         entry["decode_ms_per_token"] += row["decode_ms_per_token"]
         entry["prefill_ms"] += row["prefill_ms"]
-        if row["kind"] == "experts":
+        if row["kind"] in EXPERT_ROLES:
             entry["experts_ms_per_token"] += row["decode_ms_per_token"]
     return [layers[i] for i in sorted(layers)]
 
@@ -270,7 +271,7 @@ def _op_profile(bundle, engine, prompt: list[int], gen_tokens: int, target, budg
 
 def _sessions(engine) -> list:
     found = [getattr(engine, "decoder", None), getattr(engine, "prelude", None), getattr(engine, "head", None)]
-    found += list(getattr(engine, "layer_sessions", []))
+    found += list(getattr(engine, "layer_sessions", [])) + list(getattr(engine, "fused", {}).values())
     if getattr(engine, "experts", None) is not None:
         found += list(engine.experts.loaded.values())
     return [s for s in found if s is not None]
