@@ -159,6 +159,8 @@ else:  # measure: load, decode per token at each cached length, prefill of a pro
     sys.path.insert(0, "benchmarks")
     from decode_bench import dsedge_context_curve, dsedge_prefill_tps
     from dsedge.runtime import load_bundle
+    from dsedge.runtime.session import own_process_threads
+    own_process_threads()  # as the dsedge command does: a partitioned bundle's sessions share one thread pool
     engine = load_bundle(args["src"], memory_budget_bytes=args.get("budget"), verify=args.get("verify", True),
                          fuse_layers=args.get("fuse_layers", True))
     loaded = time.perf_counter() - started

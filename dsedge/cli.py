@@ -64,6 +64,10 @@ exit codes: 0 ok, 1 internal error, 2 usage, 3 bad input, 4 a check failed, 130 
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:  # the `dsedge` command (console script, python -m dsedge): the process is ours
+        from dsedge.runtime.session import own_process_threads
+
+        own_process_threads()  # partitioned bundles may use one onnxruntime thread pool for the process
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
     try:

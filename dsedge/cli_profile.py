@@ -53,13 +53,17 @@ def _run(args):
     args.bundle = str(resolve_bundle(args.bundle))
     args.target = args.target or default_target(args.bundle)  # the export target, else this machine (auto)
 
-    def open_engine(threads: int | None):
-        engine = load_bundle(args.bundle, target=args.target, threads=threads, memory_budget_bytes=args.memory_budget,
-                             prefetch_experts=args.prefetch_experts, verify="full" if args.verify else True)
+    threads = args.threads or [None]
+    # a sweep over thread counts keeps per-session pools: the process-wide one is sized once, by the first
+    shared = False if len(threads) > 1 else None
+
+    def open_engine(count: int | None):
+        engine = load_bundle(args.bundle, target=args.target, threads=count, memory_budget_bytes=args.memory_budget,
+                             prefetch_experts=args.prefetch_experts, verify="full" if args.verify else True,
+                             shared_threads=shared)
         configure(engine, args.speculative, args.draft_tokens)
         return engine
 
-    threads = args.threads or [None]
     if max(len(threads), len(args.prompt_tokens), len(args.gen_tokens)) > 1:
         return _sweep(args, open_engine, threads)
     engine = open_engine(threads[0])

@@ -51,3 +51,59 @@ def _config_entry(session, key: str) -> str:
         return options.get_session_config_entry(key)
     except RuntimeError:  # not set
         return ""
+
+
+@pytest.mark.parametrize(("layout", "want"), [("monolithic", False), ("partitioned", True)])
+def test_process_thread_pool_follows_the_layout_in_an_owned_process_unless_forced(layout, want, monkeypatch):
+    from dsedge.runtime import session
+
+    assert SessionConfig().for_layout(layout).shared_threads is False  # a library user's process: opt-in only
+    assert SessionConfig(shared_threads=True).for_layout(layout).shared_threads is True
+    monkeypatch.setattr(session, "_owned_process", [True])  # what the dsedge command declares
+    assert SessionConfig().for_layout(layout).shared_threads is want
+    assert SessionConfig(shared_threads=not want).for_layout(layout).shared_threads is (not want)
+
+
+POOL_PROBE = """
+import json, sys
+from dsedge.runtime import load_bundle
+from dsedge.runtime import session
+if sys.argv[3] == "owned":
+    session.own_process_threads()
+order = sys.argv[1].split(",")
+out = {}
+for layout in order:
+    engine = load_bundle(sys.argv[2] + "/" + layout)
+    out[layout] = engine.greedy([1, 2, 3, 4], 6)
+    out[layout + "_pool"] = list(session._process_pool)
+print(json.dumps(out))
+"""
+
+
+def test_partitioned_bundles_share_one_process_thread_pool_and_every_later_session_uses_it(tmp_path):
+    """In a fresh process that the dsedge command owns: a partitioned bundle creates the process-wide pool; a
+    monolithic bundle loaded after it runs on that pool (onnxruntime refuses per-session threads once it
+    exists); a monolithic bundle alone keeps its own, and so does a partitioned one in a library user's
+    process. Greedy tokens are the same every way."""
+    import json
+    import subprocess
+    import sys
+
+    from dsedge.export.bundle import export_bundle
+    from dsedge.testing.tiny import write_checkpoint
+
+    ckpt = write_checkpoint(tmp_path / "c", "v3")
+    for layout in ("partitioned", "monolithic"):
+        export_bundle(ckpt, tmp_path / layout, layout=layout, validate=False)
+
+    def probe(order, owned="owned"):
+        run = subprocess.run([sys.executable, "-c", POOL_PROBE, order, str(tmp_path), owned], check=True,
+                             capture_output=True, text=True)
+        return json.loads(run.stdout.strip().splitlines()[-1])
+
+    both = probe("partitioned,monolithic")
+    alone = probe("monolithic")
+    library = probe("partitioned", "library")
+    assert both["partitioned_pool"] == [0] and both["monolithic_pool"] == [0]
+    assert alone["monolithic_pool"] == [] and library["partitioned_pool"] == []
+    assert both["partitioned"] == both["monolithic"] == alone["monolithic"] == library["partitioned"]

@@ -15,7 +15,7 @@ from dsedge.targets import AUTO_NAME, detect_target, load_target
 def load_bundle(path: str | Path, target=None, memory_budget_bytes: int | None = None,
                 providers: list[str] | None = None, threads: int | None = None, *, verify: bool | str = True,
                 profile_dir: str | Path | None = None, prefetch_experts: bool = False,
-                spin: bool | None = None, fuse_layers: bool = True) -> Engine:
+                spin: bool | None = None, fuse_layers: bool = True, shared_threads: bool | None = None) -> Engine:
     """Open a bundle written by `dsedge export`: verify it, create sessions, return an Engine.
 
     ``target`` (name, file or Target) supplies default providers and threads; explicit arguments win.
@@ -31,6 +31,11 @@ def load_bundle(path: str | Path, target=None, memory_budget_bytes: int | None =
     ``spin``: onnxruntime's thread-pool spinning. None (default): on for a monolithic bundle (one session with
     the cores to itself: faster), off for a partitioned one (its many sessions' idle pools would spin against
     the running one); True/False force it (pass False when other work shares the cores).
+    ``shared_threads``: one onnxruntime intra-op thread pool for the whole process (a partitioned bundle runs
+    its sessions in turn; each waking its own pool cost 20-30% of decode). Once created it serves every later
+    session of the process, sized as the first asked, and onnxruntime refuses sessions with their own threads,
+    so it is opt-in: True, or None (default) in a process that called
+    ``dsedge.runtime.session.own_process_threads()`` (the CLI does) for partitioned bundles.
     ``fuse_layers`` (partitioned): a layer whose expert partitions are all resident runs its one fused experts
     graph where the bundle has it (the default; False runs the partitions, as validation checks them).
     """
@@ -42,7 +47,8 @@ def load_bundle(path: str | Path, target=None, memory_budget_bytes: int | None =
     threads = threads or (_available_threads(tgt.threads) if tgt else None)
     manifest = open_manifest(path, verify=verify)
     prefix = f"{Path(profile_dir)}/" if profile_dir is not None else None
-    config = SessionConfig(tuple(providers), threads, spin, profile_prefix=prefix).for_layout(manifest.contract.layout)
+    config = SessionConfig(tuple(providers), threads, spin, profile_prefix=prefix,
+                           shared_threads=shared_threads).for_layout(manifest.contract.layout)
     if manifest.contract.layout == "partitioned":
         engine = PartitionedEngine(manifest, config, memory_budget_bytes, prefetch=prefetch_experts,
                                    fuse_layers=fuse_layers)

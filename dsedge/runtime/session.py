@@ -29,14 +29,25 @@ class SessionConfig:
     # its own prefill peak and kept: a 512-token prefill took the 2.6 GiB bundle to an 8.1 GiB peak RSS and
     # 15 s; with the shared arena 3.0 GiB and 4.3 s (benchmarks/README.md, issue 13). None: per layout.
     shared_arena: bool | None = None
+    # One intra-op thread pool for the whole process (onnxruntime's global pool) instead of one per session.
+    # A partitioned bundle runs ~2 sessions per layer in turn, each waking its own pool's sleeping worker: on
+    # ds3bench int4 partitioned decode went 152-182 → 213-233 tokens/s with the global pool (monolithic:
+    # 272). Once the pool exists every later session of the process must use it (onnxruntime refuses
+    # per-session threads then, to other code's sessions too), sized as the first asked. None: on for
+    # partitioned bundles in a process that declared its sessions dsedge's (``own_process_threads``: the CLI
+    # does), else off.
+    shared_threads: bool | None = None
 
     def for_layout(self, layout: str) -> SessionConfig:
         """The automatic policies. Spinning: on for one monolithic session, off for partitioned bundles (many
         sessions in turn); an explicit ``spin`` is kept (force it off when other work shares the cores).
-        The shared arena: on for partitioned bundles."""
+        The shared arena: on for partitioned bundles. The process-wide thread pool: on for partitioned
+        bundles where the process is dsedge's (``own_process_threads``)."""
         spin = self.spin if self.spin is not None else layout == "monolithic"
         shared = self.shared_arena if self.shared_arena is not None else layout == "partitioned"
-        return replace(self, spin=spin, shared_arena=shared)
+        pool = self.shared_threads if self.shared_threads is not None else \
+            layout == "partitioned" and bool(_owned_process)
+        return replace(self, spin=spin, shared_arena=shared, shared_threads=pool)
 
 
 log = logging.getLogger(__name__)
@@ -129,12 +140,50 @@ def _shared_cpu_arena() -> bool:
     return _registered_arena[0]
 
 
+_owned_process: list[bool] = []  # set by own_process_threads
+_process_pool: list[int] = []  # the intra-op size of the process-wide pool, once created (0: cores)
+_warned_threads: set[int] = set()
+
+
+def own_process_threads() -> None:
+    """Declare every onnxruntime session of this process dsedge's (the CLI's entry point does): partitioned
+    bundles may then create onnxruntime's process-wide thread pool, after which onnxruntime refuses sessions
+    with their own threads — fine for dsedge's sessions (all made here), fatal for other code's."""
+    if not _owned_process:
+        _owned_process.append(True)
+
+
+def _uses_process_pool(config: SessionConfig) -> bool:
+    """Whether a session runs on the process-wide thread pool: always once it exists (onnxruntime then refuses
+    per-session threads), else when ``config.shared_threads`` asks for it and it can be created now."""
+    if not _process_pool:
+        if not config.shared_threads:
+            return False
+        try:
+            from onnxruntime.capi.onnxruntime_pybind11_state import set_global_thread_pool_sizes
+
+            set_global_thread_pool_sizes(config.threads or 0, 1)  # takes effect when the environment is created
+        except (ImportError, RuntimeError, OrtFail) as exc:
+            log.warning("onnxruntime could not create a process-wide thread pool (%s): sessions keep their own",
+                        exc)
+            return False
+        _process_pool.append(config.threads or 0)
+    elif config.threads and config.threads != _process_pool[0] and config.threads not in _warned_threads:
+        _warned_threads.add(config.threads)
+        log.warning("onnxruntime's process-wide thread pool has %s intra-op threads; this session asked for %d "
+                    "and runs on it (load bundles that need other counts in their own process)",
+                    _process_pool[0] or "the default", config.threads)
+    return True
+
+
 def make_session(path: Path, config: SessionConfig) -> ort.InferenceSession:
     options = ort.SessionOptions()
     if config.profile_prefix:
         options.enable_profiling = True
         options.profile_file_prefix = f"{config.profile_prefix}{path.stem}"
-    if config.threads:
+    if _uses_process_pool(config):
+        options.use_per_session_threads = False
+    elif config.threads:
         options.intra_op_num_threads = config.threads
     options.add_session_config_entry("session.intra_op.allow_spinning", "1" if config.spin else "0")
     if config.shared_arena and _shared_cpu_arena():
