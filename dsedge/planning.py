@@ -30,6 +30,13 @@ KV_BYTES = 2  # cache values in fp16/bf16
 # Activations, onnxruntime arenas, tokenizer and Python: a fixed allowance. Estimate.
 RUNTIME_OVERHEAD_BYTES = 256 * 1024**2
 FLOAT_BYTES = {"fp32": 4, "fp16": 2}  # export's --dtype: every float tensor and quantization scale
+# The runtime's process before weights: Python, numpy, onnxruntime, tokenizers (56 MiB after imports) and a
+# demo bundle's sessions (79 MiB loaded), measured with ``dsedge run`` on this project's 2-core machine.
+PROCESS_BASE_BYTES = 80 * 1024**2
+# onnxruntime prepacks MatMulNBits/QMoE weights for its int8-activation kernels (accuracy level 4, the
+# presets' level): codes and scales plus one float block sum per (row, block), rows padded to 16 (MLAS's
+# QNBit "CompInt8" layout). Measured: packed RSS 1041 MiB for R1-Distill-Qwen-1.5B int4 (plan: 1008).
+BLOCK_SUM_BYTES = 4
 # The MLA up-projection export absorbs into per-head float matrices (w_uk, w_uv_t): float even when quantized.
 ABSORBED = ".self_attn.kv_b_proj.weight"
 
@@ -67,6 +74,9 @@ class PrecisionPlan:
     decode_tokens_per_s_bound: float | None
     # with the non-resident experts read from disk (CPU/SoC targets that state disk_bandwidth_gbps)
     decode_tokens_per_s_disk_bound: float | None = None
+    # peak RSS of `dsedge run` (short prompt, every expert resident, the cache at the plan's context): the
+    # process, the weights a token reads as onnxruntime holds them, the largest one's copy while it is packed
+    runtime_rss_bytes: int | None = None
 
 
 @dataclass(frozen=True)
@@ -257,8 +267,9 @@ def _precision_plan(spec: ModelSpec, tensors: list[TensorSpec], scheme: str, tgt
     # the draft graph is stored but loaded only under --speculative mtp: in the bundle's bytes, not in what
     # must be resident to decode
     stored = routed + other + draft
+    rss = runtime_rss_bytes(spec, tensors, scheme, float_bytes, block, kv_at_ctx, extra_bytes)
     if tgt is None:
-        return PrecisionPlan(scheme, stored, routed, active, None, None, None, None, None)
+        return PrecisionPlan(scheme, stored, routed, active, None, None, None, None, None, None, rss)
     need = routed + other + kv_at_ctx + RUNTIME_OVERHEAD_BYTES
     resident, offloaded = _residency(spec, routed, other, kv_at_ctx, tgt)
     per_token = active + kv_at_ctx  # decode attends over the whole cache
@@ -266,7 +277,48 @@ def _precision_plan(spec: ModelSpec, tensors: list[TensorSpec], scheme: str, tgt
     fits = need <= tgt.memory_budget_bytes
     return PrecisionPlan(scheme, stored, routed, active, fits, resident, offloaded,
                          _fits_with_offload(fits, spec, routed, other, kv_at_ctx, offloaded, tgt), round(bound, 2),
-                         _disk_bound(spec, tgt, per_token, active_routed, resident))
+                         _disk_bound(spec, tgt, per_token, active_routed, resident), rss)
+
+
+def runtime_rss_bytes(spec: ModelSpec, tensors: list[TensorSpec], scheme: str, float_bytes: int,
+                      qmoe_block: int | None, kv_at_ctx: int, extra_bytes: int) -> int:
+    """Peak RSS of a run with every expert resident: PROCESS_BASE_BYTES + the weights one token reads as
+    onnxruntime holds them (quantized ones prepacked with their block sums; an untied embedding table is
+    memory-mapped and only its looked-up rows are touched) + the largest quantized tensor's stored copy,
+    held while it is packed + the cache at the plan's context. A long prefill adds its activations (a
+    970-token prompt: 215 MiB on R1-Distill-Qwen-1.5B). Measured against `dsedge run` in docs/scale.md."""
+    expert_quant, other_quant = SCHEMES[scheme]
+    head_quant = HEAD_QUANT.get(scheme)
+    held = transient = 0
+    for t in tensors:
+        if t.component == "embeddings" and not spec.tie_word_embeddings:
+            continue  # memory-mapped: a token touches one row
+        if t.component == "head":
+            quant = head_quant
+        elif t.component == "embeddings":  # tied: the head reads the whole table every token
+            quant = head_quant or EMBEDDING_QUANT.get(scheme)
+        elif t.component == "routed_experts":
+            quant = expert_quant
+        else:
+            quant = other_quant
+        packed, stored = _held(t, quant, float_bytes, qmoe_block if t.component == "routed_experts" else None)
+        held += packed
+        transient = max(transient, stored)
+    return PROCESS_BASE_BYTES + held + transient + kv_at_ctx + extra_bytes
+
+
+def _held(t: TensorSpec, quant: tuple[int, int | None] | None, float_bytes: int, qmoe_block: int | None
+          ) -> tuple[int, int]:
+    """(bytes onnxruntime holds for ``t``, bytes of the stored copy it packs from; 0 when it maps it)."""
+    matrix = t.linear or t.component in ("head", "embeddings")  # the head and a tied table: MatMulNBits
+    if quant is None or not matrix or t.name.endswith(ABSORBED):
+        return tensor_bytes(t, None, float_bytes), 0
+    rows, cols = t.shape
+    if qmoe_block is not None:  # a routed expert inside a fused QMoE
+        stored, blocks = qmoe_bytes(t, quant, float_bytes, qmoe_block), cols // qmoe_block if qmoe_block else 1
+    else:
+        stored, blocks = blocked_bytes(t.shape, quant, float_bytes), math.ceil(cols / (quant[1] or PER_CHANNEL_BLOCK))
+    return stored + math.ceil(rows / 16) * 16 * blocks * BLOCK_SUM_BYTES, stored
 
 
 def _disk_bound(spec: ModelSpec, tgt: Target, per_token: int, active_routed: int, resident: int | None,
@@ -317,6 +369,11 @@ def _context(spec: ModelSpec, tgt: Target | None, context: int | None) -> int:
 def _notes(spec: ModelSpec, tgt: Target | None) -> list[str]:
     notes = [ACTIVE_NOTE, SCHEME_NOTE,
              f"runtime overhead allowance: {RUNTIME_OVERHEAD_BYTES // 1024**2} MiB (activations, arenas; estimate)",
+             "run RSS = peak RSS of `dsedge run` on a short prompt with every expert resident: the process "
+             f"({PROCESS_BASE_BYTES // 1024**2} MiB), the weights a token reads as onnxruntime holds them "
+             "(prepacked with block sums; an untied embedding table is memory-mapped), the largest quantized "
+             "tensor's copy while it packs, and the cache at the context; a long prefill adds activations "
+             "(measured within 7% on R1-Distill-Qwen-1.5B int4/int8 and V2-Lite int4: docs/scale.md)",
              "decode bound = memory bandwidth / (active weight bytes + KV cache read at the full context); "
              "real decode reaches 50-90% of it"]
     if spec.moe and tgt:

@@ -117,14 +117,15 @@ def _kv_line(r) -> str:
 
 
 def _precision_header(r) -> list[str]:
-    header = ["precision", "weights", "read/token"]
+    header = ["precision", "weights", "read/token", "run RSS ≈"]
     if r.target:
         header += ["fits", "resident experts", "offloaded", "decode tok/s ≤"]
     return header
 
 
 def _precision_row(row, r) -> list[str]:
-    cells = [row.scheme, human_bytes(row.weight_bytes), human_bytes(row.active_bytes_per_token)]
+    cells = [row.scheme, human_bytes(row.weight_bytes), human_bytes(row.active_bytes_per_token),
+             "-" if row.runtime_rss_bytes is None else human_bytes(row.runtime_rss_bytes)]
     if not r.target:
         return cells
     if row.fits:

@@ -167,6 +167,37 @@ def test_plan_bundle_size_within_3_percent(tmp_path, model, recipe):
         assert row.weight_bytes == pytest.approx(report.bundle_bytes, rel=0.03), layout
 
 
+# VmHWM, not ru_maxrss: Linux carries the pre-exec high-water mark of the forked parent (here pytest's,
+# hundreds of MiB) into the child's ru_maxrss; VmHWM is the new process's own.
+RUN_PEAK = """
+import sys
+from dsedge.cli import main
+main(["run", sys.argv[1], "-p", "The json module", "-n", "8", "--greedy", "-q"])
+status = dict(line.split(":", 1) for line in open("/proc/self/status"))
+print(int(status["VmHWM"].split()[0]) * 1024)
+"""
+
+
+@pytest.mark.parametrize(("model", "recipe", "layout"), [("qwen2-tiny", "int8", "monolithic"),
+                                                         ("qwen2-tiny", "int4", "monolithic"),
+                                                         ("deepseek-v3-tiny", "int4-experts", "partitioned")])
+def test_plan_runtime_rss_within_10_percent_of_a_run(tmp_path, model, recipe, layout):
+    """plan's run RSS against `dsedge run`'s peak in a fresh process (the demo models are small, so the
+    process base dominates here; at real size the weights do: docs/scale.md)."""
+    import subprocess
+    import sys
+
+    from dsedge.compress.pipeline import compress
+
+    compress(model, tmp_path / "c", recipe=recipe, evaluate=False, calib_tokens=256, method="rtn")
+    export_bundle(tmp_path / "c", tmp_path / "b", validate=False, max_context=512, layout=layout)
+    run = subprocess.run([sys.executable, "-c", RUN_PEAK, str(tmp_path / "b")], check=True, capture_output=True,
+                         text=True)
+    peak = int(run.stdout.strip().splitlines()[-1])
+    row = {r.scheme: r for r in plan(model, context=512, layout=layout).precisions}[recipe]
+    assert row.runtime_rss_bytes == pytest.approx(peak, rel=0.10)
+
+
 def test_plan_unquantized_fixture_bundles(tiny_checkpoint, tmp_path):
     """fp16 export = the bf16 row; the tiny fixtures' graph structure is a large share of their bytes, so
     the bound here is looser than on the demo models (whose weights dominate, as at real size)."""
