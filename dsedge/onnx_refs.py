@@ -24,6 +24,7 @@ the end of the buffer, an over-long varint, a group wire type (ONNX uses none), 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 # Message nesting limit. protobuf's own parsers stop at 100; the deepest graph dsedge exports nests
 # a few If/Loop bodies (model → graph → node → attribute → graph … ≈ 4 levels per body).
@@ -44,12 +45,29 @@ _CHILDREN: dict[str, dict[int, str]] = {
 }
 
 
+@dataclass(frozen=True)
+class ExternalRange:
+    """One tensor's external data: its bytes [offset, offset + length) of ``location`` (length None: to the
+    end of the file, as onnxruntime reads it)."""
+
+    tensor: str
+    location: str
+    offset: int
+    length: int | None
+
+
 def external_data_locations(model_bytes: bytes) -> set[str]:
     """Every external-data ``location`` in an ONNX ModelProto, wherever a TensorProto can sit."""
-    return set(_locations(memoryview(model_bytes), "model", 0))
+    return {r.location for r in external_data_ranges(model_bytes)}
 
 
-def _locations(buf: memoryview, kind: str, depth: int) -> Iterator[str]:
+def external_data_ranges(model_bytes: bytes) -> list[ExternalRange]:
+    """Every external-data reference (location, offset, length) in an ONNX ModelProto, wherever a TensorProto
+    can sit; an offset or length that is not a non-negative integer raises ValueError."""
+    return list(_locations(memoryview(model_bytes), "model", 0))
+
+
+def _locations(buf: memoryview, kind: str, depth: int) -> Iterator[ExternalRange]:
     if depth > MAX_DEPTH:
         raise ValueError(f"protobuf messages nested deeper than {MAX_DEPTH} levels")
     if kind == "tensor":
@@ -62,27 +80,39 @@ def _locations(buf: memoryview, kind: str, depth: int) -> Iterator[str]:
             yield from _locations(value, child, depth + 1)
 
 
-def _tensor_locations(tensor: memoryview) -> Iterator[str]:
-    name, data_location, locations = b"", 0, []
+def _tensor_locations(tensor: memoryview) -> Iterator[ExternalRange]:
+    name, data_location, locations, where = b"", 0, [], {}
     for field, wire, value in _fields(tensor):
         if field == 8 and wire == 2:
             name = bytes(value)
         elif field == 14 and wire == 0:
             data_location = value  # protobuf: the last occurrence of a scalar field wins
         elif field == 13 and wire == 2:
-            entry = _string_entry(value)
-            if entry[0] == b"location":
-                locations.append(entry[1])
+            key, entry = _string_entry(value)
+            if key == b"location":
+                locations.append(entry)
+            elif key in (b"offset", b"length"):
+                where[key] = entry  # onnxruntime reads the last entry of each key
     label = name.decode("utf-8", "replace")
     if data_location == _EXTERNAL and not locations:
         raise ValueError(f"tensor {label!r} has data_location EXTERNAL but no external_data location")
+    offset, length = _count(where.get(b"offset", b"0"), label, "offset"), where.get(b"length")
+    length = None if length is None else _count(length, label, "length")
     for location in locations:
         if not location:
             raise ValueError(f"tensor {label!r} has an empty external_data location")
         try:
-            yield location.decode("utf-8")
+            yield ExternalRange(label, location.decode("utf-8"), offset, length)
         except UnicodeDecodeError:
             raise ValueError(f"tensor {label!r} has an external_data location that is not UTF-8") from None
+
+
+def _count(raw: bytes, tensor: str, key: str) -> int:
+    """A non-negative decimal integer, as an external_data offset or length must be."""
+    text = raw.decode("ascii", "replace")
+    if not text.isdigit():
+        raise ValueError(f"tensor {tensor!r} has external_data {key} {text[:40]!r}, not a non-negative integer")
+    return int(text)
 
 
 def _string_entry(entry: memoryview) -> tuple[bytes, bytes]:

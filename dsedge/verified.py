@@ -41,7 +41,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from dsedge.errors import UserError
-from dsedge.onnx_refs import external_data_locations
+from dsedge.onnx_refs import external_data_ranges
 
 log = logging.getLogger(__name__)
 
@@ -384,7 +384,7 @@ def checked_graph(opener: Opener, rel: str, *, what: str, error: type[UserError]
     problem = None
     with mapped(path) as buf:
         try:
-            locations = external_data_locations(buf)
+            ranges = external_data_ranges(buf)
             if inspect is not None:
                 inspect(buf)
         except ValueError as exc:  # the walker's "malformed protobuf"; released here, before the unmap
@@ -392,7 +392,13 @@ def checked_graph(opener: Opener, rel: str, *, what: str, error: type[UserError]
     if problem is not None:
         raise error(f"{what} {rel} is not a valid ONNX file ({problem})", where=str(path), hint=hint)
     folder = PurePosixPath(rel).parent
-    for location in sorted(locations):
+    sizes: dict[str, int] = {}
+    for location in sorted({r.location for r in ranges}):
         target = location if folder == PurePosixPath(".") else f"{folder.as_posix()}/{location}"
-        opener(target, what=f"external data of {rel}")
+        sizes[location] = opener(target, what=f"external data of {rel}").stat().st_size
+    for r in ranges:  # within the file: onnxruntime would fail deep inside session creation otherwise
+        end = r.offset + (r.length or 0)
+        if r.offset > sizes[r.location] or end > sizes[r.location]:
+            raise error(f"{what} {rel}: tensor {r.tensor!r} reads bytes [{r.offset}, {end}) of {r.location}, "
+                        f"which has {sizes[r.location]}", where=str(path), hint=hint)
     return path

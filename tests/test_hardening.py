@@ -190,6 +190,39 @@ def test_verified_graph_path_refuses_sparse_external_data_outside(tmp_path):
         verified_graph_path(manifest(), SimpleNamespace(name="g", file="graph.onnx"))
 
 
+@pytest.mark.parametrize(("offset", "length", "message"), [
+    (10**9, 16, r"reads bytes \[1000000000, 1000000016\) of w\.bin, which has 64"),  # past the end
+    (60, 16, r"reads bytes \[60, 76\) of w\.bin, which has 64"),  # straddles the end
+    (65, None, r"reads bytes \[65, 65\) of w\.bin"),  # to the end of the file, from beyond it
+    ("-8", 16, "not a non-negative integer"),
+    ("0x10", 16, "not a non-negative integer"),
+])
+def test_external_data_outside_its_file_is_refused_before_onnxruntime(tmp_path, offset, length, message):
+    """A re-hashed bundle whose graph points past the end of a listed file: exit 3 naming the tensor and the
+    range, where onnxruntime would fail deep inside session creation (an internal error)."""
+    tensor = external("w.bin", "weights")
+    del tensor.external_data[:]
+    entries = {"location": "w.bin", "offset": str(offset)} | ({} if length is None else {"length": str(length)})
+    for key, value in entries.items():
+        tensor.external_data.add(key=key, value=value)
+    (tmp_path / "graph.onnx").write_bytes(model(graph("g", initializers=[tensor])))
+    (tmp_path / "w.bin").write_bytes(b"\0" * 64)
+    files = {rel: file_entry(tmp_path, rel) for rel in ("graph.onnx", "w.bin")}
+    manifest = Manifest(tmp_path, {"files": files}, None, VerifiedFiles(tmp_path, files, b"", error=BundleError))
+    with pytest.raises(BundleError, match=message) as caught:
+        verified_graph_path(manifest, SimpleNamespace(name="g", file="graph.onnx"))
+    assert caught.value.exit_code == 3
+
+
+def test_external_data_inside_its_file_passes(tmp_path):
+    tensor = external("w.bin", "weights")  # offset 0, length 16 of 64 bytes
+    (tmp_path / "graph.onnx").write_bytes(model(graph("g", initializers=[tensor])))
+    (tmp_path / "w.bin").write_bytes(b"\0" * 64)
+    files = {rel: file_entry(tmp_path, rel) for rel in ("graph.onnx", "w.bin")}
+    manifest = Manifest(tmp_path, {"files": files}, None, VerifiedFiles(tmp_path, files, b"", error=BundleError))
+    assert verified_graph_path(manifest, SimpleNamespace(name="g", file="graph.onnx")) == tmp_path / "graph.onnx"
+
+
 # --- safetensors headers -------------------------------------------------------------------------
 
 def write_safetensors(path, header: dict, data: bytes) -> None:
