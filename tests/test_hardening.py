@@ -484,3 +484,24 @@ def test_cli_refuses_a_rehashed_bundle_with_sparse_external_data_outside(tiny_ch
     error = json.loads(capsys.readouterr().out)["error"]
     assert "external data of " + manifest["graphs"][0]["file"] in error["message"]
     assert "secret.bin" in error["message"]
+
+
+def test_a_rehashed_graph_onnxruntime_cannot_load_exits_3(tiny_checkpoint, tmp_path, capsys):
+    """Hashes match (whoever edited the graph re-hashed the manifest), the paths are inside, but onnxruntime
+    refuses the model: the bundle's fault, named, not an internal error."""
+    from dsedge.cli import main
+    from dsedge.export.bundle import export_bundle
+
+    export_bundle(tiny_checkpoint("qwen2"), tmp_path / "b", max_context=16, validate=False)
+    manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    graph = manifest["graphs"][0]
+    proto = onnx.load(str(tmp_path / "b" / graph["file"]), load_external_data=False)
+    proto.graph.node[0].op_type = "NoSuchOperator"
+    onnx.save(proto, str(tmp_path / "b" / graph["file"]))
+    manifest["files"][graph["file"]] = file_entry(tmp_path / "b", graph["file"])
+    graph["sha256"] = manifest["files"][graph["file"]]["sha256"]
+    (tmp_path / "b" / "manifest.json").write_text(json.dumps(manifest))
+    assert main(["run", str(tmp_path / "b"), "-p", "hi", "-n", "2", "--json"]) == 3
+    error = json.loads(capsys.readouterr().out)["error"]
+    assert error["type"] == "BundleError" and "onnxruntime cannot load graph" in error["message"]
+    assert "NoSuchOperator" in error["message"] and error["where"].endswith(graph["file"])

@@ -14,7 +14,7 @@ from dsedge.runtime.cache import CacheBuffers
 from dsedge.runtime.chat import chat
 from dsedge.runtime.decode import generate_step
 from dsedge.runtime.generation import EncodingRule, SamplingParams, TextCodec, TextStream, encoding_rule_of
-from dsedge.runtime.session import GraphTimers, SessionConfig, TimedSession, make_session
+from dsedge.runtime.session import ORT_ERRORS, GraphTimers, SessionConfig, TimedSession, make_session
 
 
 def positions_from_mask(mask: np.ndarray, new_tokens: int) -> np.ndarray:
@@ -42,7 +42,13 @@ class Engine(ABC):
 
     def session(self, graph: GraphEntry) -> DeclaredSession:
         """A timed session of ``graph``, run by its declared inputs and outputs (``run_with``)."""
-        session = make_session(verified_graph_path(self.manifest, graph), self.session_config)
+        path = verified_graph_path(self.manifest, graph)
+        try:
+            session = make_session(path, self.session_config)
+        except ORT_ERRORS as exc:  # a graph that passed the checks but that onnxruntime cannot load
+            raise BundleError(f"onnxruntime cannot load graph {graph.name} ({graph.file}): {str(exc)[:300]}",
+                              where=str(path), hint=f"{TAMPERED}; if the bundle is as export wrote it, please "
+                              "report this with its manifest.json") from None
         if not hasattr(self, "_providers"):
             self._providers = list(session.get_providers())
         return DeclaredSession(TimedSession(session, graph.name, self.timers), graph)

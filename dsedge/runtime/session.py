@@ -176,6 +176,19 @@ def _uses_process_pool(config: SessionConfig) -> bool:
     return True
 
 
+def _onnxruntime_errors() -> tuple[type[BaseException], ...]:
+    """What onnxruntime raises when it cannot load a graph: its own exception classes (plain Exceptions) and the
+    RuntimeError its Python layer raises."""
+    from onnxruntime.capi import onnxruntime_pybind11_state as state
+
+    names = ("Fail", "InvalidArgument", "NoSuchFile", "NoModel", "EngineError", "RuntimeException",
+             "InvalidProtobuf", "ModelLoaded", "NotImplemented", "InvalidGraph", "EPFail")
+    return (RuntimeError, *(getattr(state, n) for n in names if isinstance(getattr(state, n, None), type)))
+
+
+ORT_ERRORS = _onnxruntime_errors()
+
+
 def make_session(path: Path, config: SessionConfig) -> ort.InferenceSession:
     options = ort.SessionOptions()
     if config.profile_prefix:
