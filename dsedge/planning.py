@@ -35,7 +35,8 @@ FLOAT_BYTES = {"fp32": 4, "fp16": 2}  # export's --dtype: every float tensor and
 PROCESS_BASE_BYTES = 80 * 1024**2
 # onnxruntime prepacks MatMulNBits/QMoE weights for its int8-activation kernels (accuracy level 4, the
 # presets' level): codes and scales plus one float block sum per (row, block), rows padded to 16 (MLAS's
-# QNBit "CompInt8" layout). Measured: packed RSS 1041 MiB for R1-Distill-Qwen-1.5B int4 (plan: 1008).
+# QNBit "CompInt8" layout). Measured: anonymous RSS 1042 MiB after loading R1-Distill-Qwen-1.5B int4, plan's
+# weights 1008 (benchmarks/run_memory.py).
 BLOCK_SUM_BYTES = 4
 # The MLA up-projection export absorbs into per-head float matrices (w_uk, w_uv_t): float even when quantized.
 ABSORBED = ".self_attn.kv_b_proj.weight"
@@ -181,9 +182,13 @@ def blocked_bytes(shape: tuple[int, int], quant: tuple[int, int | None], float_b
     ``scale_copies`` sets of one scale per block (a tied embedding keeps a second set for its head)."""
     bits, group = quant
     rows, cols = shape
-    block = group or PER_CHANNEL_BLOCK
-    blocks = math.ceil(cols / block)
-    return rows * blocks * block * bits // 8 + scale_copies * rows * blocks * float_bytes
+    blocks = matmul_blocks(cols, group)
+    return rows * blocks * (group or PER_CHANNEL_BLOCK) * bits // 8 + scale_copies * rows * blocks * float_bytes
+
+
+def matmul_blocks(cols: int, group: int | None) -> int:
+    """Blocks per row of a MatMulNBits matrix (a per-channel scale is repeated over PER_CHANNEL_BLOCK)."""
+    return math.ceil(cols / (group or PER_CHANNEL_BLOCK))
 
 
 def _head_and_embedding_bytes(spec: ModelSpec, tensors: list[TensorSpec], scheme: str, float_bytes: int
@@ -317,7 +322,7 @@ def _held(t: TensorSpec, quant: tuple[int, int | None] | None, float_bytes: int,
     if qmoe_block is not None:  # a routed expert inside a fused QMoE
         stored, blocks = qmoe_bytes(t, quant, float_bytes, qmoe_block), cols // qmoe_block if qmoe_block else 1
     else:
-        stored, blocks = blocked_bytes(t.shape, quant, float_bytes), math.ceil(cols / (quant[1] or PER_CHANNEL_BLOCK))
+        stored, blocks = blocked_bytes(t.shape, quant, float_bytes), matmul_blocks(cols, quant[1])
     return stored + math.ceil(rows / 16) * 16 * blocks * BLOCK_SUM_BYTES, stored
 
 

@@ -174,14 +174,19 @@ def test_walker_refuses_deep_nesting_and_lengths_past_the_end():
         external_data_locations(b"\x3a\xe8\x07" + b"\x00" * 10)
 
 
+def door(root, *rels):
+    """A manifest whose verified door lists exactly ``rels`` under ``root`` (their hashes as they are now)."""
+    files = {rel: file_entry(root, rel) for rel in rels}
+    return Manifest(root, {"files": files}, None, VerifiedFiles(root, files, b"", error=BundleError))
+
+
 def test_verified_graph_path_refuses_sparse_external_data_outside(tmp_path):
     data = model(graph("g", sparse_initializers=[helper.make_sparse_tensor(
         external("../outside.bin"), external("idx.bin", dtype=np.int64), [8])]))
     (tmp_path / "graph.onnx").write_bytes(data)
     (tmp_path / "idx.bin").write_bytes(b"\0" * 32)
     def manifest():  # the verified door over these two files (contents hashed: mode "recorded")
-        files = {rel: file_entry(tmp_path, rel) for rel in ("graph.onnx", "idx.bin")}
-        return Manifest(tmp_path, {"files": files}, None, VerifiedFiles(tmp_path, files, b"", error=BundleError))
+        return door(tmp_path, "graph.onnx", "idx.bin")
 
     with pytest.raises(BundleError, match="not a relative path inside the bundle"):
         verified_graph_path(manifest(), SimpleNamespace(name="g", file="graph.onnx"))
@@ -207,8 +212,7 @@ def test_external_data_outside_its_file_is_refused_before_onnxruntime(tmp_path, 
         tensor.external_data.add(key=key, value=value)
     (tmp_path / "graph.onnx").write_bytes(model(graph("g", initializers=[tensor])))
     (tmp_path / "w.bin").write_bytes(b"\0" * 64)
-    files = {rel: file_entry(tmp_path, rel) for rel in ("graph.onnx", "w.bin")}
-    manifest = Manifest(tmp_path, {"files": files}, None, VerifiedFiles(tmp_path, files, b"", error=BundleError))
+    manifest = door(tmp_path, "graph.onnx", "w.bin")
     with pytest.raises(BundleError, match=message) as caught:
         verified_graph_path(manifest, SimpleNamespace(name="g", file="graph.onnx"))
     assert caught.value.exit_code == 3
@@ -218,8 +222,7 @@ def test_external_data_inside_its_file_passes(tmp_path):
     tensor = external("w.bin", "weights")  # offset 0, length 16 of 64 bytes
     (tmp_path / "graph.onnx").write_bytes(model(graph("g", initializers=[tensor])))
     (tmp_path / "w.bin").write_bytes(b"\0" * 64)
-    files = {rel: file_entry(tmp_path, rel) for rel in ("graph.onnx", "w.bin")}
-    manifest = Manifest(tmp_path, {"files": files}, None, VerifiedFiles(tmp_path, files, b"", error=BundleError))
+    manifest = door(tmp_path, "graph.onnx", "w.bin")
     assert verified_graph_path(manifest, SimpleNamespace(name="g", file="graph.onnx")) == tmp_path / "graph.onnx"
 
 
