@@ -1,13 +1,14 @@
 """Monolithic vs partitioned, every expert resident: decode and TTFT of bundles of one checkpoint, side by side.
 
-Issue 12's goal "partitioned-all-resident ≥ 0.95× monolithic". A partitioned bundle runs two ways when all of
-a layer's expert partitions are resident: its layer_experts graph (one QMoE per layer, the default) or the
-partitions one by one (``fuse_layers=False``, what a memory budget runs). Each (bundle, way) cell runs in a
-fresh process, cells alternate within a round, rounds repeat; a bandwidth probe and the load average go with
+Issue 12's goal "partitioned-all-resident ≥ 0.95× monolithic". A partitioned bundle whose expert partitions are
+all resident runs three ways: as one graph composed of its graphs (``dsedge.runtime.compose``, the default),
+graph by graph with each layer's layer_experts graph (one QMoE per layer; ``compose=False``), or graph by graph
+through the partitions one by one (``fuse_layers=False``, what a memory budget runs). Each (bundle, way) cell
+runs in a fresh process, cells alternate within a round, rounds repeat; a bandwidth probe and the load average go with
 each round. Run it on a quiet machine (nothing else timing or testing):
 
-    .venv/bin/python benchmarks/layout_bench.py --monolithic benchmarks/out/ds3bench.int4.bundle \\
-        --partitioned benchmarks/out/ds3bench.int4.fused.bundle --rounds 3 --json out.json
+    .venv/bin/python benchmarks/layout_bench.py --monolithic benchmarks/out/ds3bench.int4.mono.bundle \\
+        --partitioned benchmarks/out/ds3bench.int4.part.bundle --rounds 3 --json out.json
 """
 
 from __future__ import annotations
@@ -31,15 +32,16 @@ from dsedge.runtime import load_bundle
 from dsedge.runtime.session import own_process_threads
 own_process_threads()  # as the dsedge command does: a partitioned bundle's sessions share one thread pool
 args = json.loads(sys.argv[1])
-engine = load_bundle(args["bundle"], fuse_layers=args["fuse"])
+engine = load_bundle(args["bundle"], fuse_layers=args["fuse"], compose=args["compose"])
 vocab = int(engine.spec["vocab_size"])
 decode = dsedge_context_curve(engine, vocab, args["contexts"], args["decode"])
 print(json.dumps({"decode": decode, "prefill": dsedge_prefill_tps(engine, vocab, args["prompt"])}))
 """
 
 
-def cell(bundle: Path, fuse: bool) -> dict:
-    args = {"bundle": str(bundle), "fuse": fuse, "contexts": CONTEXTS, "decode": DECODE, "prompt": PROMPT}
+def cell(bundle: Path, fuse: bool, compose: bool = False) -> dict:
+    args = {"bundle": str(bundle), "fuse": fuse, "compose": compose, "contexts": CONTEXTS, "decode": DECODE,
+            "prompt": PROMPT}
     out = subprocess.run([sys.executable, "-c", CELL, json.dumps(args)], check=True, capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -53,7 +55,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
-    ways = {"monolithic": (args.monolithic, True), "partitioned_fused": (args.partitioned, True),
+    ways = {"monolithic": (args.monolithic, True), "partitioned_composed": (args.partitioned, True, True),
+            "partitioned_fused": (args.partitioned, True),
             "partitioned_per_partition": (args.partitioned, False)}
     rounds = []
     for r in range(args.rounds):

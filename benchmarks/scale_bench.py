@@ -162,7 +162,7 @@ else:  # measure: load, decode per token at each cached length, prefill of a pro
     from dsedge.runtime.session import own_process_threads
     own_process_threads()  # as the dsedge command does: a partitioned bundle's sessions share one thread pool
     engine = load_bundle(args["src"], memory_budget_bytes=args.get("budget"), verify=args.get("verify", True),
-                         fuse_layers=args.get("fuse_layers", True))
+                         compose=args.get("compose", True))
     loaded = time.perf_counter() - started
     decode = dsedge_context_curve(engine, args["vocab"], args["contexts"], args["decode"])
     prefill = dsedge_prefill_tps(engine, args["vocab"], args["prompt"])
@@ -289,9 +289,9 @@ def measure(result: dict, rounds: int, vocab: int) -> dict:
             cells = record["cells"][recipe] = {"resident": step("measure", src=str(bundle), **shape)}
             manifest = json.loads((bundle / "manifest.json").read_text())
             placement = manifest.get("placement") or {}
-            if any(g.get("role") == "layer_experts" for g in manifest["graphs"]):
-                # the same bundle, every expert resident, through the per-partition graphs (a budget's path)
-                cells["resident_partitions"] = step("measure", src=str(bundle), fuse_layers=False, **shape)
+            if manifest.get("layout") == "partitioned":
+                # the same bundle, every expert resident, graph by graph (layer_experts graphs; no composition)
+                cells["resident_layered"] = step("measure", src=str(bundle), compose=False, **shape)
             if placement.get("expert_bytes"):
                 budget = placement["expert_bytes"] // 4  # the runtime's budget is over expert partitions only
                 cells["25pct"] = step("measure", src=str(bundle), budget=budget, **shape)
@@ -316,7 +316,7 @@ def summary(result: dict) -> dict:
         if not cells:
             continue
         row = {}
-        for kind in ("resident", "resident_partitions", "25pct", "llamacpp"):
+        for kind in ("resident", "resident_layered", "25pct", "llamacpp"):
             runs = [c[kind] for c in cells if kind in c]
             if not runs:
                 continue
@@ -332,8 +332,8 @@ def summary(result: dict) -> dict:
             row["ratio_resident"] = {k: round(row["resident"][k] / row["llamacpp"][k], 3)
                                      for k in row["llamacpp"] if k.startswith("decode") and row["llamacpp"][k]}
             row["ratio_resident"]["ttft"] = round(row["llamacpp"]["ttft_ms"] / row["resident"]["ttft_ms"], 3)
-        if "resident_partitions" in row:
-            row["fused_vs_partitions"] = {k: round(row["resident"][k] / row["resident_partitions"][k], 3)
+        if "resident_layered" in row:
+            row["composed_vs_layered"] = {k: round(row["resident"][k] / row["resident_layered"][k], 3)
                                           for k in row["resident"] if k.startswith("decode")}
         if "25pct" in row:
             row["25pct_time_per_token_vs_resident"] = {

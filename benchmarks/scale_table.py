@@ -56,7 +56,7 @@ def speed_rows(result: dict) -> list[str]:
             ours = _per_round(result, recipe, "resident", metric)
             theirs = _per_round(result, recipe, "llamacpp", metric)
             quarter = _per_round(result, recipe, "25pct", metric)
-            split = _per_round(result, recipe, "resident_partitions", metric)
+            split = _per_round(result, recipe, "resident_layered", metric)
             if metric == "ttft_ms":
                 ratio = [t / o for o, t in zip(ours, theirs, strict=False)]
             else:
@@ -70,7 +70,7 @@ def run_rows(result: dict) -> list[str]:
     rows = []
     summary = result.get("summary", {})
     for recipe, row in summary.items():
-        for kind in ("resident", "resident_partitions", "25pct"):
+        for kind in ("resident", "resident_layered", "25pct"):
             if kind not in row:
                 continue
             loads = row[kind]["load_seconds"]
@@ -97,7 +97,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|")
     for r in results:
         print("\n".join(pipeline_rows(r)))
-    print("\n| model | recipe | metric | dsedge resident | resident, per-partition graphs | dsedge 25% resident "
+    print("\n| model | recipe | metric | dsedge resident | resident, graph by graph | dsedge 25% resident "
           "| llama.cpp | dsedge ÷ llama.cpp |")
     print("|---|---|---|---|---|---|---|---|")
     for r in results:

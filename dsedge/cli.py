@@ -447,6 +447,9 @@ def add_engine_flags(cmd, *, threads_list: bool = False) -> None:
                      help="partitioned bundles: expert partitions kept loaded, e.g. 2G or 512M (LRU beyond)")
     cmd.add_argument("--prefetch-experts", action="store_true",
                      help="partitioned bundles: load the next layer's likely partitions in the background")
+    cmd.add_argument("--graph-by-graph", action="store_true",
+                     help="partitioned bundles: run the prelude, each layer, its experts and the head as separate "
+                          "sessions even when every expert is resident (default then: one graph composed of them)")
     cmd.add_argument("--verify", action="store_true",
                      help="hash every bundle (and index) file now, ignoring the record of earlier verifications "
                           "(by default a file is hashed when first opened, unless unchanged since it last matched)")
@@ -528,7 +531,7 @@ def load_engine(args):
     bundle = resolve_bundle(args.bundle)
     engine = load_bundle(bundle, target=args.target or default_target(bundle), threads=args.threads,
                          memory_budget_bytes=args.memory_budget, prefetch_experts=args.prefetch_experts,
-                         verify="full" if args.verify else True)
+                         verify="full" if args.verify else True, compose=not args.graph_by_graph)
     configure(engine, args.speculative, args.draft_tokens)
     retriever = open_retriever(engine, args.index) if (args.index or args.rag) else None
     if args.rag and retriever is None:

@@ -60,7 +60,7 @@ def _run(args):
     def open_engine(count: int | None):
         engine = load_bundle(args.bundle, target=args.target, threads=count, memory_budget_bytes=args.memory_budget,
                              prefetch_experts=args.prefetch_experts, verify="full" if args.verify else True,
-                             shared_threads=shared)
+                             shared_threads=shared, compose=not args.graph_by_graph)
         configure(engine, args.speculative, args.draft_tokens)
         return engine
 
@@ -93,7 +93,8 @@ def _render(r) -> None:
 
 def render_profile(r) -> str:
     mib, d = 1024 * 1024, r.decode_ms_per_token
-    lines = [f"{r.bundle} ({r.layout}) on {', '.join(r.providers)}, threads {r.threads or 'default'}; "
+    layout = f"{r.layout}, composed into one graph" if r.layout == "partitioned" and r.one_graph else r.layout
+    lines = [f"{r.bundle} ({layout}) on {', '.join(r.providers)}, threads {r.threads or 'default'}; "
              f"{r.trials} trials of {r.prompt_tokens} prompt + {r.gen_tokens} generated tokens",
              f"  TTFT            {r.ttft_ms['p50']:8.1f} ms p50  {r.ttft_ms['p90']:8.1f} ms p90   "
              f"prefill {r.prefill_tokens_per_s:,.0f} tokens/s",

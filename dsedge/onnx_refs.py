@@ -190,3 +190,6 @@ def _tensor_dims(tensor: memoryview) -> tuple[tuple[int, ...], bytes]:
                 dim, pos = _varint(value, pos)
                 dims.append(dim)
     return tuple(dims), name
+
+
+message_fields = _fields  # the field reader, for dsedge.runtime.compose's rewriting of stage graphs

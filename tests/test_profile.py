@@ -110,7 +110,7 @@ def test_target_threads_are_capped_at_the_cores_available(bundles):
 # --- the ends of the model, the plot, sweeps ----------------------------------------------------------
 
 def test_embedding_and_lm_head_are_timed_in_both_layouts(bundles):
-    part = profile_bundle(bundles["partitioned"], prompt_tokens=8, gen_tokens=4, trials=2)
+    part = profile_bundle(bundles["partitioned"], prompt_tokens=8, gen_tokens=4, trials=2, compose=False)
     by_name = {g["name"]: g["decode_ms_per_token"] for g in part.graphs}
     assert part.embed_ms_per_token == by_name["prelude"] and part.head_ms_per_token == by_name["head"] > 0
     assert len(part.trial_prefill_tokens_per_s) == 2 and len(part.trial_decode_tokens_per_s) == 2
@@ -121,6 +121,23 @@ def test_embedding_and_lm_head_are_timed_in_both_layouts(bundles):
     assert layers + mono.head_ms_per_token + mono.embed_ms_per_token == pytest.approx(total, rel=1e-3)
 
 
+def test_a_composed_partitioned_bundle_is_split_by_layer_from_the_node_profile(bundles, capsys):
+    """Every expert resident: one composed graph, timed as one; the node profile splits it by layer as it
+    splits a monolithic graph (the composed graph's nodes carry the layers.N/ prefix)."""
+    r = profile_bundle(bundles["partitioned"], prompt_tokens=8, gen_tokens=4, trials=1, by_op=True)
+    assert r.one_graph and r.layout == "partitioned"
+    assert [g["name"] for g in r.graphs] == []  # no bundle graph ran on its own
+    assert [row["layer"] for row in r.layers] == [0, 1, 2]
+    total = sum(o["ms_per_token"] for o in r.ops)
+    layers = sum(row["ms_per_token"] for row in r.layers)
+    assert layers + r.head_ms_per_token + r.embed_ms_per_token == pytest.approx(total, rel=1e-3)
+    assert r.experts["hits"] > 0 and r.experts["misses"] == 0
+    assert main(["profile", bundles["partitioned"], "-p", "4", "-n", "2", "-r", "1"]) == 0
+    assert "(partitioned, composed into one graph)" in capsys.readouterr().out
+    assert main(["profile", bundles["partitioned"], "-p", "4", "-n", "2", "-r", "1", "--graph-by-graph"]) == 0
+    assert "(partitioned) on" in capsys.readouterr().out
+
+
 def test_plot_puts_the_lm_head_beside_the_layers_and_decode_on_its_own_axis(bundles):
     import matplotlib
 
@@ -129,7 +146,7 @@ def test_plot_puts_the_lm_head_beside_the_layers_and_decode_on_its_own_axis(bund
 
     from dsedge.runtime.profile_plot import _decode_parts, profile_figure
 
-    r = profile_bundle(bundles["partitioned"], prompt_tokens=8, gen_tokens=4, trials=1)
+    r = profile_bundle(bundles["partitioned"], prompt_tokens=8, gen_tokens=4, trials=1, compose=False)
     parts = dict(_decode_parts(r))
     assert parts["LM head"] == r.head_ms_per_token and parts["embedding"] == r.embed_ms_per_token
     assert sum(parts.values()) == pytest.approx(r.decode_ms_per_token["mean"], rel=1e-3)

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from dsedge import __version__, safe_json
-from dsedge.contract import DECODER, DRAFT, EXPERTS, LAYER_EXPERTS, decoder_io
+from dsedge.contract import DECODER, DRAFT, EXPERTS, decoder_io
 from dsedge.errors import UserError
 from dsedge.export.decoder import build_decoder, cache_spec, graph_shapes
 from dsedge.export.embedding import EMBEDDING, RequantizedEmbedding, embedding_scheme, quantize_embedding
@@ -133,8 +133,7 @@ def export_bundle(checkpoint: str | Path, output: str | Path, *, target=None, la
             if quantized or head_bits else None
         del weights  # the top arrays: validation reads (and re-quantizes) what it needs from the checkpoint
         requantized = RequantizedEmbedding(ckpt, embedding, accuracy_level) if embedding else None
-        fused = any(g.role == LAYER_EXPERTS for g in graphs)
-        checks = _validate(ckpt, tmp, layout, dtype, level, requantized, fused) if validate else []
+        checks = _validate(ckpt, tmp, layout, dtype, level, requantized) if validate else []
         manifest["validation"] = {"dtype": dtype, "accuracy_level": level, "checks": [c.to_json() for c in checks],
                                   "passed": bool(checks)}
         written = write_manifest(tmp, manifest)
@@ -358,17 +357,20 @@ def _tokenizer_info(src: Path, spec) -> dict[str, Any]:
 
 
 def _validate(ckpt: Checkpoint, root: Path, layout: str, dtype: str, accuracy_level: int | None,
-              embedding: QuantizedWeight | None = None, fused: bool = False):
+              embedding: QuantizedWeight | None = None):
     """Validate against transformers' decoder layers on our weights, one at a time; a quantized ``embedding``
     (and with it a tied head) is dequantized into the reference, as the checkpoint's quantized linears are."""
     log.info("export: validating against the PyTorch reference (transformers' decoder layers, one at a time)")
     bits = [q.bits for q in ckpt.quantization.values()] + ([embedding.bits] if embedding is not None else [])
     precision = precision_of(dtype, accuracy_level, bits)
     reference = StreamedReference(ckpt, embedding=embedding)  # dequantized by the reference, block by block
-    # A bundle with layer_experts graphs is run both ways: fused (what a resident run takes) and through its
-    # expert partitions (what a memory budget takes), both checked against the one reference pass.
+    # A partitioned bundle is run both ways: as one composed graph with its fused layer_experts graphs (what a
+    # resident run takes), and graph by graph through its expert partitions (what a memory budget takes; its
+    # per-layer states locate a wrong layer), both checked against the one reference pass.
+    layered = layout == "partitioned"
     checks = validate_bundle(lambda: load_bundle(root), reference, precision=precision,
-                             open_partitions=(lambda: load_bundle(root, fuse_layers=False)) if fused else None)
+                             open_partitions=(lambda: load_bundle(root, fuse_layers=False, compose=False))
+                             if layered else None)
     raise_on_failure(checks, "decoder" if layout == "monolithic" else "partitioned trunk + experts")
     return checks
 

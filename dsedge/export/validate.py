@@ -131,7 +131,7 @@ def observe_bundle(engine, seed: int = 0) -> Observed:
 
 def _trace(engine, prompt: list[int]) -> list[np.ndarray] | None:
     """Each layer's output on ``prompt`` where the bundle runs layers as separate graphs (partitioned)."""
-    if getattr(engine, "trace", "absent") == "absent":
+    if not getattr(engine, "traces_layers", False):  # one graph (monolithic, or partitioned composed)
         return None
     engine.trace = []
     try:
@@ -193,7 +193,8 @@ def compare(observed: Observed, reference, precision: str, partitions: Observed 
             checks.append(_token_check("partitions.greedy_16_vs_fused", partitions.greedy, observed.greedy,
                                        bound.greedy_identical, "partitions", "fused"))
     if not all(c.passed for c in checks):
-        checks.append(locate_layer(checks, observed.trace is not None))
+        checks.append(locate_layer(checks, observed.trace is not None or (partitions is not None
+                                                                          and partitions.trace is not None)))
     return checks
 
 

@@ -15,7 +15,8 @@ from dsedge.targets import AUTO_NAME, detect_target, load_target
 def load_bundle(path: str | Path, target=None, memory_budget_bytes: int | None = None,
                 providers: list[str] | None = None, threads: int | None = None, *, verify: bool | str = True,
                 profile_dir: str | Path | None = None, prefetch_experts: bool = False,
-                spin: bool | None = None, fuse_layers: bool = True, shared_threads: bool | None = None) -> Engine:
+                spin: bool | None = None, fuse_layers: bool = True, shared_threads: bool | None = None,
+                compose: bool = True) -> Engine:
     """Open a bundle written by `dsedge export`: verify it, create sessions, return an Engine.
 
     ``target`` (name, file or Target) supplies default providers and threads; explicit arguments win.
@@ -38,6 +39,10 @@ def load_bundle(path: str | Path, target=None, memory_budget_bytes: int | None =
     ``dsedge.runtime.session.own_process_threads()`` (the CLI does) for partitioned bundles.
     ``fuse_layers`` (partitioned): a layer whose expert partitions are all resident runs its one fused experts
     graph where the bundle has it (the default; False runs the partitions, as validation checks them).
+    ``compose`` (partitioned): when every expert partition is resident (no budget, or one they all fit in), run
+    the prelude, the layers with their experts and the head as one graph composed in memory from the bundle's
+    graphs over the same files (``dsedge.runtime.compose``; sessions as for a monolithic bundle: spinning on
+    unless ``spin`` says otherwise). False runs them graph by graph, as a budget does.
     """
     # The runtime reads a target's providers and threads only: `auto` skips detection's bandwidth probe (two
     # 64 MiB buffers copied for 0.1 s: +100 MiB peak RSS on every `dsedge run` of a bundle without a target).
@@ -47,11 +52,12 @@ def load_bundle(path: str | Path, target=None, memory_budget_bytes: int | None =
     threads = threads or (_available_threads(tgt.threads) if tgt else None)
     manifest = open_manifest(path, verify=verify)
     prefix = f"{Path(profile_dir)}/" if profile_dir is not None else None
-    config = SessionConfig(tuple(providers), threads, spin, profile_prefix=prefix,
-                           shared_threads=shared_threads).for_layout(manifest.contract.layout)
+    asked = SessionConfig(tuple(providers), threads, spin, profile_prefix=prefix, shared_threads=shared_threads)
+    config = asked.for_layout(manifest.contract.layout)
     if manifest.contract.layout == "partitioned":
         engine = PartitionedEngine(manifest, config, memory_budget_bytes, prefetch=prefetch_experts,
-                                   fuse_layers=fuse_layers)
+                                   fuse_layers=fuse_layers,
+                                   whole_config=asked.for_layout("monolithic") if compose else None)
     else:
         engine = MonolithicEngine(manifest, config)
     return engine

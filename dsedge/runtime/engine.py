@@ -26,6 +26,7 @@ class Engine(ABC):
     """Generation over a bundle; subclasses say how one forward pass runs (one graph, or trunk + experts)."""
 
     layout = "abstract"
+    traces_layers = False  # whether a forward pass can record each layer's output (``trace``; validation)
 
     def __init__(self, manifest: Manifest, session_config: SessionConfig):
         self.manifest = manifest
@@ -40,11 +41,15 @@ class Engine(ABC):
         """The manifest's graphs of ``role`` (dsedge.contract.ROLES) whose fields equal ``match``."""
         return self.manifest.contract.graphs_in(role, **match)
 
-    def session(self, graph: GraphEntry) -> DeclaredSession:
-        """A timed session of ``graph``, run by its declared inputs and outputs (``run_with``)."""
-        path = verified_graph_path(self.manifest, graph)
+    def session(self, graph: GraphEntry, model: bytes | None = None,
+                config: SessionConfig | None = None) -> DeclaredSession:
+        """A timed session of ``graph``, run by its declared inputs and outputs (``run_with``). ``model``: the
+        serialized graph itself (a composed one, built from verified graphs), its external data resolved from
+        the bundle root."""
+        path = verified_graph_path(self.manifest, graph) if model is None else self.manifest.root
         try:
-            session = make_session(path, self.session_config)
+            session = make_session(path if model is None else model, config or self.session_config,
+                                   data_root=None if model is None else self.manifest.root, stem=graph.name)
         except ORT_ERRORS as exc:  # a graph that passed the checks but that onnxruntime cannot load
             raise BundleError(f"onnxruntime cannot load graph {graph.name} ({graph.file}): {str(exc)[:300]}",
                               where=str(path), hint=f"{TAMPERED}; if the bundle is as export wrote it, please "

@@ -59,6 +59,9 @@ class ProfileReport:
     # Each timed trial's rates (a sweep's ± stddev).
     trial_prefill_tokens_per_s: list[float] = field(default_factory=list)
     trial_decode_tokens_per_s: list[float] = field(default_factory=list)
+    # The forward pass ran as one graph (monolithic, or a partitioned bundle whose experts are all resident,
+    # composed: dsedge.runtime.compose); its split by layer comes from the node profile, as for monolithic.
+    one_graph: bool = False
 
     def to_json(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -74,11 +77,12 @@ class _Trial:
 
 
 def profile_bundle(bundle: str | Path, *, target=None, threads: int | None = None, providers: list[str] | None = None,
-                   memory_budget_bytes: int | None = None, prefetch_experts: bool = False,
+                   memory_budget_bytes: int | None = None, prefetch_experts: bool = False, compose: bool = True,
                    **options) -> ProfileReport:
-    """Load ``bundle`` and profile it (``profile_engine``'s options); see the module docstring for the method."""
+    """Load ``bundle`` and profile it (``profile_engine``'s options); see the module docstring for the method.
+    ``compose``: as ``load_bundle``'s (False: a partitioned bundle's graphs timed one by one)."""
     engine = load_bundle(bundle, target=target, threads=threads, providers=providers,
-                         memory_budget_bytes=memory_budget_bytes, prefetch_experts=prefetch_experts)
+                         memory_budget_bytes=memory_budget_bytes, prefetch_experts=prefetch_experts, compose=compose)
     return profile_engine(engine, target=target, memory_budget_bytes=memory_budget_bytes, **options)
 
 
@@ -110,9 +114,9 @@ def profile_engine(engine, *, prompt_tokens: int = 128, gen_tokens: int = 64, tr
         report.speculative = _speculative_profile(engine, speculation, prompt, gen_tokens, runs)
     if retriever is not None:
         report.retrieval = _retrieval_profile(engine, retriever, question, trials, gen_tokens)
-    if by_op or (plot and engine.layout == "monolithic"):
+    if by_op or (plot and report.one_graph):
         report.ops, op_layers, ends = _op_profile(bundle, engine, prompt, gen_tokens, target, memory_budget_bytes)
-        if engine.layout == "monolithic":
+        if report.one_graph:
             report.layers = op_layers
             report.embed_ms_per_token, report.head_ms_per_token = ends["embed"], ends["head"]
     if plot:
@@ -214,7 +218,8 @@ def _report(engine, bundle, runs: list[_Trial], prompt_tokens: int, gen_tokens: 
         graph_bytes=sum(int(f["bytes"]) for rel, f in engine.manifest.files.items() if rel.startswith("graphs/")),
         embed_ms_per_token=by_kind["prelude"], head_ms_per_token=by_kind["head"],
         trial_prefill_tokens_per_s=[prompt_tokens / r.ttft_s for r in runs],
-        trial_decode_tokens_per_s=[len(r.step_s) / sum(r.step_s) for r in runs if r.step_s])
+        trial_decode_tokens_per_s=[len(r.step_s) / sum(r.step_s) for r in runs if r.step_s],
+        one_graph=not engine.traces_layers)
 
 
 def _summary(ms: np.ndarray) -> dict[str, float]:
@@ -262,7 +267,8 @@ def _op_profile(bundle, engine, prompt: list[int], gen_tokens: int, target, budg
 
     with tempfile.TemporaryDirectory(prefix="dsedge-profile-") as tmp:
         profiled = load_bundle(bundle, target=target, memory_budget_bytes=budget, threads=engine.session_config.threads,
-                               providers=list(engine.session_config.providers), profile_dir=tmp)
+                               providers=list(engine.session_config.providers), profile_dir=tmp,
+                               compose=not engine.traces_layers)
         _run_trial(profiled, prompt, gen_tokens)
         files = [s.end_profiling() for s in _sessions(profiled)]
         events = [e for f in files if f for e in json.loads(Path(f).read_text())]

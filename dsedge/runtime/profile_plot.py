@@ -87,7 +87,7 @@ def _decode_parts(report) -> list[tuple[str, float]]:
     overhead and waiting for expert partitions."""
     load, outside = report.expert_load_ms_per_token, report.outside_ort_ms_per_token
     graphs = report.decode_ms_per_token["mean"] - outside - load
-    if report.layout == "partitioned":  # graph timers: the layers are everything the graphs took but the ends
+    if not report.one_graph:  # graph timers: the layers are everything the graphs took but the ends
         embed, head = report.embed_ms_per_token or 0.0, report.head_ms_per_token or 0.0
         experts = sum(r.get("experts_ms_per_token", 0.0) for r in report.layers)
         parts = [("embedding", embed), ("attention, router, shared", graphs - embed - head - experts),
@@ -123,7 +123,7 @@ def _layer_bars(ax, report) -> None:
             ax.text(i, 0, "n/a", ha="center", va="bottom", fontsize=8)
     ax.set_xticks(x, names, rotation=0 if len(names) <= 16 else 90, fontsize=8 if len(names) <= 40 else 6)
     ax.set_xlabel("layer")
-    per = "decoded token" if report.layout == "partitioned" else "generated token (node profile, whole trial)"
+    per = "decoded token" if not report.one_graph else "generated token (node profile, whole trial)"
     ax.set_ylabel(f"ms per {per}")
     ax.set_title("time per layer, with the embedding and the LM head", fontsize=10)
     ax.set_ylim(0, max([*total, *(v or 0.0 for v in ends)], default=1.0) * 1.18)  # the legend above the bars

@@ -189,11 +189,16 @@ def _onnxruntime_errors() -> tuple[type[BaseException], ...]:
 ORT_ERRORS = _onnxruntime_errors()
 
 
-def make_session(path: Path, config: SessionConfig) -> ort.InferenceSession:
+def make_session(path: Path | bytes, config: SessionConfig, *, data_root: Path | None = None,
+                 stem: str = "decoder") -> ort.InferenceSession:
+    """A session of the ONNX file ``path``, or of a serialized model (``bytes``, e.g. a composed graph) whose
+    external-data locations are relative to ``data_root``; ``stem`` names a serialized model's profile."""
     options = ort.SessionOptions()
     if config.profile_prefix:
         options.enable_profiling = True
-        options.profile_file_prefix = f"{config.profile_prefix}{path.stem}"
+        options.profile_file_prefix = f"{config.profile_prefix}{stem if isinstance(path, bytes) else path.stem}"
+    if data_root is not None:
+        options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(data_root))
     if _uses_process_pool(config):
         options.use_per_session_threads = False
     elif config.threads:
@@ -208,4 +213,5 @@ def make_session(path: Path, config: SessionConfig) -> ort.InferenceSession:
         _warned_providers.update(missing)
         log.warning("execution provider(s) %s not available in this onnxruntime build (%s); using %s",
                     ", ".join(missing), ", ".join(sorted(available)), ", ".join(providers))
-    return ort.InferenceSession(str(path), sess_options=options, providers=providers)
+    source = path if isinstance(path, bytes) else str(path)
+    return ort.InferenceSession(source, sess_options=options, providers=providers)
