@@ -111,6 +111,24 @@ def test_a_graph_with_a_subgraph_is_not_composed():
         Composer(set()).add(Stage("layers.0", model.SerializeToString(), "graphs"))
 
 
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+def test_a_tied_head_reads_the_preludes_matrix_once_in_the_composed_graph(built, precision):
+    """Stages that reference the same bytes of the same file (a tied head and the prelude's embedding) share
+    one initializer in the composed graph: the matrix is loaded once, not once per stage."""
+    bundle, _ = built("qwen2", precision, tied=True)
+    engine = load_bundle(bundle)
+    from dsedge.runtime.partitioned import PartitionedEngine
+
+    model = onnx.load_from_string(_composed_bytes(engine, PartitionedEngine))
+    matrices = [t.name for t in model.graph.initializer if t.data_location == TensorProto.EXTERNAL
+                and t.name.split("/")[-1] in ("model.embed_tokens.weight", "model.embed_tokens.qweight",
+                                              "lm_head.weight", "lm_head.qweight")]
+    assert len(matrices) == 1 and matrices[0].startswith("prelude/")
+    layered = load_bundle(bundle, compose=False)
+    np.testing.assert_allclose(engine.logits(PROMPT), layered.logits(PROMPT), rtol=0, atol=1e-5)
+    assert engine.greedy(PROMPT, 8) == layered.greedy(PROMPT, 8)
+
+
 def test_composed_model_is_a_closed_onnx_graph_with_bundle_relative_locations(built):
     """The composer edits protobuf at the wire level (the runtime has no onnx package): the onnx package parses
     its output; every node reads a value defined before it; every external location is relative to the bundle

@@ -69,6 +69,9 @@ class Composer:
         self._initializers: list[bytes] = []
         self._outputs: list[bytes] = []
         self._node_names: set[str] = set()
+        # (type, dims, file, offset, length) of each external initializer → its name: a tensor two stages
+        # reference (a tied head's embedding matrix) is one initializer, its bytes loaded once
+        self._by_reference: dict[bytes, str] = {}
 
     @property
     def input_names(self) -> list[str]:
@@ -85,13 +88,22 @@ class Composer:
         rename = {name: self._input(name, raw) for name, _, raw in inputs}
         produced = {name: name if name in self.global_outputs else f"{stage.prefix}/{name}" for name, _, _ in outputs}
 
+        alias: dict[str, str] = {}  # initializers that are an earlier stage's (the same bytes of the same file)
+
         def name(value: str) -> str:
             if not value:
                 return value  # an omitted optional input
-            return rename.get(value) or produced.get(value) or f"{stage.prefix}/{value}"
+            return rename.get(value) or produced.get(value) or alias.get(value) or f"{stage.prefix}/{value}"
 
         for tensor in parts.get(5, []):
-            self._initializers.append(_tensor(tensor, name, stage.folder))
+            own = _tensor(tensor, name, stage.folder)
+            key = _external_key(own)
+            if key is not None and key in self._by_reference:  # a tied head reads the prelude's embedding
+                alias[_tensor_name(tensor)] = self._by_reference[key]
+                continue
+            if key is not None:
+                self._by_reference[key] = name(_tensor_name(tensor))
+            self._initializers.append(own)
         for node in parts.get(1, []):
             self._nodes.append(self._node_copy(node, name, stage.prefix))
         out = {}
@@ -215,6 +227,19 @@ def _tensor(tensor: memoryview, name, folder: str) -> bytes:
         else:
             out.append(_raw_field(field, wire, value))
     return b"".join(out)
+
+
+def _tensor_name(tensor: memoryview) -> str:
+    return next((bytes(v).decode() for f, w, v in message_fields(tensor) if f == 8 and w == 2), "")
+
+
+def _external_key(tensor: bytes) -> bytes | None:
+    """Everything but the name of an external-data TensorProto (dims, type, location, offset, length): equal
+    keys are the same bytes of the same file. None for a tensor stored inline."""
+    fields = list(message_fields(memoryview(tensor)))
+    if not any(f == 14 and w == 0 and v == 1 for f, w, v in fields):
+        return None
+    return b"".join(_raw_field(f, w, v) for f, w, v in fields if f != 8)
 
 
 def _external(tensor: memoryview) -> bool:
