@@ -98,23 +98,23 @@ def _client(url: str):
 class ExpertTally:
     """Routed-expert traffic of each batched decode step of a partitioned MoE engine.
 
-    Observes, never changes: ``engine.forward`` notes each pass's [B, T]; the engine's per-layer routing step
-    (``_routed``, handed the layer's ``expert_ids`` [B·T, top_k]) notes which experts each row chose. A pass
-    with T = 1 and B > 1 is a batched decode step."""
+    Observes, never changes: ``engine.forward`` notes each pass's [B, T]; the engine's per-layer routing report
+    (``_touched``, handed the layer's ``expert_ids`` [B·T, top_k], on the composed graph and graph by graph alike)
+    notes which experts each row chose. A pass with T = 1 and B > 1 is a batched decode step."""
 
     def __init__(self, engine):
         self.engine, self.steps = engine, []
         self._shape, self._layers = None, []
-        self._forward, self._routed = engine.forward, engine._routed
-        engine.forward, engine._routed = self._observed_forward, self._observed_routed
+        self._forward, self._touched = engine.forward, engine._touched
+        engine.forward, engine._touched = self._observed_forward, self._observed_touched
 
     @staticmethod
     def applies(engine) -> bool:
         """Whether the engine routes rows to expert partitions (a partitioned MoE bundle)."""
-        return hasattr(engine, "_routed") and bool(getattr(engine, "partitions_by_layer", None))
+        return hasattr(engine, "_touched") and bool(getattr(engine, "partitions_by_layer", None))
 
     def close(self) -> None:
-        self.engine.forward, self.engine._routed = self._forward, self._routed
+        self.engine.forward, self.engine._touched = self._forward, self._touched
 
     def _observed_forward(self, ids, mask, cache, **options):
         self._shape, self._layers = ids.shape, []
@@ -125,12 +125,10 @@ class ExpertTally:
             if width == 1 and rows > 1 and self._layers:
                 self.steps.append(step_traffic(self._layers, rows))
 
-    def _observed_routed(self, layer, result):
-        from dsedge.contract import EXPERT_IDS
-
-        self._layers.append((np.asarray(result[EXPERT_IDS]).reshape(self._shape[0], -1),
+    def _observed_touched(self, layer, expert_ids):
+        self._layers.append((np.asarray(expert_ids).reshape(self._shape[0], -1),
                              self.engine.partitions_by_layer.get(layer, [])))
-        return self._routed(layer, result)
+        return self._touched(layer, expert_ids)
 
     def summary(self) -> dict | None:
         """Mean traffic ratios per batch size over the steps seen (None: no batched step)."""

@@ -70,7 +70,9 @@ class PartitionedEngine(Engine):
         if self.decoder is not None:
             self.session_config = whole_config  # later sessions (the MTP draft) too
             self.fused = {}
-            self.experts = ExpertCache(parts, self.session, [], None)  # counts only: the graph holds them all
+            # no partition session: the composed graph holds them all (resident), the cache only counts hits
+            self.experts = ExpertCache(parts, self.session, [], None)
+            self.experts.resident = set(parts)
             return
         self.prelude = self.session(self.graph(PRELUDE)[0])
         self.layer_sessions = [self.session(self.graph(LAYER, layer=i)[0]) for i in range(self.layers)]
@@ -151,9 +153,8 @@ class PartitionedEngine(Engine):
         in_place = cache.in_place_outputs()
         if self.decoder is not None:
             result = self.decoder.run_with(values, in_place)
-            for layer, group in self.partitions_by_layer.items():  # the hit counters profile and serve report
-                used = np.unique(self.partition_of[layer][result[self.routing[layer]]])
-                self.experts.count_resident([group[i].name for i in used])
+            for layer, ids in self.routing.items():  # the hit counters profile and serve report
+                self.experts.count_resident(self._touched(layer, result[ids]))
             return result
         values |= self.prelude.run_with(values)
         outputs: dict[str, np.ndarray] = {}
@@ -171,11 +172,16 @@ class PartitionedEngine(Engine):
         outputs |= self.head.run_with(values)  # logits, and final_hidden where the bundle has an MTP draft
         return outputs
 
+    def _touched(self, layer: int, expert_ids: np.ndarray) -> list[str]:
+        """The partitions of ``layer`` holding at least one of the chosen ``expert_ids`` [rows, top_k], in
+        order (both paths report routing here: the serve benchmark's traffic tally observes it)."""
+        group = self.partitions_by_layer.get(layer, [])
+        return [group[i].name for i in np.unique(self.partition_of[layer][expert_ids])] if group else []
+
     def _routed(self, layer: int, result: dict[str, np.ndarray]) -> np.ndarray:
         """Sum of the partitions that hold at least one chosen expert; the others are never touched. A fused
         layer runs its one graph (counted as hits on the partitions it stands for)."""
-        group = self.partitions_by_layer.get(layer, [])
-        used = [group[i].name for i in np.unique(self.partition_of[layer][result[EXPERT_IDS]])] if group else []
+        used = self._touched(layer, result[EXPERT_IDS])
         fused = self.fused.get(layer)
         if fused is not None:
             self.experts.count_resident(used)
