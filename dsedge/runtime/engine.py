@@ -46,14 +46,15 @@ class Engine(ABC):
         """A timed session of ``graph``, run by its declared inputs and outputs (``run_with``). ``model``: the
         serialized graph itself (a composed one, built from verified graphs), its external data resolved from
         the bundle root."""
-        path = verified_graph_path(self.manifest, graph) if model is None else self.manifest.root
+        source = verified_graph_path(self.manifest, graph) if model is None else model
+        root = None if model is None else self.manifest.root  # a serialized graph's external data folder
         try:
-            session = make_session(path if model is None else model, config or self.session_config,
-                                   data_root=None if model is None else self.manifest.root, stem=graph.name)
+            session = make_session(source, config or self.session_config, data_root=root, stem=graph.name)
         except ORT_ERRORS as exc:  # a graph that passed the checks but that onnxruntime cannot load
             raise BundleError(f"onnxruntime cannot load graph {graph.name} ({graph.file}): {str(exc)[:300]}",
-                              where=str(path), hint=f"{TAMPERED}; if the bundle is as export wrote it, please "
-                              "report this with its manifest.json") from None
+                              where=str(root or source),
+                              hint=f"{TAMPERED}; if the bundle is as export wrote it, please report this with its "
+                                   "manifest.json") from None
         if not hasattr(self, "_providers"):
             self._providers = list(session.get_providers())
         return DeclaredSession(TimedSession(session, graph.name, self.timers), graph)
