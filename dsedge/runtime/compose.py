@@ -34,13 +34,13 @@ from pathlib import PurePosixPath
 
 from dsedge.onnx_refs import message_fields
 
-FLOAT, FLOAT16 = 1, 10  # TensorProto.DataType
+FLOAT = 1  # TensorProto.DataType (the residual sum's precision)
 _INT_ATTRIBUTE = 2  # AttributeProto.AttributeType.INT
 
 
 class NotComposable(ValueError):
-    """A stage graph this composer does not rewrite (subgraphs, functions, sparse or attribute tensors):
-    the engine runs the bundle graph by graph instead."""
+    """A stage graph this composer does not rewrite (subgraphs, functions, sparse initializers, attribute tensors
+    stored externally): the engine runs the bundle graph by graph instead."""
 
 
 @dataclass
