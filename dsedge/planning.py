@@ -23,9 +23,12 @@ from dsedge.models.spec import ModelSpec, TensorSpec
 from dsedge.targets import Target, load_target
 
 INT4_GROUP = 128
-# MatMulNBits has no per-channel form: export repeats a per-channel scale over blocks of this many inputs
-# (dsedge.export.quantized.PER_CHANNEL_BLOCK; the value is repeated here so plan needs no onnx).
-PER_CHANNEL_BLOCK = 32
+# MatMulNBits has no per-channel form: export repeats a per-channel scale over blocks (per_channel_block).
+# Measured (issue 12): int8 single-token MatMulNBits at level 4 reads 28–29.5 GB/s at block 128 (llama.cpp's
+# Q8_0 per byte) against less at 32, and per-row scale bytes fall 4×; ds3bench int8 decode 13.8 → 12.3 ms
+# and qwen2bench 11.6 → 10.2 ms per token (block 32 → 128, interleaved rounds).
+PER_CHANNEL_BLOCKS = (128, 64, 32, 16)
+QMOE_MAX_BLOCK = 128  # dsedge.export.moe.QMOE_MAX_BLOCK (plan cannot import export)
 KV_BYTES = 2  # cache values in fp16/bf16
 # Activations, onnxruntime arenas, tokenizer and Python: a fixed allowance. Estimate.
 RUNTIME_OVERHEAD_BYTES = 256 * 1024**2
@@ -183,12 +186,19 @@ def blocked_bytes(shape: tuple[int, int], quant: tuple[int, int | None], float_b
     bits, group = quant
     rows, cols = shape
     blocks = matmul_blocks(cols, group)
-    return rows * blocks * (group or PER_CHANNEL_BLOCK) * bits // 8 + scale_copies * rows * blocks * float_bytes
+    return rows * blocks * (group or per_channel_block(cols)) * bits // 8 + scale_copies * rows * blocks * float_bytes
 
 
 def matmul_blocks(cols: int, group: int | None) -> int:
-    """Blocks per row of a MatMulNBits matrix (a per-channel scale is repeated over PER_CHANNEL_BLOCK)."""
-    return math.ceil(cols / (group or PER_CHANNEL_BLOCK))
+    """Blocks per row of a MatMulNBits matrix (a per-channel scale is repeated over per_channel_block)."""
+    return math.ceil(cols / (group or per_channel_block(cols)))
+
+
+def per_channel_block(cols: int) -> int:
+    """The MatMulNBits block a per-channel scale is repeated over for rows of ``cols`` inputs: the block of
+    PER_CHANNEL_BLOCKS that pads the row least, the largest of those (128 tiles every published DeepSeek and
+    Qwen2 width; SmolLM's 576 takes 64, the tiny fixtures' 72 take 16). Export uses this too."""
+    return min(PER_CHANNEL_BLOCKS, key=lambda block: (math.ceil(cols / block) * block, -block))
 
 
 def _head_and_embedding_bytes(spec: ModelSpec, tensors: list[TensorSpec], scheme: str, float_bytes: int
@@ -217,21 +227,21 @@ def qmoe_bytes(t: TensorSpec, quant: tuple[int, int | None], float_bytes: int, b
 
 def qmoe_layout(spec: ModelSpec, quant: tuple[int, int | None] | None) -> int | None:
     """The QMoE block export fuses a layer's quantized routed experts with, in either layout (one QMoE per
-    layer, or per expert partition): 0 for one scale per row, else the largest power of two ≥ 16 dividing
-    the group and both widths; None when the experts stay per-expert MatMulNBits. Mirrors
-    dsedge.export.moe.qmoe_scheme/qmoe_block for the presets (symmetric; 8-bit at the default level 4);
-    planning cannot import export (export imports planning)."""
+    layer, or per expert partition): the largest power of two ≥ 16 and ≤ 128 dividing the group (or, per
+    channel, 128) and both widths; 0 (one scale per row) for per-channel experts no such block tiles; None
+    when the experts stay per-expert MatMulNBits. Mirrors dsedge.export.moe.qmoe_scheme/qmoe_block for the
+    presets (symmetric; 8-bit at the default level 4); planning cannot import export (export imports planning)."""
     if quant is None or spec.moe is None:
         return None
     bits, group = quant
     widths = (spec.hidden_size, spec.moe.moe_intermediate_size)
     if bits not in (4, 8) or any(d % 2 for d in widths):
         return None
-    if group is None:
-        return 0
-    common = math.gcd(group, *widths)
-    block = common & -common
-    return block if block >= 16 else None
+    common = math.gcd(group or QMOE_MAX_BLOCK, *widths)
+    block = min(common & -common, QMOE_MAX_BLOCK)
+    if block >= 16:
+        return block
+    return 0 if group is None else None
 
 
 def _draft_bytes(spec: ModelSpec, expert_quant, other_quant, float_bytes: int, expert_bytes) -> int:

@@ -58,11 +58,11 @@ def test_kv_cache_dense_gqa():
 
 def test_tensor_bytes_per_scheme():
     """What export writes: MatMulNBits codes padded to whole blocks plus one scale per block, in the bundle's
-    float dtype; per-channel int8 repeats its scale over blocks of 32 inputs."""
+    float dtype; per-channel int8 repeats its scale over blocks of 128 inputs."""
     t = TensorSpec("w", (576, 7168), "attention", 0, linear=True)
     assert tensor_bytes(t, None) == 576 * 7168 * 4
     assert tensor_bytes(t, None, 2) == 576 * 7168 * 2
-    assert tensor_bytes(t, (8, None)) == 576 * 7168 + 576 * 224 * 4
+    assert tensor_bytes(t, (8, None)) == 576 * 7168 + 576 * 56 * 4
     assert tensor_bytes(t, (4, 128), 2) == 576 * 7168 // 2 + 576 * 56 * 2
     assert tensor_bytes(TensorSpec("w", (10, 100), "attention", 0, linear=True), (4, 128)) == 10 * 64 + 10 * 4
     norm = TensorSpec("n", (7168,), "norms", 0)

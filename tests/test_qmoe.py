@@ -23,6 +23,8 @@ SMALL_DS3 = {"hidden_size": 64, "intermediate_size": 96, "kv_lora_rank": 32, "mo
              "num_experts_per_tok": 2, "topk_group": 2, "num_hidden_layers": 3, "q_lora_rank": 48,
              "qk_nope_head_dim": 16, "qk_rope_head_dim": 8, "v_head_dim": 16, "max_position_embeddings": 256}
 G32 = {"name": "g32", "method": "rtn", "rules": [{"match": "re:.*", "quant": {"bits": 4, "group_size": 32}}]}
+# The bench int8 layout: every linear int8 per channel (QMoE tiles one scale per row into blocks).
+INT8 = {"name": "int8", "method": "rtn", "rules": [{"match": "re:.*", "quant": {"bits": 8}}]}
 
 
 @pytest.mark.parametrize(("group", "widths", "block"), [
@@ -30,6 +32,7 @@ G32 = {"name": "g32", "method": "rtn", "rules": [{"match": "re:.*", "quant": {"b
     (32, (80, 48), 16),  # partial last group (80 = 2·32 + 16): blocks of 16 tile it
     (96, (192, 96), 32),  # a group that is no power of two: three blocks of 32 per group
     (32, (72, 40), None),  # the tiny fixtures: no block ≥ 16 divides them
+    (512, (1024, 512), 128), (256, (7168, 2048), 128),  # wider groups: blocks of 128 (512 runs dequantize+SGEMM)
 ])
 def test_qmoe_block_tiles_the_groups(group, widths, block):
     assert qmoe_block(group, widths) == block
@@ -140,6 +143,45 @@ def test_8bit_block_wise_experts_take_qmoe_only_at_level_4():
     assert qmoe_scheme(spec, _experts(8, 64, 32, None, level=0), "") == (8, 0)  # per-channel: float compute
 
 
+def test_per_channel_experts_are_tiled_into_blocks():
+    """One scale per row runs on the block kernels with the scale repeated (the per-row path dequantizes to
+    fp32 and runs SGEMM); 8-bit only at level 4, 4-bit at any level; no block for widths off the 16-grid."""
+    assert qmoe_scheme(_Spec(1024, 512), _experts(8, 1024, 512, None, level=4), "") == (8, 128)
+    assert qmoe_scheme(_Spec(64, 32), _experts(8, 64, 32, None, level=4), "") == (8, 32)
+    assert qmoe_scheme(_Spec(64, 32), _experts(4, 64, 32, None, level=0), "") == (4, 32)
+    assert qmoe_scheme(_Spec(72, 40), _experts(8, 72, 40, None, level=4), "") == (8, 0)
+
+
+@pytest.mark.parametrize(("bits", "level", "rtol"), [(4, 0, 1e-4), (8, 4, 3e-2)], ids=["int4-level0", "int8-level4"])
+def test_per_channel_qmoe_matches_dequantized_experts(bits, level, rtol):
+    """Exact weights (the repeated scale); at level 4 the kernel quantizes activations to int8 per block, the
+    error MatMulNBits at level 4 has too."""
+    spec, w = _Spec(256, 128), _experts(bits, 256, 128, None, level=level)
+    assert qmoe_scheme(spec, w, "")[1] == 128
+    rng = np.random.default_rng(3)
+    feeds = {"x": rng.standard_normal((5, 256)).astype(np.float32),
+             "idx": np.stack([rng.choice(8, 3, replace=False) for _ in range(5)]).astype(np.int64),
+             "w": rng.random((5, 3)).astype(np.float32)}
+    want = _reference(w, feeds["x"], feeds["idx"], feeds["w"], range(8))
+    got = _run_qmoe(spec, w, range(8), feeds)
+    assert np.abs(got - want).max() <= rtol * np.abs(want).max()
+
+
+@pytest.mark.parametrize("group", [None, 16, 32, 64, 128, 256, 512, 96])
+@pytest.mark.parametrize("widths", [(1024, 512), (7168, 2048), (64, 32), (80, 48), (72, 40), (2048, 1408)])
+def test_plan_mirrors_the_qmoe_block(group, widths):
+    """planning.qmoe_layout (plan cannot import export) agrees with the block export writes."""
+    from dsedge.planning import qmoe_layout
+
+    hidden, inter = widths
+    layout_only = QuantizedWeight(np.zeros((1, 1), np.int8), np.ones((1, 1), np.float32), None, 4, group, 4)
+    w = {f"experts.{e}.{n}.weight": layout_only for e in range(8) for n in ("gate_proj", "up_proj", "down_proj")}
+    scheme = qmoe_scheme(_Spec(hidden, inter), w, "")  # reads the layout, not the codes
+    spec = _Spec(hidden, inter)
+    spec.moe = dataclasses.replace(moe_spec("greedy", groups=1, topk_group=1, k=3), moe_intermediate_size=inter)
+    assert qmoe_layout(spec, (4, group)) == (None if scheme is None else scheme[1])
+
+
 def test_mixed_layouts_keep_dispatch():
     spec, w = _Spec(64, 32), _experts(4, 64, 32, 32)
     w["experts.5.up_proj.weight"] = _experts(4, 64, 32, 64)["experts.5.up_proj.weight"]
@@ -148,8 +190,9 @@ def test_mixed_layouts_keep_dispatch():
 
 
 @pytest.fixture(scope="module")
-def small_ds3_g32(tmp_path_factory):
-    """A DeepSeek-V3-shaped checkpoint compressed int4 g32 (the bench int4 layout, head included)."""
+def small_ds3(tmp_path_factory):
+    """A DeepSeek-V3-shaped checkpoint compressed int4 g32 and int8 per channel (the bench layouts, head
+    included): {recipe name: compressed checkpoint}."""
     import torch
     import transformers
 
@@ -167,24 +210,34 @@ def small_ds3_g32(tmp_path_factory):
                 module.e_score_correction_bias.normal_(0.0, 0.01)
     model.to(torch.bfloat16).save_pretrained(root / "ckpt")
     add_tokenizer(root / "ckpt")
-    recipe = root / "g32.json"
-    recipe.write_text(json.dumps(G32))
-    compress(root / "ckpt", root / "g32", recipe=recipe, calib_tokens=64, evaluate=False)
-    return root / "g32"
+    for recipe in (G32, INT8):
+        path = root / f"{recipe['name']}.json"
+        path.write_text(json.dumps(recipe))
+        compress(root / "ckpt", root / recipe["name"], recipe=path, calib_tokens=64, evaluate=False)
+    return {name: root / name for name in ("g32", "int8")}
+
 
 
 def _ops(path):
     return [n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node]
 
 
+def _qmoe_blocks(path):
+    nodes = onnx.load(str(path), load_external_data=False).graph.node
+    return [next((a.i for a in n.attribute if a.name == "block_size"), 0) for n in nodes if n.op_type == "QMoE"]
+
+
 @pytest.mark.parametrize("layout", ["monolithic", "partitioned"])
-def test_bench_g32_layout_runs_qmoe_and_validates(layout, small_ds3_g32, tmp_path):
+@pytest.mark.parametrize(("recipe", "block"), [("g32", 32), ("int8", 32)])  # int8: widths 64/32 cap the block
+def test_bench_layouts_run_qmoe_and_validate(layout, recipe, block, small_ds3, tmp_path):
     from dsedge.export.bundle import export_bundle
 
-    report = export_bundle(small_ds3_g32, tmp_path / "b", max_context=64, layout=layout, experts_per_partition=3)
+    report = export_bundle(small_ds3[recipe], tmp_path / "b", max_context=64, layout=layout,
+                           experts_per_partition=3)
     assert all(c["passed"] for c in report.validation)  # validation's stated tolerances, unchanged
     manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
     moe_layers = 2  # first_k_dense_replace = 1 of 3 layers
+    assert {b for g in manifest["graphs"] for b in _qmoe_blocks(tmp_path / "b" / g["file"])} == {block}
     if layout == "monolithic":
         ops = _ops(tmp_path / "b" / manifest["graphs"][0]["file"])
         assert ops.count("QMoE") == moe_layers

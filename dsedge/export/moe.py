@@ -164,10 +164,13 @@ def dense_routing_weights(g: GraphBuilder, n_experts: int, idx: str, weights: st
 
 def qmoe_scheme(spec: ModelSpec, w: dict, prefix: str, experts: range | None = None) -> tuple[int, int] | None:
     """(bits, block) when the routed experts (all, or ``experts``) are quantized alike in a layout
-    ``com.microsoft::QMoE`` runs on its fast CPU kernels: symmetric, 4 or 8 bits, even widths, and either one
-    scale per row (block 0) or groups that a power-of-two block of at least 16 tiles exactly (see
-    ``qmoe_block``). 8-bit block-wise experts run with int8 activations in the kernel at every level, so they
-    take QMoE only at accuracy level 4 (a level asked for below that keeps per-expert MatMulNBits)."""
+    ``com.microsoft::QMoE`` runs on its fast CPU kernels: symmetric, 4 or 8 bits, even widths, and scale
+    groups that a power-of-two block of at least 16 tiles exactly (see ``qmoe_block``). One scale per row
+    (per channel) is tiled the same way, its scale repeated over every block of the row: the kernel's own
+    per-row path (block 0) dequantizes to fp32 and runs SGEMM, 4–12× slower for one token on ds3bench's
+    experts (`benchmarks/quantized_ops_bench.py`). 8-bit block-wise experts run with int8 activations in the
+    kernel at every level, so they take QMoE only at accuracy level 4 (a lower level keeps per-expert
+    MatMulNBits when grouped, and the exact per-row path when per channel)."""
     experts = range(spec.moe.n_routed_experts) if experts is None else experts
     kinds = [w[f"{prefix}experts.{e}.{k}.weight"] for e in experts for k in ("gate_proj", "up_proj", "down_proj")]
     if not all(isinstance(q, QuantizedWeight) and q.zero_point is None for q in kinds):
@@ -179,22 +182,30 @@ def qmoe_scheme(spec: ModelSpec, w: dict, prefix: str, experts: range | None = N
     widths = (spec.hidden_size, spec.moe.moe_intermediate_size)
     if bits not in (4, 8) or any(d % 2 for d in widths):
         return None
+    int8_activations_allowed = bits == 4 or level == FAST_LEVEL
     if group is None:
-        return bits, 0
+        block = qmoe_block(QMOE_MAX_BLOCK, widths)
+        return (bits, block) if block is not None and int8_activations_allowed else (bits, 0)
     block = qmoe_block(group, widths)
-    if block is None or (bits == 8 and level != FAST_LEVEL):
+    if block is None or not int8_activations_allowed:
         return None
     return bits, block
 
 
+# The fast kernels take blocks of 16–256; a block of 512 falls back to dequantize + SGEMM (measured: 10–20×
+# slower for one token on ds3bench's experts). 128 runs as fast as 256 and quantizes activations in smaller
+# blocks (int8 activations at level 4), so a group wider than 128 is tiled by blocks of 128, its scale repeated.
+QMOE_MAX_BLOCK = 128
+
+
 def qmoe_block(group: int, widths: tuple[int, ...]) -> int | None:
-    """The QMoE block for ``group``-wide scale groups: the largest power of two (≥ 16) that divides the group
-    and every input width, the group's scale repeated over its blocks (exact). A partial last group (a width
-    the group does not divide) is tiled too when such a block exists; without one (or with blocks that do not
-    divide the widths) the kernel would fall back to dequantize + SGEMM, an order of magnitude slower than
-    per-expert MatMulNBits, so there is no QMoE then."""
+    """The QMoE block for ``group``-wide scale groups: the largest power of two (≥ 16, ≤ QMOE_MAX_BLOCK) that
+    divides the group and every input width, the group's scale repeated over its blocks (exact). A partial
+    last group (a width the group does not divide) is tiled too when such a block exists; without one (or with
+    blocks that do not divide the widths) the kernel would fall back to dequantize + SGEMM, an order of
+    magnitude slower than per-expert MatMulNBits, so there is no QMoE then."""
     common = math.gcd(group, *widths)
-    block = common & -common  # largest power of two dividing all of them
+    block = min(common & -common, QMOE_MAX_BLOCK)  # largest power of two dividing all of them
     return block if block >= MIN_BLOCK else None
 
 
@@ -290,7 +301,7 @@ def _qmoe_weights(w: dict, prefix: str, experts: range, block: int) -> tuple[np.
 def _qmoe_rows(weight: QuantizedWeight, block: int) -> tuple[np.ndarray, np.ndarray]:
     """Packed codes and [N, K/block] scales: group g's scale on every block it covers."""
     codes, scales = packed_rows(weight)
-    if block and weight.group != block:
+    if block and weight.group != block:  # per channel: one group spanning the row, repeated over its blocks
         starts = np.arange(0, weight.shape[1], block)
         scales = scales[:, starts // weight.group]
     return codes, np.ascontiguousarray(scales)

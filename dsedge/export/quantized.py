@@ -20,6 +20,8 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from dsedge.planning import per_channel_block
+
 MIN_BLOCK = 16  # MatMulNBits: block_size is a power of two, at least 16
 FAST_LEVEL = 4  # int8 activations: the fast CPU kernels
 LEVELS = (0, 1, 2, 3, 4)
@@ -45,7 +47,6 @@ def valid_accuracy_level(requested) -> bool:
 def effective_accuracy_level(requested: AccuracyLevel, bit_widths: Iterable[int]) -> int:
     """The loosest level any weight of these widths runs at (what validation's tolerance must allow)."""
     return max((accuracy_level_for(b, requested) for b in set(bit_widths)), default=FAST_LEVEL)
-PER_CHANNEL_BLOCK = 32  # per-channel scales are repeated over blocks of this size (exact: same scale)
 
 
 @dataclass(frozen=True)
@@ -120,8 +121,8 @@ def as_float(weight) -> np.ndarray:
 
 def block_size(weight: QuantizedWeight) -> int:
     """MatMulNBits block for this weight: its group size, or a fixed block for per-channel scales."""
-    if weight.group_size is None:
-        return PER_CHANNEL_BLOCK
+    if weight.group_size is None:  # the scale repeated over each block (exact): see planning.per_channel_block
+        return per_channel_block(weight.shape[1])
     g = weight.group_size
     if g < MIN_BLOCK or g & (g - 1):
         raise ValueError(f"group size {g} cannot be expressed as a MatMulNBits block (a power of two >= 16)")
