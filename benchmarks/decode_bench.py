@@ -7,7 +7,8 @@ machine's read bandwidth. Reports decode tokens/s (batch 1, median over steps af
 counted from the bundle's initializers), the bandwidth that implies and its share of the measured one, and
 llama.cpp's figures from ../shared/bench/README.md as anchors.
 
-    .venv/bin/python benchmarks/decode_bench.py [--models ds3bench qwen2bench] [--precisions fp32 fp16 int8 int4]
+    .venv/bin/python benchmarks/decode_bench.py [--models ds3bench qwen2bench]
+                                                [--precisions fp32 fp16 int8 int4 int4-g128]
                                                 [--decode 64] [--threads 2] [--json out.json]
 
 ``--llamacpp``: side by side in one run with llama.cpp's llama-bench (../shared/bench/llamacpp.sh builds it and
@@ -35,9 +36,16 @@ PROMPT, TTFT_PROMPT = 32, 512
 # channel, or int4 g32 symmetric (Q4_0: blocks of 32, one scale each), and the LM head int8 (a recipe rule
 # names it; no preset quantizes the head). RTN: the weights are random, calibration cannot help them.
 RECIPES = {p: str(Path(__file__).parent / "recipes" / f"bench-{p}.json") for p in ("int8", "int4")}
+# What a user gets from `dsedge compress --recipe int4` (groups of 128; head int8, embedding int8 at export),
+# against the same Q4_0 file: at groups of 32, MLAS's packed int8-activation layout reads an fp32 scale and an
+# fp32 block sum per block (6 bits per weight against Q4_0's 4.5); at 128 it reads 4.5, Q4_0's bytes.
+RECIPES["int4-g128"] = "int4-g128"
+PRECISIONS = ("fp32", "fp16", "int8", "int4", "int4-g128")
 # ../shared/bench/README.md: llama.cpp llama-bench on this machine (2 threads, batch 1), tokens/s.
 LLAMA_CPP = {"ds3bench": {"fp32": 76.9, "fp16": 122.7, "int8": 170.7, "int4": 235.4},
              "qwen2bench": {"fp32": 61.3, "fp16": 136.2, "int8": 223.1, "int4": 365.1}}
+for _anchors in LLAMA_CPP.values():
+    _anchors["int4-g128"] = _anchors["int4"]  # the same Q4_0 file
 
 
 def compressed(ckpt: Path, precision: str) -> Path:
@@ -76,8 +84,9 @@ def weight_bytes_per_token(path: Path) -> int:
         for init in model.graph.initializer:
             ext = {e.key: e.value for e in init.external_data}
             size = int(ext["length"]) if "length" in ext else len(init.raw_data)
-            if init.name == "model.embed_tokens.weight" and not manifest["model"].get("tie_word_embeddings"):
-                size = size // init.dims[0]  # one row per token
+            # the float table, or a quantized one's codes and scales (GatherBlockQuantized): one row per token
+            if init.name.startswith("model.embed_tokens.") and not manifest["model"].get("tie_word_embeddings"):
+                size = size // init.dims[0]
             total += size * (share if ".experts." in init.name else 1.0)
     return int(total)
 
@@ -170,7 +179,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["ds3bench", "qwen2bench"], choices=["ds3bench", "qwen2bench"])
     parser.add_argument("--precisions", nargs="+", default=["fp32", "fp16", "int8", "int4"],
-                        choices=["fp32", "fp16", "int8", "int4"])
+                        choices=PRECISIONS)
     parser.add_argument("--decode", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", type=Path)
@@ -199,7 +208,7 @@ def main() -> None:
 
 
 # --- side by side with llama.cpp (--llamacpp) -----------------------------------------------------------
-GGUF_TYPES = {"fp32": "f32", "fp16": "f16", "int8": "q8_0", "int4": "Q4_0"}
+GGUF_TYPES = {"fp32": "f32", "fp16": "f16", "int8": "q8_0", "int4": "Q4_0", "int4-g128": "Q4_0"}
 CONTEXTS = (16, 512, 2048, 4096)
 
 

@@ -1,7 +1,8 @@
 """Held-out perplexity of the demo models per preset with the LM head (and the token embedding) quantized.
 
-For each model and preset: the preset as shipped (float head and embedding), then with the LM head quantized
-round-to-nearest at the preset's own bits and group size and at int8 per channel (exactly what a rule
+For each model and preset: the preset as shipped (the int8 head the presets write; the embedding float, as the
+checkpoint keeps it for export to quantize), then with the source's float LM head quantized round-to-nearest
+at int4 (groups of 128, 64, 32) and at int8 per channel (exactly what a rule
 ``{"match": "lm_head", "quant": {..., "method": "rtn"}}`` writes: the head is quantized after every layer, so
 the layers are the same), and with the embedding quantized as ``dsedge export --quantize-embedding`` does —
 both by swapping the dequantized matrices into the reference model of the one compressed checkpoint. Scored
@@ -23,10 +24,12 @@ from pathlib import Path
 MODELS = ("deepseek-v3-tiny", "qwen2-tiny")
 PRESETS = {"deepseek-v3-tiny": ("int8", "int4-g128", "int4-experts"),
            "qwen2-tiny": ("int8", "int4-g128")}  # a dense model's int4-experts is int8 everywhere
-# (label, head scheme, embedding scheme) per preset; None = float. Head and embedding are round-to-nearest.
+# (label, head scheme, embedding scheme) per preset; None = the source checkpoint's float weights. Head and
+# embedding are round-to-nearest.
 VARIANTS = {
     "int8": [("head int8", (8, None), None), ("head int8 + embedding int8", (8, None), (8, None))],
-    "int4-g128": [("head int4-g128", (4, 128), None), ("head int8", (8, None), None),
+    "int4-g128": [("head float", None, None), ("head int4-g128", (4, 128), None), ("head int4-g64", (4, 64), None),
+                  ("head int4-g32", (4, 32), None), ("head int8", (8, None), None),
                   ("head int8 + embedding int8", (8, None), (8, None)),
                   ("head int8 + embedding int4-g32", (8, None), (4, 32))],
     "int4-experts": [("head int8", (8, None), None), ("head int8 + embedding int8", (8, None), (8, None)),
@@ -55,6 +58,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--max-tokens", type=int, default=1_000_000)
     ap.add_argument("--models", nargs="*", default=list(MODELS))
+    ap.add_argument("--presets", nargs="*", help="only these presets (default: every one of a model's)")
+    ap.add_argument("--variants", nargs="*", help="only these variant labels (default: every one)")
     args = ap.parse_args()
     import torch
 
@@ -81,20 +86,25 @@ def main() -> None:
         ids = every_id[:args.max_tokens]
         # the model card's named slices: all of it, or the first 16,384 tokens (docs/compress.md's table)
         slice_name = "heldout-all" if len(ids) == len(every_id) else f"heldout-first-{len(ids)}"
-        for preset_name in PRESETS[model_name]:
+        # the presets quantize the head (int8) in the checkpoint: every variant starts from the source's float
+        # head and embedding, not from the shipped ones
+        source = reference_model(Checkpoint(resolve_checkpoint(model_name)))
+        float_head = source.get_output_embeddings().weight.detach().clone()
+        float_embed = source.get_input_embeddings().weight.detach().clone()
+        del source
+        for preset_name in [p for p in PRESETS[model_name] if not args.presets or p in args.presets]:
             started = time.perf_counter()
             path = args.out / f"{model_name}--{preset_name}"
             if not (path / "config.json").exists():
                 compress(model_name, path, recipe=preset_name, evaluate=False, overwrite=True)
             model = reference_model(Checkpoint(path))
             head, embed = model.get_output_embeddings().weight, model.get_input_embeddings().weight
-            float_head, float_embed = head.detach().clone(), embed.detach().clone()
             if (model_name, preset_name, "as shipped") not in done:
                 record({"model": model_name, "preset": preset_name, "variant": "as shipped",
                         "slice": slice_name, "heldout": score(model, ids),
                         "seconds": round(time.perf_counter() - started, 1)})
             for label, head_scheme, embed_scheme in VARIANTS[preset_name]:
-                if (model_name, preset_name, label) in done:
+                if (model_name, preset_name, label) in done or (args.variants and label not in args.variants):
                     continue
                 with torch.no_grad():
                     head.copy_(float_head if head_scheme is None else rtn(float_head, head_scheme, torch.bfloat16))
