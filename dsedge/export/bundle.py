@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 
 LAYOUTS = ("monolithic", "partitioned")
 DTYPES = ("fp32", "fp16")
-EXPERT_PATHS = ("dispatch", "moe_op", "dense")
+EXPERT_PATHS = ("auto", "dispatch", "moe_op", "dense")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
                    "chat_template.jinja")
 DEFAULT_MAX_CONTEXT = 4096
@@ -66,14 +66,16 @@ class ExportReport:
 def export_bundle(checkpoint: str | Path, output: str | Path, *, target=None, layout: str = "monolithic",
                   dtype: str = "fp32", max_context: int | None = None, overwrite: bool = False,
                   validate: bool = True, experts_per_partition: int | None = None,
-                  expert_path: str = "dispatch", accuracy_level: int | dict[int, int] = 4,
+                  expert_path: str = "auto", accuracy_level: int | dict[int, int] = 4,
                   index: str | Path | None = None, quantize_embedding: str | None = None) -> ExportReport:
     """Export a checkpoint to an ONNX bundle (manifest + graphs + tokenizer), validated against the reference.
 
     The bundle appears at ``output`` only when complete and validated; a failure leaves nothing behind.
-    ``expert_path`` (monolithic only): "dispatch" (default: each expert gathers its rows), "moe_op"
-    (onnxruntime's fused MoE operator; exact only where ``norm_topk_prob`` holds, i.e. V3/R1), or "dense"
-    (every expert on every token: the baseline benchmarks/export_bench.py compares against).
+    ``expert_path`` (monolithic only): "auto" (default: "moe_op" where it is exact, "dispatch" elsewhere),
+    "dispatch" (quantized experts as one QMoE where their layout allows, else each expert gathers its rows),
+    "moe_op" (onnxruntime's fused MoE operator over float experts; exact only where ``norm_topk_prob`` holds,
+    i.e. V3/R1, and in fp32), or "dense" (every expert on every token: the baseline
+    benchmarks/export_bench.py compares against).
     A compressed checkpoint (``dsedge compress``) exports its quantized linears as MatMulNBits over the stored
     integers; ``accuracy_level`` is that operator's compute precision (4: int8 activations, the fast CPU
     kernels; 0: float) and sets the validation tolerance. ``index`` (`dsedge index build`) is copied into the
@@ -94,13 +96,14 @@ def export_bundle(checkpoint: str | Path, output: str | Path, *, target=None, la
     context = _max_context(ckpt, tgt, max_context)
     _tokenizer_files(ckpt.path)  # checked now: a malformed tokenizer fails before minutes of graph building
     _check_choice("expert_path", expert_path, EXPERT_PATHS)
+    expert_path = _resolve_expert_path(ckpt, expert_path, dtype, layout)
     if expert_path == "moe_op" and not (ckpt.spec.moe and ckpt.spec.moe.norm_topk_prob and dtype == "fp32"):
         raise UserError("expert_path 'moe_op' reproduces DeepSeek routing only for routers with norm_topk_prob "
-                        "(V3/R1), in fp32", where="expert_path", hint="use the default 'dispatch' path")
+                        "(V3/R1), in fp32", where="expert_path", hint="use the default path ('auto')")
     quantized = bool(ckpt.quantization)
-    if quantized and expert_path == "moe_op":
-        raise UserError("expert_path 'moe_op' takes float experts; this checkpoint is quantized", where="expert_path",
-                        hint="use the default 'dispatch' path (per-expert MatMulNBits)")
+    if _quantized_experts(ckpt) and expert_path == "moe_op":
+        raise UserError("expert_path 'moe_op' takes float experts; this checkpoint's are quantized",
+                        where="expert_path", hint="use the default path (QMoE or per-expert MatMulNBits)")
     if not valid_accuracy_level(accuracy_level):
         raise UserError(f"--accuracy-level must be 0-4 (or {{bits: 0-4}}), got {accuracy_level}",
                         where="--accuracy-level")
@@ -230,6 +233,28 @@ def _kv_bytes(spec, context: int, dtype: str) -> int:
     latent, naive = kv_bytes_per_token(spec)  # counted at 2 bytes per value
     per_token = latent if latent is not None else naive
     return per_token // KV_BYTES * (2 if dtype == "fp16" else 4) * context
+
+
+def _resolve_expert_path(ckpt: Checkpoint, expert_path: str, dtype: str, layout: str) -> str:
+    """"auto": onnxruntime's fused MoE op for float routed experts where it reproduces DeepSeek's routing (V3/R1's
+    renormalised weights, fp32, monolithic), per-expert dispatch (or QMoE, for quantized experts) elsewhere.
+
+    Why the op where it is exact: dispatch runs ~12 nodes per expert every step, routed or not (NonZero finds
+    no rows for most of them), so a float MoE layer costs O(experts) kernel calls; the op is one. ds3bench fp32
+    (32 experts), 3 alternated rounds: decode 27.4 → 31.5 tokens/s at 16 cached tokens, 26.7 → 29.3 at 512,
+    prefill(512) equal (benchmarks/README.md). The float op has no ``router_weights`` input, so V2's
+    unnormalised weights cannot be fed to it and V2/V2-Lite keep dispatch.
+    """
+    if expert_path != "auto":
+        return expert_path
+    moe = ckpt.spec.moe
+    fits = moe is not None and moe.norm_topk_prob and dtype == "fp32" and layout == "monolithic" \
+        and not _quantized_experts(ckpt)
+    return "moe_op" if fits else "dispatch"
+
+
+def _quantized_experts(ckpt: Checkpoint) -> bool:
+    return any(".experts." in module for module in ckpt.quantization)
 
 
 def _write_graphs(ckpt: Checkpoint, weights, root: Path, context: int, layout: str, tgt, per_partition: int | None,
