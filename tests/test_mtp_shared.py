@@ -13,7 +13,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from dsedge.export.bundle import _layer_weights, export_bundle
+from dsedge.export.bundle import _layer_weights, _resolve_expert_path, export_bundle
 from dsedge.export.mtp import write_draft
 from dsedge.manifest import BundleError
 from dsedge.models.checkpoint import Checkpoint
@@ -46,11 +46,12 @@ def _external(path, name: str) -> dict[str, str]:
     return {e.key: e.value for e in tensor.external_data}
 
 
-def _own_copy_draft(checkpoint, tmp_path):
-    """The draft graph as it was before sharing: written with nothing to point at."""
+def _own_copy_draft(checkpoint, tmp_path, layout):
+    """The draft graph as it was before sharing: written with nothing to point at (and the bundle's experts path)."""
     spec = Checkpoint(checkpoint).spec
     weights = _layer_weights(Checkpoint(checkpoint), 4, NO_PROGRESS)
-    return write_draft(spec, weights, tmp_path, "graphs", max_positions=64), spec
+    path = _resolve_expert_path(Checkpoint(checkpoint), "auto", "fp32", layout)
+    return write_draft(spec, weights, tmp_path, "graphs", max_positions=64, expert_path=path), spec
 
 
 def test_draft_references_the_main_embedding_and_head(bundle):
@@ -65,7 +66,7 @@ def test_draft_references_the_main_embedding_and_head(bundle):
 
 
 def test_sharing_drops_the_embedding_and_head_bytes_and_keeps_the_outputs(bundle, checkpoint, tmp_path):
-    own, spec = _own_copy_draft(checkpoint, tmp_path)
+    own, spec = _own_copy_draft(checkpoint, tmp_path, json.loads((bundle / "manifest.json").read_text())["layout"])
     matrix = spec.vocab_size * spec.hidden_size * 4  # float32 [V, H]
     shared = _draft_entry(bundle)
     saved = own.bytes - shared["bytes"]

@@ -270,7 +270,7 @@ def _write_graphs(ckpt: Checkpoint, weights, root: Path, context: int, layout: s
     graphs = [save_graph(build, decoder_io(graph_shapes(ckpt.spec, half)), root, GRAPH_DIR, DECODER, DECODER)]
     if ckpt.has_mtp:  # the MTP module as the speculative draft graph, reading the decoder's embedding and head
         graphs.append(write_draft(ckpt.spec, weights, root, GRAPH_DIR, max_positions=context,
-                                  half=half, shares=graphs[:1]))
+                                  half=half, shares=graphs[:1], expert_path=expert_path))
     return graphs
 
 

@@ -117,9 +117,10 @@ class SharingBuilder(GraphBuilder):
 
 def build_draft(spec: ModelSpec, weights: WeightsFn, *, max_positions: int, name: str = DRAFT,
                 data_path: Path | None = None, half: bool = False,
-                shared: SharedTensors | None = None) -> onnx.ModelProto:
+                shared: SharedTensors | None = None, expert_path: str = "dispatch") -> onnx.ModelProto:
     """The first MTP module as one graph; ``weights(num_hidden_layers)`` gives its tensors. The embedding, head
-    and RoPE tables carry the main graph's initializer names, so ``shared`` can point them at its copies."""
+    and RoPE tables carry the main graph's initializer names, so ``shared`` can point them at its copies.
+    ``expert_path``: its MoE block's, as the decoder's (dsedge.export.moe.moe_block)."""
     g = SharingBuilder(name, data_path, half, shared)
     signature = draft_io(graph_shapes(spec, half))
     g.declare_inputs(signature)
@@ -146,7 +147,7 @@ def build_draft(spec: ModelSpec, weights: WeightsFn, *, max_positions: int, name
     pos = positional(g, spec, POSITION_IDS, g.weight("rope.cos", cos), g.weight("rope.sin", sin), allowed, past_len)
     g.scope = "mtp/"
     x, h, presents = attention_block(g, spec, w, layer, x, past, pos)
-    mlp = moe_block(g, spec, w, p + "mlp.", h, "dispatch") if spec.is_moe_layer(layer) else g.swiglu_mlp(
+    mlp = moe_block(g, spec, w, p + "mlp.", h, expert_path) if spec.is_moe_layer(layer) else g.swiglu_mlp(
         h, w[p + "mlp.gate_proj.weight"], w[p + "mlp.up_proj.weight"], w[p + "mlp.down_proj.weight"], p + "mlp")
     x = g.op("Add", x, mlp)
     g.scope = ""
@@ -158,7 +159,7 @@ def build_draft(spec: ModelSpec, weights: WeightsFn, *, max_positions: int, name
 
 
 def write_draft(spec: ModelSpec, weights: WeightsFn, root: Path, folder: str, *, max_positions: int,
-                half: bool = False, shares: list[GraphEntry] = ()) -> GraphEntry:
+                half: bool = False, shares: list[GraphEntry] = (), expert_path: str = "dispatch") -> GraphEntry:
     """Build and save the draft graph; its manifest entry (role ``draft``, layer = the MTP layer's index).
 
     ``shares``: the written main graphs (decoder, or prelude and head) whose identical tensors it references.
@@ -167,7 +168,8 @@ def write_draft(spec: ModelSpec, weights: WeightsFn, root: Path, folder: str, *,
     shared = SharedTensors(root, list(shares), folder)
 
     def build(data: Path):
-        return build_draft(spec, weights, max_positions=max_positions, data_path=data, half=half, shared=shared)
+        return build_draft(spec, weights, max_positions=max_positions, data_path=data, half=half, shared=shared,
+                           expert_path=expert_path)
 
     entry = save_graph(build, draft_io(graph_shapes(spec, half)), root, folder, DRAFT, DRAFT,
                        layer=spec.num_hidden_layers)
