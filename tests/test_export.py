@@ -390,7 +390,7 @@ def _decoder_ops(bundle) -> set[str]:
 
 
 def test_default_expert_path_is_the_moe_op_where_exact_and_dispatch_elsewhere(bundles, tiny_checkpoint, tmp_path):
-    """V3/R1 fp32 float experts run as one MoE op per layer by default; V2 (unnormalised weights, which the op
+    """V3/R1 float experts (fp32 or fp16) run as one MoE op per layer by default; V2 (unnormalised weights, which the op
     cannot take) keeps per-expert dispatch; asking for dispatch on V3 still gets it, validated."""
     _, v3 = bundles("v3")
     assert "MoE" in _decoder_ops(v3) and "NonZero" not in _decoder_ops(v3)
@@ -399,6 +399,8 @@ def test_default_expert_path_is_the_moe_op_where_exact_and_dispatch_elsewhere(bu
     report = export_bundle(tiny_checkpoint("v3"), tmp_path / "d", max_context=48, expert_path="dispatch")
     assert all(c["passed"] for c in report.validation)
     assert "MoE" not in _decoder_ops(tmp_path / "d") and "NonZero" in _decoder_ops(tmp_path / "d")
+    report = export_bundle(tiny_checkpoint("v3"), tmp_path / "h", max_context=48, dtype="fp16")
+    assert all(c["passed"] for c in report.validation) and "MoE" in _decoder_ops(tmp_path / "h")
 
 
 @pytest.mark.parametrize("variant, layout", [("v3", "monolithic"), ("v2", "partitioned"), ("llama", "monolithic")])

@@ -50,7 +50,7 @@ def _own_copy_draft(checkpoint, tmp_path, layout):
     """The draft graph as it was before sharing: written with nothing to point at (and the bundle's experts path)."""
     spec = Checkpoint(checkpoint).spec
     weights = _layer_weights(Checkpoint(checkpoint), 4, NO_PROGRESS)
-    path = _resolve_expert_path(Checkpoint(checkpoint), "auto", "fp32", layout)
+    path = _resolve_expert_path(Checkpoint(checkpoint), "auto", layout)
     return write_draft(spec, weights, tmp_path, "graphs", max_positions=64, expert_path=path), spec
 
 

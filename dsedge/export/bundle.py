@@ -74,7 +74,7 @@ def export_bundle(checkpoint: str | Path, output: str | Path, *, target=None, la
     ``expert_path`` (monolithic only): "auto" (default: "moe_op" where it is exact, "dispatch" elsewhere),
     "dispatch" (quantized experts as one QMoE where their layout allows, else each expert gathers its rows),
     "moe_op" (onnxruntime's fused MoE operator over float experts; exact only where ``norm_topk_prob`` holds,
-    i.e. V3/R1, and in fp32), or "dense" (every expert on every token: the baseline
+    i.e. V3/R1), or "dense" (every expert on every token: the baseline
     benchmarks/export_bench.py compares against).
     A compressed checkpoint (``dsedge compress``) exports its quantized linears as MatMulNBits over the stored
     integers; ``accuracy_level`` is that operator's compute precision (4: int8 activations, the fast CPU
@@ -96,10 +96,10 @@ def export_bundle(checkpoint: str | Path, output: str | Path, *, target=None, la
     context = _max_context(ckpt, tgt, max_context)
     _tokenizer_files(ckpt.path)  # checked now: a malformed tokenizer fails before minutes of graph building
     _check_choice("expert_path", expert_path, EXPERT_PATHS)
-    expert_path = _resolve_expert_path(ckpt, expert_path, dtype, layout)
-    if expert_path == "moe_op" and not (ckpt.spec.moe and ckpt.spec.moe.norm_topk_prob and dtype == "fp32"):
+    expert_path = _resolve_expert_path(ckpt, expert_path, layout)
+    if expert_path == "moe_op" and not (ckpt.spec.moe and ckpt.spec.moe.norm_topk_prob):
         raise UserError("expert_path 'moe_op' reproduces DeepSeek routing only for routers with norm_topk_prob "
-                        "(V3/R1), in fp32", where="expert_path", hint="use the default path ('auto')")
+                        "(V3/R1)", where="expert_path", hint="use the default path ('auto')")
     quantized = bool(ckpt.quantization)
     if _quantized_experts(ckpt) and expert_path == "moe_op":
         raise UserError("expert_path 'moe_op' takes float experts; this checkpoint's are quantized",
@@ -235,21 +235,21 @@ def _kv_bytes(spec, context: int, dtype: str) -> int:
     return per_token // KV_BYTES * (2 if dtype == "fp16" else 4) * context
 
 
-def _resolve_expert_path(ckpt: Checkpoint, expert_path: str, dtype: str, layout: str) -> str:
+def _resolve_expert_path(ckpt: Checkpoint, expert_path: str, layout: str) -> str:
     """"auto": onnxruntime's fused MoE op for float routed experts where it reproduces DeepSeek's routing (V3/R1's
-    renormalised weights, fp32, monolithic), per-expert dispatch (or QMoE, for quantized experts) elsewhere.
+    renormalised weights; monolithic), per-expert dispatch (or QMoE, for quantized experts) elsewhere.
 
     Why the op where it is exact: dispatch runs ~12 nodes per expert every step, routed or not (NonZero finds
-    no rows for most of them), so a float MoE layer costs O(experts) kernel calls; the op is one. ds3bench fp32
-    (32 experts), 3 alternated rounds: decode 27.4 → 31.5 tokens/s at 16 cached tokens, 26.7 → 29.3 at 512,
-    prefill(512) equal (benchmarks/README.md). The float op has no ``router_weights`` input, so V2's
-    unnormalised weights cannot be fed to it and V2/V2-Lite keep dispatch.
+    no rows for most of them), so a float MoE layer costs O(experts) kernel calls; the op is one. ds3bench,
+    3 alternated rounds each (benchmarks/README.md), decode tokens/s at 16 / 512 cached tokens and prefill(512),
+    dispatch → op: fp32 27.4 → 31.5, 26.7 → 29.3, 329 → 331; fp16 21.8 → 23.1, 20.7 → 21.5, 312 → 290 (on
+    the CUDA execution provider NonZero also syncs with the host per expert). The float op has no
+    ``router_weights`` input, so V2's unnormalised weights cannot be fed to it and V2/V2-Lite keep dispatch.
     """
     if expert_path != "auto":
         return expert_path
     moe = ckpt.spec.moe
-    fits = moe is not None and moe.norm_topk_prob and dtype == "fp32" and layout == "monolithic" \
-        and not _quantized_experts(ckpt)
+    fits = moe is not None and moe.norm_topk_prob and layout == "monolithic" and not _quantized_experts(ckpt)
     return "moe_op" if fits else "dispatch"
 
 

@@ -353,10 +353,11 @@ def _moe_op_experts(g: GraphBuilder, moe: MoESpec, w: dict[str, np.ndarray], pre
     fc2. V2's unnormalised weights cannot be expressed this way (the float op has no ``router_weights``).
     The CPU kernel needs fc1 as interleaved gate/up rows [E, 2I, H] (swiglu_fusion=1).
     """
-    if not moe.norm_topk_prob or g.half:
-        raise ValueError("the MoE-op path reproduces DeepSeek routing only with norm_topk_prob, in fp32")
+    if not moe.norm_topk_prob:
+        raise ValueError("the MoE-op path reproduces DeepSeek routing only with norm_topk_prob")
     selected, dense = dense_routing_weights(g, moe.n_routed_experts, idx, weights)
-    probs = g.op("Where", g.op("Cast", selected, to=9), g.op("Log", dense), g.const(float("-inf"), np.float32))
+    probs = g.to_act(g.op("Where", g.op("Cast", selected, to=9), g.op("Log", dense),
+                          g.const(float("-inf"), np.float32)))
     experts = range(moe.n_routed_experts)
     fc1 = np.stack([np.stack([w[f"{prefix}experts.{e}.gate_proj.weight"], w[f"{prefix}experts.{e}.up_proj.weight"]],
                              axis=1).reshape(-1, w[f"{prefix}experts.{e}.gate_proj.weight"].shape[1]) for e in experts])
