@@ -242,9 +242,10 @@ def _resolve_expert_path(ckpt: Checkpoint, expert_path: str, layout: str) -> str
     Why the op where it is exact: dispatch runs ~12 nodes per expert every step, routed or not (NonZero finds
     no rows for most of them), so a float MoE layer costs O(experts) kernel calls; the op is one. ds3bench,
     3 alternated rounds each (benchmarks/README.md), decode tokens/s at 16 / 512 cached tokens and prefill(512),
-    dispatch → op: fp32 27.4 → 31.5, 26.7 → 29.3, 329 → 331; fp16 21.8 → 23.1, 20.7 → 21.5, 312 → 290 (on
-    the CUDA execution provider NonZero also syncs with the host per expert). The float op has no
-    ``router_weights`` input, so V2's unnormalised weights cannot be fed to it and V2/V2-Lite keep dispatch.
+    dispatch → op: fp32 27.4 → 31.5, 26.7 → 29.3, 329 → 331; fp16 21.8 → 23.1, 20.7 → 21.5, 312 → 290. (On
+    the CUDA execution provider each NonZero's data-dependent shape also waits for the device; not measured.)
+    The float op has no ``router_weights`` input, so V2's unnormalised weights cannot be fed to it and V2/V2-Lite
+    keep dispatch.
     """
     if expert_path != "auto":
         return expert_path

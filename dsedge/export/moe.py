@@ -10,8 +10,10 @@ Then optional renormalisation (honoured for V2 too, though V2's reference ignore
 released V2 config sets it false) and × routed_scaling_factor.
 
 Experts: quantized routed experts in a layout onnxruntime's ``com.microsoft::QMoE`` runs on its fast kernels
-(``qmoe_scheme``) are one QMoE per layer, or per expert partition, fed our exact selection. Otherwise dispatch:
-each expert gathers the rows routed to it (NonZero → Gather), runs its SwiGLU MLP and scatter-adds the
+(``qmoe_scheme``) are one QMoE per layer, or per expert partition, fed our exact selection. Float experts of
+a renormalising router (V3/R1) in a monolithic bundle are one ``com.microsoft::MoE`` per layer, fed the same
+selection as log-weights (``_moe_op_experts``; the export default picks it, dsedge.export.bundle). Otherwise
+dispatch: each expert gathers the rows routed to it (NonZero → Gather), runs its SwiGLU MLP and scatter-adds the
 weighted result. Either way only routed rows are computed, and nothing about routing is fixed at export time.
 """
 
