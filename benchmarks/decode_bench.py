@@ -36,10 +36,10 @@ PROMPT, TTFT_PROMPT = 32, 512
 # channel, or int4 g32 symmetric (Q4_0: blocks of 32, one scale each), and the LM head int8 (as the int8/int4
 # presets write it). RTN: the weights are random, calibration cannot help them.
 RECIPES = {p: str(Path(__file__).parent / "recipes" / f"bench-{p}.json") for p in ("int8", "int4")}
-# What a user gets from `dsedge compress --recipe int4` (groups of 128; head int8, embedding int8 at export),
-# against the same Q4_0 file: at groups of 32, MLAS's packed int8-activation layout reads an fp32 scale and an
-# fp32 block sum per block (6 bits per weight against Q4_0's 4.5); at 128 it reads 4.5, Q4_0's bytes
-# (qwen2bench measured 89.1 vs 80.8 MB/token by weight_bytes_per_token, benchmarks/README.md).
+# What a user gets from `dsedge compress --recipe int4` (groups of 128, the LM head too; embedding int8 at
+# export), against the same Q4_0 file (whose head is Q6_K): at groups of 32, MLAS's packed int8-activation
+# layout reads an fp32 scale and an fp32 block sum per block (6 bits per weight against Q4_0's 4.5); at 128 it
+# reads 4.5, Q4_0's bytes (benchmarks/README.md). RTN here as for the other cells (same bytes as GPTQ).
 RECIPES["int4-g128"] = "int4-g128"
 PRECISIONS = ("fp32", "fp16", "int8", "int4", "int4-g128")
 # ../shared/bench/README.md: llama.cpp llama-bench on this machine (2 threads, batch 1), tokens/s.

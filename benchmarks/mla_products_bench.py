@@ -3,9 +3,11 @@
 Absorbed MLA multiplies the query by ``w_uk`` and the attention output by ``w_uv`` head by head
 (``[B, H, T, K] @ [H, K, N]``); export stores both fp32 (ds3bench: 16.8 MB of a 95 MB int4 step). MatMulNBits
 takes one 2-D matrix, so a quantized per-head product has to be one of: fp16 weights cast to fp32 before an
-fp32 MatMul, an fp16 MatMul, or int8 weights in ``DynamicQuantizeMatMul`` (a batched B with per-head, per-column
-scales runs on CPU). Each variant is a graph of ``--count`` distinct products (more bytes than the L3 cache,
-so that they are read from memory as in a decode step), timed in interleaved rounds in one process.
+fp32 MatMul, an fp16 MatMul, int8 weights in ``DynamicQuantizeMatMul`` (a batched B with per-head, per-column
+scales runs on CPU), or every head's matrix stacked into one MatMulNBits applied to all H query rows (each byte
+read once, H× the multiply-adds; ``nbits8-stacked``/``nbits4-stacked``). Each variant is a graph of ``--count``
+distinct products (more bytes than the L3 cache, so that they are read from memory as in a decode step), timed
+in interleaved rounds in one process.
 
     .venv/bin/python benchmarks/mla_products_bench.py --shape 16 64 256 --count 48     # ds3bench w_uk
     .venv/bin/python benchmarks/mla_products_bench.py --shape 16 256 64 --count 48     # ds3bench w_uv
@@ -21,7 +23,32 @@ import numpy as np
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-VARIANTS = ("fp32", "fp16-cast", "fp16-matmul", "int8-dqmm")
+VARIANTS = ("fp32", "fp16-cast", "fp16-matmul", "int8-dqmm", "nbits8-stacked", "nbits4-stacked")
+
+
+def _stacked_nbits(i: int, weight: np.ndarray, bits: int) -> tuple[list, list]:
+    """Every head's matrix stacked into one MatMulNBits ``B`` [H·N, K] (block 32, symmetric RTN), applied to
+    the H query rows at once (M = H): each weight byte is read once, at the price of H× the multiply-adds
+    (head h's row times every head's matrix); head h's own result is the diagonal block, taken by GatherND."""
+    heads, k, n = weight.shape
+    y, w = f"y{i}", f"w{i}"
+    stacked = np.ascontiguousarray(weight.transpose(0, 2, 1).reshape(heads * n, k))  # [H·N, K]: rows = outputs
+    block, top = 32, (1 << (bits - 1)) - 1
+    groups = stacked.reshape(heads * n, k // block, block)
+    scale = np.abs(groups).max(axis=2, keepdims=True) / top
+    codes = np.clip(np.round(groups / scale), -top - 1, top).astype(np.int16) + (top + 1)  # unsigned, zero = 2^(b-1)
+    codes = codes.astype(np.uint8).reshape(heads * n, k // block, block)
+    packed = codes if bits == 8 else (codes[..., 0::2] | (codes[..., 1::2] << 4)).astype(np.uint8)
+    diagonal = np.stack([np.arange(heads), np.arange(heads)], axis=1).astype(np.int64)  # [H, 2]
+    nodes = [helper.make_node("MatMulNBits", ["q2d", w, w + "_s"], [y + "_all"], domain="com.microsoft", K=k,
+                              N=heads * n, bits=bits, block_size=block, accuracy_level=4),
+             helper.make_node("Reshape", [y + "_all", "hhn" + str(n)], [y + "_hhn"]),
+             helper.make_node("GatherND", [y + "_hhn", "diag"], [y])]  # [H, N]
+    inits = [numpy_helper.from_array(packed, w),
+             numpy_helper.from_array(scale.reshape(-1).astype(np.float32), w + "_s"),
+             numpy_helper.from_array(np.array([heads, heads, n], np.int64), "hhn" + str(n)),
+             numpy_helper.from_array(diagonal, "diag")]
+    return nodes, inits
 
 
 def product_nodes(kind: str, i: int, weight: np.ndarray) -> tuple[list, list]:
@@ -29,6 +56,8 @@ def product_nodes(kind: str, i: int, weight: np.ndarray) -> tuple[list, list]:
     y, w = f"y{i}", f"w{i}"
     if kind == "fp32":
         return [helper.make_node("MatMul", ["q", w], [y])], [numpy_helper.from_array(weight, w)]
+    if kind.startswith("nbits"):
+        return _stacked_nbits(i, weight, int(kind[5]))
     if kind == "fp16-cast":
         return ([helper.make_node("Cast", [w], [w + "_f"], to=TensorProto.FLOAT),
                  helper.make_node("MatMul", ["q", w + "_f"], [y])],
@@ -47,10 +76,14 @@ def session(kind: str, weights: list[np.ndarray], threads: int) -> ort.Inference
     heads, k, _ = weights[0].shape
     nodes = [helper.make_node("Cast", ["q"], ["q16"], to=TensorProto.FLOAT16)] if kind == "fp16-matmul" else []
     initializers, outputs = [], []
+    if kind.startswith("nbits"):  # the H query rows as M = H rows of one 2-D input
+        nodes.append(helper.make_node("Reshape", ["q", "hk"], ["q2d"]))
+        initializers.append(numpy_helper.from_array(np.array([heads, k], np.int64), "hk"))
     for i, weight in enumerate(weights):
         more_nodes, more_inits = product_nodes(kind, i, weight)
         nodes += more_nodes
-        initializers += more_inits
+        names = {t.name for t in initializers}
+        initializers += [t for t in more_inits if t.name not in names]  # shared shapes/indices once
         outputs.append(helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, None))
     graph = helper.make_graph(nodes, kind, [helper.make_tensor_value_info("q", TensorProto.FLOAT, [1, heads, 1, k])],
                               outputs, initializers)
@@ -88,7 +121,8 @@ def main() -> None:
           f"{args.threads} threads")
     for kind, sess in sessions.items():
         got = sess.run(None, {"q": q})
-        error = max(float(np.abs(g - r).max() / np.abs(r).max()) for g, r in zip(got, reference, strict=True))
+        error = max(float(np.abs(g.reshape(r.shape) - r).max() / np.abs(r).max())
+                    for g, r in zip(got, reference, strict=True))
         median = float(np.median(micros[kind]))
         print(f"{kind:12s} median {median:7.1f} µs per product (min {min(micros[kind]):.1f}), "
               f"fp32-equivalent {fp32_bytes / median / 1e3:5.1f} GB/s, max relative error {error:.1e}")

@@ -55,7 +55,7 @@ SCHEMES: dict[str, tuple[tuple[int, int | None] | None, tuple[int, int | None] |
 # scheme → (bits, group) of the LM head and of the token embedding where that preset quantizes them (the
 # head by a recipe rule, MatMulNBits; the embedding at export, GatherBlockQuantized with a tied head reading
 # the same codes: dsedge.export.embedding); absent = kept float. Mirrors dsedge.compress.recipes' presets.
-HEAD_QUANT: dict[str, tuple[int, int | None]] = {"int8": (8, None), "int4": (8, None)}
+HEAD_QUANT: dict[str, tuple[int, int | None]] = {"int8": (8, None), "int4": (4, 128)}
 EMBEDDING_QUANT: dict[str, tuple[int, int | None]] = {"int8": (8, None), "int4": (8, None)}
 SCHEME_NOTE = ("sizes are what `dsedge compress` (the preset of that name) + `dsedge export` write: int8 = per "
                "channel, int4 = group 128, symmetric, as MatMulNBits codes plus one scale per block of 32 inputs "

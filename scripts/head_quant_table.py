@@ -25,11 +25,14 @@ MODELS = ("deepseek-v3-tiny", "qwen2-tiny")
 PRESETS = {"deepseek-v3-tiny": ("int8", "int4-g128", "int4-experts"),
            "qwen2-tiny": ("int8", "int4-g128")}  # a dense model's int4-experts is int8 everywhere
 # (label, head scheme, embedding scheme) per preset; None = the source checkpoint's float weights. Head and
-# embedding are round-to-nearest.
+# embedding are round-to-nearest, except a head scheme ending in "gptq": that preset compressed again with its
+# lm_head rule replaced (GPTQ needs the final-norm calibration states, which only compress has).
 VARIANTS = {
     "int8": [("head int8", (8, None), None), ("head int8 + embedding int8", (8, None), (8, None))],
     "int4-g128": [("head float", None, None), ("head int4-g128", (4, 128), None), ("head int4-g64", (4, 64), None),
-                  ("head int4-g32", (4, 32), None), ("head int8", (8, None), None),
+                  ("head int4-g32", (4, 32), None), ("head int4-g128 GPTQ", (4, 128, "gptq"), None),
+                  ("head int4-g64 GPTQ", (4, 64, "gptq"), None), ("head int4-g32 GPTQ", (4, 32, "gptq"), None),
+                  ("head int8", (8, None), None),
                   ("head int8 + embedding int8", (8, None), (8, None)),
                   ("head int8 + embedding int4-g32", (8, None), (4, 32))],
     "int4-experts": [("head int8", (8, None), None), ("head int8 + embedding int8", (8, None), (8, None)),
@@ -51,6 +54,29 @@ def rtn(weight, scheme: tuple[int, int | None], scale_dtype):
     from dsedge.quantformat.tensor import dequantize
 
     return dequantize(quantize_rtn(weight.detach().float(), QuantScheme(*scheme), scale_dtype=scale_dtype))
+
+
+def gptq_compressed_head(model_name: str, preset_name: str, head_scheme: tuple, out: Path):
+    """The dequantized LM head of the preset compressed with ``{"match": "lm_head", "quant": {bits, group,
+    "gptq"}}`` in place of its own head rule (the layers, compressed before the head, come out the same)."""
+    import copy
+
+    from dsedge.compress.pipeline import compress
+    from dsedge.compress.recipes import _PRESET_DATA
+    from dsedge.models.checkpoint import Checkpoint
+    from dsedge.models.reference import reference_model
+
+    bits, group, method = head_scheme
+    tag = f"head-int{bits}-g{group}-{method}"
+    path = out / f"{model_name}--{preset_name}--{tag}"
+    if not (path / "config.json").exists():
+        data = copy.deepcopy(_PRESET_DATA[preset_name][1])
+        data["rules"] = [r for r in data["rules"] if r["match"] != "lm_head"]
+        data["rules"].insert(0, {"match": "lm_head", "quant": {"bits": bits, "group_size": group, "method": method}})
+        recipe = out / f"{preset_name}--{tag}.json"
+        recipe.write_text(json.dumps(data))
+        compress(model_name, path, recipe=recipe, evaluate=False, overwrite=True)
+    return reference_model(Checkpoint(path)).get_output_embeddings().weight.detach().clone()
 
 
 def main() -> None:
@@ -106,8 +132,12 @@ def main() -> None:
             for label, head_scheme, embed_scheme in VARIANTS[preset_name]:
                 if (model_name, preset_name, label) in done or (args.variants and label not in args.variants):
                     continue
+                gptq_head = head_scheme is not None and head_scheme[-1] == "gptq"
                 with torch.no_grad():
-                    head.copy_(float_head if head_scheme is None else rtn(float_head, head_scheme, torch.bfloat16))
+                    if gptq_head:
+                        head.copy_(gptq_compressed_head(model_name, preset_name, head_scheme, args.out))
+                    else:
+                        head.copy_(float_head if head_scheme is None else rtn(float_head, head_scheme, torch.bfloat16))
                     embed.copy_(float_embed if embed_scheme is None else rtn(float_embed, embed_scheme, torch.float16))
                 record({"model": model_name, "preset": preset_name, "variant": label,
                         "slice": slice_name, "heldout": score(model, ids),

@@ -10,8 +10,8 @@ with it its ``e_score_correction_bias``), norms, the MTP layer's embedding and `
 quantized. The LM head (``lm_head``) and the token embedding (``model.embed_tokens``) are kept too unless a
 recipe rule names them exactly (``{"match": "lm_head", "quant": {"bits": 8}}``): at int4 an fp32 head is two
 thirds of the bytes a small model reads per decoded token, which is why llama.cpp's Q4/Q8 files quantize it
-too; the ``int8``, ``int4`` and ``int4-g128`` presets quantize both at int8 (measured within 0.05%,
-docs/compress.md). The embedding is always
+too. The ``int8`` preset quantizes both at int8 (within 0.05%); ``int4`` and ``int4-g128`` quantize the head
+int4 g128 by GPTQ (within 0.43%) and the embedding int8 (docs/compress.md). The embedding is always
 quantized round-to-nearest (a lookup has no input activations for GPTQ to
 weigh); with ``tie_word_embeddings`` the embedding's rule decides the head as well (one matrix is stored).
 Only 2-D linear weights are candidates at all
@@ -156,15 +156,19 @@ def _asym(group: int) -> list[dict[str, Any]]:
             {"match": "re:.*", "quant": {**_scheme(4, group, "gptq"), "symmetric": False}}]
 
 
-# The LM head int8 per output channel (round-to-nearest) and the embedding int8 per row (quantized at export:
-# GatherBlockQuantized), in the presets where held-out perplexity on both demo models stayed within 0.5% of the
-# preset without them (docs/compress.md, "The LM head and the embedding"; scripts/head_quant_table.py).
+# The LM head and the embedding (int8 per row, quantized at export: GatherBlockQuantized), in the presets where
+# held-out perplexity on both demo models stayed within 0.5% of the preset with them float (docs/compress.md,
+# "The LM head and the embedding"; scripts/head_quant_table.py). The int8 preset's head is int8 per output
+# channel (RTN); the int4 presets' head is int4 g128 by GPTQ on the final-norm calibration states (+0.43% and
+# +0.27%, where RTN at any group size cost +0.42–0.71%): the head is a third of an int4 step's bytes.
 _HEAD_INT8 = {"match": "lm_head", "quant": {"bits": 8, "group_size": None, "method": "rtn"}}
+_HEAD_INT4_GPTQ = {"match": "lm_head", "quant": {"bits": 4, "group_size": 128, "method": "gptq"}}
 _EMBEDDING_INT8 = {"match": "model.embed_tokens", "quant": {"bits": 8, "group_size": None, "method": "rtn"}}
 
 
-def _with_head_and_embedding(rules: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [_HEAD_INT8, _EMBEDDING_INT8, *rules]
+def _with_head_and_embedding(rules: list[dict[str, Any]], head: dict[str, Any] = _HEAD_INT8
+                             ) -> list[dict[str, Any]]:
+    return [head, _EMBEDDING_INT8, *rules]
 
 
 # name → (one-line description, recipe JSON). Int4 presets default to GPTQ (calibration is run anyway
@@ -172,10 +176,10 @@ def _with_head_and_embedding(rules: list[dict[str, Any]]) -> list[dict[str, Any]
 _PRESET_DATA: dict[str, tuple[str, dict[str, Any]]] = {
     "int8": ("every linear, the LM head and the embedding int8, per output channel / row, symmetric (RTN)",
              {"method": "rtn", "rules": _with_head_and_embedding(_all(8, None, "rtn"))}),
-    "int4": ("every linear int4, groups of 128, symmetric (GPTQ); LM head and embedding int8 — same as int4-g128",
-             {"method": "gptq", "rules": _with_head_and_embedding(_all(4, 128, "gptq"))}),
-    "int4-g128": ("every linear int4, groups of 128, symmetric (GPTQ); LM head and embedding int8 (RTN)",
-                  {"method": "gptq", "rules": _with_head_and_embedding(_all(4, 128, "gptq"))}),
+    "int4": ("every linear and the LM head int4, groups of 128, symmetric (GPTQ); embedding int8 — same as int4-g128",
+             {"method": "gptq", "rules": _with_head_and_embedding(_all(4, 128, "gptq"), _HEAD_INT4_GPTQ)}),
+    "int4-g128": ("every linear and the LM head int4, groups of 128, symmetric (GPTQ); embedding int8 (RTN)",
+                  {"method": "gptq", "rules": _with_head_and_embedding(_all(4, 128, "gptq"), _HEAD_INT4_GPTQ)}),
     "int4-g64": ("every linear int4, groups of 64, symmetric (GPTQ)",
                  {"method": "gptq", "rules": _all(4, 64, "gptq")}),
     "int4-g32": ("every linear int4, groups of 32, symmetric (GPTQ): larger, more accurate",
