@@ -64,9 +64,15 @@ def test_quantize_by_rows_is_quantize(monkeypatch):
     hessian = HessianAccumulator(96)
     hessian.add(torch.randn(512, 96))
     gptq = QuantScheme(4, 32, True, method="gptq")
+    factorisations = []
+    real_factor = quant._inverse_hessian_cholesky
+    monkeypatch.setattr(quant, "_inverse_hessian_cholesky", lambda *a: factorisations.append(1) or real_factor(*a))
     whole, blocked = quantize(w, gptq, hessian), quantize_by_rows(w, gptq, hessian)
     # GPTQ's rows are independent: the same integers up to float rounding in the blocked matmuls
     assert (whole.q != blocked.q).float().mean() < 1e-3 and blocked.shape == whole.shape
+    assert len(factorisations) == 2  # once per call, not once per row block (V3's head: 221 blocks of 7168²)
+    empty = HessianAccumulator(96)  # no samples: every block falls back to RTN, as quantize does
+    assert torch.equal(quantize_by_rows(w, gptq, empty).q, quantize(w, QuantScheme(4, 32, True)).q)
 
 
 def test_chunked_bit_packing_and_matmul_nbits_arrays_are_exact(monkeypatch):

@@ -74,6 +74,17 @@ def quantize_by_rows(w: torch.Tensor, scheme: QuantScheme, hessian=None, *, name
     rows = max(1, ROW_BLOCK_ELEMENTS // max(w.shape[1], 1))
     if w.shape[0] <= rows:
         return quantize(w, scheme, hessian, name=name, scale_dtype=scale_dtype)
+    prepared = None
+    if scheme.method == "gptq" and hessian is not None:
+        # one factorisation for every block: H is [in, in] (V3's head: 7168², a minute of float64 each time)
+        prepared = gptq_factor(hessian, scheme, _as_matrix(w).shape[1], name or f"{list(w.shape)} weight",
+                               device=w.device)
+        if prepared is None:
+            hessian = None  # logged: RTN for every block
+    if prepared is not None:
+        u, perm = prepared
+        return stack_rows([_gptq_columns(_as_matrix(w[start:start + rows]), u, scheme, perm, GPTQ_BLOCK, scale_dtype)
+                           for start in range(0, w.shape[0], rows)])
     return stack_rows([quantize(w[start:start + rows], scheme, hessian, name=name, scale_dtype=scale_dtype)
                        for start in range(0, w.shape[0], rows)])
 
@@ -212,26 +223,34 @@ def quantize_gptq(w: torch.Tensor, hessian: torch.Tensor | HessianAccumulator, s
     unlike the reference code, which zeroes them (DESIGN.md §5: an unrouted expert is never wiped).
     """
     w = _as_matrix(w)
+    prepared = gptq_factor(hessian, scheme, w.shape[1], name or f"{list(w.shape)} weight", device=w.device)
+    if prepared is None:
+        return quantize_rtn(w, scheme, scale_dtype=scale_dtype)
+    u, perm = prepared
+    return _gptq_columns(w, u, scheme, perm, block_size, scale_dtype)
+
+
+def gptq_factor(hessian: torch.Tensor | HessianAccumulator, scheme: QuantScheme, in_features: int, label: str,
+                device=None) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """GPTQ's per-Hessian work, shared by every row of the weight: the upper Cholesky factor of the damped
+    ``H⁻¹`` and act-order's column permutation; None (logged) when GPTQ must fall back to RTN."""
     H, n_samples = (hessian.hessian, hessian.n_samples) if isinstance(hessian, HessianAccumulator) else (hessian, None)
-    label = name or f"{list(w.shape)} weight"
-    if H.shape != (w.shape[1], w.shape[1]):
-        raise ValueError(f"Hessian shape {list(H.shape)} does not match weight {list(w.shape)}")
-    H = H.detach().to(device=w.device, dtype=torch.float64).clone()
+    if H.shape != (in_features, in_features):
+        raise ValueError(f"Hessian shape {list(H.shape)} does not match weight {label} with {in_features} inputs")
+    H = H.detach().to(device=device, dtype=torch.float64).clone()
     if n_samples == 0 or not bool(H.diagonal().any()):
         log.info("%s: no calibration inputs, using RTN", label)
-        return quantize_rtn(w, scheme, scale_dtype=scale_dtype)
+        return None
     if not bool(torch.isfinite(H).all()):
         log.warning("%s: Hessian has NaN/Inf values, falling back to RTN", label)
-        return quantize_rtn(w, scheme, scale_dtype=scale_dtype)
+        return None
     dead = H.diagonal() == 0
     H[dead, dead] = 1.0  # decouples the column: its error then propagates nowhere, so it stays RTN
     perm = torch.argsort(H.diagonal(), descending=True, stable=True) if scheme.act_order else None
     if perm is not None:
         H = H[perm][:, perm]
     u = _inverse_hessian_cholesky(H, scheme.damp, label)
-    if u is None:
-        return quantize_rtn(w, scheme, scale_dtype=scale_dtype)
-    return _gptq_columns(w, u, scheme, perm, block_size, scale_dtype)
+    return None if u is None else (u, perm)
 
 
 def _inverse_hessian_cholesky(H: torch.Tensor, damp: float, label: str) -> torch.Tensor | None:
