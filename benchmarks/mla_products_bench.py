@@ -5,25 +5,41 @@ Absorbed MLA multiplies the query by ``w_uk`` and the attention output by ``w_uv
 takes one 2-D matrix, so a quantized per-head product has to be one of: fp16 weights cast to fp32 before an
 fp32 MatMul, an fp16 MatMul, int8 weights in ``DynamicQuantizeMatMul`` (a batched B with per-head, per-column
 scales runs on CPU), or every head's matrix stacked into one MatMulNBits applied to all H query rows (each byte
-read once, H× the multiply-adds; ``nbits8-stacked``/``nbits4-stacked``). Each variant is a graph of ``--count``
-distinct products (more bytes than the L3 cache, so that they are read from memory as in a decode step), timed
-in interleaved rounds in one process.
+read once, H× the multiply-adds; ``nbits8-stacked``/``nbits4-stacked``); ``custom-int8`` is the prototype
+custom op of ``benchmarks/kernels/head_matmul.c`` (int8 weights, one scale per head and column, fp32
+activations; built here with gcc and registered with ``register_custom_ops_library``). Each variant is a
+graph of ``--count`` distinct products (more bytes than the L3 cache, so that they are read from memory as in a
+decode step), timed in interleaved rounds in one process.
 
     .venv/bin/python benchmarks/mla_products_bench.py --shape 16 64 256 --count 48     # ds3bench w_uk
     .venv/bin/python benchmarks/mla_products_bench.py --shape 16 256 64 --count 48     # ds3bench w_uv
     .venv/bin/python benchmarks/mla_products_bench.py --shape 16 128 512 --count 16    # V2-Lite w_uk
+    .venv/bin/python benchmarks/mla_products_bench.py --variants fp32 custom-int8 --threads 1 2
 """
 
 from __future__ import annotations
 
 import argparse
+import subprocess
 import time
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-VARIANTS = ("fp32", "fp16-cast", "fp16-matmul", "int8-dqmm", "nbits8-stacked", "nbits4-stacked")
+VARIANTS = ("fp32", "fp16-cast", "fp16-matmul", "int8-dqmm", "nbits8-stacked", "nbits4-stacked", "custom-int8")
+KERNEL = Path(__file__).resolve().parent / "kernels" / "head_matmul.c"
+OUT = Path(__file__).resolve().parent / "out"
+
+
+def custom_library() -> Path:
+    """The prototype kernel as a shared library (rebuilt when the source is newer)."""
+    library = OUT / "head_matmul.so"
+    if not library.exists() or library.stat().st_mtime < KERNEL.stat().st_mtime:
+        OUT.mkdir(exist_ok=True)
+        subprocess.run(["gcc", "-O3", "-march=native", "-fPIC", "-shared", "-o", str(library), str(KERNEL)], check=True)
+    return library
 
 
 def _stacked_nbits(i: int, weight: np.ndarray, bits: int) -> tuple[list, list]:
@@ -58,6 +74,11 @@ def product_nodes(kind: str, i: int, weight: np.ndarray) -> tuple[list, list]:
         return [helper.make_node("MatMul", ["q", w], [y])], [numpy_helper.from_array(weight, w)]
     if kind.startswith("nbits"):
         return _stacked_nbits(i, weight, int(kind[5]))
+    if kind == "custom-int8":
+        scale = np.abs(weight).max(axis=1) / 127  # [H, N]
+        codes = np.round(weight / scale[:, None, :]).astype(np.int8)
+        return ([helper.make_node("HeadMatMulInt8", ["q", w, w + "_s"], [y], domain="com.dsedge.bench")],
+                [numpy_helper.from_array(codes, w), numpy_helper.from_array(scale.astype(np.float32), w + "_s")])
     if kind == "fp16-cast":
         return ([helper.make_node("Cast", [w], [w + "_f"], to=TensorProto.FLOAT),
                  helper.make_node("MatMul", ["q", w + "_f"], [y])],
@@ -87,9 +108,12 @@ def session(kind: str, weights: list[np.ndarray], threads: int) -> ort.Inference
         outputs.append(helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, None))
     graph = helper.make_graph(nodes, kind, [helper.make_tensor_value_info("q", TensorProto.FLOAT, [1, heads, 1, k])],
                               outputs, initializers)
-    opsets = [helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)]
+    opsets = [helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1),
+              helper.make_opsetid("com.dsedge.bench", 1)]
     model = helper.make_model(graph, opset_imports=opsets)
     options = ort.SessionOptions()
+    if kind == "custom-int8":
+        options.register_custom_ops_library(str(custom_library()))
     options.intra_op_num_threads = threads
     options.add_session_config_entry("session.intra_op.allow_spinning", "1")  # as monolithic bundles run
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
@@ -99,33 +123,34 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", nargs=3, type=int, default=[16, 64, 256], metavar=("H", "K", "N"))
     ap.add_argument("--count", type=int, default=48, help="distinct products per graph (their bytes > L3)")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, nargs="+", default=[2], help="intra-op threads (each a cell)")
+    ap.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     ap.add_argument("--rounds", type=int, default=5)
     args = ap.parse_args()
     rng = np.random.default_rng(0)
     weights = [rng.normal(0, 0.02, args.shape).astype(np.float32) for _ in range(args.count)]
     q = rng.normal(0, 1, (1, args.shape[0], 1, args.shape[1])).astype(np.float32)
     reference = [np.matmul(q, w) for w in weights]
-    sessions = {kind: session(kind, weights, args.threads) for kind in VARIANTS}
-    micros: dict[str, list[float]] = {kind: [] for kind in VARIANTS}
+    sessions = {(kind, threads): session(kind, weights, threads) for kind in args.variants for threads in args.threads}
+    micros: dict[tuple, list[float]] = {cell: [] for cell in sessions}
     for _ in range(args.rounds):
-        for kind, sess in sessions.items():
+        for cell, sess in sessions.items():
             for _ in range(3):
                 sess.run(None, {"q": q})
             started = time.perf_counter()
             for _ in range(20):
                 sess.run(None, {"q": q})
-            micros[kind].append((time.perf_counter() - started) / 20 / args.count * 1e6)
+            micros[cell].append((time.perf_counter() - started) / 20 / args.count * 1e6)
     fp32_bytes = int(np.prod(args.shape)) * 4
-    print(f"shape H,K,N = {tuple(args.shape)}, {args.count} products ({args.count * fp32_bytes / 2**20:.0f} MiB fp32), "
-          f"{args.threads} threads")
-    for kind, sess in sessions.items():
+    print(f"shape H,K,N = {tuple(args.shape)}, {args.count} products ({args.count * fp32_bytes / 2**20:.0f} MiB fp32)")
+    for (kind, threads), sess in sessions.items():
         got = sess.run(None, {"q": q})
         error = max(float(np.abs(g.reshape(r.shape) - r).max() / np.abs(r).max())
                     for g, r in zip(got, reference, strict=True))
-        median = float(np.median(micros[kind]))
-        print(f"{kind:12s} median {median:7.1f} µs per product (min {min(micros[kind]):.1f}), "
-              f"fp32-equivalent {fp32_bytes / median / 1e3:5.1f} GB/s, max relative error {error:.1e}")
+        median = float(np.median(micros[kind, threads]))
+        print(f"{kind:14s} {threads} threads: median {median:7.1f} µs per product "
+              f"(min {min(micros[kind, threads]):.1f}), fp32-equivalent {fp32_bytes / median / 1e3:5.1f} GB/s, "
+              f"max relative error {error:.1e}")
 
 
 if __name__ == "__main__":
