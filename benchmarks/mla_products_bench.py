@@ -67,6 +67,12 @@ def _stacked_nbits(i: int, weight: np.ndarray, bits: int) -> tuple[list, list]:
     return nodes, inits
 
 
+def _int8_per_head_column(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric int8 codes of ``weight`` [H, K, N] and their scales [H, 1, N] (per head, per output column)."""
+    scale = np.abs(weight).max(axis=1, keepdims=True) / 127
+    return np.round(weight / scale).astype(np.int8), scale.astype(np.float32)
+
+
 def product_nodes(kind: str, i: int, weight: np.ndarray) -> tuple[list, list]:
     """Nodes and initializers computing ``y{i} = q @ weight`` in the variant's precision."""
     y, w = f"y{i}", f"w{i}"
@@ -75,10 +81,9 @@ def product_nodes(kind: str, i: int, weight: np.ndarray) -> tuple[list, list]:
     if kind.startswith("nbits"):
         return _stacked_nbits(i, weight, int(kind[5]))
     if kind == "custom-int8":
-        scale = np.abs(weight).max(axis=1) / 127  # [H, N]
-        codes = np.round(weight / scale[:, None, :]).astype(np.int8)
+        codes, scale = _int8_per_head_column(weight)  # the op takes its scales as [H, N]
         return ([helper.make_node("HeadMatMulInt8", ["q", w, w + "_s"], [y], domain="com.dsedge.bench")],
-                [numpy_helper.from_array(codes, w), numpy_helper.from_array(scale.astype(np.float32), w + "_s")])
+                [numpy_helper.from_array(codes, w), numpy_helper.from_array(scale[:, 0, :], w + "_s")])
     if kind == "fp16-cast":
         return ([helper.make_node("Cast", [w], [w + "_f"], to=TensorProto.FLOAT),
                  helper.make_node("MatMul", ["q", w + "_f"], [y])],
@@ -87,10 +92,9 @@ def product_nodes(kind: str, i: int, weight: np.ndarray) -> tuple[list, list]:
         return ([helper.make_node("MatMul", ["q16", w], [y + "_h"]),
                  helper.make_node("Cast", [y + "_h"], [y], to=TensorProto.FLOAT)],
                 [numpy_helper.from_array(weight.astype(np.float16), w)])
-    scale = np.abs(weight).max(axis=1, keepdims=True) / 127  # [H, 1, N]: per head, per output column
-    codes = np.round(weight / scale).astype(np.int8)
+    codes, scale = _int8_per_head_column(weight)
     return ([helper.make_node("DynamicQuantizeMatMul", ["q", w, w + "_s"], [y], domain="com.microsoft")],
-            [numpy_helper.from_array(codes, w), numpy_helper.from_array(scale.astype(np.float32), w + "_s")])
+            [numpy_helper.from_array(codes, w), numpy_helper.from_array(scale, w + "_s")])
 
 
 def session(kind: str, weights: list[np.ndarray], threads: int) -> ort.InferenceSession:
