@@ -11,13 +11,13 @@ and the thread pools are process-wide), on a quiet machine:
 
 from __future__ import annotations
 
-import resource
 import sys
 import time
 
 import numpy as np
 import onnxruntime as ort
 
+from dsedge.rss import peak_rss_bytes
 from dsedge.runtime import engine as engine_module
 from dsedge.runtime import load_bundle
 
@@ -63,7 +63,7 @@ def main() -> None:
         t0 = time.perf_counter()
         engine.forward(np.asarray([[5 + i]]), np.ones((1, 513 + i), np.int64), cache)
         steps.append(time.perf_counter() - t0)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    peak = peak_rss_bytes() / 2**30
     print(f"{variant}: load {loaded - started:.1f} s, prefill 512 {prefilled - loaded:.2f} s, "
           f"decode {1 / np.median(steps):.1f} tokens/s, peak RSS {peak:.2f} GiB")
 

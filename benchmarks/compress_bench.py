@@ -3,7 +3,7 @@
 A random DeepSeek-V3-shaped MoE checkpoint (MLA with q-LoRA, noaux_tc routing over 4 groups, 16 routed
 experts + 1 shared, a dense first layer) is written at a base layer count and at 2x and 4x it, layer by layer
 (one shard per layer, bf16). Each run compresses it in a fresh process (`int4-experts`, the MoE preset) and
-reports the process's peak RSS (`ru_maxrss`, Python + torch + transformers included), elapsed time, and
+reports the process's peak RSS (its own VmHWM, Python + torch + transformers included), elapsed time, and
 quantized parameters per second of the per-layer work (calibration forward, statistics, quantization,
 propagation; startup, tokenization and the final quality evaluation excluded); the same model is
 compressed with RTN and with GPTQ. Random weights make perplexity meaningless here: quality deltas of

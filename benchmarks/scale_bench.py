@@ -12,8 +12,8 @@ the tiny test tokenizer (random weights: the text is meaningless, the shapes are
 - ``prepare`` (untimed): build; convert to GGUF for llama.cpp (``--llamacpp``: bf16 then llama-quantize Q4_0
   / Q8_0, with ``../shared/bench/llamacpp.sh``); per preset (``int4``, and ``int8`` for a dense model)
   compress with RTN and export with validation (partitioned for MoE, monolithic for dense), each in a fresh
-  process whose peak RSS (``ru_maxrss``) and seconds are recorded; plan's size against the bundle's; the
-  bf16 and compressed checkpoints deleted once used (disk).
+  process whose peak RSS (its own ``VmHWM``; ``ru_maxrss`` would carry this driver's) and seconds are
+  recorded; plan's size against the bundle's; the bf16 and compressed checkpoints deleted once used (disk).
 - ``measure`` (a quiet machine): ``--rounds`` rounds, each with a bandwidth probe and the load average, of
   dsedge with every expert resident, dsedge under a budget keeping 25% of the routed-expert bytes, and
   llama-bench on the same checkpoint at the same bits — decode tokens/s at 16 and 512 cached tokens, prefill
@@ -142,7 +142,8 @@ def build_checkpoint(config: dict, out: Path, seed: int = 0) -> Path:
 
 
 STEP = """
-import json, os, resource, sys, time
+import json, os, sys, time
+from dsedge.rss import peak_rss_bytes  # this process's own, not the driver's
 args = json.loads(sys.argv[1])
 started = time.perf_counter()
 if args["step"] == "compress":
@@ -170,7 +171,7 @@ else:  # measure: load, decode per token at each cached length, prefill of a pro
     print(json.dumps({"load_seconds": round(loaded, 3), "decode": decode, "prefill": prefill,
                       "experts": experts.stats.to_json() if experts is not None else None}))
 print(json.dumps({"seconds": round(time.perf_counter() - started, 2),
-                  "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+                  "peak_rss_bytes": peak_rss_bytes()}))
 """
 # dsedge preset -> the llama.cpp type of the same bits. int4 is groups of 128 with a float scale each (4.25
 # bits per weight), Q4_0 blocks of 32 with an fp16 scale (4.5); int8 per channel, Q8_0 blocks of 32 (8.5).

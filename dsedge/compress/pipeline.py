@@ -50,7 +50,7 @@ from dsedge.compress.quant import (
     sqnr_db_of_blocks,
 )
 from dsedge.compress.recipes import EMBEDDING, load_recipe
-from dsedge.compress.report import REPORT_FILE, CompressReport, peak_rss_bytes, quality
+from dsedge.compress.report import REPORT_FILE, CompressReport, quality
 from dsedge.compress.writer import (
     DEFAULT_MAX_SHARD_BYTES,
     ShardWriter,
@@ -67,6 +67,7 @@ from dsedge.progress import progress
 from dsedge.quantformat.config import EXPORT_EMBEDDING_KEY, quantization_config, stored_group
 from dsedge.quantformat.packing import pack
 from dsedge.quantformat.tensor import QuantizedTensor, dequantize
+from dsedge.rss import peak_rss_bytes
 from dsedge.sources import resolve_checkpoint
 
 log = logging.getLogger("dsedge")

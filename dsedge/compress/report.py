@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import resource
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -90,9 +89,3 @@ def _windowed_logits_fn(hidden, norm, head, eps, norm_class):
         return final_logits(hidden[start:start + len(batch)], norm, head, eps, norm_class).numpy()
 
     return logits_fn
-
-
-def peak_rss_bytes() -> int:
-    """The process's peak resident set so far (Linux reports ru_maxrss in KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import resource
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +26,7 @@ from dsedge.models.routing import read_frequencies
 from dsedge.planning import KV_BYTES, kv_bytes_per_token
 from dsedge.progress import progress
 from dsedge.quantformat.scheme import QuantScheme
+from dsedge.rss import peak_rss_bytes
 from dsedge.runtime import load_bundle
 from dsedge.runtime.generation import encoding_rule
 from dsedge.sources import resolve_checkpoint
@@ -142,7 +142,7 @@ def export_bundle(checkpoint: str | Path, output: str | Path, *, target=None, la
         written = write_manifest(tmp, manifest)
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     return ExportReport(str(out), layout, dtype, context, [g.to_json() for g in written.graphs], size,
-                        round(time.perf_counter() - started, 2), _peak_rss(), [c.to_json() for c in checks],
+                        round(time.perf_counter() - started, 2), peak_rss_bytes(), [c.to_json() for c in checks],
                         manifest["notes"])
 
 
@@ -399,7 +399,3 @@ def _validate(ckpt: Checkpoint, root: Path, layout: str, dtype: str, accuracy_le
                              if layered else None)
     raise_on_failure(checks, "decoder" if layout == "monolithic" else "partitioned trunk + experts")
     return checks
-
-
-def _peak_rss() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

@@ -10,7 +10,6 @@ trial runs under onnxruntime's node profiler and splits the time by layer and op
 from __future__ import annotations
 
 import json
-import resource
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +19,7 @@ import numpy as np
 
 from dsedge.contract import EXPERT_ROLES
 from dsedge.errors import UserError
+from dsedge.rss import peak_rss_bytes
 from dsedge.runtime import load_bundle
 from dsedge.runtime.chat import prepare_prompt, sources_prompt
 from dsedge.runtime.decode import generate_step
@@ -214,7 +214,7 @@ def _report(engine, bundle, runs: list[_Trial], prompt_tokens: int, gen_tokens: 
         outside_ort_ms_per_token=float(np.mean(steps) - sum(graph_decode.values()) - load_ms),
         expert_load_ms_per_token=load_ms,
         graphs=graphs, layers=_layer_rows(graphs), experts=experts,
-        peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        peak_rss_bytes=peak_rss_bytes(),
         graph_bytes=sum(int(f["bytes"]) for rel, f in engine.manifest.files.items() if rel.startswith("graphs/")),
         embed_ms_per_token=by_kind["prelude"], head_ms_per_token=by_kind["head"],
         trial_prefill_tokens_per_s=[prompt_tokens / r.ttft_s for r in runs],
