@@ -146,16 +146,21 @@ def test_lock_is_exclusive_across_processes_and_reentrant_within_one(tmp_path):
 @pytest.mark.parametrize("signame", ["SIGTERM", "SIGHUP"])
 def test_termination_signal_cleans_up_like_ctrl_c_and_handlers_are_restored(tmp_path, signame):
     number = getattr(signal, signame)
-    before = signal.getsignal(number)
-    out = tmp_path / "out"
-    with pytest.raises(Terminated) as exc, staged_output(out, artifact=THING) as tmp:
-        _write_thing(tmp, "half")
-        os.kill(os.getpid(), number)
-        time.sleep(10)  # the handler raises Terminated here, at once
-        raise AssertionError("the signal handler should have raised")
-    assert exc.value.exit_code == 128 + number and exc.value.signal_name == signame
-    assert _siblings(tmp_path) == []
-    assert signal.getsignal(number) is before
+    # The default disposition, as a shell gives it: under nohup SIGHUP arrives ignored, and an ignored signal
+    # stays ignored (the next test), so the handler under test would never be installed.
+    inherited = signal.signal(number, signal.SIG_DFL)
+    try:
+        out = tmp_path / "out"
+        with pytest.raises(Terminated) as exc, staged_output(out, artifact=THING) as tmp:
+            _write_thing(tmp, "half")
+            os.kill(os.getpid(), number)
+            time.sleep(10)  # the handler raises Terminated here, at once
+            raise AssertionError("the signal handler should have raised")
+        assert exc.value.exit_code == 128 + number and exc.value.signal_name == signame
+        assert _siblings(tmp_path) == []
+        assert signal.getsignal(number) is signal.SIG_DFL
+    finally:
+        signal.signal(number, inherited)
 
 
 def test_an_ignored_signal_stays_ignored(tmp_path):
