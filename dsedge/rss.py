@@ -2,7 +2,7 @@
 
 Linux's ``ru_maxrss`` is not the process's own: exec keeps the high-water mark of the memory it replaces, so a
 process started by a large parent (a benchmark driver that just built a checkpoint, a test runner) reports the
-parent's peak. That made one export look 0.9 GiB heavier than it was (docs/scale.md, session of 2026-12-06).
+parent's peak: one export of R1-Distill-Qwen-1.5B int4 showed 2.45 GiB for its own 1.47 (docs/scale.md, 2026-12-06).
 ``VmHWM`` in /proc/self/status belongs to the process's own address space; ``ru_maxrss`` is the fallback
 where /proc is absent (macOS reports it in bytes, Linux and the BSDs in KiB).
 """

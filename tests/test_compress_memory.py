@@ -30,6 +30,7 @@ COMPRESS_AND_REPORT_PEAK = """
 import json, sys
 from dsedge.compress.layers import classes_for, hf_config
 from dsedge.compress.pipeline import compress
+from dsedge.rss import peak_rss_bytes
 classes_for("deepseek_v3"), hf_config({"model_type": "deepseek_v3"})
 def status(key):
     return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith(key + ":"))
@@ -38,7 +39,7 @@ with open("/proc/self/clear_refs", "w") as f:
 before = status("VmRSS")
 compress(sys.argv[1], sys.argv[2], recipe="int4-experts", method=sys.argv[3], evaluate=False,
          calib_tokens=256, seq_len=64, max_shard_bytes=4 << 20)
-print(json.dumps({"peak_rss_bytes": status("VmHWM"), "before": before}))
+print(json.dumps({"peak_rss_bytes": peak_rss_bytes(), "before": before}))
 """
 
 

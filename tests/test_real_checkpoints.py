@@ -171,14 +171,13 @@ def test_plan_bundle_size_within_3_percent(tmp_path, model, recipe):
 
 
 LIBRARY_SPREAD = 16 << 20
-# VmHWM, not ru_maxrss: Linux carries the pre-exec high-water mark of the forked parent (here pytest's,
-# hundreds of MiB) into the child's ru_maxrss; VmHWM is the new process's own.
+# The process's own peak (dsedge.rss: VmHWM), not ru_maxrss, which carries pytest's through exec.
 RUN_PEAK = """
 import sys
 from dsedge.cli import main
+from dsedge.rss import peak_rss_bytes
 main(["run", sys.argv[1], "-p", "The json module", "-n", "8", "--greedy", "-q"])
-status = dict(line.split(":", 1) for line in open("/proc/self/status"))
-print(int(status["VmHWM"].split()[0]) * 1024)
+print(peak_rss_bytes())
 """
 
 

@@ -37,8 +37,7 @@ def test_a_child_of_a_large_parent_reports_its_own_peak():
     assert child["ours"] < 96 << 20
 
 
-def test_the_peak_follows_this_process_allocations():
+def test_the_peak_counts_this_process_allocations_in_bytes():
     before = peak_rss_bytes()
-    held = _touched(before + (64 << 20) if before < 2 << 30 else 64 << 20)
-    assert peak_rss_bytes() >= len(held)
-    assert peak_rss_bytes() >= before
+    held = _touched(64 << 20)
+    assert peak_rss_bytes() >= max(before, len(held))  # KiB taken for bytes would read 1024x too small

@@ -195,16 +195,14 @@ def _write_wide_llama(path: Path, hidden: int, inter: int, layers: int, vocab: i
 
 
 _EXPORT_AND_MEASURE = """
-import json, re, sys
+import json, sys
 from dsedge.export.bundle import export_bundle
 import torch, transformers, onnxruntime  # imported before the peak is reset: what the code adds is measured
 with open("/proc/self/clear_refs", "w") as f:
     f.write("5")  # Linux: resets VmHWM to the current RSS
 report = export_bundle(sys.argv[1], sys.argv[2], max_context=64, layout=sys.argv[3])
 assert all(c["passed"] for c in report.validation)
-status = open("/proc/self/status").read()
-print(json.dumps({"peak": int(re.search(r"VmHWM:\\s+(\\d+) kB", status).group(1)) * 1024,
-                  "bundle": report.bundle_bytes}))
+print(json.dumps({"peak": report.peak_rss_bytes, "bundle": report.bundle_bytes}))  # VmHWM since the reset
 """
 
 
