@@ -10,7 +10,8 @@ Then optional renormalisation (honoured for V2 too, though V2's reference ignore
 released V2 config sets it false) and × routed_scaling_factor.
 
 Experts: quantized routed experts in a layout onnxruntime's ``com.microsoft::QMoE`` runs on its fast kernels
-(``qmoe_scheme``) are one QMoE per layer, or per expert partition, fed our exact selection. Float experts of
+(``qmoe_scheme``) are one QMoE per layer, which runs DeepSeek's top-k itself on our biased, group-masked
+scores, or one per expert partition, fed our exact selection. Float experts of
 a renormalising router (V3/R1) in a monolithic bundle are one ``com.microsoft::MoE`` per layer, fed the same
 selection as log-weights (``_moe_op_experts``; the export default picks it, dsedge.export.bundle). Otherwise
 dispatch: each expert gathers the rows routed to it (NonZero → Gather), runs its SwiGLU MLP and scatter-adds the
@@ -44,9 +45,15 @@ class Selection:
 
 def select_experts(g: GraphBuilder, moe: MoESpec, logits: str, bias: np.ndarray | None, prefix: str) -> Selection:
     """Router logits [N, E] → the chosen experts (DeepSeek's selection, ties to the lower index like its sort)."""
-    k = g.const([moe.num_experts_per_tok])
-    kept = moe.topk_group * (moe.n_routed_experts // moe.n_group) if moe.n_group > 1 else moe.n_routed_experts
-    finite = moe.routing not in ("noaux_tc", "group_limited_greedy") or moe.num_experts_per_tok <= kept
+    scores, choice, finite = selection_scores(g, moe, logits, bias, prefix)
+    values, idx = g.op("TopK", choice, g.const([moe.num_experts_per_tok]), outputs=2, axis=-1)
+    return Selection(idx, values, scores, finite)
+
+
+def selection_scores(g: GraphBuilder, moe: MoESpec, logits: str, bias: np.ndarray | None,
+                     prefix: str) -> tuple[str, str, bool]:
+    """Router logits [N, E] → (unbiased scores, the scores the top-k selects on, whether the chosen are finite)."""
+    finite = selection_finite(moe)
     if moe.routing == "noaux_tc":
         scores = g.op("Sigmoid", logits)
         choice = g.op("Add", scores, g.weight(prefix + "e_score_correction_bias", bias.astype(np.float32),
@@ -55,8 +62,13 @@ def select_experts(g: GraphBuilder, moe: MoESpec, logits: str, bias: np.ndarray 
     else:
         scores = g.op("Softmax", logits, axis=-1)
         choice = _limit_groups(g, moe, scores, group_score="max") if moe.routing == "group_limited_greedy" else scores
-    values, idx = g.op("TopK", choice, k, outputs=2, axis=-1)
-    return Selection(idx, values, scores, finite)
+    return scores, choice, finite
+
+
+def selection_finite(moe: MoESpec) -> bool:
+    """Whether every chosen expert has a finite selection score: k ≤ the experts the group limit keeps."""
+    kept = moe.topk_group * (moe.n_routed_experts // moe.n_group) if moe.n_group > 1 else moe.n_routed_experts
+    return moe.routing not in ("noaux_tc", "group_limited_greedy") or moe.num_experts_per_tok <= kept
 
 
 def route(g: GraphBuilder, moe: MoESpec, logits: str, bias: np.ndarray | None, prefix: str) -> tuple[str, str]:
@@ -114,11 +126,12 @@ def moe_block(g: GraphBuilder, spec: ModelSpec, w: dict[str, np.ndarray], prefix
     """
     layout = qmoe_scheme(spec, w, prefix) if expert_path == "dispatch" else None
     flat = g.op("Reshape", h, g.const([-1, spec.hidden_size]))  # [N, H]
-    chosen = select_experts(g, spec.moe, router_logits(g, w, prefix, flat),
-                            w.get(prefix + "gate.e_score_correction_bias"), prefix + "gate.")
-    if layout is not None and chosen.finite:
-        out = qmoe_layer(g, spec, w, prefix, flat, chosen, layout)
+    logits, bias = router_logits(g, w, prefix, flat), w.get(prefix + "gate.e_score_correction_bias")
+    if layout is not None and selection_finite(spec.moe):
+        scores, choice, _ = selection_scores(g, spec.moe, logits, bias, prefix + "gate.")
+        out = qmoe_layer(g, spec, w, prefix, flat, scores, choice, layout)
     else:
+        chosen = select_experts(g, spec.moe, logits, bias, prefix + "gate.")
         idx, weights = chosen.idx, aggregation_weights(g, spec.moe, chosen)
         if layout is not None:
             out = qmoe_experts(g, spec, w, prefix, flat, idx, weights, layout)
@@ -231,23 +244,31 @@ def qmoe_experts(g: GraphBuilder, spec: ModelSpec, w: dict, prefix: str, flat: s
                       normalize=False, fc2_factor=1.0)
 
 
-def qmoe_layer(g: GraphBuilder, spec: ModelSpec, w: dict, prefix: str, flat: str, chosen: Selection,
+def qmoe_layer(g: GraphBuilder, spec: ModelSpec, w: dict, prefix: str, flat: str, scores: str, choice: str,
                layout: tuple[int, int]) -> str:
-    """A whole layer's routed experts as one QMoE that also computes DeepSeek's aggregation weights.
+    """A whole layer's routed experts as one QMoE that also selects them and computes DeepSeek's weights.
 
-    ``router_probs`` is −inf except the chosen experts' (finite) selection values, so the op's top-k is exactly
-    our choice whatever its tie-breaking; ``router_weights`` are the unbiased scores [N, E], which the op
-    gathers at those experts and, with normalize_routing_weights, divides by their sum — the reference's
-    renormalisation; routed_scaling_factor is folded into the down projection's scales (fp32 graphs; in half
-    precision one Mul after the op, so the scales are not rounded twice). Replaces ~10 weight/scatter nodes.
+    ``router_probs`` is what our top-k would select on (``choice``: biased for noaux_tc, −inf outside the kept
+    groups), so the op's own top-k makes DeepSeek's choice; ``router_weights`` are the unbiased scores [N, E],
+    which the op gathers at those experts and, with normalize_routing_weights, divides by their sum — the
+    reference's renormalisation; routed_scaling_factor is folded into the down projection's scales (fp32
+    graphs). Replaces the TopK, the weight chain and a scatter: 5 nodes per layer fewer than handing the op
+    our own top-k. The op's top-k and ONNX TopK can differ only on exactly equal scores (the reference's
+    torch.topk does not fix that order either). In half precision the scores would be rounded to fp16 before
+    the op's top-k, which makes near-ties real ties and can change the choice, so there our fp32 top-k is
+    scattered over −inf instead (only the k chosen are finite: any tie-breaking keeps them) and the scale is one
+    Mul after the op, so the scales are not rounded twice.
     """
     moe = spec.moe
     experts = range(moe.n_routed_experts)
-    floor = g.op("ConstantOfShape", g.op("Shape", chosen.scores),
-                 value=helper.make_tensor("floor", TensorProto.FLOAT, [1], [NEG_INF]))
-    probs = g.op("ScatterElements", floor, chosen.idx, chosen.values, axis=1)
+    probs = choice
+    if g.half:
+        values, idx = g.op("TopK", choice, g.const([moe.num_experts_per_tok]), outputs=2, axis=-1)
+        floor = g.op("ConstantOfShape", g.op("Shape", scores),
+                     value=helper.make_tensor("floor", TensorProto.FLOAT, [1], [NEG_INF]))
+        probs = g.op("ScatterElements", floor, idx, values, axis=1)
     scale = moe.routed_scaling_factor
-    out = _qmoe_node(g, w, prefix, flat, g.to_act(probs), g.to_act(chosen.scores), layout, experts,
+    out = _qmoe_node(g, w, prefix, flat, g.to_act(probs), g.to_act(scores), layout, experts,
                      k=moe.num_experts_per_tok, normalize=_normalized(moe), fc2_factor=1.0 if g.half else scale)
     if g.half and scale != 1.0:
         out = g.op("Mul", out, g.const(np.array(scale, np.float16), np.float16))
