@@ -15,7 +15,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from dsedge.contract import Signature
-from dsedge.export.quantized import QuantizedWeight, matmul_nbits_arrays
+from dsedge.export.quantized import QuantizedWeight, matmul_nbits_arrays, stack_rows
 from dsedge.manifest import GraphEntry
 
 OPSET = 21
@@ -198,9 +198,18 @@ class GraphBuilder:
         return self.op("Mul", x, self.op("Sigmoid", x))
 
     def swiglu_mlp(self, x: str, gate: np.ndarray, up: np.ndarray, down: np.ndarray, name: str) -> str:
-        hidden = self.op("Mul", self.silu(self.linear(x, gate, name + ".gate_proj")),
-                         self.linear(x, up, name + ".up_proj"))
-        return self.linear(hidden, down, name + ".down_proj")
+        """down(silu(gate·x) ⊙ up·x). Gate and up stored alike are one product over their stacked rows and a
+        Split: one GEMV of twice the width reads the same bytes as two and costs one dispatch less (decode of
+        ds3bench int4: benchmarks/README.md)."""
+        stacked = stack_rows([gate, up])
+        if stacked is None:
+            projected = self.linear(x, gate, name + ".gate_proj"), self.linear(x, up, name + ".up_proj")
+        else:
+            rows = gate.shape[0]
+            projected = self.op("Split", self.linear(x, stacked, name + ".gate_up_proj"), self.const([rows, rows]),
+                                axis=-1, outputs=2)
+        gated, linear = projected
+        return self.linear(self.op("Mul", self.silu(gated), linear), down, name + ".down_proj")
 
     def slice_last(self, x: str, start: int, end: int) -> str:
         return self.op("Slice", x, self.const([start]), self.const([end]), self.const([-1]))
