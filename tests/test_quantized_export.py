@@ -69,3 +69,43 @@ def test_group_not_a_power_of_two_is_refused():
     weight = _random_weight(4, 4, 48, 48, False)
     with pytest.raises(ValueError, match="power of two"):
         matmul_nbits_arrays(weight)
+
+
+@pytest.mark.parametrize("asym", [False, True], ids=["no-zero-points", "zero-points"])
+def test_bias_is_the_kernels_own_input(asym):
+    """A projection's bias (Qwen2's q/k/v) goes into MatMulNBits' input 5 (g_idx left empty), not an Add node."""
+    weight = _random_weight(4, 36, 100, 32, asym)
+    bias = np.random.default_rng(4).standard_normal(36).astype(np.float32)
+    g = GraphBuilder("q")
+    g.output(g.linear(g.input("x", FLOAT, ["N", 100]), weight, "w", bias), "y", FLOAT, ["N", 36])
+    model = g.model()
+    (node,) = model.graph.node
+    assert node.op_type == "MatMulNBits" and node.input[4] == "" and node.input[5] == "w.bias"
+    assert (node.input[3] != "") == asym
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(1).standard_normal((5, 100)).astype(np.float32)
+    want = x @ weight.dequantize().T + bias
+    assert np.abs(session.run(None, {"x": x})[0] - want).max() <= 1e-5 * np.abs(want).max()
+
+
+def test_graph_outputs_are_named_at_their_producer():
+    """A computed value becomes the output in place (no Identity kernel per step), also when a later node reads
+    it; an input passed through, or one value bound to two outputs, still needs an Identity."""
+    g = GraphBuilder("names")
+    x = g.input("x", FLOAT, ["N", 4])
+    doubled = g.op("Add", x, x)
+    g.output(doubled, "first", FLOAT, ["N", 4])
+    g.output(g.op("Mul", doubled, doubled), "square", FLOAT, ["N", 4])  # reads the renamed value
+    g.output(doubled, "again", FLOAT, ["N", 4])
+    g.output(x, "echo", FLOAT, ["N", 4])
+    model = g.model()
+    ops = [(n.op_type, list(n.input), list(n.output)) for n in model.graph.node]
+    assert ops == [("Add", ["x", "x"], ["first"]), ("Mul", ["first", "first"], ["square"]),
+                   ("Identity", ["first"], ["again"]), ("Identity", ["x"], ["echo"])]
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    feed = np.arange(8, dtype=np.float32).reshape(2, 4)
+    first, square, again, echo = session.run(["first", "square", "again", "echo"], {"x": feed})
+    np.testing.assert_array_equal(first, 2 * feed)
+    np.testing.assert_array_equal(square, 4 * feed * feed)
+    np.testing.assert_array_equal(again, 2 * feed)
+    np.testing.assert_array_equal(echo, feed)

@@ -57,6 +57,7 @@ class GraphBuilder:
         self.outputs: list[onnx.ValueInfoProto] = []
         self.initializers: list[onnx.TensorProto] = []
         self._const_cache: dict[tuple, str] = {}
+        self._renamed: dict[str, str] = {}  # node outputs renamed to the graph output they became
         self._count = 0
         # Prefix of node names ("layers.3/"): onnxruntime's profiler reports node names, so a profile can
         # attribute a one-graph decoder's time to layers.
@@ -71,9 +72,27 @@ class GraphBuilder:
         return name
 
     def output(self, value: str, name: str, elem_type: int, shape: Sequence[Dim]) -> str:
-        self.op("Identity", value, out=name)
+        """Declare ``value`` a graph output called ``name``. A value a node computes is renamed in place (an
+        Identity is a kernel call per step — 9 of ds3bench's decode, one copying the logits); a graph input,
+        an initializer or a value already bound to another output goes through an Identity."""
+        value, bound = self._renamed.get(value, value), {o.name for o in self.outputs}
+        if value != name and (value in bound or not self._rename_produced(value, name)):
+            self.op("Identity", value, out=name)
         self.outputs.append(helper.make_tensor_value_info(name, elem_type, list(shape)))
         return name
+
+    def _rename_produced(self, value: str, name: str) -> bool:
+        """Rename a node's output ``value`` to ``name`` everywhere; False when no node produces it."""
+        producer = next((n for n in reversed(self.nodes) if value in n.output), None)
+        if producer is None:
+            return False
+        for node in self.nodes:
+            for names in (node.input, node.output):
+                for i, v in enumerate(names):
+                    if v == value:
+                        names[i] = name
+        self._renamed[value] = name
+        return True
 
     def declare_inputs(self, signature: Signature) -> None:
         """The graph's inputs, exactly as its role declares them (dsedge.contract)."""
@@ -130,7 +149,8 @@ class GraphBuilder:
     def op(self, op_type: str, *inputs: str | None, out: str | None = None, outputs: int = 1,
            domain: str = "", **attrs) -> str | list[str]:
         names = [out] if out else [self.fresh(op_type.lower()) for _ in range(outputs)]
-        self.nodes.append(helper.make_node(op_type, [i or "" for i in inputs], names, domain=domain or None,
+        inputs = [self._renamed.get(i, i) if i else "" for i in inputs]
+        self.nodes.append(helper.make_node(op_type, inputs, names, domain=domain or None,
                                            name=self.fresh(f"{self.scope}{op_type}"), **attrs))
         return names[0] if outputs == 1 else names
 
@@ -158,19 +178,22 @@ class GraphBuilder:
         A ``QuantizedWeight`` becomes one MatMulNBits node over its repacked integer codes.
         """
         if isinstance(weight, QuantizedWeight):
-            y = self.matmul_nbits(x, weight, name)
-        else:
-            y = self.op("MatMul", x, self.weight(name, np.ascontiguousarray(weight.T), keep_fp32=keep_fp32))
-        if bias is not None:
+            return self.matmul_nbits(x, weight, name, bias)
+        y = self.op("MatMul", x, self.weight(name, np.ascontiguousarray(weight.T), keep_fp32=keep_fp32))
+        if bias is not None:  # onnxruntime fuses MatMul + Add into one Gemm-like kernel itself
             y = self.op("Add", y, self.weight(name + ".bias", bias, keep_fp32=keep_fp32))
         return y
 
-    def matmul_nbits(self, x: str, weight: QuantizedWeight, name: str) -> str:
+    def matmul_nbits(self, x: str, weight: QuantizedWeight, name: str, bias: np.ndarray | None = None) -> str:
+        """One MatMulNBits; a bias is the op's own input (index 5: added inside the kernel, no Add node)."""
         arrays, attrs = matmul_nbits_arrays(weight)
         inputs = [x, self._initializer(name + ".qweight", arrays["B"]),
-                  self.weight(name + ".scales", arrays["scales"])]
-        if "zero_points" in arrays:
-            inputs.append(self._initializer(name + ".qzeros", arrays["zero_points"]))
+                  self.weight(name + ".scales", arrays["scales"]),
+                  self._initializer(name + ".qzeros", arrays["zero_points"]) if "zero_points" in arrays else None]
+        if bias is not None:
+            inputs += [None, self.weight(name + ".bias", bias)]
+        while inputs[-1] is None:
+            inputs.pop()
         return self.op("MatMulNBits", *inputs, domain=MS_DOMAIN, accuracy_level=weight.accuracy_level, **attrs)
 
     def rms_norm(self, x: str, weight: np.ndarray, name: str, eps: float) -> str:
