@@ -60,8 +60,8 @@ def test_compressed_export_validates_exactly_at_accuracy_level_0(variant, recipe
     kv_b = [name for name in stored if name.endswith("kv_b_proj")]  # absorbed MLA: dequantized (see attention.py)
     # One QMoE node carries a layer's routed experts (gate, up, down each) when their layout allows it.
     experts = 3 * reader.spec.moe.n_routed_experts if reader.spec.moe else 0
-    # Projections of one input share a node: q_a + kv_a (MLA), q + k + v (GQA).
-    fused = {"qkv_a_proj": 2, "qkv_proj": 3}
+    # Projections of one input share a node: q_a + kv_a (MLA), q + k + v (GQA), gate + up (SwiGLU MLPs).
+    fused = {"qkv_a_proj": 2, "qkv_proj": 3, "gate_up_proj": 2}
     covered = sum(experts if n.op_type == "QMoE" else fused.get(n.input[1].split(".")[-2], 1) for n in nodes)
     assert covered == len(stored) - len(kv_b) and nodes
     bits = {int(a.i) for n in nodes for a in n.attribute if a.name in ("bits", "expert_weight_bits")}
