@@ -128,22 +128,6 @@ def _mla_query(g: GraphBuilder, spec: ModelSpec, w: dict[str, np.ndarray], prefi
     return g.linear(q_a, weight, prefix + name), latent, k_pe
 
 
-def fused_linears(g: GraphBuilder, x: str, weights: list, biases: list, names: list[str], fused_name: str,
-                  ) -> list[str]:
-    """x @ Wᵢᵀ (+ bᵢ) for projections of one input: one MatMul / MatMulNBits over the stacked rows and a
-    Split (each node costs dispatch time at decode), or one product each when they are stored differently."""
-    stacked = stack_rows(weights)
-    if stacked is None:
-        return [g.linear(x, wt, name, b) for wt, b, name in zip(weights, biases, names, strict=True)]
-    bias = None
-    if any(b is not None for b in biases):
-        bias = np.concatenate([b if b is not None else np.zeros(wt.shape[0], np.float32)
-                               for wt, b in zip(weights, biases, strict=True)])
-    y = g.linear(x, stacked, fused_name, bias)
-    sizes = [wt.shape[0] for wt in weights]
-    return list(g.op("Split", y, g.const(sizes), axis=-1, outputs=len(sizes)))
-
-
 GQA_HEAD_MULTIPLE = 8  # GroupQueryAttention's CPU kernel needs head_size % 8 == 0
 
 
@@ -162,7 +146,7 @@ def gqa_attention(g: GraphBuilder, spec: ModelSpec, w: dict[str, np.ndarray], pr
     heads, kv_heads = spec.num_attention_heads, spec.num_key_value_heads
 
     names = ("q_proj", "k_proj", "v_proj")
-    q, k, v = fused_linears(g, h, [w[f"{prefix}{n}.weight"] for n in names],
+    q, k, v = g.fused_linears(h, [w[f"{prefix}{n}.weight"] for n in names],
                             [w.get(f"{prefix}{n}.bias") for n in names], [prefix + n for n in names],
                             prefix + "qkv_proj")  # [B, T, n·d] each
     q, k = rotate(g, q, pos), rotate(g, k, pos)

@@ -220,18 +220,25 @@ class GraphBuilder:
     def silu(self, x: str) -> str:
         return self.op("Mul", x, self.op("Sigmoid", x))
 
-    def swiglu_mlp(self, x: str, gate: np.ndarray, up: np.ndarray, down: np.ndarray, name: str) -> str:
-        """down(silu(gate·x) ⊙ up·x). Gate and up stored alike are one product over their stacked rows and a
-        Split: one GEMV of twice the width reads the same bytes as two and costs one dispatch less (decode of
-        ds3bench int4: benchmarks/README.md)."""
-        stacked = stack_rows([gate, up])
+    def fused_linears(self, x: str, weights: list, biases: list, names: list[str], fused_name: str) -> list[str]:
+        """x @ Wᵢᵀ (+ bᵢ) for projections of one input: one MatMul / MatMulNBits over the stacked rows and a
+        Split (each node costs dispatch time at decode), or one product each when they are stored differently."""
+        stacked = stack_rows(weights)
         if stacked is None:
-            projected = self.linear(x, gate, name + ".gate_proj"), self.linear(x, up, name + ".up_proj")
-        else:
-            rows = gate.shape[0]
-            projected = self.op("Split", self.linear(x, stacked, name + ".gate_up_proj"), self.const([rows, rows]),
-                                axis=-1, outputs=2)
-        gated, linear = projected
+            return [self.linear(x, wt, name, b) for wt, b, name in zip(weights, biases, names, strict=True)]
+        bias = None
+        if any(b is not None for b in biases):
+            bias = np.concatenate([b if b is not None else np.zeros(wt.shape[0], np.float32)
+                                   for wt, b in zip(weights, biases, strict=True)])
+        y = self.linear(x, stacked, fused_name, bias)
+        sizes = [wt.shape[0] for wt in weights]
+        return list(self.op("Split", y, self.const(sizes), axis=-1, outputs=len(sizes)))
+
+    def swiglu_mlp(self, x: str, gate: np.ndarray, up: np.ndarray, down: np.ndarray, name: str) -> str:
+        """down(silu(gate·x) ⊙ up·x), gate and up as one product when stored alike (``fused_linears``: one GEMV
+        of twice the width reads the same bytes as two and costs one dispatch less; benchmarks/README.md)."""
+        gated, linear = self.fused_linears(x, [gate, up], [None, None], [name + ".gate_proj", name + ".up_proj"],
+                                           name + ".gate_up_proj")
         return self.linear(self.op("Mul", self.silu(gated), linear), down, name + ".down_proj")
 
     def slice_last(self, x: str, start: int, end: int) -> str:
