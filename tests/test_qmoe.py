@@ -14,7 +14,7 @@ import pytest
 from test_routing import moe_spec, reference_gate
 
 from dsedge.export.graph import FLOAT, GraphBuilder
-from dsedge.export.moe import qmoe_block, qmoe_experts, qmoe_layer, qmoe_scheme, selection_scores
+from dsedge.export.moe import qmoe_block, qmoe_experts, qmoe_layer, qmoe_scheme, selection_finite, selection_scores
 from dsedge.export.quantized import QuantizedWeight
 
 # ds3bench's config (dsedge.testing.bench) scaled down: same routing and MLA structure, widths on the 32-grid.
@@ -126,8 +126,8 @@ def test_fused_layer_qmoe_reproduces_reference_routing(moe, half):
     g = GraphBuilder("layer", half=half)
     act = onnx.TensorProto.FLOAT16 if half else FLOAT
     x, logits = g.input("x", act, ["N", 64]), g.input("logits", FLOAT, ["N", 8])
-    scores, choice, finite = selection_scores(g, moe, logits, bias if moe.routing == "noaux_tc" else None, "gate.")
-    assert finite
+    assert selection_finite(moe)
+    scores, choice = selection_scores(g, moe, logits, bias if moe.routing == "noaux_tc" else None, "gate.")
     g.output(qmoe_layer(g, spec, w, "", x, scores, choice, qmoe_scheme(spec, w, "")), "y", act, ["N", 64])
     nodes = [n.op_type for n in g.model().graph.node]
     assert ("ScatterElements" in nodes) == half and ("TopK" in nodes) == (half or moe.n_group > 1)

@@ -45,15 +45,14 @@ class Selection:
 
 def select_experts(g: GraphBuilder, moe: MoESpec, logits: str, bias: np.ndarray | None, prefix: str) -> Selection:
     """Router logits [N, E] → the chosen experts (DeepSeek's selection, ties to the lower index like its sort)."""
-    scores, choice, finite = selection_scores(g, moe, logits, bias, prefix)
+    scores, choice = selection_scores(g, moe, logits, bias, prefix)
     values, idx = g.op("TopK", choice, g.const([moe.num_experts_per_tok]), outputs=2, axis=-1)
-    return Selection(idx, values, scores, finite)
+    return Selection(idx, values, scores, selection_finite(moe))
 
 
 def selection_scores(g: GraphBuilder, moe: MoESpec, logits: str, bias: np.ndarray | None,
-                     prefix: str) -> tuple[str, str, bool]:
-    """Router logits [N, E] → (unbiased scores, the scores the top-k selects on, whether the chosen are finite)."""
-    finite = selection_finite(moe)
+                     prefix: str) -> tuple[str, str]:
+    """Router logits [N, E] → (unbiased scores, the scores the top-k selects on)."""
     if moe.routing == "noaux_tc":
         scores = g.op("Sigmoid", logits)
         choice = g.op("Add", scores, g.weight(prefix + "e_score_correction_bias", bias.astype(np.float32),
@@ -62,7 +61,7 @@ def selection_scores(g: GraphBuilder, moe: MoESpec, logits: str, bias: np.ndarra
     else:
         scores = g.op("Softmax", logits, axis=-1)
         choice = _limit_groups(g, moe, scores, group_score="max") if moe.routing == "group_limited_greedy" else scores
-    return scores, choice, finite
+    return scores, choice
 
 
 def selection_finite(moe: MoESpec) -> bool:
@@ -128,7 +127,7 @@ def moe_block(g: GraphBuilder, spec: ModelSpec, w: dict[str, np.ndarray], prefix
     flat = g.op("Reshape", h, g.const([-1, spec.hidden_size]))  # [N, H]
     logits, bias = router_logits(g, w, prefix, flat), w.get(prefix + "gate.e_score_correction_bias")
     if layout is not None and selection_finite(spec.moe):
-        scores, choice, _ = selection_scores(g, spec.moe, logits, bias, prefix + "gate.")
+        scores, choice = selection_scores(g, spec.moe, logits, bias, prefix + "gate.")
         out = qmoe_layer(g, spec, w, prefix, flat, scores, choice, layout)
     else:
         chosen = select_experts(g, spec.moe, logits, bias, prefix + "gate.")
