@@ -110,3 +110,31 @@ def test_last_only_prefill_runs_the_head_for_the_last_position(fused):
     last = engine.forward(ids, np.ones_like(ids), engine.new_cache(max_len=8), last_only=True)
     assert full.shape[1] == 6 and last.shape[1] == 1
     np.testing.assert_allclose(last[:, 0], full[:, -1], atol=1e-5)
+
+
+def test_caches_used_in_turn_on_one_engine_give_the_logits_of_fresh_engines(fused):
+    """The IO binding is kept across runs with each cache bound once (session.BoundRuns): switching between
+    caches of different lengths and batch sizes, and dropping one, must not leave a step reading another's."""
+    _, path = fused
+    engine = load_bundle(path)
+    prompts = {"a": [[3, 17, 99, 250, 4]], "b": [[8, 8, 1], [5, 6, 7]], "c": [[40, 41, 42, 43, 44, 45, 46]]}
+    states = {k: DecodeState(engine, engine.new_cache(batch=len(p), max_len=16), np.zeros((len(p), 0), np.int64))
+              for k, p in prompts.items()}
+    got = {k: [] for k in prompts}
+    for k in ("a", "b", "c"):
+        got[k].append(states[k].forward(np.array(prompts[k]), last_only=True))
+    del states["c"]  # its buffers are freed; the next cache may land at their addresses
+    states["d"] = DecodeState(engine, engine.new_cache(batch=1, max_len=16), np.zeros((1, 0), np.int64))
+    got["d"] = [states["d"].forward(np.array(prompts["c"]), last_only=True)]
+    for step in range(3):
+        for k in ("b", "a", "d"):
+            rows = len(got[k][0])
+            got[k].append(states[k].forward(np.full((rows, 1), 11 + step), last_only=True))
+    for k in ("a", "b", "d"):
+        fresh = load_bundle(path)
+        state = DecodeState(fresh, fresh.new_cache(batch=len(got[k][0]), max_len=16),
+                            np.zeros((len(got[k][0]), 0), np.int64))
+        want = [state.forward(np.array(prompts["c" if k == "d" else k]), last_only=True)]
+        want += [state.forward(np.full((len(got[k][0]), 1), 11 + step), last_only=True) for step in range(3)]
+        for observed, expected in zip(got[k], want, strict=True):
+            np.testing.assert_array_equal(observed, expected)

@@ -9,7 +9,7 @@ import numpy as np
 
 from dsedge.manifest import TAMPERED, BundleError, GraphEntry, Manifest, read_manifest
 from dsedge.onnx_refs import initializer_dims
-from dsedge.runtime.session import run_bound
+from dsedge.runtime.session import BoundRuns
 from dsedge.verified import checked_graph, verify_mode
 
 log = logging.getLogger(__name__)
@@ -55,10 +55,11 @@ class DeclaredSession:
     def __init__(self, session, graph: GraphEntry):
         self._session, self.graph = session, graph
         self._inputs, self._outputs = graph.input_names, graph.output_names
+        self._bound = BoundRuns(session, self._inputs, self._outputs)
 
     def run_with(self, values: dict[str, np.ndarray], in_place: dict[str, np.ndarray] | None = None,
                  ) -> dict[str, np.ndarray]:
-        """``in_place``: outputs written into these arrays (cache buffers, bound in place; see session.run_bound)."""
+        """``in_place``: outputs written into these arrays (cache buffers, bound in place; see session.BoundRuns)."""
         missing = [name for name in self._inputs if name not in values]
         if missing:
             raise BundleError(f"graph {self.graph.name} declares input(s) {', '.join(missing)} that no earlier "
@@ -66,7 +67,7 @@ class DeclaredSession:
                               hint="the manifest does not match this runtime; re-export the bundle")
         bound = {name: array for name, array in (in_place or {}).items() if name in self._outputs}
         if bound:
-            return run_bound(self._session, self._inputs, self._outputs, values, bound)
+            return self._bound.run(values, bound)
         arrays = self._session.run(self._outputs, {name: values[name] for name in self._inputs})
         return dict(zip(self._outputs, arrays, strict=True))
 
