@@ -305,3 +305,23 @@ def test_cache_length_room_truncate_and_copy(bundle):
         cache.copy(max_len=5)
     with pytest.raises(UserError, match="max context"):
         cache.check_room(5)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_greedy_picks_the_float64_argmax_without_widening_the_logits(dtype):
+    """The greedy fast path (no penalty) takes argmax of the logits as they come; first index on a tie."""
+    logits = np.random.default_rng(3).standard_normal(5000).astype(dtype)
+    logits[[7, 4000]] = logits.max() + 1
+    assert Sampler(SamplingParams())(logits, [7, 7, 1]) == int(np.argmax(logits.astype(np.float64))) == 7
+    # with a penalty the float64 path runs: the repeated tie-winner loses to the other
+    assert Sampler(SamplingParams(repetition_penalty=1.3))(logits, [7]) == 4000
+
+
+def test_token_logprobs_match_a_float64_log_softmax():
+    from dsedge.runtime.decode import token_logprobs
+
+    logits = (np.random.default_rng(4).standard_normal((2, 32000)) * 8).astype(np.float32)
+    wide = logits.astype(np.float64)
+    wide = wide - wide.max(-1, keepdims=True)
+    wide -= np.log(np.exp(wide).sum(-1, keepdims=True))
+    np.testing.assert_allclose(token_logprobs(logits, [5, 31999]), [wide[0, 5], wide[1, 31999]], rtol=0, atol=1e-6)

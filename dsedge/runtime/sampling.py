@@ -50,6 +50,8 @@ class Sampler:
         return self.params.temperature == 0
 
     def __call__(self, logits: np.ndarray, history: Iterable[int] = ()) -> int:
+        if self.params.temperature == 0 and self.params.repetition_penalty == 1.0:
+            return int(np.argmax(logits))  # the same token as in float64 (an exact widening keeps the order)
         scores = penalize_repetition(logits.astype(np.float64), history, self.params.repetition_penalty)
         if self.params.temperature == 0:
             return int(np.argmax(scores))
@@ -77,8 +79,10 @@ class Sampler:
 
 def penalize_repetition(scores: np.ndarray, history: Iterable[int], penalty: float) -> np.ndarray:
     """CTRL's penalty (Keskar et al. 2019), as transformers applies it: divide positive, multiply negative."""
+    if penalty == 1.0:
+        return scores
     seen = np.unique(np.fromiter(history, dtype=np.int64))
-    if penalty == 1.0 or seen.size == 0:
+    if seen.size == 0:
         return scores
     scores = scores.copy()
     picked = scores[seen]
