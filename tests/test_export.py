@@ -415,3 +415,25 @@ def test_fp16_export_within_tolerance(tiny_checkpoint, bundles, tmp_path, varian
     assert all(buf.dtype == np.float16 for buf in engine.new_cache(max_len=4).buffers.values())
     fp32_bytes = bundles(variant)[0].bundle_bytes
     assert report.bundle_bytes < 0.6 * fp32_bytes  # weights stored in half the bytes
+
+
+def test_the_moe_op_holds_each_expert_as_slices_of_its_intermediate_units(bundles):
+    """Every float expert is MOE_OP_SPLIT sub-experts (so the CPU kernel's per-thread ranges of expert slots
+    each get the same share of a token's chosen experts), k multiplied alike; the v3 bundle validated."""
+    import onnx
+
+    from dsedge.export.moe import MOE_OP_SPLIT
+
+    report, v3 = bundles("v3")
+    assert all(c["passed"] for c in report.validation)
+    manifest = json.loads((v3 / "manifest.json").read_text())
+    decoder = next(g for g in manifest["graphs"] if g["role"] == "decoder")
+    graph = onnx.load(str(v3 / decoder["file"]), load_external_data=False).graph
+    dims = {t.name: list(t.dims) for t in graph.initializer}
+    moe, hidden = manifest["model"]["moe"], manifest["model"]["hidden_size"]
+    experts, width = moe["n_routed_experts"], moe["moe_intermediate_size"]
+    for node in (n for n in graph.node if n.op_type == "MoE"):
+        k = next(onnx.helper.get_attribute_value(a) for a in node.attribute if a.name == "k")
+        assert k == moe["num_experts_per_tok"] * MOE_OP_SPLIT
+        assert dims[node.input[2]] == [MOE_OP_SPLIT * experts, 2 * width // MOE_OP_SPLIT, hidden]
+        assert dims[node.input[4]] == [MOE_OP_SPLIT * experts, hidden, width // MOE_OP_SPLIT]

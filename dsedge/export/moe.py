@@ -365,26 +365,44 @@ def _dense_experts(g: GraphBuilder, moe: MoESpec, w: dict[str, np.ndarray], pref
     return g.to_act(acc)
 
 
+MOE_OP_SPLIT = 2  # sub-experts per float expert in com.microsoft::MoE (see _moe_op_experts)
+
+
 def _moe_op_experts(g: GraphBuilder, moe: MoESpec, w: dict[str, np.ndarray], prefix: str, flat: str, idx: str,
                     weights: str) -> str:
-    """onnxruntime's ``com.microsoft::MoE`` fed so that it reproduces DeepSeek's routing (a benchmark candidate).
+    """onnxruntime's ``com.microsoft::MoE`` fed so that it reproduces DeepSeek's routing.
 
     The op softmaxes ``router_probs`` and takes its top-k. We pass log(weight) for the experts our exact
     router chose and −inf elsewhere, so it picks the same experts and, with normalize_routing_weights=1,
     weights w/Σw — DeepSeek's weights when ``norm_topk_prob`` (V3/R1); routed_scaling_factor is folded into
     fc2. V2's unnormalised weights cannot be expressed this way (the float op has no ``router_weights``).
     The CPU kernel needs fc1 as interleaved gate/up rows [E, 2I, H] (swiglu_fusion=1).
+
+    Each expert is stored as ``MOE_OP_SPLIT`` sub-experts, each a slice of its intermediate units (a SwiGLU
+    MLP is the sum of its slices' outputs), slice s of expert e at slot s·E + e, the log-weights repeated per
+    slice block and k multiplied alike. Why: the CPU kernel splits the expert slots into contiguous ranges,
+    one per thread, and runs each expert's GEMMs on one thread (contrib_ops/cpu/moe/moe_cpu.cc,
+    ``PartitionWork`` over experts); whole experts left 4 chosen ones split 2–2, 3–1 or 4–0 over 2 threads,
+    the slices split evenly: 1081 → 942 µs a ds3bench-shaped layer at decode (benchmarks/README.md, session
+    14). Normalising over the k·S chosen slices halves each weight, so fc2 carries the factor S (exact).
     """
     if not moe.norm_topk_prob:
         raise ValueError("the MoE-op path reproduces DeepSeek routing only with norm_topk_prob")
     selected, dense = dense_routing_weights(g, moe.n_routed_experts, idx, weights)
     probs = g.to_act(g.op("Where", g.op("Cast", selected, to=9), g.op("Log", dense),
                           g.const(float("-inf"), np.float32)))
-    experts = range(moe.n_routed_experts)
-    fc1 = np.stack([np.stack([w[f"{prefix}experts.{e}.gate_proj.weight"], w[f"{prefix}experts.{e}.up_proj.weight"]],
-                             axis=1).reshape(-1, w[f"{prefix}experts.{e}.gate_proj.weight"].shape[1]) for e in experts])
-    fc2 = np.stack([w[f"{prefix}experts.{e}.down_proj.weight"] for e in experts]) * moe.routed_scaling_factor
-    return g.op("MoE", flat, probs, g.weight(prefix + "experts.fc1", fc1.astype(np.float32)), None,
-                g.weight(prefix + "experts.fc2", fc2.astype(np.float32)), domain=MS_DOMAIN,
-                k=moe.num_experts_per_tok, activation_type="swiglu", swiglu_fusion=1, normalize_routing_weights=1,
-                activation_alpha=1.0, activation_beta=0.0)
+    width = w[f"{prefix}experts.0.gate_proj.weight"].shape[0]
+    split = MOE_OP_SPLIT if width % MOE_OP_SPLIT == 0 else 1  # equal slices only
+    probs = g.op("Concat", *[probs] * split, axis=1)  # [N, S·E]: slot s·E + e is slice s of expert e
+    fc1, fc2 = [], []
+    for part in range(split):
+        for e in range(moe.n_routed_experts):
+            p = f"{prefix}experts.{e}."
+            gate, up, down = (w[p + n + ".weight"] for n in ("gate_proj", "up_proj", "down_proj"))
+            units = slice(part * width // split, (part + 1) * width // split)
+            fc1.append(np.stack([gate[units], up[units]], axis=1).reshape(-1, gate.shape[1]))  # rows g0, u0, g1, …
+            fc2.append(down[:, units] * np.float32(moe.routed_scaling_factor) * np.float32(split))
+    return g.op("MoE", flat, probs, g.weight(prefix + "experts.fc1", np.stack(fc1).astype(np.float32)), None,
+                g.weight(prefix + "experts.fc2", np.stack(fc2).astype(np.float32)), domain=MS_DOMAIN,
+                k=moe.num_experts_per_tok * split, activation_type="swiglu", swiglu_fusion=1,
+                normalize_routing_weights=1, activation_alpha=1.0, activation_beta=0.0)
