@@ -383,8 +383,9 @@ def _moe_op_experts(g: GraphBuilder, moe: MoESpec, w: dict[str, np.ndarray], pre
     slice block and k multiplied alike. Why: the CPU kernel splits the expert slots into contiguous ranges,
     one per thread, and runs each expert's GEMMs on one thread (contrib_ops/cpu/moe/moe_cpu.cc,
     ``PartitionWork`` over experts); whole experts left 4 chosen ones split 2–2, 3–1 or 4–0 over 2 threads,
-    the slices split evenly: 1081 → 942 µs a ds3bench-shaped layer at decode (benchmarks/README.md, session
-    14). Normalising over the k·S chosen slices halves each weight, so fc2 carries the factor S (exact).
+    the slices split evenly: 1081 → 942 µs a ds3bench-shaped layer at decode (benchmarks/moe_split_probe.py,
+    benchmarks/README.md session 14). Normalising over the k·S chosen slices halves each weight, so fc2
+    carries the factor S (exact).
     """
     if not moe.norm_topk_prob:
         raise ValueError("the MoE-op path reproduces DeepSeek routing only with norm_topk_prob")

@@ -105,10 +105,10 @@ class BoundRuns:
     array, which is also bound as whatever input is the same array, so a cache buffer is read and updated
     without a copy. The other outputs come back as new arrays. CPU only (the arrays live in host memory).
 
-    One binding is kept per thread across runs, and an array at the address, shape and dtype it was bound with
-    on the previous run is not bound again: the cache buffers (two per layer) are bound once per cache instead
-    of every step. A fresh binding of every tensor cost ~0.2 ms of qwen2bench's 2.1 ms int4 decode step
-    (benchmarks/README.md, session 14).
+    One binding is kept per thread across runs, and the very array bound under a name on the previous run is
+    not bound again: the cache buffers (two per layer) are bound once per cache instead of every step. A fresh
+    binding of every tensor cost ~0.2 ms of qwen2bench's 2.1 ms int4 decode step (benchmarks/binding_ab.py,
+    benchmarks/README.md session 14).
     """
 
     def __init__(self, session, input_names, output_names):
@@ -123,14 +123,14 @@ class BoundRuns:
             if not array.flags.c_contiguous:
                 array = np.ascontiguousarray(array)
                 keep.append(array)
-            _bind(bound, name, array, binding.bind_input)
+            _bind(bound, name, name, array, binding.bind_input)
         for name in self._outputs:
             target = in_place.get(name)
             if target is None:  # onnxruntime allocates it, at this run's shape
                 binding.bind_output(name, "cpu")
                 bound.pop((name, "out"), None)
             else:
-                _bind(bound, (name, "out"), target, lambda _, *args, n=name: binding.bind_output(n, *args))
+                _bind(bound, (name, "out"), name, target, binding.bind_output)
         self._session.run_with_iobinding(binding)
         if all(name in in_place for name in self._outputs):  # wrapping every output costs 13–50 µs a run
             return {name: in_place[name] for name in self._outputs}
@@ -145,13 +145,14 @@ class BoundRuns:
         return state
 
 
-def _bind(bound: dict, key, array: np.ndarray, bind) -> None:
-    """Bind ``array`` under ``key`` unless that very array is bound there. A weak reference, so a binding never
-    keeps an array alive (a dropped cache is freed; a freed array is bound anew), and identity, since an array's
-    address, shape and dtype do not change under it (nothing here reshapes or resizes arrays in place)."""
+def _bind(bound: dict, key, name: str, array: np.ndarray, bind) -> None:
+    """``bind`` ``array`` as ``name`` unless that very array is recorded under ``key`` in ``bound``. A weak
+    reference, so a binding never keeps an array alive (a dropped cache is freed; a freed array is bound
+    anew), and identity, since an array's address, shape and dtype do not change under it (nothing here
+    reshapes or resizes arrays in place)."""
     ref = bound.get(key)
     if ref is None or ref() is not array:
-        bind(key, "cpu", 0, array.dtype, list(array.shape), array.ctypes.data)
+        bind(name, "cpu", 0, array.dtype, list(array.shape), array.ctypes.data)
         bound[key] = weakref.ref(array)
 
 
