@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gc
 import threading
+import weakref
 
 import numpy as np
 
@@ -77,7 +78,7 @@ def test_a_freed_array_is_bound_anew_and_not_kept_alive():
     runs = BoundRuns(session, ["past"], ["present"])
     cache = np.zeros((4, 4), np.float32)
     runs.run({"past": cache}, {"present": cache})
-    ref = __import__("weakref").ref(cache)
+    ref = weakref.ref(cache)
     del cache
     gc.collect()
     assert ref() is None  # the binding holds no reference
