@@ -148,6 +148,15 @@ def test_speculative_mtp_greedy_equals_greedy(bundle, draft_tokens, capsys):
     assert by_mode["mtp"] == by_mode["off"] and len(by_mode["off"]) == 8
 
 
+def test_the_draft_session_leaves_its_threads_idle_between_runs(bundle):
+    """The draft runs between two main-model forwards: its pool threads must not spin against the main
+    session's run, even where the main session spins (a monolithic bundle's default)."""
+    engine = load_bundle(bundle, spin=True)
+    assert engine.session_config.spin is True
+    options = MTPDrafter(engine).session._session._session.get_session_options()
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+
+
 def test_mtp_needs_a_draft_graph(tmp_path, tiny_checkpoint):
     for variant, layout in (("v3", "partitioned"), ("v3", "monolithic"), ("llama", "monolithic")):
         out = tmp_path / f"{variant}-{layout}"
