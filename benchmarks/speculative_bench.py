@@ -14,6 +14,7 @@ Three measurements, each in one run on an idle machine (batch 1, greedy, EOS ign
 
     .venv/bin/python benchmarks/speculative_bench.py verify [--precisions int4 int8] [--context 256] [--checkpoint C]
     .venv/bin/python benchmarks/speculative_bench.py decode --bundle B --mode mtp|ngram|auto [--draft-tokens 1]
+        [--rounds 5]
     .venv/bin/python benchmarks/speculative_bench.py rag [--bundle B] [--mode ngram|auto] [--draft-tokens 3]
 """
 
@@ -82,29 +83,43 @@ def rag_prompts(engine, count: int, passages: int = 3) -> list[list[int]]:
     return prompts
 
 
-def decode_compare(engine, prompts: list[list[int]], mode: str, draft_tokens: int | None, gen: int) -> dict:
-    """Decode tokens/s off vs ``mode`` over ``prompts`` (after one warm-up each way), greedy identity."""
-    runs = {}
-    for setting in ("off", mode):
-        speculation = configure(engine, setting, draft_tokens)
+def decode_compare(engine, prompts: list[list[int]], mode: str, draft_tokens: int | None, gen: int,
+                   rounds: int = 1) -> dict:
+    """Decode tokens/s off vs ``mode`` over ``prompts``, greedy identity. Each of ``rounds`` runs every prompt
+    off, then with ``mode`` (after one warm-up each way), so the two share the machine's drift; the speedup
+    is the median of the rounds' ratios."""
+    speculation = configure(engine, mode, draft_tokens)  # built once: an MTP drafter opens its own session
+    settings = {"off": None, mode: speculation}
+    for chosen in settings.values():
+        engine.speculation = chosen
         list(generate_step(engine, prompts[0], max_new_tokens=8))  # warm-up
-        if speculation is not None:
-            speculation.stats.reset()
-        tokens, seconds, count = [], 0.0, 0
-        for prompt in prompts:  # as many new tokens as the bundle's context leaves room for, up to gen
-            events = list(generate_step(engine, prompt, max_new_tokens=min(gen, engine.max_context - len(prompt))))
-            tokens.append([e.token_id for e in events])
-            seconds += sum(e.step_s for e in events[1:])
-            count += len(events) - 1
-        runs[setting] = {"tokens": tokens, "tokens_per_s": count / seconds,
-                         "stats": speculation.stats.to_json() if speculation else None}
+    speculation.stats.reset()
+    runs = {setting: {"tokens": None, "tokens_per_s": []} for setting in settings}
+    for _ in range(rounds):
+        for setting, chosen in settings.items():
+            engine.speculation = chosen
+            tokens, seconds, count = [], 0.0, 0
+            for prompt in prompts:  # as many new tokens as the bundle's context leaves room for, up to gen
+                events = list(generate_step(engine, prompt,
+                                            max_new_tokens=min(gen, engine.max_context - len(prompt))))
+                tokens.append([e.token_id for e in events])
+                seconds += sum(e.step_s for e in events[1:])
+                count += len(events) - 1
+            runs[setting]["tokens_per_s"].append(count / seconds)
+            same = runs[setting]["tokens"] in (None, tokens)
+            runs[setting]["tokens"] = tokens if same else "differs between rounds"
     configure(engine, "off")
     on, off = runs[mode], runs["off"]
-    result = {"mode": mode, "draft_tokens": draft_tokens, "off_tokens_per_s": off["tokens_per_s"],
-              "tokens_per_s": on["tokens_per_s"], "speedup": on["tokens_per_s"] / off["tokens_per_s"],
-              "same_tokens": on["tokens"] == off["tokens"], **on["stats"]}
+    ratios = [a / b for a, b in zip(on["tokens_per_s"], off["tokens_per_s"], strict=True)]
+    result = {"mode": mode, "draft_tokens": draft_tokens, "rounds": rounds,
+              "off_tokens_per_s": float(np.median(off["tokens_per_s"])),
+              "tokens_per_s": float(np.median(on["tokens_per_s"])), "speedup": float(np.median(ratios)),
+              "speedup_by_round": [round(r, 3) for r in ratios],
+              "same_tokens": isinstance(off["tokens"], list) and on["tokens"] == off["tokens"],
+              **speculation.stats.to_json()}
     print(f"{mode}: {result['tokens_per_s']:.1f} vs {result['off_tokens_per_s']:.1f} tokens/s off "
-          f"({result['speedup']:.2f}x), {result['tokens_per_verify_step']:.2f} tokens/verify, acceptance by "
+          f"(median speedup {result['speedup']:.2f}x, rounds {result['speedup_by_round']}), "
+          f"{result['tokens_per_verify_step']:.2f} tokens/verify, acceptance by "
           f"position {[round(a, 3) for a in result['acceptance_by_position']]}, same tokens: "
           f"{result['same_tokens']}", file=sys.stderr)
     return result
@@ -132,6 +147,7 @@ def main(argv=None) -> None:
     parser.add_argument("--prompts", type=int, default=8)
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--gen", type=int, default=128)
+    parser.add_argument("--rounds", type=int, default=5, help="decode/rag: off and on alternated this many times")
     parser.add_argument("-t", "--threads", type=int)
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args(argv)
@@ -141,10 +157,10 @@ def main(argv=None) -> None:
         engine = load_bundle(args.bundle or demo_bundle(), threads=args.threads)
         if args.what == "rag":
             result = decode_compare(engine, rag_prompts(engine, args.prompts), args.mode or "ngram", args.draft_tokens,
-                                    args.gen)
+                                    args.gen, args.rounds)
         else:
             prompts = heldout_prompts(engine, args.prompts, args.prompt_tokens)
-            result = decode_compare(engine, prompts, args.mode or "mtp", args.draft_tokens, args.gen)
+            result = decode_compare(engine, prompts, args.mode or "mtp", args.draft_tokens, args.gen, args.rounds)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
 
