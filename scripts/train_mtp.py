@@ -81,6 +81,27 @@ class MTPModule(torch.nn.Module):
         return {k: v.detach().to(torch.float32 if "gate" in k and "proj" not in k else torch.bfloat16).contiguous()
                 for k, v in tensors.items()}
 
+    def load_checkpoint_tensors(self, weights: dict, layer: int) -> None:
+        """The inverse of ``checkpoint_tensors``: this module's parameters from a checkpoint's layer ``layer``
+        (``--init``: go on training the module a model directory already ships)."""
+        from dsedge.models.experts import fuse_experts
+
+        p = f"model.layers.{layer}."
+        own = {"enorm.weight": "enorm.weight", "hnorm.weight": "hnorm.weight", "eh_proj.weight": "eh_proj.weight",
+               "shared_head.norm.weight": "head_norm.weight"}
+        shared = ("embed_tokens.weight", "shared_head.head.weight")  # the main model's, frozen: not loaded
+        state = {}
+        for name, tensor in weights.items():
+            if not name.startswith(p) or name.removeprefix(p) in shared:
+                continue
+            key = name.removeprefix(p)
+            state[own.get(key, "block." + key)] = tensor.to(torch.float32)
+        missing, unexpected = self.load_state_dict(fuse_experts(state), strict=False)
+        missing = [k for k in missing if not k.startswith("rotary.")]
+        if missing or unexpected:
+            raise SystemExit(f"--init: layer {layer} does not fit the module: missing {missing[:5]}, "
+                             f"unexpected {unexpected[:5]}")
+
 
 def main_outputs(model, ids: torch.Tensor):
     """The frozen main model's final normed hidden state and its logits."""
@@ -94,6 +115,19 @@ def mtp_logits(module, model, ids, hidden):
     embed = model.model.embed_tokens(ids[:, 1:])
     positions = torch.arange(ids.shape[1] - 1)[None].expand(ids.shape[0], -1)
     return model.lm_head(module(embed, hidden[:, :-1], positions))
+
+
+def step_loss(args, logits: torch.Tensor, ids: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """``data``: cross-entropy against the text's t_{i+2} (positions 0 .. T-3). ``distill``: cross-entropy
+    against the frozen main model's own distribution for t_{i+2} (its logits at i + 1, positions 0 .. T-2),
+    i.e. KL(main || module) plus a constant. Greedy speculative decoding accepts a draft when it is the main
+    model's argmax, not the text's next token, so the main model's distribution is the target that
+    acceptance rewards (the self-distillation of Medusa-2, Cai et al. 2024, and of EAGLE's data).
+    """
+    if args.target == "data":
+        return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 2:].reshape(-1))
+    target = torch.softmax(teacher[:, 1:], -1)
+    return -(target * torch.log_softmax(logits, -1)).sum(-1).mean()
 
 
 def acceptance(module, model, ids: np.ndarray, window: int) -> float:
@@ -120,6 +154,13 @@ def train(args) -> dict:
     config = model.config
     config._attn_implementation = "eager"
     module = MTPModule(config)
+    if args.init:
+        module.load_checkpoint_tensors(load_file(str(Path(args.model) / "model.safetensors")),
+                                       config.num_hidden_layers)
+    heldout_ids = np.asarray(_tokenize(Path(args.model), Path(args.heldout))[: args.eval_tokens])
+    initial = acceptance(module, model, heldout_ids, args.seq_len) if args.init else None
+    if initial is not None:
+        print(f"held-out acceptance before training: {initial:.4f}", file=sys.stderr, flush=True)
     batches = Batches(np.load(Path(args.work) / "train_ids.npy"), args.seq_len, args.batch_size, args.seed)
     optimizer = torch.optim.AdamW(module.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
     args.warmup, args.min_lr_ratio = min(args.warmup, args.steps // 10 or 1), 0.1
@@ -128,10 +169,8 @@ def train(args) -> dict:
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, args)
         ids = torch.from_numpy(batches.batch(step))
-        hidden, _ = main_outputs(model, ids)
-        logits = mtp_logits(module, model, ids, hidden)
-        loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
-                                                 ids[:, 2:].reshape(-1))
+        hidden, teacher = main_outputs(model, ids)
+        loss = step_loss(args, mtp_logits(module, model, ids, hidden), ids, teacher)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(module.parameters(), 1.0)
         optimizer.step()
@@ -140,10 +179,10 @@ def train(args) -> dict:
         if (step + 1) % args.log_every == 0:
             print(f"step {step + 1}/{args.steps} mtp loss {np.mean(losses[-args.log_every:]):.4f} "
                   f"({(time.time() - started) / 60:.1f} min)", file=sys.stderr, flush=True)
-    heldout_ids = np.asarray(_tokenize(Path(args.model), Path(args.heldout))[: args.eval_tokens])
     accepted = acceptance(module, model, heldout_ids, args.seq_len)
     _write(args, model, module)
-    summary = {"steps": args.steps, "final_loss_mean_last_50": float(np.mean(losses[-50:])),
+    summary = {"steps": args.steps, "target": args.target, "init": args.init,
+               "heldout_acceptance_before": initial, "final_loss_mean_last_50": float(np.mean(losses[-50:])),
                "heldout_acceptance_greedy_k1": accepted, "heldout_tokens": int(len(heldout_ids)),
                "wall_time_s": round(time.time() - started, 1), "perplexity_of_mtp_loss": math.exp(losses[-1])}
     print(json.dumps(summary, indent=2))
@@ -165,6 +204,9 @@ def _write(args, model, module) -> None:
     weights = load_file(str(tmp / "model.safetensors"))
     layer = model.config.num_hidden_layers
     weights |= module.checkpoint_tensors(layer, model.model.embed_tokens.weight, model.lm_head.weight)
+    if args.without_shared_copies:  # the demo ships none: dsedge's reader takes the main model's own
+        for name in ("embed_tokens.weight", "shared_head.head.weight"):
+            weights.pop(f"model.layers.{layer}.{name}")
     save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
     config = json.loads((tmp / "config.json").read_text())
     config["num_nextn_predict_layers"] = 1
@@ -179,6 +221,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--work", required=True, help="`train_demo.py prepare` output (train_ids.npy)")
     parser.add_argument("--out", required=True, help="model directory to write: --model plus the MTP module")
     parser.add_argument("--heldout", default=str(Path(__file__).parents[1] / "dsedge/demo/data/heldout.txt"))
+    parser.add_argument("--target", choices=["data", "distill"], default="data",
+                        help="what the module learns to predict: the text's t+2 (data) or the main model's "
+                             "distribution for it (distill)")
+    parser.add_argument("--init", action="store_true",
+                        help="start from the MTP module --model already ships instead of a fresh one")
+    parser.add_argument("--without-shared-copies", action="store_true",
+                        help="leave out the module's copies of the embedding and head (V3 stores them; "
+                             "dsedge reads the main model's)")
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=512)
