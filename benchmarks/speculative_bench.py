@@ -9,12 +9,18 @@ Three measurements, each in one run on an idle machine (batch 1, greedy, EOS ign
 * ``decode``: decode tokens/s with ``--speculative`` off vs mtp / ngram on a bundle (default: the demo model,
   exported here), over prompts from the demo's held-out text, checking the greedy tokens are identical;
   acceptance per draft position and tokens per verify step.
+* ``oracle``: what MTP drafting would buy on ds3bench (the V3 shape, random weights, so no trained module to
+  measure acceptance on): ds3bench with an MTP module added (layer 7's block copied, random ``eh_proj``),
+  compressed and exported with its draft graph. Every step runs the real draft graph and the 2-token verify;
+  the draft is kept with probability ``--acceptance`` (``forced_acceptance``: a cost simulation, the tokens
+  are not greedy output). Decode tokens/s against plain decoding, alternated over ``--rounds``.
 * ``rag``: the same with ``ngram`` on RAG-shaped prompts (numbered source passages from the held-out text,
   then a question about them, through the chat template): answers that quote their sources.
 
     .venv/bin/python benchmarks/speculative_bench.py verify [--precisions int4 int8] [--context 256] [--checkpoint C]
     .venv/bin/python benchmarks/speculative_bench.py decode --bundle B --mode mtp|ngram|auto [--draft-tokens 1]
         [--rounds 5]
+    .venv/bin/python benchmarks/speculative_bench.py oracle [--precisions int4-g128 int8] [--acceptance 0.59 0.85]
     .venv/bin/python benchmarks/speculative_bench.py rag [--bundle B] [--mode ngram|auto] [--draft-tokens 3]
 """
 
@@ -35,7 +41,8 @@ from export_bench import OUT, checkpoint  # noqa: E402
 from dsedge.runtime import load_bundle  # noqa: E402
 from dsedge.runtime.chat import prepare_prompt  # noqa: E402
 from dsedge.runtime.decode import generate_step, prefill  # noqa: E402
-from dsedge.runtime.speculative import configure  # noqa: E402
+from dsedge.runtime.drafts import MTPDrafter  # noqa: E402
+from dsedge.runtime.speculative import Speculation, configure  # noqa: E402
 
 HELDOUT = Path(__file__).parents[1] / "dsedge" / "demo" / "data" / "heldout.txt"
 
@@ -125,6 +132,89 @@ def decode_compare(engine, prompts: list[list[int]], mode: str, draft_tokens: in
     return result
 
 
+def mtp_checkpoint(base: Path) -> Path:
+    """``base`` (a bench checkpoint, one bf16 file) with a DeepSeek-V3 MTP module at layer L: the last layer's
+    block copied (random weights, the shapes of a real MoE layer), ``eh_proj`` random, the norms ones."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    out = OUT / f"{base.name}-mtp"
+    if (out / "config.json").exists():
+        return out
+    config = json.loads((base / "config.json").read_text())
+    layers, width = config["num_hidden_layers"], config["hidden_size"]
+    tensors = load_file(str(base / "model.safetensors"))
+    last, mtp = f"model.layers.{layers - 1}.", f"model.layers.{layers}."
+    for name in [n for n in tensors if n.startswith(last)]:
+        tensors[mtp + name.removeprefix(last)] = tensors[name].clone()
+    dtype = tensors["model.embed_tokens.weight"].dtype
+    generator = torch.Generator().manual_seed(0)
+    tensors[mtp + "eh_proj.weight"] = (torch.randn(width, 2 * width, generator=generator) * 0.02).to(dtype)
+    for norm in ("enorm", "hnorm", "shared_head.norm"):
+        tensors[f"{mtp}{norm}.weight"] = torch.ones(width, dtype=dtype)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(base, tmp, ignore=shutil.ignore_patterns("model*.safetensors*"))
+    save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    (tmp / "config.json").write_text(json.dumps({**config, "num_nextn_predict_layers": 1}, indent=2) + "\n")
+    tmp.rename(out)
+    return out
+
+
+def forced_acceptance(acceptance: float, seed: int = 0):
+    """An ``accept_draft`` that keeps the (single) draft with probability ``acceptance`` whatever it is, and
+    otherwise rejects it: the work of every step is real (the draft graph, the 2-token verify, the cache
+    roll-back), the tokens are not the model's greedy output. For cost only: on a random-weight model the
+    module's own acceptance says nothing, and greedy near-ties (flat random logits) make a plain-greedy
+    oracle drift off the verified text."""
+    rng = np.random.default_rng(seed)
+
+    def accept(draft, rows, sampler, history):
+        if draft.tokens and rng.random() < acceptance:
+            return [draft.tokens[0], sampler(rows[1], [*history, draft.tokens[0]])]
+        return [sampler(rows[0], history)]
+
+    return accept
+
+
+def oracle_compare(engine, prompts: list[list[int]], acceptances: list[float], gen: int, rounds: int) -> dict:
+    """Decode tokens/s of plain decoding and of MTP drafting at each forced acceptance, alternated per round."""
+    import dsedge.runtime.speculative as speculative
+
+    real_accept = speculative.accept_draft
+    settings = {"off": None, **{a: Speculation(MTPDrafter(engine), 1) for a in acceptances}}
+    speeds = {name: [] for name in settings}
+    try:
+        for _ in range(rounds):
+            for name, speculation in settings.items():
+                engine.speculation = speculation
+                speculative.accept_draft = real_accept if speculation is None else forced_acceptance(name)
+                list(generate_step(engine, prompts[0], max_new_tokens=8))  # warm-up
+                seconds, count = 0.0, 0
+                for prompt in prompts:
+                    events = list(generate_step(engine, prompt, max_new_tokens=gen))
+                    seconds += sum(e.step_s for e in events[1:])
+                    count += len(events) - 1
+                speeds[name].append(count / seconds)
+    finally:
+        speculative.accept_draft, engine.speculation = real_accept, None
+    off = np.asarray(speeds["off"])
+    result = {"off_tokens_per_s": float(np.median(off))}
+    for a in acceptances:
+        ratios = np.asarray(speeds[a]) / off
+        stats = settings[a].stats.to_json()
+        result[str(a)] = {"tokens_per_s": float(np.median(speeds[a])), "speedup": float(np.median(ratios)),
+                          "speedup_by_round": [round(float(r), 3) for r in ratios],
+                          "acceptance_measured": stats["acceptance"],
+                          "tokens_per_verify_step": stats["tokens_per_verify_step"]}
+        print(f"acceptance {a}: {result[str(a)]['tokens_per_s']:.1f} vs {result['off_tokens_per_s']:.1f} tokens/s "
+              f"off, median speedup {result[str(a)]['speedup']:.2f}x (rounds {result[str(a)]['speedup_by_round']}),"
+              f" measured acceptance {stats['acceptance']:.3f}", file=sys.stderr)
+    return result
+
+
 def demo_bundle() -> Path:
     from dsedge.export.bundle import export_bundle
 
@@ -136,10 +226,12 @@ def demo_bundle() -> Path:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("what", choices=["verify", "decode", "rag"])
+    parser.add_argument("what", choices=["verify", "decode", "oracle", "rag"])
     parser.add_argument("--bundle", help="bundle to decode with (default: the demo model, exported here)")
     parser.add_argument("--mode", choices=["mtp", "ngram", "auto"], help="decode: default mtp; rag: default ngram")
     parser.add_argument("--draft-tokens", type=int)
+    parser.add_argument("--acceptance", type=float, nargs="+", default=[0.59, 0.85],
+                        help="oracle: acceptance rates to simulate (0.59: the demo module; 0.85: DeepSeek's report)")
     parser.add_argument("--precisions", nargs="+", default=["int4", "int8"])
     parser.add_argument("--checkpoint", default="ds3bench", help="verify: bench model name or checkpoint dir")
     parser.add_argument("--context", type=int, default=256)
@@ -153,6 +245,14 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if args.what == "verify":
         result = verify_cost(args.precisions, args.context, args.repeats, args.threads, args.checkpoint)
+    elif args.what == "oracle":
+        ckpt = mtp_checkpoint(checkpoint(args.checkpoint))
+        result = {}
+        for precision in args.precisions:
+            engine = load_bundle(bench_bundle(ckpt, precision), threads=args.threads)
+            print(f"{ckpt.name} {precision}:", file=sys.stderr)
+            result[precision] = oracle_compare(engine, heldout_prompts(engine, args.prompts, args.prompt_tokens),
+                                               args.acceptance, args.gen, args.rounds)
     else:
         engine = load_bundle(args.bundle or demo_bundle(), threads=args.threads)
         if args.what == "rag":
