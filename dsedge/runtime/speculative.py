@@ -9,7 +9,11 @@ and when every draft is accepted one more token comes from row k for free. The c
 (``DecodeState.truncate``) to the pending token plus the accepted drafts. This keeps the output distribution
 exactly that of ordinary sampling; p_i is the sampler's own processed distribution (repetition penalty over
 the history including the accepted drafts, temperature, top-k, top-p — ``Sampler.distribution``). Greedy
-accepts a draft iff it is the argmax, so its output is token for token the non-speculative greedy output.
+accepts a draft iff it is the argmax, so its output is token for token the non-speculative greedy output, as far as
+a (k + 1)-token forward gives each row the logits a 1-token step gives it. onnxruntime's kernels are not
+batch-invariant: the rows differ by ~3-5e-6 (demo model, fp32/int8/int4). MoE routing is a discrete top-k, so a
+near-tie can flip. On the int8/int4 demo bundles, 2-3 of 8 prompts part at top-2 margins of 0.0003-0.008, 44-93
+tokens in; fp32 stayed identical (benchmarks/README.md, session 15).
 
 ``configure(engine, mode, draft_tokens)`` switches it on for an engine: ``generate_step`` (and so every
 caller — run, chat, serve, profile, validation of one prompt) then decodes through ``Speculation.steps``.
