@@ -61,6 +61,18 @@ class MTPModule(torch.nn.Module):
         self.block = DeepseekV3DecoderLayer(config, layer_idx=config.num_hidden_layers)
         self.head_norm = RMSNorm(width, eps)
         self.rotary = DeepseekV3RotaryEmbedding(config)
+        self.init_routed(config.initializer_range)
+
+    def init_routed(self, std: float) -> None:
+        """The router and routed experts drawn as transformers' DeepseekV3PreTrainedModel._init_weights draws
+        them. A bare DeepseekV3DecoderLayer leaves the router at zeros and the fused experts as torch.empty,
+        and with zero gate/up rows an expert's output and every gradient into it stay zero: the module shipped
+        before 2026-12-07 had been trained that way, with only its shared expert live."""
+        mlp = self.block.mlp
+        if hasattr(mlp, "experts"):
+            torch.nn.init.normal_(mlp.gate.weight, std=std)
+            torch.nn.init.normal_(mlp.experts.gate_up_proj, std=std)
+            torch.nn.init.normal_(mlp.experts.down_proj, std=std)
 
     def forward(self, embed, hidden, positions):
         x = self.eh_proj(torch.cat([self.enorm(embed), self.hnorm(hidden)], -1))
@@ -157,6 +169,8 @@ def train(args) -> dict:
     if args.init:
         module.load_checkpoint_tensors(load_file(str(Path(args.model) / "model.safetensors")),
                                        config.num_hidden_layers)
+        if args.reinit_routed:
+            module.init_routed(config.initializer_range)
     heldout_ids = np.asarray(_tokenize(Path(args.model), Path(args.heldout))[: args.eval_tokens])
     initial = acceptance(module, model, heldout_ids, args.seq_len) if args.init else None
     if initial is not None:
@@ -181,7 +195,7 @@ def train(args) -> dict:
                   f"({(time.time() - started) / 60:.1f} min)", file=sys.stderr, flush=True)
     accepted = acceptance(module, model, heldout_ids, args.seq_len)
     _write(args, model, module)
-    summary = {"steps": args.steps, "target": args.target, "init": args.init,
+    summary = {"steps": args.steps, "target": args.target, "init": args.init, "reinit_routed": args.reinit_routed,
                "heldout_acceptance_before": initial, "final_loss_mean_last_50": float(np.mean(losses[-50:])),
                "heldout_acceptance_greedy_k1": accepted, "heldout_tokens": int(len(heldout_ids)),
                "wall_time_s": round(time.time() - started, 1), "perplexity_of_mtp_loss": math.exp(losses[-1])}
@@ -226,6 +240,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "distribution for it (distill)")
     parser.add_argument("--init", action="store_true",
                         help="start from the MTP module --model already ships instead of a fresh one")
+    parser.add_argument("--reinit-routed", action="store_true",
+                        help="with --init: draw the router and routed experts afresh (a module trained with them "
+                             "at zero never moved them)")
     parser.add_argument("--without-shared-copies", action="store_true",
                         help="leave out the module's copies of the embedding and head (V3 stores them; "
                              "dsedge reads the main model's)")
