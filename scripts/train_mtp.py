@@ -10,6 +10,10 @@ them); the module's enorm, hnorm, eh_proj, decoder layer (MLA + its own MoE; its
 at zero: no balancing update, unlike train_demo.py) and shared_head.norm are trained. Each step still runs
 the frozen main model forward (no backward through it).
 
+``--target distill`` trains toward the frozen main model's own distribution for t_{i+2} (its logits at i + 1)
+instead of the text's token: what greedy speculative decoding accepts (``step_loss``). ``--init`` goes on from
+the module a model directory ships; ``--reinit-routed`` re-draws its router and routed experts.
+
 Acceptance on the held-out text (teacher-forced, greedy, k = 1): the share of positions where the module's
 argmax at i equals the main model's argmax at i + 1 — what greedy speculative decoding accepts.
 
