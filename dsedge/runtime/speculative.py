@@ -12,7 +12,7 @@ the history including the accepted drafts, temperature, top-k, top-p — ``Sampl
 accepts a draft iff it is the argmax, so its output is token for token the non-speculative greedy output, as far as
 a (k + 1)-token forward gives each row the logits a 1-token step gives it. onnxruntime's kernels are not
 batch-invariant: the rows differ by ~3-5e-6 (demo model, fp32/int8/int4). MoE routing is a discrete top-k, so a
-near-tie can flip. On the int8/int4 demo bundles, 2-3 of 8 prompts part at top-2 margins of 0.0003-0.008, 44-93
+near-tie can flip. On the int8/int4 demo bundles, 2-3 of 8 prompts part at top-2 margins of 0.0003-0.011, 32-93
 tokens in; fp32 stayed identical (benchmarks/README.md, session 15).
 
 ``configure(engine, mode, draft_tokens)`` switches it on for an engine: ``generate_step`` (and so every
