@@ -90,6 +90,18 @@ def rag_prompts(engine, count: int, passages: int = 3) -> list[list[int]]:
     return prompts
 
 
+def decode_rate(engine, prompts: list[list[int]], gen: int) -> tuple[list[list[int]], float]:
+    """Greedy tokens of every prompt (as many new ones as the bundle's context leaves room for, up to ``gen``)
+    and the decode tokens/s over them, the first token (the prefill's) left out."""
+    tokens, seconds, count = [], 0.0, 0
+    for prompt in prompts:
+        events = list(generate_step(engine, prompt, max_new_tokens=min(gen, engine.max_context - len(prompt))))
+        tokens.append([e.token_id for e in events])
+        seconds += sum(e.step_s for e in events[1:])
+        count += len(events) - 1
+    return tokens, count / seconds
+
+
 def decode_compare(engine, prompts: list[list[int]], mode: str, draft_tokens: int | None, gen: int,
                    rounds: int = 1) -> dict:
     """Decode tokens/s off vs ``mode`` over ``prompts``, greedy identity. Each of ``rounds`` runs every prompt
@@ -105,14 +117,8 @@ def decode_compare(engine, prompts: list[list[int]], mode: str, draft_tokens: in
     for _ in range(rounds):
         for setting, chosen in settings.items():
             engine.speculation = chosen
-            tokens, seconds, count = [], 0.0, 0
-            for prompt in prompts:  # as many new tokens as the bundle's context leaves room for, up to gen
-                events = list(generate_step(engine, prompt,
-                                            max_new_tokens=min(gen, engine.max_context - len(prompt))))
-                tokens.append([e.token_id for e in events])
-                seconds += sum(e.step_s for e in events[1:])
-                count += len(events) - 1
-            runs[setting]["tokens_per_s"].append(count / seconds)
+            tokens, rate = decode_rate(engine, prompts, gen)
+            runs[setting]["tokens_per_s"].append(rate)
             same = runs[setting]["tokens"] in (None, tokens)
             runs[setting]["tokens"] = tokens if same else "differs between rounds"
     configure(engine, "off")
@@ -185,19 +191,17 @@ def oracle_compare(engine, prompts: list[list[int]], acceptances: list[float], g
 
     real_accept = speculative.accept_draft
     settings = {"off": None, **{a: Speculation(MTPDrafter(engine), 1) for a in acceptances}}
+    # one stream of draws per acceptance for the whole run: seeded afresh each round, every round would repeat
+    # the same few hundred draws, and their share (not the asked rate) would be the acceptance measured
+    accepts = {a: forced_acceptance(a, seed=i) for i, a in enumerate(acceptances)}
     speeds = {name: [] for name in settings}
     try:
         for _ in range(rounds):
             for name, speculation in settings.items():
                 engine.speculation = speculation
-                speculative.accept_draft = real_accept if speculation is None else forced_acceptance(name)
+                speculative.accept_draft = real_accept if speculation is None else accepts[name]
                 list(generate_step(engine, prompts[0], max_new_tokens=8))  # warm-up
-                seconds, count = 0.0, 0
-                for prompt in prompts:
-                    events = list(generate_step(engine, prompt, max_new_tokens=gen))
-                    seconds += sum(e.step_s for e in events[1:])
-                    count += len(events) - 1
-                speeds[name].append(count / seconds)
+                speeds[name].append(decode_rate(engine, prompts, gen)[1])
     finally:
         speculative.accept_draft, engine.speculation = real_accept, None
     off = np.asarray(speeds["off"])
