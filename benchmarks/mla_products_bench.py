@@ -4,7 +4,8 @@ Absorbed MLA multiplies the query by ``w_uk`` and the attention output by ``w_uv
 (``[B, H, T, K] @ [H, K, N]``); export stores both fp32 (ds3bench: 16.8 MB of a 95 MB int4 step). MatMulNBits
 takes one 2-D matrix, so a quantized per-head product has to be one of: fp16 weights cast to fp32 before an
 fp32 MatMul, an fp16 MatMul, int8 weights in ``DynamicQuantizeMatMul`` (a batched B with per-head, per-column
-scales runs on CPU), or every head's matrix stacked into one MatMulNBits applied to all H query rows (each byte
+scales runs on CPU; ``int8-dqmm-head`` first scales each head's row to max |q| = 1, so one activation scale
+fits every head), or every head's matrix stacked into one MatMulNBits applied to all H query rows (each byte
 read once, H× the multiply-adds; ``nbits8-stacked``/``nbits4-stacked``); ``custom-int8`` is the prototype
 custom op of ``benchmarks/kernels/head_matmul.c`` (int8 weights, one scale per head and column, fp32
 activations; built here with gcc and registered with ``register_custom_ops_library``). Each variant is a
@@ -28,7 +29,8 @@ import numpy as np
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-VARIANTS = ("fp32", "fp16-cast", "fp16-matmul", "int8-dqmm", "nbits8-stacked", "nbits4-stacked", "custom-int8")
+VARIANTS = ("fp32", "fp16-cast", "fp16-matmul", "int8-dqmm", "int8-dqmm-head", "nbits8-stacked", "nbits4-stacked",
+            "custom-int8")
 KERNEL = Path(__file__).resolve().parent / "kernels" / "head_matmul.c"
 OUT = Path(__file__).resolve().parent / "out"
 
@@ -93,6 +95,17 @@ def product_nodes(kind: str, i: int, weight: np.ndarray) -> tuple[list, list]:
                  helper.make_node("Cast", [y + "_h"], [y], to=TensorProto.FLOAT)],
                 [numpy_helper.from_array(weight.astype(np.float16), w)])
     codes, scale = _int8_per_head_column(weight)
+    if kind == "int8-dqmm-head":  # each head's row scaled to max |q| = 1 first: one activation scale fits all
+        nodes = [helper.make_node("Abs", ["q"], [y + "_abs"]),
+                 helper.make_node("ReduceMax", [y + "_abs", "last_axis"], [y + "_max"], keepdims=1),
+                 helper.make_node("Max", [y + "_max", "tiny"], [y + "_amax"]),
+                 helper.make_node("Div", ["q", y + "_amax"], [y + "_qn"]),
+                 helper.make_node("DynamicQuantizeMatMul", [y + "_qn", w, w + "_s"], [y + "_n"],
+                                  domain="com.microsoft"),
+                 helper.make_node("Mul", [y + "_n", y + "_amax"], [y])]
+        return nodes, [numpy_helper.from_array(codes, w), numpy_helper.from_array(scale, w + "_s"),
+                       numpy_helper.from_array(np.array([-1], np.int64), "last_axis"),
+                       numpy_helper.from_array(np.array(1e-30, np.float32), "tiny")]
     return ([helper.make_node("DynamicQuantizeMatMul", ["q", w, w + "_s"], [y], domain="com.microsoft")],
             [numpy_helper.from_array(codes, w), numpy_helper.from_array(scale, w + "_s")])
 
