@@ -350,8 +350,9 @@ def _add_export(sub) -> None:
                           "sums stay fp32); validated to 1e-4 / 5e-3 max abs logit error")
     cmd.add_argument("--accuracy-level", type=int, default=4, choices=[0, 1, 2, 3, 4],
                      help="compressed checkpoints: MatMulNBits compute precision. 4 (default) quantizes activations "
-                          "to int8 inside the kernel (the fast CPU path; validated to 5%% of the logit range); 0 "
-                          "computes in float (exact vs the dequantized reference, slower)")
+                          "to int8 inside the kernel (the fast CPU path; validated to 5%% of the logit range), and "
+                          "runs MLA's absorbed per-head products int8 (activations per row); 0 computes in float "
+                          "(exact vs the dequantized reference, slower)")
     cmd.add_argument("--quantize-embedding", choices=["int8", "int4", "none"],
                      help="token embedding as GatherBlockQuantized (int8 per row, int4 groups of 32; a tied head "
                           "reads the same codes through MatMulNBits); default: what the compress recipe recorded, "

@@ -41,7 +41,8 @@ PROCESS_BASE_BYTES = 80 * 1024**2
 # QNBit "CompInt8" layout). Measured: anonymous RSS 1042 MiB after loading R1-Distill-Qwen-1.5B int4, plan's
 # weights 1008 (benchmarks/run_memory.py).
 BLOCK_SUM_BYTES = 4
-# The MLA up-projection export absorbs into per-head float matrices (w_uk, w_uv_t): float even when quantized.
+# The MLA up-projection export absorbs into per-head matrices (w_uk, w_uv_t): float, or — when kv_b is
+# quantized and the export fp32 — int8 codes with a scale per head and column (dsedge.export.attention).
 ABSORBED = ".self_attn.kv_b_proj.weight"
 
 # scheme → ((bits, group) of routed-expert linears, (bits, group) of other linears); None keeps them float.
@@ -61,8 +62,8 @@ SCHEME_NOTE = ("sizes are what `dsedge compress` (the preset of that name) + `ds
                "channel, int4 = group 128, symmetric, as MatMulNBits codes plus one scale per block of 32 inputs "
                "(per channel) or per group, in the bundle's float dtype; int8 and int4 also quantize the LM head "
                "(MatMulNBits) and the embedding (GatherBlockQuantized) int8 per row; int4-experts keeps them "
-               "float, and "
-               "norms, routers and MLA's absorbed kv_b stay float — fp32 in a default export (--dtype fp32), "
+               "float; MLA's absorbed kv_b is int8 per head and column in an fp32 export; norms and routers "
+               "stay float — fp32 in a default export (--dtype fp32), "
                "the bf16 row is a 16-bit export (--dtype fp16); a tied head is stored once; MTP is not counted "
                "(not exported)")
 @dataclass(frozen=True)
@@ -174,9 +175,18 @@ def kv_bytes_per_token(spec: ModelSpec) -> tuple[int | None, int]:
 def tensor_bytes(t: TensorSpec, quant: tuple[int, int | None] | None, float_bytes: int = 4) -> int:
     """Bytes a bundle stores for one tensor: float at ``float_bytes``; a linear quantized to ``quant``
     (bits, group or None per channel) as MatMulNBits codes (padded to whole blocks) + one scale per block."""
+    if t.name.endswith(ABSORBED) and quant is not None and float_bytes == 4:
+        return absorbed_int8_bytes(t)
     if quant is None or not t.linear or t.name.endswith(ABSORBED):
         return t.numel * (4 if t.component == "router" else float_bytes)  # routers stay fp32 (DeepSeek does)
     return blocked_bytes(t.shape, quant, float_bytes)
+
+
+def absorbed_int8_bytes(t: TensorSpec) -> int:
+    """kv_b [H·(nope+v), kv] as the export's int8 w_uk/w_uv_t: a byte per weight and a float32 scale per
+    head and column, H·(kv + v). The head count is not in the tensor's shape; H·(nope+v) scales stand in
+    (V3: 32,768 for 81,920, 0.2 MB of a layer's 16.8 MB of codes)."""
+    return t.numel + 4 * t.shape[0]
 
 
 def blocked_bytes(shape: tuple[int, int], quant: tuple[int, int | None], float_bytes: int, scale_copies: int = 1
@@ -326,7 +336,9 @@ def _held(t: TensorSpec, quant: tuple[int, int | None] | None, float_bytes: int,
           ) -> tuple[int, int]:
     """(bytes onnxruntime holds for ``t``, bytes of the stored copy it packs from; 0 when it maps it)."""
     matrix = t.linear or t.component in ("head", "embeddings")  # the head and a tied table: MatMulNBits
-    if quant is None or not matrix or t.name.endswith(ABSORBED):
+    if t.name.endswith(ABSORBED):  # onnxruntime prepacks only a 2-D B (MatMulIntegerBase): 3-D stays as stored
+        return tensor_bytes(t, quant, float_bytes), 0
+    if quant is None or not matrix:
         return tensor_bytes(t, None, float_bytes), 0
     rows, cols = t.shape
     if qmoe_block is not None:  # a routed expert inside a fused QMoE

@@ -122,3 +122,22 @@ def test_inspect_describes_a_compressed_checkpoint(compressed, tiny_checkpoint):
     assert report.params_on_disk == original.params_on_disk  # packed words count as the weights they hold
     assert sum(report.quantized_modules.values()) == len(Checkpoint(compressed("v3", "int4-g32")).quantization)
     assert set(report.quantized_modules) == {"int4-g32"} and not original.quantized_modules
+
+
+@pytest.mark.parametrize("variant", ["v2_lite", "v3"])
+def test_absorbed_mla_products_are_int8_only_where_activations_may_be(variant, compressed, tmp_path):
+    """Level 4 in an fp32 graph: w_uk and w_uv run as MatMulIntegerToFloat over int8 codes (attention.py's
+    head_matmul); level 0 and fp16 graphs keep them float MatMul, and the manifest says which."""
+    ckpt = compressed(variant, "int4-g32")
+    layers = Checkpoint(ckpt).spec.num_hidden_layers
+    for name, kwargs, int8 in [("l4", {}, True), ("l0", {"accuracy_level": {4: 0, 8: 0}}, False),
+                               ("half", {"dtype": "fp16"}, False)]:
+        report = export_bundle(ckpt, tmp_path / name, max_context=64, **kwargs)  # validates inside
+        assert all(c["passed"] for c in report.validation)
+        model = onnx.load(str(tmp_path / name / "graphs" / "decoder.onnx"), load_external_data=False)
+        products = [n for n in model.graph.node if n.op_type == "MatMulIntegerToFloat"]
+        assert len(products) == (2 * layers if int8 else 0)
+        weights = {t.name: t for t in model.graph.initializer}
+        assert {weights[n.input[1]].data_type for n in products} <= {onnx.TensorProto.INT8}
+        manifest = json.loads((tmp_path / name / "manifest.json").read_text())
+        assert ("mla_products" in manifest["quantization"]) == int8

@@ -70,7 +70,10 @@ def test_tensor_bytes_per_scheme():
     router = TensorSpec("r", (256, 7168), "router", 3)
     assert tensor_bytes(router, None, 2) == 256 * 7168 * 4  # routers stay fp32
     kv_b = TensorSpec("model.layers.0.self_attn.kv_b_proj.weight", (4096, 512), "attention", 0, linear=True)
-    assert tensor_bytes(kv_b, (4, 128)) == 4096 * 512 * 4  # absorbed into float per-head matrices
+    # absorbed into per-head matrices: int8 with a scale per head and column in an fp32 export, else float
+    assert tensor_bytes(kv_b, (4, 128)) == 4096 * 512 + 4096 * 4
+    assert tensor_bytes(kv_b, (4, 128), 2) == 4096 * 512 * 2
+    assert tensor_bytes(kv_b, None) == 4096 * 512 * 4
 
 
 def test_plan_without_target_and_from_config_path(tmp_path):

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from dsedge.export.graph import MS_DOMAIN, GraphBuilder
-from dsedge.export.quantized import as_float, stack_rows, take_rows
+from dsedge.export.quantized import absorbed_products_int8, as_float, int8_per_column, stack_rows, take_rows
 from dsedge.models.spec import ModelSpec
 
 NEG = float(np.finfo(np.float32).min)  # masked score: finite, so a fully masked (padding) row stays NaN-free
@@ -86,18 +86,48 @@ def mla_attention(g: GraphBuilder, spec: ModelSpec, w: dict[str, np.ndarray], pr
     new = g.op("Concat", latent, k_pe, axis=-1)  # [B, T, kv + rope]: what the cache keeps
 
     # Absorption multiplies kv_b into the query and output per head, so it is needed as a matrix: a quantized
-    # kv_b is dequantized here (heads·(nope+v)·kv_lora: 9% of a V3 layer's attention weights).
+    # kv_b is dequantized here (heads·(nope+v)·kv_lora: 9% of a V3 layer's attention weights) and, where
+    # its accuracy level allows int8 activations, re-quantized int8 per head and column (head_matmul).
+    int8 = absorbed_products_int8(w[prefix + "kv_b_proj.weight"], g.half)
     kv_b = as_float(w[prefix + "kv_b_proj.weight"]).reshape(heads, nope + v, kv)
     w_uk, w_uv = kv_b[:, :nope, :], kv_b[:, nope:, :]  # [H, nope, kv], [H, v, kv]
-    q_absorbed = g.op("MatMul", g.slice_last(q, 0, nope), g.weight(prefix + "w_uk", np.ascontiguousarray(w_uk)))
+    q_absorbed = head_matmul(g, g.slice_last(q, 0, nope), w_uk, prefix + "w_uk", int8)
     q_full = g.op("Concat", q_absorbed, q_pe, axis=-1)  # [B, H, T, kv + rope]
     axis1 = g.const([1])
     mixed = attend(g, q_full, g.op("Unsqueeze", past, axis1), g.op("Unsqueeze", new, axis1), None, pos,
                    spec.softmax_scale, pos.allowed)  # [B, H, T, kv + rope]
-    w_uv_t = g.weight(prefix + "w_uv_t", np.ascontiguousarray(w_uv.transpose(0, 2, 1)))  # [H, kv, v]
-    out = g.op("MatMul", g.slice_last(mixed, 0, kv), w_uv_t)  # [B, H, T, v]
+    out = head_matmul(g, g.slice_last(mixed, 0, kv), w_uv.transpose(0, 2, 1), prefix + "w_uv_t", int8)  # [B,H,T,v]
     out = g.op("Reshape", g.op("Transpose", out, perm=[0, 2, 1, 3]), g.const([0, 0, heads * v]))
     return g.linear(out, w[prefix + "o_proj.weight"], prefix + "o_proj"), new
+
+
+def head_matmul(g: GraphBuilder, x: str, weight: np.ndarray, name: str, int8: bool) -> str:
+    """x [B, H, T, K] times one matrix per head, ``weight`` [H, K, N]: fp32 MatMul, or int8 weights (a scale
+    per head and column) times int8 activations (a scale per row) in ``com.microsoft::MatMulIntegerToFloat``.
+
+    Why int8: the fp32 products were a fifth of the bytes a ds3bench int4 step reads (a sixth of a real
+    V2-Lite layer's), and of the stock ops only the integer matmuls take a quantized matrix per head
+    (MatMulNBits takes one 2-D matrix). Why a scale per row: ``DynamicQuantizeMatMul`` quantizes its input
+    with one range for the whole tensor, so a row's rounding would depend on the other heads, rows and
+    batch-mates of the call, and a speculative verify would not reproduce a decode step (measured: a window
+    alone vs in a batch of two, mean KL 8.1e-4; tests/test_mtp_compressed.py failed). Here each row is
+    quantized symmetrically by its own largest |value| (opset 21's blocked ``QuantizeLinear``, one block per
+    row), so its codes and its product are the same bit for bit whatever it is batched with. A row of zeros
+    has scale 0: its codes are whatever 0/0 saturates to, and its product is 0 after the final Mul.
+    Speed and quality against fp32 products: benchmarks/README.md, docs/compress.md.
+    """
+    if not int8:
+        return g.op("MatMul", x, g.weight(name, np.ascontiguousarray(weight)))
+    row_scale = g.op("Mul", g.op("ReduceMax", g.op("Abs", x), g.const([-1]), keepdims=1),
+                     g.const(1 / 127, np.float32))  # [B, H, T, 1]
+    # uint8 codes around 128, not int8: onnxruntime's int8 × int8 path runs ~4× slower than uint8 × int8
+    # (91 vs 23 us per ds3bench w_uv product); a blocked zero point has the scale's shape, built once per graph.
+    zero = g.once("row_zero_point_u8", lambda: g.op("Expand", g.const(128, np.uint8), g.op("Shape", row_scale)))
+    codes = g.op("QuantizeLinear", x, row_scale, zero, axis=-1, block_size=int(weight.shape[-2]))
+    w_codes, w_scale = int8_per_column(weight)
+    products = g.op("MatMulIntegerToFloat", codes, g.weight(name, w_codes), g.const(1.0, np.float32),
+                    g.weight(name + "_scale", w_scale), g.const(128, np.uint8), domain=MS_DOMAIN)
+    return g.op("Mul", products, row_scale)
 
 
 def _mla_query(g: GraphBuilder, spec: ModelSpec, w: dict[str, np.ndarray], prefix: str, h: str, kv_a,

@@ -16,7 +16,13 @@ from dsedge.export.embedding import EMBEDDING, RequantizedEmbedding, embedding_s
 from dsedge.export.graph import save_graph
 from dsedge.export.mtp import write_draft
 from dsedge.export.partitioned import placement_plan, write_partitioned
-from dsedge.export.quantized import QuantizedWeight, effective_accuracy_level, valid_accuracy_level
+from dsedge.export.quantized import (
+    FAST_LEVEL,
+    QuantizedWeight,
+    accuracy_level_for,
+    effective_accuracy_level,
+    valid_accuracy_level,
+)
 from dsedge.export.validate import precision_of, raise_on_failure, validate_bundle
 from dsedge.manifest import MANIFEST_FILE, GraphEntry, write_manifest
 from dsedge.models.checkpoint import Checkpoint
@@ -360,6 +366,9 @@ def _quantization_summary(ckpt: Checkpoint, dtype: str, accuracy_level: int) -> 
             schemes[label] = schemes.get(label, 0) + 1
         summary |= {"method": "weight-only (compressed-tensors pack-quantized → MatMulNBits)",
                     "accuracy_level": accuracy_level, "modules_by_scheme": schemes}
+        kv_b = [s for name, s in ckpt.quantization.items() if name.endswith("kv_b_proj")]
+        if kv_b and dtype == "fp32" and accuracy_level_for(kv_b[0].bits, accuracy_level) == FAST_LEVEL:
+            summary["mla_products"] = "int8 per head and column, int8 activations per row (MatMulIntegerToFloat)"
     return summary
 
 

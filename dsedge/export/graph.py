@@ -59,6 +59,7 @@ class GraphBuilder:
         self._const_cache: dict[tuple, str] = {}
         self._renamed: dict[str, str] = {}  # node outputs renamed to the graph output they became
         self._count = 0
+        self._once: dict[str, str] = {}  # values computed once per graph and reused by every layer (once)
         # Prefix of node names ("layers.3/"): onnxruntime's profiler reports node names, so a profile can
         # attribute a one-graph decoder's time to layers.
         self.scope = ""
@@ -66,6 +67,13 @@ class GraphBuilder:
     def fresh(self, hint: str) -> str:
         self._count += 1
         return f"{hint}_{self._count}"
+
+    def once(self, key: str, make) -> str:
+        """The value ``make()`` builds, built on first use and reused after: a tensor every layer needs
+        alike (e.g. a zero point shaped [B, H, T, 1]) costs its nodes once per step, not once per layer."""
+        if key not in self._once:
+            self._once[key] = make()
+        return self._once[key]
 
     def input(self, name: str, elem_type: int, shape: Sequence[Dim]) -> str:
         self.inputs.append(helper.make_tensor_value_info(name, elem_type, list(shape)))

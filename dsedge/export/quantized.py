@@ -119,6 +119,21 @@ def as_float(weight) -> np.ndarray:
     return weight.dequantize() if isinstance(weight, QuantizedWeight) else weight
 
 
+def absorbed_products_int8(kv_b, half: bool) -> bool:
+    """Whether absorbed MLA's per-head products run as int8 (``head_matmul``): when kv_b is quantized, its
+    compute precision lets activations be int8 (level 4) and the graph is fp32 (MatMulIntegerToFloat
+    computes float32 only on CPU). At level 0 the products stay fp32, as that level asks of every quantized weight."""
+    return isinstance(kv_b, QuantizedWeight) and kv_b.accuracy_level == FAST_LEVEL and not half
+
+
+def int8_per_column(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric int8 codes of a batch of matrices ``weight`` [..., K, N] and one float32 scale per matrix
+    and output column [..., 1, N] (the reduction runs over K, so a column's scale factors out of its sums)."""
+    peak = np.abs(weight).max(axis=-2, keepdims=True)
+    scale = np.where(peak > 0, peak / 127, 1).astype(np.float32)  # an all-zero column: codes 0, any scale
+    return np.clip(np.rint(weight / scale), -127, 127).astype(np.int8), scale
+
+
 def block_size(weight: QuantizedWeight) -> int:
     """MatMulNBits block for this weight: its group size, or a fixed block for per-channel scales."""
     if weight.group_size is None:  # the scale repeated over each block (exact): see planning.per_channel_block
