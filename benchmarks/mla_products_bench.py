@@ -1,7 +1,9 @@
 """Absorbed MLA's per-head products at lower precision, with the stock onnxruntime ops that can express them.
 
 Absorbed MLA multiplies the query by ``w_uk`` and the attention output by ``w_uv`` head by head
-(``[B, H, T, K] @ [H, K, N]``); export stores both fp32 (ds3bench: 16.8 MB of a 95 MB int4 step). MatMulNBits
+(``[B, H, T, K] @ [H, K, N]``); export stored both fp32 until 2026-12-07 (ds3bench: 16.8 MB of a 95 MB int4
+step), and now ships ``int8-rowq`` in quantized fp32 exports: each row quantized to uint8 by its own max
+(blocked ``QuantizeLinear``, one block per row) times int8 weights in ``MatMulIntegerToFloat``. MatMulNBits
 takes one 2-D matrix, so a quantized per-head product has to be one of: fp16 weights cast to fp32 before an
 fp32 MatMul, an fp16 MatMul, int8 weights in ``DynamicQuantizeMatMul`` (a batched B with per-head, per-column
 scales runs on CPU; ``int8-dqmm-head`` first scales each head's row to max |q| = 1, so one activation scale
@@ -29,8 +31,8 @@ import numpy as np
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-VARIANTS = ("fp32", "fp16-cast", "fp16-matmul", "int8-dqmm", "int8-dqmm-head", "nbits8-stacked", "nbits4-stacked",
-            "custom-int8")
+VARIANTS = ("fp32", "fp16-cast", "fp16-matmul", "int8-dqmm", "int8-dqmm-head", "int8-rowq", "nbits8-stacked",
+            "nbits4-stacked", "custom-int8")
 KERNEL = Path(__file__).resolve().parent / "kernels" / "head_matmul.c"
 OUT = Path(__file__).resolve().parent / "out"
 
@@ -95,6 +97,21 @@ def product_nodes(kind: str, i: int, weight: np.ndarray) -> tuple[list, list]:
                  helper.make_node("Cast", [y + "_h"], [y], to=TensorProto.FLOAT)],
                 [numpy_helper.from_array(weight.astype(np.float16), w)])
     codes, scale = _int8_per_head_column(weight)
+    if kind == "int8-rowq":  # what export ships: each row quantized by its own max (dsedge.export.attention)
+        nodes = [helper.make_node("Abs", ["q"], [y + "_abs"]),
+                 helper.make_node("ReduceMax", [y + "_abs", "last_axis"], [y + "_max"], keepdims=1),
+                 helper.make_node("Mul", [y + "_max", "inv127"], [y + "_s"]),
+                 helper.make_node("QuantizeLinear", ["q", y + "_s", "zp_rows"], [y + "_q"], axis=-1,
+                                  block_size=weight.shape[1]),
+                 helper.make_node("MatMulIntegerToFloat", [y + "_q", w, "one", w + "_s", "zp128"], [y + "_n"],
+                                  domain="com.microsoft"),
+                 helper.make_node("Mul", [y + "_n", y + "_s"], [y])]
+        return nodes, [numpy_helper.from_array(codes, w), numpy_helper.from_array(scale, w + "_s"),
+                       numpy_helper.from_array(np.array([-1], np.int64), "last_axis"),
+                       numpy_helper.from_array(np.array(1 / 127, np.float32), "inv127"),
+                       numpy_helper.from_array(np.array(1, np.float32), "one"),
+                       numpy_helper.from_array(np.array(128, np.uint8), "zp128"),
+                       numpy_helper.from_array(np.full((1, weight.shape[0], 1, 1), 128, np.uint8), "zp_rows")]
     if kind == "int8-dqmm-head":  # each head's row scaled to max |q| = 1 first: one activation scale fits all
         nodes = [helper.make_node("Abs", ["q"], [y + "_abs"]),
                  helper.make_node("ReduceMax", [y + "_abs", "last_axis"], [y + "_max"], keepdims=1),
