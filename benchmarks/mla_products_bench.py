@@ -31,8 +31,8 @@ import numpy as np
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-VARIANTS = ("fp32", "fp16-cast", "fp16-matmul", "int8-dqmm", "int8-dqmm-head", "int8-rowq", "nbits8-stacked",
-            "nbits4-stacked", "custom-int8")
+VARIANTS = ("fp32", "fp16-cast", "fp16-matmul", "int8-dqmm", "int8-dqmm-head", "int8-rowq", "int8-rowq-s8",
+            "nbits8-stacked", "nbits4-stacked", "custom-int8")
 KERNEL = Path(__file__).resolve().parent / "kernels" / "head_matmul.c"
 OUT = Path(__file__).resolve().parent / "out"
 
@@ -97,14 +97,18 @@ def product_nodes(kind: str, i: int, weight: np.ndarray) -> tuple[list, list]:
                  helper.make_node("Cast", [y + "_h"], [y], to=TensorProto.FLOAT)],
                 [numpy_helper.from_array(weight.astype(np.float16), w)])
     codes, scale = _int8_per_head_column(weight)
-    if kind == "int8-rowq":  # what export ships: each row quantized by its own max (dsedge.export.attention)
+    if kind.startswith("int8-rowq"):  # what export ships: each row quantized by its own max (export.attention)
+        signed = kind.endswith("-s8")  # int8 codes, no zero point: onnxruntime's int8 x int8 path
+        zero = [] if signed else ["zp128"]
+        quantize = (helper.make_node("QuantizeLinear", ["q", y + "_s"], [y + "_q"], axis=-1, block_size=weight.shape[1],
+                                     output_dtype=TensorProto.INT8) if signed else
+                    helper.make_node("QuantizeLinear", ["q", y + "_s", "zp_rows"], [y + "_q"], axis=-1,
+                                     block_size=weight.shape[1]))
         nodes = [helper.make_node("Abs", ["q"], [y + "_abs"]),
                  helper.make_node("ReduceMax", [y + "_abs", "last_axis"], [y + "_max"], keepdims=1),
-                 helper.make_node("Mul", [y + "_max", "inv127"], [y + "_s"]),
-                 helper.make_node("QuantizeLinear", ["q", y + "_s", "zp_rows"], [y + "_q"], axis=-1,
-                                  block_size=weight.shape[1]),
-                 helper.make_node("MatMulIntegerToFloat", [y + "_q", w, "one", w + "_s", "zp128"], [y + "_n"],
-                                  domain="com.microsoft"),
+                 helper.make_node("Mul", [y + "_max", "inv127"], [y + "_s"]), quantize,
+                 helper.make_node("MatMulIntegerToFloat", [y + "_q", w, "one", w + "_s", *zero],
+                                  [y + "_n"], domain="com.microsoft"),
                  helper.make_node("Mul", [y + "_n", y + "_s"], [y])]
         return nodes, [numpy_helper.from_array(codes, w), numpy_helper.from_array(scale, w + "_s"),
                        numpy_helper.from_array(np.array([-1], np.int64), "last_axis"),

@@ -103,7 +103,7 @@ def mla_attention(g: GraphBuilder, spec: ModelSpec, w: dict[str, np.ndarray], pr
 
 def head_matmul(g: GraphBuilder, x: str, weight: np.ndarray, name: str, int8: bool) -> str:
     """x [B, H, T, K] times one matrix per head, ``weight`` [H, K, N]: fp32 MatMul, or int8 weights (a scale
-    per head and column) times int8 activations (a scale per row) in ``com.microsoft::MatMulIntegerToFloat``.
+    per head and column) times 8-bit activations (a scale per row) in ``com.microsoft::MatMulIntegerToFloat``.
 
     Why int8: the fp32 products were a fifth of the bytes a ds3bench int4 step reads (a sixth of a real
     V2-Lite layer's), and of the stock ops only the integer matmuls take a quantized matrix per head
@@ -121,7 +121,8 @@ def head_matmul(g: GraphBuilder, x: str, weight: np.ndarray, name: str, int8: bo
     row_scale = g.op("Mul", g.op("ReduceMax", g.op("Abs", x), g.const([-1]), keepdims=1),
                      g.const(1 / 127, np.float32))  # [B, H, T, 1]
     # uint8 codes around 128, not int8: onnxruntime's int8 × int8 path runs ~4× slower than uint8 × int8
-    # (91 vs 23 us per ds3bench w_uv product); a blocked zero point has the scale's shape, built once per graph.
+    # (mla_products_bench.py int8-rowq-s8 vs int8-rowq); a blocked zero point has the scale's shape, built
+    # once per graph.
     zero = g.once("row_zero_point_u8", lambda: g.op("Expand", g.const(128, np.uint8), g.op("Shape", row_scale)))
     codes = g.op("QuantizeLinear", x, row_scale, zero, axis=-1, block_size=int(weight.shape[-2]))
     w_codes, w_scale = int8_per_column(weight)

@@ -123,7 +123,12 @@ def absorbed_products_int8(kv_b, half: bool) -> bool:
     """Whether absorbed MLA's per-head products run as int8 (``head_matmul``): when kv_b is quantized, its
     compute precision lets activations be int8 (level 4) and the graph is fp32 (MatMulIntegerToFloat
     computes float32 only on CPU). At level 0 the products stay fp32, as that level asks of every quantized weight."""
-    return isinstance(kv_b, QuantizedWeight) and kv_b.accuracy_level == FAST_LEVEL and not half
+    return isinstance(kv_b, QuantizedWeight) and products_int8_at(kv_b.accuracy_level, half)
+
+
+def products_int8_at(accuracy_level: int, half: bool) -> bool:
+    """The rule itself, for a quantized kv_b at ``accuracy_level`` (also what the manifest reports)."""
+    return accuracy_level == FAST_LEVEL and not half
 
 
 def int8_per_column(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
