@@ -20,13 +20,9 @@ from pathlib import Path
 import numpy as np
 
 from dsedge.demo import heldout_path
-from dsedge.evaluation import encode_text_file, evaluate_perplexity, log_softmax
+from dsedge.evaluation import encode_text_file, evaluate_perplexity
+from dsedge.export.validate import mean_kl
 from dsedge.runtime import load_bundle
-
-
-def kl(p: np.ndarray, q: np.ndarray) -> float:
-    """Mean over positions of KL(p || q), both log-probabilities [T, V]."""
-    return float((np.exp(p) * (p - q)).sum(-1).mean())
 
 
 def batched_first_row(engine, full: list[int], other: list[int]) -> np.ndarray:
@@ -52,7 +48,7 @@ def main() -> None:
     for path in args.bundles:
         engine = load_bundle(path)
         ppl = evaluate_perplexity(engine_logits(engine), ids[: args.tokens], window=args.window, batch_size=1)
-        alone = [log_softmax(np.asarray(engine.logits(w), np.float64)) for w in windows]
+        alone = [np.asarray(engine.logits(w), np.float64) for w in windows]
         base = alone if base is None else base
         print(json.dumps({"bundle": str(path), **ppl.to_json(), **against_base(engine, windows, alone, base)}),
               flush=True)
@@ -64,13 +60,14 @@ def engine_logits(engine):
 
 
 def against_base(engine, windows: list[list[int]], alone: list[np.ndarray], base: list[np.ndarray]) -> dict:
-    """KL from the base and top-1 agreement with it, and KL of a window alone vs in a batch of two."""
+    """KL from the base and top-1 agreement with it, and KL of a window alone vs in a batch of two (logits)."""
     pairs = [(b, a) for b, a in zip(base, alone, strict=True)]
-    batched = [log_softmax(batched_first_row(engine, windows[i], windows[i + 1]).astype(np.float64))
+    batched = [batched_first_row(engine, windows[i], windows[i + 1]).astype(np.float64)
                for i in range(0, len(windows) - 1, 2)]
-    return {"kl_from_base": float(np.mean([kl(b, a) for b, a in pairs])),
+    return {"kl_from_base": float(np.mean([mean_kl(b, a) for b, a in pairs])),
             "top1_agreement": float(np.mean([(b.argmax(-1) == a.argmax(-1)).mean() for b, a in pairs])),
-            "batch_vs_alone_kl": float(np.mean([kl(alone[2 * j], row) for j, row in enumerate(batched)]))}
+            "batch_vs_alone_kl": float(np.mean([mean_kl(alone[2 * j], row) for j, row in enumerate(batched)]))}
+
 
 if __name__ == "__main__":
     main()

@@ -31,6 +31,8 @@ import numpy as np
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
+from dsedge.export.quantized import int8_per_column  # what export writes
+
 VARIANTS = ("fp32", "fp16-cast", "fp16-matmul", "int8-dqmm", "int8-dqmm-head", "int8-rowq", "int8-rowq-s8",
             "nbits8-stacked", "nbits4-stacked", "custom-int8")
 KERNEL = Path(__file__).resolve().parent / "kernels" / "head_matmul.c"
@@ -71,12 +73,6 @@ def _stacked_nbits(i: int, weight: np.ndarray, bits: int) -> tuple[list, list]:
     return nodes, inits
 
 
-def _int8_per_head_column(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric int8 codes of ``weight`` [H, K, N] and their scales [H, 1, N] (per head, per output column)."""
-    scale = np.abs(weight).max(axis=1, keepdims=True) / 127
-    return np.round(weight / scale).astype(np.int8), scale.astype(np.float32)
-
-
 def product_nodes(kind: str, i: int, weight: np.ndarray) -> tuple[list, list]:
     """Nodes and initializers computing ``y{i} = q @ weight`` in the variant's precision."""
     y, w = f"y{i}", f"w{i}"
@@ -85,7 +81,7 @@ def product_nodes(kind: str, i: int, weight: np.ndarray) -> tuple[list, list]:
     if kind.startswith("nbits"):
         return _stacked_nbits(i, weight, int(kind[5]))
     if kind == "custom-int8":
-        codes, scale = _int8_per_head_column(weight)  # the op takes its scales as [H, N]
+        codes, scale = int8_per_column(weight)  # the op takes its scales as [H, N]
         return ([helper.make_node("HeadMatMulInt8", ["q", w, w + "_s"], [y], domain="com.dsedge.bench")],
                 [numpy_helper.from_array(codes, w), numpy_helper.from_array(scale[:, 0, :], w + "_s")])
     if kind == "fp16-cast":
@@ -96,7 +92,7 @@ def product_nodes(kind: str, i: int, weight: np.ndarray) -> tuple[list, list]:
         return ([helper.make_node("MatMul", ["q16", w], [y + "_h"]),
                  helper.make_node("Cast", [y + "_h"], [y], to=TensorProto.FLOAT)],
                 [numpy_helper.from_array(weight.astype(np.float16), w)])
-    codes, scale = _int8_per_head_column(weight)
+    codes, scale = int8_per_column(weight)
     if kind.startswith("int8-rowq"):  # what export ships: each row quantized by its own max (export.attention)
         signed = kind.endswith("-s8")  # int8 codes, no zero point: onnxruntime's int8 x int8 path
         zero = [] if signed else ["zp128"]
