@@ -35,8 +35,6 @@ from onnx import helper
 sys.path.insert(0, str(Path(__file__).parent))
 from export_bench import read_bandwidth_gbps  # noqa: E402 — sibling script
 
-ELEMENT_BYTES = {1: 4, 2: 1, 3: 1, 6: 4, 7: 8, 9: 1, 10: 2, 16: 2}
-
 
 def decode_bytes(model: onnx.ModelProto, spec: dict) -> float:
     """Bytes of weights one decode step reads (see the module docstring)."""
@@ -45,7 +43,7 @@ def decode_bytes(model: onnx.ModelProto, spec: dict) -> float:
     share = (moe.get("num_experts_per_tok") or 0) / routed if routed else 0.0
     total = 0.0
     for t in model.graph.initializer:
-        size = int(np.prod(t.dims)) * ELEMENT_BYTES.get(t.data_type, 4)
+        size = int(np.prod(t.dims)) * helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
         if "embed_tokens" in t.name:
             continue
         total += size * share if ".experts." in t.name else size
@@ -92,13 +90,15 @@ def session(blob: bytes, graphs: Path, threads: int) -> ort.InferenceSession:
     return ort.InferenceSession(blob, options, providers=["CPUExecutionProvider"])
 
 
-def decode_feeds(sess: ort.InferenceSession, cached: int) -> dict[str, np.ndarray]:
+def decode_feeds(sess: ort.InferenceSession, cached: int, max_context: int) -> dict[str, np.ndarray]:
+    """One decode step's inputs: an MLA latent cache of ``cached`` rows, or a GroupQueryAttention cache buffer of
+    the bundle's whole context (``M``) of which the attention mask makes ``cached`` rows valid."""
     rng = np.random.default_rng(0)
     feeds = {"input_ids": np.array([[5]], np.int64), "position_ids": np.array([[cached]], np.int64),
              "attention_mask": np.ones((1, cached + 1), np.int64), "logits_from": np.array([0], np.int64)}
     for inp in sess.get_inputs():
         if inp.name.startswith("past."):
-            dims = [1 if d == "B" else cached if d == "S" else d for d in inp.shape]
+            dims = [{"B": 1, "S": cached, "M": max_context}.get(d, d) for d in inp.shape]
             feeds[inp.name] = rng.standard_normal(dims).astype(np.float32)
     return {k: v for k, v in feeds.items() if k in {i.name for i in sess.get_inputs()}}
 
@@ -108,7 +108,7 @@ def time_variant(bundle: Path, op: str | None, cached: int, steps: int, threads:
     one process slow each other down, 2.7 → 3.3 ms a step with four alive)."""
     graphs = bundle / "graphs"
     sess = session(without(onnx.load(graphs / "decoder.onnx", load_external_data=False), op), graphs, threads)
-    feeds = decode_feeds(sess, cached)
+    feeds = decode_feeds(sess, cached, json.loads((bundle / "manifest.json").read_text())["max_context"])
     for _ in range(30):
         sess.run(None, feeds)
     best = []
