@@ -54,20 +54,47 @@ def session(blob: bytes, optimize: bool = True) -> tuple[ort.InferenceSession, f
     return sess, (time.perf_counter() - start) * 1e3
 
 
-def run_us(sess: ort.InferenceSession, feeds: dict, calls: int = 200, rounds: int = 5) -> float:
-    for _ in range(min(calls, 50)):
-        sess.run(None, feeds)
+def run_us(sess: ort.InferenceSession, feeds: dict | list[dict], calls: int = 200, rounds: int = 5) -> float:
+    """Median µs a call over ``rounds``; a list of feeds is cycled (a fresh expert choice per call)."""
+    cycle = feeds if isinstance(feeds, list) else [feeds]
+    for i in range(min(calls, 50)):
+        sess.run(None, cycle[i % len(cycle)])
     times = []
     for _ in range(rounds):
         start = time.perf_counter()
-        for _ in range(calls):
-            sess.run(None, feeds)
+        for i in range(calls):
+            sess.run(None, cycle[i % len(cycle)])
         times.append((time.perf_counter() - start) / calls * 1e6)
     return float(np.median(times))
 
 
 def value(name, dtype, shape):
     return helper.make_tensor_value_info(name, dtype, shape)
+
+
+def int4_codes(*shape) -> np.ndarray:
+    """Random packed int4 codes (two per byte) for ``shape``'s last dim of weights."""
+    return RNG.integers(0, 256, (*shape[:-1], shape[-1] // 2), dtype=np.uint8)
+
+
+def block_scales(*shape) -> np.ndarray:
+    return (RNG.random(shape, np.float32) + 0.5) * 1e-3
+
+
+def int4_product(inits: dict, name: str, n: int, k: int, a: str, y: str, block: int):
+    """A MatMulNBits y = a · Wᵀ over random int4 weights W [n, k] in blocks of ``block``, added to ``inits``."""
+    inits[name + ".q"] = int4_codes(n, k).reshape(n, k // block, block // 2)
+    inits[name + ".s"] = block_scales(n * k // block)
+    return helper.make_node("MatMulNBits", [a, name + ".q", name + ".s"], [y], domain="com.microsoft",
+                            K=k, N=n, bits=4, block_size=block, accuracy_level=4)
+
+
+def qmoe_node(k: int, block: int, weights: str, normalize: int):
+    """QMoE over inputs c1/s1/c2/s2 (SwiGLU, gate/up interleaved, int4, accuracy level 4), as the export writes."""
+    return helper.make_node("QMoE", ["x", "p", "c1", "s1", "", "c2", "s2", *[""] * 7, weights], ["y"],
+                            domain="com.microsoft", k=k, activation_type="swiglu", swiglu_fusion=1,
+                            expert_weight_bits=4, normalize_routing_weights=normalize, activation_alpha=1.0,
+                            activation_beta=0.0, accuracy_level=4, block_size=block)
 
 
 def dispatch() -> None:
@@ -95,34 +122,18 @@ def expert_inputs() -> None:
     hidden, inter, block = 2048, 1408, 128
     x = RNG.standard_normal((1, hidden), np.float32)
 
-    def codes(rows, cols):
-        return RNG.integers(0, 256, (rows, cols // 2), dtype=np.uint8)
-
-    def scales(*shape):
-        return (RNG.random(shape, np.float32) + 0.5) * 1e-3
-
     def qmoe():
-        w = {"c1": codes(2 * inter, hidden)[None], "s1": scales(1, 2 * inter, hidden // block),
-             "c2": codes(hidden, inter)[None], "s2": scales(1, hidden, inter // block)}
-        node = helper.make_node("QMoE", ["x", "p", "c1", "s1", "", "c2", "s2", *[""] * 7, "p"], ["y"],
-                                domain="com.microsoft", k=1, activation_type="swiglu", swiglu_fusion=1,
-                                expert_weight_bits=4, normalize_routing_weights=0, activation_alpha=1.0,
-                                activation_beta=0.0, accuracy_level=4, block_size=block)
-        return [node], [value("p", FLOAT, ["N", 1])], {"p": np.ones((1, 1), np.float32)}, w
+        w = {"c1": int4_codes(1, 2 * inter, hidden), "s1": block_scales(1, 2 * inter, hidden // block),
+             "c2": int4_codes(1, hidden, inter), "s2": block_scales(1, hidden, inter // block)}
+        return [qmoe_node(1, block, "p", 0)], [value("p", FLOAT, ["N", 1])], {"p": np.ones((1, 1), np.float32)}, w
 
     def matmuls():
         w = {}
-
-        def product(name, n, k, a, y):
-            w[name + ".q"] = codes(n, k).reshape(n, k // block, block // 2)
-            w[name + ".s"] = scales(n * k // block)
-            return helper.make_node("MatMulNBits", [a, name + ".q", name + ".s"], [y], domain="com.microsoft",
-                                    K=k, N=n, bits=4, block_size=block, accuracy_level=4)
-
-        nodes = [product("fc1", 2 * inter, hidden, "x", "h"),
+        nodes = [int4_product(w, "fc1", 2 * inter, hidden, "x", "h", block),
                  helper.make_node("Split", ["h"], ["g", "u"], axis=-1, num_outputs=2),
                  helper.make_node("Sigmoid", ["g"], ["sg"]), helper.make_node("Mul", ["g", "sg"], ["silu"]),
-                 helper.make_node("Mul", ["silu", "u"], ["act"]), product("fc2", hidden, inter, "act", "y")]
+                 helper.make_node("Mul", ["silu", "u"], ["act"]),
+                 int4_product(w, "fc2", hidden, inter, "act", "y", block)]
         return nodes, [], {}, w
 
     for name, build in (("QMoE", qmoe), ("MatMulNBits", matmuls)):
@@ -177,44 +188,26 @@ def head_products() -> None:
 def qmoe(block: int) -> None:
     hidden, inter, experts, k = 1024, 512, 32, 4
     x = RNG.standard_normal((1, hidden), np.float32)
-    w = {"c1": RNG.integers(0, 256, (experts, 2 * inter, hidden // 2), dtype=np.uint8),
-         "s1": (RNG.random((experts, 2 * inter, hidden // block), np.float32) + 0.5) * 1e-3,
-         "c2": RNG.integers(0, 256, (experts, hidden, inter // 2), dtype=np.uint8),
-         "s2": (RNG.random((experts, hidden, inter // block), np.float32) + 0.5) * 1e-3}
-    node = helper.make_node("QMoE", ["x", "p", "c1", "s1", "", "c2", "s2", *[""] * 7, "w"], ["y"],
-                            domain="com.microsoft", k=k, activation_type="swiglu", swiglu_fusion=1,
-                            expert_weight_bits=4, normalize_routing_weights=1, activation_alpha=1.0,
-                            activation_beta=0.0, accuracy_level=4, block_size=block)
+    w = {"c1": int4_codes(experts, 2 * inter, hidden), "s1": block_scales(experts, 2 * inter, hidden // block),
+         "c2": int4_codes(experts, hidden, inter), "s2": block_scales(experts, hidden, inter // block)}
     routing = [value(n, FLOAT, ["N", experts]) for n in ("p", "w")]
-    moe = session(model([node], [value("x", FLOAT, ["N", hidden]), *routing], [value("y", FLOAT, None)], w))[0]
+    moe = session(model([qmoe_node(k, block, "w", 1)], [value("x", FLOAT, ["N", hidden]), *routing],
+                        [value("y", FLOAT, None)], w))[0]
 
     def choice():
         probs = np.full((1, experts), -np.inf, np.float32)
         probs[0, RNG.choice(experts, k, replace=False)] = RNG.random(k)
         return {"x": x, "p": probs, "w": np.where(np.isinf(probs), 0, probs).astype(np.float32)}
 
-    feeds = [choice() for _ in range(40)]
-    for f in feeds * 3:
-        moe.run(None, f)
-    times = []
-    for _ in range(7):
-        start = time.perf_counter()
-        for f in feeds * 10:
-            moe.run(None, f)
-        times.append((time.perf_counter() - start) / (len(feeds) * 10) * 1e6)
-
-    def product(name, n, kk, a, y):
-        inits[name + ".q"] = RNG.integers(0, 256, (n, kk // block, block // 2), dtype=np.uint8)
-        inits[name + ".s"] = (RNG.random(n * kk // block, np.float32) + 0.5) * 1e-3
-        return helper.make_node("MatMulNBits", [a, name + ".q", name + ".s"], [y], domain="com.microsoft",
-                                K=kk, N=n, bits=4, block_size=block, accuracy_level=4)
-
+    moe_us = run_us(moe, [choice() for _ in range(40)], 400, 7)
+    del moe  # one spinning session at a time: several slow each other down
     inits = {"z": np.array([0]), "half": np.array([k * inter]), "axis": np.array([1])}
-    nodes = [product("fc1", 2 * inter * k, hidden, "x", "h"), helper.make_node("Slice", ["h", "z", "half", "axis"],
-             ["h2"]), product("fc2", hidden, inter * k, "h2", "y")]
+    nodes = [int4_product(inits, "fc1", 2 * inter * k, hidden, "x", "h", block),
+             helper.make_node("Slice", ["h", "z", "half", "axis"], ["h2"]),
+             int4_product(inits, "fc2", hidden, inter * k, "h2", "y", block)]
     pair = session(model(nodes, [value("x", FLOAT, ["N", hidden])], [value("y", FLOAT, None)], inits))[0]
     expert_bytes = k * 3 * inter * hidden * (0.5 + 4 / block)
-    for label, us in (("QMoE, 4 of 32 experts", float(np.median(times))),
+    for label, us in (("QMoE, 4 of 32 experts", moe_us),
                       ("MatMulNBits pair, same bytes", run_us(pair, {"x": x}, 400, 7))):
         print(f"{label:30s} block {block}: {us:.1f} µs a call ({expert_bytes / us / 1e3:.1f} GB/s of weights)")
 
