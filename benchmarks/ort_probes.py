@@ -5,12 +5,14 @@ process, 2 threads with spinning unless told otherwise; medians of rounds.
     .venv/bin/python benchmarks/ort_probes.py expert-inputs     # a V2-Lite expert, weights as initializers vs inputs
     .venv/bin/python benchmarks/ort_probes.py head-products     # MatMulIntegerToFloat, 3-D per-head B vs 2-D B
     .venv/bin/python benchmarks/ort_probes.py qmoe [--block 128] # QMoE's 4 of 32 experts vs MatMulNBits, same bytes
+    .venv/bin/python benchmarks/ort_probes.py moe-kernel        # the prototype MoEInt4 kernel vs QMoE, same weights
 
 - dispatch: chains of 1 and 201 links on a [1, 1, 1024] tensor (Add, Reshape, or Reshape then Mul), no graph
   optimisation; the difference per kernel is the executor's cost of one more small node.
 - expert-inputs: one V2-Lite routed expert (hidden 2048, intermediate 1408, int4 blocks of 128) as a QMoE of one
   expert and as MatMulNBits + SwiGLU + MatMulNBits, its weights constant initializers (prepacked at session
-  creation) or graph inputs (what an offloaded expert fed from the file would be): session creation and run time.
+  creation) or graph inputs (what an offloaded expert fed from the file would be): session creation and run time;
+  and the prototype MoEInt4 (kernels/vnni_ops.c) both ways, and fed views of a memory-mapped file.
 - head-products: absorbed MLA's per-head int8 product (ds3bench ``w_uk`` 16 × 64 × 256 and ``w_uv`` 16 × 256 × 64)
   as today's MatMulIntegerToFloat over a 3-D B (onnxruntime does not prepack it: an initializer and an input cost
   the same), and as one 2-D B [K, H·N] that onnxruntime can prepack, at the price of every head against every
@@ -19,12 +21,18 @@ process, 2 threads with spinning unless told otherwise; medians of rounds.
   fresh random choice per call, against the bytes of 4 experts as one MatMulNBits pair (fc1 4096 × 1024, fc2
   1024 × 2048): what QMoE's per-expert GEMVs cost over the same weights read as two large ones. onnxruntime's
   QMoE environment switches (ORT_QMOE_CPU_QNBIT_GEMM, ORT_USE_MLAS_Q4_GEMM_MOE, ...) apply when set around it.
+- moe-kernel: the same layer as QMoE, as the prototype MoEInt4 (weights as initializers and as inputs) and as the
+  MatMulNBits pair, each checked against fp32 numpy over the dequantized experts. Its 26 MB of experts mostly sit
+  in this VM's 32 MB L3, so this compares compute, not memory: step_split.py --custom times it in a real step.
 """
 
 from __future__ import annotations
 
 import argparse
+import subprocess
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
@@ -42,8 +50,10 @@ def model(nodes, inputs, outputs, inits) -> bytes:
     return m.SerializeToString()
 
 
-def session(blob: bytes, optimize: bool = True) -> tuple[ort.InferenceSession, float]:
+def session(blob: bytes, optimize: bool = True, library: Path | None = None) -> tuple[ort.InferenceSession, float]:
     options = ort.SessionOptions()
+    if library:
+        options.register_custom_ops_library(str(library))
     options.intra_op_num_threads = 2
     options.add_session_config_entry("session.intra_op.allow_spinning", "1")
     options.log_severity_level = 3
@@ -136,7 +146,14 @@ def expert_inputs() -> None:
                  int4_product(w, "fc2", hidden, inter, "act", "y", block)]
         return nodes, [], {}, w
 
-    for name, build in (("QMoE", qmoe), ("MatMulNBits", matmuls)):
+    def custom():
+        nodes, extra_inputs, feeds, w = qmoe()
+        node = helper.make_node("MoEInt4", ["x", "p", "c1", "s1", "c2", "s2", "p"], ["y"], domain="com.dsedge.bench",
+                                k=1, block_size=block, normalize_routing_weights=0)
+        return [node], extra_inputs, feeds, w
+
+    library = build_custom_ops()
+    for name, build in (("QMoE", qmoe), ("MatMulNBits", matmuls), ("MoEInt4", custom)):
         for where in ("initializers", "inputs"):
             nodes, extra_inputs, feeds, w = build()
             inputs = [value("x", FLOAT, ["N", hidden]), *extra_inputs]
@@ -145,9 +162,34 @@ def expert_inputs() -> None:
                 feeds, inits = {**feeds, **w}, {}
             else:
                 inits = w
-            sess, create_ms = session(model(nodes, inputs, [value("y", FLOAT, None)], inits))
+            sess, create_ms = session(model(nodes, inputs, [value("y", FLOAT, None)], inits),
+                                      library=library if name == "MoEInt4" else None)
             ms = run_us(sess, {"x": x, **feeds}, 50) / 1e3
             print(f"{name:12s} weights as {where:12s}: session {create_ms:5.1f} ms, a call {ms:.3f} ms")
+            if name == "MoEInt4" and where == "inputs":
+                print(f"{name:12s} weights as inputs, 16 experts cycled from a memory-mapped file (page cache): "
+                      f"a call {mapped_experts_us(sess, x, feeds, w) / 1e3:.3f} ms")
+            del sess
+
+
+def mapped_experts_us(sess: ort.InferenceSession, x: np.ndarray, feeds: dict, w: dict, experts: int = 16) -> float:
+    """µs a call when each call's expert weights are numpy views of a file in the page cache (np.memmap), a fresh
+    expert per call out of ``experts``: what an offloaded expert fed straight from its partition file costs."""
+    path = Path(tempfile.mkdtemp(prefix="dsedge-experts-")) / "experts.bin"
+    expert_bytes = sum(a.nbytes for a in w.values())
+    with path.open("wb") as f:
+        for _ in range(experts):
+            for a in w.values():
+                f.write(RNG.permutation(a.reshape(-1)).tobytes())
+    mapped = np.memmap(path, np.uint8, "r")
+    cycle = []
+    for e in range(experts):
+        views, at = {}, e * expert_bytes
+        for n, a in w.items():
+            views[n] = mapped[at:at + a.nbytes].view(a.dtype).reshape(a.shape)
+            at += a.nbytes
+        cycle.append({"x": x, **feeds, **views})
+    return run_us(sess, cycle, 64)
 
 
 def head_products() -> None:
@@ -212,13 +254,104 @@ def qmoe(block: int) -> None:
         print(f"{label:30s} block {block}: {us:.1f} µs a call ({expert_bytes / us / 1e3:.1f} GB/s of weights)")
 
 
+KERNEL = Path(__file__).parent / "kernels" / "vnni_ops.c"
+
+
+def build_custom_ops() -> Path:
+    """benchmarks/kernels/vnni_ops.c as a shared library for this CPU (a build directory under /tmp)."""
+    library = Path(tempfile.mkdtemp(prefix="dsedge-vnni-ops-")) / "vnni_ops.so"
+    subprocess.run(["gcc", "-O3", "-march=native", "-fPIC", "-shared", "-o", str(library), str(KERNEL), "-lm"],
+                   check=True)
+    return library
+
+
+def custom_session(blob: bytes, library: Path) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 2
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1")
+    options.log_severity_level = 3
+    options.register_custom_ops_library(str(library))
+    return ort.InferenceSession(blob, options, providers=["CPUExecutionProvider"])
+
+
+def dequantized(codes: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """[..., n, k/2] packed codes (low nibble first) and [..., n, k/B] scales → float [..., n, k]."""
+    q = np.stack([codes & 15, codes >> 4], -1).reshape(*codes.shape[:-1], -1).astype(np.float32) - 8
+    return q * np.repeat(scales, q.shape[-1] // scales.shape[-1], -1)
+
+
+def moe_reference(x, chosen, weights, w) -> np.ndarray:
+    """fp32 numpy over the dequantized experts: Σ weight · fc2(silu(gate) · up), gate/up rows interleaved."""
+    y = np.zeros_like(x)
+    for e, wt in zip(chosen, weights, strict=True):
+        gate_up = x @ dequantized(w["c1"][e], w["s1"][e]).T
+        h = gate_up[:, 0::2] / (1 + np.exp(-gate_up[:, 0::2])) * gate_up[:, 1::2]
+        y += wt * (h @ dequantized(w["c2"][e], w["s2"][e]).T)
+    return y
+
+
+def moe_kernel(block: int) -> None:
+    """The prototype kernel against QMoE and a MatMulNBits pair over the same weights (see kernels/vnni_ops.c)."""
+    hidden, inter, experts, k = 1024, 512, 32, 4
+    library = build_custom_ops()
+    x = RNG.standard_normal((1, hidden), np.float32)
+    w = {"c1": int4_codes(experts, 2 * inter, hidden), "s1": block_scales(experts, 2 * inter, hidden // block),
+         "c2": int4_codes(experts, hidden, inter), "s2": block_scales(experts, hidden, inter // block)}
+    routing = [value(n, FLOAT, ["N", experts]) for n in ("p", "w")]
+    choices = [qmoe_choice(x, experts, k) for _ in range(40)]
+    custom = helper.make_node("MoEInt4", ["x", "p", "c1", "s1", "c2", "s2", "w"], ["y"], domain="com.dsedge.bench",
+                              k=k, block_size=block, normalize_routing_weights=1)
+    blobs = {"QMoE": (model([qmoe_node(k, block, "w", 1)], [value("x", FLOAT, ["N", hidden]), *routing],
+                            [value("y", FLOAT, None)], w), None),
+             "MoEInt4": (custom_model(custom, hidden, routing, w, as_inputs=False), library),
+             "MoEInt4, weights as inputs": (custom_model(custom, hidden, routing, w, as_inputs=True), library)}
+    feeds = {"MoEInt4, weights as inputs": [{**c, **w} for c in choices]}
+    check = choices[0]
+    chosen = np.flatnonzero(check["w"][0])
+    ref = moe_reference(x, chosen, check["w"][0, chosen] / check["w"][0, chosen].sum(), w)
+    expert_bytes = k * 3 * inter * hidden * (0.5 + 4 / block)
+    for label, (blob, lib) in blobs.items():
+        sess = custom_session(blob, lib) if lib else session(blob)[0]
+        got = sess.run(None, feeds.get(label, choices)[0])[0]
+        us = run_us(sess, feeds.get(label, choices), 400, 7)
+        error = float(np.abs(got - ref).max() / np.abs(ref).max())
+        print(f"{label:30s} block {block}: {us:.1f} µs a call ({expert_bytes / us / 1e3:.1f} GB/s of weights), "
+              f"max error / max |y| against fp32 numpy {error:.2e}")
+        del sess  # one spinning session at a time
+    print(f"{'MatMulNBits pair, same bytes':30s} block {block}: {pair_us(x, hidden, inter, k, block):.1f} µs a call")
+
+
+def custom_model(node, hidden: int, routing: list, w: dict, as_inputs: bool) -> bytes:
+    shapes = {n: [value(n, UINT8 if n[0] == "c" else FLOAT, list(a.shape))] for n, a in w.items()}
+    inputs = [value("x", FLOAT, ["N", hidden]), *routing, *(sum(shapes.values(), []) if as_inputs else [])]
+    return model([node], inputs, [value("y", FLOAT, None)], {} if as_inputs else w)
+
+
+def qmoe_choice(x: np.ndarray, experts: int, k: int) -> dict:
+    """A fresh random choice of k experts: probs −inf elsewhere, weights 0 elsewhere."""
+    probs = np.full((1, experts), -np.inf, np.float32)
+    probs[0, RNG.choice(experts, k, replace=False)] = RNG.random(k)
+    return {"x": x, "p": probs, "w": np.where(np.isinf(probs), 0, probs).astype(np.float32)}
+
+
+def pair_us(x: np.ndarray, hidden: int, inter: int, k: int, block: int) -> float:
+    """k experts' bytes as one MatMulNBits pair (fc1 2·I·k × H, fc2 H × I·k): what the same bytes cost as two
+    large GEMVs."""
+    inits = {"z": np.array([0]), "half": np.array([k * inter]), "axis": np.array([1])}
+    nodes = [int4_product(inits, "fc1", 2 * inter * k, hidden, "x", "h", block),
+             helper.make_node("Slice", ["h", "z", "half", "axis"], ["h2"]),
+             int4_product(inits, "fc2", hidden, inter * k, "h2", "y", block)]
+    pair = session(model(nodes, [value("x", FLOAT, ["N", hidden])], [value("y", FLOAT, None)], inits))[0]
+    return run_us(pair, {"x": x}, 400, 7)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("probe", choices=["dispatch", "expert-inputs", "head-products", "qmoe"])
+    parser.add_argument("probe", choices=["dispatch", "expert-inputs", "head-products", "qmoe", "moe-kernel"])
     parser.add_argument("--block", type=int, default=128, help="qmoe: the int4 block size")
     args = parser.parse_args()
-    if args.probe == "qmoe":
-        qmoe(args.block)
+    if args.probe in ("qmoe", "moe-kernel"):
+        (qmoe if args.probe == "qmoe" else moe_kernel)(args.block)
     else:
         {"dispatch": dispatch, "expert-inputs": expert_inputs, "head-products": head_products}[args.probe]()
 

@@ -11,6 +11,13 @@ Variants alternate per round, each in a fresh process. The differences do not ad
 class of kernels the others find more of their weights in cache.
 
     .venv/bin/python benchmarks/step_split.py benchmarks/out/ds3bench.int4-g128.ctx584.bundle --without QMoE
+    .venv/bin/python benchmarks/step_split.py BUNDLE --without --custom moe dense heads moe+dense+heads \
+        --llamacpp benchmarks/out/ds3bench.Q4_0.gguf
+
+``--custom`` adds variants that run the prototype AVX-512 VNNI kernels of benchmarks/kernels/vnni_ops.c (built
+here with gcc) in place of stock ones, and first prints how far one decode step's logits move; ``--llamacpp``
+adds llama-bench's generation at the same depth to every round, for its time per token beside the bare steps
+(which leave out dsedge's per-token Python work: 0.075 ms a token on ds3bench int4, session 19).
 
 Bytes per token count every initializer read at decode: all of them but the token embedding (one row) and the
 routed experts, of which k of E per MoE layer (the bundle's own k/E).
@@ -33,7 +40,9 @@ import onnxruntime as ort
 from onnx import helper
 
 sys.path.insert(0, str(Path(__file__).parent))
+from decode_bench import llamacpp_speeds  # noqa: E402
 from export_bench import read_bandwidth_gbps  # noqa: E402 — sibling script
+from ort_probes import build_custom_ops  # noqa: E402
 
 
 def decode_bytes(model: onnx.ModelProto, spec: dict) -> float:
@@ -81,8 +90,93 @@ def without(model: onnx.ModelProto, op_type: str | None) -> bytes:
     return variant.SerializeToString()
 
 
-def session(blob: bytes, graphs: Path, threads: int) -> ort.InferenceSession:
+CUSTOM = "custom:"  # variants that run benchmarks/kernels/vnni_ops.c: custom:moe, custom:dense+heads, ...
+CUSTOM_DOMAIN = "com.dsedge.bench"
+
+
+def with_custom_ops(model: onnx.ModelProto, graphs: Path, kinds: set[str]) -> bytes:
+    """The graph with the prototype kernels of benchmarks/kernels/vnni_ops.c in place of stock ones: "moe", every
+    int4 QMoE as ``MoEInt4`` over the same inputs and attributes; "dense", every symmetric int4 MatMulNBits as
+    ``MatMulInt4`` (same inputs); "heads", every absorbed-MLA per-head product
+    (QuantizeLinear per row → MatMulIntegerToFloat → Mul by the row scale) as one ``HeadMatMulU8`` over the
+    row's fp32 activations and the weights repacked to its layout. Nodes left without consumers are dropped."""
+    variant = copy.deepcopy(model)
+    if "moe" in kinds:
+        for n in variant.graph.node:
+            if n.op_type == "QMoE":
+                n.CopyFrom(custom_moe_node(n))
+    if "dense" in kinds:
+        for n in variant.graph.node:
+            attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute}
+            if n.op_type == "MatMulNBits" and attrs.get("bits") == 4 and len([i for i in n.input if i]) == 3:
+                n.CopyFrom(helper.make_node("MatMulInt4", list(n.input[:3]), list(n.output), name=n.name,
+                                            domain=CUSTOM_DOMAIN, K=attrs["K"], N=attrs["N"],
+                                            block_size=attrs["block_size"]))
+    if "heads" in kinds:
+        custom_head_products(variant, graphs)
+    drop_dead_nodes(variant.graph)
+    variant.opset_import.append(helper.make_opsetid(CUSTOM_DOMAIN, 1))
+    return variant.SerializeToString()
+
+
+def custom_moe_node(n: onnx.NodeProto) -> onnx.NodeProto:
+    attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute}
+    inputs = list(n.input) + [""] * (15 - len(n.input))
+    if attrs.get("expert_weight_bits") != 4 or inputs[4] or inputs[7] or attrs.get("swiglu_fusion") != 1:
+        raise SystemExit(f"{n.name}: not an int4 QMoE in the layout MoEInt4 takes")
+    return helper.make_node("MoEInt4", [inputs[i] for i in (0, 1, 2, 3, 5, 6, 14)], list(n.output), name=n.name,
+                            domain=CUSTOM_DOMAIN, k=attrs["k"], block_size=attrs.get("block_size", 128),
+                            normalize_routing_weights=attrs.get("normalize_routing_weights", 0))
+
+
+def custom_head_products(model: onnx.ModelProto, graphs: Path) -> None:
+    graph = model.graph
+    producer = {o: n for n in graph.node for o in n.output}
+    consumers: dict[str, list] = {}
+    for n in graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    inits = {t.name: t for t in graph.initializer}
+    for n in list(graph.node):
+        quant = producer.get(n.input[0]) if n.op_type == "MatMulIntegerToFloat" else None
+        if quant is None or quant.op_type != "QuantizeLinear" or n.input[1] not in inits:
+            continue
+        rescale = consumers[n.output[0]][0]  # the Mul by each row's scale
+        weight = tensor_array(inits[n.input[1]], graphs)
+        heads, k, cols = weight.shape
+        packed = (weight.astype(np.int16) + 128).astype(np.uint8).reshape(heads, k // 4, 4, cols).transpose(0, 1, 3, 2)
+        scale = tensor_array(inits[n.input[3]], graphs).reshape(heads, cols)
+        for name, array in ((n.input[1] + ".u8", np.ascontiguousarray(packed)), (n.input[3] + ".hn", scale)):
+            graph.initializer.append(onnx.numpy_helper.from_array(array, name))
+        custom = helper.make_node("HeadMatMulU8", [quant.input[0], n.input[1] + ".u8", n.input[3] + ".hn"],
+                                  list(rescale.output), name=n.name + ".custom", domain=CUSTOM_DOMAIN)
+        at = list(graph.node).index(rescale)
+        graph.node.remove(rescale)
+        graph.node.insert(at, custom)
+
+
+def tensor_array(tensor: onnx.TensorProto, graphs: Path) -> np.ndarray:
+    if tensor.data_location == onnx.TensorProto.EXTERNAL:
+        tensor = copy.deepcopy(tensor)
+        onnx.external_data_helper.load_external_data_for_tensor(tensor, str(graphs))
+    return onnx.numpy_helper.to_array(tensor)
+
+
+def drop_dead_nodes(graph: onnx.GraphProto) -> None:
+    wanted = {o.name for o in graph.output}
+    keep = []
+    for n in reversed(graph.node):
+        if any(o in wanted for o in n.output):
+            keep.append(n)
+            wanted.update(n.input)
+    del graph.node[:]
+    graph.node.extend(reversed(keep))
+
+
+def session(blob: bytes, graphs: Path, threads: int, library: str | None = None) -> ort.InferenceSession:
     options = ort.SessionOptions()
+    if library:
+        options.register_custom_ops_library(library)
     options.intra_op_num_threads = threads
     options.add_session_config_entry("session.intra_op.allow_spinning", "1")
     options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(graphs))
@@ -90,12 +184,14 @@ def session(blob: bytes, graphs: Path, threads: int) -> ort.InferenceSession:
     return ort.InferenceSession(blob, options, providers=["CPUExecutionProvider"])
 
 
-def decode_feeds(sess: ort.InferenceSession, cached: int, max_context: int) -> dict[str, np.ndarray]:
-    """One decode step's inputs: an MLA latent cache of ``cached`` rows, or a GroupQueryAttention cache buffer of
-    the bundle's whole context (``M``) of which the attention mask makes ``cached`` rows valid."""
+def decode_feeds(sess: ort.InferenceSession, cached: int, max_context: int, new: int = 1) -> dict[str, np.ndarray]:
+    """One step's inputs, ``new`` tokens after ``cached`` (a decode step: 1; a prefill: cached 0), the last
+    position's logits: an MLA latent cache of ``cached`` rows, or a GroupQueryAttention cache buffer of the
+    bundle's whole context (``M``) of which the attention mask makes ``cached`` rows valid."""
     rng = np.random.default_rng(0)
-    feeds = {"input_ids": np.array([[5]], np.int64), "position_ids": np.array([[cached]], np.int64),
-             "attention_mask": np.ones((1, cached + 1), np.int64), "logits_from": np.array([0], np.int64)}
+    feeds = {"input_ids": rng.integers(2, 1000, (1, new)).astype(np.int64),
+             "position_ids": np.arange(cached, cached + new, dtype=np.int64)[None],
+             "attention_mask": np.ones((1, cached + new), np.int64), "logits_from": np.array([new - 1], np.int64)}
     for inp in sess.get_inputs():
         if inp.name.startswith("past."):
             dims = [{"B": 1, "S": cached, "M": max_context}.get(d, d) for d in inp.shape]
@@ -103,13 +199,21 @@ def decode_feeds(sess: ort.InferenceSession, cached: int, max_context: int) -> d
     return {k: v for k, v in feeds.items() if k in {i.name for i in sess.get_inputs()}}
 
 
-def time_variant(bundle: Path, op: str | None, cached: int, steps: int, threads: int) -> float:
-    """ms per decode step of one variant (run in a process of its own: spinning pools of several sessions in
-    one process slow each other down, 2.7 → 3.3 ms a step with four alive)."""
+def variant_session(bundle: Path, op: str | None, threads: int, library: str | None) -> ort.InferenceSession:
     graphs = bundle / "graphs"
-    sess = session(without(onnx.load(graphs / "decoder.onnx", load_external_data=False), op), graphs, threads)
-    feeds = decode_feeds(sess, cached, json.loads((bundle / "manifest.json").read_text())["max_context"])
-    for _ in range(30):
+    model = onnx.load(graphs / "decoder.onnx", load_external_data=False)
+    if op and op.startswith(CUSTOM):
+        return session(with_custom_ops(model, graphs, set(op[len(CUSTOM):].split("+"))), graphs, threads, library)
+    return session(without(model, op), graphs, threads)
+
+
+def time_variant(bundle: Path, op: str | None, cached: int, steps: int, threads: int, library: str | None,
+                 new: int = 1) -> float:
+    """ms per step of one variant (run in a process of its own: spinning pools of several sessions in one
+    process slow each other down, 2.7 → 3.3 ms a step with four alive)."""
+    sess = variant_session(bundle, op, threads, library)
+    feeds = decode_feeds(sess, cached, json.loads((bundle / "manifest.json").read_text())["max_context"], new)
+    for _ in range(min(30, steps)):
         sess.run(None, feeds)
     best = []
     for _ in range(3):
@@ -120,6 +224,18 @@ def time_variant(bundle: Path, op: str | None, cached: int, steps: int, threads:
     return float(np.median(best))
 
 
+def custom_agreement(bundle: Path, variant: str, cached: int, threads: int, library: str, new: int = 1) -> str:
+    """How far a custom-kernel variant's last logits are from the stock graph's, on the timing feeds."""
+    stock = variant_session(bundle, None, threads, None)
+    feeds = decode_feeds(stock, cached, json.loads((bundle / "manifest.json").read_text())["max_context"], new)
+    want = stock.run(["logits"], feeds)[0]
+    del stock
+    got = variant_session(bundle, variant, threads, library).run(["logits"], feeds)[0]
+    argmax = "equal" if got.argmax() == want.argmax() else "DIFFERS"
+    return (f"{variant} vs stock, {new} new after {cached} cached: max |Δlogit| {np.abs(got - want).max():.2e} "
+            f"(logits up to {np.abs(want).max():.2f}), argmax {argmax}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("bundle", type=Path)
@@ -128,22 +244,52 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--steps", type=int, default=100, help="decode steps timed per variant and round")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--custom", nargs="*", default=[], metavar="KINDS",
+                        help="also time the step with prototype kernels (benchmarks/kernels/vnni_ops.c) in place of "
+                             "every int4 QMoE (moe), int4 MatMulNBits (dense), absorbed-MLA per-head product (heads);"
+                             " one variant per argument, kinds joined by + (moe+dense+heads)")
+    parser.add_argument("--llamacpp", type=Path, metavar="GGUF",
+                        help="also run llama-bench's generation at the same depth on this GGUF in every round "
+                             "(../shared/bench/llamacpp.sh), for its time per token beside the bare steps")
+    parser.add_argument("--prefill", type=int, metavar="N",
+                        help="time one N-token prefill (nothing cached) instead of a decode step; give --steps 3")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: time one variant in this process
+    parser.add_argument("--library", help=argparse.SUPPRESS)  # internal: the built prototype kernel
     args = parser.parse_args()
+    new = args.prefill or 1
+    if args.prefill:
+        args.cached = 0
+        if args.llamacpp:
+            raise SystemExit("--llamacpp times generation only: leave out --prefill")
     if args.one is not None:
-        print(time_variant(args.bundle, args.one or None, args.cached, args.steps, args.threads))
+        print(time_variant(args.bundle, args.one or None, args.cached, args.steps, args.threads, args.library, new))
         return
 
     model = onnx.load(args.bundle / "graphs" / "decoder.onnx", load_external_data=False)
     spec = json.loads((args.bundle / "manifest.json").read_text())["model"]
     variants = {"as exported": "", **{f"without {op}": op for op in args.without}}
+    library = None
+    if args.custom:
+        library = str(build_custom_ops())
+        for kinds in args.custom:
+            variants[f"custom {kinds}"] = CUSTOM + kinds
+            print(custom_agreement(args.bundle, CUSTOM + kinds, args.cached, args.threads, library, new),
+                  file=sys.stderr)
     times: dict[str, list[float]] = {name: [] for name in variants}
     bandwidths = []
+    if args.llamacpp:
+        variants["llama.cpp"] = "llama.cpp"
+        times["llama.cpp"] = []
     for r in range(args.rounds):
         bandwidths.append(read_bandwidth_gbps(args.threads))
         for name in (list(variants) if r % 2 == 0 else list(variants)[::-1]):
+            if name == "llama.cpp":
+                tps = llamacpp_speeds(args.llamacpp, args.threads, [args.cached], 64, 0)["decode"][args.cached]
+                times[name].append(1e3 / tps)
+                continue
             cmd = [sys.executable, __file__, str(args.bundle), "--one", variants[name], "--cached", str(args.cached),
-                   "--steps", str(args.steps), "--threads", str(args.threads)]
+                   "--steps", str(args.steps), "--threads", str(args.threads), *(["--prefill", str(new)] * (new > 1))]
+            cmd += ["--library", library] if library else []
             times[name].append(float(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout))
         print(f"round {r + 1}/{args.rounds}: " + "  ".join(f"{n} {t[-1]:.3f}" for n, t in times.items()),
               file=sys.stderr, flush=True)
@@ -151,10 +297,19 @@ def main() -> None:
     read = decode_bytes(model, spec)
     print(f"{args.bundle.name}: {read / 1e6:.1f} MB of weights per step, {args.cached} cached, {args.threads} threads,"
           f" read {min(bandwidths):.1f}–{max(bandwidths):.1f} GB/s (numpy probe), load {os.getloadavg()[0]:.2f}")
-    print(f"  as exported     {step:.3f} ms/step (median of {args.rounds}) → {read / step / 1e6:.1f} GB/s of weights")
+    unit = "ms/step" if new == 1 else f"ms/prefill of {new}"
+    rate = f" → {read / step / 1e6:.1f} GB/s of weights" if new == 1 else ""
+    print(f"  as exported     {step:.3f} {unit} (median of {args.rounds}){rate}")
     for name in list(variants)[1:]:
         median = float(np.median(times[name]))
-        print(f"  {name:15s} {median:.3f} ms/step: the {name[8:]} kernels cost {step - median:.3f} ms"
+        if name == "llama.cpp":
+            print(f"  {name:15s} {median:.3f} ms/token (llama-bench tg64 at depth {args.cached}; the step as "
+                  f"exported is {median / step:.2f}x its speed, without dsedge's per-token Python work)")
+            continue
+        if variants[name].startswith(CUSTOM):
+            print(f"  {name:15s} {median:.3f} {unit} (the step as exported is {step / median:.2f}x this)")
+            continue
+        print(f"  {name:15s} {median:.3f} {unit}: the {name[8:]} kernels cost {step - median:.3f} ms"
               f" ({(step - median) / step:.0%} of the step)")
 
 

@@ -9,75 +9,16 @@
  * the activations with one scale for every head (benchmarks/README.md). This kernel keeps the activations in
  * fp32 and reads each int8 weight once, a cache line (64 outputs) per k, with 8 AVX2 accumulators.
  *
- * The ABI is declared here instead of including onnxruntime_c_api.h, which the onnxruntime wheel does not
- * ship: the OrtApi function-table slots and the OrtCustomOp field order below follow that header (onnxruntime
- * 1.32, API version 32; the struct of function pointers is append-only, so a slot index is stable). */
-#include <stddef.h>
-#include <stdint.h>
-#include <string.h>
+ * The ABI is declared in ort_abi.h instead of including onnxruntime_c_api.h, which the onnxruntime wheel
+ * does not ship. */
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 #endif
 
-typedef void OrtStatus;
-typedef struct OrtApiBase {
-  const void *const *(*GetApi)(uint32_t version);
-  const char *(*GetVersionString)(void);
-} OrtApiBase;
-
-/* OrtApi slots used (index into the table of function pointers). */
-enum {
-  SLOT_CREATE_STATUS = 0, SLOT_CREATE_DOMAIN = 26, SLOT_DOMAIN_ADD = 27, SLOT_ADD_DOMAIN = 28,
-  SLOT_TENSOR_MUTABLE_DATA = 51, SLOT_DIMS_COUNT = 61, SLOT_DIMS = 62, SLOT_TYPE_AND_SHAPE = 65,
-  SLOT_GET_INPUT = 90, SLOT_GET_OUTPUT = 91, SLOT_RELEASE_SHAPE = 99, SLOT_PARALLEL_FOR = 274,
-};
-enum { ORT_FLOAT = 1, ORT_INT8 = 3 };
-#define API_VERSION 17 /* OrtCustomOp version declared; GetApi hands back the one append-only table */
+#include "ort_abi.h"
 #ifndef CHUNKS
 #define CHUNKS 4 /* ParallelFor work items per call: runs of tiles */
 #endif
-
-static const void *const *g_api;
-#define FN(type, slot) ((type)g_api[slot])
-typedef OrtStatus *(*CreateStatusFn)(int, const char *);
-typedef OrtStatus *(*CreateDomainFn)(const char *, void **);
-typedef OrtStatus *(*DomainAddFn)(void *, const void *);
-typedef OrtStatus *(*AddDomainFn)(void *, void *);
-typedef OrtStatus *(*MutableDataFn)(void *, void **);
-typedef OrtStatus *(*TypeAndShapeFn)(const void *, void **);
-typedef OrtStatus *(*DimsCountFn)(const void *, size_t *);
-typedef OrtStatus *(*DimsFn)(const void *, int64_t *, size_t);
-typedef void (*ReleaseShapeFn)(void *);
-typedef OrtStatus *(*GetInputFn)(void *, size_t, const void **);
-typedef OrtStatus *(*GetOutputFn)(void *, size_t, const int64_t *, size_t, void **);
-typedef OrtStatus *(*ParallelForFn)(void *, void (*)(void *, size_t), size_t, size_t, void *);
-
-/* OrtCustomOp, field order of onnxruntime_c_api.h: version 1 fields, then those added at 8, 13, 14, 16, 17
- * and later; the later ones stay NULL (onnxruntime reads only what `version` declares). */
-typedef struct OrtCustomOp {
-  uint32_t version;
-  void *(*CreateKernel)(const struct OrtCustomOp *, const void *api, const void *info);
-  const char *(*GetName)(const struct OrtCustomOp *);
-  const char *(*GetExecutionProviderType)(const struct OrtCustomOp *);
-  int (*GetInputType)(const struct OrtCustomOp *, size_t);
-  size_t (*GetInputTypeCount)(const struct OrtCustomOp *);
-  int (*GetOutputType)(const struct OrtCustomOp *, size_t);
-  size_t (*GetOutputTypeCount)(const struct OrtCustomOp *);
-  void (*KernelCompute)(void *kernel, void *context);
-  void (*KernelDestroy)(void *kernel);
-  int (*GetInputCharacteristic)(const struct OrtCustomOp *, size_t);  /* v8 */
-  int (*GetOutputCharacteristic)(const struct OrtCustomOp *, size_t);
-  int (*GetInputMemoryType)(const struct OrtCustomOp *, size_t);      /* v13 */
-  int (*GetVariadicInputMinArity)(const struct OrtCustomOp *);        /* v14 */
-  int (*GetVariadicInputHomogeneity)(const struct OrtCustomOp *);
-  int (*GetVariadicOutputMinArity)(const struct OrtCustomOp *);
-  int (*GetVariadicOutputHomogeneity)(const struct OrtCustomOp *);
-  void *CreateKernelV2, *KernelComputeV2;                               /* v16 */
-  void *InferOutputShapeFn;                                            /* v17 */
-  int (*GetStartVersion)(const struct OrtCustomOp *);
-  int (*GetEndVersion)(const struct OrtCustomOp *);
-  void *later[4];
-} OrtCustomOp;
 
 /* --- the kernel ----------------------------------------------------------------------------------------- */
 typedef struct {
@@ -141,16 +82,6 @@ static void run_chunk(void *usr, size_t chunk) { /* ParallelFor callback: a cont
   for (int64_t tile = (int64_t)chunk * per; tile < end; ++tile) run_tile(job, tile);
 }
 
-static int shape_of(const void *value, int64_t *dims, size_t max, size_t *count) {
-  void *info = NULL;
-  if (FN(TypeAndShapeFn, SLOT_TYPE_AND_SHAPE)(value, &info)) return -1;
-  FN(DimsCountFn, SLOT_DIMS_COUNT)(info, count);
-  if (*count > max) { FN(ReleaseShapeFn, SLOT_RELEASE_SHAPE)(info); return -1; }
-  FN(DimsFn, SLOT_DIMS)(info, dims, *count);
-  FN(ReleaseShapeFn, SLOT_RELEASE_SHAPE)(info);
-  return 0;
-}
-
 static void compute(void *kernel, void *ctx) {
   (void)kernel;
   const void *va, *vw, *vs;
@@ -184,46 +115,16 @@ static void *create_kernel(const OrtCustomOp *op, const void *api, const void *i
   return (void *)1; /* stateless */
 }
 static const char *name(const OrtCustomOp *op) { (void)op; return "HeadMatMulInt8"; }
-static const char *provider(const OrtCustomOp *op) { (void)op; return "CPUExecutionProvider"; }
 static int input_type(const OrtCustomOp *op, size_t i) { (void)op; return i == 1 ? ORT_INT8 : ORT_FLOAT; }
 static size_t input_count(const OrtCustomOp *op) { (void)op; return 3; }
-static int output_type(const OrtCustomOp *op, size_t i) { (void)op; (void)i; return ORT_FLOAT; }
-static size_t output_count(const OrtCustomOp *op) { (void)op; return 1; }
 static void destroy(void *kernel) { (void)kernel; }
-static int required(const OrtCustomOp *op, size_t i) { (void)op; (void)i; return 0; }
-static int default_memory(const OrtCustomOp *op, size_t i) { (void)op; (void)i; return 0; }
-static int one(const OrtCustomOp *op) { (void)op; return 1; }
-static int start_version(const OrtCustomOp *op) { (void)op; return 1; }
-static int end_version(const OrtCustomOp *op) { (void)op; return 2147483647; }
 
 static OrtCustomOp g_op;
 
 OrtStatus *RegisterCustomOps(void *options, const OrtApiBase *base) {
   g_api = base->GetApi(API_VERSION);
   if (!g_api) return NULL;
-  memset(&g_op, 0, sizeof g_op);
-  g_op.version = API_VERSION;
-  g_op.CreateKernel = create_kernel;
-  g_op.GetName = name;
-  g_op.GetExecutionProviderType = provider;
-  g_op.GetInputType = input_type;
-  g_op.GetInputTypeCount = input_count;
-  g_op.GetOutputType = output_type;
-  g_op.GetOutputTypeCount = output_count;
-  g_op.KernelCompute = compute;
-  g_op.KernelDestroy = destroy;
-  g_op.GetInputCharacteristic = required;
-  g_op.GetOutputCharacteristic = required;
-  g_op.GetInputMemoryType = default_memory;
-  g_op.GetVariadicInputMinArity = one;
-  g_op.GetVariadicInputHomogeneity = one;
-  g_op.GetVariadicOutputMinArity = one;
-  g_op.GetVariadicOutputHomogeneity = one;
-  g_op.GetStartVersion = start_version;
-  g_op.GetEndVersion = end_version;
-  void *domain = NULL;
-  OrtStatus *status = FN(CreateDomainFn, SLOT_CREATE_DOMAIN)("com.dsedge.bench", &domain);
-  if (status) return status;
-  if ((status = FN(DomainAddFn, SLOT_DOMAIN_ADD)(domain, &g_op))) return status;
-  return FN(AddDomainFn, SLOT_ADD_DOMAIN)(options, domain);
+  describe_op(&g_op, name, create_kernel, input_type, input_count, compute, destroy);
+  OrtCustomOp *ops[] = {&g_op};
+  return register_domain(options, "com.dsedge.bench", ops, 1);
 }

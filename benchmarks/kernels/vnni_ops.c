@@ -1,0 +1,496 @@
+/* Prototype onnxruntime custom ops with AVX-512 VNNI int8 dot products (issue 12 item 6, issue 13's miss path):
+ * a benchmark, not shipped. `ort_probes.py moe-kernel` builds them (gcc -O3 -march=native) and times MoEInt4
+ * beside com.microsoft::QMoE and a MatMulNBits pair over the same bytes; `step_split.py --custom-ops` swaps
+ * them into a real bundle (every int4 QMoE, every absorbed-MLA per-head product) and times the decode step.
+ *
+ *   com.dsedge.bench::MoEInt4(x float [T, H], probs float [T, E], fc1 uint8 [E, 2I, H/2], s1 float [E, 2I, H/B],
+ *                             fc2 uint8 [E, H, I/2], s2 float [E, H, I/B], weights float [T, E]) -> y float [T, H]
+ *   attributes k, block_size (B), normalize_routing_weights: QMoE's meaning and QMoE's stored layout (gate and
+ *   up rows interleaved, swiglu_fusion=1; codes q in 0..15, two per byte, low nibble first; w = (q - 8) · s).
+ *
+ *   com.dsedge.bench::MatMulInt4(a float [..., K], b uint8 [N, K/B, B/2], scales float [N · K/B]) -> y [..., N]
+ *   attributes K, N, block_size: MatMulNBits' symmetric 4-bit layout (no zero points), one row of a at a time.
+ *
+ *   com.dsedge.bench::HeadMatMulU8(a float [B, Hd, T, K], w uint8 [Hd, K/4, N, 4], s float [Hd, N])
+ *                                  -> y float [B, Hd, T, N],  y = a · ((w − 128) · s) per head
+ *   absorbed MLA's per-head products (w_uk, w_uv), activations quantized per row as the export does today; w
+ *   holds the int8 weights plus 128, four consecutive k of one column per 32-bit lane (the VNNI layout).
+ *
+ * Why custom ops: QMoE reads 4 experts' bytes at about half the speed of one MatMulNBits pair, and
+ * MatMulIntegerToFloat over a 3-D (per-head) B is not prepacked and runs at ~7 GB/s in the step
+ * (benchmarks/README.md, session 18); with weights as graph inputs (an expert fed from the file) the stock ops
+ * re-pack on every call. These kernels read a stored layout as it is, so an initializer and an input cost the
+ * same. The dot product is the one llama.cpp's Q4_0 x Q8_0 and MLAS' int8-activation path use (activations
+ * quantized to int8 per block, integer dot products, one float scale per block), here with vpdpbusd (unsigned
+ * x signed bytes): for MoEInt4 the unsigned nibbles times signed activations, the zero point 8 taken out
+ * afterwards as 8 · Σ activations of the block; for HeadMatMulU8 the weights plus 128 times signed activations,
+ * 128 · Σ activations taken out. MoEInt4 needs H and I multiples of 128 (the activation layout's chunk) and of
+ * B; its AVX-512 path takes B a multiple of 128, others run the scalar loop. HeadMatMulU8 needs K % 4 == 0 and
+ * N % 16 == 0 on its AVX-512 path.
+ *
+ * ABI: ort_abi.h (the OrtApi slots and OrtCustomOp fields of onnxruntime_c_api.h; the attribute getter
+ * KernelInfoGetAttribute_int64 is slot 86). A shape these kernels do not take leaves the
+ * output unset, which onnxruntime reports as a missing output: version-1 KernelCompute has no status to
+ * return (KernelComputeV2 would), one of the things a shipped version must add. */
+#include <math.h>
+#include <stdlib.h>
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+#include <immintrin.h>
+#define HAVE_VNNI 1
+#endif
+
+#include "ort_abi.h"
+
+#ifndef AHEAD
+#define AHEAD 4 /* row groups (of 4) the codes are prefetched ahead */
+#endif
+
+/* --- quantized activations ------------------------------------------------------------------------------- */
+/* One vector of n activations, int8 per block of B: for each 128-value chunk its even-index values then its
+ * odd-index ones (64 + 64 bytes), matching the low and high nibbles of 64 code bytes; per block the scale and
+ * the zero-point term 8 · scale · Σ q. */
+typedef struct {
+  int8_t *q;
+  float *scale, *zero;
+} QVec;
+
+/* Block b of v from the block's floats xb (symmetric, round to nearest even like MLAS' and llama.cpp's). */
+static void quantize_block(const float *xb, int64_t block, int64_t b, QVec *v) {
+  float amax = 0.f;
+  int32_t sum = 0;
+#ifdef HAVE_VNNI
+  if (block % 128 == 0) {
+    __m512 m = _mm512_setzero_ps();
+    for (int64_t i = 0; i < block; i += 16) m = _mm512_max_ps(m, _mm512_abs_ps(_mm512_loadu_ps(xb + i)));
+    amax = _mm512_reduce_max_ps(m);
+    const __m512 inv = _mm512_set1_ps(amax > 0.f ? 1.f / (amax / 127.f) : 0.f); /* MLAS' rounding of 1/scale */
+    const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
+    __m512i total = _mm512_setzero_si512();
+    for (int64_t i = 0; i < block; i += 32) { /* 32 floats → 16 even and 16 odd int8 */
+      const __m512 lo = _mm512_loadu_ps(xb + i), hi = _mm512_loadu_ps(xb + i + 16);
+      const __m512i qe = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_permutex2var_ps(lo, even, hi), inv));
+      const __m512i qo = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_permutex2var_ps(lo, odd, hi), inv));
+      const int64_t at = b * block + i, chunk = at / 128, j = at % 128;
+      _mm_storeu_si128((__m128i *)(v->q + chunk * 128 + j / 2), _mm512_cvtsepi32_epi8(qe));
+      _mm_storeu_si128((__m128i *)(v->q + chunk * 128 + 64 + j / 2), _mm512_cvtsepi32_epi8(qo));
+      total = _mm512_add_epi32(total, _mm512_add_epi32(qe, qo));
+    }
+    sum = _mm512_reduce_add_epi32(total);
+  } else
+#endif
+  {
+    for (int64_t i = 0; i < block; ++i) amax = fmaxf(amax, fabsf(xb[i]));
+    const float inv = amax > 0.f ? 1.f / (amax / 127.f) : 0.f;
+    for (int64_t i = 0; i < block; ++i) {
+      const int32_t q = (int32_t)lrintf(xb[i] * inv);
+      const int64_t at = b * block + i, chunk = at / 128, j = at % 128; /* even j → first half, odd → second */
+      v->q[chunk * 128 + (j % 2) * 64 + j / 2] = (int8_t)q;
+      sum += q;
+    }
+  }
+  v->scale[b] = amax / 127.f;
+  v->zero[b] = 8.f * v->scale[b] * (float)sum;
+}
+
+/* Σ over blocks of factor · s · (scale · Σ q·code − zero) for 4 rows of codes (row_bytes apart, scales
+ * ``blocks`` apart) against one quantized vector of n values, added to acc: float lanes on the AVX-512 path
+ * (reduced by the caller once per row, after every expert), lane 0 otherwise; the zero-point terms go to zero[r]. */
+typedef struct {
+#ifdef HAVE_VNNI
+  __m512 lanes[4];
+#endif
+  float scalar[4], zero[4];
+} Acc4;
+
+static void dot4(const uint8_t *w, int64_t row_bytes, const float *s, int64_t n, int64_t block, const QVec *v,
+                 float factor, Acc4 *acc) {
+  const int64_t blocks = n / block;
+  for (int r = 0; r < 4; ++r)
+    for (int64_t b = 0; b < blocks; ++b) acc->zero[r] += factor * s[r * blocks + b] * v->zero[b];
+#ifdef HAVE_VNNI
+  if (block % 128 == 0) {
+    const __m512i low = _mm512_set1_epi8(0x0F);
+    for (int64_t b = 0; b < blocks; ++b) {
+      __m512i d[4] = {_mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512(),
+                      _mm512_setzero_si512()};
+      for (int64_t c = b * block / 128; c < (b + 1) * block / 128; ++c) {
+        const __m512i even = _mm512_loadu_si512(v->q + c * 128), odd = _mm512_loadu_si512(v->q + c * 128 + 64);
+        for (int r = 0; r < 4; ++r) {
+          /* the stream prefetcher stops at 4 KiB pages: fetch AHEAD row groups ahead by hand */
+          _mm_prefetch((const char *)(w + (4 * AHEAD + r) * row_bytes + c * 64), _MM_HINT_T0);
+          const __m512i codes = _mm512_loadu_si512(w + r * row_bytes + c * 64);
+          d[r] = _mm512_dpbusd_epi32(d[r], _mm512_and_si512(codes, low), even);
+          d[r] = _mm512_dpbusd_epi32(d[r], _mm512_and_si512(_mm512_srli_epi16(codes, 4), low), odd);
+        }
+      }
+      const float vs = factor * v->scale[b];
+      for (int r = 0; r < 4; ++r)
+        acc->lanes[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d[r]), _mm512_set1_ps(s[r * blocks + b] * vs),
+                                        acc->lanes[r]);
+    }
+    return;
+  }
+#endif
+  for (int r = 0; r < 4; ++r)
+    for (int64_t b = 0; b < blocks; ++b) {
+      int32_t d = 0;
+      for (int64_t i = b * block; i < (b + 1) * block; ++i) {
+        const uint8_t byte = w[r * row_bytes + i / 2];
+        const int32_t q = (i % 2) ? byte >> 4 : byte & 0x0F;
+        const int64_t chunk = i / 128, j = i % 128;
+        d += q * v->q[chunk * 128 + (j % 2) * 64 + j / 2];
+      }
+      acc->scalar[r] += factor * s[r * blocks + b] * v->scale[b] * (float)d;
+    }
+}
+
+static void acc4_init(Acc4 *acc) {
+  memset(acc, 0, sizeof *acc);
+#ifdef HAVE_VNNI
+  for (int r = 0; r < 4; ++r) acc->lanes[r] = _mm512_setzero_ps();
+#endif
+}
+
+static void acc4_store(const Acc4 *acc, float out[4]) {
+  for (int r = 0; r < 4; ++r) {
+    out[r] = acc->scalar[r] - acc->zero[r];
+#ifdef HAVE_VNNI
+    out[r] += _mm512_reduce_add_ps(acc->lanes[r]);
+#endif
+  }
+}
+
+/* silu(gate) · up over n interleaved (gate, up) pairs, SwiGLU with alpha 1, beta 0. */
+static void swiglu(const float *gate_up, int64_t n, float *out) {
+  int64_t i = 0;
+#ifdef HAVE_VNNI
+  const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
+  for (; i + 16 <= n; i += 16) {
+    const __m512 lo = _mm512_loadu_ps(gate_up + 2 * i), hi = _mm512_loadu_ps(gate_up + 2 * i + 16);
+    const __m512 g = _mm512_permutex2var_ps(lo, even, hi), u = _mm512_permutex2var_ps(lo, odd, hi);
+    /* exp(−g) = 2^t, t = −g·log2 e split as n + f, |f| ≤ 1/2; 2^f by its degree-6 Taylor series (rel. error
+     * < 2e-7), 2^n by vscalefps */
+    const __m512 t = _mm512_mul_ps(_mm512_max_ps(_mm512_min_ps(g, _mm512_set1_ps(87.f)), _mm512_set1_ps(-87.f)),
+                                   _mm512_set1_ps(-1.44269504f));
+    const __m512 whole = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512 f = _mm512_mul_ps(_mm512_sub_ps(t, whole), _mm512_set1_ps(0.693147181f));
+    __m512 p = _mm512_set1_ps(1.f / 720);
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f / 120));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f / 24));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f / 6));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
+    const __m512 e = _mm512_scalef_ps(p, whole);
+    _mm512_storeu_ps(out + i, _mm512_div_ps(_mm512_mul_ps(g, u), _mm512_add_ps(_mm512_set1_ps(1.f), e)));
+  }
+#endif
+  for (; i < n; ++i) out[i] = gate_up[2 * i] / (1.f + expf(-gate_up[2 * i])) * gate_up[2 * i + 1];
+}
+
+/* --- the layer --------------------------------------------------------------------------------------------- */
+typedef struct {
+  int64_t k, block, normalize;
+} Kernel;
+
+typedef struct {
+  const uint8_t *fc1, *fc2;
+  const float *s1, *s2;
+  int64_t hidden, inter, active, block;
+  int64_t experts[64];
+  float weights[64];
+  QVec x, h[64];
+  float *gate_up, *y;
+} Job;
+
+/* One unit per (active expert, block of its SwiGLU output): the 2·B fc1 rows behind that block, 4 at a time,
+ * then the block's SwiGLU and quantization, so fc2 needs no serial step between. */
+static void fc1_unit(void *usr, size_t unit) {
+  const Job *j = (const Job *)usr;
+  const int64_t per_expert = j->inter / j->block, slot = (int64_t)unit / per_expert, b = (int64_t)unit % per_expert;
+  const int64_t hb = j->hidden / j->block, first = 2 * b * j->block, e = j->experts[slot];
+  float *gate_up = j->gate_up + slot * 2 * j->inter;
+  for (int64_t row = first; row < first + 2 * j->block; row += 4) {
+    const int64_t at = e * 2 * j->inter + row;
+    Acc4 acc;
+    acc4_init(&acc);
+    dot4(j->fc1 + at * (j->hidden / 2), j->hidden / 2, j->s1 + at * hb, j->hidden, j->block, &j->x, 1.f, &acc);
+    acc4_store(&acc, gate_up + row);
+  }
+  float act[1024]; /* B ≤ 1024 (checked in compute) */
+  swiglu(gate_up + first, j->block, act);
+  quantize_block(act, j->block, b, (QVec *)&j->h[slot]); /* writes block b only: units run concurrently */
+}
+
+#define FC2_UNITS 8 /* fc2 work items: runs of 4-row groups, each summed over every active expert */
+
+static void fc2_unit(void *usr, size_t unit) {
+  const Job *j = (const Job *)usr;
+  const int64_t quads = j->hidden / 4, per = (quads + FC2_UNITS - 1) / FC2_UNITS, ib = j->inter / j->block;
+  for (int64_t q = (int64_t)unit * per; q < quads && q < ((int64_t)unit + 1) * per; ++q) {
+    Acc4 acc;
+    acc4_init(&acc);
+    for (int64_t slot = 0; slot < j->active; ++slot) {
+      const int64_t at = j->experts[slot] * j->hidden + q * 4;
+      dot4(j->fc2 + at * (j->inter / 2), j->inter / 2, j->s2 + at * ib, j->inter, j->block, &j->h[slot],
+           j->weights[slot], &acc);
+    }
+    acc4_store(&acc, j->y + q * 4);
+  }
+}
+
+static void run_phase(void *ctx, void (*fn)(void *, size_t), size_t units, Job *job) {
+  if (FN(ParallelForFn, SLOT_PARALLEL_FOR)(ctx, fn, units, 0, job))
+    for (size_t u = 0; u < units; ++u) fn(job, u);
+}
+
+/* DeepSeek's choice as QMoE makes it: top-k of probs, weights gathered (normalised when asked), routes of
+ * weight ≤ 1e-8 skipped. */
+static void choose(const Kernel *kern, const float *probs, const float *weights, int64_t n_experts, Job *job) {
+  int64_t picked[64];
+  int64_t k = kern->k < n_experts ? kern->k : n_experts;
+  float total = 0.f;
+  for (int64_t i = 0; i < k; ++i) {
+    int64_t best = -1;
+    for (int64_t e = 0; e < n_experts; ++e) {
+      int taken = 0;
+      for (int64_t t = 0; t < i; ++t) taken |= picked[t] == e;
+      if (!taken && (best < 0 || probs[e] > probs[best])) best = e;
+    }
+    picked[i] = best;
+    total += weights[best];
+  }
+  job->active = 0;
+  for (int64_t i = 0; i < k; ++i) {
+    const float wt = kern->normalize && total > 0.f ? weights[picked[i]] / total : weights[picked[i]];
+    if (wt <= 1e-8f) continue;
+    job->experts[job->active] = picked[i];
+    job->weights[job->active++] = wt;
+  }
+}
+
+static void compute(void *kernel, void *ctx) {
+  const Kernel *kern = (const Kernel *)kernel;
+  const void *vx, *v1;
+  int64_t xd[2], wd[3];
+  size_t xn, wn;
+  FN(GetInputFn, SLOT_GET_INPUT)(ctx, 0, &vx);
+  FN(GetInputFn, SLOT_GET_INPUT)(ctx, 2, &v1);
+  if (shape_of(vx, xd, 2, &xn) || shape_of(v1, wd, 3, &wn) || xn != 2 || wn != 3 || kern->k > 64 || kern->block > 1024) return;
+  void *vy;
+  FN(GetOutputFn, SLOT_GET_OUTPUT)(ctx, 0, xd, 2, &vy);
+  float *y;
+  FN(MutableDataFn, SLOT_TENSOR_MUTABLE_DATA)(vy, (void **)&y);
+  const float *x = data_of(ctx, 0), *probs = data_of(ctx, 1), *weights = data_of(ctx, 6);
+  Job job = {.fc1 = data_of(ctx, 2), .s1 = data_of(ctx, 3), .fc2 = data_of(ctx, 4), .s2 = data_of(ctx, 5),
+             .hidden = xd[1], .inter = wd[1] / 2, .block = kern->block};
+  const int64_t n_experts = wd[0], h = job.hidden, i2 = 2 * job.inter;
+  /* one allocation per call: the quantized input, the k fc1 outputs and the k quantized SwiGLU outputs */
+  const size_t bytes = (size_t)(h + kern->k * job.inter) + sizeof(float) * (size_t)(2 * (h / job.block) +
+                       kern->k * (i2 + 2 * (job.inter / job.block)));
+  char *arena = malloc(bytes + 64);
+  float *floats = (float *)arena;
+  job.x.scale = floats; floats += h / job.block;
+  job.x.zero = floats; floats += h / job.block;
+  job.gate_up = floats; floats += kern->k * i2;
+  for (int64_t s = 0; s < kern->k; ++s) {
+    job.h[s].scale = floats; floats += job.inter / job.block;
+    job.h[s].zero = floats; floats += job.inter / job.block;
+  }
+  int8_t *ints = (int8_t *)floats;
+  job.x.q = ints; ints += h;
+  for (int64_t s = 0; s < kern->k; ++s) { job.h[s].q = ints; ints += job.inter; }
+  for (int64_t t = 0; t < xd[0]; ++t) {
+    choose(kern, probs + t * n_experts, weights + t * n_experts, n_experts, &job);
+    job.y = y + t * h;
+    if (!job.active) { memset(job.y, 0, sizeof(float) * (size_t)h); continue; }
+    for (int64_t b = 0; b < h / job.block; ++b) quantize_block(x + t * h + b * job.block, job.block, b, &job.x);
+    run_phase(ctx, fc1_unit, (size_t)(job.active * (job.inter / job.block)), &job);
+    run_phase(ctx, fc2_unit, FC2_UNITS, &job);
+  }
+  free(arena);
+}
+
+/* --- dense int4 products ----------------------------------------------------------------------------------- */
+/* MatMulNBits' symmetric 4-bit layout (B uint8 [N, K/B, B/2], scales [N · K/B], zero point 8), one row of A at
+ * a time: a decode-step kernel. Every row of A reads all of B again, so many rows (prefill) want a tiled GEMM
+ * this prototype does not have. */
+typedef struct {
+  const uint8_t *w;
+  const float *s;
+  float *y;
+  int64_t k, n, block;
+  QVec a;
+} DenseJob;
+
+#define DENSE_UNITS 16 /* ParallelFor work items: runs of 4-row groups */
+
+static void dense_unit(void *usr, size_t unit) {
+  const DenseJob *j = (const DenseJob *)usr;
+  const int64_t quads = j->n / 4, per = (quads + DENSE_UNITS - 1) / DENSE_UNITS, kb = j->k / j->block;
+  for (int64_t q = (int64_t)unit * per; q < quads && q < ((int64_t)unit + 1) * per; ++q) {
+    Acc4 acc;
+    acc4_init(&acc);
+    dot4(j->w + q * 4 * (j->k / 2), j->k / 2, j->s + q * 4 * kb, j->k, j->block, &j->a, 1.f, &acc);
+    acc4_store(&acc, j->y + q * 4);
+  }
+}
+
+typedef struct {
+  int64_t k, n, block;
+} DenseKernel;
+
+static void dense_compute(void *kernel, void *ctx) {
+  const DenseKernel *kern = (const DenseKernel *)kernel;
+  const void *va;
+  int64_t ad[8];
+  size_t an;
+  FN(GetInputFn, SLOT_GET_INPUT)(ctx, 0, &va);
+  if (shape_of(va, ad, 8, &an) || an < 1 || ad[an - 1] != kern->k) return;
+  int64_t rows = 1;
+  for (size_t i = 0; i + 1 < an; ++i) rows *= ad[i];
+  ad[an - 1] = kern->n;
+  void *vy;
+  FN(GetOutputFn, SLOT_GET_OUTPUT)(ctx, 0, ad, an, &vy);
+  DenseJob job = {.w = data_of(ctx, 1), .s = data_of(ctx, 2), .k = kern->k, .n = kern->n, .block = kern->block};
+  float *y, *a = data_of(ctx, 0);
+  FN(MutableDataFn, SLOT_TENSOR_MUTABLE_DATA)(vy, (void **)&y);
+  const int64_t kb = job.k / job.block;
+  char *arena = malloc((size_t)job.k + 2 * sizeof(float) * (size_t)kb + 64);
+  job.a.scale = (float *)arena;
+  job.a.zero = job.a.scale + kb;
+  job.a.q = (int8_t *)(job.a.zero + kb);
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t b = 0; b < kb; ++b) quantize_block(a + r * job.k + b * job.block, job.block, b, &job.a);
+    job.y = y + r * job.n;
+    if (FN(ParallelForFn, SLOT_PARALLEL_FOR)(ctx, dense_unit, DENSE_UNITS, 0, &job))
+      for (size_t u = 0; u < DENSE_UNITS; ++u) dense_unit(&job, u);
+  }
+  free(arena);
+}
+
+/* --- per-head products ------------------------------------------------------------------------------------ */
+typedef struct {
+  const float *a, *s;
+  const uint8_t *w;
+  float *y;
+  int64_t batch, heads, rows, k, n;
+} HeadJob;
+
+#define HEAD_TILES 16 /* 16 columns per zmm of int32 lanes: up to 256 columns a pass, accumulators in registers */
+
+/* One row of activations (quantized to int8 here) against one head's weights, ≤ 256 columns from n0. */
+static void head_row(const HeadJob *j, const float *a, const uint8_t *w, const float *s, float *y) {
+  int8_t q[4096];
+  float amax = 0.f;
+  for (int64_t i = 0; i < j->k; ++i) amax = fmaxf(amax, fabsf(a[i]));
+  const float scale = amax / 127.f, inv = amax > 0.f ? 1.f / scale : 0.f;
+  int32_t sum = 0;
+  for (int64_t i = 0; i < j->k; ++i) { q[i] = (int8_t)lrintf(a[i] * inv); sum += q[i]; }
+#ifdef HAVE_VNNI
+  if (j->n % 16 == 0) {
+    for (int64_t n0 = 0; n0 < j->n; n0 += 16 * HEAD_TILES) {
+      const int64_t tiles = (j->n - n0) / 16 < HEAD_TILES ? (j->n - n0) / 16 : HEAD_TILES;
+      __m512i acc[HEAD_TILES];
+      for (int t = 0; t < HEAD_TILES; ++t) acc[t] = _mm512_setzero_si512();
+      for (int64_t k4 = 0; k4 < j->k / 4; ++k4) {
+        int32_t four;
+        memcpy(&four, q + 4 * k4, 4); /* 4 consecutive activations, one per byte of a lane */
+        const __m512i qa = _mm512_set1_epi32(four);
+        const uint8_t *row = w + (k4 * j->n + n0) * 4;
+        _mm_prefetch((const char *)(row + 8 * j->n * 4), _MM_HINT_T0);
+        for (int t = 0; t < HEAD_TILES; ++t)
+          if (t < tiles) acc[t] = _mm512_dpbusd_epi32(acc[t], _mm512_loadu_si512(row + 64 * t), qa);
+      }
+      const __m512i zero = _mm512_set1_epi32(128 * sum);
+      for (int t = 0; t < tiles; ++t) {
+        const __m512 dot = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc[t], zero));
+        _mm512_storeu_ps(y + n0 + 16 * t,
+                         _mm512_mul_ps(_mm512_mul_ps(dot, _mm512_set1_ps(scale)), _mm512_loadu_ps(s + n0 + 16 * t)));
+      }
+    }
+    return;
+  }
+#endif
+  for (int64_t n = 0; n < j->n; ++n) {
+    int32_t d = 0;
+    for (int64_t i = 0; i < j->k; ++i) d += q[i] * ((int32_t)w[((i / 4) * j->n + n) * 4 + i % 4] - 128);
+    y[n] = scale * s[n] * (float)d;
+  }
+}
+
+static void head_unit(void *usr, size_t unit) { /* one head: every (batch, row) of it */
+  const HeadJob *j = (const HeadJob *)usr;
+  const int64_t h = (int64_t)unit;
+  for (int64_t b = 0; b < j->batch; ++b)
+    for (int64_t t = 0; t < j->rows; ++t) {
+      const int64_t row = (b * j->heads + h) * j->rows + t;
+      head_row(j, j->a + row * j->k, j->w + h * j->k * j->n, j->s + h * j->n, j->y + row * j->n);
+    }
+}
+
+static void head_compute(void *kernel, void *ctx) {
+  (void)kernel;
+  const void *va, *vw;
+  int64_t ad[4], wd[4];
+  size_t an, wn;
+  FN(GetInputFn, SLOT_GET_INPUT)(ctx, 0, &va);
+  FN(GetInputFn, SLOT_GET_INPUT)(ctx, 1, &vw);
+  if (shape_of(va, ad, 4, &an) || shape_of(vw, wd, 4, &wn) || an != 4 || wn != 4 || ad[3] > 4096 ||
+      ad[3] != 4 * wd[1] || ad[1] != wd[0])
+    return;
+  int64_t yd[4] = {ad[0], ad[1], ad[2], wd[2]};
+  void *vy;
+  FN(GetOutputFn, SLOT_GET_OUTPUT)(ctx, 0, yd, 4, &vy);
+  HeadJob job = {.a = data_of(ctx, 0), .w = data_of(ctx, 1), .s = data_of(ctx, 2), .batch = ad[0],
+                 .heads = ad[1], .rows = ad[2], .k = ad[3], .n = wd[2]};
+  FN(MutableDataFn, SLOT_TENSOR_MUTABLE_DATA)(vy, (void **)&job.y);
+  if (FN(ParallelForFn, SLOT_PARALLEL_FOR)(ctx, head_unit, (size_t)job.heads, 0, &job))
+    for (int64_t h = 0; h < job.heads; ++h) head_unit(&job, (size_t)h);
+}
+
+/* --- registration ------------------------------------------------------------------------------------------ */
+static void *create_kernel(const OrtCustomOp *op, const void *api, const void *info) {
+  (void)op; (void)api;
+  Kernel *kern = calloc(1, sizeof *kern);
+  kern->block = 128;
+  FN(AttrInt64Fn, SLOT_ATTR_INT64)(info, "k", &kern->k);
+  FN(AttrInt64Fn, SLOT_ATTR_INT64)(info, "block_size", &kern->block);
+  FN(AttrInt64Fn, SLOT_ATTR_INT64)(info, "normalize_routing_weights", &kern->normalize);
+  return kern;
+}
+static void *create_dense_kernel(const OrtCustomOp *op, const void *api, const void *info) {
+  (void)op; (void)api;
+  DenseKernel *kern = calloc(1, sizeof *kern);
+  FN(AttrInt64Fn, SLOT_ATTR_INT64)(info, "K", &kern->k);
+  FN(AttrInt64Fn, SLOT_ATTR_INT64)(info, "N", &kern->n);
+  FN(AttrInt64Fn, SLOT_ATTR_INT64)(info, "block_size", &kern->block);
+  return kern;
+}
+static void *create_head_kernel(const OrtCustomOp *op, const void *api, const void *info) {
+  (void)op; (void)api; (void)info;
+  return (void *)1; /* stateless */
+}
+static const char *name(const OrtCustomOp *op) { (void)op; return "MoEInt4"; }
+static const char *head_name(const OrtCustomOp *op) { (void)op; return "HeadMatMulU8"; }
+static const char *dense_name(const OrtCustomOp *op) { (void)op; return "MatMulInt4"; }
+static int input_type(const OrtCustomOp *op, size_t i) { (void)op; return i == 2 || i == 4 ? ORT_UINT8 : ORT_FLOAT; }
+static int weights_input_type(const OrtCustomOp *op, size_t i) { (void)op; return i == 1 ? ORT_UINT8 : ORT_FLOAT; }
+static size_t input_count(const OrtCustomOp *op) { (void)op; return 7; }
+static size_t three_inputs(const OrtCustomOp *op) { (void)op; return 3; }
+static void destroy(void *kernel) { free(kernel); }
+static void head_destroy(void *kernel) { (void)kernel; }
+
+static OrtCustomOp g_moe, g_head, g_dense;
+
+OrtStatus *RegisterCustomOps(void *options, const OrtApiBase *base) {
+  g_api = base->GetApi(API_VERSION);
+  if (!g_api) return NULL;
+  describe_op(&g_moe, name, create_kernel, input_type, input_count, compute, destroy);
+  describe_op(&g_head, head_name, create_head_kernel, weights_input_type, three_inputs, head_compute, head_destroy);
+  describe_op(&g_dense, dense_name, create_dense_kernel, weights_input_type, three_inputs, dense_compute, destroy);
+  OrtCustomOp *ops[] = {&g_moe, &g_head, &g_dense};
+  return register_domain(options, "com.dsedge.bench", ops, 3);
+}
