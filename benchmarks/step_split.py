@@ -3,7 +3,8 @@ type short-circuited, the bytes a step reads, and the bandwidth that implies aga
 
 onnxruntime's node profiler inflates small kernels (a [1, 16, 1, 64] Abs shows ≈ 6 µs under it; a chain of
 plain Adds on 1024 floats measures 0.4 µs a kernel without it), so its per-operator shares overstate glue.
-Here every variant is the bundle's own decode graph, run bare at batch 1 on random caches of ``--cached``
+Here every variant is the bundle's own decode graph (a partitioned bundle's: the one graph the runtime composes
+with every expert resident), run bare at batch 1 on random caches of ``--cached``
 tokens; ``--without QMoE`` replaces each QMoE by an Identity of its input (the layer then skips its routed
 experts: wrong values, the right shapes; other operators get a broadcast column, see ``without``), so the
 difference is what those kernels cost inside the real step, with the other weights competing for the caches.
@@ -28,6 +29,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import os
 import subprocess
 import sys
@@ -97,7 +99,8 @@ CUSTOM_DOMAIN = "com.dsedge.bench"
 def with_custom_ops(model: onnx.ModelProto, graphs: Path, kinds: set[str]) -> bytes:
     """The graph with the prototype kernels of benchmarks/kernels/vnni_ops.c in place of stock ones: "moe", every
     int4 QMoE as ``MoEInt4`` over the same inputs and attributes; "dense", every symmetric int4 MatMulNBits as
-    ``MatMulInt4`` (same inputs); "heads", every absorbed-MLA per-head product
+    ``MatMulInt4`` (same inputs) whose K is a multiple of 128 and of its block (V2-Lite's dense MLP, K = 10944,
+    keeps MatMulNBits); "heads", every absorbed-MLA per-head product
     (QuantizeLinear per row → MatMulIntegerToFloat → Mul by the row scale) as one ``HeadMatMulU8`` over the
     row's fp32 activations and the weights repacked to its layout. Nodes left without consumers are dropped."""
     variant = copy.deepcopy(model)
@@ -108,7 +111,8 @@ def with_custom_ops(model: onnx.ModelProto, graphs: Path, kinds: set[str]) -> by
     if "dense" in kinds:
         for n in variant.graph.node:
             attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute}
-            if n.op_type == "MatMulNBits" and attrs.get("bits") == 4 and len([i for i in n.input if i]) == 3:
+            whole = attrs.get("K", 1) % math.lcm(attrs.get("block_size", 1), 128) == 0  # the prototype's layout
+            if n.op_type == "MatMulNBits" and attrs.get("bits") == 4 and len([i for i in n.input if i]) == 3 and whole:
                 n.CopyFrom(helper.make_node("MatMulInt4", list(n.input[:3]), list(n.output), name=n.name,
                                             domain=CUSTOM_DOMAIN, K=attrs["K"], N=attrs["N"],
                                             block_size=attrs["block_size"]))
@@ -199,9 +203,37 @@ def decode_feeds(sess: ort.InferenceSession, cached: int, max_context: int, new:
     return {k: v for k, v in feeds.items() if k in {i.name for i in sess.get_inputs()}}
 
 
+class _Composed(Exception):
+    """Raised with a partitioned bundle's composed graph once the runtime has built it (no session made)."""
+
+
+def source_graph(bundle: Path) -> tuple[onnx.ModelProto, Path]:
+    """The bundle's decoder graph and the folder its external data is relative to: a monolithic bundle's
+    decoder.onnx, or for a partitioned one the graph the runtime composes when every expert is resident
+    (dsedge/runtime/compose.py; its data locations are relative to the bundle root)."""
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    if manifest.get("layout") != "partitioned":
+        return onnx.load(bundle / "graphs" / "decoder.onnx", load_external_data=False), bundle / "graphs"
+    from dsedge.runtime import load_bundle
+    from dsedge.runtime.engine import Engine
+
+    def capture(self, graph, model=None, *args, **kwargs):
+        if model is not None and graph.name == "decoder (composed)":
+            raise _Composed(model)
+        return original(self, graph, model, *args, **kwargs)
+
+    original, Engine.session = Engine.session, capture
+    try:
+        load_bundle(bundle, verify=False)
+    except _Composed as composed:
+        return onnx.load_from_string(composed.args[0]), bundle
+    finally:
+        Engine.session = original
+    raise SystemExit(f"{bundle}: the runtime did not compose this partitioned bundle into one graph")
+
+
 def variant_session(bundle: Path, op: str | None, threads: int, library: str | None) -> ort.InferenceSession:
-    graphs = bundle / "graphs"
-    model = onnx.load(graphs / "decoder.onnx", load_external_data=False)
+    model, graphs = source_graph(bundle)
     if op and op.startswith(CUSTOM):
         return session(with_custom_ops(model, graphs, set(op[len(CUSTOM):].split("+"))), graphs, threads, library)
     return session(without(model, op), graphs, threads)
@@ -265,7 +297,7 @@ def main() -> None:
         print(time_variant(args.bundle, args.one or None, args.cached, args.steps, args.threads, args.library, new))
         return
 
-    model = onnx.load(args.bundle / "graphs" / "decoder.onnx", load_external_data=False)
+    model = source_graph(args.bundle)[0]
     spec = json.loads((args.bundle / "manifest.json").read_text())["model"]
     variants = {"as exported": "", **{f"without {op}": op for op in args.without}}
     library = None

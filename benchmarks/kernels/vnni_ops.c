@@ -278,7 +278,9 @@ static void compute(void *kernel, void *ctx) {
   size_t xn, wn;
   FN(GetInputFn, SLOT_GET_INPUT)(ctx, 0, &vx);
   FN(GetInputFn, SLOT_GET_INPUT)(ctx, 2, &v1);
-  if (shape_of(vx, xd, 2, &xn) || shape_of(v1, wd, 3, &wn) || xn != 2 || wn != 3 || kern->k > 64 || kern->block > 1024) return;
+  if (shape_of(vx, xd, 2, &xn) || shape_of(v1, wd, 3, &wn) || xn != 2 || wn != 3 || kern->k > 64 ||
+      kern->block > 1024 || xd[1] % 128 || xd[1] % kern->block || (wd[1] / 2) % 128 || (wd[1] / 2) % kern->block)
+    return; /* widths the activation layout or the blocks do not tile: not taken (no output) */
   void *vy;
   FN(GetOutputFn, SLOT_GET_OUTPUT)(ctx, 0, xd, 2, &vy);
   float *y;
@@ -348,7 +350,8 @@ static void dense_compute(void *kernel, void *ctx) {
   int64_t ad[8];
   size_t an;
   FN(GetInputFn, SLOT_GET_INPUT)(ctx, 0, &va);
-  if (shape_of(va, ad, 8, &an) || an < 1 || ad[an - 1] != kern->k) return;
+  if (shape_of(va, ad, 8, &an) || an < 1 || ad[an - 1] != kern->k || kern->k % kern->block || kern->k % 128)
+    return; /* a partial last block or a K the activation layout does not tile: not taken (no output) */
   int64_t rows = 1;
   for (size_t i = 0; i + 1 < an; ++i) rows *= ad[i];
   ad[an - 1] = kern->n;
