@@ -15,8 +15,9 @@ class of kernels the others find more of their weights in cache.
     .venv/bin/python benchmarks/step_split.py BUNDLE --without --custom moe dense heads moe+dense+heads \
         --llamacpp benchmarks/out/ds3bench.Q4_0.gguf
 
-``--custom`` adds variants that run the prototype AVX-512 VNNI kernels of benchmarks/kernels/vnni_ops.c (built
-here with gcc) in place of stock ones, and first prints how far one decode step's logits move; ``--llamacpp``
+``--custom`` adds variants (kinds joined by +: moe, dense, heads, mapped) that run the prototype AVX-512 VNNI
+kernels of benchmarks/kernels/vnni_ops.c (built here with gcc) in place of stock ones, and first prints how far
+one decode step's logits move; each variant's RSS (anonymous and file-backed) is printed with it; ``--llamacpp``
 adds llama-bench's generation at the same depth to every round, for its time per token beside the bare steps
 (which leave out dsedge's per-token Python work: 0.075 ms a token on ds3bench int4, session 19).
 
@@ -100,9 +101,11 @@ def with_custom_ops(model: onnx.ModelProto, graphs: Path, kinds: set[str]) -> by
     """The graph with the prototype kernels of benchmarks/kernels/vnni_ops.c in place of stock ones: "moe", every
     int4 QMoE as ``MoEInt4`` over the same inputs and attributes; "dense", every symmetric int4 MatMulNBits as
     ``MatMulInt4`` (same inputs) whose K is a multiple of 128 and of its block (V2-Lite's dense MLP, K = 10944,
-    keeps MatMulNBits); "heads", every absorbed-MLA per-head product
-    (QuantizeLinear per row → MatMulIntegerToFloat → Mul by the row scale) as one ``HeadMatMulU8`` over the
-    row's fp32 activations and the weights repacked to its layout. Nodes left without consumers are dropped."""
+    keeps MatMulNBits); "mapped" (with "moe"), MoEInt4's expert weights as graph inputs, fed from the bundle's
+    files memory-mapped (``mapped_feeds``): an offloaded expert read straight from its file; "heads", every
+    absorbed-MLA per-head product (QuantizeLinear per row → MatMulIntegerToFloat → Mul by the row scale) as one
+    ``HeadMatMulU8`` over the row's fp32 activations and the weights repacked to its layout. Nodes left without
+    consumers are dropped."""
     variant = copy.deepcopy(model)
     if "moe" in kinds:
         for n in variant.graph.node:
@@ -118,6 +121,11 @@ def with_custom_ops(model: onnx.ModelProto, graphs: Path, kinds: set[str]) -> by
                                             block_size=attrs["block_size"]))
     if "heads" in kinds:
         custom_head_products(variant, graphs)
+    if "mapped" in kinds:
+        for name in mapped_weights(variant):
+            tensor = next(t for t in variant.graph.initializer if t.name == name)
+            variant.graph.input.append(helper.make_tensor_value_info(name, tensor.data_type, list(tensor.dims)))
+            variant.graph.initializer.remove(tensor)
     drop_dead_nodes(variant.graph)
     variant.opset_import.append(helper.make_opsetid(CUSTOM_DOMAIN, 1))
     return variant.SerializeToString()
@@ -131,6 +139,25 @@ def custom_moe_node(n: onnx.NodeProto) -> onnx.NodeProto:
     return helper.make_node("MoEInt4", [inputs[i] for i in (0, 1, 2, 3, 5, 6, 14)], list(n.output), name=n.name,
                             domain=CUSTOM_DOMAIN, k=attrs["k"], block_size=attrs.get("block_size", 128),
                             normalize_routing_weights=attrs.get("normalize_routing_weights", 0))
+
+
+def mapped_weights(model: onnx.ModelProto) -> list[str]:
+    """The expert codes and scales every MoEInt4 of ``model`` reads (its inputs 2–5)."""
+    return [name for n in model.graph.node if n.op_type == "MoEInt4" for name in n.input[2:6]]
+
+
+def mapped_feeds(model: onnx.ModelProto, folder: Path) -> dict[str, np.ndarray]:
+    """Read-only np.memmap views of the stored bytes of every MoEInt4 weight (external data, as exported)."""
+    feeds = {}
+    tensors = {t.name: t for t in model.graph.initializer}
+    for name in mapped_weights(model):
+        tensor = tensors[name]
+        where = {e.key: e.value for e in tensor.external_data}
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            raise SystemExit(f"{name}: stored inside the graph, not in a file to map")
+        feeds[name] = np.memmap(folder / where["location"], helper.tensor_dtype_to_np_dtype(tensor.data_type), "r",
+                                int(where.get("offset", 0)), tuple(tensor.dims))
+    return feeds
 
 
 def custom_head_products(model: onnx.ModelProto, graphs: Path) -> None:
@@ -232,19 +259,26 @@ def source_graph(bundle: Path) -> tuple[onnx.ModelProto, Path]:
     raise SystemExit(f"{bundle}: the runtime did not compose this partitioned bundle into one graph")
 
 
-def variant_session(bundle: Path, op: str | None, threads: int, library: str | None) -> ort.InferenceSession:
+def variant_session(bundle: Path, op: str | None, threads: int, library: str | None,
+                    ) -> tuple[ort.InferenceSession, dict[str, np.ndarray]]:
+    """The variant's session, and the inputs it takes beyond a step's (memory-mapped expert weights)."""
     model, graphs = source_graph(bundle)
     if op and op.startswith(CUSTOM):
-        return session(with_custom_ops(model, graphs, set(op[len(CUSTOM):].split("+"))), graphs, threads, library)
-    return session(without(model, op), graphs, threads)
+        kinds = set(op[len(CUSTOM):].split("+"))
+        blob = with_custom_ops(model, graphs, kinds)
+        mapped = mapped_feeds(onnx.load_from_string(with_custom_ops(model, graphs, kinds - {"mapped"})), graphs) \
+            if "mapped" in kinds else {}
+        return session(blob, graphs, threads, library), mapped
+    return session(without(model, op), graphs, threads), {}
 
 
 def time_variant(bundle: Path, op: str | None, cached: int, steps: int, threads: int, library: str | None,
-                 new: int = 1) -> float:
+                 new: int = 1) -> tuple[float, dict[str, float]]:
     """ms per step of one variant (run in a process of its own: spinning pools of several sessions in one
-    process slow each other down, 2.7 → 3.3 ms a step with four alive)."""
-    sess = variant_session(bundle, op, threads, library)
-    feeds = decode_feeds(sess, cached, json.loads((bundle / "manifest.json").read_text())["max_context"], new)
+    process slow each other down, 2.7 → 3.3 ms a step with four alive), and the process's RSS then."""
+    sess, extra = variant_session(bundle, op, threads, library)
+    feeds = {**decode_feeds(sess, cached, json.loads((bundle / "manifest.json").read_text())["max_context"], new),
+             **extra}
     for _ in range(min(30, steps)):
         sess.run(None, feeds)
     best = []
@@ -253,16 +287,23 @@ def time_variant(bundle: Path, op: str | None, cached: int, steps: int, threads:
         for _ in range(steps):
             sess.run(None, feeds)
         best.append((time.perf_counter() - start) / steps * 1e3)
-    return float(np.median(best))
+    return float(np.median(best)), rss_gib()
+
+
+def rss_gib() -> dict[str, float]:
+    """This process's resident memory now, anonymous and file-backed (a mapped file's pages it touched)."""
+    status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
+    return {key: int(status[key].split()[0]) / 2**20 for key in ("RssAnon", "RssFile")}
 
 
 def custom_agreement(bundle: Path, variant: str, cached: int, threads: int, library: str, new: int = 1) -> str:
     """How far a custom-kernel variant's last logits are from the stock graph's, on the timing feeds."""
-    stock = variant_session(bundle, None, threads, None)
+    stock = variant_session(bundle, None, threads, None)[0]
     feeds = decode_feeds(stock, cached, json.loads((bundle / "manifest.json").read_text())["max_context"], new)
     want = stock.run(["logits"], feeds)[0]
     del stock
-    got = variant_session(bundle, variant, threads, library).run(["logits"], feeds)[0]
+    custom, extra = variant_session(bundle, variant, threads, library)
+    got = custom.run(["logits"], {**feeds, **extra})[0]
     argmax = "equal" if got.argmax() == want.argmax() else "DIFFERS"
     return (f"{variant} vs stock, {new} new after {cached} cached: max |Δlogit| {np.abs(got - want).max():.2e} "
             f"(logits up to {np.abs(want).max():.2f}), argmax {argmax}")
@@ -294,7 +335,9 @@ def main() -> None:
         if args.llamacpp:
             raise SystemExit("--llamacpp times generation only: leave out --prefill")
     if args.one is not None:
-        print(time_variant(args.bundle, args.one or None, args.cached, args.steps, args.threads, args.library, new))
+        ms, memory = time_variant(args.bundle, args.one or None, args.cached, args.steps, args.threads, args.library,
+                                  new)
+        print(json.dumps({"ms": ms, **memory}))
         return
 
     model = source_graph(args.bundle)[0]
@@ -308,6 +351,7 @@ def main() -> None:
             print(custom_agreement(args.bundle, CUSTOM + kinds, args.cached, args.threads, library, new),
                   file=sys.stderr)
     times: dict[str, list[float]] = {name: [] for name in variants}
+    memory: dict[str, dict] = {}  # the last round's RSS per variant (anonymous / file-backed)
     bandwidths = []
     if args.llamacpp:
         variants["llama.cpp"] = "llama.cpp"
@@ -322,7 +366,9 @@ def main() -> None:
             cmd = [sys.executable, __file__, str(args.bundle), "--one", variants[name], "--cached", str(args.cached),
                    "--steps", str(args.steps), "--threads", str(args.threads), *(["--prefill", str(new)] * (new > 1))]
             cmd += ["--library", library] if library else []
-            times[name].append(float(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout))
+            one = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
+            times[name].append(one["ms"])
+            memory[name] = one
         print(f"round {r + 1}/{args.rounds}: " + "  ".join(f"{n} {t[-1]:.3f}" for n, t in times.items()),
               file=sys.stderr, flush=True)
     step = float(np.median(times["as exported"]))
@@ -331,7 +377,7 @@ def main() -> None:
           f" read {min(bandwidths):.1f}–{max(bandwidths):.1f} GB/s (numpy probe), load {os.getloadavg()[0]:.2f}")
     unit = "ms/step" if new == 1 else f"ms/prefill of {new}"
     rate = f" → {read / step / 1e6:.1f} GB/s of weights" if new == 1 else ""
-    print(f"  as exported     {step:.3f} {unit} (median of {args.rounds}){rate}")
+    print(f"  as exported     {step:.3f} {unit} (median of {args.rounds}){rate}{rss(memory['as exported'])}")
     for name in list(variants)[1:]:
         median = float(np.median(times[name]))
         if name == "llama.cpp":
@@ -339,10 +385,15 @@ def main() -> None:
                   f"exported is {median / step:.2f}x its speed, without dsedge's per-token Python work)")
             continue
         if variants[name].startswith(CUSTOM):
-            print(f"  {name:15s} {median:.3f} {unit} (the step as exported is {step / median:.2f}x this)")
+            print(f"  {name:15s} {median:.3f} {unit} (the step as exported is {step / median:.2f}x this)"
+                  f"{rss(memory[name])}")
             continue
         print(f"  {name:15s} {median:.3f} {unit}: the {name[8:]} kernels cost {step - median:.3f} ms"
               f" ({(step - median) / step:.0%} of the step)")
+
+
+def rss(one: dict) -> str:
+    return f"; RSS {one['RssAnon']:.2f} GiB anonymous + {one['RssFile']:.2f} GiB file-backed"
 
 
 if __name__ == "__main__":
