@@ -15,7 +15,7 @@ class of kernels the others find more of their weights in cache.
     .venv/bin/python benchmarks/step_split.py BUNDLE --without --custom moe dense heads moe+dense+heads \
         --llamacpp benchmarks/out/ds3bench.Q4_0.gguf
 
-``--custom`` adds variants (kinds joined by +: moe, dense, heads, mapped) that run the prototype AVX-512 VNNI
+``--custom`` adds variants (kinds joined by +: moe, dense, heads, mapped, copied) that run the prototype AVX-512 VNNI
 kernels of benchmarks/kernels/vnni_ops.c (built here with gcc) in place of stock ones, and first prints how far
 one decode step's logits move; each variant's RSS (anonymous and file-backed) is printed with it; ``--llamacpp``
 adds llama-bench's generation at the same depth to every round, for its time per token beside the bare steps
@@ -102,7 +102,8 @@ def with_custom_ops(model: onnx.ModelProto, graphs: Path, kinds: set[str]) -> by
     int4 QMoE as ``MoEInt4`` over the same inputs and attributes; "dense", every symmetric int4 MatMulNBits as
     ``MatMulInt4`` (same inputs) whose K is a multiple of 128 and of its block (V2-Lite's dense MLP, K = 10944,
     keeps MatMulNBits); "mapped" (with "moe"), MoEInt4's expert weights as graph inputs, fed from the bundle's
-    files memory-mapped (``mapped_feeds``): an offloaded expert read straight from its file; "heads", every
+    files memory-mapped (``mapped_feeds``): an offloaded expert read straight from its file ("copied": the same,
+    copied into anonymous memory first); "heads", every
     absorbed-MLA per-head product (QuantizeLinear per row → MatMulIntegerToFloat → Mul by the row scale) as one
     ``HeadMatMulU8`` over the row's fp32 activations and the weights repacked to its layout. Nodes left without
     consumers are dropped."""
@@ -265,9 +266,13 @@ def variant_session(bundle: Path, op: str | None, threads: int, library: str | N
     model, graphs = source_graph(bundle)
     if op and op.startswith(CUSTOM):
         kinds = set(op[len(CUSTOM):].split("+"))
+        if "copied" in kinds:  # as "mapped", the views copied into anonymous memory first
+            kinds = kinds - {"copied"} | {"mapped"}
         blob = with_custom_ops(model, graphs, kinds)
         mapped = mapped_feeds(onnx.load_from_string(with_custom_ops(model, graphs, kinds - {"mapped"})), graphs) \
             if "mapped" in kinds else {}
+        if "copied" in op:
+            mapped = {name: np.array(view) for name, view in mapped.items()}
         return session(blob, graphs, threads, library), mapped
     return session(without(model, op), graphs, threads), {}
 

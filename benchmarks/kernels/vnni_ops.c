@@ -9,7 +9,7 @@
  *   up rows interleaved, swiglu_fusion=1; codes q in 0..15, two per byte, low nibble first; w = (q - 8) · s).
  *
  *   com.dsedge.bench::MatMulInt4(a float [..., K], b uint8 [N, K/B, B/2], scales float [N · K/B]) -> y [..., N]
- *   attributes K, N, block_size: MatMulNBits' symmetric 4-bit layout (no zero points), one row of a at a time.
+ *   attributes K, N, block_size: MatMulNBits' symmetric 4-bit layout (no zero points); rows of a tiled.
  *
  *   com.dsedge.bench::HeadMatMulU8(a float [B, Hd, T, K], w uint8 [Hd, K/4, N, 4], s float [Hd, N])
  *                                  -> y float [B, Hd, T, N],  y = a · ((w − 128) · s) per head
@@ -33,6 +33,9 @@
  * output unset, which onnxruntime reports as a missing output: version-1 KernelCompute has no status to
  * return (KernelComputeV2 would), one of the things a shipped version must add. */
 #include <math.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdio.h>
 #include <stdlib.h>
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
 #include <immintrin.h>
@@ -241,9 +244,38 @@ static void fc2_unit(void *usr, size_t unit) {
   }
 }
 
+/* Units spread over onnxruntime's intra-op pool. Each unit also counts whether a thread other than the caller ran
+ * it: with DSEDGE_VNNI_STATS set, the totals go to stderr when the library unloads (is the second core used?). */
+typedef struct {
+  void (*fn)(void *, size_t);
+  void *usr;
+  pthread_t caller;
+} Spread;
+
+static atomic_long g_units, g_worker_units;
+
+static void spread_unit(void *usr, size_t unit) {
+  const Spread *spread = (const Spread *)usr;
+  atomic_fetch_add_explicit(&g_units, 1, memory_order_relaxed);
+  if (!pthread_equal(pthread_self(), spread->caller))
+    atomic_fetch_add_explicit(&g_worker_units, 1, memory_order_relaxed);
+  spread->fn(spread->usr, unit);
+}
+
+static void parallel_for(void *ctx, void (*fn)(void *, size_t), size_t units, void *usr) {
+  Spread spread = {fn, usr, pthread_self()};
+  if (FN(ParallelForFn, SLOT_PARALLEL_FOR)(ctx, spread_unit, units, 0, &spread))
+    for (size_t u = 0; u < units; ++u) fn(usr, u);
+}
+
+__attribute__((destructor)) static void report_spread(void) {
+  if (getenv("DSEDGE_VNNI_STATS") && atomic_load(&g_units))
+    fprintf(stderr, "vnni_ops: %ld of %ld units ran on a worker thread\n", atomic_load(&g_worker_units),
+            atomic_load(&g_units));
+}
+
 static void run_phase(void *ctx, void (*fn)(void *, size_t), size_t units, Job *job) {
-  if (FN(ParallelForFn, SLOT_PARALLEL_FOR)(ctx, fn, units, 0, job))
-    for (size_t u = 0; u < units; ++u) fn(job, u);
+  parallel_for(ctx, fn, units, job);
 }
 
 /* DeepSeek's choice as QMoE makes it: top-k of probs, weights gathered (normalised when asked), routes of
@@ -316,27 +348,80 @@ static void compute(void *kernel, void *ctx) {
 }
 
 /* --- dense int4 products ----------------------------------------------------------------------------------- */
-/* MatMulNBits' symmetric 4-bit layout (B uint8 [N, K/B, B/2], scales [N · K/B], zero point 8), one row of A at
- * a time: a decode-step kernel. Every row of A reads all of B again, so many rows (prefill) want a tiled GEMM
- * this prototype does not have. */
+/* MatMulNBits' symmetric 4-bit layout (B uint8 [N, K/B, B/2], scales [N · K/B], zero point 8). Many rows of A
+ * (prefill) are tiled: a work unit keeps its run of weight rows in cache while blocks of ROW_BLOCK activation
+ * rows pass over them, two rows per pass (each unpacked code vector serves both). */
 typedef struct {
   const uint8_t *w;
   const float *s;
   float *y;
-  int64_t k, n, block;
-  QVec a;
+  int64_t k, n, block, rows;
+  QVec *a; /* one per row of A */
 } DenseJob;
 
 #define DENSE_UNITS 16 /* ParallelFor work items: runs of 4-row groups */
+#define ROW_BLOCK 16   /* activation rows (int8) that stay in L2 while a unit's weight rows pass */
+
+/* dot4 for two activation vectors at once, into a0 and a1. */
+static void dot4x2(const uint8_t *w, int64_t row_bytes, const float *s, int64_t n, int64_t block, const QVec *v0,
+                   const QVec *v1, Acc4 *a0, Acc4 *a1) {
+#ifdef HAVE_VNNI
+  if (block % 128 == 0) {
+    const int64_t blocks = n / block;
+    const __m512i low = _mm512_set1_epi8(0x0F);
+    for (int r = 0; r < 4; ++r)
+      for (int64_t b = 0; b < blocks; ++b) {
+        a0->zero[r] += s[r * blocks + b] * v0->zero[b];
+        a1->zero[r] += s[r * blocks + b] * v1->zero[b];
+      }
+    for (int64_t b = 0; b < blocks; ++b) {
+      __m512i d0[4], d1[4];
+      for (int r = 0; r < 4; ++r) d0[r] = d1[r] = _mm512_setzero_si512();
+      for (int64_t c = b * block / 128; c < (b + 1) * block / 128; ++c) {
+        const __m512i e0 = _mm512_loadu_si512(v0->q + c * 128), o0 = _mm512_loadu_si512(v0->q + c * 128 + 64);
+        const __m512i e1 = _mm512_loadu_si512(v1->q + c * 128), o1 = _mm512_loadu_si512(v1->q + c * 128 + 64);
+        for (int r = 0; r < 4; ++r) {
+          const __m512i codes = _mm512_loadu_si512(w + r * row_bytes + c * 64);
+          const __m512i lo = _mm512_and_si512(codes, low), hi = _mm512_and_si512(_mm512_srli_epi16(codes, 4), low);
+          d0[r] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(d0[r], lo, e0), hi, o0);
+          d1[r] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(d1[r], lo, e1), hi, o1);
+        }
+      }
+      for (int r = 0; r < 4; ++r) {
+        const float sw = s[r * blocks + b];
+        a0->lanes[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d0[r]), _mm512_set1_ps(sw * v0->scale[b]), a0->lanes[r]);
+        a1->lanes[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d1[r]), _mm512_set1_ps(sw * v1->scale[b]), a1->lanes[r]);
+      }
+    }
+    return;
+  }
+#endif
+  dot4(w, row_bytes, s, n, block, v0, 1.f, a0);
+  dot4(w, row_bytes, s, n, block, v1, 1.f, a1);
+}
 
 static void dense_unit(void *usr, size_t unit) {
   const DenseJob *j = (const DenseJob *)usr;
   const int64_t quads = j->n / 4, per = (quads + DENSE_UNITS - 1) / DENSE_UNITS, kb = j->k / j->block;
-  for (int64_t q = (int64_t)unit * per; q < quads && q < ((int64_t)unit + 1) * per; ++q) {
-    Acc4 acc;
-    acc4_init(&acc);
-    dot4(j->w + q * 4 * (j->k / 2), j->k / 2, j->s + q * 4 * kb, j->k, j->block, &j->a, 1.f, &acc);
-    acc4_store(&acc, j->y + q * 4);
+  const int64_t first = (int64_t)unit * per, last = first + per < quads ? first + per : quads;
+  for (int64_t r0 = 0; r0 < j->rows; r0 += ROW_BLOCK) {
+    const int64_t r1 = r0 + ROW_BLOCK < j->rows ? r0 + ROW_BLOCK : j->rows;
+    for (int64_t q = first; q < last; ++q) {
+      const uint8_t *w = j->w + q * 4 * (j->k / 2);
+      const float *s = j->s + q * 4 * kb;
+      for (int64_t r = r0; r < r1; r += 2) {
+        Acc4 acc0, acc1;
+        acc4_init(&acc0);
+        if (r + 1 < r1) {
+          acc4_init(&acc1);
+          dot4x2(w, j->k / 2, s, j->k, j->block, &j->a[r], &j->a[r + 1], &acc0, &acc1);
+          acc4_store(&acc1, j->y + (r + 1) * j->n + q * 4);
+        } else {
+          dot4(w, j->k / 2, s, j->k, j->block, &j->a[r], 1.f, &acc0);
+        }
+        acc4_store(&acc0, j->y + r * j->n + q * 4);
+      }
+    }
   }
 }
 
@@ -357,20 +442,22 @@ static void dense_compute(void *kernel, void *ctx) {
   ad[an - 1] = kern->n;
   void *vy;
   FN(GetOutputFn, SLOT_GET_OUTPUT)(ctx, 0, ad, an, &vy);
-  DenseJob job = {.w = data_of(ctx, 1), .s = data_of(ctx, 2), .k = kern->k, .n = kern->n, .block = kern->block};
-  float *y, *a = data_of(ctx, 0);
-  FN(MutableDataFn, SLOT_TENSOR_MUTABLE_DATA)(vy, (void **)&y);
+  DenseJob job = {.w = data_of(ctx, 1), .s = data_of(ctx, 2), .k = kern->k, .n = kern->n, .block = kern->block,
+                  .rows = rows};
+  const float *a = data_of(ctx, 0);
+  FN(MutableDataFn, SLOT_TENSOR_MUTABLE_DATA)(vy, (void **)&job.y);
   const int64_t kb = job.k / job.block;
-  char *arena = malloc((size_t)job.k + 2 * sizeof(float) * (size_t)kb + 64);
-  job.a.scale = (float *)arena;
-  job.a.zero = job.a.scale + kb;
-  job.a.q = (int8_t *)(job.a.zero + kb);
+  /* every row quantized first: per row K int8 and kb scales and zero-point terms */
+  char *arena = malloc((size_t)rows * ((size_t)job.k + 2 * sizeof(float) * (size_t)kb) + 64);
+  job.a = malloc(sizeof(QVec) * (size_t)rows);
+  float *floats = (float *)arena;
+  int8_t *ints = (int8_t *)(floats + 2 * kb * rows);
   for (int64_t r = 0; r < rows; ++r) {
-    for (int64_t b = 0; b < kb; ++b) quantize_block(a + r * job.k + b * job.block, job.block, b, &job.a);
-    job.y = y + r * job.n;
-    if (FN(ParallelForFn, SLOT_PARALLEL_FOR)(ctx, dense_unit, DENSE_UNITS, 0, &job))
-      for (size_t u = 0; u < DENSE_UNITS; ++u) dense_unit(&job, u);
+    job.a[r] = (QVec){ints + r * job.k, floats + 2 * kb * r, floats + 2 * kb * r + kb};
+    for (int64_t b = 0; b < kb; ++b) quantize_block(a + r * job.k + b * job.block, job.block, b, &job.a[r]);
   }
+  parallel_for(ctx, dense_unit, DENSE_UNITS, &job);
+  free(job.a);
   free(arena);
 }
 
@@ -450,8 +537,7 @@ static void head_compute(void *kernel, void *ctx) {
   HeadJob job = {.a = data_of(ctx, 0), .w = data_of(ctx, 1), .s = data_of(ctx, 2), .batch = ad[0],
                  .heads = ad[1], .rows = ad[2], .k = ad[3], .n = wd[2]};
   FN(MutableDataFn, SLOT_TENSOR_MUTABLE_DATA)(vy, (void **)&job.y);
-  if (FN(ParallelForFn, SLOT_PARALLEL_FOR)(ctx, head_unit, (size_t)job.heads, 0, &job))
-    for (int64_t h = 0; h < job.heads; ++h) head_unit(&job, (size_t)h);
+  parallel_for(ctx, head_unit, (size_t)job.heads, &job);
 }
 
 /* --- registration ------------------------------------------------------------------------------------------ */
