@@ -193,6 +193,9 @@ static void swiglu(const float *gate_up, int64_t n, float *out) {
   for (; i < n; ++i) out[i] = gate_up[2 * i] / (1.f + expf(-gate_up[2 * i])) * gate_up[2 * i + 1];
 }
 
+static void dot4x2(const uint8_t *w, int64_t row_bytes, const float *s, int64_t n, int64_t block, const QVec *v0,
+                   const QVec *v1, Acc4 *a0, Acc4 *a1);
+
 /* --- the layer --------------------------------------------------------------------------------------------- */
 typedef struct {
   int64_t k, block, normalize;
@@ -278,6 +281,76 @@ static void run_phase(void *ctx, void (*fn)(void *, size_t), size_t units, Job *
   parallel_for(ctx, fn, units, job);
 }
 
+/* Many tokens (prefill): routes grouped by expert, so each chosen expert's weights are read once for all its
+ * tokens (two tokens per unpacked code vector), instead of once per token. */
+typedef struct {
+  const uint8_t *fc1, *fc2;
+  const float *s1, *s2;
+  int64_t hidden, inter, block, n_active;
+  const int64_t *active, *offset, *route_token; /* experts with routes; their routes [offset[a], offset[a+1]) */
+  const float *route_weight;
+  QVec *x, *h;                                   /* per token; per route */
+  float *gate_up, *y;                            /* per route [2I]; per token [H] */
+} Batch;
+
+static void fc1_batch_unit(void *usr, size_t unit) {
+  const Batch *j = (const Batch *)usr;
+  const int64_t per_expert = j->inter / j->block, a = (int64_t)unit / per_expert, b = (int64_t)unit % per_expert;
+  const int64_t hb = j->hidden / j->block, first = 2 * b * j->block, e = j->active[a], i2 = 2 * j->inter;
+  const int64_t r0 = j->offset[a], r1 = j->offset[a + 1];
+  for (int64_t row = first; row < first + 2 * j->block; row += 4) {
+    const int64_t at = e * i2 + row;
+    const uint8_t *w = j->fc1 + at * (j->hidden / 2);
+    const float *s = j->s1 + at * hb;
+    for (int64_t r = r0; r < r1; r += 2) {
+      Acc4 acc0, acc1;
+      acc4_init(&acc0);
+      if (r + 1 < r1) {
+        acc4_init(&acc1);
+        dot4x2(w, j->hidden / 2, s, j->hidden, j->block, &j->x[j->route_token[r]], &j->x[j->route_token[r + 1]],
+               &acc0, &acc1);
+        acc4_store(&acc1, j->gate_up + (r + 1) * i2 + row);
+      } else {
+        dot4(w, j->hidden / 2, s, j->hidden, j->block, &j->x[j->route_token[r]], 1.f, &acc0);
+      }
+      acc4_store(&acc0, j->gate_up + r * i2 + row);
+    }
+  }
+  float act[1024];
+  for (int64_t r = r0; r < r1; ++r) {
+    swiglu(j->gate_up + r * i2 + first, j->block, act);
+    quantize_block(act, j->block, b, &j->h[r]);
+  }
+}
+
+static void fc2_batch_unit(void *usr, size_t unit) {
+  const Batch *j = (const Batch *)usr;
+  const int64_t quads = j->hidden / 4, per = (quads + FC2_UNITS - 1) / FC2_UNITS, ib = j->inter / j->block;
+  for (int64_t q = (int64_t)unit * per; q < quads && q < ((int64_t)unit + 1) * per; ++q)
+    for (int64_t a = 0; a < j->n_active; ++a) {
+      const int64_t at = j->active[a] * j->hidden + q * 4;
+      const uint8_t *w = j->fc2 + at * (j->inter / 2);
+      const float *s = j->s2 + at * ib;
+      for (int64_t r = j->offset[a]; r < j->offset[a + 1]; r += 2) {
+        const int two = r + 1 < j->offset[a + 1];
+        Acc4 acc0, acc1;
+        float out0[4], out1[4];
+        acc4_init(&acc0);
+        acc4_init(&acc1);
+        if (two)
+          dot4x2(w, j->inter / 2, s, j->inter, j->block, &j->h[r], &j->h[r + 1], &acc0, &acc1);
+        else
+          dot4(w, j->inter / 2, s, j->inter, j->block, &j->h[r], 1.f, &acc0);
+        acc4_store(&acc0, out0);
+        acc4_store(&acc1, out1);
+        for (int i = 0; i < 4; ++i) {
+          j->y[j->route_token[r] * j->hidden + q * 4 + i] += j->route_weight[r] * out0[i];
+          if (two) j->y[j->route_token[r + 1] * j->hidden + q * 4 + i] += j->route_weight[r + 1] * out1[i];
+        }
+      }
+    }
+}
+
 /* DeepSeek's choice as QMoE makes it: top-k of probs, weights gathered (normalised when asked), routes of
  * weight ≤ 1e-8 skipped. */
 static void choose(const Kernel *kern, const float *probs, const float *weights, int64_t n_experts, Job *job) {
@@ -301,6 +374,59 @@ static void choose(const Kernel *kern, const float *probs, const float *weights,
     job->experts[job->active] = picked[i];
     job->weights[job->active++] = wt;
   }
+}
+
+/* T > 1 tokens: every token's choice, routes grouped by expert (a counting sort), then the two batched phases. */
+static void compute_batch(const Kernel *kern, void *ctx, Job *one, const float *x, const float *probs,
+                          const float *weights, int64_t n_experts, int64_t tokens, float *y) {
+  const int64_t h = one->hidden, inter = one->inter, block = one->block, k = kern->k;
+  int64_t *count = calloc((size_t)n_experts + 1, sizeof(int64_t)), *token_of = malloc(sizeof(int64_t) * tokens * k);
+  int64_t *expert_of = malloc(sizeof(int64_t) * tokens * k);
+  float *weight_of = malloc(sizeof(float) * tokens * k);
+  int64_t routes = 0;
+  for (int64_t t = 0; t < tokens; ++t) {
+    choose(kern, probs + t * n_experts, weights + t * n_experts, n_experts, one);
+    for (int64_t s = 0; s < one->active; ++s, ++routes) {
+      token_of[routes] = t;
+      expert_of[routes] = one->experts[s];
+      weight_of[routes] = one->weights[s];
+      ++count[one->experts[s]];
+    }
+  }
+  int64_t *active = malloc(sizeof(int64_t) * (n_experts + 1)), *offset = malloc(sizeof(int64_t) * (n_experts + 2));
+  int64_t *slot_of = malloc(sizeof(int64_t) * n_experts), n_active = 0;
+  offset[0] = 0;
+  for (int64_t e = 0; e < n_experts; ++e)
+    if (count[e]) { slot_of[e] = n_active; active[n_active] = e; offset[n_active + 1] = offset[n_active] + count[e];
+                    ++n_active; }
+  int64_t *fill = calloc((size_t)n_active + 1, sizeof(int64_t)), *route_token = malloc(sizeof(int64_t) * (routes + 1));
+  float *route_weight = malloc(sizeof(float) * (routes + 1));
+  for (int64_t r = 0; r < routes; ++r) {
+    const int64_t a = slot_of[expert_of[r]], at = offset[a] + fill[a]++;
+    route_token[at] = token_of[r];
+    route_weight[at] = weight_of[r];
+  }
+  const int64_t hb = h / block, ib = inter / block;
+  QVec *xs = malloc(sizeof(QVec) * tokens), *hs = malloc(sizeof(QVec) * (routes + 1));
+  int8_t *xq = malloc((size_t)(tokens * h)), *hq = malloc((size_t)((routes + 1) * inter));
+  float *xf = malloc(sizeof(float) * tokens * 2 * hb), *hf = malloc(sizeof(float) * (routes + 1) * 2 * ib);
+  float *gate_up = malloc(sizeof(float) * (routes + 1) * 2 * inter);
+  for (int64_t t = 0; t < tokens; ++t) {
+    xs[t] = (QVec){xq + t * h, xf + t * 2 * hb, xf + t * 2 * hb + hb};
+    for (int64_t b = 0; b < hb; ++b) quantize_block(x + t * h + b * block, block, b, &xs[t]);
+  }
+  for (int64_t r = 0; r < routes; ++r) hs[r] = (QVec){hq + r * inter, hf + r * 2 * ib, hf + r * 2 * ib + ib};
+  memset(y, 0, sizeof(float) * (size_t)(tokens * h));
+  Batch batch = {.fc1 = one->fc1, .fc2 = one->fc2, .s1 = one->s1, .s2 = one->s2, .hidden = h, .inter = inter,
+                 .block = block, .n_active = n_active, .active = active, .offset = offset,
+                 .route_token = route_token, .route_weight = route_weight, .x = xs, .h = hs, .gate_up = gate_up,
+                 .y = y};
+  if (n_active) {
+    parallel_for(ctx, fc1_batch_unit, (size_t)(n_active * ib), &batch);
+    parallel_for(ctx, fc2_batch_unit, FC2_UNITS, &batch);
+  }
+  free(gate_up); free(hf); free(xf); free(hq); free(xq); free(hs); free(xs); free(route_weight); free(route_token);
+  free(fill); free(slot_of); free(offset); free(active); free(weight_of); free(expert_of); free(token_of); free(count);
 }
 
 static void compute(void *kernel, void *ctx) {
@@ -336,6 +462,11 @@ static void compute(void *kernel, void *ctx) {
   int8_t *ints = (int8_t *)floats;
   job.x.q = ints; ints += h;
   for (int64_t s = 0; s < kern->k; ++s) { job.h[s].q = ints; ints += job.inter; }
+  if (xd[0] > 1) {
+    free(arena);
+    compute_batch(kern, ctx, &job, x, probs, weights, n_experts, xd[0], y);
+    return;
+  }
   for (int64_t t = 0; t < xd[0]; ++t) {
     choose(kern, probs + t * n_experts, weights + t * n_experts, n_experts, &job);
     job.y = y + t * h;
