@@ -6,6 +6,7 @@ process, 2 threads with spinning unless told otherwise; medians of rounds.
     .venv/bin/python benchmarks/ort_probes.py head-products     # MatMulIntegerToFloat, 3-D per-head B vs 2-D B
     .venv/bin/python benchmarks/ort_probes.py qmoe [--block 128] # QMoE's 4 of 32 experts vs MatMulNBits, same bytes
     .venv/bin/python benchmarks/ort_probes.py moe-kernel        # the prototype MoEInt4 kernel vs QMoE, same weights
+    .venv/bin/python benchmarks/ort_probes.py kernel-agreement  # MatMulInt4 / MoEInt4 vs the stock ops and numpy
 
 - dispatch: chains of 1 and 201 links on a [1, 1, 1024] tensor (Add, Reshape, or Reshape then Mul), no graph
   optimisation; the difference per kernel is the executor's cost of one more small node.
@@ -21,9 +22,12 @@ process, 2 threads with spinning unless told otherwise; medians of rounds.
   fresh random choice per call, against the bytes of 4 experts as one MatMulNBits pair (fc1 4096 × 1024, fc2
   1024 × 2048): what QMoE's per-expert GEMVs cost over the same weights read as two large ones. onnxruntime's
   QMoE environment switches (ORT_QMOE_CPU_QNBIT_GEMM, ORT_USE_MLAS_Q4_GEMM_MOE, ...) apply when set around it.
-- moe-kernel: the same layer as QMoE, as the prototype MoEInt4 (weights as initializers and as inputs) and as the
-  MatMulNBits pair, each checked against fp32 numpy over the dequantized experts. Its 26 MB of experts mostly sit
-  in this VM's 32 MB L3, so this compares compute, not memory: step_split.py --custom times it in a real step.
+- moe-kernel: the same layer as QMoE and as the prototype MoEInt4 (weights as initializers and as inputs), each
+  checked against fp32 numpy over the dequantized experts, then the MatMulNBits pair over the same bytes (timed).
+  Its 26 MB of experts mostly sit in this VM's 32 MB L3, so this compares compute, not memory: step_split.py
+  --custom times the kernels in a real step.
+- kernel-agreement: MatMulInt4 and MoEInt4 (one token, and many grouped by expert) against MatMulNBits and QMoE
+  and a float numpy transcription of both.
 """
 
 from __future__ import annotations
@@ -189,7 +193,10 @@ def mapped_experts_us(sess: ort.InferenceSession, x: np.ndarray, feeds: dict, w:
             views[n] = mapped[at:at + a.nbytes].view(a.dtype).reshape(a.shape)
             at += a.nbytes
         cycle.append({"x": x, **feeds, **views})
-    return run_us(sess, cycle, 64)
+    us = run_us(sess, cycle, 64)
+    del cycle, mapped
+    path.unlink()
+    return us
 
 
 def head_products() -> None:
@@ -227,30 +234,24 @@ def head_products() -> None:
         print(f"H {heads} K {k} N {n}: " + ", ".join(f"{label} {us:.1f} µs" for label, us in times.items()))
 
 
+def layer_weights(experts: int, hidden: int, inter: int, block: int) -> dict[str, np.ndarray]:
+    """A MoE layer's routed experts in QMoE's stored layout: random int4 codes and block scales."""
+    return {"c1": int4_codes(experts, 2 * inter, hidden), "s1": block_scales(experts, 2 * inter, hidden // block),
+            "c2": int4_codes(experts, hidden, inter), "s2": block_scales(experts, hidden, inter // block)}
+
+
 def qmoe(block: int) -> None:
     hidden, inter, experts, k = 1024, 512, 32, 4
     x = RNG.standard_normal((1, hidden), np.float32)
-    w = {"c1": int4_codes(experts, 2 * inter, hidden), "s1": block_scales(experts, 2 * inter, hidden // block),
-         "c2": int4_codes(experts, hidden, inter), "s2": block_scales(experts, hidden, inter // block)}
+    w = layer_weights(experts, hidden, inter, block)
     routing = [value(n, FLOAT, ["N", experts]) for n in ("p", "w")]
     moe = session(model([qmoe_node(k, block, "w", 1)], [value("x", FLOAT, ["N", hidden]), *routing],
                         [value("y", FLOAT, None)], w))[0]
-
-    def choice():
-        probs = np.full((1, experts), -np.inf, np.float32)
-        probs[0, RNG.choice(experts, k, replace=False)] = RNG.random(k)
-        return {"x": x, "p": probs, "w": np.where(np.isinf(probs), 0, probs).astype(np.float32)}
-
-    moe_us = run_us(moe, [choice() for _ in range(40)], 400, 7)
+    moe_us = run_us(moe, [qmoe_choice(x, experts, k) for _ in range(40)], 400, 7)
     del moe  # one spinning session at a time: several slow each other down
-    inits = {"z": np.array([0]), "half": np.array([k * inter]), "axis": np.array([1])}
-    nodes = [int4_product(inits, "fc1", 2 * inter * k, hidden, "x", "h", block),
-             helper.make_node("Slice", ["h", "z", "half", "axis"], ["h2"]),
-             int4_product(inits, "fc2", hidden, inter * k, "h2", "y", block)]
-    pair = session(model(nodes, [value("x", FLOAT, ["N", hidden])], [value("y", FLOAT, None)], inits))[0]
     expert_bytes = k * 3 * inter * hidden * (0.5 + 4 / block)
     for label, us in (("QMoE, 4 of 32 experts", moe_us),
-                      ("MatMulNBits pair, same bytes", run_us(pair, {"x": x}, 400, 7))):
+                      ("MatMulNBits pair, same bytes", pair_us(x, hidden, inter, k, block))):
         print(f"{label:30s} block {block}: {us:.1f} µs a call ({expert_bytes / us / 1e3:.1f} GB/s of weights)")
 
 
@@ -263,15 +264,6 @@ def build_custom_ops() -> Path:
     subprocess.run(["gcc", "-O3", "-march=native", "-fPIC", "-shared", "-o", str(library), str(KERNEL), "-lm"],
                    check=True)
     return library
-
-
-def custom_session(blob: bytes, library: Path) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 2
-    options.add_session_config_entry("session.intra_op.allow_spinning", "1")
-    options.log_severity_level = 3
-    options.register_custom_ops_library(str(library))
-    return ort.InferenceSession(blob, options, providers=["CPUExecutionProvider"])
 
 
 def dequantized(codes: np.ndarray, scales: np.ndarray) -> np.ndarray:
@@ -295,8 +287,7 @@ def moe_kernel(block: int) -> None:
     hidden, inter, experts, k = 1024, 512, 32, 4
     library = build_custom_ops()
     x = RNG.standard_normal((1, hidden), np.float32)
-    w = {"c1": int4_codes(experts, 2 * inter, hidden), "s1": block_scales(experts, 2 * inter, hidden // block),
-         "c2": int4_codes(experts, hidden, inter), "s2": block_scales(experts, hidden, inter // block)}
+    w = layer_weights(experts, hidden, inter, block)
     routing = [value(n, FLOAT, ["N", experts]) for n in ("p", "w")]
     choices = [qmoe_choice(x, experts, k) for _ in range(40)]
     custom = helper.make_node("MoEInt4", ["x", "p", "c1", "s1", "c2", "s2", "w"], ["y"], domain="com.dsedge.bench",
@@ -311,7 +302,7 @@ def moe_kernel(block: int) -> None:
     ref = moe_reference(x, chosen, check["w"][0, chosen] / check["w"][0, chosen].sum(), w)
     expert_bytes = k * 3 * inter * hidden * (0.5 + 4 / block)
     for label, (blob, lib) in blobs.items():
-        sess = custom_session(blob, lib) if lib else session(blob)[0]
+        sess = session(blob, library=lib)[0]
         got = sess.run(None, feeds.get(label, choices)[0])[0]
         us = run_us(sess, feeds.get(label, choices), 400, 7)
         error = float(np.abs(got - ref).max() / np.abs(ref).max())
@@ -328,10 +319,48 @@ def custom_model(node, hidden: int, routing: list, w: dict, as_inputs: bool) -> 
 
 
 def qmoe_choice(x: np.ndarray, experts: int, k: int) -> dict:
-    """A fresh random choice of k experts: probs −inf elsewhere, weights 0 elsewhere."""
-    probs = np.full((1, experts), -np.inf, np.float32)
-    probs[0, RNG.choice(experts, k, replace=False)] = RNG.random(k)
+    """A fresh random choice of k experts for each row of x: probs −inf elsewhere, weights 0 elsewhere."""
+    probs = np.full((len(x), experts), -np.inf, np.float32)
+    for row in probs:
+        row[RNG.choice(experts, k, replace=False)] = RNG.random(k)
     return {"x": x, "p": probs, "w": np.where(np.isinf(probs), 0, probs).astype(np.float32)}
+
+
+def kernel_agreement() -> None:
+    """The prototype kernels against the stock ops they replace and a float numpy transcription of both (the
+    weights dequantized, the activations in fp32), max |difference| per case: MatMulInt4 vs MatMulNBits over
+    [1, T, K] inputs, MoEInt4 (one token, and T tokens grouped by expert) vs QMoE with a fresh choice per token."""
+    library = build_custom_ops()
+    for k, n in ((1024, 672), (2816, 1024), (8960, 1536)):
+        inits = {}
+        stock_node = int4_product(inits, "w", n, k, "x", "y", 128)
+        custom_node = helper.make_node("MatMulInt4", ["x", "w.q", "w.s"], ["y"], domain="com.dsedge.bench", K=k, N=n,
+                                       block_size=128)
+        io = ([value("x", FLOAT, [1, "T", k])], [value("y", FLOAT, None)])
+        stock = session(model([stock_node], *io, inits))[0]
+        custom = session(model([custom_node], *io, inits), library=library)[0]
+        weights = dequantized(inits["w.q"].reshape(n, k // 2), inits["w.s"].reshape(n, k // 128))
+        for t in (1, 2, 7, 8, 33, 512):
+            x = RNG.standard_normal((1, t, k), np.float32)
+            a, b, ref = stock.run(None, {"x": x})[0], custom.run(None, {"x": x})[0], x @ weights.T
+            print(f"MatMulInt4 K {k} N {n} T {t:3d}: vs MatMulNBits {np.abs(a - b).max():.1e}, vs fp32 numpy "
+                  f"{np.abs(b - ref).max():.1e} (MatMulNBits {np.abs(a - ref).max():.1e}, "
+                  f"|y| up to {np.abs(ref).max():.2f})")
+    hidden, inter, experts, k = 1024, 512, 32, 4
+    w = layer_weights(experts, hidden, inter, 128)
+    routing = [value(n, FLOAT, ["N", experts]) for n in ("p", "w")]
+    stock = session(model([qmoe_node(k, 128, "w", 1)], [value("x", FLOAT, ["N", hidden]), *routing],
+                          [value("y", FLOAT, None)], w))[0]
+    node = helper.make_node("MoEInt4", ["x", "p", "c1", "s1", "c2", "s2", "w"], ["y"], domain="com.dsedge.bench",
+                            k=k, block_size=128, normalize_routing_weights=1)
+    custom = session(custom_model(node, hidden, routing, w, as_inputs=False), library=library)[0]
+    for t in (1, 2, 3, 8, 64):
+        feeds = qmoe_choice(RNG.standard_normal((t, hidden), np.float32), experts, k)
+        a, b = stock.run(None, feeds)[0], custom.run(None, feeds)[0]
+        ref = np.concatenate([moe_reference(feeds["x"][i:i + 1], np.flatnonzero(row), row[row > 0] / row.sum(), w)
+                              for i, row in enumerate(feeds["w"])])
+        print(f"MoEInt4 T {t:2d}: vs QMoE {np.abs(a - b).max():.1e}, vs fp32 numpy {np.abs(b - ref).max():.1e} "
+              f"(QMoE {np.abs(a - ref).max():.1e}, |y| up to {np.abs(ref).max():.1e})")
 
 
 def pair_us(x: np.ndarray, hidden: int, inter: int, k: int, block: int) -> float:
@@ -347,13 +376,15 @@ def pair_us(x: np.ndarray, hidden: int, inter: int, k: int, block: int) -> float
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("probe", choices=["dispatch", "expert-inputs", "head-products", "qmoe", "moe-kernel"])
+    parser.add_argument("probe", choices=["dispatch", "expert-inputs", "head-products", "qmoe", "moe-kernel",
+                                          "kernel-agreement"])
     parser.add_argument("--block", type=int, default=128, help="qmoe: the int4 block size")
     args = parser.parse_args()
     if args.probe in ("qmoe", "moe-kernel"):
         (qmoe if args.probe == "qmoe" else moe_kernel)(args.block)
     else:
-        {"dispatch": dispatch, "expert-inputs": expert_inputs, "head-products": head_products}[args.probe]()
+        {"dispatch": dispatch, "expert-inputs": expert_inputs, "head-products": head_products,
+         "kernel-agreement": kernel_agreement}[args.probe]()
 
 
 if __name__ == "__main__":

@@ -102,8 +102,7 @@ def with_custom_ops(model: onnx.ModelProto, graphs: Path, kinds: set[str]) -> by
     int4 QMoE as ``MoEInt4`` over the same inputs and attributes; "dense", every symmetric int4 MatMulNBits as
     ``MatMulInt4`` (same inputs) whose K is a multiple of 128 and of its block (V2-Lite's dense MLP, K = 10944,
     keeps MatMulNBits); "mapped" (with "moe"), MoEInt4's expert weights as graph inputs, fed from the bundle's
-    files memory-mapped (``mapped_feeds``): an offloaded expert read straight from its file ("copied": the same,
-    copied into anonymous memory first); "heads", every
+    files memory-mapped (``mapped_feeds``): an offloaded expert read straight from its file; "heads", every
     absorbed-MLA per-head product (QuantizeLinear per row → MatMulIntegerToFloat → Mul by the row scale) as one
     ``HeadMatMulU8`` over the row's fp32 activations and the weights repacked to its layout. Nodes left without
     consumers are dropped."""
@@ -115,7 +114,7 @@ def with_custom_ops(model: onnx.ModelProto, graphs: Path, kinds: set[str]) -> by
     if "dense" in kinds:
         for n in variant.graph.node:
             attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute}
-            whole = attrs.get("K", 1) % math.lcm(attrs.get("block_size", 1), 128) == 0  # the prototype's layout
+            whole = attrs.get("K", 1) % math.lcm(attrs.get("block_size", 1), 128) == 0 and attrs.get("N", 1) % 4 == 0
             if n.op_type == "MatMulNBits" and attrs.get("bits") == 4 and len([i for i in n.input if i]) == 3 and whole:
                 n.CopyFrom(helper.make_node("MatMulInt4", list(n.input[:3]), list(n.output), name=n.name,
                                             domain=CUSTOM_DOMAIN, K=attrs["K"], N=attrs["N"],
@@ -135,20 +134,24 @@ def with_custom_ops(model: onnx.ModelProto, graphs: Path, kinds: set[str]) -> by
 def custom_moe_node(n: onnx.NodeProto) -> onnx.NodeProto:
     attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute}
     inputs = list(n.input) + [""] * (15 - len(n.input))
-    if attrs.get("expert_weight_bits") != 4 or inputs[4] or inputs[7] or attrs.get("swiglu_fusion") != 1:
-        raise SystemExit(f"{n.name}: not an int4 QMoE in the layout MoEInt4 takes")
+    # biases (4, 7), fc3 (8-10), zero points (11-13) absent; router weights (14) given; blocks, not per-row scales
+    absent = any(inputs[i] for i in (4, *range(7, 14)))
+    if attrs.get("expert_weight_bits") != 4 or attrs.get("swiglu_fusion") != 1 or absent or not inputs[14] or \
+            attrs.get("block_size", 0) <= 0:
+        raise SystemExit(f"{n.name}: not an int4 block-wise QMoE in the layout MoEInt4 takes")
     return helper.make_node("MoEInt4", [inputs[i] for i in (0, 1, 2, 3, 5, 6, 14)], list(n.output), name=n.name,
-                            domain=CUSTOM_DOMAIN, k=attrs["k"], block_size=attrs.get("block_size", 128),
+                            domain=CUSTOM_DOMAIN, k=attrs["k"], block_size=attrs["block_size"],
                             normalize_routing_weights=attrs.get("normalize_routing_weights", 0))
 
 
 def mapped_weights(model: onnx.ModelProto) -> list[str]:
-    """The expert codes and scales every MoEInt4 of ``model`` reads (its inputs 2–5)."""
-    return [name for n in model.graph.node if n.op_type == "MoEInt4" for name in n.input[2:6]]
+    """The expert codes and scales every QMoE (its inputs 2, 3, 5, 6) or MoEInt4 (2–5) of ``model`` reads."""
+    picks = {"QMoE": (2, 3, 5, 6), "MoEInt4": (2, 3, 4, 5)}
+    return [n.input[i] for n in model.graph.node if n.op_type in picks for i in picks[n.op_type]]
 
 
 def mapped_feeds(model: onnx.ModelProto, folder: Path) -> dict[str, np.ndarray]:
-    """Read-only np.memmap views of the stored bytes of every MoEInt4 weight (external data, as exported)."""
+    """Read-only np.memmap views of the stored bytes of every routed-expert weight (external data, as exported)."""
     feeds = {}
     tensors = {t.name: t for t in model.graph.initializer}
     for name in mapped_weights(model):
@@ -173,7 +176,10 @@ def custom_head_products(model: onnx.ModelProto, graphs: Path) -> None:
         quant = producer.get(n.input[0]) if n.op_type == "MatMulIntegerToFloat" else None
         if quant is None or quant.op_type != "QuantizeLinear" or n.input[1] not in inits:
             continue
-        rescale = consumers[n.output[0]][0]  # the Mul by each row's scale
+        rescale = consumers[n.output[0]][0]  # the Mul by each row's scale, as the export writes it
+        if len(consumers[n.output[0]]) != 1 or rescale.op_type != "Mul" or quant.input[1] not in rescale.input or \
+                (len(n.input) > 5 and n.input[5]):
+            raise SystemExit(f"{n.name}: not the per-row int8 product chain HeadMatMulU8 replaces")
         weight = tensor_array(inits[n.input[1]], graphs)
         heads, k, cols = weight.shape
         packed = (weight.astype(np.int16) + 128).astype(np.uint8).reshape(heads, k // 4, 4, cols).transpose(0, 1, 3, 2)
@@ -266,14 +272,14 @@ def variant_session(bundle: Path, op: str | None, threads: int, library: str | N
     model, graphs = source_graph(bundle)
     if op and op.startswith(CUSTOM):
         kinds = set(op[len(CUSTOM):].split("+"))
-        if "copied" in kinds:  # as "mapped", the views copied into anonymous memory first
-            kinds = kinds - {"copied"} | {"mapped"}
-        blob = with_custom_ops(model, graphs, kinds)
-        mapped = mapped_feeds(onnx.load_from_string(with_custom_ops(model, graphs, kinds - {"mapped"})), graphs) \
-            if "mapped" in kinds else {}
-        if "copied" in op:
+        copied = "copied" in kinds  # as "mapped", the views copied into anonymous memory first
+        kinds = kinds - {"copied"} | ({"mapped"} if copied else set())
+        if "mapped" in kinds and "moe" not in kinds:
+            raise SystemExit(f"{op}: mapped and copied feed MoEInt4's weights, so they need moe")
+        mapped = mapped_feeds(model, graphs) if "mapped" in kinds else {}
+        if copied:
             mapped = {name: np.array(view) for name, view in mapped.items()}
-        return session(blob, graphs, threads, library), mapped
+        return session(with_custom_ops(model, graphs, kinds), graphs, threads, library), mapped
     return session(without(model, op), graphs, threads), {}
 
 
@@ -325,7 +331,8 @@ def main() -> None:
     parser.add_argument("--custom", nargs="*", default=[], metavar="KINDS",
                         help="also time the step with prototype kernels (benchmarks/kernels/vnni_ops.c) in place of "
                              "every int4 QMoE (moe), int4 MatMulNBits (dense), absorbed-MLA per-head product (heads);"
-                             " one variant per argument, kinds joined by + (moe+dense+heads)")
+                             " with moe, 'mapped' feeds the experts from memory-mapped bundle files and 'copied' from "
+                             "anonymous copies; one variant per argument, kinds joined by + (moe+dense+heads)")
     parser.add_argument("--llamacpp", type=Path, metavar="GGUF",
                         help="also run llama-bench's generation at the same depth on this GGUF in every round "
                              "(../shared/bench/llamacpp.sh), for its time per token beside the bare steps")

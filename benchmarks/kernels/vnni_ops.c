@@ -1,7 +1,7 @@
 /* Prototype onnxruntime custom ops with AVX-512 VNNI int8 dot products (issue 12 item 6, issue 13's miss path):
  * a benchmark, not shipped. `ort_probes.py moe-kernel` builds them (gcc -O3 -march=native) and times MoEInt4
- * beside com.microsoft::QMoE and a MatMulNBits pair over the same bytes; `step_split.py --custom-ops` swaps
- * them into a real bundle (every int4 QMoE, every absorbed-MLA per-head product) and times the decode step.
+ * beside com.microsoft::QMoE and a MatMulNBits pair over the same bytes; `step_split.py --custom` swaps them
+ * into a real bundle (every int4 QMoE, symmetric int4 MatMulNBits, absorbed-MLA per-head product) and times it.
  *
  *   com.dsedge.bench::MoEInt4(x float [T, H], probs float [T, E], fc1 uint8 [E, 2I, H/2], s1 float [E, 2I, H/B],
  *                             fc2 uint8 [E, H, I/2], s2 float [E, H, I/B], weights float [T, E]) -> y float [T, H]
@@ -121,7 +121,9 @@ static void dot4(const uint8_t *w, int64_t row_bytes, const float *s, int64_t n,
         const __m512i even = _mm512_loadu_si512(v->q + c * 128), odd = _mm512_loadu_si512(v->q + c * 128 + 64);
         for (int r = 0; r < 4; ++r) {
           /* the stream prefetcher stops at 4 KiB pages: fetch AHEAD row groups ahead by hand */
+#if AHEAD
           _mm_prefetch((const char *)(w + (4 * AHEAD + r) * row_bytes + c * 64), _MM_HINT_T0);
+#endif
           const __m512i codes = _mm512_loadu_si512(w + r * row_bytes + c * 64);
           d[r] = _mm512_dpbusd_epi32(d[r], _mm512_and_si512(codes, low), even);
           d[r] = _mm512_dpbusd_epi32(d[r], _mm512_and_si512(_mm512_srli_epi16(codes, 4), low), odd);
@@ -256,6 +258,7 @@ typedef struct {
 } Spread;
 
 static atomic_long g_units, g_worker_units;
+static int g_counting = -1; /* DSEDGE_VNNI_STATS read once; without it the units run uncounted */
 
 static void spread_unit(void *usr, size_t unit) {
   const Spread *spread = (const Spread *)usr;
@@ -266,20 +269,20 @@ static void spread_unit(void *usr, size_t unit) {
 }
 
 static void parallel_for(void *ctx, void (*fn)(void *, size_t), size_t units, void *usr) {
+  if (g_counting < 0) g_counting = getenv("DSEDGE_VNNI_STATS") != NULL;
   Spread spread = {fn, usr, pthread_self()};
-  if (FN(ParallelForFn, SLOT_PARALLEL_FOR)(ctx, spread_unit, units, 0, &spread))
+  OrtStatus *failed = g_counting ? FN(ParallelForFn, SLOT_PARALLEL_FOR)(ctx, spread_unit, units, 0, &spread)
+                                 : FN(ParallelForFn, SLOT_PARALLEL_FOR)(ctx, fn, units, 0, usr);
+  if (failed) /* (the status is not released: the prototype has no error path) */
     for (size_t u = 0; u < units; ++u) fn(usr, u);
 }
 
 __attribute__((destructor)) static void report_spread(void) {
-  if (getenv("DSEDGE_VNNI_STATS") && atomic_load(&g_units))
+  if (g_counting > 0 && atomic_load(&g_units))
     fprintf(stderr, "vnni_ops: %ld of %ld units ran on a worker thread\n", atomic_load(&g_worker_units),
             atomic_load(&g_units));
 }
 
-static void run_phase(void *ctx, void (*fn)(void *, size_t), size_t units, Job *job) {
-  parallel_for(ctx, fn, units, job);
-}
 
 /* Many tokens (prefill): routes grouped by expert, so each chosen expert's weights are read once for all its
  * tokens (two tokens per unpacked code vector), instead of once per token. */
@@ -376,6 +379,34 @@ static void choose(const Kernel *kern, const float *probs, const float *weights,
   }
 }
 
+/* Whether input index holds exactly count elements. */
+static int input_is(void *ctx, size_t index, int64_t count) {
+  const void *value;
+  int64_t dims[8];
+  size_t n;
+  FN(GetInputFn, SLOT_GET_INPUT)(ctx, index, &value);
+  if (shape_of(value, dims, 8, &n)) return 0;
+  int64_t total = 1;
+  for (size_t i = 0; i < n; ++i) total *= dims[i];
+  return total == count;
+}
+
+/* MoEInt4's inputs as its layout needs them: x [T, H], probs and weights [T, E], fc1 [E, 2I, H/2], s1 [E, 2I, H/B],
+ * fc2 [E, H, I/2], s2 [E, H, I/B], with H and I multiples of 128 and of B, k ≤ 64 and 0 < B ≤ 1024. */
+static int moe_shapes_fit(const Kernel *kern, void *ctx, int64_t xd[2], int64_t wd[3]) {
+  const void *vx, *v1;
+  size_t xn, wn;
+  FN(GetInputFn, SLOT_GET_INPUT)(ctx, 0, &vx);
+  FN(GetInputFn, SLOT_GET_INPUT)(ctx, 2, &v1);
+  if (kern->block <= 0 || kern->block > 1024 || kern->k < 1 || kern->k > 64 || shape_of(vx, xd, 2, &xn) ||
+      shape_of(v1, wd, 3, &wn) || xn != 2 || wn != 3)
+    return 0;
+  const int64_t t = xd[0], h = xd[1], e = wd[0], inter = wd[1] / 2, b = kern->block;
+  return !(h % 128 || h % b || inter % 128 || inter % b || wd[2] != h / 2) && input_is(ctx, 1, t * e) &&
+         input_is(ctx, 6, t * e) && input_is(ctx, 3, e * 2 * inter * (h / b)) &&
+         input_is(ctx, 4, e * h * inter / 2) && input_is(ctx, 5, e * h * (inter / b));
+}
+
 /* T > 1 tokens: every token's choice, routes grouped by expert (a counting sort), then the two batched phases. */
 static void compute_batch(const Kernel *kern, void *ctx, Job *one, const float *x, const float *probs,
                           const float *weights, int64_t n_experts, int64_t tokens, float *y) {
@@ -431,14 +462,8 @@ static void compute_batch(const Kernel *kern, void *ctx, Job *one, const float *
 
 static void compute(void *kernel, void *ctx) {
   const Kernel *kern = (const Kernel *)kernel;
-  const void *vx, *v1;
   int64_t xd[2], wd[3];
-  size_t xn, wn;
-  FN(GetInputFn, SLOT_GET_INPUT)(ctx, 0, &vx);
-  FN(GetInputFn, SLOT_GET_INPUT)(ctx, 2, &v1);
-  if (shape_of(vx, xd, 2, &xn) || shape_of(v1, wd, 3, &wn) || xn != 2 || wn != 3 || kern->k > 64 ||
-      kern->block > 1024 || xd[1] % 128 || xd[1] % kern->block || (wd[1] / 2) % 128 || (wd[1] / 2) % kern->block)
-    return; /* widths the activation layout or the blocks do not tile: not taken (no output) */
+  if (!moe_shapes_fit(kern, ctx, xd, wd)) return; /* not taken (no output) */
   void *vy;
   FN(GetOutputFn, SLOT_GET_OUTPUT)(ctx, 0, xd, 2, &vy);
   float *y;
@@ -447,6 +472,13 @@ static void compute(void *kernel, void *ctx) {
   Job job = {.fc1 = data_of(ctx, 2), .s1 = data_of(ctx, 3), .fc2 = data_of(ctx, 4), .s2 = data_of(ctx, 5),
              .hidden = xd[1], .inter = wd[1] / 2, .block = kern->block};
   const int64_t n_experts = wd[0], h = job.hidden, i2 = 2 * job.inter;
+  if (xd[0] > 1) {
+    compute_batch(kern, ctx, &job, x, probs, weights, n_experts, xd[0], y);
+    return;
+  }
+  choose(kern, probs, weights, n_experts, &job);
+  job.y = y;
+  if (!job.active) { memset(y, 0, sizeof(float) * (size_t)h); return; }
   /* one allocation per call: the quantized input, the k fc1 outputs and the k quantized SwiGLU outputs */
   const size_t bytes = (size_t)(h + kern->k * job.inter) + sizeof(float) * (size_t)(2 * (h / job.block) +
                        kern->k * (i2 + 2 * (job.inter / job.block)));
@@ -462,19 +494,9 @@ static void compute(void *kernel, void *ctx) {
   int8_t *ints = (int8_t *)floats;
   job.x.q = ints; ints += h;
   for (int64_t s = 0; s < kern->k; ++s) { job.h[s].q = ints; ints += job.inter; }
-  if (xd[0] > 1) {
-    free(arena);
-    compute_batch(kern, ctx, &job, x, probs, weights, n_experts, xd[0], y);
-    return;
-  }
-  for (int64_t t = 0; t < xd[0]; ++t) {
-    choose(kern, probs + t * n_experts, weights + t * n_experts, n_experts, &job);
-    job.y = y + t * h;
-    if (!job.active) { memset(job.y, 0, sizeof(float) * (size_t)h); continue; }
-    for (int64_t b = 0; b < h / job.block; ++b) quantize_block(x + t * h + b * job.block, job.block, b, &job.x);
-    run_phase(ctx, fc1_unit, (size_t)(job.active * (job.inter / job.block)), &job);
-    run_phase(ctx, fc2_unit, FC2_UNITS, &job);
-  }
+  for (int64_t b = 0; b < h / job.block; ++b) quantize_block(x + b * job.block, job.block, b, &job.x);
+  parallel_for(ctx, fc1_unit, (size_t)(job.active * (job.inter / job.block)), &job);
+  parallel_for(ctx, fc2_unit, FC2_UNITS, &job);
   free(arena);
 }
 
@@ -566,8 +588,11 @@ static void dense_compute(void *kernel, void *ctx) {
   int64_t ad[8];
   size_t an;
   FN(GetInputFn, SLOT_GET_INPUT)(ctx, 0, &va);
-  if (shape_of(va, ad, 8, &an) || an < 1 || ad[an - 1] != kern->k || kern->k % kern->block || kern->k % 128)
-    return; /* a partial last block or a K the activation layout does not tile: not taken (no output) */
+  if (kern->block <= 0 || kern->n % 4 || shape_of(va, ad, 8, &an) || an < 1 || ad[an - 1] != kern->k ||
+      kern->k % kern->block || kern->k % 128 || !input_is(ctx, 1, kern->n * kern->k / 2) ||
+      !input_is(ctx, 2, kern->n * (kern->k / kern->block)))
+    return; /* a partial last block, a K the activation layout does not tile, N not in 4-row groups, or weights
+             * of another size: not taken (no output) */
   int64_t rows = 1;
   for (size_t i = 0; i + 1 < an; ++i) rows *= ad[i];
   ad[an - 1] = kern->n;
@@ -602,7 +627,7 @@ typedef struct {
 
 #define HEAD_TILES 16 /* 16 columns per zmm of int32 lanes: up to 256 columns a pass, accumulators in registers */
 
-/* One row of activations (quantized to int8 here) against one head's weights, ≤ 256 columns from n0. */
+/* One row of activations (quantized to int8 here) against one head's weights, up to 256 columns a pass. */
 static void head_row(const HeadJob *j, const float *a, const uint8_t *w, const float *s, float *y) {
   int8_t q[4096];
   float amax = 0.f;
@@ -659,9 +684,14 @@ static void head_compute(void *kernel, void *ctx) {
   size_t an, wn;
   FN(GetInputFn, SLOT_GET_INPUT)(ctx, 0, &va);
   FN(GetInputFn, SLOT_GET_INPUT)(ctx, 1, &vw);
-  if (shape_of(va, ad, 4, &an) || shape_of(vw, wd, 4, &wn) || an != 4 || wn != 4 || ad[3] > 4096 ||
-      ad[3] != 4 * wd[1] || ad[1] != wd[0])
-    return;
+  const void *vs;
+  int64_t sd[2];
+  size_t sn;
+  FN(GetInputFn, SLOT_GET_INPUT)(ctx, 2, &vs);
+  if (shape_of(va, ad, 4, &an) || shape_of(vw, wd, 4, &wn) || shape_of(vs, sd, 2, &sn) || an != 4 || wn != 4 ||
+      sn != 2 || ad[3] > 4096 || ad[3] != 4 * wd[1] || ad[1] != wd[0] || wd[3] != 4 || sd[0] != wd[0] ||
+      sd[1] != wd[2])
+    return; /* not taken (no output) */
   int64_t yd[4] = {ad[0], ad[1], ad[2], wd[2]};
   void *vy;
   FN(GetOutputFn, SLOT_GET_OUTPUT)(ctx, 0, yd, 4, &vy);
@@ -674,8 +704,7 @@ static void head_compute(void *kernel, void *ctx) {
 /* --- registration ------------------------------------------------------------------------------------------ */
 static void *create_kernel(const OrtCustomOp *op, const void *api, const void *info) {
   (void)op; (void)api;
-  Kernel *kern = calloc(1, sizeof *kern);
-  kern->block = 128;
+  Kernel *kern = calloc(1, sizeof *kern); /* a missing attribute stays 0: declined in compute */
   FN(AttrInt64Fn, SLOT_ATTR_INT64)(info, "k", &kern->k);
   FN(AttrInt64Fn, SLOT_ATTR_INT64)(info, "block_size", &kern->block);
   FN(AttrInt64Fn, SLOT_ATTR_INT64)(info, "normalize_routing_weights", &kern->normalize);

@@ -5,7 +5,7 @@
  *   for a in 0 4; do gcc -O3 -march=native -DAHEAD=$a -o /tmp/vnni_stream benchmarks/kernels/vnni_stream.c -lm \
  *     && /tmp/vnni_stream; done
  *
- * 8 layers of ds3bench's routed experts (hidden 1024, 32 experts of 512, int4 blocks of 128: 208 MB, well past the
+ * 8 layers of ds3bench's routed experts (hidden 1024, 32 experts of 512, int4 blocks of 128: 204 MiB, well past the
  * L3), 4 experts a token, the next layer's every token: each phase reads its experts' codes once, from DRAM. */
 #include <stdio.h>
 #include <time.h>
