@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import math
 import os
@@ -241,6 +242,7 @@ class _Composed(Exception):
     """Raised with a partitioned bundle's composed graph once the runtime has built it (no session made)."""
 
 
+@functools.lru_cache(maxsize=1)  # composing a partitioned bundle loads it: once per process (callers copy)
 def source_graph(bundle: Path) -> tuple[onnx.ModelProto, Path]:
     """The bundle's decoder graph and the folder its external data is relative to: a monolithic bundle's
     decoder.onnx, or for a partitioned one the graph the runtime composes when every expert is resident

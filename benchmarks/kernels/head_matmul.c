@@ -95,9 +95,9 @@ static void compute(void *kernel, void *ctx) {
   void *vy;
   FN(GetOutputFn, SLOT_GET_OUTPUT)(ctx, 0, yd, 4, &vy);
   Job job;
-  FN(MutableDataFn, SLOT_TENSOR_MUTABLE_DATA)((void *)va, (void **)&job.a);
-  FN(MutableDataFn, SLOT_TENSOR_MUTABLE_DATA)((void *)vw, (void **)&job.w);
-  FN(MutableDataFn, SLOT_TENSOR_MUTABLE_DATA)((void *)vs, (void **)&job.s);
+  job.a = data_of(ctx, 0);
+  job.w = data_of(ctx, 1);
+  job.s = data_of(ctx, 2);
   FN(MutableDataFn, SLOT_TENSOR_MUTABLE_DATA)(vy, (void **)&job.y);
   job.batch = ad[0]; job.heads = ad[1]; job.rows = ad[2]; job.k = ad[3]; job.n = wd[2];
   job.tiles_per_head = (job.n + TILE - 1) / TILE;
