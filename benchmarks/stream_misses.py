@@ -1,0 +1,248 @@
+"""Issue 13's 25%-resident cell with the prototype kernel on the miss path: missed experts streamed from the file.
+
+    .venv/bin/python benchmarks/stream_misses.py /work/scale/v2/v2-lite-int4.bundle --rounds 3
+
+A partitioned bundle under a budget of 25% of its routed-expert bytes keeps that share of its partitions as
+sessions; today a miss creates the missed partition's session (onnxruntime prepacks its weights: 3-6 ms per
+V2-Lite expert), which makes 25% resident 6-8x the resident time per token (docs/scale.md). This runs the
+same engine with the misses served instead by standing sessions of each partition's graph in which QMoE is the
+prototype ``MoEInt4`` (benchmarks/kernels/vnni_ops.c) and the expert weights are graph inputs, fed read-only
+views of the bundle's own file (np.memmap): no session is created and nothing is copied at a miss; the kernel
+reads the stored int4 blocks where the page cache holds them. Variants, each in a fresh process, alternated
+per round:
+
+- resident: every expert resident, the composed graph (the reference time of the goal "25% resident <= 2x");
+- 25pct: the budget, misses loaded as sessions (the runtime today);
+- 25pct-streamed: the budget, misses streamed (the file's pages stay mapped once touched: file-backed RSS);
+- 25pct-streamed-dropped: as streamed, each miss's pages unmapped again after its call (madvise DONTNEED),
+  so the process holds only the resident 25%; the page cache (the kernel's, shared, evictable) keeps the rest.
+
+Each prints decode tokens/s at each cached length, the hit rate, the process's RSS (anonymous, file-backed)
+and, for the streamed ones, first the largest logit difference against the same engine's stock misses on a
+prompt and 8 greedy tokens. The page cache is warm (the bundle was read just before); misses from a cold disk
+would run at the disk's speed. A benchmark, not the runtime: the kernel is AVX-512 VNNI only and not shipped
+(benchmarks/README.md, session 19, says what shipping it takes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import mmap
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+sys.path.insert(0, str(Path(__file__).parent))
+from decode_bench import dsedge_context_curve  # noqa: E402 — sibling scripts
+from export_bench import read_bandwidth_gbps  # noqa: E402
+from ort_probes import build_custom_ops  # noqa: E402
+from step_split import mapped_feeds, rss_gib, with_custom_ops  # noqa: E402
+
+from dsedge.contract import EXPERT_IDS, EXPERT_WEIGHTS, MOE_INPUT, ROUTED  # noqa: E402
+from dsedge.runtime import load_bundle  # noqa: E402
+from dsedge.runtime.bundle import verified_graph_path  # noqa: E402
+from dsedge.runtime.session import own_process_threads  # noqa: E402
+
+VARIANTS = ("resident", "25pct", "25pct-streamed", "25pct-streamed-dropped")
+
+
+class StreamedPartition:
+    """A partition's graph with MoEInt4 over weights given as inputs, fed views of its bytes in the bundle's file;
+    run like the runtime's DeclaredSession (``run_with``)."""
+
+    def __init__(self, path: Path, library: str, drop: bool):
+        model = onnx.load_model(str(path), load_external_data=False)
+        self.weights = mapped_feeds(model, path.parent)  # read-only np.memmap views (QMoE inputs 2, 3, 5, 6)
+        options = ort.SessionOptions()
+        options.register_custom_ops_library(library)
+        options.use_per_session_threads = False  # the process-wide pool the engine's sessions share
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(path.parent))
+        self.session = ort.InferenceSession(with_custom_ops(model, path.parent, {"moe", "mapped"}), options,
+                                            providers=["CPUExecutionProvider"])
+        self.drop = drop
+
+    def run_with(self, values: dict[str, np.ndarray], in_place=None) -> dict[str, np.ndarray]:
+        feeds = {name: values[name] for name in (MOE_INPUT, EXPERT_IDS, EXPERT_WEIGHTS)} | self.weights
+        out = self.session.run([ROUTED], feeds)[0]
+        if self.drop:  # the pages leave this process's RSS; the page cache keeps them for the next miss
+            for view in self.weights.values():
+                view._mmap.madvise(mmap.MADV_DONTNEED)
+        return {ROUTED: out}
+
+
+def stream_misses(engine, library: str, drop: bool) -> float:
+    """Serve the expert cache's misses from standing MoEInt4 sessions (one per partition not resident); returns
+    the seconds their creation took (part of the load)."""
+    started = time.perf_counter()
+    cache = engine.experts
+    for name in [n for n in cache.loaded if n not in cache.resident]:  # held from stock misses: only the pinned stay
+        del cache.loaded[name]
+        cache._held -= cache.partitions[name].bytes
+    streamed = {name: StreamedPartition(verified_graph_path(engine.manifest, entry), library, drop)
+                for name, entry in cache.partitions.items() if name not in cache.resident}
+    stock_get = cache.get
+
+    def get(name: str):
+        if name in cache.loaded:
+            return stock_get(name)
+        cache.stats.calls[name] = cache.stats.calls.get(name, 0) + 1
+        cache.stats.misses += 1
+        return streamed[name]
+
+    cache.get = get
+    return time.perf_counter() - started
+
+
+def greedy_logits(engine, ids: list[int], steps: int) -> tuple[np.ndarray, list[int]]:
+    """Logits of a prefill and ``steps`` greedy decode steps (stacked), and the tokens chosen."""
+    cache = engine.new_cache(max_len=len(ids) + steps + 1)
+    logits = engine.forward(np.asarray([ids]), np.ones((1, len(ids)), np.int64), cache, last_only=True)
+    rows, tokens = [np.asarray(logits).reshape(-1, logits.shape[-1])[-1]], []
+    for _ in range(steps):
+        tokens.append(int(np.argmax(rows[-1])))
+        n = len(ids) + len(tokens)
+        logits = engine.forward(np.asarray([[tokens[-1]]]), np.ones((1, n), np.int64), cache)
+        rows.append(np.asarray(logits).reshape(-1, logits.shape[-1])[-1])
+    return np.stack(rows), tokens
+
+
+def layer_trace(engine, ids: list[int]) -> list[np.ndarray]:
+    """Each layer's output hidden state for a prompt (the engine's graph-by-graph trace, as validation uses)."""
+    engine.trace = []
+    engine.forward(np.asarray([ids]), np.ones((1, len(ids)), np.int64), engine.new_cache(max_len=len(ids) + 1),
+                   last_only=True)
+    trace, engine.trace = engine.trace, None
+    return trace
+
+
+def agreement(engine, vocab: int, library: str, bundle: Path) -> dict:
+    """Stock misses against streamed ones in one engine: logits of a one-token prompt and a 12-token prefill,
+    each with 8 greedy tokens, and each layer's output for the one token (in a process of its own: the stock
+    misses' sessions would stay in the timed variants' memory through the shared arena). For scale, the same
+    logits of the stock resident engine (layer_experts graphs, composed) against the stock misses: two stock paths
+    that differ only in how the experts' sums are ordered."""
+    prompts = {"decode": [int(vocab // 3)], "prefill": np.random.default_rng(2).integers(2, vocab, 12).tolist()}
+    stock = {kind: greedy_logits(engine, ids, 8) for kind, ids in prompts.items()}
+    stock_trace = layer_trace(engine, prompts["decode"])
+    resident = load_bundle(bundle)
+    composed = {kind: greedy_logits(resident, ids, 8) for kind, ids in prompts.items()}
+    del resident
+    stream_misses(engine, library, drop=False)
+    streamed = {kind: greedy_logits(engine, ids, 8) for kind, ids in prompts.items()}
+    result = {kind: {"max_abs_diff": float(np.abs(stock[kind][0] - streamed[kind][0]).max()),
+                     "max_abs_logit": float(np.abs(stock[kind][0]).max()),
+                     "same_greedy_tokens": stock[kind][1] == streamed[kind][1],
+                     "first_row_diff": float(np.abs(stock[kind][0][0] - streamed[kind][0][0]).max()),
+                     "resident_first_row_diff": float(np.abs(stock[kind][0][0] - composed[kind][0][0]).max()),
+                     "resident_same_greedy_tokens": stock[kind][1] == composed[kind][1]}
+              for kind in prompts}
+    result["decode"]["layer_max_abs_diff"] = [
+        float(np.abs(a - b).max()) for a, b in zip(stock_trace, layer_trace(engine, prompts["decode"]), strict=True)]
+    return result
+
+
+def one(bundle: Path, variant: str, library: str, contexts: list[int], steps: int) -> dict:
+    own_process_threads()  # as the dsedge command does: a partitioned bundle's sessions share one thread pool
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    vocab = int(manifest["model"]["vocab_size"])
+    budget = None if variant == "resident" else manifest["placement"]["expert_bytes"] // 4
+    started = time.perf_counter()
+    engine = load_bundle(bundle, memory_budget_bytes=budget)
+    record = {"variant": variant, "load_seconds": time.perf_counter() - started}
+    if variant == "agreement":
+        record["agreement"] = agreement(engine, vocab, library, bundle)
+        return record
+    if variant.startswith("25pct-streamed"):
+        record["stream_setup_seconds"] = stream_misses(engine, library, variant.endswith("dropped"))
+    engine.experts.reset_stats()
+    record["decode_tps"] = dsedge_context_curve(engine, vocab, contexts, steps)
+    record["experts"] = {k: v for k, v in engine.experts.stats.to_json().items() if k != "calls"}
+    record["rss_gib"] = rss_gib()
+    return record
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("bundle", type=Path, help="a partitioned int4 bundle whose experts are int4 QMoE")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--contexts", type=int, nargs="+", default=[16, 512])
+    parser.add_argument("--steps", type=int, default=32, help="decode steps timed at each cached length")
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    parser.add_argument("--json", type=Path, help="write every round's records here")
+    parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: one variant in this process
+    parser.add_argument("--library", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        print(json.dumps(one(args.bundle, args.one, args.library, args.contexts, args.steps)))
+        return
+    library = str(build_custom_ops())
+    agreed = run_one(args, "agreement", library)
+    print(summary_line(-1, agreed), flush=True)
+    rounds = []
+    for r in range(args.rounds):
+        record = {"round": r, "loadavg": os.getloadavg()[0], "read_gbps": read_bandwidth_gbps(2), "variants": {}}
+        for variant in args.variants:
+            result = run_one(args, variant, library)
+            record["variants"][variant] = result
+            print(summary_line(r, result), flush=True)
+        record["loadavg_after"] = os.getloadavg()[0]
+        print(f"round {r + 1}: load {record['loadavg']:.2f} -> {record['loadavg_after']:.2f}, "
+              f"read {record['read_gbps']:.1f} GB/s", flush=True)
+        rounds.append(record)
+    print(ratios(rounds, args.contexts))
+    if args.json:
+        args.json.write_text(json.dumps({"agreement": agreed, "rounds": rounds}, indent=1))
+
+
+def run_one(args, variant: str, library: str) -> dict:
+    """One variant in a fresh process (its own memory; the kernel library loaded there)."""
+    cmd = [sys.executable, __file__, str(args.bundle), "--one", variant, "--library", library,
+           "--steps", str(args.steps), "--contexts", *map(str, args.contexts)]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if out.returncode:
+        raise SystemExit(f"{variant} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def summary_line(r: int, result: dict) -> str:
+    if "agreement" in result:
+        return "streamed vs stock misses" + agreement_line(result["agreement"])
+    tps = " ".join(f"@{n} {t:.1f}" for n, t in result["decode_tps"].items())
+    rss = result["rss_gib"]
+    return (f"round {r + 1} {result['variant']:24s} tokens/s {tps}; hit {result['experts']['hit_rate']:.3f}; "
+            f"RSS anon {rss['RssAnon']:.2f} file {rss['RssFile']:.2f} GiB; load {result['load_seconds']:.2f} s")
+
+
+def agreement_line(agree: dict) -> str:
+    layers = " ".join(f"{d:.0e}" for d in agree["decode"]["layer_max_abs_diff"])
+    return f": one token's layers {layers}" + "".join(
+        f"; {kind}: logits {a['max_abs_diff']:.1e} (of up to {a['max_abs_logit']:.1f}; first row "
+        f"{a['first_row_diff']:.1e}), same greedy tokens {a['same_greedy_tokens']}; stock resident vs stock misses: "
+        f"first row {a['resident_first_row_diff']:.1e}, same greedy tokens {a['resident_same_greedy_tokens']}"
+        for kind, a in agree.items())
+
+
+def ratios(rounds: list[dict], contexts: list[int]) -> str:
+    """Per variant and cached length: time per token ÷ the resident time, min/median/max over rounds."""
+    lines = []
+    for variant in VARIANTS[1:]:
+        for n in contexts:
+            values = [r["variants"]["resident"]["decode_tps"][str(n)] / r["variants"][variant]["decode_tps"][str(n)]
+                      for r in rounds if variant in r["variants"] and "resident" in r["variants"]]
+            if values:
+                lines.append(f"{variant:24s} @{n}: {min(values):.2f}/{np.median(values):.2f}/{max(values):.2f}x "
+                             "the resident time per token")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
