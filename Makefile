@@ -9,10 +9,13 @@ STAMP := $(VENV)/.installed
 install: $(STAMP)
 
 # constraints.txt pins torch to the CPU wheel (an unpinned torch pulls a multi-GB CUDA build).
-$(STAMP): pyproject.toml constraints.txt
+# kernels/ is dsedge-kernels (onnxruntime custom ops, built here with the C compiler for this CPU): the runtime
+# uses it where it is installed and the CPU has AVX-512 VNNI, and onnxruntime's own ops everywhere else.
+$(STAMP): pyproject.toml constraints.txt kernels/pyproject.toml kernels/setup.py kernels/src/vnni_ops.c
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]'
+	$(BIN)/python -m pip install -q ./kernels
 	touch $(STAMP)
 
 test: install

@@ -13,7 +13,7 @@ process, 2 threads with spinning unless told otherwise; medians of rounds.
 - expert-inputs: one V2-Lite routed expert (hidden 2048, intermediate 1408, int4 blocks of 128) as a QMoE of one
   expert and as MatMulNBits + SwiGLU + MatMulNBits, its weights constant initializers (prepacked at session
   creation) or graph inputs (what an offloaded expert fed from the file would be): session creation and run time;
-  and the prototype MoEInt4 (kernels/vnni_ops.c) both ways, and fed views of a memory-mapped file.
+  and the prototype MoEInt4 (kernels/src/vnni_ops.c) both ways, and fed views of a memory-mapped file.
 - head-products: absorbed MLA's per-head int8 product (ds3bench ``w_uk`` 16 × 64 × 256 and ``w_uv`` 16 × 256 × 64)
   as today's MatMulIntegerToFloat over a 3-D B (onnxruntime does not prepack it: an initializer and an input cost
   the same), and as one 2-D B [K, H·N] that onnxruntime can prepack, at the price of every head against every
@@ -152,7 +152,7 @@ def expert_inputs() -> None:
 
     def custom():
         nodes, extra_inputs, feeds, w = qmoe()
-        node = helper.make_node("MoEInt4", ["x", "p", "c1", "s1", "c2", "s2", "p"], ["y"], domain="com.dsedge.bench",
+        node = helper.make_node("MoEInt4", ["x", "p", "c1", "s1", "c2", "s2", "p"], ["y"], domain="com.dsedge",
                                 k=1, block_size=block, normalize_routing_weights=0)
         return [node], extra_inputs, feeds, w
 
@@ -255,11 +255,11 @@ def qmoe(block: int) -> None:
         print(f"{label:30s} block {block}: {us:.1f} µs a call ({expert_bytes / us / 1e3:.1f} GB/s of weights)")
 
 
-KERNEL = Path(__file__).parent / "kernels" / "vnni_ops.c"
+KERNEL = Path(__file__).resolve().parents[1] / "kernels" / "src" / "vnni_ops.c"  # what dsedge-kernels ships
 
 
 def build_custom_ops() -> Path:
-    """benchmarks/kernels/vnni_ops.c as a shared library for this CPU (a build directory under /tmp)."""
+    """kernels/src/vnni_ops.c as a shared library for this CPU (a build directory under /tmp)."""
     library = Path(tempfile.mkdtemp(prefix="dsedge-vnni-ops-")) / "vnni_ops.so"
     subprocess.run(["gcc", "-O3", "-march=native", "-fPIC", "-shared", "-o", str(library), str(KERNEL), "-lm"],
                    check=True)
@@ -283,14 +283,14 @@ def moe_reference(x, chosen, weights, w) -> np.ndarray:
 
 
 def moe_kernel(block: int) -> None:
-    """The prototype kernel against QMoE and a MatMulNBits pair over the same weights (see kernels/vnni_ops.c)."""
+    """The prototype kernel against QMoE and a MatMulNBits pair over the same weights (see kernels/src/vnni_ops.c)."""
     hidden, inter, experts, k = 1024, 512, 32, 4
     library = build_custom_ops()
     x = RNG.standard_normal((1, hidden), np.float32)
     w = layer_weights(experts, hidden, inter, block)
     routing = [value(n, FLOAT, ["N", experts]) for n in ("p", "w")]
     choices = [qmoe_choice(x, experts, k) for _ in range(40)]
-    custom = helper.make_node("MoEInt4", ["x", "p", "c1", "s1", "c2", "s2", "w"], ["y"], domain="com.dsedge.bench",
+    custom = helper.make_node("MoEInt4", ["x", "p", "c1", "s1", "c2", "s2", "w"], ["y"], domain="com.dsedge",
                               k=k, block_size=block, normalize_routing_weights=1)
     blobs = {"QMoE": (model([qmoe_node(k, block, "w", 1)], [value("x", FLOAT, ["N", hidden]), *routing],
                             [value("y", FLOAT, None)], w), None),
@@ -334,7 +334,7 @@ def kernel_agreement() -> None:
     for k, n in ((1024, 672), (2816, 1024), (8960, 1536)):
         inits = {}
         stock_node = int4_product(inits, "w", n, k, "x", "y", 128)
-        custom_node = helper.make_node("MatMulInt4", ["x", "w.q", "w.s"], ["y"], domain="com.dsedge.bench", K=k, N=n,
+        custom_node = helper.make_node("MatMulInt4", ["x", "w.q", "w.s"], ["y"], domain="com.dsedge", K=k, N=n,
                                        block_size=128)
         io = ([value("x", FLOAT, [1, "T", k])], [value("y", FLOAT, None)])
         stock = session(model([stock_node], *io, inits))[0]
@@ -351,7 +351,7 @@ def kernel_agreement() -> None:
     routing = [value(n, FLOAT, ["N", experts]) for n in ("p", "w")]
     stock = session(model([qmoe_node(k, 128, "w", 1)], [value("x", FLOAT, ["N", hidden]), *routing],
                           [value("y", FLOAT, None)], w))[0]
-    node = helper.make_node("MoEInt4", ["x", "p", "c1", "s1", "c2", "s2", "w"], ["y"], domain="com.dsedge.bench",
+    node = helper.make_node("MoEInt4", ["x", "p", "c1", "s1", "c2", "s2", "w"], ["y"], domain="com.dsedge",
                             k=k, block_size=128, normalize_routing_weights=1)
     custom = session(custom_model(node, hidden, routing, w, as_inputs=False), library=library)[0]
     for t in (1, 2, 3, 8, 64):

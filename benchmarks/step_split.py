@@ -16,7 +16,7 @@ class of kernels the others find more of their weights in cache.
         --llamacpp benchmarks/out/ds3bench.Q4_0.gguf
 
 ``--custom`` adds variants (kinds joined by +: moe, dense, heads, mapped, copied) that run the prototype AVX-512 VNNI
-kernels of benchmarks/kernels/vnni_ops.c (built here with gcc) in place of stock ones, and first prints how far
+kernels of kernels/src/vnni_ops.c (built here with gcc) in place of stock ones, and first prints how far
 one decode step's logits move; each variant's RSS (anonymous and file-backed) is printed with it; ``--llamacpp``
 adds llama-bench's generation at the same depth to every round, for its time per token beside the bare steps
 (which leave out dsedge's per-token Python work: 0.075 ms a token on ds3bench int4, session 19).
@@ -94,12 +94,12 @@ def without(model: onnx.ModelProto, op_type: str | None) -> bytes:
     return variant.SerializeToString()
 
 
-CUSTOM = "custom:"  # variants that run benchmarks/kernels/vnni_ops.c: custom:moe, custom:dense+heads, ...
-CUSTOM_DOMAIN = "com.dsedge.bench"
+CUSTOM = "custom:"  # variants that run kernels/src/vnni_ops.c: custom:moe, custom:dense+heads, ...
+CUSTOM_DOMAIN = "com.dsedge"
 
 
 def with_custom_ops(model: onnx.ModelProto, graphs: Path, kinds: set[str]) -> bytes:
-    """The graph with the prototype kernels of benchmarks/kernels/vnni_ops.c in place of stock ones: "moe", every
+    """The graph with the prototype kernels of kernels/src/vnni_ops.c in place of stock ones: "moe", every
     int4 QMoE as ``MoEInt4`` over the same inputs and attributes; "dense", every symmetric int4 MatMulNBits as
     ``MatMulInt4`` (same inputs) whose K is a multiple of 128 and of its block (V2-Lite's dense MLP, K = 10944,
     keeps MatMulNBits); "mapped" (with "moe"), MoEInt4's expert weights as graph inputs, fed from the bundle's
@@ -331,7 +331,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=100, help="decode steps timed per variant and round")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--custom", nargs="*", default=[], metavar="KINDS",
-                        help="also time the step with prototype kernels (benchmarks/kernels/vnni_ops.c) in place of "
+                        help="also time the step with prototype kernels (kernels/src/vnni_ops.c) in place of "
                              "every int4 QMoE (moe), int4 MatMulNBits (dense), absorbed-MLA per-head product (heads);"
                              " with moe, 'mapped' feeds the experts from memory-mapped bundle files and 'copied' from "
                              "anonymous copies; one variant per argument, kinds joined by + (moe+dense+heads)")

@@ -15,7 +15,7 @@
 #include <immintrin.h>
 #endif
 
-#include "ort_abi.h"
+#include "../../kernels/src/ort_abi.h" /* the ABI the shipped kernels (kernels/) use */
 #ifndef CHUNKS
 #define CHUNKS 4 /* ParallelFor work items per call: runs of tiles */
 #endif

@@ -1,18 +1,20 @@
-/* Prototype onnxruntime custom ops with AVX-512 VNNI int8 dot products (issue 12 item 6, issue 13's miss path):
- * a benchmark, not shipped. `ort_probes.py moe-kernel` builds them (gcc -O3 -march=native) and times MoEInt4
- * beside com.microsoft::QMoE and a MatMulNBits pair over the same bytes; `step_split.py --custom` swaps them
- * into a real bundle (every int4 QMoE, symmetric int4 MatMulNBits, absorbed-MLA per-head product) and times it.
+/* onnxruntime custom ops with AVX-512 VNNI int8 dot products: the library of the dsedge-kernels package (kernels/).
+ * The runtime uses MoEInt4 for the expert partitions a memory budget leaves out (dsedge/runtime/streamed.py: run
+ * from the bundle's file, no session created at a miss); MatMulInt4 and HeadMatMulU8 are prototypes (issue 12
+ * item 6) that only the benchmarks swap in: `ort_probes.py moe-kernel` / `kernel-agreement` build this file
+ * (gcc -O3 -march=native) and time it beside com.microsoft::QMoE and MatMulNBits over the same bytes;
+ * `step_split.py --custom` swaps them into a real bundle.
  *
- *   com.dsedge.bench::MoEInt4(x float [T, H], probs float [T, E], fc1 uint8 [E, 2I, H/2], s1 float [E, 2I, H/B],
- *                             fc2 uint8 [E, H, I/2], s2 float [E, H, I/B], weights float [T, E]) -> y float [T, H]
+ *   com.dsedge::MoEInt4(x float [T, H], probs float [T, E], fc1 uint8 [E, 2I, H/2], s1 float [E, 2I, H/B],
+ *                       fc2 uint8 [E, H, I/2], s2 float [E, H, I/B], weights float [T, E]) -> y float [T, H]
  *   attributes k, block_size (B), normalize_routing_weights: QMoE's meaning and QMoE's stored layout (gate and
  *   up rows interleaved, swiglu_fusion=1; codes q in 0..15, two per byte, low nibble first; w = (q - 8) · s).
  *
- *   com.dsedge.bench::MatMulInt4(a float [..., K], b uint8 [N, K/B, B/2], scales float [N · K/B]) -> y [..., N]
+ *   com.dsedge::MatMulInt4(a float [..., K], b uint8 [N, K/B, B/2], scales float [N · K/B]) -> y [..., N]
  *   attributes K, N, block_size: MatMulNBits' symmetric 4-bit layout (no zero points); rows of a tiled.
  *
- *   com.dsedge.bench::HeadMatMulU8(a float [B, Hd, T, K], w uint8 [Hd, K/4, N, 4], s float [Hd, N])
- *                                  -> y float [B, Hd, T, N],  y = a · ((w − 128) · s) per head
+ *   com.dsedge::HeadMatMulU8(a float [B, Hd, T, K], w uint8 [Hd, K/4, N, 4], s float [Hd, N])
+ *                            -> y float [B, Hd, T, N],  y = a · ((w − 128) · s) per head
  *   absorbed MLA's per-head products (w_uk, w_uv), activations quantized per row as the export does today; w
  *   holds the int8 weights plus 128, four consecutive k of one column per 32-bit lane (the VNNI layout).
  *
@@ -741,5 +743,5 @@ OrtStatus *RegisterCustomOps(void *options, const OrtApiBase *base) {
   describe_op(&g_head, head_name, create_head_kernel, weights_input_type, three_inputs, head_compute, head_destroy);
   describe_op(&g_dense, dense_name, create_dense_kernel, weights_input_type, three_inputs, dense_compute, destroy);
   OrtCustomOp *ops[] = {&g_moe, &g_head, &g_dense};
-  return register_domain(options, "com.dsedge.bench", ops, 3);
+  return register_domain(options, "com.dsedge", ops, 3);
 }
