@@ -106,8 +106,9 @@ def render_profile(r) -> str:
         e = r.experts
         lines.append(f"  expert loads    {r.expert_load_ms_per_token:8.3f} ms per decoded token waiting for "
                      f"partitions ({e['prefetches']} prefetched, {e['prefetch_hits']} of them in time)")
-        lines.append(f"  expert cache    hit rate {e['hit_rate']:.1%} ({e['hits']} hits, {e['misses']} misses, "
-                     f"{e['evictions']} evictions), {e['bytes_loaded'] / mib:.1f} MiB loaded in "
+        streamed = f", {e['streamed']} run from the file" if e.get("streamed") else ""
+        lines.append(f"  expert cache    hit rate {e['hit_rate']:.1%} ({e['hits']} hits, {e['misses']} misses"
+                     f"{streamed}, {e['evictions']} evictions), {e['bytes_loaded'] / mib:.1f} MiB loaded in "
                      f"{e['load_seconds'] * 1e3:.1f} ms")
     lines += _graph_lines(r.graphs)
     if r.ops:

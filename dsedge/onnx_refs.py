@@ -192,4 +192,16 @@ def _tensor_dims(tensor: memoryview) -> tuple[tuple[int, ...], bytes]:
     return tuple(dims), name
 
 
+def tensor_dims(tensor: memoryview) -> tuple[int, ...]:
+    """A TensorProto's dims (packed or not)."""
+    return _tensor_dims(memoryview(tensor))[0]
+
+
+def tensor_external_range(tensor: memoryview) -> ExternalRange | None:
+    """A TensorProto's external data (its last location, as onnxruntime reads it), or None when it is stored
+    inline."""
+    ranges = list(_tensor_locations(memoryview(tensor)))
+    return ranges[-1] if ranges else None
+
+
 message_fields = _fields  # the field reader, for dsedge.runtime.compose's rewriting of stage graphs

@@ -25,6 +25,7 @@ class ExpertCacheStats:
     load_seconds: float = 0.0  # time the decode loop waited for loads (prefetched loads overlap compute)
     prefetches: int = 0
     prefetch_hits: int = 0  # misses served by a load started ahead of time
+    streamed: int = 0  # misses run from the file by the kernel library (dsedge.runtime.streamed): nothing loaded
     calls: dict[str, int] = field(default_factory=dict)  # partition name → times it ran
 
     @property
@@ -35,7 +36,8 @@ class ExpertCacheStats:
     def to_json(self) -> dict:
         return {"hits": self.hits, "misses": self.misses, "hit_rate": self.hit_rate, "evictions": self.evictions,
                 "bytes_loaded": self.bytes_loaded, "load_seconds": round(self.load_seconds, 4),
-                "prefetches": self.prefetches, "prefetch_hits": self.prefetch_hits, "calls": self.calls}
+                "prefetches": self.prefetches, "prefetch_hits": self.prefetch_hits, "streamed": self.streamed,
+                "calls": self.calls}
 
 
 class ExpertCache:
@@ -44,11 +46,16 @@ class ExpertCache:
     ``prefetch(names)`` starts loading partitions on a background thread (session creation reads the file
     and builds kernels, mostly outside the GIL) so that it overlaps the layers computed meanwhile; all
     bookkeeping (LRU order, eviction, budget) stays on the calling thread.
+
+    ``streamer`` (a partition → a session that runs it from the bundle's file, or None where it cannot): a miss
+    it serves loads nothing and evicts nothing; prefetch skips those partitions.
     """
 
     def __init__(self, partitions: dict[str, GraphEntry], loader: Callable[[GraphEntry], ort.InferenceSession],
-                 resident: list[str], budget_bytes: int | None):
+                 resident: list[str], budget_bytes: int | None,
+                 streamer: Callable[[GraphEntry], object | None] | None = None):
         self.partitions = partitions
+        self.streamer = streamer
         self.pending: dict[str, Future] = {}
         self._pool: ThreadPoolExecutor | None = None
         self.loader = loader
@@ -81,6 +88,10 @@ class ExpertCache:
             self.loaded.move_to_end(name)
             return session
         self.stats.misses += 1
+        streamed = self._streamed(name)
+        if streamed is not None:
+            self.stats.streamed += 1
+            return streamed
         if name in self.pending:
             self.stats.prefetch_hits += 1
             return self._collect(name)
@@ -97,7 +108,7 @@ class ExpertCache:
         """Start loading ``names`` (those not loaded or already on their way) in the background."""
         self._harvest()
         for name in names:
-            if name in self.loaded or name in self.pending:
+            if name in self.loaded or name in self.pending or self._streamed(name) is not None:
                 continue
             self._make_room(self.partitions[name].bytes)
             if self._pool is None:
@@ -105,6 +116,9 @@ class ExpertCache:
             self.pending[name] = self._pool.submit(self.loader, self.partitions[name])
             self._held += self.partitions[name].bytes
             self.stats.prefetches += 1
+
+    def _streamed(self, name: str):
+        return None if self.streamer is None else self.streamer(self.partitions[name])
 
     def _harvest(self) -> None:
         """Finished prefetches join the LRU order (least recent first: they have not been used yet)."""

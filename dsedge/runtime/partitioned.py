@@ -3,7 +3,8 @@
 A layer whose partitions are all resident runs its "layer_experts" graph instead (one QMoE over every
 expert, over the same bytes the partitions reference), where the bundle has one: one kernel call per layer
 instead of one per touched partition (V2-Lite: 6 of 64 per token), and the kernel spreads the experts over
-the threads."""
+the threads. Under a budget, misses run from the bundle's file where the dsedge-kernels library takes them
+(dsedge.runtime.streamed), else they load the partition's session."""
 
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ from dsedge.runtime.compose import Composer, NotComposable, Stage, stage_prefix
 from dsedge.runtime.engine import Engine
 from dsedge.runtime.experts import ExpertCache
 from dsedge.runtime.session import SessionConfig
+from dsedge.runtime.streamed import StreamedPartitions, kernel_library
 
 log = logging.getLogger(__name__)
 
@@ -80,9 +82,13 @@ class PartitionedEngine(Engine):
         self.fused = self._fused_layers(resident) if fuse_layers else {}
         fused_parts = {p.name for layer in self.fused for p in self.partitions_by_layer[layer]}
         fused_bytes = sum(parts[name].bytes for name in fused_parts)
+        library = kernel_library() if set(resident) != set(parts) else None
+        streamer = None if library is None else \
+            StreamedPartitions(manifest, self.session_config, library, self.timers).session
         self.experts = ExpertCache({n: g for n, g in parts.items() if n not in fused_parts}, self.session,
                                    [n for n in resident if n not in fused_parts],
-                                   None if memory_budget_bytes is None else memory_budget_bytes - fused_bytes)
+                                   None if memory_budget_bytes is None else memory_budget_bytes - fused_bytes,
+                                   streamer)
 
     @property
     def traces_layers(self) -> bool:

@@ -223,10 +223,13 @@ ORT_ERRORS = _onnxruntime_errors()
 
 
 def make_session(path: Path | bytes, config: SessionConfig, *, data_root: Path | None = None,
-                 stem: str = "decoder") -> ort.InferenceSession:
+                 stem: str = "decoder", custom_ops_library: str | None = None) -> ort.InferenceSession:
     """A session of the ONNX file ``path``, or of a serialized model (``bytes``, e.g. a composed graph) whose
-    external-data locations are relative to ``data_root``; ``stem`` names a serialized model's profile."""
+    external-data locations are relative to ``data_root``; ``stem`` names a serialized model's profile;
+    ``custom_ops_library``: a shared library of custom ops the graph uses (dsedge.runtime.streamed)."""
     options = ort.SessionOptions()
+    if custom_ops_library:
+        options.register_custom_ops_library(custom_ops_library)
     if config.profile_prefix:
         options.enable_profiling = True
         options.profile_file_prefix = f"{config.profile_prefix}{stem if isinstance(path, bytes) else path.stem}"

@@ -1,0 +1,247 @@
+"""Missed expert partitions run from the bundle's file, where the dsedge-kernels library serves them.
+
+Under a memory budget a partition that is not resident used to be loaded at a miss: a session of its graph,
+whose weights onnxruntime prepacks (3-6 ms for one DeepSeek-V2-Lite expert, against 0.05 ms to run it), which
+made decode with 25% of the experts resident 7-8x the resident time per token (docs/scale.md). Fed the weights
+as graph inputs instead, onnxruntime's QMoE and MatMulNBits dequantize them on every call (2-7 ms). The
+``MoEInt4`` op of ``dsedge-kernels`` (kernels/, AVX-512 VNNI) computes QMoE's int4 block layout from the stored
+codes as they are, so a miss here is one run of a standing session of the partition's graph, with QMoE swapped
+for MoEInt4 and the codes and scales fed as read-only views of the bundle's verified file (one ``mmap`` per
+file): no session is created and nothing is copied at a miss, the kernel reads the bytes where the page cache
+holds them. The budget then bounds what the process allocates; a streamed expert's pages belong to the page
+cache, which the OS evicts and refills (from disk, at its speed).
+
+A graph is rewritten at the protobuf wire level (the runtime does not depend on ``onnx``; field numbers as in
+dsedge.runtime.compose): only a partition whose one QMoE is 4-bit block-wise SwiGLU (gate/up interleaved),
+float32, with widths the kernel takes, is streamed; any other partition is loaded as before. ``DSEDGE_KERNELS=0``
+turns the kernels off.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import mmap
+import os
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+
+from dsedge.contract import EXPERT_WEIGHTS, MOE_INPUT, ROUTED
+from dsedge.manifest import GraphEntry, Manifest
+from dsedge.onnx_refs import message_fields, tensor_dims, tensor_external_range
+from dsedge.runtime.bundle import verified_graph_path
+from dsedge.runtime.compose import _bytes_field, _group, _message, _raw_field, _varint_field
+from dsedge.runtime.session import ORT_ERRORS, SessionConfig, TimedSession, make_session
+
+log = logging.getLogger(__name__)
+
+KERNEL_DOMAIN = "com.dsedge"
+_QMOE_WEIGHTS = (2, 3, 5, 6)  # QMoE inputs fc1 codes, fc1 scales, fc2 codes, fc2 scales
+_NP_TYPES = {1: np.float32, 2: np.uint8}  # TensorProto.DataType FLOAT, UINT8
+_INT, _FLOAT, _STRING = 2, 1, 3  # AttributeProto.AttributeType
+
+
+class NotStreamable(ValueError):
+    """A partition graph the kernel does not take: it is loaded as a session instead."""
+
+
+def kernel_library() -> str | None:
+    """The dsedge-kernels custom-op library for this CPU, or None (not installed, CPU without AVX-512 VNNI, or
+    ``DSEDGE_KERNELS=0``)."""
+    if os.environ.get("DSEDGE_KERNELS", "1").lower() in ("0", "off", "no", "false"):
+        return None
+    try:
+        import dsedge_kernels
+    except ImportError:
+        return None
+    path = dsedge_kernels.library_path()
+    return str(path) if path is not None and dsedge_kernels.supported() else None
+
+
+class StreamedSession:
+    """A standing session of a rewritten partition graph and the views of its weights; ``run_with`` as the
+    runtime's DeclaredSession."""
+
+    def __init__(self, session, inputs: tuple[str, ...], weights: dict[str, np.ndarray]):
+        self._session, self._inputs, self.weights = session, inputs, weights
+
+    def run_with(self, values: dict[str, np.ndarray], in_place=None) -> dict[str, np.ndarray]:
+        feeds = {name: values[name] for name in self._inputs} | self.weights
+        return {ROUTED: self._session.run([ROUTED], feeds)[0]}
+
+
+class StreamedPartitions:
+    """Sessions for missed partitions, created at a partition's first miss and kept (they hold no weights)."""
+
+    def __init__(self, manifest: Manifest, config: SessionConfig, library: str, timers=None):
+        self.manifest, self.config, self.library, self.timers = manifest, config, library, timers
+        self.sessions: dict[str, StreamedSession | None] = {}
+        self._maps: dict[Path, mmap.mmap] = {}
+
+    def session(self, graph: GraphEntry) -> StreamedSession | None:
+        """The partition's streamed session, or None where the kernel does not take it (decided once)."""
+        if graph.name not in self.sessions:
+            self.sessions[graph.name] = self._build(graph)
+        return self.sessions[graph.name]
+
+    def _build(self, graph: GraphEntry) -> StreamedSession | None:
+        path = verified_graph_path(self.manifest, graph)  # the graph and every file it references, verified
+        try:
+            model, weights = streamable_graph(path.read_bytes())
+            arrays = {w.name: self._view(path.parent, w) for w in weights}
+        except (NotStreamable, OSError, ValueError) as exc:  # the stock path loads it (and reports a bad file)
+            log.debug("partition %s is loaded, not streamed: %s", graph.name, exc)
+            return None
+        try:
+            session = make_session(model, self.config, data_root=path.parent, stem=graph.name,
+                                   custom_ops_library=self.library)
+        except ORT_ERRORS as exc:  # a kernel library this onnxruntime cannot load: the stock path still works
+            log.warning("partition %s is loaded, not streamed: %s", graph.name, str(exc)[:300])
+            return None
+        if self.timers is not None:
+            session = TimedSession(session, graph.name, self.timers)
+        return StreamedSession(session, tuple(t.name for t in graph.inputs), arrays)
+
+    def _view(self, folder: Path, weight: StreamedWeight) -> np.ndarray:
+        path = folder / PurePosixPath(weight.location)  # as onnxruntime resolves it; verified_graph_path checked it
+        if path not in self._maps:
+            with open(path, "rb") as f:
+                self._maps[path] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        data = self._maps[path]
+        dtype = np.dtype(_NP_TYPES[weight.data_type])
+        count = math.prod(weight.dims)
+        if weight.length is not None and weight.length != count * dtype.itemsize \
+                or weight.offset + count * dtype.itemsize > len(data):
+            raise NotStreamable(f"{weight.name}: external data does not hold {weight.dims} {dtype}")
+        return np.frombuffer(data, dtype, count, weight.offset).reshape(weight.dims)
+
+
+class StreamedWeight:
+    def __init__(self, name: str, data_type: int, dims: tuple[int, ...], location: str, offset: int,
+                 length: int | None):
+        self.name, self.data_type, self.dims = name, data_type, dims
+        self.location, self.offset, self.length = location, offset, length
+
+
+def streamable_graph(model: bytes) -> tuple[bytes, list[StreamedWeight]]:
+    """The partition graph with its one QMoE as MoEInt4 and QMoE's codes and scales as graph inputs, and where
+    those weights are stored. Raises NotStreamable for a graph the kernel does not take."""
+    fields = list(message_fields(memoryview(model)))
+    graphs = [v for f, w, v in fields if f == 7 and w == 2]
+    if len(graphs) != 1:
+        raise NotStreamable("not one graph")
+    graph = list(message_fields(graphs[0]))
+    nodes = [v for f, w, v in graph if f == 1 and w == 2]
+    qmoe = [i for i, n in enumerate(nodes) if _node_op(n) == ("com.microsoft", "QMoE")]
+    if len(qmoe) != 1:
+        raise NotStreamable(f"{len(qmoe)} QMoE nodes")
+    node = _node(nodes[qmoe[0]])
+    names = [node["inputs"][i] for i in _QMOE_WEIGHTS]
+    tensors = {_tensor_name(v): v for f, w, v in graph if f == 5 and w == 2}
+    weights = [_weight(tensors.get(name), name) for name in names]
+    _check_layout(node, weights, _input_types(graph))
+    replacement = _moe_int4(node)
+    out = []
+    for field, wire, value in graph:
+        if field == 1 and wire == 2 and value is nodes[qmoe[0]]:
+            out.append(_message(1, replacement))
+        elif field == 5 and wire == 2 and _tensor_name(value) in names:
+            continue  # now an input
+        else:
+            out.append(_raw_field(field, wire, value))
+    out += [_message(11, _value_info(w.name, w.data_type, w.dims)) for w in weights]
+    rewritten = [_raw_field(f, w, v) for f, w, v in fields if not (f == 7 and w == 2)]
+    rewritten.append(_message(7, b"".join(out)))
+    rewritten.append(_message(8, _bytes_field(1, KERNEL_DOMAIN) + _varint_field(2, 1)))
+    return b"".join(rewritten), weights
+
+
+def _check_layout(node: dict, weights: list[StreamedWeight], input_types: dict[str, int]) -> None:
+    """What MoEInt4 computes as QMoE does: int4 blocks, SwiGLU with gate/up interleaved (alpha 1, beta 0), no
+    biases, fc3 or zero points, router weights given, float32 activations, widths multiples of 128 and of the
+    block (the kernel's activation layout)."""
+    a, inputs = node["attrs"], node["inputs"] + [""] * (15 - len(node["inputs"]))
+    if a.get("expert_weight_bits") != 4 or a.get("swiglu_fusion") != 1 or a.get("activation_type") != "swiglu" \
+            or a.get("activation_alpha", 1.0) != 1.0 or a.get("activation_beta", 0.0) != 0.0:
+        raise NotStreamable("not 4-bit interleaved SwiGLU")
+    if any(inputs[i] for i in (4, *range(7, 14))) or not inputs[14]:
+        raise NotStreamable("biases, fc3 or zero points, or no router weights")
+    if input_types.get(MOE_INPUT) != 1 or input_types.get(EXPERT_WEIGHTS) != 1:
+        raise NotStreamable("activations are not float32")
+    block, k = a.get("block_size", 0), a.get("k", 0)
+    fc1, s1, fc2, s2 = (w.dims for w in weights)
+    if [w.data_type for w in weights] != [2, 1, 2, 1] or len(fc1) != 3 or len(fc2) != 3 or not 0 < block <= 1024 \
+            or not 0 < k <= 64:
+        raise NotStreamable("not uint8 codes with float scales in blocks")
+    experts, hidden, inter = fc1[0], fc1[2] * 2, fc1[1] // 2
+    if hidden % math.lcm(128, block) or inter % math.lcm(128, block) or fc2 != (experts, hidden, inter // 2) \
+            or s1 != (experts, 2 * inter, hidden // block) or s2 != (experts, hidden, inter // block):
+        raise NotStreamable(f"widths {hidden}/{inter} with blocks of {block}")
+
+
+def _moe_int4(node: dict) -> bytes:
+    inputs = node["inputs"] + [""] * (15 - len(node["inputs"]))
+    a = node["attrs"]
+    fields = [_bytes_field(1, inputs[i]) for i in (0, 1, 2, 3, 5, 6, 14)]
+    fields += [_bytes_field(2, o) for o in node["outputs"]] + [_bytes_field(3, node["name"] or "MoEInt4")]
+    fields += [_bytes_field(4, "MoEInt4"), _bytes_field(7, KERNEL_DOMAIN)]
+    for key in ("k", "block_size", "normalize_routing_weights"):
+        fields.append(_message(5, _bytes_field(1, key) + _varint_field(3, int(a.get(key, 0)))
+                               + _varint_field(20, _INT)))
+    return b"".join(fields)
+
+
+def _node_op(node: memoryview) -> tuple[str, str]:
+    g = _group(message_fields(node))
+    return bytes(g.get(7, [b""])[-1]).decode(), bytes(g.get(4, [b""])[-1]).decode()
+
+
+def _node(raw: memoryview) -> dict:
+    g = _group(message_fields(raw))
+    attrs = {}
+    for attr in g.get(5, []):
+        a = _group(message_fields(attr))
+        kind, key = a.get(20, [0])[-1], bytes(a.get(1, [b""])[-1]).decode()
+        if kind == _INT:
+            value = a.get(3, [0])[-1]
+            attrs[key] = value - (1 << 64) if value >= 1 << 63 else value
+        elif kind == _FLOAT:
+            attrs[key] = float(np.frombuffer(bytes(a.get(2, [b"\0" * 4])[-1]), "<f4")[0])
+        elif kind == _STRING:
+            attrs[key] = bytes(a.get(4, [b""])[-1]).decode()
+    return {"inputs": [bytes(v).decode() for v in g.get(1, [])], "outputs": [bytes(v).decode() for v in g.get(2, [])],
+            "name": bytes(g.get(3, [b""])[-1]).decode(), "attrs": attrs}
+
+
+def _tensor_name(tensor: memoryview) -> str:
+    return bytes(_group(message_fields(tensor)).get(8, [b""])[-1]).decode()
+
+
+def _weight(tensor: memoryview | None, name: str) -> StreamedWeight:
+    if tensor is None:
+        raise NotStreamable(f"{name} is not an initializer")
+    g = _group(message_fields(tensor))
+    dims = tensor_dims(tensor)
+    where = tensor_external_range(tensor)
+    if where is None:
+        raise NotStreamable(f"{name} is stored inside the graph")
+    return StreamedWeight(name, int(g.get(2, [0])[-1]), dims, where.location, where.offset, where.length)
+
+
+def _input_types(graph: list) -> dict[str, int]:
+    """Element type of each graph input (ValueInfoProto name = 1, type = 2 → tensor_type = 1 → elem_type = 1)."""
+    types = {}
+    for field, wire, value in graph:
+        if field == 11 and wire == 2:
+            info = _group(message_fields(value))
+            elem = 0
+            for tensor_type in _group(message_fields(info.get(2, [b""])[-1])).get(1, []):
+                elem = int(_group(message_fields(tensor_type)).get(1, [0])[-1])
+            types[bytes(info.get(1, [b""])[-1]).decode()] = elem
+    return types
+
+
+def _value_info(name: str, elem_type: int, dims: tuple[int, ...]) -> bytes:
+    shape = b"".join(_message(1, _varint_field(1, d)) for d in dims)
+    return _bytes_field(1, name) + _message(2, _message(1, _varint_field(1, elem_type) + _message(2, shape)))

@@ -1,0 +1,236 @@
+"""Missed expert partitions run from the bundle's file by the dsedge-kernels MoEInt4 op (dsedge.runtime.streamed):
+the same tokens as loading the partitions' sessions, nothing loaded or evicted at a miss, the files verified, the
+kernel against onnxruntime's QMoE, and every partition the kernel does not take left to the stock path.
+
+The fixture is a DeepSeek-V3-shaped checkpoint with widths of 128 (the kernel's activation layout), int4 in
+groups of 128 (the kernel's vector path) and of 32 (its scalar block loop)."""
+
+import json
+import shutil
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import helper
+
+from dsedge.manifest import BundleError
+from dsedge.runtime import load_bundle
+from dsedge.runtime.streamed import KERNEL_DOMAIN, NotStreamable, kernel_library, streamable_graph
+
+dsedge_kernels = pytest.importorskip("dsedge_kernels", reason="dsedge-kernels is not installed (pip install ./kernels)")
+if not dsedge_kernels.supported():
+    pytest.skip("this CPU has no AVX-512 VNNI: the runtime keeps onnxruntime's ops", allow_module_level=True)
+
+WIDE_DS3 = {"hidden_size": 128, "intermediate_size": 256, "kv_lora_rank": 32, "moe_intermediate_size": 128,
+            "n_group": 4, "n_routed_experts": 8, "num_attention_heads": 2, "num_key_value_heads": 2,
+            "num_experts_per_tok": 2, "topk_group": 2, "num_hidden_layers": 3, "q_lora_rank": 48,
+            "qk_nope_head_dim": 16, "qk_rope_head_dim": 8, "v_head_dim": 16, "max_position_embeddings": 256}
+PROMPTS = [[3, 1, 4, 1, 5, 9, 2, 6], [7]]
+
+
+def _recipe(group: int) -> dict:
+    rule = {"match": "re:.*", "quant": {"bits": 4, "group_size": group}}
+    return {"name": f"g{group}", "method": "rtn", "rules": [rule]}
+
+
+@pytest.fixture(scope="module")
+def bundles(tmp_path_factory):
+    """{group: partitioned bundle (two experts per partition, validated)}, the int8 per-channel one and a
+    half-precision export of the g128 checkpoint."""
+    import torch
+    import transformers
+
+    from dsedge.compress.pipeline import compress
+    from dsedge.export.bundle import export_bundle
+    from dsedge.testing.bench import BENCH_CONFIGS, add_tokenizer
+    from dsedge.testing.tokenizer import VOCAB_SIZE
+
+    root = tmp_path_factory.mktemp("streamed")
+    config = transformers.AutoConfig.for_model(**{**BENCH_CONFIGS["ds3bench"], **WIDE_DS3, "vocab_size": VOCAB_SIZE})
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.to(torch.bfloat16).save_pretrained(root / "ckpt")
+    add_tokenizer(root / "ckpt")
+    out = {}
+    for name, recipe in (("g128", _recipe(128)), ("g32", _recipe(32)), ("int8", "int8")):
+        if isinstance(recipe, dict):
+            (root / f"{name}.json").write_text(json.dumps(recipe))
+            recipe = root / f"{name}.json"
+        compress(root / "ckpt", root / f"{name}.ckpt", recipe=recipe, calib_tokens=32, evaluate=False)
+        report = export_bundle(root / f"{name}.ckpt", root / f"{name}.bundle", max_context=64,
+                               layout="partitioned", experts_per_partition=2)
+        assert all(c["passed"] for c in report.validation)
+        out[name] = root / f"{name}.bundle"
+    export_bundle(root / "g128.ckpt", root / "fp16.bundle", max_context=64, layout="partitioned",
+                  experts_per_partition=2, dtype="fp16", validate=False)
+    out["fp16"] = root / "fp16.bundle"
+    return out
+
+
+def _budget(bundle) -> int:
+    """Room for two partitions: most of a step's routes miss."""
+    ranking = load_bundle(bundle).manifest.contract.placement.ranking
+    return 2 * max(p.bytes for p in ranking)
+
+
+def _logits(engine, prompt, steps=6):
+    cache = engine.new_cache(max_len=len(prompt) + steps + 1)
+    rows = [engine.forward(np.asarray([prompt]), np.ones((1, len(prompt)), np.int64), cache, last_only=True)]
+    for i in range(steps):
+        token = int(np.argmax(rows[-1].reshape(-1, rows[-1].shape[-1])[-1]))
+        rows.append(engine.forward(np.asarray([[token]]), np.ones((1, len(prompt) + i + 1), np.int64), cache))
+    return np.concatenate([r.reshape(-1, r.shape[-1])[-1:] for r in rows])
+
+
+@pytest.mark.parametrize("group", ["g128", "g32"])
+def test_misses_run_from_the_file_with_the_stock_tokens(bundles, group, monkeypatch):
+    bundle = bundles[group]
+    budget = _budget(bundle)
+    monkeypatch.setenv("DSEDGE_KERNELS", "0")
+    stock = load_bundle(bundle, memory_budget_bytes=budget)
+    assert stock.experts.streamer is None
+    monkeypatch.setenv("DSEDGE_KERNELS", "1")
+    streamed = load_bundle(bundle, memory_budget_bytes=budget)
+    assert streamed.experts.streamer is not None
+    pinned = set(streamed.experts.loaded)
+    for prompt in PROMPTS:
+        assert streamed.greedy(prompt, 10) == stock.greedy(prompt, 10)
+        a, b = _logits(stock, prompt), _logits(streamed, prompt)
+        # int8 activations on both sides, summed in another order: measured ≤ 5e-7 of logits up to 0.87
+        assert np.abs(a - b).max() <= 1e-5 * np.abs(a).max()
+    stats = streamed.experts.stats
+    assert stats.misses > 0 and stats.streamed == stats.misses  # every miss streamed...
+    assert stats.evictions == 0 and set(streamed.experts.loaded) == pinned  # ...and nothing loaded for it
+    assert stock.experts.stats.streamed == 0 and stock.experts.stats.evictions > 0
+
+
+def test_everything_resident_needs_no_kernel(bundles):
+    engine = load_bundle(bundles["g128"])
+    assert engine.decoder is not None and engine.experts.streamer is None  # the composed graph, stock ops
+
+
+def test_the_rewritten_partition_graph(bundles):
+    bundle = bundles["g128"]
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    part = next(g for g in manifest["graphs"] if g["role"] == "experts")
+    path = bundle / part["file"]
+    original = onnx.load(str(path), load_external_data=False)
+    model, weights = streamable_graph(path.read_bytes())
+    rewritten = onnx.load_from_string(model)
+    onnx.checker.check_model(rewritten)
+    ops = [(n.domain, n.op_type) for n in rewritten.graph.node]
+    assert ("com.microsoft", "QMoE") not in ops and ops.count((KERNEL_DOMAIN, "MoEInt4")) == 1
+    qmoe = next(n for n in original.graph.node if n.op_type == "QMoE")
+    moved = [qmoe.input[i] for i in (2, 3, 5, 6)]
+    assert [w.name for w in weights] == moved
+    stored = {t.name: t for t in original.graph.initializer}
+    inputs = {i.name: [d.dim_value for d in i.type.tensor_type.shape.dim] for i in rewritten.graph.input}
+    for w in weights:
+        where = {e.key: e.value for e in stored[w.name].external_data}
+        assert (w.location, w.offset) == (where["location"], int(where.get("offset", 0)))
+        assert inputs[w.name] == list(stored[w.name].dims) == list(w.dims)
+    assert {t.name for t in rewritten.graph.initializer} == set(stored) - set(moved)
+    assert (KERNEL_DOMAIN, 1) in [(o.domain, o.version) for o in rewritten.opset_import]
+
+
+def _qmoe_graph(bundles, edit) -> bytes:
+    manifest = json.loads((bundles["g128"] / "manifest.json").read_text())
+    part = next(g for g in manifest["graphs"] if g["role"] == "experts")
+    model = onnx.load(str(bundles["g128"] / part["file"]), load_external_data=False)
+    edit(model, next(n for n in model.graph.node if n.op_type == "QMoE"))
+    return model.SerializeToString()
+
+
+def _set(node, name, value):
+    for a in node.attribute:
+        if a.name == name:
+            node.attribute.remove(a)
+            break
+    node.attribute.append(helper.make_attribute(name, value))
+
+
+@pytest.mark.parametrize(("edit", "why"), [
+    (lambda m, n: _set(n, "expert_weight_bits", 8), "4-bit"),
+    (lambda m, n: _set(n, "swiglu_fusion", 0), "interleaved"),
+    (lambda m, n: _set(n, "activation_type", "gelu"), "SwiGLU"),
+    (lambda m, n: _set(n, "block_size", 64), "blocks"),  # scales no longer tile the rows
+    (lambda m, n: n.input.__setitem__(4, n.input[3]), "biases"),
+    (lambda m, n: m.graph.node.append(helper.make_node("QMoE", list(n.input), ["y2"], domain="com.microsoft")),
+     "2 QMoE"),
+])
+def test_a_partition_the_kernel_does_not_take_stays_stock(bundles, edit, why):
+    with pytest.raises(NotStreamable, match=why):
+        streamable_graph(_qmoe_graph(bundles, edit))
+
+
+@pytest.mark.parametrize("kind", ["int8", "fp16"])
+def test_int8_and_half_experts_load_as_sessions(bundles, kind):
+    bundle = bundles[kind]
+    engine = load_bundle(bundle, memory_budget_bytes=_budget(bundle))
+    assert engine.experts.streamer is not None  # the library is there, but the kernel takes no such partition
+    assert engine.greedy(PROMPTS[0], 6) == load_bundle(bundle).greedy(PROMPTS[0], 6)
+    assert engine.experts.stats.misses > 0 and engine.experts.stats.streamed == 0
+
+
+def test_a_changed_expert_file_is_refused_at_its_first_streamed_miss(bundles, tmp_path):
+    copy = tmp_path / "b"
+    shutil.copytree(bundles["g128"], copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    fused = next(g for g in manifest["graphs"] if g["role"] == "layer_experts")
+    data = copy / fused["data_files"][0]
+    raw = bytearray(data.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    data.write_bytes(bytes(raw))
+    with pytest.raises(BundleError, match="sha256|changed|hash"):
+        engine = load_bundle(copy, memory_budget_bytes=1)
+        engine.greedy(PROMPTS[0], 4)
+
+
+@pytest.mark.parametrize(("tokens", "k", "normalize", "block"), [(1, 2, 0, 128), (5, 2, 0, 128), (3, 3, 1, 128),
+                                                                  (4, 2, 0, 32)])
+def test_moe_int4_matches_qmoe(tokens, k, normalize, block):
+    """The op itself against onnxruntime's QMoE over the same stored codes (int8 activations both)."""
+    rng = np.random.default_rng(tokens + k)
+    experts, hidden, inter = 4, 256, 128
+    c1 = rng.integers(0, 256, (experts, 2 * inter, hidden // 2), dtype=np.uint8)
+    s1 = (rng.random((experts, 2 * inter, hidden // block)) * 0.02).astype(np.float32)
+    c2 = rng.integers(0, 256, (experts, hidden, inter // 2), dtype=np.uint8)
+    s2 = (rng.random((experts, hidden, inter // block)) * 0.02).astype(np.float32)
+    x = rng.standard_normal((tokens, hidden)).astype(np.float32)
+    probs = rng.random((tokens, experts)).astype(np.float32)
+    weights = {"c1": c1, "s1": s1, "c2": c2, "s2": s2}
+
+    def run(node, domain, library=None):
+        inits = [onnx.numpy_helper.from_array(v, n) for n, v in weights.items()]
+        graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", 1, [tokens, hidden]),
+                                                helper.make_tensor_value_info("p", 1, [tokens, experts])],
+                                  [helper.make_tensor_value_info("y", 1, [tokens, hidden])], inits)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid(domain, 1)])
+        options = ort.SessionOptions()
+        if library:
+            options.register_custom_ops_library(library)
+        session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        return session.run(None, {"x": x, "p": probs})[0]
+
+    attrs = {"k": k, "block_size": block, "normalize_routing_weights": normalize}
+    qmoe = helper.make_node("QMoE", ["x", "p", "c1", "s1", "", "c2", "s2", "", "", "", "", "", "", "", "p"], ["y"],
+                            domain="com.microsoft", activation_type="swiglu", swiglu_fusion=1, expert_weight_bits=4,
+                            activation_alpha=1.0, activation_beta=0.0, accuracy_level=4, **attrs)
+    ours = helper.make_node("MoEInt4", ["x", "p", "c1", "s1", "c2", "s2", "p"], ["y"], domain=KERNEL_DOMAIN, **attrs)
+    expected, got = run(qmoe, "com.microsoft"), run(ours, KERNEL_DOMAIN, kernel_library())
+    assert np.abs(expected - got).max() <= 1e-5 * np.abs(expected).max()
+
+
+def test_supported_reads_the_cpu_flags():
+    flags = "flags\t\t: fpu sse2 avx2 avx512f avx512bw avx512vl avx512_vnni\n"
+    assert dsedge_kernels.supported(flags)
+    assert not dsedge_kernels.supported(flags.replace(" avx512_vnni", ""))
+    assert not dsedge_kernels.supported("processor : 0\n")
+
+
+def test_kernels_off_by_environment(monkeypatch):
+    monkeypatch.setenv("DSEDGE_KERNELS", "off")
+    assert kernel_library() is None
+    monkeypatch.setenv("DSEDGE_KERNELS", "1")
+    assert kernel_library() == str(dsedge_kernels.library_path())
