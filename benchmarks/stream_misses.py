@@ -1,27 +1,24 @@
-"""Issue 13's 25%-resident cell with the prototype kernel on the miss path: missed experts streamed from the file.
+"""Issue 13's 25%-resident cell: misses loaded as sessions (stock) against misses streamed from the file.
 
     .venv/bin/python benchmarks/stream_misses.py /work/scale/v2/v2-lite-int4.bundle --rounds 3
 
 A partitioned bundle under a budget of 25% of its routed-expert bytes keeps that share of its partitions as
-sessions; today a miss creates the missed partition's session (onnxruntime prepacks its weights: 3-6 ms per
-V2-Lite expert), which makes 25% resident 6-8x the resident time per token (docs/scale.md). This runs the
-same engine with the misses served instead by standing sessions of each partition's graph in which QMoE is the
-prototype ``MoEInt4`` (benchmarks/kernels/vnni_ops.c) and the expert weights are graph inputs, fed read-only
-views of the bundle's own file (np.memmap): no session is created and nothing is copied at a miss; the kernel
-reads the stored int4 blocks where the page cache holds them. Variants, each in a fresh process, alternated
+sessions. With dsedge-kernels installed (pip install ./kernels) and AVX-512 VNNI, the runtime runs a miss from
+the bundle's file (dsedge/runtime/streamed.py: the partition's graph with QMoE as MoEInt4, its codes and scales
+fed as views of the mapped file); with DSEDGE_KERNELS=0 it creates the missed partition's session as before
+(onnxruntime prepacks its weights: 3-6 ms per V2-Lite expert). Variants, each in a fresh process, alternated
 per round:
 
 - resident: every expert resident, the composed graph (the reference time of the goal "25% resident <= 2x");
-- 25pct: the budget, misses loaded as sessions (the runtime today);
+- 25pct: the budget, DSEDGE_KERNELS=0 (misses loaded as sessions, LRU-evicted);
 - 25pct-streamed: the budget, misses streamed (the file's pages stay mapped once touched: file-backed RSS);
-- 25pct-streamed-dropped: as streamed, each miss's pages unmapped again after its call (madvise DONTNEED),
-  so the process holds only the resident 25%; the page cache (the kernel's, shared, evictable) keeps the rest.
+- 25pct-streamed-dropped: as streamed, the pages unmapped again after each streamed call (madvise DONTNEED),
+  so the process holds only the resident 25%; the page cache (the OS's, shared, evictable) keeps the rest.
 
-Each prints decode tokens/s at each cached length, the hit rate, the process's RSS (anonymous, file-backed)
-and, for the streamed ones, first the largest logit difference against the same engine's stock misses on a
-prompt and 8 greedy tokens. The page cache is warm (the bundle was read just before); misses from a cold disk
-would run at the disk's speed. A benchmark, not the runtime: the kernel is AVX-512 VNNI only and not shipped
-(benchmarks/README.md, session 19, says what shipping it takes).
+First, in a process of its own, the agreement of streamed and stock misses (``agreement``); then per round each
+variant's decode tokens/s at each cached length, hit rate and RSS (anonymous, file-backed), and at the end each
+budget variant's time per token over the resident one. The page cache is warm (the bundle was read just before):
+misses from a cold disk would run at the disk's speed.
 """
 
 from __future__ import annotations
@@ -36,69 +33,33 @@ import time
 from pathlib import Path
 
 import numpy as np
-import onnx
-import onnxruntime as ort
 
 sys.path.insert(0, str(Path(__file__).parent))
 from decode_bench import dsedge_context_curve  # noqa: E402 — sibling scripts
 from export_bench import read_bandwidth_gbps  # noqa: E402
-from ort_probes import build_custom_ops  # noqa: E402
-from step_split import mapped_feeds, rss_gib, with_custom_ops  # noqa: E402
+from step_split import rss_gib  # noqa: E402
 
-from dsedge.contract import EXPERT_IDS, EXPERT_WEIGHTS, MOE_INPUT, ROUTED  # noqa: E402
 from dsedge.runtime import load_bundle  # noqa: E402
-from dsedge.runtime.bundle import verified_graph_path  # noqa: E402
 from dsedge.runtime.session import own_process_threads  # noqa: E402
+from dsedge.runtime.streamed import StreamedSession  # noqa: E402
 
 VARIANTS = ("resident", "25pct", "25pct-streamed", "25pct-streamed-dropped")
 
 
-class StreamedPartition:
-    """A partition's graph with MoEInt4 over weights given as inputs, fed views of its bytes in the bundle's file;
-    run like the runtime's DeclaredSession (``run_with``)."""
+def drop_pages_after_each_miss(engine) -> None:
+    """After every streamed partition's run, unmap the pages the kernel touched (madvise DONTNEED over the
+    bundle files' maps): the process holds no expert page between calls; the next miss faults them back in from
+    the page cache."""
+    streamer = engine.experts.streamer.__self__  # dsedge.runtime.streamed.StreamedPartitions
+    run_with = StreamedSession.run_with
 
-    def __init__(self, path: Path, library: str, drop: bool):
-        model = onnx.load_model(str(path), load_external_data=False)
-        self.weights = mapped_feeds(model, path.parent)  # read-only np.memmap views (QMoE inputs 2, 3, 5, 6)
-        options = ort.SessionOptions()
-        options.register_custom_ops_library(library)
-        options.use_per_session_threads = False  # the process-wide pool the engine's sessions share
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(path.parent))
-        self.session = ort.InferenceSession(with_custom_ops(model, path.parent, {"moe", "mapped"}), options,
-                                            providers=["CPUExecutionProvider"])
-        self.drop = drop
+    def dropped(self, values, in_place=None):
+        out = run_with(self, values, in_place)
+        for data in streamer._maps.values():
+            data.madvise(mmap.MADV_DONTNEED)
+        return out
 
-    def run_with(self, values: dict[str, np.ndarray], in_place=None) -> dict[str, np.ndarray]:
-        feeds = {name: values[name] for name in (MOE_INPUT, EXPERT_IDS, EXPERT_WEIGHTS)} | self.weights
-        out = self.session.run([ROUTED], feeds)[0]
-        if self.drop:  # the pages leave this process's RSS; the page cache keeps them for the next miss
-            for view in self.weights.values():
-                view._mmap.madvise(mmap.MADV_DONTNEED)
-        return {ROUTED: out}
-
-
-def stream_misses(engine, library: str, drop: bool) -> float:
-    """Serve the expert cache's misses from standing MoEInt4 sessions (one per partition not resident); returns
-    the seconds their creation took (part of the load)."""
-    started = time.perf_counter()
-    cache = engine.experts
-    for name in [n for n in cache.loaded if n not in cache.resident]:  # held from stock misses: only the pinned stay
-        del cache.loaded[name]
-        cache._held -= cache.partitions[name].bytes
-    streamed = {name: StreamedPartition(verified_graph_path(engine.manifest, entry), library, drop)
-                for name, entry in cache.partitions.items() if name not in cache.resident}
-    stock_get = cache.get
-
-    def get(name: str):
-        if name in cache.loaded:
-            return stock_get(name)
-        cache.stats.calls[name] = cache.stats.calls.get(name, 0) + 1
-        cache.stats.misses += 1
-        return streamed[name]
-
-    cache.get = get
-    return time.perf_counter() - started
+    StreamedSession.run_with = dropped
 
 
 def greedy_logits(engine, ids: list[int], steps: int) -> tuple[np.ndarray, list[int]]:
@@ -123,46 +84,53 @@ def layer_trace(engine, ids: list[int]) -> list[np.ndarray]:
     return trace
 
 
-def agreement(engine, vocab: int, library: str, bundle: Path) -> dict:
-    """Stock misses against streamed ones in one engine: logits of a one-token prompt and a 12-token prefill,
-    each with 8 greedy tokens, and each layer's output for the one token (in a process of its own: the stock
-    misses' sessions would stay in the timed variants' memory through the shared arena). For scale, the same
-    logits of the stock resident engine (layer_experts graphs, composed) against the stock misses: two stock paths
-    that differ only in how the experts' sums are ordered."""
+def agreement(bundle: Path, vocab: int, budget: int) -> dict:
+    """Stock misses (DSEDGE_KERNELS=0) against streamed ones: logits of a one-token prompt and a 12-token
+    prefill, each with 8 greedy tokens, and each layer's output for the one token. For scale, the stock resident
+    engine (layer_experts graphs, composed) against the stock misses: two stock paths that differ only in how
+    the experts' sums are ordered. In a process of its own (the stock misses' sessions would stay in a timed
+    variant's memory through the shared arena)."""
     prompts = {"decode": [int(vocab // 3)], "prefill": np.random.default_rng(2).integers(2, vocab, 12).tolist()}
+    os.environ["DSEDGE_KERNELS"] = "0"
+    engine = load_bundle(bundle, memory_budget_bytes=budget)
     stock = {kind: greedy_logits(engine, ids, 8) for kind, ids in prompts.items()}
     stock_trace = layer_trace(engine, prompts["decode"])
-    resident = load_bundle(bundle)
-    composed = {kind: greedy_logits(resident, ids, 8) for kind, ids in prompts.items()}
-    del resident
-    stream_misses(engine, library, drop=False)
+    composed = load_bundle(bundle)
+    resident = {kind: greedy_logits(composed, ids, 8) for kind, ids in prompts.items()}
+    del engine, composed
+    os.environ["DSEDGE_KERNELS"] = "1"
+    engine = load_bundle(bundle, memory_budget_bytes=budget)
+    if engine.experts.streamer is None:
+        raise SystemExit("the runtime does not stream misses here: is dsedge-kernels installed (pip install ./kernels)"
+                         " and does this CPU have AVX-512 VNNI?")
     streamed = {kind: greedy_logits(engine, ids, 8) for kind, ids in prompts.items()}
     result = {kind: {"max_abs_diff": float(np.abs(stock[kind][0] - streamed[kind][0]).max()),
                      "max_abs_logit": float(np.abs(stock[kind][0]).max()),
                      "same_greedy_tokens": stock[kind][1] == streamed[kind][1],
                      "first_row_diff": float(np.abs(stock[kind][0][0] - streamed[kind][0][0]).max()),
-                     "resident_first_row_diff": float(np.abs(stock[kind][0][0] - composed[kind][0][0]).max()),
-                     "resident_same_greedy_tokens": stock[kind][1] == composed[kind][1]}
+                     "resident_first_row_diff": float(np.abs(stock[kind][0][0] - resident[kind][0][0]).max()),
+                     "resident_same_greedy_tokens": stock[kind][1] == resident[kind][1]}
               for kind in prompts}
     result["decode"]["layer_max_abs_diff"] = [
         float(np.abs(a - b).max()) for a, b in zip(stock_trace, layer_trace(engine, prompts["decode"]), strict=True)]
     return result
 
 
-def one(bundle: Path, variant: str, library: str, contexts: list[int], steps: int) -> dict:
+def one(bundle: Path, variant: str, contexts: list[int], steps: int) -> dict:
     own_process_threads()  # as the dsedge command does: a partitioned bundle's sessions share one thread pool
     manifest = json.loads((bundle / "manifest.json").read_text())
     vocab = int(manifest["model"]["vocab_size"])
     budget = None if variant == "resident" else manifest["placement"]["expert_bytes"] // 4
+    if variant == "agreement":
+        return {"variant": variant, "agreement": agreement(bundle, vocab, budget)}
+    os.environ["DSEDGE_KERNELS"] = "1" if variant.startswith("25pct-streamed") else "0"
     started = time.perf_counter()
     engine = load_bundle(bundle, memory_budget_bytes=budget)
     record = {"variant": variant, "load_seconds": time.perf_counter() - started}
-    if variant == "agreement":
-        record["agreement"] = agreement(engine, vocab, library, bundle)
-        return record
-    if variant.startswith("25pct-streamed"):
-        record["stream_setup_seconds"] = stream_misses(engine, library, variant.endswith("dropped"))
-    engine.experts.reset_stats()
+    if variant.startswith("25pct-streamed") and engine.experts.streamer is None:
+        raise SystemExit("the runtime does not stream misses here (dsedge-kernels missing or CPU without VNNI)")
+    if variant.endswith("dropped"):
+        drop_pages_after_each_miss(engine)
     record["decode_tps"] = dsedge_context_curve(engine, vocab, contexts, steps)
     record["experts"] = {k: v for k, v in engine.experts.stats.to_json().items() if k != "calls"}
     record["rss_gib"] = rss_gib()
@@ -179,19 +147,17 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     parser.add_argument("--json", type=Path, help="write every round's records here")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: one variant in this process
-    parser.add_argument("--library", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
-        print(json.dumps(one(args.bundle, args.one, args.library, args.contexts, args.steps)))
+        print(json.dumps(one(args.bundle, args.one, args.contexts, args.steps)))
         return
-    library = str(build_custom_ops())
-    agreed = run_one(args, "agreement", library)
+    agreed = run_one(args, "agreement")
     print(summary_line(-1, agreed), flush=True)
     rounds = []
     for r in range(args.rounds):
         record = {"round": r, "loadavg": os.getloadavg()[0], "read_gbps": read_bandwidth_gbps(2), "variants": {}}
         for variant in args.variants:
-            result = run_one(args, variant, library)
+            result = run_one(args, variant)
             record["variants"][variant] = result
             print(summary_line(r, result), flush=True)
         record["loadavg_after"] = os.getloadavg()[0]
@@ -203,9 +169,9 @@ def main() -> None:
         args.json.write_text(json.dumps({"agreement": agreed, "rounds": rounds}, indent=1))
 
 
-def run_one(args, variant: str, library: str) -> dict:
-    """One variant in a fresh process (its own memory; the kernel library loaded there)."""
-    cmd = [sys.executable, __file__, str(args.bundle), "--one", variant, "--library", library,
+def run_one(args, variant: str) -> dict:
+    """One variant in a fresh process (its own memory)."""
+    cmd = [sys.executable, __file__, str(args.bundle), "--one", variant,
            "--steps", str(args.steps), "--contexts", *map(str, args.contexts)]
     out = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if out.returncode:
