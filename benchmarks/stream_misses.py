@@ -13,12 +13,16 @@ per round:
 - 25pct: the budget, DSEDGE_KERNELS=0 (misses loaded as sessions, LRU-evicted);
 - 25pct-streamed: the budget, misses streamed (the file's pages stay mapped once touched: file-backed RSS);
 - 25pct-streamed-dropped: as streamed, the pages unmapped again after each streamed call (madvise DONTNEED),
-  so the process holds only the resident 25%; the page cache (the OS's, shared, evictable) keeps the rest.
+  so the process holds only the resident 25%; the page cache (the OS's, shared, evictable) keeps the rest;
+- 25pct-streamed-cold: as dropped, and the bundle's expert files dropped from the page cache too after each
+  streamed call (posix_fadvise DONTNEED), so every miss reads its expert from the disk, with the runtime asking
+  for each missed expert's pages in one request (DSEDGE_STREAM_PREFAULT=1, what it does where the experts do not
+  fit the page cache); not in the default list: give it with --variants.
 
 First, in a process of its own, the agreement of streamed and stock misses (``agreement``); then per round each
 variant's decode tokens/s at each cached length, hit rate and RSS (anonymous, file-backed), and at the end each
-budget variant's time per token over the resident one. The page cache is warm (the bundle was read just before):
-misses from a cold disk would run at the disk's speed.
+budget variant's time per token over the resident one. The page cache is warm (the bundle was read just before)
+except in 25pct-streamed-cold.
 """
 
 from __future__ import annotations
@@ -43,20 +47,26 @@ from dsedge.runtime import load_bundle  # noqa: E402
 from dsedge.runtime.session import own_process_threads  # noqa: E402
 from dsedge.runtime.streamed import StreamedSession  # noqa: E402
 
-VARIANTS = ("resident", "25pct", "25pct-streamed", "25pct-streamed-dropped")
+VARIANTS = ("resident", "25pct", "25pct-streamed", "25pct-streamed-dropped", "25pct-streamed-cold")
 
 
-def drop_pages_after_each_miss(engine) -> None:
+def drop_pages_after_each_miss(engine, cold: bool = False) -> None:
     """After every streamed partition's run, unmap the pages the kernel touched (madvise DONTNEED over the
     bundle files' maps): the process holds no expert page between calls; the next miss faults them back in from
-    the page cache."""
+    the page cache. ``cold``: also drop the files' pages from the page cache (posix_fadvise DONTNEED; clean
+    pages, no privilege needed), so that every miss reads its expert from the disk."""
     streamer = engine.experts.streamer.__self__  # dsedge.runtime.streamed.StreamedPartitions
     run_with = StreamedSession.run_with
+    files = {}
 
     def dropped(self, values, in_place=None):
         out = run_with(self, values, in_place)
-        for data in streamer._maps.values():
+        for path, data in streamer._maps.items():
             data.madvise(mmap.MADV_DONTNEED)
+            if cold:
+                if path not in files:
+                    files[path] = os.open(path, os.O_RDONLY)
+                os.posix_fadvise(files[path], 0, 0, os.POSIX_FADV_DONTNEED)
         return out
 
     StreamedSession.run_with = dropped
@@ -124,13 +134,15 @@ def one(bundle: Path, variant: str, contexts: list[int], steps: int) -> dict:
     if variant == "agreement":
         return {"variant": variant, "agreement": agreement(bundle, vocab, budget)}
     os.environ["DSEDGE_KERNELS"] = "1" if variant.startswith("25pct-streamed") else "0"
+    if variant.endswith("cold"):  # the runtime's choice where the experts do not fit the page cache
+        os.environ["DSEDGE_STREAM_PREFAULT"] = "1"
     started = time.perf_counter()
     engine = load_bundle(bundle, memory_budget_bytes=budget)
     record = {"variant": variant, "load_seconds": time.perf_counter() - started}
     if variant.startswith("25pct-streamed") and engine.experts.streamer is None:
         raise SystemExit("the runtime does not stream misses here (dsedge-kernels missing or CPU without VNNI)")
-    if variant.endswith("dropped"):
-        drop_pages_after_each_miss(engine)
+    if variant.endswith(("dropped", "cold")):
+        drop_pages_after_each_miss(engine, cold=variant.endswith("cold"))
     record["decode_tps"] = dsedge_context_curve(engine, vocab, contexts, steps)
     record["experts"] = {k: v for k, v in engine.experts.stats.to_json().items() if k != "calls"}
     record["rss_gib"] = rss_gib()
@@ -144,7 +156,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--contexts", type=int, nargs="+", default=[16, 512])
     parser.add_argument("--steps", type=int, default=32, help="decode steps timed at each cached length")
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS[:4]), choices=VARIANTS)
     parser.add_argument("--json", type=Path, help="write every round's records here")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: one variant in this process
     args = parser.parse_args()

@@ -6,6 +6,7 @@ The fixture is a DeepSeek-V3-shaped checkpoint with widths of 128 (the kernel's 
 groups of 128 (the kernel's vector path) and of 32 (its scalar block loop)."""
 
 import json
+import mmap
 import shutil
 
 import numpy as np
@@ -234,3 +235,26 @@ def test_kernels_off_by_environment(monkeypatch):
     assert kernel_library() is None
     monkeypatch.setenv("DSEDGE_KERNELS", "1")
     assert kernel_library() == str(dsedge_kernels.library_path())
+
+
+def test_prefaulted_misses_give_the_same_tokens(bundles, monkeypatch):
+    """Where the experts would not stay in the page cache each miss asks for its pages first (madvise over
+    page-aligned ranges of the mapped file); the result is the same."""
+    bundle = bundles["g128"]
+    monkeypatch.setenv("DSEDGE_STREAM_PREFAULT", "1")
+    engine = load_bundle(bundle, memory_budget_bytes=_budget(bundle))
+    assert engine.experts.streamer.__self__.prefault
+    assert engine.greedy(PROMPTS[0], 8) == load_bundle(bundle).greedy(PROMPTS[0], 8)
+    streamed = [s for s in engine.experts.streamer.__self__.sessions.values() if s is not None]
+    assert streamed and all(len(s._ranges) == 4 and all(start % mmap.PAGESIZE == 0 for _, start, _ in s._ranges)
+                            for s in streamed)
+
+
+def test_prefault_is_for_experts_that_do_not_fit_the_page_cache(monkeypatch):
+    from dsedge.runtime.streamed import _expect_disk_reads
+
+    monkeypatch.delenv("DSEDGE_STREAM_PREFAULT", raising=False)
+    assert not _expect_disk_reads(1 << 20)
+    assert _expect_disk_reads(1 << 50)
+    monkeypatch.setenv("DSEDGE_STREAM_PREFAULT", "0")
+    assert not _expect_disk_reads(1 << 50)

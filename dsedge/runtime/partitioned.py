@@ -83,8 +83,9 @@ class PartitionedEngine(Engine):
         fused_parts = {p.name for layer in self.fused for p in self.partitions_by_layer[layer]}
         fused_bytes = sum(parts[name].bytes for name in fused_parts)
         library = kernel_library() if set(resident) != set(parts) else None
+        left_out = sum(g.bytes for n, g in parts.items() if n not in resident)
         streamer = None if library is None else \
-            StreamedPartitions(manifest, self.session_config, library, self.timers).session
+            StreamedPartitions(manifest, self.session_config, library, self.timers, left_out).session
         self.experts = ExpertCache({n: g for n, g in parts.items() if n not in fused_parts}, self.session,
                                    [n for n in resident if n not in fused_parts],
                                    None if memory_budget_bytes is None else memory_budget_bytes - fused_bytes,
