@@ -258,3 +258,16 @@ def test_prefault_is_for_experts_that_do_not_fit_the_page_cache(monkeypatch):
     assert _expect_disk_reads(1 << 50)
     monkeypatch.setenv("DSEDGE_STREAM_PREFAULT", "0")
     assert not _expect_disk_reads(1 << 50)
+
+
+def test_a_library_onnxruntime_refuses_leaves_every_miss_stock(bundles, tmp_path, monkeypatch):
+    import dsedge.runtime.partitioned as partitioned
+
+    broken = tmp_path / "libbroken.so"
+    broken.write_bytes(b"not a shared library")
+    monkeypatch.setattr(partitioned, "kernel_library", lambda: str(broken))
+    bundle = bundles["g128"]
+    engine = load_bundle(bundle, memory_budget_bytes=_budget(bundle))
+    assert engine.greedy(PROMPTS[0], 6) == load_bundle(bundle).greedy(PROMPTS[0], 6)
+    assert engine.experts.stats.misses > 0 and engine.experts.stats.streamed == 0
+    assert engine.experts.streamer.__self__.library is None

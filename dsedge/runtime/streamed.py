@@ -94,6 +94,8 @@ class StreamedPartitions:
         return self.sessions[graph.name]
 
     def _build(self, graph: GraphEntry) -> StreamedSession | None:
+        if self.library is None:  # onnxruntime refused the library once: every partition takes the stock path
+            return None
         path = verified_graph_path(self.manifest, graph)  # the graph and every file it references, verified
         try:
             model, weights = streamable_graph(path.read_bytes())
@@ -106,7 +108,9 @@ class StreamedPartitions:
             session = make_session(model, self.config, data_root=path.parent, stem=graph.name,
                                    custom_ops_library=self.library)
         except ORT_ERRORS as exc:  # a kernel library this onnxruntime cannot load: the stock path still works
-            log.warning("partition %s is loaded, not streamed: %s", graph.name, str(exc)[:300])
+            log.warning("expert partitions are loaded, not streamed: onnxruntime refused %s (%s)", self.library,
+                        str(exc)[:300])
+            self.library = None
             return None
         if self.timers is not None:
             session = TimedSession(session, graph.name, self.timers)
