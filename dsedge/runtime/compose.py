@@ -33,6 +33,11 @@ from dataclasses import dataclass
 from pathlib import PurePosixPath
 
 from dsedge.onnx_refs import message_fields
+from dsedge.onnx_wire import bytes_field as _bytes_field
+from dsedge.onnx_wire import group as _group
+from dsedge.onnx_wire import message as _message
+from dsedge.onnx_wire import raw_field as _raw_field
+from dsedge.onnx_wire import varint_field as _varint_field
 
 FLOAT = 1  # TensorProto.DataType (the residual sum's precision)
 _INT_ATTRIBUTE = 2  # AttributeProto.AttributeType.INT
@@ -263,51 +268,6 @@ def _value_info(raw: memoryview) -> tuple[str, int, bytes]:
 def _rename_value_info(raw: bytes, name: str) -> bytes:
     rest = [_raw_field(f, w, v) for f, w, v in message_fields(memoryview(raw)) if f != 1]
     return _bytes_field(1, name) + b"".join(rest)
-
-
-def _group(fields) -> dict[int, list]:
-    grouped: dict[int, list] = {}
-    for field, _, value in fields:
-        grouped.setdefault(field, []).append(value)
-    return grouped
-
-
-# --- protobuf encoding ----------------------------------------------------------------------------
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    value &= (1 << 64) - 1  # negative int64: ten bytes of two's complement, as protobuf writes them
-    while True:
-        byte, value = value & 0x7F, value >> 7
-        out.append(byte | (0x80 if value else 0))
-        if not value:
-            return bytes(out)
-
-
-def _key(field: int, wire: int) -> bytes:
-    return _varint(field << 3 | wire)
-
-
-def _varint_field(field: int, value: int) -> bytes:
-    return _key(field, 0) + _varint(value)
-
-
-def _message(field: int, payload) -> bytes:
-    payload = bytes(payload)
-    return _key(field, 2) + _varint(len(payload)) + payload
-
-
-def _bytes_field(field: int, text: str | bytes) -> bytes:
-    return _message(field, text.encode() if isinstance(text, str) else text)
-
-
-def _raw_field(field: int, wire: int, value) -> bytes:
-    """A field re-encoded as it was read (varints decode to their unsigned value, which encodes back to the
-    same bytes)."""
-    if wire == 0:
-        return _varint_field(field, value)
-    if wire == 2:
-        return _message(field, value)
-    return _key(field, wire) + bytes(value)
 
 
 def stage_prefix(role: str, layer: int | None = None, experts: tuple[int, int] | None = None) -> str:

@@ -30,8 +30,8 @@ import numpy as np
 from dsedge.contract import EXPERT_WEIGHTS, MOE_INPUT, ROUTED
 from dsedge.manifest import GraphEntry, Manifest
 from dsedge.onnx_refs import message_fields, tensor_dims, tensor_external_range
+from dsedge.onnx_wire import bytes_field, group, message, raw_field, varint_field
 from dsedge.runtime.bundle import verified_graph_path
-from dsedge.runtime.compose import _bytes_field, _group, _message, _raw_field, _varint_field
 from dsedge.runtime.session import ORT_ERRORS, SessionConfig, TimedSession, make_session
 
 log = logging.getLogger(__name__)
@@ -181,15 +181,15 @@ def streamable_graph(model: bytes) -> tuple[bytes, list[StreamedWeight]]:
     out = []
     for field, wire, value in graph:
         if field == 1 and wire == 2 and value is nodes[qmoe[0]]:
-            out.append(_message(1, replacement))
+            out.append(message(1, replacement))
         elif field == 5 and wire == 2 and _tensor_name(value) in names:
             continue  # now an input
         else:
-            out.append(_raw_field(field, wire, value))
-    out += [_message(11, _value_info(w.name, w.data_type, w.dims)) for w in weights]
-    rewritten = [_raw_field(f, w, v) for f, w, v in fields if not (f == 7 and w == 2)]
-    rewritten.append(_message(7, b"".join(out)))
-    rewritten.append(_message(8, _bytes_field(1, KERNEL_DOMAIN) + _varint_field(2, 1)))
+            out.append(raw_field(field, wire, value))
+    out += [message(11, _value_info(w.name, w.data_type, w.dims)) for w in weights]
+    rewritten = [raw_field(f, w, v) for f, w, v in fields if not (f == 7 and w == 2)]
+    rewritten.append(message(7, b"".join(out)))
+    rewritten.append(message(8, bytes_field(1, KERNEL_DOMAIN) + varint_field(2, 1)))
     return b"".join(rewritten), weights
 
 
@@ -219,25 +219,25 @@ def _check_layout(node: dict, weights: list[StreamedWeight], input_types: dict[s
 def _moe_int4(node: dict) -> bytes:
     inputs = node["inputs"] + [""] * (15 - len(node["inputs"]))
     a = node["attrs"]
-    fields = [_bytes_field(1, inputs[i]) for i in (0, 1, 2, 3, 5, 6, 14)]
-    fields += [_bytes_field(2, o) for o in node["outputs"]] + [_bytes_field(3, node["name"] or "MoEInt4")]
-    fields += [_bytes_field(4, "MoEInt4"), _bytes_field(7, KERNEL_DOMAIN)]
+    fields = [bytes_field(1, inputs[i]) for i in (0, 1, 2, 3, 5, 6, 14)]
+    fields += [bytes_field(2, o) for o in node["outputs"]] + [bytes_field(3, node["name"] or "MoEInt4")]
+    fields += [bytes_field(4, "MoEInt4"), bytes_field(7, KERNEL_DOMAIN)]
     for key in ("k", "block_size", "normalize_routing_weights"):
-        fields.append(_message(5, _bytes_field(1, key) + _varint_field(3, int(a.get(key, 0)))
-                               + _varint_field(20, _INT)))
+        fields.append(message(5, bytes_field(1, key) + varint_field(3, int(a.get(key, 0)))
+                               + varint_field(20, _INT)))
     return b"".join(fields)
 
 
 def _node_op(node: memoryview) -> tuple[str, str]:
-    g = _group(message_fields(node))
+    g = group(message_fields(node))
     return bytes(g.get(7, [b""])[-1]).decode(), bytes(g.get(4, [b""])[-1]).decode()
 
 
 def _node(raw: memoryview) -> dict:
-    g = _group(message_fields(raw))
+    g = group(message_fields(raw))
     attrs = {}
     for attr in g.get(5, []):
-        a = _group(message_fields(attr))
+        a = group(message_fields(attr))
         kind, key = a.get(20, [0])[-1], bytes(a.get(1, [b""])[-1]).decode()
         if kind == _INT:
             value = a.get(3, [0])[-1]
@@ -251,13 +251,13 @@ def _node(raw: memoryview) -> dict:
 
 
 def _tensor_name(tensor: memoryview) -> str:
-    return bytes(_group(message_fields(tensor)).get(8, [b""])[-1]).decode()
+    return bytes(group(message_fields(tensor)).get(8, [b""])[-1]).decode()
 
 
 def _weight(tensor: memoryview | None, name: str) -> StreamedWeight:
     if tensor is None:
         raise NotStreamable(f"{name} is not an initializer")
-    g = _group(message_fields(tensor))
+    g = group(message_fields(tensor))
     dims = tensor_dims(tensor)
     where = tensor_external_range(tensor)
     if where is None:
@@ -270,14 +270,14 @@ def _input_types(graph: list) -> dict[str, int]:
     types = {}
     for field, wire, value in graph:
         if field == 11 and wire == 2:
-            info = _group(message_fields(value))
+            info = group(message_fields(value))
             elem = 0
-            for tensor_type in _group(message_fields(info.get(2, [b""])[-1])).get(1, []):
-                elem = int(_group(message_fields(tensor_type)).get(1, [0])[-1])
+            for tensor_type in group(message_fields(info.get(2, [b""])[-1])).get(1, []):
+                elem = int(group(message_fields(tensor_type)).get(1, [0])[-1])
             types[bytes(info.get(1, [b""])[-1]).decode()] = elem
     return types
 
 
 def _value_info(name: str, elem_type: int, dims: tuple[int, ...]) -> bytes:
-    shape = b"".join(_message(1, _varint_field(1, d)) for d in dims)
-    return _bytes_field(1, name) + _message(2, _message(1, _varint_field(1, elem_type) + _message(2, shape)))
+    shape = b"".join(message(1, varint_field(1, d)) for d in dims)
+    return bytes_field(1, name) + message(2, message(1, varint_field(1, elem_type) + message(2, shape)))
