@@ -156,6 +156,7 @@ def _set(node, name, value):
     (lambda m, n: _set(n, "swiglu_fusion", 0), "interleaved"),
     (lambda m, n: _set(n, "activation_type", "gelu"), "SwiGLU"),
     (lambda m, n: _set(n, "block_size", 64), "blocks"),  # scales no longer tile the rows
+    (lambda m, n: _set(n, "accuracy_level", 0), "accuracy level 0"),  # QMoE in float: not the kernel's int8
     (lambda m, n: n.input.__setitem__(4, n.input[3]), "biases"),
     (lambda m, n: m.graph.node.append(helper.make_node("QMoE", list(n.input), ["y2"], domain="com.microsoft")),
      "2 QMoE"),

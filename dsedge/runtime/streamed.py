@@ -23,6 +23,7 @@ import logging
 import math
 import mmap
 import os
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 import numpy as np
@@ -153,11 +154,16 @@ def _expect_disk_reads(streamed_bytes: int) -> bool:
     return streamed_bytes > available // 2
 
 
+@dataclass(frozen=True)
 class StreamedWeight:
-    def __init__(self, name: str, data_type: int, dims: tuple[int, ...], location: str, offset: int,
-                 length: int | None):
-        self.name, self.data_type, self.dims = name, data_type, dims
-        self.location, self.offset, self.length = location, offset, length
+    """A QMoE weight the rewritten graph takes as an input, and where its bytes are stored."""
+
+    name: str
+    data_type: int  # TensorProto.DataType
+    dims: tuple[int, ...]
+    location: str  # relative to the graph's folder, as onnxruntime resolves it
+    offset: int
+    length: int | None
 
 
 def streamable_graph(model: bytes) -> tuple[bytes, list[StreamedWeight]]:
@@ -194,13 +200,15 @@ def streamable_graph(model: bytes) -> tuple[bytes, list[StreamedWeight]]:
 
 
 def _check_layout(node: dict, weights: list[StreamedWeight], input_types: dict[str, int]) -> None:
-    """What MoEInt4 computes as QMoE does: int4 blocks, SwiGLU with gate/up interleaved (alpha 1, beta 0), no
-    biases, fc3 or zero points, router weights given, float32 activations, widths multiples of 128 and of the
-    block (the kernel's activation layout)."""
+    """What MoEInt4 computes as QMoE does: int4 blocks, SwiGLU with gate/up interleaved (alpha 1, beta 0), int8
+    activations (accuracy level 4), no biases, fc3 or zero points, router weights given, float32 activations,
+    widths multiples of 128 and of the block (the kernel's activation layout)."""
     a, inputs = node["attrs"], node["inputs"] + [""] * (15 - len(node["inputs"]))
     if a.get("expert_weight_bits") != 4 or a.get("swiglu_fusion") != 1 or a.get("activation_type") != "swiglu" \
             or a.get("activation_alpha", 1.0) != 1.0 or a.get("activation_beta", 0.0) != 0.0:
         raise NotStreamable("not 4-bit interleaved SwiGLU")
+    if a.get("accuracy_level", 0) != 4:  # below 4 QMoE computes in float; MoEInt4 quantizes activations to int8
+        raise NotStreamable(f"accuracy level {a.get('accuracy_level', 0)}, not 4 (int8 activations)")
     if any(inputs[i] for i in (4, *range(7, 14))) or not inputs[14]:
         raise NotStreamable("biases, fc3 or zero points, or no router weights")
     if input_types.get(MOE_INPUT) != 1 or input_types.get(EXPERT_WEIGHTS) != 1:
