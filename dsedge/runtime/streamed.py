@@ -141,7 +141,7 @@ def _expect_disk_reads(streamed_bytes: int) -> bool:
     """Whether misses will mostly read from disk: the experts left out take more than half the memory the OS
     reports available (they will not stay in the page cache). Then each miss asks for its expert's pages in one
     request (madvise WILLNEED): on V2-Lite-8 with every miss read from disk, 6.0 against 1.2 tokens/s. Where the
-    page cache keeps them, that request only costs (about 15% of a step there), so it is left out.
+    page cache keeps them, that request only costs (9-15% of decode there: docs/scale.md), so it is left out.
     ``DSEDGE_STREAM_PREFAULT=1``/``0`` decides instead."""
     forced = os.environ.get("DSEDGE_STREAM_PREFAULT")
     if forced is not None:
