@@ -6,8 +6,9 @@ A partitioned bundle under a budget of 25% of its routed-expert bytes keeps that
 sessions. With dsedge-kernels installed (pip install ./kernels) and AVX-512 VNNI, the runtime runs a miss from
 the bundle's file (dsedge/runtime/streamed.py: the partition's graph with QMoE as MoEInt4, its codes and scales
 fed as views of the mapped file); with DSEDGE_KERNELS=0 it creates the missed partition's session as before
-(onnxruntime prepacks its weights: 3-6 ms per V2-Lite expert). Variants, each in a fresh process, alternated
-per round:
+(onnxruntime prepacks its weights: 3-6 ms per V2-Lite expert); ``DSEDGE_KERNELS=/path/lib.so`` streams through
+that build of the library instead (e.g. one compiled with -mavx2 -mfma). Variants, each in a fresh process,
+alternated per round:
 
 - resident: every expert resident, the composed graph (the reference time of the goal "25% resident <= 2x");
 - 25pct: the budget, DSEDGE_KERNELS=0 (misses loaded as sessions, LRU-evicted);
@@ -101,6 +102,7 @@ def agreement(bundle: Path, vocab: int, budget: int) -> dict:
     the experts' sums are ordered. In a process of its own (the stock misses' sessions would stay in a timed
     variant's memory through the shared arena)."""
     prompts = {"decode": [int(vocab // 3)], "prefill": np.random.default_rng(2).integers(2, vocab, 12).tolist()}
+    streaming = os.environ.get("DSEDGE_KERNELS", "1")  # "1", or the path of a library build to compare
     os.environ["DSEDGE_KERNELS"] = "0"
     engine = load_bundle(bundle, memory_budget_bytes=budget)
     stock = {kind: greedy_logits(engine, ids, 8) for kind, ids in prompts.items()}
@@ -108,7 +110,7 @@ def agreement(bundle: Path, vocab: int, budget: int) -> dict:
     composed = load_bundle(bundle)
     resident = {kind: greedy_logits(composed, ids, 8) for kind, ids in prompts.items()}
     del engine, composed
-    os.environ["DSEDGE_KERNELS"] = "1"
+    os.environ["DSEDGE_KERNELS"] = streaming
     engine = load_bundle(bundle, memory_budget_bytes=budget)
     if engine.experts.streamer is None:
         raise SystemExit("the runtime does not stream misses here: is dsedge-kernels installed (pip install ./kernels)"
@@ -133,7 +135,10 @@ def one(bundle: Path, variant: str, contexts: list[int], steps: int) -> dict:
     budget = None if variant == "resident" else manifest["placement"]["expert_bytes"] // 4
     if variant == "agreement":
         return {"variant": variant, "agreement": agreement(bundle, vocab, budget)}
-    os.environ["DSEDGE_KERNELS"] = "1" if variant.startswith("25pct-streamed") else "0"
+    if not variant.startswith("25pct-streamed"):
+        os.environ["DSEDGE_KERNELS"] = "0"
+    elif os.environ.get("DSEDGE_KERNELS", "1") == "0":
+        raise SystemExit("DSEDGE_KERNELS=0 leaves nothing to stream: unset it, or give a library's path")
     if variant.endswith("cold"):  # the runtime's choice where the experts do not fit the page cache
         os.environ["DSEDGE_STREAM_PREFAULT"] = "1"
     started = time.perf_counter()

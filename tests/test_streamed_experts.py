@@ -189,9 +189,27 @@ def test_a_changed_expert_file_is_refused_at_its_first_streamed_miss(bundles, tm
         engine.greedy(PROMPTS[0], 4)
 
 
+@pytest.fixture(scope="module")
+def avx2_build(tmp_path_factory):
+    """The same source built for AVX2 and FMA only (what -march=native gives on a CPU without AVX-512): this
+    CPU runs that path too."""
+    import shutil as sh
+    import subprocess
+    from pathlib import Path
+
+    compiler = sh.which("cc") or sh.which("gcc")
+    assert compiler, "dsedge-kernels is installed, so a C compiler built it"
+    source = Path(__file__).resolve().parents[1] / "kernels" / "src" / "vnni_ops.c"
+    out = tmp_path_factory.mktemp("avx2") / "libdsedge_kernels_avx2.so"
+    subprocess.run([compiler, "-O3", "-mavx2", "-mfma", "-fPIC", "-shared", "-o", str(out), str(source), "-lm"],
+                   check=True)
+    return str(out)
+
+
+@pytest.mark.parametrize("build", ["installed", "avx2"])
 @pytest.mark.parametrize(("tokens", "k", "normalize", "block"), [(1, 2, 0, 128), (5, 2, 0, 128), (3, 3, 1, 128),
                                                                   (4, 2, 0, 32)])
-def test_moe_int4_matches_qmoe(tokens, k, normalize, block):
+def test_moe_int4_matches_qmoe(tokens, k, normalize, block, build, request):
     """The op itself against onnxruntime's QMoE over the same stored codes (int8 activations both)."""
     rng = np.random.default_rng(tokens + k)
     experts, hidden, inter = 4, 256, 128
@@ -220,14 +238,16 @@ def test_moe_int4_matches_qmoe(tokens, k, normalize, block):
                             domain="com.microsoft", activation_type="swiglu", swiglu_fusion=1, expert_weight_bits=4,
                             activation_alpha=1.0, activation_beta=0.0, accuracy_level=4, **attrs)
     ours = helper.make_node("MoEInt4", ["x", "p", "c1", "s1", "c2", "s2", "p"], ["y"], domain=KERNEL_DOMAIN, **attrs)
-    expected, got = run(qmoe, "com.microsoft"), run(ours, KERNEL_DOMAIN, kernel_library())
+    library = kernel_library() if build == "installed" else request.getfixturevalue("avx2_build")
+    expected, got = run(qmoe, "com.microsoft"), run(ours, KERNEL_DOMAIN, library)
     assert np.abs(expected - got).max() <= 1e-5 * np.abs(expected).max()
 
 
-def test_supported_reads_the_cpu_flags():
-    flags = "flags\t\t: fpu sse2 avx2 avx512f avx512bw avx512vl avx512_vnni\n"
-    assert dsedge_kernels.supported(flags)
-    assert not dsedge_kernels.supported(flags.replace(" avx512_vnni", ""))
+def test_the_vector_path_follows_the_cpu_flags():
+    flags = "flags\t\t: fpu sse2 avx2 fma avx512f avx512bw avx512vl avx512_vnni\n"
+    assert dsedge_kernels.vector_path(flags) == "avx512-vnni"
+    assert dsedge_kernels.vector_path(flags.replace(" avx512_vnni", "")) == "avx2"
+    assert dsedge_kernels.vector_path(flags.replace(" fma", "").replace(" avx512_vnni", "")) is None
     assert not dsedge_kernels.supported("processor : 0\n")
 
 
@@ -272,3 +292,25 @@ def test_a_library_onnxruntime_refuses_leaves_every_miss_stock(bundles, tmp_path
     assert engine.greedy(PROMPTS[0], 6) == load_bundle(bundle).greedy(PROMPTS[0], 6)
     assert engine.experts.stats.misses > 0 and engine.experts.stats.streamed == 0
     assert engine.experts.streamer.__self__.library is None
+
+
+def test_the_avx2_build_streams_misses_with_the_stock_tokens(bundles, avx2_build, monkeypatch):
+    bundle = bundles["g128"]
+    monkeypatch.setenv("DSEDGE_KERNELS", avx2_build)  # a library path: that build
+    engine = load_bundle(bundle, memory_budget_bytes=_budget(bundle))
+    assert engine.experts.streamer.__self__.library == avx2_build
+    monkeypatch.setenv("DSEDGE_KERNELS", "0")
+    stock = load_bundle(bundle, memory_budget_bytes=_budget(bundle))
+    for prompt in PROMPTS:
+        assert engine.greedy(prompt, 8) == stock.greedy(prompt, 8)
+        a, b = _logits(stock, prompt), _logits(engine, prompt)
+        assert np.abs(a - b).max() <= 1e-5 * np.abs(a).max()
+    assert engine.experts.stats.streamed == engine.experts.stats.misses > 0
+
+
+def test_a_kernel_path_that_is_not_a_file_is_refused(monkeypatch, tmp_path):
+    from dsedge.errors import UserError
+
+    monkeypatch.setenv("DSEDGE_KERNELS", str(tmp_path / "missing.so"))
+    with pytest.raises(UserError, match="not a file"):
+        kernel_library()

@@ -4,17 +4,17 @@ Under a memory budget a partition that is not resident used to be loaded at a mi
 whose weights onnxruntime prepacks (3-6 ms for one DeepSeek-V2-Lite expert, against 0.05 ms to run it), which
 made decode with 25% of the experts resident 7-8x the resident time per token (docs/scale.md). Fed the weights
 as graph inputs instead, onnxruntime's QMoE and MatMulNBits dequantize them on every call (2-7 ms). The
-``MoEInt4`` op of ``dsedge-kernels`` (kernels/, AVX-512 VNNI) computes QMoE's int4 block layout from the stored
-codes as they are, so a miss here is one run of a standing session of the partition's graph, with QMoE swapped
-for MoEInt4 and the codes and scales fed as read-only views of the bundle's verified file (one ``mmap`` per
-file): no session is created and nothing is copied at a miss, the kernel reads the bytes where the page cache
-holds them. The budget then bounds what the process allocates; a streamed expert's pages belong to the page
-cache, which the OS evicts and refills (from disk, at its speed).
+``MoEInt4`` op of ``dsedge-kernels`` (kernels/: AVX-512 VNNI, or AVX2 and FMA) computes QMoE's int4 block layout
+from the stored codes as they are, so a miss here is one run of a standing session of the partition's graph,
+with QMoE swapped for MoEInt4 and the codes and scales fed as read-only views of the bundle's verified file (one
+``mmap`` per file): no session is created and nothing is copied at a miss, the kernel reads the bytes where the
+page cache holds them. The budget then bounds what the process allocates; a streamed expert's pages belong to
+the page cache, which the OS evicts and refills (from disk, at its speed).
 
 A graph is rewritten at the protobuf wire level (the runtime does not depend on ``onnx``; field numbers as in
 dsedge.runtime.compose): only a partition whose one QMoE is 4-bit block-wise SwiGLU (gate/up interleaved),
 float32, with widths the kernel takes, is streamed; any other partition is loaded as before. ``DSEDGE_KERNELS=0``
-turns the kernels off.
+turns the kernels off; a CPU without AVX2 and FMA never uses them.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 
 from dsedge.contract import EXPERT_WEIGHTS, MOE_INPUT, ROUTED
+from dsedge.errors import UserError
 from dsedge.manifest import GraphEntry, Manifest
 from dsedge.onnx_refs import message_fields, tensor_dims, tensor_external_range
 from dsedge.onnx_wire import bytes_field, group, message, raw_field, varint_field
@@ -48,10 +49,16 @@ class NotStreamable(ValueError):
 
 
 def kernel_library() -> str | None:
-    """The dsedge-kernels custom-op library for this CPU, or None (not installed, CPU without AVX-512 VNNI, or
-    ``DSEDGE_KERNELS=0``)."""
-    if os.environ.get("DSEDGE_KERNELS", "1").lower() in ("0", "off", "no", "false"):
+    """The dsedge-kernels custom-op library for this CPU, or None (not installed, a CPU without AVX2 and FMA, or
+    ``DSEDGE_KERNELS=0``). ``DSEDGE_KERNELS=/path/to/library.so``: that build instead (to compare builds)."""
+    setting = os.environ.get("DSEDGE_KERNELS", "1")
+    if setting.lower() in ("0", "off", "no", "false"):
         return None
+    if os.sep in setting:
+        if not Path(setting).is_file():
+            raise UserError(f"DSEDGE_KERNELS names {setting}, which is not a file", where="DSEDGE_KERNELS",
+                            hint="give the path of a built dsedge-kernels library, or 0 to run without it")
+        return setting
     try:
         import dsedge_kernels  # optional (kernels/): the stock ops run without it
     except ImportError:

@@ -42,6 +42,9 @@
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
 #include <immintrin.h>
 #define HAVE_VNNI 1
+#elif defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define HAVE_AVX2 1 /* MoEInt4's dot products only (dot4); everything else takes the plain C loops */
 #endif
 
 #include "ort_abi.h"
@@ -104,6 +107,8 @@ static void quantize_block(const float *xb, int64_t block, int64_t b, QVec *v) {
 typedef struct {
 #ifdef HAVE_VNNI
   __m512 lanes[4];
+#elif defined(HAVE_AVX2)
+  __m256 lanes[4];
 #endif
   float scalar[4], zero[4];
 } Acc4;
@@ -138,6 +143,32 @@ static void dot4(const uint8_t *w, int64_t row_bytes, const float *s, int64_t n,
     }
     return;
   }
+#elif defined(HAVE_AVX2)
+  if (block % 128 == 0) {
+    /* llama.cpp's Q4_0 x Q8_0 AVX2 product: vpmaddubsw (unsigned nibbles x signed bytes, pairs summed into int16:
+     * at most 2 · 15 · 128 in magnitude, no saturation), then vpmaddwd by ones into int32 lanes. */
+    const __m256i low = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+    for (int64_t b = 0; b < blocks; ++b) {
+      __m256i d[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(),
+                      _mm256_setzero_si256()};
+      for (int64_t c = b * block / 128; c < (b + 1) * block / 128; ++c)
+        for (int h = 0; h < 2; ++h) { /* the chunk's 64 code bytes as two halves of 32 */
+          const __m256i even = _mm256_loadu_si256((const __m256i *)(v->q + c * 128 + h * 32));
+          const __m256i odd = _mm256_loadu_si256((const __m256i *)(v->q + c * 128 + 64 + h * 32));
+          for (int r = 0; r < 4; ++r) {
+            const __m256i codes = _mm256_loadu_si256((const __m256i *)(w + r * row_bytes + c * 64 + h * 32));
+            const __m256i lo = _mm256_and_si256(codes, low), hi = _mm256_and_si256(_mm256_srli_epi16(codes, 4), low);
+            const __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(lo, even), _mm256_maddubs_epi16(hi, odd));
+            d[r] = _mm256_add_epi32(d[r], _mm256_madd_epi16(pairs, ones));
+          }
+        }
+      const float vs = factor * v->scale[b];
+      for (int r = 0; r < 4; ++r)
+        acc->lanes[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d[r]), _mm256_set1_ps(s[r * blocks + b] * vs),
+                                        acc->lanes[r]);
+    }
+    return;
+  }
 #endif
   for (int r = 0; r < 4; ++r)
     for (int64_t b = 0; b < blocks; ++b) {
@@ -156,6 +187,8 @@ static void acc4_init(Acc4 *acc) {
   memset(acc, 0, sizeof *acc);
 #ifdef HAVE_VNNI
   for (int r = 0; r < 4; ++r) acc->lanes[r] = _mm512_setzero_ps();
+#elif defined(HAVE_AVX2)
+  for (int r = 0; r < 4; ++r) acc->lanes[r] = _mm256_setzero_ps();
 #endif
 }
 
@@ -164,6 +197,10 @@ static void acc4_store(const Acc4 *acc, float out[4]) {
     out[r] = acc->scalar[r] - acc->zero[r];
 #ifdef HAVE_VNNI
     out[r] += _mm512_reduce_add_ps(acc->lanes[r]);
+#elif defined(HAVE_AVX2)
+    float lane[8];
+    _mm256_storeu_ps(lane, acc->lanes[r]);
+    out[r] += ((lane[0] + lane[1]) + (lane[2] + lane[3])) + ((lane[4] + lane[5]) + (lane[6] + lane[7]));
 #endif
   }
 }
