@@ -204,4 +204,29 @@ def tensor_external_range(tensor: memoryview) -> ExternalRange | None:
     return ranges[-1] if ranges else None
 
 
+def tensor_name(tensor: memoryview) -> str:
+    """A TensorProto's name (field 8; the last occurrence wins, as in protobuf)."""
+    name = b""
+    for field, wire, value in _fields(memoryview(tensor)):
+        if field == 8 and wire == 2:
+            name = bytes(value)
+    return name.decode()
+
+
+def value_info_type(raw: memoryview) -> tuple[str, int]:
+    """(name, tensor element type) of a ValueInfoProto (name = 1, type = 2 → tensor_type = 1 → elem_type = 1;
+    0 when it declares no tensor type)."""
+    name, elem_type = b"", 0
+    for field, wire, value in _fields(memoryview(raw)):
+        if field == 1 and wire == 2:
+            name = bytes(value)
+        elif field == 2 and wire == 2:
+            for tfield, twire, tensor_type in _fields(value):
+                if tfield == 1 and twire == 2:
+                    for efield, ewire, elem in _fields(tensor_type):
+                        if efield == 1 and ewire == 0:
+                            elem_type = elem
+    return name.decode(), int(elem_type)
+
+
 message_fields = _fields  # the field reader, for dsedge.runtime.compose's rewriting of stage graphs

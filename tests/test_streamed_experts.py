@@ -8,6 +8,8 @@ groups of 128 (the kernel's vector path) and of 32 (its scalar block loop)."""
 import json
 import mmap
 import shutil
+import subprocess
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -193,11 +195,7 @@ def test_a_changed_expert_file_is_refused_at_its_first_streamed_miss(bundles, tm
 def avx2_build(tmp_path_factory):
     """The same source built for AVX2 and FMA only (what -march=native gives on a CPU without AVX-512): this
     CPU runs that path too."""
-    import shutil as sh
-    import subprocess
-    from pathlib import Path
-
-    compiler = sh.which("cc") or sh.which("gcc")
+    compiler = shutil.which("cc") or shutil.which("gcc")
     assert compiler, "dsedge-kernels is installed, so a C compiler built it"
     source = Path(__file__).resolve().parents[1] / "kernels" / "src" / "vnni_ops.c"
     out = tmp_path_factory.mktemp("avx2") / "libdsedge_kernels_avx2.so"

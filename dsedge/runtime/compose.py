@@ -32,7 +32,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 
-from dsedge.onnx_refs import message_fields
+from dsedge.onnx_refs import message_fields, value_info_type
+from dsedge.onnx_refs import tensor_name as _tensor_name
 from dsedge.onnx_wire import bytes_field as _bytes_field
 from dsedge.onnx_wire import group as _group
 from dsedge.onnx_wire import message as _message
@@ -234,10 +235,6 @@ def _tensor(tensor: memoryview, name, folder: str) -> bytes:
     return b"".join(out)
 
 
-def _tensor_name(tensor: memoryview) -> str:
-    return next((bytes(v).decode() for f, w, v in message_fields(tensor) if f == 8 and w == 2), "")
-
-
 def _external_key(tensor: bytes) -> bytes | None:
     """Everything but the name of an external-data TensorProto (dims, type, location, offset, length): equal
     keys are the same bytes of the same file. None for a tensor stored inline."""
@@ -254,15 +251,7 @@ def _external(tensor: memoryview) -> bool:
 
 def _value_info(raw: memoryview) -> tuple[str, int, bytes]:
     """(name, element type, the message) of a ValueInfoProto."""
-    name, elem_type = "", 0
-    for field, wire, value in message_fields(raw):
-        if field == 1 and wire == 2:
-            name = bytes(value).decode()
-        elif field == 2 and wire == 2:
-            for tfield, twire, tensor_type in message_fields(value):
-                if tfield == 1 and twire == 2:
-                    elem_type = int(_group(message_fields(tensor_type)).get(1, [0])[-1])
-    return name, elem_type, bytes(raw)
+    return (*value_info_type(raw), bytes(raw))
 
 
 def _rename_value_info(raw: bytes, name: str) -> bytes:

@@ -31,7 +31,7 @@ import numpy as np
 from dsedge.contract import EXPERT_WEIGHTS, MOE_INPUT, ROUTED
 from dsedge.errors import UserError
 from dsedge.manifest import GraphEntry, Manifest
-from dsedge.onnx_refs import message_fields, tensor_dims, tensor_external_range
+from dsedge.onnx_refs import message_fields, tensor_dims, tensor_external_range, tensor_name, value_info_type
 from dsedge.onnx_wire import bytes_field, group, message, raw_field, varint_field
 from dsedge.runtime.bundle import verified_graph_path
 from dsedge.runtime.session import ORT_ERRORS, SessionConfig, TimedSession, make_session
@@ -108,7 +108,7 @@ class StreamedPartitions:
         try:
             model, weights = streamable_graph(path.read_bytes())
             arrays = {w.name: self._view(path.parent, w) for w in weights}
-            ranges = [self._range(path.parent, w) for w in weights] if self.prefault else []
+            ranges = [self._range(path.parent, w, arrays[w.name].nbytes) for w in weights] if self.prefault else []
         except (NotStreamable, OSError, ValueError) as exc:  # the stock path loads it (and reports a bad file)
             log.debug("partition %s is loaded, not streamed: %s", graph.name, exc)
             return None
@@ -124,11 +124,10 @@ class StreamedPartitions:
             session = TimedSession(session, graph.name, self.timers)
         return StreamedSession(session, tuple(t.name for t in graph.inputs), arrays, ranges)
 
-    def _range(self, folder: Path, weight: StreamedWeight) -> tuple[mmap.mmap, int, int]:
+    def _range(self, folder: Path, weight: StreamedWeight, nbytes: int) -> tuple[mmap.mmap, int, int]:
         """The weight's bytes in its file's map, widened to whole pages (madvise takes page-aligned starts)."""
         start = weight.offset - weight.offset % mmap.PAGESIZE
-        length = weight.offset + math.prod(weight.dims) * _NP_TYPES[weight.data_type]().itemsize - start
-        return self._maps[folder / PurePosixPath(weight.location)], start, length
+        return self._maps[folder / PurePosixPath(weight.location)], start, weight.offset + nbytes - start
 
     def _view(self, folder: Path, weight: StreamedWeight) -> np.ndarray:
         path = folder / PurePosixPath(weight.location)  # as onnxruntime resolves it; verified_graph_path checked it
@@ -147,7 +146,8 @@ class StreamedPartitions:
 def _expect_disk_reads(streamed_bytes: int) -> bool:
     """Whether misses will mostly read from disk: the experts left out take more than half the memory the OS
     reports available (they will not stay in the page cache). Then each miss asks for its expert's pages in one
-    request (madvise WILLNEED): on V2-Lite-8 with every miss read from disk, 6.0 against 1.2 tokens/s. Where the
+    request (madvise WILLNEED): on V2-Lite-8 with every miss read from disk, 6.2 against 1.2 tokens/s
+(docs/scale.md). Where the
     page cache keeps them, that request only costs (9-15% of decode there: docs/scale.md), so it is left out.
     ``DSEDGE_STREAM_PREFAULT=1``/``0`` decides instead."""
     forced = os.environ.get("DSEDGE_STREAM_PREFAULT")
@@ -187,7 +187,7 @@ def streamable_graph(model: bytes) -> tuple[bytes, list[StreamedWeight]]:
         raise NotStreamable(f"{len(qmoe)} QMoE nodes")
     node = _node(nodes[qmoe[0]])
     names = [node["inputs"][i] for i in _QMOE_WEIGHTS]
-    tensors = {_tensor_name(v): v for f, w, v in graph if f == 5 and w == 2}
+    tensors = {tensor_name(v): v for f, w, v in graph if f == 5 and w == 2}
     weights = [_weight(tensors.get(name), name) for name in names]
     _check_layout(node, weights, _input_types(graph))
     replacement = _moe_int4(node)
@@ -195,7 +195,7 @@ def streamable_graph(model: bytes) -> tuple[bytes, list[StreamedWeight]]:
     for field, wire, value in graph:
         if field == 1 and wire == 2 and value is nodes[qmoe[0]]:
             out.append(message(1, replacement))
-        elif field == 5 and wire == 2 and _tensor_name(value) in names:
+        elif field == 5 and wire == 2 and tensor_name(value) in names:
             continue  # now an input
         else:
             out.append(raw_field(field, wire, value))
@@ -265,10 +265,6 @@ def _node(raw: memoryview) -> dict:
             "name": bytes(g.get(3, [b""])[-1]).decode(), "attrs": attrs}
 
 
-def _tensor_name(tensor: memoryview) -> str:
-    return bytes(group(message_fields(tensor)).get(8, [b""])[-1]).decode()
-
-
 def _weight(tensor: memoryview | None, name: str) -> StreamedWeight:
     if tensor is None:
         raise NotStreamable(f"{name} is not an initializer")
@@ -281,16 +277,8 @@ def _weight(tensor: memoryview | None, name: str) -> StreamedWeight:
 
 
 def _input_types(graph: list) -> dict[str, int]:
-    """Element type of each graph input (ValueInfoProto name = 1, type = 2 → tensor_type = 1 → elem_type = 1)."""
-    types = {}
-    for field, wire, value in graph:
-        if field == 11 and wire == 2:
-            info = group(message_fields(value))
-            elem = 0
-            for tensor_type in group(message_fields(info.get(2, [b""])[-1])).get(1, []):
-                elem = int(group(message_fields(tensor_type)).get(1, [0])[-1])
-            types[bytes(info.get(1, [b""])[-1]).decode()] = elem
-    return types
+    """Element type of each graph input (GraphProto.input = 11)."""
+    return dict(value_info_type(v) for f, w, v in graph if f == 11 and w == 2)
 
 
 def _value_info(name: str, elem_type: int, dims: tuple[int, ...]) -> bytes:
