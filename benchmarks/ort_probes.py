@@ -33,6 +33,7 @@ process, 2 threads with spinning unless told otherwise; medians of rounds.
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import tempfile
 import time
@@ -259,10 +260,11 @@ KERNEL = Path(__file__).resolve().parents[1] / "kernels" / "src" / "vnni_ops.c" 
 
 
 def build_custom_ops() -> Path:
-    """kernels/src/vnni_ops.c as a shared library for this CPU (a build directory under /tmp)."""
+    """kernels/src/vnni_ops.c as a shared library for this CPU (a build directory under /tmp); the target flags
+    from DSEDGE_KERNEL_CFLAGS (default -march=native; "-mavx2 -mfma" builds MoEInt4's AVX2 path)."""
     library = Path(tempfile.mkdtemp(prefix="dsedge-vnni-ops-")) / "vnni_ops.so"
-    subprocess.run(["gcc", "-O3", "-march=native", "-fPIC", "-shared", "-o", str(library), str(KERNEL), "-lm"],
-                   check=True)
+    flags = os.environ.get("DSEDGE_KERNEL_CFLAGS", "-march=native").split()
+    subprocess.run(["gcc", "-O3", *flags, "-fPIC", "-shared", "-o", str(library), str(KERNEL), "-lm"], check=True)
     return library
 
 
