@@ -19,11 +19,13 @@ from onnx import helper
 
 from dsedge.manifest import BundleError
 from dsedge.runtime import load_bundle
+from dsedge.runtime.session import ORT_ERRORS
 from dsedge.runtime.streamed import KERNEL_DOMAIN, NotStreamable, kernel_library, streamable_graph
 
 dsedge_kernels = pytest.importorskip("dsedge_kernels", reason="dsedge-kernels is not installed (pip install ./kernels)")
 if not dsedge_kernels.supported():
-    pytest.skip("this CPU has no AVX-512 VNNI: the runtime keeps onnxruntime's ops", allow_module_level=True)
+    pytest.skip("this CPU has neither AVX-512 VNNI nor AVX2 with FMA: the runtime keeps onnxruntime's ops",
+                allow_module_level=True)
 
 WIDE_DS3 = {"hidden_size": 128, "intermediate_size": 256, "kv_lora_rank": 32, "moe_intermediate_size": 128,
             "n_group": 4, "n_routed_experts": 8, "num_attention_heads": 2, "num_key_value_heads": 2,
@@ -239,6 +241,78 @@ def test_moe_int4_matches_qmoe(tokens, k, normalize, block, build, request):
     library = kernel_library() if build == "installed" else request.getfixturevalue("avx2_build")
     expected, got = run(qmoe, "com.microsoft"), run(ours, KERNEL_DOMAIN, library)
     assert np.abs(expected - got).max() <= 1e-5 * np.abs(expected).max()
+
+
+def _kernel_session(node, inputs, library):
+    """A one-node session of a dsedge-kernels op; ``inputs`` name → array, all fed at run."""
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info(n, helper.np_dtype_to_tensor_dtype(v.dtype),
+                                                                          v.shape) for n, v in inputs.items()],
+                              [helper.make_tensor_value_info("y", 1, None)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid(KERNEL_DOMAIN, 1)])
+    options = ort.SessionOptions()
+    options.register_custom_ops_library(library)
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def _moe_inputs(hidden=256, inter=128, experts=2, tokens=1, block=128, scales_block=None):
+    sb = scales_block or block
+    return {"x": np.ones((tokens, hidden), np.float32), "p": np.ones((tokens, experts), np.float32),
+            "c1": np.zeros((experts, 2 * inter, hidden // 2), np.uint8),
+            "s1": np.ones((experts, 2 * inter, hidden // sb), np.float32),
+            "c2": np.zeros((experts, hidden, inter // 2), np.uint8),
+            "s2": np.ones((experts, hidden, inter // sb), np.float32)}
+
+
+@pytest.mark.parametrize(("inputs", "attrs", "why"), [
+    (_moe_inputs(hidden=192), {"k": 1, "block_size": 64}, "multiples of 128"),
+    (_moe_inputs(inter=96), {"k": 1, "block_size": 32}, "multiples of 128"),
+    (_moe_inputs(), {"k": 1, "block_size": 2048}, "block_size must be"),
+    (_moe_inputs(), {"k": 0, "block_size": 128}, "k must be"),
+    (_moe_inputs(), {"block_size": 128}, "k must be"),
+    (_moe_inputs(scales_block=64), {"k": 1, "block_size": 128}, "codes and scales do not match"),
+])
+@pytest.mark.parametrize("tokens", [1, 3])
+def test_moe_int4_refuses_a_layout_it_does_not_take_with_the_reason(inputs, attrs, why, tokens):
+    """A shape the kernel does not take is an error that names the op and the reason (KernelComputeV2's status),
+    never an output left unset or computed from the wrong layout."""
+    inputs = dict(inputs, x=np.ones((tokens, inputs["x"].shape[1]), np.float32),
+                  p=np.ones((tokens, inputs["p"].shape[1]), np.float32))
+    node = helper.make_node("MoEInt4", ["x", "p", "c1", "s1", "c2", "s2", "p"], ["y"], domain=KERNEL_DOMAIN, **attrs)
+    session = _kernel_session(node, inputs, kernel_library())
+    with pytest.raises(ORT_ERRORS, match=f"dsedge-kernels MoEInt4: .*{why}"):
+        session.run(None, inputs)
+
+
+def test_moe_int4_router_inputs_must_match_the_tokens():
+    inputs = _moe_inputs(tokens=2)
+    inputs["p"] = np.ones((3, 2), np.float32)
+    node = helper.make_node("MoEInt4", ["x", "p", "c1", "s1", "c2", "s2", "p"], ["y"], domain=KERNEL_DOMAIN, k=1,
+                            block_size=128)
+    with pytest.raises(ORT_ERRORS, match="MoEInt4: router probabilities and weights must be"):
+        _kernel_session(node, inputs, kernel_library()).run(None, inputs)
+
+
+@pytest.mark.parametrize(("k", "n", "block", "a_width", "why"), [
+    (256, 8, 128, 128, "last dimension must be K"), (192, 8, 64, 192, "multiple of 128"),
+    (256, 6, 128, 256, "N of 4"), (256, 8, 96, 256, "whole number of blocks")])
+def test_matmul_int4_refuses_a_shape_it_does_not_take(k, n, block, a_width, why):
+    inputs = {"a": np.ones((1, a_width), np.float32), "b": np.zeros((n, max(k // block, 1), block // 2), np.uint8),
+              "s": np.ones(n * max(k // block, 1), np.float32)}
+    node = helper.make_node("MatMulInt4", ["a", "b", "s"], ["y"], domain=KERNEL_DOMAIN, K=k, N=n, block_size=block)
+    with pytest.raises(ORT_ERRORS, match=f"dsedge-kernels MatMulInt4: .*{why}"):
+        _kernel_session(node, inputs, kernel_library()).run(None, inputs)
+
+
+def test_a_refused_call_leaves_the_session_usable():
+    """After an error status the same session runs a fitting input (the error path frees what it took)."""
+    node = helper.make_node("MoEInt4", ["x", "p", "c1", "s1", "c2", "s2", "p"], ["y"], domain=KERNEL_DOMAIN, k=1,
+                            block_size=128)
+    good = _moe_inputs()
+    session = _kernel_session(node, good, kernel_library())
+    bad = dict(good, p=np.ones((1, 3), np.float32))
+    with pytest.raises(ORT_ERRORS):
+        session.run(None, bad)
+    assert session.run(None, good)[0].shape == (1, 256)
 
 
 def test_the_vector_path_follows_the_cpu_flags():

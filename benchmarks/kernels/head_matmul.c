@@ -82,31 +82,32 @@ static void run_chunk(void *usr, size_t chunk) { /* ParallelFor callback: a cont
   for (int64_t tile = (int64_t)chunk * per; tile < end; ++tile) run_tile(job, tile);
 }
 
-static void compute(void *kernel, void *ctx) {
+static OrtStatus *compute(void *kernel, void *ctx) {
   (void)kernel;
-  const void *va, *vw, *vs;
-  FN(GetInputFn, SLOT_GET_INPUT)(ctx, 0, &va);
-  FN(GetInputFn, SLOT_GET_INPUT)(ctx, 1, &vw);
-  FN(GetInputFn, SLOT_GET_INPUT)(ctx, 2, &vs);
+  const void *in[3];
+  void *data[3];
+  TRY(inputs_of(ctx, 3, in, data));
   int64_t ad[4], wd[3];
   size_t an, wn;
-  if (shape_of(va, ad, 4, &an) || shape_of(vw, wd, 3, &wn) || an != 4 || wn != 3) return;
+  if (shape_of(in[0], ad, 4, &an) || shape_of(in[1], wd, 3, &wn) || an != 4 || wn != 3)
+    return op_error(ORT_INVALID_ARGUMENT, "HeadMatMul", "needs A [batch, heads, rows, K] and B [heads, K, N]");
   int64_t yd[4] = {ad[0], ad[1], ad[2], wd[2]};
-  void *vy;
-  FN(GetOutputFn, SLOT_GET_OUTPUT)(ctx, 0, yd, 4, &vy);
   Job job;
-  job.a = data_of(ctx, 0);
-  job.w = data_of(ctx, 1);
-  job.s = data_of(ctx, 2);
-  FN(MutableDataFn, SLOT_TENSOR_MUTABLE_DATA)(vy, (void **)&job.y);
+  job.a = data[0];
+  job.w = data[1];
+  job.s = data[2];
+  TRY(output_of(ctx, yd, 4, &job.y));
   job.batch = ad[0]; job.heads = ad[1]; job.rows = ad[2]; job.k = ad[3]; job.n = wd[2];
   job.tiles_per_head = (job.n + TILE - 1) / TILE;
   job.tiles = job.batch * job.rows * job.heads * job.tiles_per_head;
   job.chunks = CHUNKS;
-  if (job.chunks > 1 && job.tiles > 1)
-    FN(ParallelForFn, SLOT_PARALLEL_FOR)(ctx, run_chunk, job.chunks, 0, &job);
-  else
+  const int spread = job.chunks > 1 && job.tiles > 1;
+  OrtStatus *failed = spread ? FN(ParallelForFn, SLOT_PARALLEL_FOR)(ctx, run_chunk, job.chunks, 0, &job) : NULL;
+  if (!spread || failed) { /* one chunk, or no pool for this call: every tile on this thread */
+    drop_status(failed);
     for (int64_t tile = 0; tile < job.tiles; ++tile) run_tile(&job, tile);
+  }
+  return NULL;
 }
 
 /* --- registration --------------------------------------------------------------------------------------- */

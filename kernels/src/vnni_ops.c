@@ -31,9 +31,10 @@
  * N % 16 == 0 on its AVX-512 path.
  *
  * ABI: ort_abi.h (the OrtApi slots and OrtCustomOp fields of onnxruntime_c_api.h; the attribute getter
- * KernelInfoGetAttribute_int64 is slot 86). A shape these kernels do not take leaves the
- * output unset, which onnxruntime reports as a missing output: version-1 KernelCompute has no status to
- * return (KernelComputeV2 would), one of the things a shipped version must add. */
+ * KernelInfoGetAttribute_int64 is slot 86). Each op computes through KernelComputeV2: a shape it does not take,
+ * a failed API call or an allocation that fails comes back to onnxruntime as an error status naming the op and
+ * the reason, which the session's run raises (the runtime checks shapes before it uses an op, so this is what
+ * a graph that slipped past it gets instead of a wrong result). */
 #include <math.h>
 #include <pthread.h>
 #include <stdatomic.h>
@@ -312,8 +313,10 @@ static void parallel_for(void *ctx, void (*fn)(void *, size_t), size_t units, vo
   Spread spread = {fn, usr, pthread_self()};
   OrtStatus *failed = g_counting ? FN(ParallelForFn, SLOT_PARALLEL_FOR)(ctx, spread_unit, units, 0, &spread)
                                  : FN(ParallelForFn, SLOT_PARALLEL_FOR)(ctx, fn, units, 0, usr);
-  if (failed) /* (the status is not released: the prototype has no error path) */
+  if (failed) { /* no pool for this call: the same units on this thread */
+    drop_status(failed);
     for (size_t u = 0; u < units; ++u) fn(usr, u);
+  }
 }
 
 __attribute__((destructor)) static void report_spread(void) {
@@ -418,41 +421,46 @@ static void choose(const Kernel *kern, const float *probs, const float *weights,
   }
 }
 
-/* Whether input index holds exactly count elements. */
-static int input_is(void *ctx, size_t index, int64_t count) {
-  const void *value;
+/* Whether a tensor value holds exactly count elements. */
+static int holds(const void *value, int64_t count) {
   int64_t dims[8];
   size_t n;
-  FN(GetInputFn, SLOT_GET_INPUT)(ctx, index, &value);
   if (shape_of(value, dims, 8, &n)) return 0;
   int64_t total = 1;
   for (size_t i = 0; i < n; ++i) total *= dims[i];
   return total == count;
 }
 
-/* MoEInt4's inputs as its layout needs them: x [T, H], probs and weights [T, E], fc1 [E, 2I, H/2], s1 [E, 2I, H/B],
- * fc2 [E, H, I/2], s2 [E, H, I/B], with H and I multiples of 128 and of B, k ≤ 64 and 0 < B ≤ 1024. */
-static int moe_shapes_fit(const Kernel *kern, void *ctx, int64_t xd[2], int64_t wd[3]) {
-  const void *vx, *v1;
+/* Why MoEInt4's inputs do not fit its layout, or NULL: x [T, H], probs and weights [T, E], fc1 [E, 2I, H/2],
+ * s1 [E, 2I, H/B], fc2 [E, H, I/2], s2 [E, H, I/B], with H and I multiples of 128 and of B, k ≤ 64 and
+ * 0 < B ≤ 1024. */
+static const char *moe_misfit(const Kernel *kern, const void *const *in, int64_t xd[2], int64_t wd[3]) {
   size_t xn, wn;
-  FN(GetInputFn, SLOT_GET_INPUT)(ctx, 0, &vx);
-  FN(GetInputFn, SLOT_GET_INPUT)(ctx, 2, &v1);
-  if (kern->block <= 0 || kern->block > 1024 || kern->k < 1 || kern->k > 64 || shape_of(vx, xd, 2, &xn) ||
-      shape_of(v1, wd, 3, &wn) || xn != 2 || wn != 3)
-    return 0;
+  if (kern->block <= 0 || kern->block > 1024) return "block_size must be in 1..1024";
+  if (kern->k < 1 || kern->k > 64) return "k must be in 1..64";
+  if (shape_of(in[0], xd, 2, &xn) || xn != 2) return "the input must be [tokens, hidden]";
+  if (shape_of(in[2], wd, 3, &wn) || wn != 3) return "fc1 codes must be [experts, 2 * inter, hidden / 2]";
   const int64_t t = xd[0], h = xd[1], e = wd[0], inter = wd[1] / 2, b = kern->block;
-  return !(h % 128 || h % b || inter % 128 || inter % b || wd[2] != h / 2) && input_is(ctx, 1, t * e) &&
-         input_is(ctx, 6, t * e) && input_is(ctx, 3, e * 2 * inter * (h / b)) &&
-         input_is(ctx, 4, e * h * inter / 2) && input_is(ctx, 5, e * h * (inter / b));
+  if (h % 128 || h % b || inter % 128 || inter % b)
+    return "hidden and inter widths must be multiples of 128 and of block_size";
+  if (wd[2] != h / 2 || !holds(in[3], e * 2 * inter * (h / b)) || !holds(in[4], e * h * inter / 2) ||
+      !holds(in[5], e * h * (inter / b)))
+    return "the codes and scales do not match the input's width and fc1's shape";
+  if (!holds(in[1], t * e) || !holds(in[6], t * e)) return "router probabilities and weights must be [tokens, experts]";
+  return NULL;
 }
 
 /* T > 1 tokens: every token's choice, routes grouped by expert (a counting sort), then the two batched phases. */
-static void compute_batch(const Kernel *kern, void *ctx, Job *one, const float *x, const float *probs,
-                          const float *weights, int64_t n_experts, int64_t tokens, float *y) {
+static OrtStatus *compute_batch(const Kernel *kern, void *ctx, Job *one, const float *x, const float *probs,
+                                const float *weights, int64_t n_experts, int64_t tokens, float *y) {
   const int64_t h = one->hidden, inter = one->inter, block = one->block, k = kern->k;
   int64_t *count = calloc((size_t)n_experts + 1, sizeof(int64_t)), *token_of = malloc(sizeof(int64_t) * tokens * k);
   int64_t *expert_of = malloc(sizeof(int64_t) * tokens * k);
   float *weight_of = malloc(sizeof(float) * tokens * k);
+  if (!count || !token_of || !expert_of || !weight_of) {
+    free(weight_of); free(expert_of); free(token_of); free(count);
+    return op_error(ORT_FAIL, "MoEInt4", "out of memory");
+  }
   int64_t routes = 0;
   for (int64_t t = 0; t < tokens; ++t) {
     choose(kern, probs + t * n_experts, weights + t * n_experts, n_experts, one);
@@ -465,63 +473,70 @@ static void compute_batch(const Kernel *kern, void *ctx, Job *one, const float *
   }
   int64_t *active = malloc(sizeof(int64_t) * (n_experts + 1)), *offset = malloc(sizeof(int64_t) * (n_experts + 2));
   int64_t *slot_of = malloc(sizeof(int64_t) * n_experts), n_active = 0;
+  if (!active || !offset || !slot_of) {
+    free(slot_of); free(offset); free(active); free(weight_of); free(expert_of); free(token_of); free(count);
+    return op_error(ORT_FAIL, "MoEInt4", "out of memory");
+  }
   offset[0] = 0;
   for (int64_t e = 0; e < n_experts; ++e)
     if (count[e]) { slot_of[e] = n_active; active[n_active] = e; offset[n_active + 1] = offset[n_active] + count[e];
                     ++n_active; }
   int64_t *fill = calloc((size_t)n_active + 1, sizeof(int64_t)), *route_token = malloc(sizeof(int64_t) * (routes + 1));
   float *route_weight = malloc(sizeof(float) * (routes + 1));
-  for (int64_t r = 0; r < routes; ++r) {
-    const int64_t a = slot_of[expert_of[r]], at = offset[a] + fill[a]++;
-    route_token[at] = token_of[r];
-    route_weight[at] = weight_of[r];
-  }
   const int64_t hb = h / block, ib = inter / block;
   QVec *xs = malloc(sizeof(QVec) * tokens), *hs = malloc(sizeof(QVec) * (routes + 1));
   int8_t *xq = malloc((size_t)(tokens * h)), *hq = malloc((size_t)((routes + 1) * inter));
   float *xf = malloc(sizeof(float) * tokens * 2 * hb), *hf = malloc(sizeof(float) * (routes + 1) * 2 * ib);
   float *gate_up = malloc(sizeof(float) * (routes + 1) * 2 * inter);
-  for (int64_t t = 0; t < tokens; ++t) {
+  const int allocated = fill && route_token && route_weight && xs && hs && xq && hq && xf && hf && gate_up;
+  for (int64_t r = 0; allocated && r < routes; ++r) {
+    const int64_t a = slot_of[expert_of[r]], at = offset[a] + fill[a]++;
+    route_token[at] = token_of[r];
+    route_weight[at] = weight_of[r];
+  }
+  for (int64_t t = 0; allocated && t < tokens; ++t) {
     xs[t] = (QVec){xq + t * h, xf + t * 2 * hb, xf + t * 2 * hb + hb};
     for (int64_t b = 0; b < hb; ++b) quantize_block(x + t * h + b * block, block, b, &xs[t]);
   }
-  for (int64_t r = 0; r < routes; ++r) hs[r] = (QVec){hq + r * inter, hf + r * 2 * ib, hf + r * 2 * ib + ib};
-  memset(y, 0, sizeof(float) * (size_t)(tokens * h));
+  for (int64_t r = 0; allocated && r < routes; ++r) hs[r] = (QVec){hq + r * inter, hf + r * 2 * ib, hf + r * 2 * ib + ib};
+  if (allocated) memset(y, 0, sizeof(float) * (size_t)(tokens * h));
   Batch batch = {.fc1 = one->fc1, .fc2 = one->fc2, .s1 = one->s1, .s2 = one->s2, .hidden = h, .inter = inter,
                  .block = block, .n_active = n_active, .active = active, .offset = offset,
                  .route_token = route_token, .route_weight = route_weight, .x = xs, .h = hs, .gate_up = gate_up,
                  .y = y};
-  if (n_active) {
+  if (allocated && n_active) {
     parallel_for(ctx, fc1_batch_unit, (size_t)(n_active * ib), &batch);
     parallel_for(ctx, fc2_batch_unit, FC2_UNITS, &batch);
   }
   free(gate_up); free(hf); free(xf); free(hq); free(xq); free(hs); free(xs); free(route_weight); free(route_token);
   free(fill); free(slot_of); free(offset); free(active); free(weight_of); free(expert_of); free(token_of); free(count);
+  return allocated ? NULL : op_error(ORT_FAIL, "MoEInt4", "out of memory");
 }
 
-static void compute(void *kernel, void *ctx) {
+static OrtStatus *compute(void *kernel, void *ctx) {
   const Kernel *kern = (const Kernel *)kernel;
+  if (!kern) return op_error(ORT_FAIL, "MoEInt4", "out of memory (kernel state)");
+  const void *in[7];
+  void *data[7];
+  TRY(inputs_of(ctx, 7, in, data));
   int64_t xd[2], wd[3];
-  if (!moe_shapes_fit(kern, ctx, xd, wd)) return; /* not taken (no output) */
-  void *vy;
-  FN(GetOutputFn, SLOT_GET_OUTPUT)(ctx, 0, xd, 2, &vy);
+  const char *misfit = moe_misfit(kern, in, xd, wd);
+  if (misfit) return op_error(ORT_INVALID_ARGUMENT, "MoEInt4", misfit);
   float *y;
-  FN(MutableDataFn, SLOT_TENSOR_MUTABLE_DATA)(vy, (void **)&y);
-  const float *x = data_of(ctx, 0), *probs = data_of(ctx, 1), *weights = data_of(ctx, 6);
-  Job job = {.fc1 = data_of(ctx, 2), .s1 = data_of(ctx, 3), .fc2 = data_of(ctx, 4), .s2 = data_of(ctx, 5),
-             .hidden = xd[1], .inter = wd[1] / 2, .block = kern->block};
+  TRY(output_of(ctx, xd, 2, &y));
+  const float *x = data[0], *probs = data[1], *weights = data[6];
+  Job job = {.fc1 = data[2], .s1 = data[3], .fc2 = data[4], .s2 = data[5], .hidden = xd[1], .inter = wd[1] / 2,
+             .block = kern->block};
   const int64_t n_experts = wd[0], h = job.hidden, i2 = 2 * job.inter;
-  if (xd[0] > 1) {
-    compute_batch(kern, ctx, &job, x, probs, weights, n_experts, xd[0], y);
-    return;
-  }
+  if (xd[0] > 1) return compute_batch(kern, ctx, &job, x, probs, weights, n_experts, xd[0], y);
   choose(kern, probs, weights, n_experts, &job);
   job.y = y;
-  if (!job.active) { memset(y, 0, sizeof(float) * (size_t)h); return; }
+  if (!job.active) { memset(y, 0, sizeof(float) * (size_t)h); return NULL; }
   /* one allocation per call: the quantized input, the k fc1 outputs and the k quantized SwiGLU outputs */
   const size_t bytes = (size_t)(h + kern->k * job.inter) + sizeof(float) * (size_t)(2 * (h / job.block) +
                        kern->k * (i2 + 2 * (job.inter / job.block)));
   char *arena = malloc(bytes + 64);
+  if (!arena) return op_error(ORT_FAIL, "MoEInt4", "out of memory");
   float *floats = (float *)arena;
   job.x.scale = floats; floats += h / job.block;
   job.x.zero = floats; floats += h / job.block;
@@ -537,6 +552,7 @@ static void compute(void *kernel, void *ctx) {
   parallel_for(ctx, fc1_unit, (size_t)(job.active * (job.inter / job.block)), &job);
   parallel_for(ctx, fc2_unit, FC2_UNITS, &job);
   free(arena);
+  return NULL;
 }
 
 /* --- dense int4 products ----------------------------------------------------------------------------------- */
@@ -621,30 +637,41 @@ typedef struct {
   int64_t k, n, block;
 } DenseKernel;
 
-static void dense_compute(void *kernel, void *ctx) {
+/* Why MatMulInt4's inputs do not fit, or NULL: a partial last block, a K the activation layout does not tile,
+ * N not in 4-row groups, or weights of another size. */
+static const char *dense_misfit(const DenseKernel *kern, const void *const *in, int64_t *ad, size_t *an) {
+  if (kern->block <= 0 || kern->k % kern->block) return "K must be a whole number of blocks";
+  if (kern->k % 128 || kern->n % 4) return "K must be a multiple of 128 and N of 4";
+  if (shape_of(in[0], ad, 8, an) || *an < 1 || ad[*an - 1] != kern->k) return "A's last dimension must be K";
+  if (!holds(in[1], kern->n * kern->k / 2) || !holds(in[2], kern->n * (kern->k / kern->block)))
+    return "B and the scales must hold N x K 4-bit codes and one scale per block";
+  return NULL;
+}
+
+static OrtStatus *dense_compute(void *kernel, void *ctx) {
   const DenseKernel *kern = (const DenseKernel *)kernel;
-  const void *va;
+  if (!kern) return op_error(ORT_FAIL, "MatMulInt4", "out of memory (kernel state)");
+  const void *in[3];
+  void *data[3];
+  TRY(inputs_of(ctx, 3, in, data));
   int64_t ad[8];
   size_t an;
-  FN(GetInputFn, SLOT_GET_INPUT)(ctx, 0, &va);
-  if (kern->block <= 0 || kern->n % 4 || shape_of(va, ad, 8, &an) || an < 1 || ad[an - 1] != kern->k ||
-      kern->k % kern->block || kern->k % 128 || !input_is(ctx, 1, kern->n * kern->k / 2) ||
-      !input_is(ctx, 2, kern->n * (kern->k / kern->block)))
-    return; /* a partial last block, a K the activation layout does not tile, N not in 4-row groups, or weights
-             * of another size: not taken (no output) */
+  const char *misfit = dense_misfit(kern, in, ad, &an);
+  if (misfit) return op_error(ORT_INVALID_ARGUMENT, "MatMulInt4", misfit);
   int64_t rows = 1;
   for (size_t i = 0; i + 1 < an; ++i) rows *= ad[i];
   ad[an - 1] = kern->n;
-  void *vy;
-  FN(GetOutputFn, SLOT_GET_OUTPUT)(ctx, 0, ad, an, &vy);
-  DenseJob job = {.w = data_of(ctx, 1), .s = data_of(ctx, 2), .k = kern->k, .n = kern->n, .block = kern->block,
-                  .rows = rows};
-  const float *a = data_of(ctx, 0);
-  FN(MutableDataFn, SLOT_TENSOR_MUTABLE_DATA)(vy, (void **)&job.y);
+  DenseJob job = {.w = data[1], .s = data[2], .k = kern->k, .n = kern->n, .block = kern->block, .rows = rows};
+  const float *a = data[0];
+  TRY(output_of(ctx, ad, an, &job.y));
   const int64_t kb = job.k / job.block;
   /* every row quantized first: per row K int8 and kb scales and zero-point terms */
   char *arena = malloc((size_t)rows * ((size_t)job.k + 2 * sizeof(float) * (size_t)kb) + 64);
   job.a = malloc(sizeof(QVec) * (size_t)rows);
+  if (!arena || !job.a) {
+    free(job.a); free(arena);
+    return op_error(ORT_FAIL, "MatMulInt4", "out of memory");
+  }
   float *floats = (float *)arena;
   int8_t *ints = (int8_t *)(floats + 2 * kb * rows);
   for (int64_t r = 0; r < rows; ++r) {
@@ -654,6 +681,7 @@ static void dense_compute(void *kernel, void *ctx) {
   parallel_for(ctx, dense_unit, DENSE_UNITS, &job);
   free(job.a);
   free(arena);
+  return NULL;
 }
 
 /* --- per-head products ------------------------------------------------------------------------------------ */
@@ -716,45 +744,43 @@ static void head_unit(void *usr, size_t unit) { /* one head: every (batch, row) 
     }
 }
 
-static void head_compute(void *kernel, void *ctx) {
+static OrtStatus *head_compute(void *kernel, void *ctx) {
   (void)kernel;
-  const void *va, *vw;
-  int64_t ad[4], wd[4];
-  size_t an, wn;
-  FN(GetInputFn, SLOT_GET_INPUT)(ctx, 0, &va);
-  FN(GetInputFn, SLOT_GET_INPUT)(ctx, 1, &vw);
-  const void *vs;
-  int64_t sd[2];
-  size_t sn;
-  FN(GetInputFn, SLOT_GET_INPUT)(ctx, 2, &vs);
-  if (shape_of(va, ad, 4, &an) || shape_of(vw, wd, 4, &wn) || shape_of(vs, sd, 2, &sn) || an != 4 || wn != 4 ||
-      sn != 2 || ad[3] > 4096 || ad[3] != 4 * wd[1] || ad[1] != wd[0] || wd[3] != 4 || sd[0] != wd[0] ||
+  const void *in[3];
+  void *data[3];
+  TRY(inputs_of(ctx, 3, in, data));
+  int64_t ad[4], wd[4], sd[2];
+  size_t an, wn, sn;
+  if (shape_of(in[0], ad, 4, &an) || shape_of(in[1], wd, 4, &wn) || shape_of(in[2], sd, 2, &sn) || an != 4 ||
+      wn != 4 || sn != 2 || ad[3] > 4096 || ad[3] != 4 * wd[1] || ad[1] != wd[0] || wd[3] != 4 || sd[0] != wd[0] ||
       sd[1] != wd[2])
-    return; /* not taken (no output) */
+    return op_error(ORT_INVALID_ARGUMENT, "HeadMatMulU8",
+                    "needs A [batch, heads, rows, K <= 4096], B [heads, K/4, N, 4] and scales [heads, N]");
   int64_t yd[4] = {ad[0], ad[1], ad[2], wd[2]};
-  void *vy;
-  FN(GetOutputFn, SLOT_GET_OUTPUT)(ctx, 0, yd, 4, &vy);
-  HeadJob job = {.a = data_of(ctx, 0), .w = data_of(ctx, 1), .s = data_of(ctx, 2), .batch = ad[0],
-                 .heads = ad[1], .rows = ad[2], .k = ad[3], .n = wd[2]};
-  FN(MutableDataFn, SLOT_TENSOR_MUTABLE_DATA)(vy, (void **)&job.y);
+  HeadJob job = {.a = data[0], .w = data[1], .s = data[2], .batch = ad[0], .heads = ad[1], .rows = ad[2],
+                 .k = ad[3], .n = wd[2]};
+  TRY(output_of(ctx, yd, 4, &job.y));
   parallel_for(ctx, head_unit, (size_t)job.heads, &job);
+  return NULL;
 }
 
 /* --- registration ------------------------------------------------------------------------------------------ */
 static void *create_kernel(const OrtCustomOp *op, const void *api, const void *info) {
   (void)op; (void)api;
-  Kernel *kern = calloc(1, sizeof *kern); /* a missing attribute stays 0: declined in compute */
-  FN(AttrInt64Fn, SLOT_ATTR_INT64)(info, "k", &kern->k);
-  FN(AttrInt64Fn, SLOT_ATTR_INT64)(info, "block_size", &kern->block);
-  FN(AttrInt64Fn, SLOT_ATTR_INT64)(info, "normalize_routing_weights", &kern->normalize);
+  Kernel *kern = calloc(1, sizeof *kern); /* a missing attribute stays 0: refused in compute (normalize: off) */
+  if (!kern) return NULL;
+  drop_status(FN(AttrInt64Fn, SLOT_ATTR_INT64)(info, "k", &kern->k));
+  drop_status(FN(AttrInt64Fn, SLOT_ATTR_INT64)(info, "block_size", &kern->block));
+  drop_status(FN(AttrInt64Fn, SLOT_ATTR_INT64)(info, "normalize_routing_weights", &kern->normalize));
   return kern;
 }
 static void *create_dense_kernel(const OrtCustomOp *op, const void *api, const void *info) {
   (void)op; (void)api;
-  DenseKernel *kern = calloc(1, sizeof *kern);
-  FN(AttrInt64Fn, SLOT_ATTR_INT64)(info, "K", &kern->k);
-  FN(AttrInt64Fn, SLOT_ATTR_INT64)(info, "N", &kern->n);
-  FN(AttrInt64Fn, SLOT_ATTR_INT64)(info, "block_size", &kern->block);
+  DenseKernel *kern = calloc(1, sizeof *kern); /* a missing attribute stays 0: refused in compute */
+  if (!kern) return NULL;
+  drop_status(FN(AttrInt64Fn, SLOT_ATTR_INT64)(info, "K", &kern->k));
+  drop_status(FN(AttrInt64Fn, SLOT_ATTR_INT64)(info, "N", &kern->n));
+  drop_status(FN(AttrInt64Fn, SLOT_ATTR_INT64)(info, "block_size", &kern->block));
   return kern;
 }
 static void *create_head_kernel(const OrtCustomOp *op, const void *api, const void *info) {
