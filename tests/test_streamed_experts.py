@@ -20,7 +20,7 @@ from onnx import helper
 from dsedge.manifest import BundleError
 from dsedge.runtime import load_bundle
 from dsedge.runtime.session import ORT_ERRORS
-from dsedge.runtime.streamed import KERNEL_DOMAIN, NotStreamable, kernel_library, streamable_graph
+from dsedge.runtime.streamed import KERNEL_DOMAIN, SHARED_NAMES, NotStreamable, kernel_library, streamable_graph
 
 dsedge_kernels = pytest.importorskip("dsedge_kernels", reason="dsedge-kernels is not installed (pip install ./kernels)")
 if not dsedge_kernels.supported():
@@ -121,8 +121,9 @@ def test_the_rewritten_partition_graph(bundles):
     part = next(g for g in manifest["graphs"] if g["role"] == "experts")
     path = bundle / part["file"]
     original = onnx.load(str(path), load_external_data=False)
-    model, weights = streamable_graph(path.read_bytes())
-    rewritten = onnx.load_from_string(model)
+    graph = streamable_graph(path.read_bytes())
+    weights = graph.weights
+    rewritten = onnx.load_from_string(graph.model)
     onnx.checker.check_model(rewritten)
     ops = [(n.domain, n.op_type) for n in rewritten.graph.node]
     assert ("com.microsoft", "QMoE") not in ops and ops.count((KERNEL_DOMAIN, "MoEInt4")) == 1
@@ -131,12 +132,43 @@ def test_the_rewritten_partition_graph(bundles):
     assert [w.name for w in weights] == moved
     stored = {t.name: t for t in original.graph.initializer}
     inputs = {i.name: [d.dim_value for d in i.type.tensor_type.shape.dim] for i in rewritten.graph.input}
-    for w in weights:
+    for role, w in zip(SHARED_NAMES, weights, strict=True):  # inputs named by their role: the same in every partition
         where = {e.key: e.value for e in stored[w.name].external_data}
         assert (w.location, w.offset) == (where["location"], int(where.get("offset", 0)))
-        assert inputs[w.name] == list(stored[w.name].dims) == list(w.dims)
-    assert {t.name for t in rewritten.graph.initializer} == set(stored) - set(moved)
+        assert inputs[role] == list(stored[w.name].dims) == list(w.dims)
+    moe = next(n for n in rewritten.graph.node if n.op_type == "MoEInt4")
+    assert list(moe.input[2:6]) == list(SHARED_NAMES)
+    assert graph.constants  # the partition's range, among others, now fed
+    for name, value in graph.constants.items():
+        np.testing.assert_array_equal(value, onnx.numpy_helper.to_array(stored[name]))
+        assert inputs[name] == list(value.shape)
+    assert {t.name for t in rewritten.graph.initializer} == set(stored) - set(moved) - set(graph.constants)
     assert (KERNEL_DOMAIN, 1) in [(o.domain, o.version) for o in rewritten.opset_import]
+
+
+def test_partitions_alike_share_one_session(bundles, monkeypatch):
+    """Every partition of every layer has the same graph but for its weights and range: the misses run in one
+    session per distinct rewritten graph, each partition with its own feeds (the tokens stay the stock ones,
+    test_misses_run_from_the_file_with_the_stock_tokens)."""
+    bundle = bundles["g128"]
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    parts = [g for g in manifest["graphs"] if g["role"] == "experts"]
+    distinct = {streamable_graph((bundle / g["file"]).read_bytes()).model for g in parts}
+    assert len(distinct) <= len(parts) // 2  # here 2 graphs for 8 partitions (V2-Lite-8: 4 for 448)
+    engine = load_bundle(bundle, memory_budget_bytes=_budget(bundle))
+    for prompt in PROMPTS:
+        engine.greedy(prompt, 10)
+    streamer = engine.experts.streamer.__self__
+    streamed = {name: s for name, s in streamer.sessions.items() if s is not None}
+    assert len(streamed) > len(streamer.shared) >= 1
+    def bare(session):  # the InferenceSession inside the per-partition timer
+        return getattr(session, "_session", session)
+
+    assert {bare(s._session) for s in streamed.values()} <= {bare(s) for s in streamer.shared.values()}
+    layer_of = {g["name"]: g["layer"] for g in parts}
+    for layer in set(layer_of.values()):  # a layer's partitions feed each its own range
+        mine = [s for name, s in streamed.items() if layer_of[name] == layer]
+        assert len({tuple(tuple(a.ravel()) for a in s.weights.values() if a.size <= 64) for s in mine}) == len(mine)
 
 
 def _qmoe_graph(bundles, edit) -> bytes:
@@ -164,6 +196,8 @@ def _set(node, name, value):
     (lambda m, n: n.input.__setitem__(4, n.input[3]), "biases"),
     (lambda m, n: m.graph.node.append(helper.make_node("QMoE", list(n.input), ["y2"], domain="com.microsoft")),
      "2 QMoE"),
+    (lambda m, n: m.graph.node.append(helper.make_node("Identity", [n.input[2]], ["codes_copy"])),
+     "another node reads the expert weights"),
 ])
 def test_a_partition_the_kernel_does_not_take_stays_stock(bundles, edit, why):
     with pytest.raises(NotStreamable, match=why):

@@ -11,6 +11,12 @@ with QMoE swapped for MoEInt4 and the codes and scales fed as read-only views of
 page cache holds them. The budget then bounds what the process allocates; a streamed expert's pages belong to
 the page cache, which the OS evicts and refills (from disk, at its speed).
 
+Partitions of the same shape share one session: the rewritten graph names the streamed weights by their role
+(``SHARED_NAMES``) and takes its small inline constants (an expert partition's range) as inputs too, so the graphs
+of a layer's partitions, and of layers alike, are the same bytes; each partition feeds its own views and
+constants. V2-Lite-8 with 25% resident created a session per missed partition at its first miss (336, about 1.4
+ms each, in the first prefill: docs/scale.md); now one per distinct graph.
+
 A graph is rewritten at the protobuf wire level (the runtime does not depend on ``onnx``; field numbers as in
 dsedge.runtime.compose): only a partition whose one QMoE is 4-bit block-wise SwiGLU (gate/up interleaved),
 float32, with widths the kernel takes, is streamed; any other partition is loaded as before. ``DSEDGE_KERNELS=0``
@@ -41,6 +47,11 @@ log = logging.getLogger(__name__)
 KERNEL_DOMAIN = "com.dsedge"
 _QMOE_WEIGHTS = (2, 3, 5, 6)  # QMoE inputs fc1 codes, fc1 scales, fc2 codes, fc2 scales
 _NP_TYPES = {1: np.float32, 2: np.uint8}  # TensorProto.DataType FLOAT, UINT8
+# inline constants fed as inputs (TensorProto.DataType → numpy), at most this many elements each
+_CONSTANT_TYPES = {1: "<f4", 2: "u1", 3: "i1", 6: "<i4", 7: "<i8", 9: "?", 11: "<f8"}
+_CONSTANT_LIMIT = 64
+# the streamed weights' names in the rewritten graph (QMoE inputs 2, 3, 5, 6), the same for every partition
+SHARED_NAMES = ("experts.fc1.codes", "experts.fc1.scales", "experts.fc2.codes", "experts.fc2.scales")
 _INT, _FLOAT, _STRING = 2, 1, 3  # AttributeProto.AttributeType
 
 
@@ -68,8 +79,9 @@ def kernel_library() -> str | None:
 
 
 class StreamedSession:
-    """A standing session of a rewritten partition graph and the views of its weights; ``run_with`` as the
-    runtime's DeclaredSession."""
+    """A partition run in a standing session of its rewritten graph (shared with the partitions whose graphs are
+    the same), with the views of its weights and its constants as feeds; ``run_with`` as the runtime's
+    DeclaredSession."""
 
     def __init__(self, session, inputs: tuple[str, ...], weights: dict[str, np.ndarray],
                  ranges: list[tuple[mmap.mmap, int, int]] = ()):
@@ -86,12 +98,14 @@ class StreamedSession:
 
 
 class StreamedPartitions:
-    """Sessions for missed partitions, created at a partition's first miss and kept (they hold no weights)."""
+    """Sessions for missed partitions, created at a partition's first miss and kept (they hold no weights), one
+    per distinct rewritten graph."""
 
     def __init__(self, manifest: Manifest, config: SessionConfig, library: str, timers=None,
                  streamed_bytes: int = 0):
         self.manifest, self.config, self.library, self.timers = manifest, config, library, timers
         self.sessions: dict[str, StreamedSession | None] = {}
+        self.shared: dict[bytes, object] = {}  # rewritten graph's bytes → its session
         self._maps: dict[Path, mmap.mmap] = {}
         self.prefault = _expect_disk_reads(streamed_bytes)
 
@@ -106,23 +120,28 @@ class StreamedPartitions:
             return None
         path = verified_graph_path(self.manifest, graph)  # the graph and every file it references, verified
         try:
-            model, weights = streamable_graph(path.read_bytes())
-            arrays = {w.name: self._view(path.parent, w) for w in weights}
-            ranges = [self._range(path.parent, w, arrays[w.name].nbytes) for w in weights] if self.prefault else []
+            rewritten = streamable_graph(path.read_bytes())
+            roles = list(zip(SHARED_NAMES, rewritten.weights, strict=True))
+            arrays = {name: self._view(path.parent, w) for name, w in roles}
+            ranges = [self._range(path.parent, w, arrays[name].nbytes) for name, w in roles] if self.prefault else []
         except (NotStreamable, OSError, ValueError) as exc:  # the stock path loads it (and reports a bad file)
             log.debug("partition %s is loaded, not streamed: %s", graph.name, exc)
             return None
-        try:
-            session = make_session(model, self.config, data_root=path.parent, stem=graph.name,
-                                   custom_ops_library=self.library)
-        except ORT_ERRORS as exc:  # a kernel library this onnxruntime cannot load: the stock path still works
-            log.warning("expert partitions are loaded, not streamed: onnxruntime refused %s (%s)", self.library,
-                        str(exc)[:300])
-            self.library = None
-            return None
+        session = self.shared.get(rewritten.model)
+        if session is None:
+            try:
+                # the graph keeps no external data: nothing is read from data_root
+                session = make_session(rewritten.model, self.config, data_root=path.parent, stem=graph.name,
+                                       custom_ops_library=self.library)
+            except ORT_ERRORS as exc:  # a kernel library this onnxruntime cannot load: the stock path still works
+                log.warning("expert partitions are loaded, not streamed: onnxruntime refused %s (%s)", self.library,
+                            str(exc)[:300])
+                self.library = None
+                return None
+            self.shared[rewritten.model] = session
         if self.timers is not None:
             session = TimedSession(session, graph.name, self.timers)
-        return StreamedSession(session, tuple(t.name for t in graph.inputs), arrays, ranges)
+        return StreamedSession(session, tuple(t.name for t in graph.inputs), arrays | rewritten.constants, ranges)
 
     def _range(self, folder: Path, weight: StreamedWeight, nbytes: int) -> tuple[mmap.mmap, int, int]:
         """The weight's bytes in its file's map, widened to whole pages (madvise takes page-aligned starts)."""
@@ -173,7 +192,18 @@ class StreamedWeight:
     length: int | None
 
 
-def streamable_graph(model: bytes) -> tuple[bytes, list[StreamedWeight]]:
+@dataclass(frozen=True)
+class StreamableGraph:
+    """A partition graph rewritten for MoEInt4: ``model`` takes the streamed weights as inputs named
+    ``SHARED_NAMES`` (stored where ``weights`` say, in that order) and its inline constants as inputs fed from
+    ``constants``; partitions that differ only in those give the same ``model`` bytes."""
+
+    model: bytes
+    weights: list[StreamedWeight]
+    constants: dict[str, np.ndarray]
+
+
+def streamable_graph(model: bytes) -> StreamableGraph:
     """The partition graph with its one QMoE as MoEInt4 and QMoE's codes and scales as graph inputs, and where
     those weights are stored. Raises NotStreamable for a graph the kernel does not take."""
     fields = list(message_fields(memoryview(model)))
@@ -190,20 +220,46 @@ def streamable_graph(model: bytes) -> tuple[bytes, list[StreamedWeight]]:
     tensors = {tensor_name(v): v for f, w, v in graph if f == 5 and w == 2}
     weights = [_weight(tensors.get(name), name) for name in names]
     _check_layout(node, weights, _input_types(graph))
-    replacement = _moe_int4(node)
+    if any(n in names for i, raw in enumerate(nodes) if i != qmoe[0] for n in _node(raw)["inputs"]) \
+            or set(names) & set(node["outputs"]):
+        raise NotStreamable("another node reads the expert weights")
+    replacement = _moe_int4(node, dict(zip(names, SHARED_NAMES, strict=True)))
+    constants: dict[str, np.ndarray] = {}
     out = []
     for field, wire, value in graph:
         if field == 1 and wire == 2 and value is nodes[qmoe[0]]:
             out.append(message(1, replacement))
         elif field == 5 and wire == 2 and tensor_name(value) in names:
             continue  # now an input
+        elif field == 5 and wire == 2 and (constant := _inline_constant(value)) is not None:
+            constants[tensor_name(value)] = constant  # now an input: partitions differ in these (their range)
+        elif field == 2 and wire == 2:
+            out.append(bytes_field(2, "streamed expert partition"))  # the graph's name: the partition's
         else:
             out.append(raw_field(field, wire, value))
-    out += [message(11, _value_info(w.name, w.data_type, w.dims)) for w in weights]
+    out += [message(11, _value_info(n, w.data_type, w.dims)) for n, w in zip(SHARED_NAMES, weights, strict=True)]
+    out += [message(11, _value_info(n, _TYPE_OF[a.dtype.str], a.shape)) for n, a in constants.items()]
     rewritten = [raw_field(f, w, v) for f, w, v in fields if not (f == 7 and w == 2)]
     rewritten.append(message(7, b"".join(out)))
     rewritten.append(message(8, bytes_field(1, KERNEL_DOMAIN) + varint_field(2, 1)))
-    return b"".join(rewritten), weights
+    return StreamableGraph(b"".join(rewritten), weights, constants)
+
+
+_TYPE_OF = {np.dtype(v).str: k for k, v in _CONSTANT_TYPES.items()}
+
+
+def _inline_constant(tensor: memoryview) -> np.ndarray | None:
+    """A small initializer stored inside the graph as raw_data, as an array; None for any other."""
+    g = group(message_fields(tensor))
+    kind, dims = int(g.get(2, [0])[-1]), tensor_dims(tensor)
+    if kind not in _CONSTANT_TYPES or 9 not in g or tensor_external_range(tensor) is not None \
+            or math.prod(dims) > _CONSTANT_LIMIT or any(f in g for f in (4, 5, 6, 7, 10, 11)):
+        return None
+    raw = bytes(g[9][-1])
+    dtype = np.dtype(_CONSTANT_TYPES[kind])
+    if len(raw) != math.prod(dims) * dtype.itemsize:
+        return None
+    return np.frombuffer(raw, dtype).reshape(dims).copy()
 
 
 def _check_layout(node: dict, weights: list[StreamedWeight], input_types: dict[str, int]) -> None:
@@ -231,10 +287,10 @@ def _check_layout(node: dict, weights: list[StreamedWeight], input_types: dict[s
         raise NotStreamable(f"widths {hidden}/{inter} with blocks of {block}")
 
 
-def _moe_int4(node: dict) -> bytes:
+def _moe_int4(node: dict, renamed: dict[str, str]) -> bytes:
     inputs = node["inputs"] + [""] * (15 - len(node["inputs"]))
     a = node["attrs"]
-    fields = [bytes_field(1, inputs[i]) for i in (0, 1, 2, 3, 5, 6, 14)]
+    fields = [bytes_field(1, renamed.get(inputs[i], inputs[i])) for i in (0, 1, 2, 3, 5, 6, 14)]
     fields += [bytes_field(2, o) for o in node["outputs"]] + [bytes_field(3, node["name"] or "MoEInt4")]
     fields += [bytes_field(4, "MoEInt4"), bytes_field(7, KERNEL_DOMAIN)]
     for key in ("k", "block_size", "normalize_routing_weights"):
