@@ -14,8 +14,8 @@ the page cache, which the OS evicts and refills (from disk, at its speed).
 Partitions of the same shape share one session: the rewritten graph names the streamed weights by their role
 (``SHARED_NAMES``) and takes its small inline constants (an expert partition's range) as inputs too, so the graphs
 of a layer's partitions, and of layers alike, are the same bytes; each partition feeds its own views and
-constants. V2-Lite-8 with 25% resident created a session per missed partition at its first miss (336, about 1.4
-ms each, in the first prefill: docs/scale.md); now one per distinct graph.
+constants. V2-Lite-8 with 25% resident created a session per missed partition at its first miss (338); now 4,
+and a fresh process's first 512-token prefill went from 3.3-3.4 to 2.8-2.9 s (docs/scale.md, session 21).
 
 A graph is rewritten at the protobuf wire level (the runtime does not depend on ``onnx``; field numbers as in
 dsedge.runtime.compose): only a partition whose one QMoE is 4-bit block-wise SwiGLU (gate/up interleaved),
