@@ -146,6 +146,23 @@ def test_the_rewritten_partition_graph(bundles):
     assert (KERNEL_DOMAIN, 1) in [(o.domain, o.version) for o in rewritten.opset_import]
 
 
+def test_a_constant_that_is_also_an_input_stays_an_initializer(bundles):
+    """ONNX lets an initializer be an input's default; feeding it as a second input of that name would not be."""
+    chosen = []
+
+    def declare(model, node):
+        small = next(t for t in model.graph.initializer if t.data_location != onnx.TensorProto.EXTERNAL)
+        chosen.append(small.name)
+        model.graph.input.append(helper.make_tensor_value_info(small.name, small.data_type, list(small.dims)))
+
+    graph = streamable_graph(_qmoe_graph(bundles, declare))
+    assert chosen[0] not in graph.constants and graph.constants
+    rewritten = onnx.load_from_string(graph.model)
+    names = [i.name for i in rewritten.graph.input]
+    assert len(names) == len(set(names)) and chosen[0] in {t.name for t in rewritten.graph.initializer}
+    onnx.checker.check_model(rewritten)
+
+
 def test_partitions_alike_share_one_session(bundles, monkeypatch):
     """Every partition of every layer has the same graph but for its weights and range: the misses run in one
     session per distinct rewritten graph, each partition with its own feeds (the tokens stay the stock ones,

@@ -225,13 +225,15 @@ def streamable_graph(model: bytes) -> StreamableGraph:
         raise NotStreamable("another node reads the expert weights")
     replacement = _moe_int4(node, dict(zip(names, SHARED_NAMES, strict=True)))
     constants: dict[str, np.ndarray] = {}
+    declared = set(_input_types(graph))  # an initializer that is also an input's default stays as it is
     out = []
     for field, wire, value in graph:
         if field == 1 and wire == 2 and value is nodes[qmoe[0]]:
             out.append(message(1, replacement))
         elif field == 5 and wire == 2 and tensor_name(value) in names:
             continue  # now an input
-        elif field == 5 and wire == 2 and (constant := _inline_constant(value)) is not None:
+        elif field == 5 and wire == 2 and tensor_name(value) not in declared \
+                and (constant := _inline_constant(value)) is not None:
             constants[tensor_name(value)] = constant  # now an input: partitions differ in these (their range)
         elif field == 2 and wire == 2:
             out.append(bytes_field(2, "streamed expert partition"))  # the graph's name: the partition's
