@@ -7,6 +7,7 @@ process, 2 threads with spinning unless told otherwise; medians of rounds.
     .venv/bin/python benchmarks/ort_probes.py qmoe [--block 128] # QMoE's 4 of 32 experts vs MatMulNBits, same bytes
     .venv/bin/python benchmarks/ort_probes.py moe-kernel        # the prototype MoEInt4 kernel vs QMoE, same weights
     .venv/bin/python benchmarks/ort_probes.py kernel-agreement  # MatMulInt4 / MoEInt4 vs the stock ops and numpy
+    .venv/bin/python benchmarks/ort_probes.py prefill [--tokens 512]  # MoEInt4 / MatMulInt4 vs the stock ops, T rows
 
 - dispatch: chains of 1 and 201 links on a [1, 1, 1024] tensor (Add, Reshape, or Reshape then Mul), no graph
   optimisation; the difference per kernel is the executor's cost of one more small node.
@@ -28,6 +29,10 @@ process, 2 threads with spinning unless told otherwise; medians of rounds.
   --custom times the kernels in a real step.
 - kernel-agreement: MatMulInt4 and MoEInt4 (one token, and many grouped by expert) against MatMulNBits and QMoE
   and a float numpy transcription of both.
+- prefill: T tokens (512 unless told) through a V2-Lite MoE layer's routed experts (hidden 2048, 64 experts of
+  1408, top 6, int4 blocks of 128, a random choice per token) as QMoE and as MoEInt4, and through R1-Distill-
+  Qwen-1.5B's gate/up and down products (K 1536 → N 17920, K 8960 → N 1536) as MatMulNBits and as MatMulInt4;
+  stock and custom alternated per round, ms a call: the compute-bound side of the kernels.
 """
 
 from __future__ import annotations
@@ -365,6 +370,39 @@ def kernel_agreement() -> None:
               f"(QMoE {np.abs(a - ref).max():.1e}, |y| up to {np.abs(ref).max():.1e})")
 
 
+def prefill(tokens: int, rounds: int = 5) -> None:
+    """The kernels' many-token path against the stock ops, the same weights, alternated per round."""
+    library = build_custom_ops()
+    hidden, inter, experts, k = 2048, 1408, 64, 6
+    w = layer_weights(experts, hidden, inter, 128)
+    routing = [value(n, FLOAT, ["N", experts]) for n in ("p", "w")]
+    node = helper.make_node("MoEInt4", ["x", "p", "c1", "s1", "c2", "s2", "w"], ["y"], domain="com.dsedge",
+                            k=k, block_size=128, normalize_routing_weights=1)
+    cases = {"MoE V2-Lite layer": (
+        model([qmoe_node(k, 128, "w", 1)], [value("x", FLOAT, ["N", hidden]), *routing], [value("y", FLOAT, None)], w),
+        custom_model(node, hidden, routing, w, as_inputs=False),
+        qmoe_choice(RNG.standard_normal((tokens, hidden), np.float32), experts, k))}
+    for k_in, n in ((1536, 17920), (8960, 1536)):
+        inits = {}
+        stock_node = int4_product(inits, "w", n, k_in, "x", "y", 128)
+        custom_node = helper.make_node("MatMulInt4", ["x", "w.q", "w.s"], ["y"], domain="com.dsedge", K=k_in, N=n,
+                                       block_size=128)
+        io = ([value("x", FLOAT, [1, "T", k_in])], [value("y", FLOAT, None)])
+        cases[f"dense K {k_in} N {n}"] = (model([stock_node], *io, inits), model([custom_node], *io, inits),
+                                          {"x": RNG.standard_normal((1, tokens, k_in), np.float32)})
+    for label, (stock_blob, custom_blob, feeds) in cases.items():
+        times = {"stock": [], "custom": []}
+        for _ in range(rounds):
+            for kind, blob, lib in (("stock", stock_blob, None), ("custom", custom_blob, library)):
+                sess = session(blob, library=lib)[0]
+                times[kind].append(run_us(sess, feeds, 3, 1) / 1e3)
+                del sess  # one spinning session at a time
+        stock, custom = (float(np.median(times[kind])) for kind in ("stock", "custom"))
+        rounds_text = " ".join(f"{s / c:.2f}" for s, c in zip(*times.values(), strict=True))
+        print(f"{label:26s} T {tokens}: stock {stock:7.1f} ms, custom {custom:7.1f} ms (custom is "
+              f"{stock / custom:.2f}x the stock speed; per round {rounds_text})")
+
+
 def pair_us(x: np.ndarray, hidden: int, inter: int, k: int, block: int) -> float:
     """k experts' bytes as one MatMulNBits pair (fc1 2·I·k × H, fc2 H × I·k): what the same bytes cost as two
     large GEMVs."""
@@ -379,10 +417,13 @@ def pair_us(x: np.ndarray, hidden: int, inter: int, k: int, block: int) -> float
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("probe", choices=["dispatch", "expert-inputs", "head-products", "qmoe", "moe-kernel",
-                                          "kernel-agreement"])
+                                          "kernel-agreement", "prefill"])
     parser.add_argument("--block", type=int, default=128, help="qmoe: the int4 block size")
+    parser.add_argument("--tokens", type=int, default=512, help="prefill: the rows of activations")
     args = parser.parse_args()
-    if args.probe in ("qmoe", "moe-kernel"):
+    if args.probe == "prefill":
+        prefill(args.tokens)
+    elif args.probe in ("qmoe", "moe-kernel"):
         (qmoe if args.probe == "qmoe" else moe_kernel)(args.block)
     else:
         {"dispatch": dispatch, "expert-inputs": expert_inputs, "head-products": head_products,

@@ -99,11 +99,14 @@ def test_misses_run_from_the_file_with_the_stock_tokens(bundles, group, monkeypa
     streamed = load_bundle(bundle, memory_budget_bytes=budget)
     assert streamed.experts.streamer is not None
     pinned = set(streamed.experts.loaded)
+    # int8 activations on both sides, summed in another order: measured ≤ 5e-7 of logits up to 0.87. Blocks of 32
+    # off the AVX-512 path take the kernel's plain C quantization, and on an AVX2 CPU MLAS rounds some activation
+    # on a rounding boundary one step apart from it (4.8e-3 of logits up to 0.80, 2026-12-07; tokens identical)
+    exact = group == "g128" or dsedge_kernels.vector_path() == "avx512-vnni"
     for prompt in PROMPTS:
         assert streamed.greedy(prompt, 10) == stock.greedy(prompt, 10)
         a, b = _logits(stock, prompt), _logits(streamed, prompt)
-        # int8 activations on both sides, summed in another order: measured ≤ 5e-7 of logits up to 0.87
-        assert np.abs(a - b).max() <= 1e-5 * np.abs(a).max()
+        assert np.abs(a - b).max() <= (1e-5 if exact else 1e-2) * np.abs(a).max()
     stats = streamed.experts.stats
     assert stats.misses > 0 and stats.streamed == stats.misses  # every miss streamed...
     assert stats.evictions == 0 and set(streamed.experts.loaded) == pinned  # ...and nothing loaded for it
@@ -259,9 +262,11 @@ def avx2_build(tmp_path_factory):
 
 @pytest.mark.parametrize("build", ["installed", "avx2"])
 @pytest.mark.parametrize(("tokens", "k", "normalize", "block"), [(1, 2, 0, 128), (5, 2, 0, 128), (3, 3, 1, 128),
-                                                                  (4, 2, 0, 32)])
+                                                                  (4, 2, 0, 32), (21, 2, 1, 128), (9, 1, 0, 128)])
 def test_moe_int4_matches_qmoe(tokens, k, normalize, block, build, request):
-    """The op itself against onnxruntime's QMoE over the same stored codes (int8 activations both)."""
+    """The op itself against onnxruntime's QMoE over the same stored codes (int8 activations both). 21 tokens
+    over 4 experts give each expert 4 to 16 routes: the register tiles (4 routes a pass with AVX-512, 2 with
+    AVX2) and their remainders."""
     rng = np.random.default_rng(tokens + k)
     experts, hidden, inter = 4, 256, 128
     c1 = rng.integers(0, 256, (experts, 2 * inter, hidden // 2), dtype=np.uint8)
@@ -292,6 +297,37 @@ def test_moe_int4_matches_qmoe(tokens, k, normalize, block, build, request):
     library = kernel_library() if build == "installed" else request.getfixturevalue("avx2_build")
     expected, got = run(qmoe, "com.microsoft"), run(ours, KERNEL_DOMAIN, library)
     assert np.abs(expected - got).max() <= 1e-5 * np.abs(expected).max()
+
+
+@pytest.mark.parametrize("build", ["installed", "avx2"])
+@pytest.mark.parametrize(("k", "n", "rows"), [(2048, 64, 1), (2048, 64, 7), (2304, 36, 37), (4352, 8, 21)])
+def test_matmul_int4_matches_matmul_nbits(k, n, rows, build, request):
+    """MatMulInt4 against MatMulNBits (symmetric int4, accuracy level 4) over the same B: one row, and rows in
+    tiles with remainders; K 2304 and 4352 are 18 and 34 blocks, more than one slab of 16 blocks."""
+    rng = np.random.default_rng(k + rows)
+    b = rng.integers(0, 256, (n, k // 128, 64), dtype=np.uint8)
+    scales = (rng.random(n * k // 128) * 0.02).astype(np.float32)
+    a = rng.standard_normal((1, rows, k)).astype(np.float32)
+    library = kernel_library() if build == "installed" else request.getfixturevalue("avx2_build")
+
+    def run(node, domain, lib=None):
+        graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("a", 1, [1, rows, k])],
+                                  [helper.make_tensor_value_info("y", 1, [1, rows, n])],
+                                  [onnx.numpy_helper.from_array(b, "b"), onnx.numpy_helper.from_array(scales, "s")])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid(domain, 1)])
+        options = ort.SessionOptions()
+        if lib:
+            options.register_custom_ops_library(lib)
+        return ort.InferenceSession(model.SerializeToString(), options,
+                                    providers=["CPUExecutionProvider"]).run(None, {"a": a})[0]
+
+    stock = run(helper.make_node("MatMulNBits", ["a", "b", "s"], ["y"], domain="com.microsoft", K=k, N=n, bits=4,
+                                 block_size=128, accuracy_level=4), "com.microsoft")
+    ours = run(helper.make_node("MatMulInt4", ["a", "b", "s"], ["y"], domain=KERNEL_DOMAIN, K=k, N=n,
+                                block_size=128), KERNEL_DOMAIN, library)
+    # both quantize activations to int8 per block; an activation on a rounding boundary may land one step apart
+    assert np.abs(stock - ours).max() <= 2e-3 * np.abs(stock).max()
+    assert np.median(np.abs(stock - ours)) <= 1e-5 * np.abs(stock).max()
 
 
 def _kernel_session(node, inputs, library):

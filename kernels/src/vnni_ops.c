@@ -40,7 +40,18 @@
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+#if defined(DSEDGE_KERNELS_SIMDE)
+/* checking only: the AVX-512 path built on a CPU without it, through SIMDe's portable implementations of the
+ * intrinsics (github.com/simd-everywhere/simde; benchmarks/ort_probes.py kernel-agreement with
+ * DSEDGE_KERNEL_CFLAGS="-DDSEDGE_KERNELS_SIMDE -I<simde>"): right results, not speed */
+#define SIMDE_ENABLE_NATIVE_ALIASES
+#include <simde/x86/avx512.h>
+#ifndef _MM_FROUND_NO_EXC
+#define _MM_FROUND_NO_EXC SIMDE_MM_FROUND_NO_EXC
+#define _MM_FROUND_TO_NEAREST_INT SIMDE_MM_FROUND_TO_NEAREST_INT
+#endif
+#define HAVE_VNNI 1
+#elif defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
 #include <immintrin.h>
 #define HAVE_VNNI 1
 #elif defined(__AVX2__) && defined(__FMA__)
@@ -49,6 +60,8 @@
 #endif
 
 #include "ort_abi.h"
+
+#define TILE_ROWS 16 /* activation vectors one call of against_rows takes (many-token paths) */
 
 #ifndef AHEAD
 #define AHEAD 4 /* row groups (of 4) the codes are prefetched ahead */
@@ -237,6 +250,8 @@ static void swiglu(const float *gate_up, int64_t n, float *out) {
 
 static void dot4x2(const uint8_t *w, int64_t row_bytes, const float *s, int64_t n, int64_t block, const QVec *v0,
                    const QVec *v1, Acc4 *a0, Acc4 *a1);
+static void against_rows(const uint8_t *w, int64_t row_bytes, const float *s, int64_t n, int64_t block,
+                         const QVec *const *v, int64_t m, float (*out)[4]);
 
 /* --- the layer --------------------------------------------------------------------------------------------- */
 typedef struct {
@@ -327,7 +342,7 @@ __attribute__((destructor)) static void report_spread(void) {
 
 
 /* Many tokens (prefill): routes grouped by expert, so each chosen expert's weights are read once for all its
- * tokens (two tokens per unpacked code vector), instead of once per token. */
+ * tokens (four tokens per unpacked code vector: tile4x4), instead of once per token. */
 typedef struct {
   const uint8_t *fc1, *fc2;
   const float *s1, *s2;
@@ -343,22 +358,15 @@ static void fc1_batch_unit(void *usr, size_t unit) {
   const int64_t per_expert = j->inter / j->block, a = (int64_t)unit / per_expert, b = (int64_t)unit % per_expert;
   const int64_t hb = j->hidden / j->block, first = 2 * b * j->block, e = j->active[a], i2 = 2 * j->inter;
   const int64_t r0 = j->offset[a], r1 = j->offset[a + 1];
+  const QVec *v[TILE_ROWS];
+  float out[TILE_ROWS][4];
   for (int64_t row = first; row < first + 2 * j->block; row += 4) {
     const int64_t at = e * i2 + row;
-    const uint8_t *w = j->fc1 + at * (j->hidden / 2);
-    const float *s = j->s1 + at * hb;
-    for (int64_t r = r0; r < r1; r += 2) {
-      Acc4 acc0, acc1;
-      acc4_init(&acc0);
-      if (r + 1 < r1) {
-        acc4_init(&acc1);
-        dot4x2(w, j->hidden / 2, s, j->hidden, j->block, &j->x[j->route_token[r]], &j->x[j->route_token[r + 1]],
-               &acc0, &acc1);
-        acc4_store(&acc1, j->gate_up + (r + 1) * i2 + row);
-      } else {
-        dot4(w, j->hidden / 2, s, j->hidden, j->block, &j->x[j->route_token[r]], 1.f, &acc0);
-      }
-      acc4_store(&acc0, j->gate_up + r * i2 + row);
+    for (int64_t r = r0; r < r1; r += TILE_ROWS) { /* this expert's routes, TILE_ROWS at a time */
+      const int64_t m = r + TILE_ROWS < r1 ? TILE_ROWS : r1 - r;
+      for (int64_t t = 0; t < m; ++t) v[t] = &j->x[j->route_token[r + t]];
+      against_rows(j->fc1 + at * (j->hidden / 2), j->hidden / 2, j->s1 + at * hb, j->hidden, j->block, v, m, out);
+      for (int64_t t = 0; t < m; ++t) memcpy(j->gate_up + (r + t) * i2 + row, out[t], sizeof out[t]);
     }
   }
   float act[1024];
@@ -371,27 +379,18 @@ static void fc1_batch_unit(void *usr, size_t unit) {
 static void fc2_batch_unit(void *usr, size_t unit) {
   const Batch *j = (const Batch *)usr;
   const int64_t quads = j->hidden / 4, per = (quads + FC2_UNITS - 1) / FC2_UNITS, ib = j->inter / j->block;
+  const QVec *v[TILE_ROWS];
+  float out[TILE_ROWS][4];
   for (int64_t q = (int64_t)unit * per; q < quads && q < ((int64_t)unit + 1) * per; ++q)
     for (int64_t a = 0; a < j->n_active; ++a) {
       const int64_t at = j->active[a] * j->hidden + q * 4;
-      const uint8_t *w = j->fc2 + at * (j->inter / 2);
-      const float *s = j->s2 + at * ib;
-      for (int64_t r = j->offset[a]; r < j->offset[a + 1]; r += 2) {
-        const int two = r + 1 < j->offset[a + 1];
-        Acc4 acc0, acc1;
-        float out0[4], out1[4];
-        acc4_init(&acc0);
-        acc4_init(&acc1);
-        if (two)
-          dot4x2(w, j->inter / 2, s, j->inter, j->block, &j->h[r], &j->h[r + 1], &acc0, &acc1);
-        else
-          dot4(w, j->inter / 2, s, j->inter, j->block, &j->h[r], 1.f, &acc0);
-        acc4_store(&acc0, out0);
-        acc4_store(&acc1, out1);
-        for (int i = 0; i < 4; ++i) {
-          j->y[j->route_token[r] * j->hidden + q * 4 + i] += j->route_weight[r] * out0[i];
-          if (two) j->y[j->route_token[r + 1] * j->hidden + q * 4 + i] += j->route_weight[r + 1] * out1[i];
-        }
+      for (int64_t r = j->offset[a]; r < j->offset[a + 1]; r += TILE_ROWS) {
+        const int64_t m = r + TILE_ROWS < j->offset[a + 1] ? TILE_ROWS : j->offset[a + 1] - r;
+        for (int64_t t = 0; t < m; ++t) v[t] = &j->h[r + t];
+        against_rows(j->fc2 + at * (j->inter / 2), j->inter / 2, j->s2 + at * ib, j->inter, j->block, v, m, out);
+        for (int64_t t = 0; t < m; ++t)
+          for (int i = 0; i < 4; ++i)
+            j->y[j->route_token[r + t] * j->hidden + q * 4 + i] += j->route_weight[r + t] * out[t][i];
       }
     }
 }
@@ -557,8 +556,8 @@ static OrtStatus *compute(void *kernel, void *ctx) {
 
 /* --- dense int4 products ----------------------------------------------------------------------------------- */
 /* MatMulNBits' symmetric 4-bit layout (B uint8 [N, K/B, B/2], scales [N · K/B], zero point 8). Many rows of A
- * (prefill) are tiled: a work unit keeps its run of weight rows in cache while blocks of ROW_BLOCK activation
- * rows pass over them, two rows per pass (each unpacked code vector serves both). */
+ * (prefill) are tiled: a work unit keeps its run of weight rows in cache while blocks of TILE_ROWS activation
+ * rows pass over them, four rows per pass (each unpacked code vector serves them all: tile4x4). */
 typedef struct {
   const uint8_t *w;
   const float *s;
@@ -568,7 +567,6 @@ typedef struct {
 } DenseJob;
 
 #define DENSE_UNITS 16 /* ParallelFor work items: runs of 4-row groups */
-#define ROW_BLOCK 16   /* activation rows (int8) that stay in L2 while a unit's weight rows pass */
 
 /* dot4 for two activation vectors at once, into a0 and a1. */
 static void dot4x2(const uint8_t *w, int64_t row_bytes, const float *s, int64_t n, int64_t block, const QVec *v0,
@@ -608,27 +606,150 @@ static void dot4x2(const uint8_t *w, int64_t row_bytes, const float *s, int64_t 
   dot4(w, row_bytes, s, n, block, v1, 1.f, a1);
 }
 
+#ifdef HAVE_VNNI
+/* 4 rows of codes against 4 quantized vectors: out[t][r] = Σ_b s[r, b] · (scale_t[b] · Σ q · code − zero_t[b]).
+ * The many-token path's register tile: each unpacked code vector serves 4 vectors (16 int32 accumulators; the
+ * activations are read from L1 as vpdpbusd's memory operand), and per block the 4 rows' lanes of one vector are
+ * summed into one register, [r0 r1 r2 r3] in each 128-bit lane (6 shuffles and 3 adds, exact in int32), so the
+ * float step (convert, scale, accumulate) runs once per vector and block instead of once per row, vector and
+ * block, where it cost as much as the dot products themselves (session 21's profile of dot4x2). */
+static void tile4x4(const uint8_t *w, int64_t row_bytes, const float *s, int64_t blocks, int64_t b0, int64_t b1,
+                    int64_t block, const QVec *const v[4], float out[4][4]) {
+  const __m512i low = _mm512_set1_epi8(0x0F);
+  __m512 acc[4];
+  __m128 zero[4];
+  for (int t = 0; t < 4; ++t) {
+    acc[t] = _mm512_setzero_ps();
+    zero[t] = _mm_setzero_ps();
+  }
+  for (int64_t b = b0; b < b1; ++b) { /* blocks [b0, b1) of rows that hold ``blocks`` */
+    __m512i d[4][4];
+    for (int r = 0; r < 4; ++r)
+      for (int t = 0; t < 4; ++t) d[r][t] = _mm512_setzero_si512();
+    for (int64_t c = b * block / 128; c < (b + 1) * block / 128; ++c)
+      for (int r = 0; r < 4; ++r) {
+        const __m512i codes = _mm512_loadu_si512(w + r * row_bytes + c * 64);
+        const __m512i lo = _mm512_and_si512(codes, low), hi = _mm512_and_si512(_mm512_srli_epi16(codes, 4), low);
+        for (int t = 0; t < 4; ++t) {
+          d[r][t] = _mm512_dpbusd_epi32(d[r][t], lo, _mm512_loadu_si512(v[t]->q + c * 128));
+          d[r][t] = _mm512_dpbusd_epi32(d[r][t], hi, _mm512_loadu_si512(v[t]->q + c * 128 + 64));
+        }
+      }
+    const __m128 sw = _mm_setr_ps(s[b], s[blocks + b], s[2 * blocks + b], s[3 * blocks + b]);
+    const __m512 sw4 = _mm512_broadcast_f32x4(sw);
+    for (int t = 0; t < 4; ++t) {
+      const __m512i ab = _mm512_add_epi32(_mm512_unpacklo_epi32(d[0][t], d[1][t]),
+                                          _mm512_unpackhi_epi32(d[0][t], d[1][t]));
+      const __m512i cd = _mm512_add_epi32(_mm512_unpacklo_epi32(d[2][t], d[3][t]),
+                                          _mm512_unpackhi_epi32(d[2][t], d[3][t]));
+      const __m512i rows = _mm512_add_epi32(_mm512_unpacklo_epi64(ab, cd), _mm512_unpackhi_epi64(ab, cd));
+      acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(rows), _mm512_mul_ps(sw4, _mm512_set1_ps(v[t]->scale[b])), acc[t]);
+      zero[t] = _mm_fmadd_ps(sw, _mm_set1_ps(v[t]->zero[b]), zero[t]);
+    }
+  }
+  for (int t = 0; t < 4; ++t) { /* the four 128-bit lanes of acc[t] summed: one float per row */
+    const __m256 half = _mm256_add_ps(_mm512_castps512_ps256(acc[t]), _mm512_extractf32x8_ps(acc[t], 1));
+    const __m128 four = _mm_add_ps(_mm256_castps256_ps128(half), _mm256_extractf128_ps(half, 1));
+    _mm_storeu_ps(out[t], _mm_sub_ps(four, zero[t]));
+  }
+}
+#endif
+
+#ifdef HAVE_AVX2
+/* The AVX2 register tile: 4 rows of codes against 2 quantized vectors, out[t][r] as tile4x4 gives it. Each
+ * unpacked half-chunk of codes serves both vectors (llama.cpp's vpmaddubsw / vpmaddwd product, as in dot4), and
+ * per block two rounds of vphaddd sum the 4 rows' lanes of one vector into [r0 r1 r2 r3] per 128-bit lane, so
+ * the float step runs once per vector and block (8 accumulators: 16 ymm registers hold no more). */
+static void tile4x2(const uint8_t *w, int64_t row_bytes, const float *s, int64_t blocks, int64_t block,
+                    const QVec *const v[2], float out[2][4]) {
+  const __m256i low = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+  __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
+  __m128 zero[2] = {_mm_setzero_ps(), _mm_setzero_ps()};
+  for (int64_t b = 0; b < blocks; ++b) {
+    __m256i d[4][2];
+    for (int r = 0; r < 4; ++r) d[r][0] = d[r][1] = _mm256_setzero_si256();
+    for (int64_t c = b * block / 128; c < (b + 1) * block / 128; ++c)
+      for (int h = 0; h < 2; ++h) /* the chunk's 64 code bytes as two halves of 32 */
+        for (int r = 0; r < 4; ++r) {
+          const __m256i codes = _mm256_loadu_si256((const __m256i *)(w + r * row_bytes + c * 64 + h * 32));
+          const __m256i lo = _mm256_and_si256(codes, low), hi = _mm256_and_si256(_mm256_srli_epi16(codes, 4), low);
+          for (int t = 0; t < 2; ++t) {
+            const __m256i even = _mm256_loadu_si256((const __m256i *)(v[t]->q + c * 128 + h * 32));
+            const __m256i odd = _mm256_loadu_si256((const __m256i *)(v[t]->q + c * 128 + 64 + h * 32));
+            const __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(lo, even), _mm256_maddubs_epi16(hi, odd));
+            d[r][t] = _mm256_add_epi32(d[r][t], _mm256_madd_epi16(pairs, ones));
+          }
+        }
+    const __m128 sw = _mm_setr_ps(s[b], s[blocks + b], s[2 * blocks + b], s[3 * blocks + b]);
+    const __m256 sw2 = _mm256_set_m128(sw, sw);
+    for (int t = 0; t < 2; ++t) {
+      const __m256i rows = _mm256_hadd_epi32(_mm256_hadd_epi32(d[0][t], d[1][t]), _mm256_hadd_epi32(d[2][t], d[3][t]));
+      acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(rows), _mm256_mul_ps(sw2, _mm256_set1_ps(v[t]->scale[b])), acc[t]);
+      zero[t] = _mm_fmadd_ps(sw, _mm_set1_ps(v[t]->zero[b]), zero[t]);
+    }
+  }
+  for (int t = 0; t < 2; ++t) /* the two 128-bit lanes of acc[t] summed: one float per row */
+    _mm_storeu_ps(out[t], _mm_sub_ps(_mm_add_ps(_mm256_castps256_ps128(acc[t]), _mm256_extractf128_ps(acc[t], 1)),
+                                     zero[t]));
+}
+#endif
+
+/* out[t][r]: 4 rows of codes against m ≤ TILE_ROWS vectors, 4 at a time where the tile runs, then 2, then 1. */
+static void against_rows(const uint8_t *w, int64_t row_bytes, const float *s, int64_t n, int64_t block,
+                         const QVec *const *v, int64_t m, float (*out)[4]) {
+  int64_t t = 0;
+#ifdef HAVE_VNNI
+  if (block % 128 == 0)
+    for (; t + 4 <= m; t += 4) tile4x4(w, row_bytes, s, n / block, 0, n / block, block, v + t, out + t);
+#elif defined(HAVE_AVX2)
+  if (block % 128 == 0)
+    for (; t + 2 <= m; t += 2) tile4x2(w, row_bytes, s, n / block, block, v + t, out + t);
+#endif
+  for (; t < m; t += 2) {
+    Acc4 acc0, acc1;
+    acc4_init(&acc0);
+    if (t + 1 < m) {
+      acc4_init(&acc1);
+      dot4x2(w, row_bytes, s, n, block, v[t], v[t + 1], &acc0, &acc1);
+      acc4_store(&acc1, out[t + 1]);
+    } else {
+      dot4(w, row_bytes, s, n, block, v[t], 1.f, &acc0);
+    }
+    acc4_store(&acc0, out[t]);
+  }
+}
+
+#define SLAB_BLOCKS 16 /* K blocks a tile pass covers, so 4 rows of activations and codes stay in L1 at large K */
+
 static void dense_unit(void *usr, size_t unit) {
   const DenseJob *j = (const DenseJob *)usr;
   const int64_t quads = j->n / 4, per = (quads + DENSE_UNITS - 1) / DENSE_UNITS, kb = j->k / j->block;
   const int64_t first = (int64_t)unit * per, last = first + per < quads ? first + per : quads;
-  for (int64_t r0 = 0; r0 < j->rows; r0 += ROW_BLOCK) {
-    const int64_t r1 = r0 + ROW_BLOCK < j->rows ? r0 + ROW_BLOCK : j->rows;
-    for (int64_t q = first; q < last; ++q) {
-      const uint8_t *w = j->w + q * 4 * (j->k / 2);
-      const float *s = j->s + q * 4 * kb;
-      for (int64_t r = r0; r < r1; r += 2) {
-        Acc4 acc0, acc1;
-        acc4_init(&acc0);
-        if (r + 1 < r1) {
-          acc4_init(&acc1);
-          dot4x2(w, j->k / 2, s, j->k, j->block, &j->a[r], &j->a[r + 1], &acc0, &acc1);
-          acc4_store(&acc1, j->y + (r + 1) * j->n + q * 4);
-        } else {
-          dot4(w, j->k / 2, s, j->k, j->block, &j->a[r], 1.f, &acc0);
-        }
-        acc4_store(&acc0, j->y + r * j->n + q * 4);
-      }
+  const QVec *v[TILE_ROWS];
+  float out[TILE_ROWS][4];
+  for (int64_t r0 = 0; r0 < j->rows; r0 += TILE_ROWS) {
+    const int64_t m = r0 + TILE_ROWS < j->rows ? TILE_ROWS : j->rows - r0;
+    int64_t tiled = 0;
+    for (int64_t t = 0; t < m; ++t) v[t] = &j->a[r0 + t];
+#ifdef HAVE_VNNI
+    if (j->block % 128 == 0) { /* whole tiles of 4 rows a slab of K at a time, summed into y */
+      tiled = m - m % 4;
+      for (int64_t b0 = 0; tiled && b0 < kb; b0 += SLAB_BLOCKS)
+        for (int64_t q = first; q < last; ++q)
+          for (int64_t t = 0; t < tiled; t += 4) {
+            const int64_t b1 = b0 + SLAB_BLOCKS < kb ? b0 + SLAB_BLOCKS : kb;
+            tile4x4(j->w + q * 4 * (j->k / 2), j->k / 2, j->s + q * 4 * kb, kb, b0, b1, j->block, v + t, out + t);
+            for (int64_t i = t; i < t + 4; ++i)
+              for (int c = 0; c < 4; ++c) {
+                float *y = j->y + (r0 + i) * j->n + q * 4 + c;
+                *y = b0 ? *y + out[i][c] : out[i][c];
+              }
+          }
+    }
+#endif
+    for (int64_t q = first; tiled < m && q < last; ++q) { /* the rest whole: 2 or 1 rows a pass */
+      against_rows(j->w + q * 4 * (j->k / 2), j->k / 2, j->s + q * 4 * kb, j->k, j->block, v + tiled, m - tiled, out);
+      for (int64_t t = tiled; t < m; ++t) memcpy(j->y + (r0 + t) * j->n + q * 4, out[t - tiled], sizeof out[0]);
     }
   }
 }
