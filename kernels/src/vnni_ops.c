@@ -342,7 +342,7 @@ __attribute__((destructor)) static void report_spread(void) {
 
 
 /* Many tokens (prefill): routes grouped by expert, so each chosen expert's weights are read once for all its
- * tokens (four tokens per unpacked code vector: tile4x4), instead of once per token. */
+ * tokens (4 tokens per unpacked code vector with AVX-512, 2 with AVX2: against_rows), instead of once per token. */
 typedef struct {
   const uint8_t *fc1, *fc2;
   const float *s1, *s2;
@@ -557,7 +557,7 @@ static OrtStatus *compute(void *kernel, void *ctx) {
 /* --- dense int4 products ----------------------------------------------------------------------------------- */
 /* MatMulNBits' symmetric 4-bit layout (B uint8 [N, K/B, B/2], scales [N · K/B], zero point 8). Many rows of A
  * (prefill) are tiled: a work unit keeps its run of weight rows in cache while blocks of TILE_ROWS activation
- * rows pass over them, four rows per pass (each unpacked code vector serves them all: tile4x4). */
+ * rows pass over them, 4 (AVX-512) or 2 (AVX2) rows per pass: each unpacked code vector serves them all. */
 typedef struct {
   const uint8_t *w;
   const float *s;
@@ -613,8 +613,8 @@ static void dot4x2(const uint8_t *w, int64_t row_bytes, const float *s, int64_t 
  * summed into one register, [r0 r1 r2 r3] in each 128-bit lane (6 shuffles and 3 adds, exact in int32), so the
  * float step (convert, scale, accumulate) runs once per vector and block instead of once per row, vector and
  * block, where it cost as much as the dot products themselves (session 21's profile of dot4x2). */
-static void tile4x4(const uint8_t *w, int64_t row_bytes, const float *s, int64_t blocks, int64_t b0, int64_t b1,
-                    int64_t block, const QVec *const v[4], float out[4][4]) {
+static void tile4x4(const uint8_t *w, int64_t row_bytes, const float *s, int64_t blocks, int64_t block,
+                    const QVec *const v[4], float out[4][4]) {
   const __m512i low = _mm512_set1_epi8(0x0F);
   __m512 acc[4];
   __m128 zero[4];
@@ -622,7 +622,7 @@ static void tile4x4(const uint8_t *w, int64_t row_bytes, const float *s, int64_t
     acc[t] = _mm512_setzero_ps();
     zero[t] = _mm_setzero_ps();
   }
-  for (int64_t b = b0; b < b1; ++b) { /* blocks [b0, b1) of rows that hold ``blocks`` */
+  for (int64_t b = 0; b < blocks; ++b) {
     __m512i d[4][4];
     for (int r = 0; r < 4; ++r)
       for (int t = 0; t < 4; ++t) d[r][t] = _mm512_setzero_si512();
@@ -700,7 +700,7 @@ static void against_rows(const uint8_t *w, int64_t row_bytes, const float *s, in
   int64_t t = 0;
 #ifdef HAVE_VNNI
   if (block % 128 == 0)
-    for (; t + 4 <= m; t += 4) tile4x4(w, row_bytes, s, n / block, 0, n / block, block, v + t, out + t);
+    for (; t + 4 <= m; t += 4) tile4x4(w, row_bytes, s, n / block, block, v + t, out + t);
 #elif defined(HAVE_AVX2)
   if (block % 128 == 0)
     for (; t + 2 <= m; t += 2) tile4x2(w, row_bytes, s, n / block, block, v + t, out + t);
@@ -719,8 +719,6 @@ static void against_rows(const uint8_t *w, int64_t row_bytes, const float *s, in
   }
 }
 
-#define SLAB_BLOCKS 16 /* K blocks a tile pass covers, so 4 rows of activations and codes stay in L1 at large K */
-
 static void dense_unit(void *usr, size_t unit) {
   const DenseJob *j = (const DenseJob *)usr;
   const int64_t quads = j->n / 4, per = (quads + DENSE_UNITS - 1) / DENSE_UNITS, kb = j->k / j->block;
@@ -729,27 +727,10 @@ static void dense_unit(void *usr, size_t unit) {
   float out[TILE_ROWS][4];
   for (int64_t r0 = 0; r0 < j->rows; r0 += TILE_ROWS) {
     const int64_t m = r0 + TILE_ROWS < j->rows ? TILE_ROWS : j->rows - r0;
-    int64_t tiled = 0;
     for (int64_t t = 0; t < m; ++t) v[t] = &j->a[r0 + t];
-#ifdef HAVE_VNNI
-    if (j->block % 128 == 0) { /* whole tiles of 4 rows a slab of K at a time, summed into y */
-      tiled = m - m % 4;
-      for (int64_t b0 = 0; tiled && b0 < kb; b0 += SLAB_BLOCKS)
-        for (int64_t q = first; q < last; ++q)
-          for (int64_t t = 0; t < tiled; t += 4) {
-            const int64_t b1 = b0 + SLAB_BLOCKS < kb ? b0 + SLAB_BLOCKS : kb;
-            tile4x4(j->w + q * 4 * (j->k / 2), j->k / 2, j->s + q * 4 * kb, kb, b0, b1, j->block, v + t, out + t);
-            for (int64_t i = t; i < t + 4; ++i)
-              for (int c = 0; c < 4; ++c) {
-                float *y = j->y + (r0 + i) * j->n + q * 4 + c;
-                *y = b0 ? *y + out[i][c] : out[i][c];
-              }
-          }
-    }
-#endif
-    for (int64_t q = first; tiled < m && q < last; ++q) { /* the rest whole: 2 or 1 rows a pass */
-      against_rows(j->w + q * 4 * (j->k / 2), j->k / 2, j->s + q * 4 * kb, j->k, j->block, v + tiled, m - tiled, out);
-      for (int64_t t = tiled; t < m; ++t) memcpy(j->y + (r0 + t) * j->n + q * 4, out[t - tiled], sizeof out[0]);
+    for (int64_t q = first; q < last; ++q) {
+      against_rows(j->w + q * 4 * (j->k / 2), j->k / 2, j->s + q * 4 * kb, j->k, j->block, v, m, out);
+      for (int64_t t = 0; t < m; ++t) memcpy(j->y + (r0 + t) * j->n + q * 4, out[t], sizeof out[t]);
     }
   }
 }
