@@ -34,7 +34,7 @@ from onnx import TensorProto, helper, numpy_helper
 from dsedge.export.quantized import int8_per_column  # what export writes
 
 VARIANTS = ("fp32", "fp16-cast", "fp16-matmul", "int8-dqmm", "int8-dqmm-head", "int8-rowq", "int8-rowq-s8",
-            "nbits8-stacked", "nbits4-stacked", "custom-int8")
+            "int8-rowq-u8", "int8-rowq-w7", "nbits8-stacked", "nbits4-stacked", "custom-int8")
 KERNEL = Path(__file__).resolve().parent / "kernels" / "head_matmul.c"
 OUT = Path(__file__).resolve().parent / "out"
 
@@ -92,10 +92,12 @@ def product_nodes(kind: str, i: int, weight: np.ndarray) -> tuple[list, list]:
         return ([helper.make_node("MatMul", ["q16", w], [y + "_h"]),
                  helper.make_node("Cast", [y + "_h"], [y], to=TensorProto.FLOAT)],
                 [numpy_helper.from_array(weight.astype(np.float16), w)])
-    codes, scale = int8_per_column(weight)
-    if kind.startswith("int8-rowq"):  # what export ships: each row quantized by its own max (export.attention)
+    codes, scale = int8_per_column(weight, 63 if kind.endswith("-w7") else 127)
+    if kind.startswith("int8-rowq"):  # each row quantized by its own max (export.attention)
         signed = kind.endswith("-s8")  # int8 codes, no zero point: onnxruntime's int8 x int8 path
         zero = [] if signed else ["zp128"]
+        if kind.endswith("-u8"):  # uint8 weights around 128 as well: the u8 x u8 path, which widens to int16
+            codes, zero = (codes.astype(np.int16) + 128).astype(np.uint8), ["zp128", "zp128"]
         quantize = (helper.make_node("QuantizeLinear", ["q", y + "_s"], [y + "_q"], axis=-1, block_size=weight.shape[1],
                                      output_dtype=TensorProto.INT8) if signed else
                     helper.make_node("QuantizeLinear", ["q", y + "_s", "zp_rows"], [y + "_q"], axis=-1,

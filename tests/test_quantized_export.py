@@ -6,7 +6,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from dsedge.export.attention import head_matmul
+from dsedge.export.attention import HEAD_WEIGHT_LEVELS, head_matmul
 from dsedge.export.graph import FLOAT, GraphBuilder
 from dsedge.export.quantized import QuantizedWeight, int8_per_column, matmul_nbits_arrays, take_rows
 
@@ -114,8 +114,8 @@ def test_graph_outputs_are_named_at_their_producer():
 
 @pytest.mark.parametrize("int8", [False, True])
 def test_head_matmul_multiplies_each_head_by_its_own_matrix(int8):
-    """[B, H, T, K] @ [H, K, N]: exact in fp32; int8 codes per head and column times uint8 activations
-    quantized per row err ~0.6% of the largest product (1.3% with one range per tensor), bounded at 2%.
+    """[B, H, T, K] @ [H, K, N]: exact in fp32; 7-bit codes per head and column times uint8 activations
+    quantized per row err ~1.5% of the largest product here (0.8% with 8-bit codes), bounded at 2%.
     Each row's result depends on that row alone: the same row run alone, or with its batch-mates scaled
     1000×, gives the same bits in int8 (what a speculative verify needs to reproduce a decode step). A column of
     zeros stays zero (its scale is 1, not 0/127), and so does a row of zeros (its scale is 0)."""
@@ -141,3 +141,24 @@ def test_head_matmul_multiplies_each_head_by_its_own_matrix(int8):
         np.testing.assert_allclose(alone, batched, rtol=1e-5, atol=1e-7)
     codes, scale = int8_per_column(weight)
     assert codes.dtype == np.int8 and scale.shape == (4, 1, 40) and scale[1, 0, 7] == 1
+    assert np.abs(int8_per_column(weight, HEAD_WEIGHT_LEVELS)[0]).max() == HEAD_WEIGHT_LEVELS == 63
+
+
+def test_head_matmul_is_exact_on_its_codes_where_byte_pair_sums_peak():
+    """Every weight at its column's peak and every activation at its row's extreme: the uint8 codes are 255 or
+    1 and the weight codes ±63, so each byte pair of a uint8 × int8 kernel sums to 255·63·2 = 32130, just
+    under int16's 32767. With 8-bit weight codes (±127) those pairs overflow on CPUs whose kernel multiplies
+    pairs into int16 (vpmaddubsw, AVX2 without VNNI; measured 32% of the largest product off) — this checks the
+    products equal the arithmetic on the codes themselves, whatever the CPU."""
+    rng = np.random.default_rng(5)
+    heads, k, n = 2, 64, 16
+    weight = (np.sign(rng.standard_normal((heads, k, n))) * 0.02).astype(np.float32)
+    x = np.sign(rng.standard_normal((1, heads, 3, k))).astype(np.float32)
+    x[0, :, 0] = 1.0  # a row of one sign: codes all 255
+    g = GraphBuilder("h")
+    g.output(head_matmul(g, g.input("x", FLOAT, ["B", heads, "T", k]), weight, "w", True), "y", FLOAT,
+             ["B", heads, "T", n])
+    session = ort.InferenceSession(g.model().SerializeToString(), providers=["CPUExecutionProvider"])
+    got = session.run(["y"], {"x": x})[0]
+    # activations ±1 are codes 128 ± 127 with scale 1/127; weights ±0.02 are ±63 with scale 0.02/63
+    np.testing.assert_allclose(got, np.matmul(x, weight), rtol=1e-5, atol=1e-6)

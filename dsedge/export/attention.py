@@ -101,9 +101,21 @@ def mla_attention(g: GraphBuilder, spec: ModelSpec, w: dict[str, np.ndarray], pr
     return g.linear(out, w[prefix + "o_proj.weight"], prefix + "o_proj"), new
 
 
+# Weight codes in [-63, 63], not [-127, 127]: on x86 CPUs without VNNI (AVX2 only), MLAS' uint8 × int8 kernel
+# multiplies byte pairs with vpmaddubsw, whose int16 sum saturates above 32767. The raw uint8 codes sit near
+# 128 even for small activations, so 8-bit weights saturate often there (measured on an AVX2 EPYC: 8–32% of
+# the largest product wrong, mla_products_bench.py int8-rowq); 255 × 63 × 2 = 32130 never does. This is the
+# remedy onnxruntime's quantization docs give for U8S8 on such CPUs (reduce_range, 7-bit weights). VNNI
+# (vpdpbusd) and ARM's dot products accumulate in int32 and were exact with 8 bits; 7 bits keeps one bundle
+# right on every CPU at the same kernel speed (the u8 × u8 kernel, exact at 8 bits, ran 10–20% slower on
+# AVX2): benchmarks/README.md, session 23.
+HEAD_WEIGHT_LEVELS = 63
+
+
 def head_matmul(g: GraphBuilder, x: str, weight: np.ndarray, name: str, int8: bool) -> str:
-    """x [B, H, T, K] times one matrix per head, ``weight`` [H, K, N]: fp32 MatMul, or int8 weights (a scale
-    per head and column) times 8-bit activations (a scale per row) in ``com.microsoft::MatMulIntegerToFloat``.
+    """x [B, H, T, K] times one matrix per head, ``weight`` [H, K, N]: fp32 MatMul, or 7-bit weight codes in
+    int8 (a scale per head and column; ``HEAD_WEIGHT_LEVELS``) times 8-bit activations (a scale per row) in
+    ``com.microsoft::MatMulIntegerToFloat``.
 
     Why int8: the fp32 products were a fifth of the bytes a ds3bench int4 step reads (a sixth of a real
     V2-Lite layer's), and of the stock ops only the integer matmuls take a quantized matrix per head
@@ -125,7 +137,7 @@ def head_matmul(g: GraphBuilder, x: str, weight: np.ndarray, name: str, int8: bo
     # once per graph.
     zero = g.once("row_zero_point_u8", lambda: g.op("Expand", g.const(128, np.uint8), g.op("Shape", row_scale)))
     codes = g.op("QuantizeLinear", x, row_scale, zero, axis=-1, block_size=int(weight.shape[-2]))
-    w_codes, w_scale = int8_per_column(weight)
+    w_codes, w_scale = int8_per_column(weight, HEAD_WEIGHT_LEVELS)
     products = g.op("MatMulIntegerToFloat", codes, g.weight(name, w_codes), g.const(1.0, np.float32),
                     g.weight(name + "_scale", w_scale), g.const(128, np.uint8), domain=MS_DOMAIN)
     return g.op("Mul", products, row_scale)

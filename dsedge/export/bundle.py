@@ -17,6 +17,7 @@ from dsedge.export.graph import save_graph
 from dsedge.export.mtp import write_draft
 from dsedge.export.partitioned import placement_plan, write_partitioned
 from dsedge.export.quantized import (
+    MLA_PRODUCTS_INT8,
     QuantizedWeight,
     accuracy_level_for,
     effective_accuracy_level,
@@ -368,7 +369,7 @@ def _quantization_summary(ckpt: Checkpoint, dtype: str, accuracy_level: int) -> 
                     "accuracy_level": accuracy_level, "modules_by_scheme": schemes}
         kv_b = [s for name, s in ckpt.quantization.items() if name.endswith("kv_b_proj")]
         if kv_b and products_int8_at(accuracy_level_for(kv_b[0].bits, accuracy_level), dtype != "fp32"):
-            summary["mla_products"] = "int8 per head and column, int8 activations per row (MatMulIntegerToFloat)"
+            summary["mla_products"] = MLA_PRODUCTS_INT8
     return summary
 
 

@@ -126,17 +126,22 @@ def absorbed_products_int8(kv_b, half: bool) -> bool:
     return isinstance(kv_b, QuantizedWeight) and products_int8_at(kv_b.accuracy_level, half)
 
 
+MLA_PRODUCTS_INT8 = ("int8 per head and column (7-bit codes, +-63), uint8 activations per row "
+                     "(MatMulIntegerToFloat)")  # what the manifest says; export.attention.HEAD_WEIGHT_LEVELS
+
+
 def products_int8_at(accuracy_level: int, half: bool) -> bool:
     """The rule itself, for a quantized kv_b at ``accuracy_level`` (also what the manifest reports)."""
     return accuracy_level == FAST_LEVEL and not half
 
 
-def int8_per_column(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric int8 codes of a batch of matrices ``weight`` [..., K, N] and one float32 scale per matrix
-    and output column [..., 1, N] (the reduction runs over K, so a column's scale factors out of its sums)."""
+def int8_per_column(weight: np.ndarray, levels: int = 127) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric int8 codes in [-levels, levels] of a batch of matrices ``weight`` [..., K, N] and one float32
+    scale per matrix and output column [..., 1, N] (the reduction runs over K, so a column's scale factors out
+    of its sums)."""
     peak = np.abs(weight).max(axis=-2, keepdims=True)
-    scale = np.where(peak > 0, peak / 127, 1).astype(np.float32)  # an all-zero column: codes 0, any scale
-    return np.clip(np.rint(weight / scale), -127, 127).astype(np.int8), scale
+    scale = np.where(peak > 0, peak / levels, 1).astype(np.float32)  # an all-zero column: codes 0, any scale
+    return np.clip(np.rint(weight / scale), -levels, levels).astype(np.int8), scale
 
 
 def block_size(weight: QuantizedWeight) -> int:
